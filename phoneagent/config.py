@@ -1,0 +1,155 @@
+"""Settings from the environment (12-factor), validated once at start-up.
+
+Every problem names the variable and what is wrong with it, one line each, so an operator can fix
+a deployment from the first log line. Secret values never appear in messages or in ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+LOG_FORMATS = ("json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+_ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+# The credentials `phoneagent serve` cannot run without, with a hint of where each comes from.
+CREDENTIALS = {
+    "PUBLIC_URL": "the https base URL Twilio reaches this server at, e.g. https://voice.example.com",
+    "TWILIO_ACCOUNT_SID": "the Account SID from the Twilio console (AC…)",
+    "TWILIO_AUTH_TOKEN": "the Auth Token from the Twilio console",
+    "STEPFUN_API_KEY": "an API key from platform.stepfun.com",
+}
+
+
+class ConfigError(Exception):
+    """Start-up configuration is unusable. ``problems`` holds one line per variable."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Settings:
+    port: int = 8080
+    public_url: str = ""
+    twilio_account_sid: str = ""
+    twilio_auth_token: str = field(default="", repr=False)
+    twilio_api_base_url: str = "https://api.twilio.com"
+    stepfun_api_key: str = field(default="", repr=False)
+    stepfun_realtime_url: str = "wss://api.stepfun.com/v1/realtime"
+    stepfun_model: str = "step-2.5-realtime"
+    personas_dir: Path = Path("personas")
+    data_dir: Path = Path("data")
+    log_format: str = "json"
+    log_level: str = "info"
+
+    @property
+    def stream_url(self) -> str:
+        """The ``wss://`` URL Twilio opens the media stream on (and signs, exactly as written)."""
+        scheme = "wss" if self.public_url.startswith("https://") else "ws"
+        return f"{scheme}://{self.public_url.split('://', 1)[1]}/twilio/stream"
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, require_credentials: bool = True
+) -> Settings:
+    """Read and validate every variable; raise ConfigError listing all problems at once.
+
+    ``require_credentials`` is False for commands that never talk to Twilio or StepFun
+    (``personas check``), so they run on a machine without secrets.
+    """
+    env = os.environ if environ is None else environ
+    problems: list[str] = []
+
+    def get(name: str) -> str:
+        return env.get(name, "").strip()
+
+    if require_credentials:
+        for name, hint in CREDENTIALS.items():
+            if not get(name):
+                problems.append(f"{name} is not set: {hint}")
+
+    port = _parse_port(get("PORT"), problems)
+    public_url = get("PUBLIC_URL").rstrip("/")
+    if public_url:
+        _check_public_url(public_url, problems)
+    sid = get("TWILIO_ACCOUNT_SID")
+    if sid and not _ACCOUNT_SID.fullmatch(sid):
+        problems.append("TWILIO_ACCOUNT_SID is malformed: expected 'AC' followed by 32 hex digits")
+    token = get("TWILIO_AUTH_TOKEN")
+    if token and any(c.isspace() for c in token):
+        problems.append("TWILIO_AUTH_TOKEN is malformed: it contains whitespace")
+    api_base = get("TWILIO_API_BASE_URL").rstrip("/") or Settings.twilio_api_base_url
+    _check_url("TWILIO_API_BASE_URL", api_base, ("https", "http"), problems)
+    realtime_url = get("STEPFUN_REALTIME_URL") or Settings.stepfun_realtime_url
+    _check_url("STEPFUN_REALTIME_URL", realtime_url, ("wss", "ws"), problems)
+    model = get("STEPFUN_MODEL") or Settings.stepfun_model
+    if not _MODEL_NAME.fullmatch(model):
+        problems.append(
+            f"STEPFUN_MODEL is malformed: {model!r} (letters, digits, '.', '_' and '-' only)"
+        )
+    log_format = (get("LOG_FORMAT") or Settings.log_format).lower()
+    if log_format not in LOG_FORMATS:
+        problems.append(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
+    log_level = (get("LOG_LEVEL") or Settings.log_level).lower()
+    if log_level not in LOG_LEVELS:
+        problems.append(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
+
+    if problems:
+        raise ConfigError(problems)
+    return Settings(
+        port=port,
+        public_url=public_url,
+        twilio_account_sid=sid,
+        twilio_auth_token=token,
+        twilio_api_base_url=api_base,
+        stepfun_api_key=get("STEPFUN_API_KEY"),
+        stepfun_realtime_url=realtime_url,
+        stepfun_model=model,
+        personas_dir=Path(get("PHONEAGENT_PERSONAS_DIR") or Settings.personas_dir),
+        data_dir=Path(get("PHONEAGENT_DATA_DIR") or Settings.data_dir),
+        log_format=log_format,
+        log_level=log_level,
+    )
+
+
+def is_local_host(host: str | None) -> bool:
+    return (host or "").lower() in LOCAL_HOSTS
+
+
+def _parse_port(raw: str, problems: list[str]) -> int:
+    if not raw:
+        return Settings.port
+    if raw.isdigit() and 1 <= int(raw) <= 65535:
+        return int(raw)
+    problems.append(f"PORT must be a TCP port number from 1 to 65535, not {raw!r}")
+    return Settings.port
+
+
+def _check_public_url(url: str, problems: list[str]) -> None:
+    parts = urlsplit(url)
+    if parts.scheme != "https" and not (parts.scheme == "http" and is_local_host(parts.hostname)):
+        problems.append(
+            "PUBLIC_URL must be an https:// URL (Twilio streams only to wss://); "
+            f"http is allowed for localhost only, got {url!r}"
+        )
+    elif not parts.hostname:
+        problems.append(f"PUBLIC_URL has no host: {url!r}")
+    elif parts.query or parts.fragment:
+        problems.append(f"PUBLIC_URL must not have a query or fragment: {url!r}")
+
+
+def _check_url(name: str, url: str, schemes: tuple[str, ...], problems: list[str]) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or not parts.hostname:
+        allowed = " or ".join(f"{s}://" for s in schemes)
+        problems.append(f"{name} must be an absolute {allowed} URL, not {url!r}")

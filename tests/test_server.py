@@ -1,0 +1,99 @@
+import asyncio
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestServer
+from conftest import EXAMPLE_PERSONAS
+
+from phoneagent.config import load_settings
+from phoneagent.logs import configure_logging
+from phoneagent.personas import PersonaRegistry
+from phoneagent.server import STATE, AccessLogger, create_app
+
+RESERVED_ROUTES = [
+    ("POST", "/twilio/voice"),
+    ("GET", "/twilio/stream"),
+    ("POST", "/twilio/stream-status"),
+    ("POST", "/twilio/call-status"),
+    ("GET", "/metrics"),
+]
+
+
+@pytest.fixture
+def personas_dir(tmp_path) -> Path:
+    directory = tmp_path / "personas"
+    shutil.copytree(EXAMPLE_PERSONAS, directory)
+    return directory
+
+
+@pytest.fixture
+async def client(aiohttp_client, valid_env, personas_dir):
+    settings = load_settings(valid_env)
+    app = create_app(settings, PersonaRegistry(personas_dir, environ={}), reload_interval=0.05)
+    server = TestServer(app)
+    await server.start_server(access_log_class=AccessLogger)
+    return await aiohttp_client(server)
+
+
+async def test_healthz(client):
+    response = await client.get("/healthz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok"}
+
+
+async def test_readyz_when_personas_loaded(client):
+    response = await client.get("/readyz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ready", "draining": False, "personas": 2}
+
+
+async def test_readyz_turns_503_when_draining(client):
+    client.app[STATE].draining = True
+    response = await client.get("/readyz")
+    assert response.status == 503
+    assert (await response.json())["draining"] is True
+    # Draining is not dying: liveness stays green so the orchestrator does not kill live calls.
+    assert (await client.get("/healthz")).status == 200
+
+
+@pytest.mark.parametrize(("method", "path"), RESERVED_ROUTES)
+async def test_reserved_routes_exist(client, method, path):
+    response = await client.request(method, path)
+    assert response.status == 501
+    assert "not implemented yet" in (await response.json())["error"]
+
+
+async def test_unknown_route_is_404(client):
+    assert (await client.get("/nope")).status == 404
+
+
+async def test_running_server_picks_up_persona_changes(client, personas_dir):
+    registry = client.app[STATE].personas
+    assert registry.current.for_number("+14155550142").id == "trattoria-luca"
+    path = personas_dir / "trattoria-luca.toml"
+    path.write_text(path.read_text().replace('"+14155550143"', '"+14155550144"'))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    for _ in range(100):
+        if registry.current.for_number("+14155550144").id == "trattoria-luca":
+            break
+        await asyncio.sleep(0.02)
+    assert registry.current.for_number("+14155550144").id == "trattoria-luca"
+    assert registry.current.for_number("+14155550143").id == "bright-smile-dental"  # default
+
+
+async def test_access_log_is_one_structured_json_line(client, capfd):
+    configure_logging("json", "info")
+    try:
+        await client.get("/healthz?token=secret-in-query")
+        await asyncio.sleep(0.05)
+        lines = [line for line in capfd.readouterr().err.splitlines() if "http_request" in line]
+    finally:
+        logging.getLogger().handlers.clear()
+    record = json.loads(lines[-1])
+    assert record["event"] == "http_request"
+    assert (record["method"], record["path"], record["status"]) == ("GET", "/healthz", 200)
+    assert "secret-in-query" not in lines[-1]
