@@ -4,23 +4,54 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
+import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from phoneagent.bridge import CallShell, StreamRefused, bind_call_context, read_start
+from phoneagent.call import Call, session_config
 from phoneagent.config import Settings
 from phoneagent.logs import get_logger
 from phoneagent.personas import PersonaRegistry
+from phoneagent.realtime.connection import (
+    ModelConnector,
+    ModelSession,
+    ModelUnavailable,
+    Prewarmer,
+)
+from phoneagent.twilio.webhook import (
+    PERSONA_PARAMETER,
+    TOKEN_PARAMETER,
+    StreamToken,
+    apology_twiml,
+    connect_stream_twiml,
+    signature_is_valid,
+)
 
 log = get_logger(__name__)
+
+NO_PERSONA_APOLOGY = "Sorry, this number is not in service right now. Goodbye."
+# Twilio's frames are a few hundred bytes; anything far larger is not Twilio.
+MAX_STREAM_MESSAGE_BYTES = 64 * 1024
+FINISHED_CALLS_KEPT = 200
 
 
 @dataclass
 class ServerState:
     settings: Settings
     personas: PersonaRegistry
+    prewarmer: Prewarmer
     draining: bool = False
+    active_calls: dict[str, Call] = field(default_factory=dict)
+    # Recent finished calls (transcript, reason, stats) until the webhook outbox takes them.
+    finished_calls: deque[dict] = field(default_factory=lambda: deque(maxlen=FINISHED_CALLS_KEPT))
+
+    @property
+    def stream_token(self) -> StreamToken:
+        return StreamToken(self.settings.twilio_auth_token)
 
 
 STATE = web.AppKey("state", ServerState)
@@ -56,22 +87,151 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
+def public_url_for(state: ServerState, request: web.Request) -> str:
+    """The URL Twilio called, rebuilt from PUBLIC_URL: a proxy may have rewritten the rest."""
+    url = state.settings.public_url + request.path
+    return f"{url}?{request.query_string}" if request.query_string else url
+
+
+async def signed_form(request: web.Request) -> dict[str, str] | None:
+    """The webhook's form fields if Twilio's signature checks out, else None (logged)."""
+    state = request.app[STATE]
+    form = await request.post()
+    signature = request.headers.get("X-Twilio-Signature", "")
+    url = public_url_for(state, request)
+    if not signature_is_valid(state.settings.twilio_auth_token, url, form, signature):
+        log.warning(
+            "twilio_signature_invalid",
+            path=request.path,
+            has_signature=bool(signature),
+            call_sid=form.get("CallSid"),
+        )
+        return None
+    return {k: str(v) for k, v in form.items()}
+
+
+def twiml(text: str) -> web.Response:
+    return web.Response(text=text, content_type="text/xml")
+
+
+async def voice_webhook(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    form = await signed_form(request)
+    if form is None:
+        return web.Response(status=403, text="invalid Twilio signature")
+    call_sid, called = form.get("CallSid", ""), form.get("To", "")
+    persona = state.personas.current.for_number(called)
+    if persona is None:
+        log.warning("no_persona_for_number", call_sid=call_sid, to=called)
+        return twiml(apology_twiml(NO_PERSONA_APOLOGY))
+    # The phone is still ringing: open the model session now, the stream claims it on `start`.
+    state.prewarmer.start(call_sid, session_config(persona))
+    log.info("call_incoming", call_sid=call_sid, persona=persona.id, to=called)
+    parameters = {
+        PERSONA_PARAMETER: persona.id,
+        TOKEN_PARAMETER: state.stream_token.issue(call_sid, persona.id),
+    }
+    base = state.settings.public_url
+    return twiml(
+        connect_stream_twiml(state.settings.stream_url, f"{base}/twilio/stream-status", parameters)
+    )
+
+
+async def media_stream(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    # The upgrade is signed over the wss:// URL exactly as our TwiML wrote it, with no params.
+    signature = request.headers.get("X-Twilio-Signature", "")
+    if not signature_is_valid(state.settings.twilio_auth_token, state.settings.stream_url, {},
+                              signature):  # fmt: skip
+        log.warning("twilio_signature_invalid", path=request.path, has_signature=bool(signature))
+        return web.Response(status=403, text="invalid Twilio signature")
+
+    ws = web.WebSocketResponse(max_msg_size=MAX_STREAM_MESSAGE_BYTES)
+    await ws.prepare(request)
+    with structlog.contextvars.bound_contextvars():
+        try:
+            call, model = await open_call(state, ws)
+        except (StreamRefused, TimeoutError) as exc:
+            log.warning("stream_refused", reason=str(exc) or "no `start` in time")
+            await ws.close()
+            return ws
+        except ModelUnavailable as exc:
+            log.error("model_unavailable", reason=str(exc), status=exc.status)
+            await ws.close()
+            return ws
+        await run_call(state, ws, call, model)
+    return ws
+
+
+async def open_call(state: ServerState, ws: web.WebSocketResponse) -> tuple[Call, ModelSession]:
+    start = await read_start(ws)
+    persona_id = start.custom_parameters.get(PERSONA_PARAMETER, "")
+    token = start.custom_parameters.get(TOKEN_PARAMETER, "")
+    bind_call_context(start.call_sid, start.stream_sid, persona_id)
+    problem = state.stream_token.check(token, start.call_sid, persona_id)
+    if problem:
+        raise StreamRefused(problem)
+    persona = state.personas.current.personas.get(persona_id)
+    if persona is None:
+        raise StreamRefused(f"persona {persona_id!r} is no longer configured")
+    model = await state.prewarmer.claim(start.call_sid, session_config(persona))
+    return Call(persona=persona, stream_sid=start.stream_sid, call_sid=start.call_sid), model
+
+
+async def run_call(
+    state: ServerState, ws: web.WebSocketResponse, call: Call, model: ModelSession
+) -> None:
+    state.active_calls[call.call_sid] = call
+    log.info("call_started", model=model.model, model_session=model.session_id)
+    try:
+        await CallShell(ws, model, call).run()
+    finally:
+        state.active_calls.pop(call.call_sid, None)
+        summary = {
+            "call_sid": call.call_sid,
+            "persona": call.persona.id,
+            "end_reason": call.end_reason.value if call.end_reason else "error",
+            "transcript": call.transcript,
+            "barge_ins": call.stats.barge_ins,
+        }
+        state.finished_calls.append(summary)
+        log.info("call_ended", **summary)
+
+
+async def status_callback(request: web.Request) -> web.Response:
+    form = await signed_form(request)
+    if form is None:
+        return web.Response(status=403, text="invalid Twilio signature")
+    fields = ("CallSid", "CallStatus", "CallDuration", "StreamSid", "StreamEvent", "StreamError")
+    log.info("twilio_status", path=request.path, **{f: form[f] for f in fields if f in form})
+    return web.Response(status=204)
+
+
 async def not_implemented(request: web.Request) -> web.Response:
-    # Reserved routes: they exist so deployments and Twilio consoles can be pointed at them now.
+    # Reserved routes: they exist so deployments can be pointed at them now.
     return web.json_response({"error": f"{request.path} is not implemented yet"}, status=501)
 
 
 def create_app(
-    settings: Settings, personas: PersonaRegistry, *, reload_interval: float = 1.0
+    settings: Settings,
+    personas: PersonaRegistry,
+    *,
+    reload_interval: float = 1.0,
+    connector: ModelConnector | None = None,
 ) -> web.Application:
+    connector = connector or ModelConnector(
+        url=settings.stepfun_realtime_url,
+        api_key=settings.stepfun_api_key,
+        model=settings.stepfun_model,
+    )
     app = web.Application()
-    app[STATE] = ServerState(settings=settings, personas=personas)
+    app[STATE] = ServerState(settings=settings, personas=personas, prewarmer=Prewarmer(connector))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_post("/twilio/voice", not_implemented)
-    app.router.add_get("/twilio/stream", not_implemented)
-    app.router.add_post("/twilio/stream-status", not_implemented)
-    app.router.add_post("/twilio/call-status", not_implemented)
+    app.router.add_post("/twilio/voice", voice_webhook)
+    app.router.add_get("/twilio/stream", media_stream)
+    app.router.add_post("/twilio/stream-status", status_callback)
+    app.router.add_post("/twilio/call-status", status_callback)
     app.router.add_get("/metrics", not_implemented)
 
     async def watch_personas(app: web.Application):
@@ -80,6 +240,7 @@ def create_app(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await app[STATE].prewarmer.close()
 
     async def start_draining(app: web.Application) -> None:
         app[STATE].draining = True

@@ -1,0 +1,138 @@
+"""The media-stream shell: one Twilio WebSocket, one model session, one ``Call`` between them.
+
+It reads from both sockets, hands each event to the ``Call`` and performs the actions it
+returns. It decides nothing about the conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import WSMsgType, web
+from websockets.exceptions import ConnectionClosed
+
+from phoneagent.call import Action, Call, EndCall, SendClear, SendMark, SendMedia, ToModel
+from phoneagent.logs import get_logger
+from phoneagent.realtime.connection import ModelSession
+from phoneagent.twilio.stream import (
+    MalformedMessage,
+    Start,
+    TwilioEvent,
+    clear_message,
+    mark_message,
+    media_message,
+    parse_message,
+)
+
+log = get_logger(__name__)
+
+START_TIMEOUT_SECONDS = 10.0  # Twilio sends `connected` and `start` right after the upgrade
+
+
+class StreamRefused(Exception):
+    """The stream cannot become a call (no `start`, a bad token, an unknown persona)."""
+
+
+async def read_start(ws: web.WebSocketResponse) -> Start:
+    """Read messages up to `start`. Nothing can be sent before it: the streamSid is in it."""
+    async with asyncio.timeout(START_TIMEOUT_SECONDS):
+        async for event in twilio_events(ws):
+            if isinstance(event, Start):
+                return event
+    raise StreamRefused("the stream closed before `start`")
+
+
+async def twilio_events(ws: web.WebSocketResponse):
+    """Typed Twilio events; malformed messages are logged and skipped, the call goes on."""
+    async for message in ws:
+        if message.type is not WSMsgType.TEXT:
+            if message.type is WSMsgType.ERROR:
+                return
+            log.warning("twilio_message_skipped", reason=f"{message.type.name} frame")
+            continue
+        try:
+            yield parse_message(message.data)
+        except MalformedMessage as exc:
+            log.warning("twilio_message_skipped", reason=str(exc), size=len(message.data))
+
+
+@dataclass
+class CallShell:
+    ws: web.WebSocketResponse
+    model: ModelSession
+    call: Call
+
+    async def run(self) -> None:
+        """Bridge until the call ends one way or another; then close both sockets."""
+        pumps = [
+            asyncio.create_task(self._pump_twilio(), name="twilio"),
+            asyncio.create_task(self._pump_model(), name="model"),
+        ]
+        try:
+            await self.perform(self.call.begin())
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            for pump in pumps:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pump
+            await self._close_sockets()
+
+    async def _pump_twilio(self) -> None:
+        async for event in twilio_events(self.ws):
+            await self.feed_twilio(event)
+            if self.call.ended:
+                return
+        await self.perform(self.call.on_twilio_closed())
+
+    async def _pump_model(self) -> None:
+        async for event in self.model.events():
+            await self.perform(self.call.on_model(event))
+            if self.call.ended:
+                return
+        await self.perform(self.call.on_model_closed())
+
+    async def feed_twilio(self, event: TwilioEvent) -> None:
+        await self.perform(self.call.on_twilio(event))
+
+    async def perform(self, actions: list[Action]) -> None:
+        stream_sid = self.call.stream_sid
+        for action in actions:
+            match action:
+                case SendMedia(payload):
+                    await self._to_twilio(media_message(stream_sid, payload))
+                case SendMark(name):
+                    await self._to_twilio(mark_message(stream_sid, name))
+                case SendClear():
+                    await self._to_twilio(clear_message(stream_sid))
+                case ToModel(command):
+                    try:
+                        await self.model.send(command)
+                    except ConnectionClosed:
+                        await self.perform(self.call.on_model_closed())
+                case EndCall(reason):
+                    log.info("call_ending", reason=reason.value)
+            if self.call.ended:
+                return
+
+    async def _to_twilio(self, text: str) -> None:
+        try:
+            await self.ws.send_str(text)
+        except ConnectionError:
+            await self.perform(self.call.on_twilio_closed())
+
+    async def _close_sockets(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.model.close()
+        with contextlib.suppress(Exception):
+            await self.ws.close()
+
+
+def bind_call_context(call_sid: str, stream_sid: str, persona: str) -> None:
+    structlog.contextvars.bind_contextvars(
+        call_sid=call_sid, stream_sid=stream_sid, persona=persona
+    )

@@ -1,0 +1,393 @@
+"""One phone call's state machine. No I/O.
+
+The ``Call`` takes events — Twilio Media Streams messages, realtime-model events, socket
+closures — and returns the actions the shell must perform: send to Twilio, send to the model,
+end the call. Every rule of the conversation lives here as a transition, so each is testable
+without a socket: playback tracking from marks, barge-in, stale-delta dropping, teardown.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from phoneagent.audio import ULAW_BYTES_PER_MS, ULAW_SILENCE, CallerToModel, ModelToCaller
+from phoneagent.logs import get_logger
+from phoneagent.personas import Persona
+from phoneagent.realtime.base import (
+    AgentTranscriptDelta,
+    AgentTranscriptDone,
+    AppendAudio,
+    AudioDelta,
+    CancelResponse,
+    CreateResponse,
+    ModelCommand,
+    ModelError,
+    ModelEvent,
+    ResponseDone,
+    ResponseStarted,
+    SessionConfig,
+    SpeechStarted,
+    SpeechStopped,
+    TruncateItem,
+    UserTranscript,
+)
+from phoneagent.twilio.stream import Dtmf, Mark, Media, Stop, TwilioEvent
+
+log = get_logger(__name__)
+
+# Inbound timestamp gaps up to this long are filled with silence so the model's VAD still sees
+# the caller's turn end; Twilio omits silent audio on some calls (twilio reference, section 2).
+MAX_GAP_FILL_MS = 2000
+
+LANGUAGE_NAMES = {
+    "en": "English",
+    "zh": "Mandarin Chinese",
+    "es": "Spanish",
+    "fr": "French",
+    "de": "German",
+    "it": "Italian",
+    "ja": "Japanese",
+    "pt": "Portuguese",
+}
+
+
+def session_config(persona: Persona) -> SessionConfig:
+    """The model session a persona asks for. StepFun has no language setting (reference
+    section 5): the language goes into the instructions."""
+    language = LANGUAGE_NAMES.get(persona.language.split("-")[0].lower(), persona.language)
+    instructions = (
+        f"{persona.instructions.strip()}\n\n"
+        f"You are on a phone call. Always speak {language}. Keep answers short and spoken: "
+        "no lists, no markdown, no emoji."
+    )
+    return SessionConfig(
+        instructions=instructions,
+        voice=persona.voice,
+        silence_duration_ms=persona.silence_duration_ms,
+        prefix_padding_ms=persona.prefix_padding_ms,
+        vad_threshold=persona.vad_threshold,
+    )
+
+
+def greeting_instructions(persona: Persona) -> str:
+    return f"Greet the caller by saying exactly this, and nothing else: {persona.greeting}"
+
+
+class CallState(enum.Enum):
+    ACTIVE = "active"  # caller and agent are talking
+    ENDED = "ended"  # both sockets are to be closed; nothing more is sent
+
+
+class EndReason(enum.Enum):
+    CALLER_HUNG_UP = "caller_hung_up"  # Twilio sent `stop`
+    TWILIO_DISCONNECTED = "twilio_disconnected"  # the media socket closed without `stop`
+    MODEL_DISCONNECTED = "model_disconnected"  # the model socket closed under us
+    ERROR = "error"
+
+
+# --- actions the shell performs -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendMedia:
+    payload: bytes  # μ-law 8 kHz, one 20 ms frame
+
+
+@dataclass(frozen=True)
+class SendMark:
+    name: str
+
+
+@dataclass(frozen=True)
+class SendClear:
+    pass
+
+
+@dataclass(frozen=True)
+class ToModel:
+    command: ModelCommand
+
+
+@dataclass(frozen=True)
+class EndCall:
+    reason: EndReason
+
+
+Action = SendMedia | SendMark | SendClear | ToModel | EndCall
+
+
+# --- transcript ---------------------------------------------------------------------------
+
+
+@dataclass
+class Turn:
+    role: str  # "caller" or "agent"
+    item_id: str
+    start_ms: int  # since the call started
+    end_ms: int
+    text: str = ""
+    interrupted: bool = False  # the caller talked over this agent turn; text is what was heard
+
+    def as_dict(self) -> dict:
+        return {
+            "role": self.role,
+            "text": self.text,
+            "start_ms": self.start_ms,
+            "end_ms": self.end_ms,
+            "interrupted": self.interrupted,
+        }
+
+
+@dataclass
+class AgentItem:
+    """Playback accounting for one assistant item: what was sent to Twilio, what was heard."""
+
+    item_id: str
+    response_id: str
+    turn: Turn
+    sent_ms: int = 0
+    played_ms: int = 0
+
+
+@dataclass
+class CallStats:
+    started_at: float
+    first_audio_at: float | None = None  # first agent frame sent to Twilio
+    barge_ins: int = 0
+    discarded_ms: int = 0  # agent audio sent or generated but never heard
+    malformed_frames: int = 0
+
+
+@dataclass
+class Call:
+    persona: Persona
+    stream_sid: str
+    call_sid: str
+    clock: Callable[[], float] = time.monotonic
+    state: CallState = CallState.ACTIVE
+    end_reason: EndReason | None = None
+    turns: list[Turn] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stats = CallStats(started_at=self.clock())
+        self._to_model = CallerToModel()
+        self._to_caller = ModelToCaller()
+        self._items: dict[str, AgentItem] = {}
+        self._caller_turns: dict[str, Turn] = {}
+        # Marks we sent and Twilio has not echoed yet, oldest first: name → (item, ms at mark).
+        self._pending_marks: OrderedDict[str, tuple[AgentItem, int]] = OrderedDict()
+        self._mark_seq = 0
+        self._active_response: str | None = None
+        self._discarded_responses: set[str] = set()
+        self._current_item: AgentItem | None = None  # the item whose audio is being framed
+        self._next_media_ms: int | None = None
+
+    # --- entry points ---------------------------------------------------------------------
+
+    def begin(self) -> list[Action]:
+        """The model session is configured and the stream has started: greet the caller."""
+        return [ToModel(CreateResponse(instructions=greeting_instructions(self.persona)))]
+
+    def on_twilio(self, event: TwilioEvent) -> list[Action]:
+        if self.state is CallState.ENDED:
+            return []
+        match event:
+            case Media():
+                return self._on_caller_audio(event)
+            case Mark(name):
+                self._on_mark(name)
+            case Stop():
+                return self._end(EndReason.CALLER_HUNG_UP)
+            case Dtmf(digit):
+                log.info("dtmf_received", digit=digit)
+        return []
+
+    def on_model(self, event: ModelEvent) -> list[Action]:
+        if self.state is CallState.ENDED:
+            return []
+        match event:
+            case AudioDelta():
+                return self._on_agent_audio(event)
+            case AgentTranscriptDelta(response_id, item_id, text):
+                item = self._agent_item(response_id, item_id)
+                if item is not None and not item.turn.interrupted:
+                    item.turn.text += text
+            case AgentTranscriptDone(response_id, item_id, text):
+                item = self._agent_item(response_id, item_id)
+                if item is not None and not item.turn.interrupted:
+                    item.turn.text = text
+            case ResponseStarted(response_id):
+                self._active_response = response_id
+            case ResponseDone(response_id, status):
+                return self._on_response_done(response_id, status)
+            case SpeechStarted(item_id):
+                return self._on_speech_started(item_id)
+            case SpeechStopped(item_id):
+                turn = self._caller_turn(item_id)
+                turn.end_ms = self._now_ms()
+            case UserTranscript(item_id, text):
+                self._caller_turn(item_id).text = text.strip()
+            case ModelError(code, message, benign):
+                if benign:
+                    log.debug("model_error_ignored", code=code, message=message)
+                else:
+                    log.warning("model_error", code=code, message=message)
+        return []
+
+    def on_twilio_closed(self) -> list[Action]:
+        return self._end(EndReason.TWILIO_DISCONNECTED)
+
+    def on_model_closed(self) -> list[Action]:
+        return self._end(EndReason.MODEL_DISCONNECTED)
+
+    @property
+    def ended(self) -> bool:
+        return self.state is CallState.ENDED
+
+    @property
+    def transcript(self) -> list[dict]:
+        """Turns in the order they started, each with the text the other side heard."""
+        turns = sorted(self.turns, key=lambda t: (t.start_ms, t.role != "caller"))
+        return [t.as_dict() for t in turns if t.text or t.role == "agent"]
+
+    # --- caller → model -------------------------------------------------------------------
+
+    def _on_caller_audio(self, media: Media) -> list[Action]:
+        audio = media.payload
+        expected = self._next_media_ms
+        if expected is not None and media.timestamp_ms > expected:
+            gap_ms = min(media.timestamp_ms - expected, MAX_GAP_FILL_MS)
+            audio = bytes([ULAW_SILENCE]) * (gap_ms * ULAW_BYTES_PER_MS) + audio
+        self._next_media_ms = media.timestamp_ms + len(media.payload) // ULAW_BYTES_PER_MS
+        if not audio:
+            return []
+        return [ToModel(AppendAudio(self._to_model.process(audio)))]
+
+    # --- model → caller -------------------------------------------------------------------
+
+    def _agent_item(self, response_id: str, item_id: str) -> AgentItem | None:
+        """The playback record of an item, created on first sight; None if it was discarded."""
+        if response_id in self._discarded_responses:
+            return None
+        item = self._items.get(item_id)
+        if item is None:
+            now = self._now_ms()
+            turn = Turn(role="agent", item_id=item_id, start_ms=now, end_ms=now)
+            self.turns.append(turn)
+            item = self._items[item_id] = AgentItem(item_id, response_id, turn)
+        return item
+
+    def _on_agent_audio(self, delta: AudioDelta) -> list[Action]:
+        item = self._agent_item(delta.response_id, delta.item_id)
+        if item is None:
+            return []  # a late delta of a response the caller interrupted
+        if self._current_item is not item:
+            # A new item starts: whatever the previous one left in the framer belongs to it.
+            actions = self._flush_item()
+            self._current_item = item
+        else:
+            actions = []
+        actions += self._frames_to_twilio(item, self._to_caller.process(delta.pcm))
+        return actions
+
+    def _flush_item(self) -> list[Action]:
+        item, self._current_item = self._current_item, None
+        if item is None:
+            return []
+        return self._frames_to_twilio(item, self._to_caller.flush())
+
+    def _frames_to_twilio(self, item: AgentItem, frames: list[bytes]) -> list[Action]:
+        actions: list[Action] = []
+        for frame in frames:
+            item.sent_ms += len(frame) // ULAW_BYTES_PER_MS
+            self._mark_seq += 1
+            name = f"m{self._mark_seq}"
+            self._pending_marks[name] = (item, item.sent_ms)
+            actions += (SendMedia(frame), SendMark(name))
+        if actions and self.stats.first_audio_at is None:
+            self.stats.first_audio_at = self.clock()
+        return actions
+
+    def _on_mark(self, name: str) -> None:
+        if name not in self._pending_marks:
+            return  # an echo of a mark written off by `clear`: it proves nothing was played
+        # Twilio plays in order, so every mark sent before this one has played too.
+        while self._pending_marks:
+            done, (item, played_ms) = self._pending_marks.popitem(last=False)
+            item.played_ms = played_ms
+            if done == name:
+                break
+        item.turn.end_ms = self._now_ms()
+
+    def _on_response_done(self, response_id: str, status: str) -> list[Action]:
+        if self._active_response == response_id:
+            self._active_response = None
+        if response_id in self._discarded_responses:
+            return []
+        if self._current_item is not None and self._current_item.response_id == response_id:
+            return self._flush_item()
+        return []
+
+    # --- barge-in -------------------------------------------------------------------------
+
+    def _on_speech_started(self, item_id: str) -> list[Action]:
+        self._caller_turn(item_id)
+        agent_audio_pending = bool(self._pending_marks)
+        if not agent_audio_pending and self._active_response is None:
+            return []
+        return self._interrupt_agent()
+
+    def _interrupt_agent(self) -> list[Action]:
+        """The caller talks over the agent: stop playback now, and make the model and the
+        transcript believe only what the caller heard."""
+        actions: list[Action] = [SendClear()]
+        if self._active_response is not None:
+            actions.append(ToModel(CancelResponse()))
+            self._discarded_responses.add(self._active_response)
+            self._active_response = None
+        cut_items = {item.item_id: item for item, _ in self._pending_marks.values()}
+        if self._current_item is not None:
+            cut_items[self._current_item.item_id] = self._current_item
+        for item in cut_items.values():
+            self._discarded_responses.add(item.response_id)
+            heard_ms = min(item.played_ms, item.sent_ms)
+            actions.append(ToModel(TruncateItem(item.item_id, heard_ms)))
+            self.stats.discarded_ms += item.sent_ms - heard_ms
+            _cut_turn(item.turn, heard_ms, item.sent_ms)
+        self._pending_marks.clear()  # their echoes, sent at once after `clear`, are not played
+        self._current_item = None
+        self._to_caller.reset()  # the cut reply's filter state must not leak into the next
+        self.stats.barge_ins += 1
+        return actions
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _caller_turn(self, item_id: str) -> Turn:
+        turn = self._caller_turns.get(item_id)
+        if turn is None:
+            now = self._now_ms()
+            turn = self._caller_turns[item_id] = Turn("caller", item_id, now, now)
+            self.turns.append(turn)
+        return turn
+
+    def _end(self, reason: EndReason) -> list[Action]:
+        self.state = CallState.ENDED
+        self.end_reason = reason
+        return [EndCall(reason)]
+
+    def _now_ms(self) -> int:
+        return int((self.clock() - self.stats.started_at) * 1000)
+
+
+def _cut_turn(turn: Turn, heard_ms: int, sent_ms: int) -> None:
+    """Keep the words the caller heard. The transcript has no word timings, so the cut is
+    proportional to the audio heard: good to a word or two at speaking pace."""
+    words = turn.text.split()
+    if sent_ms > 0 and words:
+        keep = round(len(words) * heard_ms / sent_ms)
+        turn.text = " ".join(words[:keep])
+    turn.interrupted = True

@@ -1,0 +1,193 @@
+"""The realtime model as the ``Call`` sees it: typed events in, typed commands out.
+
+A provider dialect (StepFun today, OpenAI GA later) translates these to and from its JSON, so
+no provider field name leaks into the call logic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# --- session configuration -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str
+    parameters: dict  # JSON Schema of the arguments
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    instructions: str
+    voice: str
+    silence_duration_ms: int
+    prefix_padding_ms: int
+    vad_threshold: int
+    tools: tuple[ToolSpec, ...] = ()
+
+
+# --- commands: Call → model -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateSession:
+    config: SessionConfig
+
+
+@dataclass(frozen=True)
+class AppendAudio:
+    pcm: bytes  # pcm16 little-endian at the dialect's input rate
+
+
+@dataclass(frozen=True)
+class CreateResponse:
+    instructions: str | None = None  # for this response only, e.g. "say this greeting"
+
+
+@dataclass(frozen=True)
+class CancelResponse:
+    pass
+
+
+@dataclass(frozen=True)
+class TruncateItem:
+    item_id: str
+    audio_end_ms: int  # how much of the item's audio the caller actually heard
+
+
+@dataclass(frozen=True)
+class AddTextItem:
+    role: str  # "user", "assistant" or "system"
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolOutput:
+    call_id: str
+    output: str
+
+
+ModelCommand = (
+    UpdateSession
+    | AppendAudio
+    | CreateResponse
+    | CancelResponse
+    | TruncateItem
+    | AddTextItem
+    | ToolOutput
+)
+
+# --- events: model → Call -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionReady:
+    session_id: str
+
+
+@dataclass(frozen=True)
+class SessionUpdated:
+    pass
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    item_id: str
+    audio_start_ms: int
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    item_id: str
+    audio_end_ms: int
+
+
+@dataclass(frozen=True)
+class UserTranscript:
+    item_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ResponseStarted:
+    response_id: str
+
+
+@dataclass(frozen=True)
+class AudioDelta:
+    response_id: str
+    item_id: str
+    pcm: bytes  # pcm16 little-endian at the dialect's output rate
+
+
+@dataclass(frozen=True)
+class AgentTranscriptDelta:
+    response_id: str
+    item_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class AgentTranscriptDone:
+    response_id: str
+    item_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    response_id: str
+    call_id: str
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+@dataclass(frozen=True)
+class ResponseDone:
+    response_id: str
+    status: str  # completed, cancelled, failed, incomplete
+
+
+@dataclass(frozen=True)
+class ModelError:
+    code: str
+    message: str
+    benign: bool = False  # a known race the call can ignore (see the dialect)
+    details: dict = field(default_factory=dict)
+
+
+ModelEvent = (
+    SessionReady
+    | SessionUpdated
+    | SpeechStarted
+    | SpeechStopped
+    | UserTranscript
+    | ResponseStarted
+    | AudioDelta
+    | AgentTranscriptDelta
+    | AgentTranscriptDone
+    | ToolCall
+    | ResponseDone
+    | ModelError
+)
+
+
+class Dialect(Protocol):
+    """One provider's wire format. Pure functions: no sockets."""
+
+    name: str
+    input_rate: int  # sample rate of AppendAudio.pcm
+    output_rate: int  # sample rate of AudioDelta.pcm
+
+    def connect_url(self, base_url: str, model: str) -> str: ...
+
+    def headers(self, api_key: str) -> dict[str, str]: ...
+
+    def encode(self, command: ModelCommand) -> str: ...
+
+    def decode(self, text: str | bytes) -> ModelEvent | None:
+        """The typed event, or None for events the call has no use for."""
+        ...

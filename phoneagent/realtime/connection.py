@@ -1,0 +1,212 @@
+"""The realtime model's WebSocket: connect, configure, move messages. The thin I/O shell
+around a ``Dialect``; all decisions about what to send live in the ``Call``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from phoneagent.logs import get_logger
+from phoneagent.realtime.base import (
+    Dialect,
+    ModelCommand,
+    ModelError,
+    ModelEvent,
+    SessionConfig,
+    SessionReady,
+    SessionUpdated,
+    UpdateSession,
+)
+from phoneagent.realtime.stepfun import MODEL_ALIASES, StepFunDialect
+
+log = get_logger(__name__)
+
+# A model delta of a few seconds of pcm16 24 kHz in base64 is a few hundred KiB.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# Upgrade refusals that mean "this model name is wrong" rather than "you may not".
+MODEL_NAME_REFUSALS = (400, 404)
+
+
+class ModelUnavailable(Exception):
+    """No configured session could be opened. ``status`` is the HTTP status of a refused
+    upgrade (401 bad key, 402 no balance, 429 rate or concurrency limit, 5xx), if any."""
+
+    def __init__(self, reason: str, status: int | None = None):
+        super().__init__(reason)
+        self.status = status
+
+
+class ModelSession:
+    """One open, configured realtime session."""
+
+    def __init__(self, ws: ClientConnection, dialect: Dialect, model: str, session_id: str):
+        self._ws = ws
+        self.dialect = dialect
+        self.model = model
+        self.session_id = session_id
+
+    async def send(self, command: ModelCommand) -> None:
+        await self._ws.send(self.dialect.encode(command))
+
+    async def events(self) -> AsyncIterator[ModelEvent]:
+        """Typed events until the socket closes. Undecodable messages are logged and skipped."""
+        with contextlib.suppress(ConnectionClosed):
+            async for message in self._ws:
+                try:
+                    event = self.dialect.decode(message)
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("model_message_malformed", error=str(exc), size=len(message))
+                    continue
+                if event is not None:
+                    yield event
+
+    async def close(self) -> None:
+        await self._ws.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._ws.close_code is not None
+
+
+@dataclass
+class ModelConnector:
+    """Opens configured sessions, with the model-name fallback the unsettled name needs."""
+
+    url: str
+    api_key: str
+    model: str
+    dialect: Dialect = field(default_factory=StepFunDialect)
+    open_timeout: float = 10.0
+
+    async def open(self, config: SessionConfig) -> ModelSession:
+        ws, model = await self._connect()
+        try:
+            session_id = await self._configure(ws, config)
+        except BaseException:
+            await ws.close()
+            raise
+        return ModelSession(ws, self.dialect, model, session_id)
+
+    async def _connect(self) -> tuple[ClientConnection, str]:
+        try:
+            return await self._connect_as(self.model), self.model
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            alias = MODEL_ALIASES.get(self.model)
+            if status not in MODEL_NAME_REFUSALS or alias is None:
+                raise ModelUnavailable(f"upgrade refused with HTTP {status}", status) from None
+            log.warning("model_name_refused", model=self.model, status=status, retrying=alias)
+        try:
+            ws = await self._connect_as(alias)
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            raise ModelUnavailable(f"upgrade refused with HTTP {status}", status) from None
+        log.warning("model_name_fallback_answered", model=alias, configured=self.model)
+        self.model = alias  # later calls go straight to the name that works
+        return ws, alias
+
+    async def _connect_as(self, model: str) -> ClientConnection:
+        try:
+            return await connect(
+                self.dialect.connect_url(self.url, model),
+                additional_headers=self.dialect.headers(self.api_key),
+                open_timeout=self.open_timeout,
+                max_size=MAX_MESSAGE_BYTES,
+                compression=None,  # base64 audio does not compress; deflate only costs CPU
+            )
+        except InvalidStatus:
+            raise
+        except (OSError, TimeoutError) as exc:
+            raise ModelUnavailable(f"cannot connect: {type(exc).__name__}: {exc}") from None
+
+    async def _configure(self, ws: ClientConnection, config: SessionConfig) -> str:
+        """Wait for ``session.created``, send the persona's session, wait for the update."""
+        session_id = ""
+        sent_update = False
+        async with asyncio.timeout(self.open_timeout):
+            async for message in ws:
+                event = self.dialect.decode(message)
+                if isinstance(event, SessionReady):
+                    session_id = event.session_id
+                    await ws.send(self.dialect.encode(UpdateSession(config)))
+                    sent_update = True
+                elif isinstance(event, SessionUpdated) and sent_update:
+                    return session_id
+                elif isinstance(event, ModelError) and not event.benign:
+                    raise ModelUnavailable(f"session refused: {event.code} {event.message}")
+        raise ModelUnavailable("the model closed the socket while the session was set up")
+
+
+class Prewarmer:
+    """Opens a call's model session while the phone is still ringing.
+
+    The voice webhook starts it; the media stream claims it on ``start``. A warm session no
+    stream claims (the caller hung up during the TwiML fetch) is closed after ``ttl`` seconds.
+    """
+
+    def __init__(self, connector: ModelConnector, ttl: float = 15.0):
+        self.connector = connector
+        self.ttl = ttl
+        self._warm: dict[str, asyncio.Task[ModelSession]] = {}
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self._discarding: set[asyncio.Task[None]] = set()
+
+    def start(self, call_sid: str, config: SessionConfig) -> None:
+        if call_sid in self._warm:
+            return  # Twilio retried the webhook: one session is enough
+        self._warm[call_sid] = asyncio.create_task(self.connector.open(config))
+        loop = asyncio.get_running_loop()
+        self._expiry[call_sid] = loop.call_later(self.ttl, self._expire, call_sid)
+
+    async def claim(self, call_sid: str, config: SessionConfig) -> ModelSession:
+        task = self._warm.pop(call_sid, None)
+        if (handle := self._expiry.pop(call_sid, None)) is not None:
+            handle.cancel()
+        if task is not None:
+            try:
+                session = await task
+                log.info("model_session_prewarmed", model=session.model)
+                return session
+            except ModelUnavailable as exc:
+                log.warning("model_prewarm_failed", reason=str(exc), status=exc.status)
+        return await self.connector.open(config)
+
+    def _expire(self, call_sid: str) -> None:
+        self._expiry.pop(call_sid, None)
+        task = self._warm.pop(call_sid, None)
+        if task is not None:
+            log.info("model_prewarm_unclaimed", call_sid=call_sid)
+            discarding = asyncio.create_task(_discard(task))
+            self._discarding.add(discarding)
+            discarding.add_done_callback(self._discarding.discard)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._warm)
+
+    async def close(self) -> None:
+        for handle in self._expiry.values():
+            handle.cancel()
+        tasks = list(self._warm.values())
+        self._warm.clear()
+        self._expiry.clear()
+        await asyncio.gather(*(_discard(t) for t in tasks), *self._discarding)
+
+
+async def _discard(task: asyncio.Task[ModelSession]) -> None:
+    """Close a warm session nobody will use, or swallow its failure."""
+    if not task.done():
+        task.cancel()
+    try:
+        session = await task
+    except (asyncio.CancelledError, ModelUnavailable):
+        return
+    except Exception:
+        log.exception("model_prewarm_failed")
+        return
+    await session.close()

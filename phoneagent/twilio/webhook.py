@@ -1,0 +1,89 @@
+"""Voice webhook pieces: Twilio signatures, the stream token, and the TwiML we answer with.
+
+Signatures are checked with the ``twilio`` library's validator against the configured public
+URL, never against the URL as a proxy may have rewritten it (twilio reference, section 4).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from twilio.request_validator import RequestValidator
+from twilio.twiml.voice_response import VoiceResponse
+
+STREAM_TOKEN_SECONDS = 120  # Twilio opens the stream right after the TwiML; two minutes is ample
+PERSONA_PARAMETER = "persona"
+TOKEN_PARAMETER = "token"
+
+
+def signature_is_valid(
+    auth_token: str, url: str, params: Mapping[str, str] | object, signature: str
+) -> bool:
+    """True when ``signature`` is Twilio's for ``url`` and the form ``params``.
+
+    ``params`` may be aiohttp's MultiDictProxy: the validator reads repeated keys from it.
+    """
+    if not signature:
+        return False
+    return RequestValidator(auth_token).validate(url, params, signature)
+
+
+@dataclass(frozen=True)
+class StreamToken:
+    """A short-lived HMAC binding a CallSid to a persona.
+
+    It travels as a ``<Parameter>`` and comes back in the stream's ``start`` message, so any
+    instance can take the WebSocket, and nobody can open a stream without a webhook Twilio
+    signed. The key is derived from the auth token, which every instance has.
+    """
+
+    auth_token: str
+
+    def _key(self) -> bytes:
+        return hashlib.sha256(b"phoneagent stream token\x00" + self.auth_token.encode()).digest()
+
+    def _sign(self, call_sid: str, persona_id: str, expires: int) -> str:
+        message = f"{call_sid}\x00{persona_id}\x00{expires}".encode()
+        digest = hmac.new(self._key(), message, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+    def issue(self, call_sid: str, persona_id: str, now: float | None = None) -> str:
+        expires = int((time.time() if now is None else now) + STREAM_TOKEN_SECONDS)
+        return f"{expires}.{self._sign(call_sid, persona_id, expires)}"
+
+    def check(self, token: str, call_sid: str, persona_id: str, now: float | None = None) -> str:
+        """'' when the token is good, otherwise why not (for the log, never for the caller)."""
+        expires_text, _, signature = token.partition(".")
+        if not expires_text.isdigit() or not signature:
+            return "malformed token"
+        expected = self._sign(call_sid, persona_id, int(expires_text))
+        if not hmac.compare_digest(expected, signature):
+            return "token does not match this call and persona"
+        if int(expires_text) < (time.time() if now is None else now):
+            return "token expired"
+        return ""
+
+
+def connect_stream_twiml(
+    stream_url: str, status_callback_url: str, parameters: Mapping[str, str]
+) -> str:
+    """``<Connect><Stream>``: a bidirectional media stream. Nothing follows ``</Connect>``, so
+    when the stream ends the call ends (twilio reference, section 5.1)."""
+    response = VoiceResponse()
+    connect = response.connect()
+    stream = connect.stream(url=stream_url, status_callback=status_callback_url)
+    for name, value in parameters.items():
+        stream.parameter(name=name, value=value)
+    return str(response)
+
+
+def apology_twiml(message: str) -> str:
+    response = VoiceResponse()
+    response.say(message)
+    response.hangup()
+    return str(response)
