@@ -14,12 +14,12 @@ from phoneagent.logs import configure_logging
 from phoneagent.personas import PersonaRegistry
 from phoneagent.server import STATE, AccessLogger, create_app
 
-RESERVED_ROUTES = [
+RESERVED_ROUTES = [("GET", "/metrics")]
+TWILIO_ROUTES = [
     ("POST", "/twilio/voice"),
     ("GET", "/twilio/stream"),
     ("POST", "/twilio/stream-status"),
     ("POST", "/twilio/call-status"),
-    ("GET", "/metrics"),
 ]
 
 
@@ -65,6 +65,14 @@ async def test_reserved_routes_exist(client, method, path):
     response = await client.request(method, path)
     assert response.status == 501
     assert "not implemented yet" in (await response.json())["error"]
+
+
+@pytest.mark.parametrize(("method", "path"), TWILIO_ROUTES)
+async def test_twilio_routes_refuse_unsigned_requests(client, method, path):
+    response = await client.request(
+        method, path, data={"CallSid": "CA1"} if method == "POST" else None
+    )
+    assert response.status == 403
 
 
 async def test_unknown_route_is_404(client):

@@ -1,0 +1,236 @@
+"""The Call state machine, driven event by event (no sockets)."""
+
+import numpy as np
+import pytest
+from conftest import EXAMPLE_PERSONAS
+
+from phoneagent.call import (
+    Call,
+    EndCall,
+    EndReason,
+    SendClear,
+    SendMark,
+    SendMedia,
+    ToModel,
+    greeting_instructions,
+    session_config,
+)
+from phoneagent.personas import load_directory
+from phoneagent.realtime.base import (
+    AgentTranscriptDelta,
+    AgentTranscriptDone,
+    AppendAudio,
+    AudioDelta,
+    CancelResponse,
+    CreateResponse,
+    ResponseDone,
+    ResponseStarted,
+    SpeechStarted,
+    SpeechStopped,
+    TruncateItem,
+    UserTranscript,
+)
+from phoneagent.twilio.stream import Mark, Media, Stop
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, ms):
+        self.now += ms / 1000
+
+
+@pytest.fixture
+def persona():
+    return load_directory(EXAMPLE_PERSONAS, environ={}).personas["bright-smile-dental"]
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def call(persona, clock):
+    return Call(persona=persona, stream_sid="MZ1", call_sid="CA1", clock=clock)
+
+
+def tone_pcm24k(ms: int, freq: float = 440.0) -> bytes:
+    t = np.arange(ms * 24) / 24000
+    return (np.sin(2 * np.pi * freq * t) * 8000).astype("<i2").tobytes()
+
+
+def of_type(actions, kind):
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def model_commands(actions, kind):
+    return [a.command for a in actions if isinstance(a, ToModel) and isinstance(a.command, kind)]
+
+
+def speak(call, response_id, item_id, ms, text=""):
+    """The model produces one response of `ms` milliseconds of audio, fully."""
+    actions = call.on_model(ResponseStarted(response_id))
+    if text:
+        actions += call.on_model(AgentTranscriptDelta(response_id, item_id, text))
+    for _ in range(ms // 100):
+        actions += call.on_model(AudioDelta(response_id, item_id, tone_pcm24k(100)))
+    actions += call.on_model(ResponseDone(response_id, "completed"))
+    return actions
+
+
+def test_session_config_carries_the_persona(persona):
+    config = session_config(persona)
+    assert config.voice == "linjiajiejie"
+    assert config.silence_duration_ms == 700
+    assert config.vad_threshold == persona.vad_threshold
+    assert config.instructions.startswith("You are Maya")
+    assert "Always speak English" in config.instructions
+
+
+def test_begin_greets_with_the_persona_greeting(call, persona):
+    [action] = call.begin()
+    assert action == ToModel(CreateResponse(instructions=greeting_instructions(persona)))
+    assert persona.greeting in action.command.instructions
+
+
+def test_caller_audio_is_transcoded_frame_by_frame(call):
+    [action] = call.on_twilio(Media(timestamp_ms=0, payload=b"\xff" * 160))
+    assert isinstance(action.command, AppendAudio)
+    assert len(action.command.pcm) == 960  # 20 ms of pcm16 at 24 kHz
+    [action] = call.on_twilio(Media(timestamp_ms=20, payload=b"\x7f" * 80))
+    assert len(action.command.pcm) == 480  # frames of any size
+
+
+def test_inbound_timestamp_gap_is_filled_with_silence(call):
+    call.on_twilio(Media(timestamp_ms=0, payload=b"\x10" * 160))
+    [action] = call.on_twilio(Media(timestamp_ms=120, payload=b"\x10" * 160))
+    # 100 ms of missing audio plus the 20 ms frame reach the model.
+    assert len(action.command.pcm) == 120 * 48
+
+
+def test_agent_audio_becomes_frames_each_followed_by_a_unique_mark(call):
+    actions = speak(call, "resp1", "item1", 300)
+    media = of_type(actions, SendMedia)
+    marks = of_type(actions, SendMark)
+    assert all(len(m.payload) == 160 for m in media[:-1])
+    assert sum(len(m.payload) for m in media) == pytest.approx(300 * 8, abs=8 * 5)
+    assert len(marks) == len(media)
+    assert len({m.name for m in marks}) == len(marks)
+    # Strict alternation: each frame is followed by its own mark.
+    assert [type(a) for a in actions] == [SendMedia, SendMark] * len(media)
+    assert call.stats.first_audio_at is not None
+
+
+def test_marks_advance_played_and_transcript_end(call, clock):
+    actions = speak(call, "resp1", "item1", 200, text="Hello there.")
+    marks = of_type(actions, SendMark)
+    clock.advance(100)
+    call.on_twilio(Mark(marks[4].name))  # five frames played
+    [turn] = call.transcript
+    assert turn == {
+        "role": "agent",
+        "text": "Hello there.",
+        "start_ms": 0,
+        "end_ms": 100,
+        "interrupted": False,
+    }
+
+
+def test_barge_in_clears_cancels_truncates_at_the_heard_position(call):
+    call.on_model(ResponseStarted("resp1"))
+    call.on_model(AgentTranscriptDelta("resp1", "item1", "one two three four five six"))
+    sent = []
+    for _ in range(6):
+        sent += call.on_model(AudioDelta("resp1", "item1", tone_pcm24k(100)))
+    marks = of_type(sent, SendMark)
+    call.on_twilio(Mark(marks[9].name))  # 10 frames = 200 ms heard
+
+    actions = call.on_model(SpeechStarted("user1", 1000))
+    assert actions[0] == SendClear()
+    assert model_commands(actions, CancelResponse) == [CancelResponse()]
+    [truncate] = model_commands(actions, TruncateItem)
+    assert truncate == TruncateItem("item1", 200)
+
+    # Every later delta of the cancelled response is dropped, and so is its flush.
+    assert call.on_model(AudioDelta("resp1", "item1", tone_pcm24k(100))) == []
+    assert call.on_model(ResponseDone("resp1", "cancelled")) == []
+    # Twilio echoes the pending marks after `clear`: they do not count as played.
+    for mark in marks[10:]:
+        call.on_twilio(Mark(mark.name))
+    [turn] = [t for t in call.transcript if t["role"] == "agent"]
+    assert turn["interrupted"] is True
+    assert turn["text"] == "one two"  # 200 of ~600 ms heard: a third of the words
+    assert call.stats.barge_ins == 1
+
+
+def test_late_echoes_after_clear_do_not_disturb_the_next_response(call):
+    first = speak(call, "resp1", "item1", 300)
+    old_marks = of_type(first, SendMark)
+    call.on_model(SpeechStarted("user1", 0))
+    second = speak(call, "resp2", "item2", 200)
+    new_marks = of_type(second, SendMark)
+    assert not {m.name for m in old_marks} & {m.name for m in new_marks}
+    for mark in old_marks:  # late echoes of the cleared marks
+        call.on_twilio(Mark(mark.name))
+    call.on_twilio(Mark(new_marks[2].name))
+    # A second barge-in truncates item2 at what was heard of item2 alone.
+    actions = call.on_model(SpeechStarted("user2", 0))
+    assert model_commands(actions, TruncateItem) == [TruncateItem("item2", 60)]
+
+
+def test_speech_with_no_agent_audio_pending_is_not_a_barge_in(call):
+    actions = speak(call, "resp1", "item1", 100)
+    for mark in of_type(actions, SendMark):
+        call.on_twilio(Mark(mark.name))
+    assert call.on_model(SpeechStarted("user1", 0)) == []
+
+
+def test_barge_in_after_generation_finished_still_clears_the_tail(call):
+    actions = speak(call, "resp1", "item1", 500)  # response.done already arrived
+    marks = of_type(actions, SendMark)
+    call.on_twilio(Mark(marks[4].name))
+    actions = call.on_model(SpeechStarted("user1", 0))
+    assert actions[0] == SendClear()
+    assert model_commands(actions, CancelResponse) == []  # nothing to cancel
+    assert model_commands(actions, TruncateItem) == [TruncateItem("item1", 100)]
+
+
+def test_transcript_orders_turns_by_start(call, clock):
+    greeting = speak(call, "resp1", "item1", 100, text="Hi, how can I")
+    call.on_model(AgentTranscriptDone("resp1", "item1", "Hi, how can I help?"))
+    clock.advance(2000)
+    call.on_twilio(Mark(of_type(greeting, SendMark)[-1].name))  # the greeting was heard
+    call.on_model(SpeechStarted("user1", 0))
+    clock.advance(1500)
+    call.on_model(SpeechStopped("user1", 1500))
+    speak(call, "resp2", "item2", 100, text="Sure.")
+    call.on_model(UserTranscript("user1", " I need a cleaning. "))  # arrives late
+    assert [(t["role"], t["text"]) for t in call.transcript] == [
+        ("agent", "Hi, how can I help?"),
+        ("caller", "I need a cleaning."),
+        ("agent", "Sure."),
+    ]
+    caller = call.transcript[1]
+    assert (caller["start_ms"], caller["end_ms"]) == (2000, 3500)
+
+
+def test_stop_ends_the_call_and_later_events_are_ignored(call):
+    assert call.on_twilio(Stop("CA1")) == [EndCall(EndReason.CALLER_HUNG_UP)]
+    assert call.ended
+    assert call.on_twilio(Media(0, b"\xff" * 160)) == []
+    assert call.on_model(AudioDelta("r", "i", tone_pcm24k(100))) == []
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [("twilio", EndReason.TWILIO_DISCONNECTED), ("model", EndReason.MODEL_DISCONNECTED)],
+)
+def test_socket_closures_end_the_call(call, event, reason):
+    actions = call.on_twilio_closed() if event == "twilio" else call.on_model_closed()
+    assert actions == [EndCall(reason)]
+    assert call.end_reason is reason

@@ -1,0 +1,69 @@
+"""Stream tokens, TwiML and signatures, checked with the real `twilio` library."""
+
+import xml.etree.ElementTree as ET
+
+from twilio.request_validator import RequestValidator
+
+from phoneagent.twilio.webhook import (
+    STREAM_TOKEN_SECONDS,
+    StreamToken,
+    apology_twiml,
+    connect_stream_twiml,
+    signature_is_valid,
+)
+
+NOW = 1_800_000_000.0
+
+
+def test_token_round_trip_and_its_refusals():
+    tokens = StreamToken("auth-token")
+    token = tokens.issue("CA1", "dental", now=NOW)
+    assert tokens.check(token, "CA1", "dental", now=NOW + 1) == ""
+    assert tokens.check(token, "CA2", "dental", now=NOW) == (
+        "token does not match this call and persona"
+    )
+    assert tokens.check(token, "CA1", "pizza", now=NOW) != ""
+    assert tokens.check(token, "CA1", "dental", now=NOW + STREAM_TOKEN_SECONDS + 1) == (
+        "token expired"
+    )
+    assert StreamToken("other-token").check(token, "CA1", "dental", now=NOW) != ""
+    assert tokens.check("", "CA1", "dental") == "malformed token"
+    assert tokens.check("abc.def", "CA1", "dental") == "malformed token"
+    # Moving the expiry forward breaks the MAC.
+    expires, sig = token.split(".")
+    assert tokens.check(f"{int(expires) + 999}.{sig}", "CA1", "dental", now=NOW) != ""
+
+
+def test_connect_stream_twiml_is_what_twilio_expects():
+    text = connect_stream_twiml(
+        "wss://voice.example.com/twilio/stream",
+        "https://voice.example.com/twilio/stream-status",
+        {"persona": "sales & support", "token": "123.abc"},
+    )
+    assert text.startswith('<?xml version="1.0" encoding="UTF-8"?><Response>')
+    root = ET.fromstring(text)
+    stream = root.find("./Connect/Stream")
+    assert stream.get("url") == "wss://voice.example.com/twilio/stream"
+    assert stream.get("statusCallback") == "https://voice.example.com/twilio/stream-status"
+    params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+    assert params == {"persona": "sales & support", "token": "123.abc"}
+    assert list(root) == [root.find("Connect")]  # nothing after </Connect>: the call then ends
+
+
+def test_apology_twiml_says_and_hangs_up():
+    root = ET.fromstring(apology_twiml("Sorry."))
+    assert [(el.tag, el.text) for el in root] == [("Say", "Sorry."), ("Hangup", None)]
+
+
+def test_signature_checked_like_twilio():
+    url = "https://voice.example.com/twilio/voice"
+    params = {"CallSid": "CA1", "To": "+14155550100"}
+    good = RequestValidator("secret").compute_signature(url, params)
+    assert signature_is_valid("secret", url, params, good)
+    assert not signature_is_valid("secret", url, params | {"To": "+1"}, good)
+    assert not signature_is_valid("wrong", url, params, good)
+    assert not signature_is_valid("secret", url, params, "")
+    ws_url = "wss://voice.example.com/twilio/stream"
+    assert signature_is_valid(
+        "secret", ws_url, {}, RequestValidator("secret").compute_signature(ws_url, {})
+    )
