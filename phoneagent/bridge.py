@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
 from aiohttp import WSMsgType, web
 from websockets.exceptions import ConnectionClosed
 
-from phoneagent.call import Action, Call, EndCall, SendClear, SendMark, SendMedia, ToModel
+from phoneagent.call import (
+    Action,
+    Call,
+    EndCall,
+    SendClear,
+    SendMark,
+    SendMedia,
+    ToModel,
+    TurnFinished,
+)
 from phoneagent.logs import get_logger
 from phoneagent.realtime.connection import ModelSession
 from phoneagent.twilio.stream import (
@@ -59,11 +69,15 @@ async def twilio_events(ws: web.WebSocketResponse):
             log.warning("twilio_message_skipped", reason=str(exc), size=len(message.data))
 
 
+TurnListener = Callable[[Call, dict], None]
+
+
 @dataclass
 class CallShell:
     ws: web.WebSocketResponse
     model: ModelSession
     call: Call
+    turn_listeners: Sequence[TurnListener] = ()
 
     async def run(self) -> None:
         """Bridge until the call ends one way or another; then close both sockets."""
@@ -114,6 +128,9 @@ class CallShell:
                         await self.model.send(command)
                     except ConnectionClosed:
                         await self.perform(self.call.on_model_closed())
+                case TurnFinished(turn):
+                    for listener in self.turn_listeners:
+                        listener(self.call, turn)
                 case EndCall(reason):
                     log.info("call_ending", reason=reason.value)
             if self.call.ended:

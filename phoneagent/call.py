@@ -117,7 +117,14 @@ class EndCall:
     reason: EndReason
 
 
-Action = SendMedia | SendMark | SendClear | ToModel | EndCall
+@dataclass(frozen=True)
+class TurnFinished:
+    """A turn's text is final (for live transcripts); its end time may still move."""
+
+    turn: dict
+
+
+Action = SendMedia | SendMark | SendClear | ToModel | EndCall | TurnFinished
 
 
 # --- transcript ---------------------------------------------------------------------------
@@ -220,6 +227,7 @@ class Call:
                 item = self._agent_item(response_id, item_id)
                 if item is not None and not item.turn.interrupted:
                     item.turn.text = text
+                    return [TurnFinished(item.turn.as_dict())]
             case ResponseStarted(response_id):
                 self._active_response = response_id
             case ResponseDone(response_id, status):
@@ -230,7 +238,9 @@ class Call:
                 turn = self._caller_turn(item_id)
                 turn.end_ms = self._now_ms()
             case UserTranscript(item_id, text):
-                self._caller_turn(item_id).text = text.strip()
+                turn = self._caller_turn(item_id)
+                turn.text = text.strip()
+                return [TurnFinished(turn.as_dict())]
             case ModelError(code, message, benign):
                 if benign:
                     log.debug("model_error_ignored", code=code, message=message)
@@ -358,6 +368,7 @@ class Call:
             actions.append(ToModel(TruncateItem(item.item_id, heard_ms)))
             self.stats.discarded_ms += item.sent_ms - heard_ms
             _cut_turn(item.turn, heard_ms, item.sent_ms)
+            actions.append(TurnFinished(item.turn.as_dict()))
         self._pending_marks.clear()  # their echoes, sent at once after `clear`, are not played
         self._current_item = None
         self._to_caller.reset()  # the cut reply's filter state must not leak into the next

@@ -11,7 +11,13 @@ import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from phoneagent.bridge import CallShell, StreamRefused, bind_call_context, read_start
+from phoneagent.bridge import (
+    CallShell,
+    StreamRefused,
+    TurnListener,
+    bind_call_context,
+    read_start,
+)
 from phoneagent.call import Call, session_config
 from phoneagent.config import Settings
 from phoneagent.logs import get_logger
@@ -46,6 +52,8 @@ class ServerState:
     prewarmer: Prewarmer
     draining: bool = False
     active_calls: dict[str, Call] = field(default_factory=dict)
+    # Called with (call, turn) as each transcript turn becomes final: live transcript views.
+    turn_listeners: list[TurnListener] = field(default_factory=list)
     # Recent finished calls (transcript, reason, stats) until the webhook outbox takes them.
     finished_calls: deque[dict] = field(default_factory=lambda: deque(maxlen=FINISHED_CALLS_KEPT))
 
@@ -184,7 +192,7 @@ async def run_call(
     state.active_calls[call.call_sid] = call
     log.info("call_started", model=model.model, model_session=model.session_id)
     try:
-        await CallShell(ws, model, call).run()
+        await CallShell(ws, model, call, state.turn_listeners).run()
     finally:
         state.active_calls.pop(call.call_sid, None)
         summary = {

@@ -12,6 +12,7 @@ from phoneagent.call import (
     SendMark,
     SendMedia,
     ToModel,
+    TurnFinished,
     greeting_instructions,
     session_config,
 )
@@ -155,6 +156,8 @@ def test_barge_in_clears_cancels_truncates_at_the_heard_position(call):
     assert model_commands(actions, CancelResponse) == [CancelResponse()]
     [truncate] = model_commands(actions, TruncateItem)
     assert truncate == TruncateItem("item1", 200)
+    [finished] = of_type(actions, TurnFinished)
+    assert (finished.turn["text"], finished.turn["interrupted"]) == ("one two", True)
 
     # Every later delta of the cancelled response is dropped, and so is its flush.
     assert call.on_model(AudioDelta("resp1", "item1", tone_pcm24k(100))) == []
@@ -209,7 +212,8 @@ def test_transcript_orders_turns_by_start(call, clock):
     clock.advance(1500)
     call.on_model(SpeechStopped("user1", 1500))
     speak(call, "resp2", "item2", 100, text="Sure.")
-    call.on_model(UserTranscript("user1", " I need a cleaning. "))  # arrives late
+    [finished] = call.on_model(UserTranscript("user1", " I need a cleaning. "))  # arrives late
+    assert finished.turn["text"] == "I need a cleaning."
     assert [(t["role"], t["text"]) for t in call.transcript] == [
         ("agent", "Hi, how can I help?"),
         ("caller", "I need a cleaning."),
