@@ -1,0 +1,30 @@
+"""pcm16 little-endian bytes ⇄ float sample arrays (the resampler's working format)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+_PCM16 = np.dtype("<i2")
+
+
+def pcm16_to_samples(pcm: bytes) -> np.ndarray:
+    """pcm16 little-endian bytes → float64 samples on the pcm16 scale (-32768..32767).
+
+    Raises ValueError if `pcm` is not a whole number of samples.
+    """
+    if len(pcm) % 2:
+        raise ValueError(f"pcm16 needs an even number of bytes, got {len(pcm)}")
+    return np.frombuffer(pcm, _PCM16).astype(np.float64)
+
+
+def samples_to_pcm16(samples: np.ndarray) -> bytes:
+    """Float samples on the pcm16 scale → pcm16 little-endian bytes, rounded and clipped.
+
+    Clipping matters: a filtered full-scale signal can overshoot 32767 by a little, and a plain
+    cast would wrap it around into a loud click.
+    """
+    rounded = np.rint(samples)
+    # minimum/maximum in place: a third of the cost of np.clip on frame-sized arrays.
+    np.minimum(rounded, 32767, out=rounded)
+    np.maximum(rounded, -32768, out=rounded)
+    return rounded.astype(_PCM16).tobytes()
