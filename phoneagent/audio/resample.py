@@ -159,6 +159,7 @@ class Resampler:
         self._design = design_filter(from_rate, to_rate)
         self._history = np.zeros(self._design.history)
         self._pending = np.zeros(0)
+        self._idle = True
         self.reset()
 
     @property
@@ -190,6 +191,7 @@ class Resampler:
         Call it on barge-in, so the tail of an interrupted reply cannot ring into the next.
         """
         self._history[:] = 0.0
+        self._idle = True  # nothing fed since the last reset: flush() has nothing to drain
         # Downsampling: M - 1 zeros ahead of the first sample make input sample n * M close a
         # group, so output n comes out as soon as it arrives (ceil counts, not floor).
         self._pending = np.zeros(0 if self._design.upsampling else self._design.factor - 1)
@@ -201,6 +203,8 @@ class Resampler:
         # Inputs are consumed in groups (1 sample upsampling, `factor` downsampling); a partial
         # group at the end of the chunk stays pending.
         group = 1 if design.upsampling else design.factor
+        if len(samples):
+            self._idle = False
         pending = len(self._pending)
         available = pending + len(samples)
         usable = available - available % group
@@ -229,8 +233,11 @@ class Resampler:
         """Drain the delayed tail of the stream (zeros pushed through), then `reset()`.
 
         Use it at the natural end of a stream, so its last `delay_s` is heard rather than held
-        until the next chunk. The result is exactly `delay_s` worth of output samples.
+        until the next chunk. The result is exactly `delay_s` worth of output samples, or
+        nothing if nothing was fed since the last reset.
         """
+        if self._idle:
+            return np.zeros(0)
         tail = self.process(np.zeros(self.delay_input_samples))
         self.reset()
         return tail
