@@ -1,0 +1,1260 @@
+"""A scripted Twilio caller: plays Twilio's side of one phone call against a server on loopback.
+
+It is written from the protocol reference (``shared/reference/twilio-media-streams.md``, cited
+below as §n), not from phoneagent's own code, so that it catches the product's bugs instead of
+mirroring them. What it does, in Twilio's place:
+
+1. :meth:`TwilioCaller.dial` POSTs the signed voice webhook and reads the TwiML answer (§1).
+2. :meth:`TwilioCaller.connect` opens the signed media-stream WebSocket and sends ``connected``
+   and ``start`` (§2, §4.3).
+3. ``play*`` / :meth:`~TwilioCaller.send_dtmf` stream the caller's side as Twilio does: 20 ms
+   μ-law frames, paced in real time scaled by ``speed`` (§2).
+4. Everything the server sends goes through a model of Twilio's playback buffer
+   (:class:`PlaybackBuffer`, §3): audio "plays" at 8 bytes per ms of call time, marks come back
+   when the audio queued before them has played, ``clear`` drops the rest and flushes the marks.
+   Frames Twilio would reject are recorded as :class:`ProtocolViolation` (warnings 31950/31951).
+5. :meth:`~TwilioCaller.hangup`, :meth:`~TwilioCaller.drop` and
+   :meth:`~TwilioCaller.receive_stop_from_twilio` end the stream the three ways Twilio does.
+
+Time. The *call clock* counts milliseconds of call time since ``start``: wall time × ``speed``
+(``speed=2`` runs a call twice as fast as real time). With ``speed=0`` (or ``None``) nothing is
+paced: inbound audio is sent as fast as possible, the call clock is the amount of inbound audio
+sent so far, and outbound audio plays out the moment it arrives. Tests should assert on
+call-clock positions and byte counts (what the caller *heard*), never on wall-clock durations.
+
+Example::
+
+    async with TwilioCaller(base_url, account_sid=SID, auth_token=TOKEN, to="+15550001111") as c:
+        answer = await c.dial()
+        assert answer.stream_url
+        await c.connect()
+        await c.play_wav(CALLER_BOOKING_WAV)
+        await c.wait_until_quiet(800, timeout=30)
+        await c.hangup()
+    assert not c.violations
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import enum
+import json
+import math
+import secrets
+import time
+import uuid
+import warnings
+import wave
+import xml.etree.ElementTree as ET
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import aiohttp
+from twilio.request_validator import RequestValidator
+
+with warnings.catch_warnings():
+    # audioop is deprecated in 3.11-3.12 and gone in 3.13, where audioop-lts provides the same
+    # module name (DESIGN.md, Conventions). The warning is noise for a test kit.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+__all__ = [
+    "CALLER_BOOKING_WAV",
+    "ClearRecord",
+    "HeardChunk",
+    "MarkEcho",
+    "PlaybackBuffer",
+    "ProtocolViolation",
+    "ReceivedMessage",
+    "Signature",
+    "StreamRejected",
+    "TwilioCaller",
+    "TwimlAnswer",
+    "TwimlProblem",
+    "check_outbound",
+    "new_sid",
+    "outbound_clear",
+    "outbound_mark",
+    "outbound_media",
+    "read_wav_mulaw",
+    "signature_headers",
+    "twilio_signature",
+    "write_mulaw_wav",
+]
+
+#: The bundled recording of a caller asking to book a cleaning (see ``assets/README.md``).
+CALLER_BOOKING_WAV = Path(__file__).with_name("assets") / "caller_booking.wav"
+
+BYTES_PER_MS = 8  # μ-law 8 kHz mono: one byte per sample (§2, §9)
+FRAME_MS = 20  # observed inbound frame: 20 ms = 160 bytes (§2)
+FRAME_BYTES = FRAME_MS * BYTES_PER_MS
+MULAW_SILENCE = b"\xff"  # μ-law silence byte (§9)
+MAX_BUFFERED_MS = 10 * 60 * 1000  # Twilio stops accepting outbound audio past 10 min (§3, 31931)
+TWIML_MAX_BYTES = 64 * 1024  # §1.2, error 11750
+PARAMETER_MAX_CHARS = 500  # name + value of one <Parameter> (§1.3)
+DTMF_DIGITS = frozenset("0123456789*#")
+# Twilio's CallToken is JSON: its quotes, colons and brackets exercise form decoding + signing.
+_CALL_TOKEN = '{"parentCallInfoToken":"eyJhbGciOiJFUzI1NiJ9.e30.c2ln","identityHeaderTokens":[]}'
+
+WARNING_BINARY_FRAME = 31950  # §3, §7
+WARNING_INVALID_MESSAGE = 31951  # §3, §7
+WARNING_BUFFER_FULL = 31931  # §3, §7
+
+
+# --------------------------------------------------------------------------------------------
+# Signatures (§4): the one helper every fake in the kit uses.
+
+
+class Signature(enum.Enum):
+    """How to sign a request: honestly, with the wrong key, or not at all (security tests)."""
+
+    VALID = "valid"
+    WRONG = "wrong"
+    MISSING = "missing"
+
+
+def twilio_signature(auth_token: str, url: str, params: Mapping[str, str] | None = None) -> str:
+    """``X-Twilio-Signature`` for ``url`` and the POST ``params``, computed by the twilio library.
+
+    The library is the reference implementation of §4.1; using it keeps the fake honest.
+    """
+    return RequestValidator(auth_token).compute_signature(url, dict(params or {}))
+
+
+def signature_headers(
+    signature: Signature | str,
+    auth_token: str,
+    url: str,
+    params: Mapping[str, str] | None = None,
+    *,
+    header: str = "X-Twilio-Signature",
+) -> dict[str, str]:
+    """The signature header for a request, or a forged/absent one.
+
+    ``signature`` may also be a literal header value, for example one computed over a different
+    URL to prove the server checks the URL it published.
+    """
+    if isinstance(signature, str):
+        return {header: signature}
+    if signature is Signature.MISSING:
+        return {}
+    token = auth_token if signature is Signature.VALID else auth_token + "-wrong"
+    return {header: twilio_signature(token, url, params)}
+
+
+def new_sid(prefix: str) -> str:
+    """A Twilio-style SID: two-letter prefix + 32 hex digits (34 characters, §1.1)."""
+    return prefix + secrets.token_hex(16)
+
+
+# --------------------------------------------------------------------------------------------
+# Message shapes (§2, §3): the one place that knows what Twilio sends and accepts.
+
+#: Server → Twilio messages: event → the one key of its body object (None: no body). §3 says
+#: to send exactly these fields; anything missing or extra is warning 31951.
+OUTBOUND_SHAPES: dict[str, tuple[str, str] | None] = {
+    "media": ("media", "payload"),
+    "mark": ("mark", "name"),
+    "clear": None,
+}
+
+
+def outbound_media(stream_sid: str, mulaw: bytes) -> str:
+    """A server→Twilio ``media`` message, exactly as §3 allows (for server-role test apps)."""
+    payload = base64.b64encode(mulaw).decode("ascii")
+    return json.dumps({"event": "media", "streamSid": stream_sid, "media": {"payload": payload}})
+
+
+def outbound_mark(stream_sid: str, name: str) -> str:
+    """A server→Twilio ``mark`` message (§3)."""
+    return json.dumps({"event": "mark", "streamSid": stream_sid, "mark": {"name": name}})
+
+
+def outbound_clear(stream_sid: str) -> str:
+    """A server→Twilio ``clear`` message (§3)."""
+    return json.dumps({"event": "clear", "streamSid": stream_sid})
+
+
+def check_outbound(text: str, stream_sid: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """Parse a server→Twilio text frame; return ``(message, None)`` or ``(None, reason)``.
+
+    ``stream_sid`` is None before ``start`` was sent: nothing is valid then, because the
+    streamSid the server must echo does not exist yet (§3).
+    """
+    if stream_sid is None:
+        return None, "message sent before start"
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None, "invalid JSON"
+    if not isinstance(message, dict):
+        return None, "not a JSON object"
+    event = message.get("event")
+    if event not in OUTBOUND_SHAPES:
+        return None, f"unknown event {event!r}"
+    shape = OUTBOUND_SHAPES[event]
+    problem = _key_problem(message, {"event", "streamSid"} | ({shape[0]} if shape else set()))
+    if problem:
+        return None, f"{event}: {problem}"
+    if message["streamSid"] != stream_sid:
+        return None, f"{event}: wrong streamSid {message['streamSid']!r}"
+    if shape:
+        body_key, field_name = shape
+        body = message[body_key]
+        if not isinstance(body, dict):
+            return None, f"{event}: {body_key} is not an object"
+        problem = _key_problem(body, {field_name})
+        if problem:
+            return None, f"{event}.{body_key}: {problem}"
+        if not isinstance(body[field_name], str):
+            return None, f"{event}.{body_key}.{field_name} is not a string"
+        if event == "media":
+            try:
+                base64.b64decode(body["payload"], validate=True)
+            except (binascii.Error, ValueError):
+                return None, "media.payload is not base64"
+    return message, None
+
+
+def _key_problem(obj: Mapping[str, Any], expected: set[str]) -> str | None:
+    missing, extra = expected - obj.keys(), obj.keys() - expected
+    if missing:
+        return f"missing field(s) {sorted(missing)}"
+    if extra:
+        return f"extra field(s) {sorted(extra)}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Audio files.
+
+
+def read_wav_mulaw(path: str | Path) -> bytes:
+    """Read an 8 kHz 16-bit mono WAV file and return it as μ-law bytes (what Twilio streams)."""
+    with wave.open(str(path), "rb") as wav:
+        rate, width, channels = wav.getframerate(), wav.getsampwidth(), wav.getnchannels()
+        if (rate, width, channels) != (8000, 2, 1):
+            raise ValueError(
+                f"{path}: {rate} Hz, {8 * width}-bit, {channels} channel(s); the caller plays "
+                "8000 Hz 16-bit mono WAV only (convert: sox IN.wav -r 8000 -c 1 -b 16 OUT.wav)"
+            )
+        return audioop.lin2ulaw(wav.readframes(wav.getnframes()), 2)
+
+
+def write_mulaw_wav(path: str | Path, mulaw: bytes) -> None:
+    """Write μ-law bytes as an 8 kHz 16-bit mono WAV file (playable anywhere)."""
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(8000)
+        wav.writeframes(audioop.ulaw2lin(mulaw, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# TwiML answer (§1.2, §1.3).
+
+
+@dataclass(frozen=True)
+class TwimlProblem:
+    """Something Twilio would reject or log about a webhook answer, with its error code."""
+
+    code: int | None
+    message: str
+
+
+@dataclass
+class TwimlAnswer:
+    """What the server answered to the voice webhook, read the way Twilio reads it."""
+
+    status: int
+    content_type: str | None
+    body: str
+    verbs: list[str] = field(default_factory=list)
+    stream_url: str | None = None
+    stream_attributes: dict[str, str] = field(default_factory=dict)
+    parameters: dict[str, str] = field(default_factory=dict)
+    connect_action: str | None = None
+    says: list[str] = field(default_factory=list)
+    hangup: bool = False
+    problems: list[TwimlProblem] = field(default_factory=list)
+
+    @property
+    def status_callback(self) -> str | None:
+        return self.stream_attributes.get("statusCallback")
+
+    @property
+    def ok(self) -> bool:
+        """True when Twilio would run this TwiML without logging an error."""
+        return not self.problems
+
+
+def parse_twiml_answer(
+    status: int, content_type: str | None, body: str, *, request_url: str
+) -> TwimlAnswer:
+    """Read a voice-webhook HTTP answer as Twilio does; problems carry Twilio's error codes."""
+    answer = TwimlAnswer(status=status, content_type=content_type, body=body)
+    problems = answer.problems
+    if status >= 400:
+        problems.append(TwimlProblem(11200, f"HTTP {status} from the webhook"))
+        return answer
+    mime = (content_type or "").split(";")[0].strip().lower()
+    if mime not in ("text/xml", "application/xml"):
+        problems.append(TwimlProblem(12300, f"invalid Content-Type {content_type!r}"))
+    if len(body.encode()) > TWIML_MAX_BYTES:
+        problems.append(TwimlProblem(11750, "TwiML body larger than 64 kB"))
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError as exc:  # includes anything before <?xml …?> (§1.2)
+        problems.append(TwimlProblem(12100, f"TwiML does not parse: {exc}"))
+        return answer
+    if root.tag != "Response":
+        problems.append(TwimlProblem(12100, f"root element is <{root.tag}>, not <Response>"))
+        return answer
+    for verb in root:
+        answer.verbs.append(verb.tag)
+        if verb.tag == "Say":
+            answer.says.append((verb.text or "").strip())
+        elif verb.tag == "Hangup":
+            answer.hangup = True
+        elif verb.tag == "Connect":
+            answer.connect_action = verb.get("action")
+            for stream in verb.iter("Stream"):
+                _read_stream(answer, stream, request_url)
+    return answer
+
+
+def _read_stream(answer: TwimlAnswer, stream: ET.Element, request_url: str) -> None:
+    url = stream.get("url")
+    if not url:
+        answer.problems.append(TwimlProblem(31923, "<Stream> without url"))
+        return
+    # A relative url is resolved against the webhook URL; Twilio then needs wss (§1.3, 31922).
+    absolute = urljoin(request_url, url)
+    if absolute.startswith("https://"):
+        absolute = "wss://" + absolute[len("https://") :]
+    elif absolute.startswith("http://"):
+        absolute = "ws://" + absolute[len("http://") :]
+    scheme = urlsplit(absolute).scheme
+    # Loopback tests run on plain http, so ws is accepted only when the webhook itself was http.
+    if scheme != "wss" and not (scheme == "ws" and request_url.startswith("http://")):
+        answer.problems.append(TwimlProblem(31922, f"stream URL scheme {scheme!r} is not wss"))
+    if urlsplit(absolute).query:
+        answer.problems.append(TwimlProblem(None, "stream URL has a query string (§1.3)"))
+    track = stream.get("track", "inbound_track")
+    if track != "inbound_track":
+        answer.problems.append(TwimlProblem(31941, f"track {track!r} with <Connect>"))
+    answer.stream_url = absolute
+    answer.stream_attributes = dict(stream.attrib)
+    for parameter in stream.iter("Parameter"):
+        name, value = parameter.get("name", ""), parameter.get("value", "")
+        if len(name) + len(value) >= PARAMETER_MAX_CHARS:
+            answer.problems.append(TwimlProblem(None, f"<Parameter {name}> is 500+ characters"))
+        answer.parameters[name] = value
+
+
+# --------------------------------------------------------------------------------------------
+# Twilio's playback buffer (§3), with no I/O.
+
+
+@dataclass(frozen=True)
+class HeardChunk:
+    """μ-law audio the caller heard, and when (call clock, ms) it started playing."""
+
+    start_ms: float
+    audio: bytes
+
+    @property
+    def end_ms(self) -> float:
+        return self.start_ms + len(self.audio) / BYTES_PER_MS
+
+
+@dataclass(frozen=True)
+class MarkEcho:
+    """A mark Twilio echoed back to the server.
+
+    ``played_ms`` is how much audio the caller had heard in total when it was echoed;
+    ``flushed`` is True when it came back because of a ``clear``, not because audio played.
+    ``at`` (monotonic seconds) is filled in when the echo is actually sent.
+    """
+
+    name: str
+    at_ms: float
+    played_ms: float
+    flushed: bool = False
+    at: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClearRecord:
+    """One ``clear``: when it arrived (call clock), the audio it discarded, the marks it flushed."""
+
+    at_ms: float
+    discarded_bytes: int
+    flushed_marks: tuple[str, ...]
+
+    @property
+    def discarded_ms(self) -> float:
+        return self.discarded_bytes / BYTES_PER_MS
+
+
+@dataclass
+class _QueuedAudio:
+    audio: bytes
+    start_ms: float
+
+    @property
+    def due_ms(self) -> float:  # leaves the queue once it has finished playing
+        return self.start_ms + len(self.audio) / BYTES_PER_MS
+
+
+@dataclass
+class _QueuedMark:
+    name: str
+    due_ms: float
+
+
+class PlaybackBuffer:
+    """Twilio's outbound audio queue (§3), driven by call-clock readings passed in by the caller.
+
+    Audio is played in arrival order at 8 bytes per ms. A mark is echoed when all audio queued
+    before it has played, or at once when nothing is buffered. ``clear`` drops all buffered
+    audio (the part of the current chunk already played counts as heard) and then echoes every
+    pending mark at once. ``instant=True`` plays audio the moment it arrives (``speed=0``).
+    """
+
+    def __init__(self, *, instant: bool = False) -> None:
+        self.instant = instant
+        self.heard: list[HeardChunk] = []
+        self.clears: list[ClearRecord] = []
+        self.dropped_at_end_bytes = 0
+        self._queue: deque[_QueuedAudio | _QueuedMark] = deque()
+        self._play_end_ms = 0.0  # when everything queued so far will have played
+        self._heard_bytes = 0
+
+    def add_audio(self, audio: bytes, now_ms: float) -> list[MarkEcho]:
+        """Queue audio; return the marks that became due meanwhile."""
+        echoes = self.advance(now_ms)
+        start = max(now_ms, self._play_end_ms)
+        self._queue.append(_QueuedAudio(audio, start))
+        self._play_end_ms = start + len(audio) / BYTES_PER_MS
+        return echoes + self._advance_if_instant(now_ms)
+
+    def add_mark(self, name: str, now_ms: float) -> list[MarkEcho]:
+        """Queue a mark behind the buffered audio; echo it at once if nothing is buffered."""
+        echoes = self.advance(now_ms)
+        if not self._queue:
+            return [*echoes, MarkEcho(name, now_ms, self.heard_ms(now_ms))]
+        self._queue.append(_QueuedMark(name, self._play_end_ms))
+        return echoes
+
+    def advance(self, now_ms: float) -> list[MarkEcho]:
+        """Play everything due by ``now_ms``; return the marks reached, in order."""
+        echoes = []
+        while self._queue and (self.instant or self._queue[0].due_ms <= now_ms):
+            item = self._queue.popleft()
+            if isinstance(item, _QueuedAudio):
+                self._hear(item.start_ms, item.audio)
+            else:
+                at = now_ms if self.instant else item.due_ms
+                echoes.append(MarkEcho(item.name, at, self._heard_bytes / BYTES_PER_MS))
+        return echoes
+
+    def clear(self, now_ms: float) -> list[MarkEcho]:
+        """Apply a ``clear``: drop buffered audio, then flush all pending marks (§3)."""
+        echoes = self.advance(now_ms)
+        discarded = 0
+        flushed: list[str] = []
+        for item in self._queue:
+            if isinstance(item, _QueuedMark):
+                flushed.append(item.name)
+                continue
+            played = self._played_part(item, now_ms)
+            if played:
+                self._hear(item.start_ms, item.audio[:played])
+            discarded += len(item.audio) - played
+        self._queue.clear()
+        self._play_end_ms = min(self._play_end_ms, now_ms)
+        self.clears.append(ClearRecord(now_ms, discarded, tuple(flushed)))
+        heard = self.heard_ms(now_ms)
+        return echoes + [MarkEcho(name, now_ms, heard, flushed=True) for name in flushed]
+
+    def stop(self, now_ms: float) -> None:
+        """The stream ended: what was playing is heard up to now, the rest is never played."""
+        self.advance(now_ms)
+        for item in self._queue:
+            if isinstance(item, _QueuedAudio):
+                played = self._played_part(item, now_ms)
+                if played:
+                    self._hear(item.start_ms, item.audio[:played])
+                self.dropped_at_end_bytes += len(item.audio) - played
+        self._queue.clear()
+
+    def heard_ms(self, now_ms: float) -> float:
+        """Milliseconds of audio heard so far, including the part of the chunk now playing."""
+        return (self._heard_bytes + self._partial_bytes(now_ms)) / BYTES_PER_MS
+
+    def heard_chunks(self, now_ms: float) -> list[HeardChunk]:
+        """:attr:`heard`, plus the part of the chunk now playing."""
+        front = self._queue[0] if self._queue else None
+        partial = self._played_part(front, now_ms) if isinstance(front, _QueuedAudio) else 0
+        if not partial:
+            return list(self.heard)
+        return [*self.heard, HeardChunk(front.start_ms, front.audio[:partial])]
+
+    def heard_audio(self, now_ms: float) -> bytes:
+        """All μ-law audio heard so far, including the part of the chunk now playing."""
+        return b"".join(chunk.audio for chunk in self.heard_chunks(now_ms))
+
+    def buffered_ms(self, now_ms: float) -> float:
+        """Audio still to play, in ms."""
+        return 0.0 if self.instant else max(0.0, self._play_end_ms - now_ms)
+
+    def next_due_ms(self) -> float | None:
+        """Call-clock time at which the next queued item finishes, or None if nothing queued."""
+        return self._queue[0].due_ms if self._queue else None
+
+    @property
+    def pending_marks(self) -> list[str]:
+        return [item.name for item in self._queue if isinstance(item, _QueuedMark)]
+
+    def _advance_if_instant(self, now_ms: float) -> list[MarkEcho]:
+        return self.advance(now_ms) if self.instant else []
+
+    def _hear(self, start_ms: float, audio: bytes) -> None:
+        self.heard.append(HeardChunk(start_ms, audio))
+        self._heard_bytes += len(audio)
+
+    def _played_part(self, item: _QueuedAudio, now_ms: float) -> int:
+        played = math.floor((now_ms - item.start_ms) * BYTES_PER_MS)
+        return min(len(item.audio), max(0, played))
+
+    def _partial_bytes(self, now_ms: float) -> int:
+        front = self._queue[0] if self._queue else None
+        return self._played_part(front, now_ms) if isinstance(front, _QueuedAudio) else 0
+
+
+# --------------------------------------------------------------------------------------------
+# The caller.
+
+
+@dataclass(frozen=True)
+class ProtocolViolation:
+    """A server→Twilio frame Twilio would warn about (31950 binary, 31951 invalid, 31931 full)."""
+
+    code: int
+    reason: str
+    raw: str | bytes
+    at_ms: float
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    """One frame from the server: when it arrived, its text, and the parsed message if valid."""
+
+    at: float  # time.monotonic()
+    at_ms: float  # call clock
+    raw: str | bytes
+    message: dict[str, Any] | None
+    violation: str | None
+
+    @property
+    def event(self) -> str | None:
+        return self.message.get("event") if self.message else None
+
+
+class StreamRejected(Exception):
+    """The server refused the WebSocket handshake (Twilio would log 31920, §4.3)."""
+
+    def __init__(self, status: int, message: str = "") -> None:
+        super().__init__(f"stream handshake rejected with HTTP {status} {message}".strip())
+        self.status = status
+
+
+@dataclass
+class _PlayJob:
+    audio: bytes = b""
+    gap_ms: int = 0
+    sent: int = 0
+    done: asyncio.Future[int] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def next_frame(self) -> bytes:
+        frame = self.audio[self.sent : self.sent + FRAME_BYTES]
+        self.sent += len(frame)
+        # A short last frame is padded with silence: Twilio's frames are whole 20 ms (§2).
+        return frame.ljust(FRAME_BYTES, MULAW_SILENCE)
+
+    @property
+    def finished(self) -> bool:
+        return self.sent >= len(self.audio)
+
+
+class TwilioCaller:
+    """Plays Twilio's role for one call: voice webhook, media stream, playback, hang-up.
+
+    :param base_url: where to send HTTP, e.g. ``http://127.0.0.1:8080``.
+    :param public_url: the URL Twilio would use (and sign); defaults to ``base_url``. Stream URLs
+        on this host are connected to on ``base_url`` instead but signed as written (§4.3, §4.4).
+    :param speed: call time per wall time; 1.0 is real time, 0 or None is as fast as possible.
+    :param voice_path: the voice webhook path under the public URL.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        account_sid: str,
+        auth_token: str,
+        to: str,
+        from_: str = "+14155550123",
+        call_sid: str | None = None,
+        public_url: str | None = None,
+        speed: float | None = 1.0,
+        voice_path: str = "/twilio/voice",
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        if speed is not None and speed < 0:
+            raise ValueError("speed must be >= 0 (0 or None: as fast as possible)")
+        self.base_url = base_url.rstrip("/")
+        self.public_url = (public_url or base_url).rstrip("/")
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        self.to = to
+        self.from_ = from_
+        self.call_sid = call_sid or new_sid("CA")
+        self.stream_sid = new_sid("MZ")
+        self.speed = speed or 0.0
+        self.voice_path = voice_path
+        self._session = session
+        self._owns_session = session is None
+
+        self.answer: TwimlAnswer | None = None
+        self.handshake_status: int | None = None
+        self.received: list[ReceivedMessage] = []
+        self.sent: list[dict[str, Any] | str] = []
+        self.mark_echoes: list[MarkEcho] = []
+        self.violations: list[ProtocolViolation] = []
+        self.playback = PlaybackBuffer(instant=not self.speed)
+        self.close_code: int | None = None
+        self.closed_by_server = False
+        self.ended_by: str | None = None  # "hangup", "drop", "rest_update", "server"
+
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._started = False
+        self._t0 = 0.0
+        self._seq = 0
+        self._chunk = 0
+        self._inbound_ms = 0  # stream position of the next inbound frame (its timestamp)
+        self._jobs: deque[_PlayJob] = deque()
+        self._background = False
+        self._mic_wake = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._last_media_ms = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> TwilioCaller:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Hang up if the stream is still open, and release the HTTP session."""
+        if self._ws is not None and not self.closed:
+            await self.hangup()
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    # -- the voice webhook (§1) ---------------------------------------------------------------
+
+    def webhook_params(self, call_status: str = "ringing") -> dict[str, str]:
+        """The form fields Twilio sends with a voice request for this call (§1.1).
+
+        Geo fields and ``CallToken`` are included because Twilio sends them too: a server that
+        signs only the fields it knows about fails here as it would in production (§1.1, §4.1).
+        """
+        return {
+            "AccountSid": self.account_sid,
+            "ApiVersion": "2010-04-01",
+            "CallSid": self.call_sid,
+            "CallStatus": call_status,
+            "CallToken": _CALL_TOKEN,
+            "Called": self.to,
+            "CalledCity": "",
+            "CalledCountry": "US",
+            "CalledState": "CA",
+            "CalledZip": "",
+            "Caller": self.from_,
+            "CallerCity": "SAN FRANCISCO",
+            "CallerCountry": "US",
+            "CallerState": "CA",
+            "CallerZip": "94107",
+            "Direction": "inbound",
+            "From": self.from_,
+            "FromCity": "SAN FRANCISCO",
+            "FromCountry": "US",
+            "FromState": "CA",
+            "FromZip": "94107",
+            "To": self.to,
+            "ToCity": "",
+            "ToCountry": "US",
+            "ToState": "CA",
+            "ToZip": "",
+        }
+
+    async def dial(
+        self,
+        *,
+        signature: Signature | str = Signature.VALID,
+        extra_params: Mapping[str, str] | None = None,
+    ) -> TwimlAnswer:
+        """POST the voice webhook as Twilio does and read the TwiML answer (§1).
+
+        ``extra_params`` adds or overrides form fields (Twilio adds fields without notice).
+        The answer is also kept as :attr:`answer`.
+        """
+        params = {**self.webhook_params(), **(extra_params or {})}
+        status, content_type, body = await self.post_signed(self.voice_path, params, signature)
+        self.answer = parse_twiml_answer(
+            status, content_type, body, request_url=self.public_url + self.voice_path
+        )
+        return self.answer
+
+    async def post_signed(
+        self,
+        path: str,
+        params: Mapping[str, str],
+        signature: Signature | str = Signature.VALID,
+    ) -> tuple[int, str | None, str]:
+        """POST a form-encoded, signed Twilio webhook to ``path``; return status, type, body.
+
+        Used for the voice webhook and for status callbacks (§1.1, §1.3, §6): the signature is
+        computed over the public URL, the request goes to the base URL.
+        """
+        headers = {
+            "User-Agent": "TwilioProxy/1.1",
+            "Accept": "*/*",
+            "I-Twilio-Idempotency-Token": str(uuid.uuid4()),
+            **signature_headers(signature, self.auth_token, self.public_url + path, params),
+        }
+        async with self._http().post(self.base_url + path, data=dict(params), headers=headers) as r:
+            # Twilio gives up after 15 s (§1.2); a test that hits this has found a slow server.
+            return r.status, r.headers.get("Content-Type"), await r.text()
+
+    async def post_stream_status(
+        self, event: str = "stream-started", error: str | None = None
+    ) -> int:
+        """POST the ``<Stream statusCallback>`` as Twilio does (§1.3); return the HTTP status."""
+        url = self.answer.status_callback if self.answer else None
+        if not url:
+            raise RuntimeError("the TwiML answer has no <Stream statusCallback>")
+        params = {
+            "AccountSid": self.account_sid,
+            "CallSid": self.call_sid,
+            "StreamSid": self.stream_sid,
+            "StreamName": self.stream_sid,
+            "StreamEvent": event,
+            "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if error is not None:
+            params["StreamError"] = error
+        path = urlsplit(url).path
+        status, _, _ = await self.post_signed(path, params)
+        return status
+
+    # -- the media stream (§2, §4.3) ----------------------------------------------------------
+
+    async def connect(
+        self,
+        *,
+        signature: Signature | str = Signature.VALID,
+        custom_parameters: Mapping[str, str] | None = None,
+        start_overrides: Mapping[str, Any] | None = None,
+        send_start: bool = True,
+    ) -> None:
+        """Open the stream WebSocket from the TwiML and send ``connected`` and ``start``.
+
+        The signature covers the stream URL exactly as written in the TwiML, with no params
+        (§4.3). Forgery for security tests: ``signature``; ``custom_parameters`` replaces the
+        TwiML ``<Parameter>`` values; ``start_overrides`` overrides fields of ``start.start``
+        (e.g. ``{"callSid": "CA…"}``). Raises :class:`StreamRejected` if the handshake fails.
+        """
+        if self.answer is None or self.answer.stream_url is None:
+            raise RuntimeError("no <Connect><Stream> to connect to: dial() first")
+        signed_url = self.answer.stream_url
+        headers = signature_headers(
+            signature, self.auth_token, signed_url, header="x-twilio-signature"
+        )  # §4.3: on the WebSocket the header name is all lowercase
+        try:
+            self._ws = await self._http().ws_connect(self._connect_url(signed_url), headers=headers)
+        except aiohttp.WSServerHandshakeError as exc:
+            self.handshake_status = exc.status
+            raise StreamRejected(exc.status, exc.message) from exc
+        self.handshake_status = 101
+        self._spawn(self._read_loop())
+        await self._send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        if send_start:
+            await self.send_start(custom_parameters, start_overrides)
+
+    async def send_start(
+        self,
+        custom_parameters: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Send ``start`` (done by :meth:`connect` unless ``send_start=False``)."""
+        params = self.answer.parameters if custom_parameters is None else custom_parameters
+        start = {
+            "streamSid": self.stream_sid,
+            "accountSid": self.account_sid,
+            "callSid": self.call_sid,
+            "tracks": ["inbound"],
+            "customParameters": dict(params) if params is not None else {},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            **(overrides or {}),
+        }
+        async with self._send_lock:
+            self._t0 = time.monotonic()
+            self._started = True
+            await self._send_event("start", {"start": start})
+        self._spawn(self._playout_loop())
+        self._spawn(self._microphone_loop())
+
+    def _connect_url(self, signed_url: str) -> str:
+        stream, public, base = (
+            urlsplit(signed_url),
+            urlsplit(self.public_url),
+            urlsplit(self.base_url),
+        )
+        if stream.netloc != public.netloc:
+            return signed_url
+        scheme = "wss" if base.scheme == "https" else "ws"
+        return urlunsplit((scheme, base.netloc, stream.path, stream.query, ""))
+
+    # -- sending (caller → server) ------------------------------------------------------------
+
+    async def play(self, mulaw: bytes) -> int:
+        """Send μ-law audio as 20 ms ``media`` frames, paced by ``speed``; return ms sent.
+
+        Returns when the last frame is sent (or the stream ended). Calls queue up in order.
+        """
+        return await self._queue_job(_PlayJob(audio=bytes(mulaw)))
+
+    async def play_silence(self, ms: int) -> int:
+        """Send ``ms`` of μ-law silence."""
+        return await self.play(MULAW_SILENCE * (ms * BYTES_PER_MS))
+
+    async def play_wav(self, path: str | Path) -> int:
+        """Send an 8 kHz 16-bit mono WAV file (other formats are refused with a clear error)."""
+        return await self.play(read_wav_mulaw(path))
+
+    async def play_gap(self, ms: int) -> int:
+        """Let ``ms`` of call time pass without sending media.
+
+        Twilio omits silent audio on some calls, so ``media.timestamp`` jumps (§2: gaps happen).
+        """
+        return await self._queue_job(_PlayJob(gap_ms=ms))
+
+    def start_background_silence(self) -> None:
+        """Stream silence whenever nothing else is playing, as a real phone line does (§2)."""
+        if not self.speed:
+            raise ValueError("background silence needs a paced call (speed > 0)")
+        self._background = True
+        self._mic_wake.set()
+
+    def stop_background_silence(self) -> None:
+        self._background = False
+
+    async def send_dtmf(self, digit: str) -> None:
+        """Send a ``dtmf`` message (a keypress; bidirectional streams only, §2)."""
+        if digit not in DTMF_DIGITS:
+            raise ValueError(f"not a DTMF digit: {digit!r}")
+        async with self._send_lock:
+            await self._send_event("dtmf", {"dtmf": {"track": "inbound_track", "digit": digit}})
+
+    async def send_raw(self, data: str | bytes) -> None:
+        """Send a frame as is (garbage, binary, out-of-order messages: for robustness tests)."""
+        ws = self._require_ws()
+        async with self._send_lock:
+            self.sent.append(data if isinstance(data, str) else repr(data))
+            if isinstance(data, bytes):
+                await ws.send_bytes(data)
+            else:
+                await ws.send_str(data)
+
+    # -- ending the stream --------------------------------------------------------------------
+
+    async def hangup(self) -> None:
+        """The caller hangs up: Twilio sends ``stop``, then closes the socket (§7)."""
+        await self._end("hangup", send_stop=True)
+
+    async def receive_stop_from_twilio(self) -> None:
+        """The call's TwiML was replaced by a REST update: ``stop``, then close (§5.1, §7).
+
+        Audio still buffered is dropped unheard (§5.1).
+        """
+        await self._end("rest_update", send_stop=True)
+
+    async def drop(self) -> None:
+        """Close the socket without ``stop`` (a dropped connection)."""
+        await self._end("drop", send_stop=False)
+
+    async def _end(self, reason: str, *, send_stop: bool) -> None:
+        if self._ws is None or self.ended_by is not None:
+            return
+        self.ended_by = reason
+        self._stop_microphone()
+        async with self._send_lock:
+            self.playback.stop(self.now_ms())
+            if send_stop and self._started:
+                stop = {"accountSid": self.account_sid, "callSid": self.call_sid}
+                with contextlib.suppress(ConnectionError):
+                    await self._send_event("stop", {"stop": stop})
+        await self._ws.close()
+        self._finalize()
+
+    def _finalize(self) -> None:
+        if self.closed:
+            return
+        self.close_code = self._require_ws().close_code
+        self._stop_microphone()
+        self._closed.set()
+        self._notify()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    # -- receiving (server → caller) ----------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        ws = self._require_ws()
+        try:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    await self._on_text(msg.data)
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    self._record(msg.data, None, "binary frame", WARNING_BINARY_FRAME)
+                    self._notify()
+        finally:
+            # When we end the stream, _end() finalizes after its close handshake instead.
+            if self.ended_by is None:
+                self.ended_by = "server"
+                self.closed_by_server = True
+                self.playback.stop(self.now_ms())
+                self._finalize()
+
+    async def _on_text(self, text: str) -> None:
+        async with self._send_lock:
+            message, problem = check_outbound(text, self.stream_sid if self._started else None)
+            self._record(text, message, problem, WARNING_INVALID_MESSAGE)
+            # Invalid frames are ignored (§3); after stop the stream is gone, so nothing plays.
+            if message is not None and self.ended_by is None:
+                await self._echo(self._apply(message, text))
+        self._notify()
+
+    def _apply(self, message: dict[str, Any], text: str) -> list[MarkEcho]:
+        """Hand one valid server message to the playback buffer; return marks to echo."""
+        now = self.now_ms()
+        event = message["event"]
+        if event == "mark":
+            return self.playback.add_mark(message["mark"]["name"], now)
+        if event == "clear":
+            return self.playback.clear(now)
+        audio = base64.b64decode(message["media"]["payload"])
+        if self.playback.buffered_ms(now) + len(audio) / BYTES_PER_MS > MAX_BUFFERED_MS:
+            self.violations.append(
+                ProtocolViolation(WARNING_BUFFER_FULL, "over 10 minutes buffered", text, now)
+            )
+            return []
+        self._last_media_ms = now
+        return self.playback.add_audio(audio, now)
+
+    def _record(
+        self, raw: str | bytes, message: dict[str, Any] | None, problem: str | None, code: int
+    ) -> None:
+        now = self.now_ms()
+        self.received.append(ReceivedMessage(time.monotonic(), now, raw, message, problem))
+        if problem is not None:
+            self.violations.append(ProtocolViolation(code, problem, raw, now))
+
+    async def _echo(self, echoes: list[MarkEcho]) -> None:
+        """Send mark echoes (caller holds the send lock, so echoes keep playback order)."""
+        for echo in echoes:
+            with contextlib.suppress(ConnectionError):
+                await self._send_event("mark", {"mark": {"name": echo.name}})
+            self.mark_echoes.append(replace(echo, at=time.monotonic()))
+
+    async def _playout_loop(self) -> None:
+        """Echo marks as the playback clock reaches them (§3)."""
+        while not self.closed:
+            due = self.playback.next_due_ms()
+            delay = None if due is None else self._wall_delay(due)
+            if delay is None or delay > 0:
+                # Sleep until the next item is due, but re-check on any change: a clear and new
+                # audio can make something due earlier than what we were waiting for.
+                await self._wait_changed(delay)
+                continue
+            async with self._send_lock:
+                if self.ended_by is None:
+                    await self._echo(self.playback.advance(self.now_ms()))
+            self._notify()
+
+    # -- the microphone: paced inbound frames (§2) --------------------------------------------
+
+    async def _queue_job(self, job: _PlayJob) -> int:
+        if self.closed:
+            return 0
+        if not self._started:
+            raise RuntimeError("the stream has not started: connect() first")
+        self._jobs.append(job)
+        self._mic_wake.set()
+        return await job.done
+
+    async def _microphone_loop(self) -> None:
+        idle = True
+        while self.ended_by is None:
+            job = self._jobs[0] if self._jobs else None
+            if job is None and not self._background:
+                idle = True
+                self._mic_wake.clear()
+                await self._mic_wake.wait()
+                continue
+            if idle:
+                # Resuming after the line was quiet: timestamps follow the call clock, so the
+                # pause shows up as a gap, as when Twilio omits silence (§2). Whole frames only:
+                # queued plays stay back to back, and timestamps stay on the 20 ms grid.
+                quiet_frames = max(0, math.floor((self.now_ms() - self._inbound_ms) / FRAME_MS))
+                self._inbound_ms += quiet_frames * FRAME_MS
+                idle = False
+            if job is not None and job.gap_ms:
+                self._inbound_ms += job.gap_ms
+                await self._sleep_until(self._inbound_ms)
+                self._finish_job(job, job.gap_ms)
+                continue
+            frame = job.next_frame() if job is not None else MULAW_SILENCE * FRAME_BYTES
+            # A frame leaves once its 20 ms have been captured; absolute deadlines keep the
+            # pace exact however long each send takes.
+            await self._sleep_until(self._inbound_ms + FRAME_MS)
+            await self._send_media(frame)
+            if job is not None and job.finished:
+                self._finish_job(job, math.ceil(len(job.audio) / FRAME_BYTES) * FRAME_MS)
+
+    def _finish_job(self, job: _PlayJob, ms: int) -> None:
+        self._jobs.popleft()
+        if not job.done.done():
+            job.done.set_result(ms)
+
+    async def _send_media(self, frame: bytes) -> None:
+        async with self._send_lock:
+            if self.ended_by is not None:  # nothing may follow stop
+                return
+            self._chunk += 1
+            media = {
+                "track": "inbound",
+                "chunk": str(self._chunk),  # numeric-looking fields are strings (§2)
+                "timestamp": str(self._inbound_ms),
+                "payload": base64.b64encode(frame).decode("ascii"),
+            }
+            self._inbound_ms += FRAME_MS
+            try:
+                await self._send_event("media", {"media": media})
+            except ConnectionError:
+                self._stop_microphone()
+
+    def _stop_microphone(self) -> None:
+        self._background = False
+        while self._jobs:
+            job = self._jobs.popleft()
+            if not job.done.done():
+                job.done.set_result(math.ceil(job.sent / FRAME_BYTES) * FRAME_MS)
+        self._mic_wake.set()
+
+    # -- low-level sending --------------------------------------------------------------------
+
+    async def _send_event(self, event: str, body: Mapping[str, Any]) -> None:
+        """Send one Twilio message with the next sequence number (caller holds the lock)."""
+        self._seq += 1  # starts at 1 on start, +1 per message of any type (§2)
+        await self._send_json(
+            {"event": event, "sequenceNumber": str(self._seq), "streamSid": self.stream_sid, **body}
+        )
+
+    async def _send_json(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+        await self._require_ws().send_str(json.dumps(message))
+
+    def _require_ws(self) -> aiohttp.ClientWebSocketResponse:
+        if self._ws is None:
+            raise RuntimeError("not connected: connect() first")
+        return self._ws
+
+    def _spawn(self, coro: Any) -> None:
+        self._tasks.append(asyncio.create_task(coro))
+
+    # -- clocks and waits ---------------------------------------------------------------------
+
+    def now_ms(self) -> float:
+        """The call clock: ms of call time since ``start`` (inbound audio sent, if unpaced)."""
+        if not self._started:
+            return 0.0
+        if not self.speed:
+            return float(self._inbound_ms)
+        return (time.monotonic() - self._t0) * 1000.0 * self.speed
+
+    def _wall_delay(self, call_ms: float) -> float:
+        """Wall-clock seconds until the call clock reads ``call_ms`` (0 when unpaced)."""
+        if not self.speed:
+            return 0.0
+        return self._t0 + call_ms / 1000.0 / self.speed - time.monotonic()
+
+    async def _sleep_until(self, call_ms: float) -> None:
+        if not self.speed:
+            await asyncio.sleep(0)  # unpaced: still let the server run
+            return
+        # Absolute deadline: loop, because a sleep may end a hair early.
+        while (delay := self._wall_delay(call_ms)) > 0:
+            await asyncio.sleep(delay)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_changed(self, timeout: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    async def wait_until(
+        self, predicate: Callable[[], bool], timeout: float, what: str, poll: float = 0.02
+    ) -> None:
+        """Wait until ``predicate()`` holds; raise :class:`TimeoutError` describing the state.
+
+        The timeout is only a failure guard: tests assert on what happened, not on how long.
+        """
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"waited {timeout} s for {what}; {self.describe()}")
+            await self._wait_changed(min(remaining, poll))
+
+    async def wait_for_mark_count(self, count: int, timeout: float = 10.0) -> list[MarkEcho]:
+        """Wait until ``count`` marks have been echoed; return the echoes."""
+        await self.wait_until(lambda: len(self.mark_echoes) >= count, timeout, f"{count} marks")
+        return self.mark_echoes
+
+    async def wait_for_event(self, event: str, count: int = 1, timeout: float = 10.0) -> None:
+        """Wait until ``count`` valid messages of type ``event`` arrived from the server."""
+        await self.wait_until(
+            lambda: len(self.messages(event)) >= count, timeout, f"{count} {event!r} messages"
+        )
+
+    async def wait_until_heard_ms(self, ms: float, timeout: float = 10.0) -> None:
+        """Wait until the caller has heard ``ms`` of agent audio (playback, not arrival)."""
+        await self.wait_until(lambda: self.heard_ms() >= ms, timeout, f"{ms} ms heard")
+
+    async def wait_until_quiet(self, quiet_ms: float = 500.0, timeout: float = 10.0) -> None:
+        """Wait until nothing is buffered and no audio arrived for ``quiet_ms`` of call time."""
+
+        def quiet() -> bool:
+            now = self.now_ms()
+            return self.playback.buffered_ms(now) == 0 and now - self._last_media_ms >= quiet_ms
+
+        await self.wait_until(quiet, timeout, f"{quiet_ms} ms of quiet")
+
+    async def wait_closed(self, timeout: float = 10.0) -> None:
+        """Wait until the socket is closed (by either side)."""
+        await self.wait_until(lambda: self.closed, timeout, "the socket to close")
+
+    def describe(self) -> str:
+        """One line of state, for failure messages."""
+        events: dict[str, int] = {}
+        for received in self.received:
+            events[str(received.event)] = events.get(str(received.event), 0) + 1
+        return (
+            f"call {self.now_ms():.0f} ms, heard {self.heard_ms():.0f} ms, "
+            f"buffered {self.playback.buffered_ms(self.now_ms()):.0f} ms, received {events}, "
+            f"{len(self.mark_echoes)} marks echoed, {len(self.violations)} violations, "
+            f"closed={self.closed} ({self.ended_by}, code {self.close_code})"
+        )
+
+    # -- what happened ------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def started_at(self) -> float:
+        """``time.monotonic()`` when ``start`` was sent: call-clock zero."""
+        return self._t0
+
+    @property
+    def clears(self) -> list[ClearRecord]:
+        """Every ``clear`` received: when, how much audio it discarded, which marks it flushed."""
+        return self.playback.clears
+
+    @property
+    def heard(self) -> list[HeardChunk]:
+        """Audio fully or partly played, chunk by chunk, with call-clock start times."""
+        return self.playback.heard
+
+    def heard_ms(self) -> float:
+        return self.playback.heard_ms(self.now_ms())
+
+    def heard_audio(self) -> bytes:
+        """The μ-law bytes the caller actually heard (never audio discarded by ``clear``)."""
+        return self.playback.heard_audio(self.now_ms())
+
+    def messages(self, event: str | None = None) -> list[dict[str, Any]]:
+        """Valid messages received from the server, optionally of one event type."""
+        return [
+            r.message
+            for r in self.received
+            if r.message is not None and (event is None or r.event == event)
+        ]
+
+    def received_audio(self) -> bytes:
+        """Every μ-law byte the server sent, played or not."""
+        return b"".join(base64.b64decode(m["media"]["payload"]) for m in self.messages("media"))
+
+    def write_heard_wav(self, path: str | Path, *, timeline: bool = False) -> None:
+        """Write what the caller heard as an 8 kHz WAV.
+
+        ``timeline=True`` keeps silences between chunks (starting at call time 0), so the file
+        lines up with the call; otherwise the chunks are joined back to back.
+        """
+        if not timeline:
+            write_mulaw_wav(path, self.heard_audio())
+            return
+        audio = bytearray()
+        for chunk in self.playback.heard_chunks(self.now_ms()):
+            offset = round(chunk.start_ms * BYTES_PER_MS)
+            audio.extend(MULAW_SILENCE * max(0, offset - len(audio)))
+            audio.extend(chunk.audio)
+        write_mulaw_wav(path, bytes(audio))
