@@ -6,6 +6,8 @@ Every call needs exactly these: caller → model (decode μ-law, 8 → 24 kHz) a
 
 from __future__ import annotations
 
+import numpy as np
+
 from .framing import ULAW_SAMPLE_RATE, UlawFramer
 from .g711 import pcm16_to_ulaw, ulaw_to_pcm16
 from .pcm import pcm16_to_samples, samples_to_pcm16
@@ -85,5 +87,5 @@ class ModelToCaller:
         self._framer.reset()
         self._odd_byte = b""
 
-    def _frame(self, samples) -> list[bytes]:
+    def _frame(self, samples: np.ndarray) -> list[bytes]:
         return self._framer.push(pcm16_to_ulaw(samples_to_pcm16(samples)))

@@ -2,8 +2,9 @@
 
 Why hand-written: the libraries either do not filter or hold the audio back too long.
 `audioop.ratecv` interpolates linearly with no anti-alias filter (a 6 kHz tone at 24 kHz comes
-out of the 8 kHz side at full level); `soxr` streaming rejects aliases well but buffers 33 ms
-(HQ) to 125 ms (VHQ) per direction, which a conversation cannot spare. A linear-phase FIR of
+out of the 8 kHz side at full level); `soxr` streaming rejects aliases well but holds back
+tens of milliseconds per direction (HQ: 45 ms on average with 20 ms chunks, bursts up to 70 ms;
+see bench/audio.py), which a conversation cannot spare. A linear-phase FIR of
 about 160 taps at the high rate gives >= 100 dB rejection with 3.25 ms of delay, and numpy runs
 it in a few microseconds per 20 ms frame.
 
@@ -33,6 +34,9 @@ MAX_DELAY_S = 0.005
 # Outputs per matrix product, at the low rate: 8 low-rate samples (1 ms at 8 kHz) divide every
 # 20 ms frame, and blocks this small keep the filter matrix small (see `_block_matrix`).
 _BLOCK_LOW_SAMPLES = 8
+# Rows per matrix product. numpy copies the overlapping rows before multiplying; slicing a long
+# chunk (a model delta of several seconds) bounds that copy to a few hundred kilobytes.
+_MAX_ROWS_PER_PRODUCT = 250
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,10 @@ def _block_matrix(taps: np.ndarray, factor: int, upsampling: bool) -> tuple[int,
     """Lay the filter out as one matrix product per block: (history, step, matrix).
 
     A row of input — `history` past samples then `step` new ones — times `matrix` gives the
-    outputs of one block. Rows overlap in memory (a strided view, no copy) so a whole frame is
-    a single BLAS call: several times faster than one `np.convolve` per polyphase branch.
+    outputs of one block. The rows are a strided view of one buffer, so a whole frame is one
+    matrix product: about twice as fast as one `np.convolve` per polyphase branch, whose
+    per-call overhead dominates at these sizes. Many entries are zero; that costs less than
+    the calls it saves.
     """
     num_taps = len(taps)
     if upsampling:
@@ -223,11 +229,17 @@ class Resampler:
         buffer[history + available :] = 0.0
         item = buffer.itemsize
         rows = np.ndarray((blocks, history + step), buffer.dtype, buffer, 0, (step * item, item))
-        out = np.dot(rows, design.matrix).reshape(-1)
+        if blocks <= _MAX_ROWS_PER_PRODUCT:
+            out = np.dot(rows, design.matrix)
+        else:
+            out = np.empty((blocks, design.matrix.shape[1]))
+            for start in range(0, blocks, _MAX_ROWS_PER_PRODUCT):
+                end = start + _MAX_ROWS_PER_PRODUCT
+                np.dot(rows[start:end], design.matrix, out=out[start:end])
 
         self._history = buffer[usable : usable + history].copy()
         self._pending = buffer[history + usable : history + available].copy()
-        return out[: usable * design.factor if design.upsampling else usable // group]
+        return out.reshape(-1)[: usable * design.factor if design.upsampling else usable // group]
 
     def flush(self) -> np.ndarray:
         """Drain the delayed tail of the stream (zeros pushed through), then `reset()`.

@@ -1,8 +1,21 @@
-"""The resampler and pipelines on real speech (espeak-ng), against sox's renders of it."""
+"""The resampler and pipelines on real speech, against sox's renders of it.
+
+espeak-ng speaks, sox renders the speech at 24 kHz and at 8 kHz. Both tools are required (CI
+installs them with `apt-get install -y espeak-ng sox`): a missing one is an error naming the
+package, never a silent skip. (The fixture lives here, not in a conftest.py: this directory is
+not a package, and a second module named `conftest` would shadow tests/conftest.py for the
+tests that import from it.)
+"""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
+import pytest
 from audio_signals import band, db, rms, stream
 
 from phoneagent.audio import (
@@ -14,6 +27,57 @@ from phoneagent.audio import (
     samples_to_pcm16,
     ulaw_to_pcm16,
 )
+
+SENTENCE = (
+    "Thanks for calling Seaside Dental. She sells sea shells; "
+    "please stay on the line while I transfer you to the front desk."
+)
+
+
+@dataclass(frozen=True)
+class Speech:
+    """One utterance, rendered at both rates by sox (very high quality, linear phase, so both
+    renders are time-aligned with the source). Samples are float64 on the pcm16 scale."""
+
+    at_24k: np.ndarray
+    at_8k: np.ndarray
+
+
+def _require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(
+            f"{tool} is not installed; the speech tests need it: apt-get install -y espeak-ng sox",
+            pytrace=False,
+        )
+    return path
+
+
+def _render(sox: str, source: Path, rate: int, target: Path) -> np.ndarray:
+    # Raw 32-bit float output: no dither, no 16-bit rounding in the reference.
+    raw_float = ["-t", "raw", "-e", "floating-point", "-b", "32"]
+    rate_effect = ["rate", "-v", "-L", str(rate)]  # very high quality, linear phase
+    subprocess.run(
+        [sox, str(source), *raw_float, str(target), *rate_effect], check=True, capture_output=True
+    )
+    return np.fromfile(target, dtype="<f4").astype(np.float64) * 32768
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> Speech:
+    espeak, sox = _require("espeak-ng"), _require("sox")
+    directory = tmp_path_factory.mktemp("speech")
+    source = directory / "espeak.wav"
+    subprocess.run(
+        [espeak, "-v", "en-us", "-s", "165", "-w", str(source), SENTENCE],
+        check=True,
+        capture_output=True,
+    )
+    return Speech(
+        at_24k=_render(sox, source, 24000, directory / "24k.f32"),
+        at_8k=_render(sox, source, 8000, directory / "8k.f32"),
+    )
+
 
 MIN_REJECTION_DB = 80.0
 # Flat within ±0.1 dB means an error of at most 10^(0.1/20) - 1 of the signal: -38.7 dB.
