@@ -385,6 +385,51 @@ async def test_vad_padding_floors_at_zero_and_default_transcript(fake):
     assert events[-1]["transcript"] == describe_audio(tone(300) + silence(500))
 
 
+async def test_vad_buffer_does_not_grow_in_silence(fake):
+    async with session(fake, turn_detection=VAD) as c:
+        await c.append(silence(10_000), chunk=FRAME * 10)
+        await c.append(tone(300) + silence(600))
+        events = await c.until("input_audio_buffer.speech_stopped")
+        held = fake.sessions[0].buffered_ms
+    assert events[0]["audio_start_ms"] == 10_000 - 500
+    assert fake.sessions[0].input_audio_ms == 10_900
+    assert held <= 600
+
+
+async def test_barge_in_then_cancel_then_the_next_turn_is_answered():
+    script = [LONG_REPLY, "Yes?"]
+    async with (
+        FakeRealtimeServer(speed=1.0, script=script) as fake,
+        session(fake, turn_detection=VAD) as c,
+    ):
+        await c.send("response.create")
+        await c.until("response.audio.delta")
+        await c.append(tone(300))
+        await c.until("input_audio_buffer.speech_started")
+        await c.send("response.cancel")
+        assert (await c.until("response.done"))[-1]["response"]["status"] == "cancelled"
+        await c.append(silence(600))
+        events = await c.until("response.done")
+    assert "input_audio_buffer.committed" in types(events)
+    assert events[-1]["response"]["status"] == "completed"
+    assert events[-1]["response"]["output"][0]["content"][0]["transcript"] == "Yes?"
+
+
+async def test_turn_ending_during_an_active_response_gets_no_second_response():
+    async with (
+        FakeRealtimeServer(speed=1.0, script=[LONG_REPLY]) as fake,
+        session(fake, turn_detection=VAD) as c,
+    ):
+        await c.send("response.create")
+        await c.until("response.audio.delta")
+        await c.append(tone(300) + silence(600))
+        await c.until("input_audio_buffer.committed")
+        assert len(fake.sessions[0].sent_events("response.created")) == 1
+        await c.send("response.cancel")
+        await c.until("response.done")
+    assert len(fake.sessions[0].sent_events("response.created")) == 1
+
+
 def test_energy_vad_is_independent_of_chunking():
     audio = silence(200) + tone(40) + silence(200) + tone(300) + silence(140) + tone(100)
     audio += silence(300)
@@ -590,6 +635,26 @@ async def test_tool_call_flow():
     assert [item["type"] for item in output] == ["message", "function_call"]
     assert output[1] == {**call_created, "status": "completed", "arguments": arguments}
     assert follow_up[-1]["response"]["output"][0]["content"][0]["transcript"] == "Done."
+
+
+async def test_async_responder_and_verbatim_json_arguments():
+    async def responder(context: ResponseContext) -> CallTool:
+        await asyncio.sleep(0)
+        return CallTool("end_call", '{"why": "done"}')
+
+    async with FakeRealtimeServer(responder=responder) as fake, session(fake) as c:
+        await c.send("response.create")
+        events = await c.until("response.done")
+    assert "response.audio.delta" not in types(events)
+    (call,) = events[-1]["response"]["output"]
+    assert call["name"] == "end_call" and call["arguments"] == '{"why": "done"}'
+
+
+async def test_recording_can_be_turned_off():
+    async with FakeRealtimeServer(speed=None, record_events=False) as fake, session(fake) as c:
+        await c.send("response.create")
+        assert audio_of(await c.until("response.done"))
+    assert fake.sessions[0].sent == fake.sessions[0].received == []
 
 
 # -- pacing and delta sizes ---------------------------------------------------------------------

@@ -242,6 +242,11 @@ class EnergyVad:
         self._run_start = origin
         self._quiet = 0
 
+    @property
+    def earliest_start(self) -> int:
+        """The earliest offset a speech start not yet reported can have (padding included)."""
+        return max(0, self.position - self._loud_run * self.WINDOW_BYTES - self.padding)
+
     def feed(self, pcm16: bytes) -> list[VadEvent]:
         """Feed appended audio (any length); return the speech starts/stops it completes."""
         self._pending += pcm16
@@ -393,6 +398,11 @@ class FakeSession:
     def input_audio_ms(self) -> int:
         """Milliseconds of input audio appended so far (the VAD's clock)."""
         return (self._input_start + len(self._input)) // BYTES_PER_MS
+
+    @property
+    def buffered_ms(self) -> int:
+        """Milliseconds of uncommitted input audio the server holds."""
+        return len(self._input) // BYTES_PER_MS
 
     def sent_events(self, type_: str) -> list[dict[str, Any]]:
         """Server events of one type, in order."""
@@ -557,11 +567,20 @@ class FakeSession:
         except binascii.Error:
             raise ClientEventError("audio is not valid base64") from None
         self._input += pcm
-        for vad_event in self._vad.feed(pcm) if self._vad else ():
+        if not self._vad:
+            return
+        for vad_event in self._vad.feed(pcm):
             if vad_event.kind == "started":
                 self._on_speech_started(vad_event.offset)
             else:
                 self._on_speech_stopped(vad_event.offset)
+        if not self._vad.speaking:
+            # Between turns only the audio a coming speech start can reach back to is needed;
+            # dropping the rest keeps a long silent call from growing the buffer without end.
+            drop = self._vad.earliest_start - self._input_start
+            if drop > 0:
+                del self._input[:drop]
+                self._input_start += drop
 
     def _on_speech_started(self, offset: int) -> None:
         # The padded start cannot reach back into audio already committed or cleared.
@@ -609,7 +628,7 @@ class FakeSession:
             "role": "user",
             "content": [{"type": "input_audio", "transcript": None}],
         }
-        previous = self._add_item(item, announce=False)
+        previous = self._add_item(item)
         self.emit("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
         self._announce(item, previous)
         # ref §3: user ASR runs without any configuration and its result arrives asynchronously,
@@ -649,7 +668,7 @@ class FakeSession:
         if item["type"] == "message" and item["role"] == "user":
             texts = [part["text"] for part in item["content"] if "text" in part]
             self.last_user_transcript = " ".join(texts) or self.last_user_transcript
-        self._add_item(item, after=previous)
+        self._announce(item, self._add_item(item, after=previous))
 
     def _on_item_delete(self, event: dict[str, Any]) -> None:
         item_id = event.get("item_id")
@@ -674,15 +693,11 @@ class FakeSession:
     def _index_of(self, item_id: Any) -> int | None:
         return next((i for i, it in enumerate(self.conversation) if it["id"] == item_id), None)
 
-    def _add_item(
-        self, item: dict[str, Any], after: str | None = None, announce: bool = True
-    ) -> str | None:
+    def _add_item(self, item: dict[str, Any], after: str | None = None) -> str | None:
         """Insert *item* (at the end, or after item *after*); return the previous item's id."""
         index = len(self.conversation) if after is None else self._index_of(after) + 1
         previous = self.conversation[index - 1]["id"] if index else None
         self.conversation.insert(index, item)
-        if announce:
-            self._announce(item, previous)
         return previous
 
     def _announce(self, item: dict[str, Any], previous: str | None) -> None:
@@ -914,7 +929,7 @@ class _Response:
             output_index=self.output.index(item),
             item=item,
         )
-        self.session._add_item(item)
+        self.session._announce(item, self.session._add_item(item))
 
     def _close_item(self, item: dict[str, Any]) -> None:
         self.session.emit(
