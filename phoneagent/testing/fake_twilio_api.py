@@ -1,0 +1,461 @@
+"""A fake Twilio REST API on loopback: the Call resource's fetch and update (reference §5.1).
+
+It answers what ``twilio.rest.Client`` sends for ``client.calls(sid).update(...)`` and
+``.fetch()`` — ``POST``/``GET /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}.json`` with HTTP
+basic auth (account SID : auth token) — with Twilio's JSON call resource, or with Twilio's JSON
+error body ``{"code", "message", "more_info", "status"}``, which the library turns into a
+``TwilioRestException`` carrying ``status`` and ``code`` (``twilio/base/version.py``).
+
+Pointing the real ``twilio`` client at the fake
+-----------------------------------------------
+Every Call request goes through the ``api`` domain, whose ``base_url`` (normally
+``https://api.twilio.com``) is read on each request (``twilio/base/domain.py``), so replacing
+it is enough::
+
+    from twilio.http.async_http_client import AsyncTwilioHttpClient
+    from twilio.rest import Client
+
+    client = Client(account_sid, auth_token, http_client=AsyncTwilioHttpClient())
+    client.api.base_url = fake.base_url          # e.g. "http://127.0.0.1:43127"
+    await client.calls(call_sid).update_async(twiml="<Response><Hangup/></Response>")
+    await client.http_client.close()
+
+(:meth:`FakeTwilioApi.client` does exactly this.) Leave ``TWILIO_EDGE`` / ``TWILIO_REGION`` unset
+(or pass ``edge``/``region`` as None): with either set, the client rewrites the host to
+``api.{edge}.{region}.twilio.com`` (``ClientBase.get_hostname``). The product does the same with
+its ``TWILIO_API_BASE_URL`` setting.
+
+What Twilio does that the fake reproduces
+-----------------------------------------
+* ``Twiml`` and ``Url`` are mutually exclusive; inline TwiML is at most 4000 characters (32018);
+  ``action`` URLs in inline TwiML must be absolute (15004). §5.1.
+* ``Status=completed`` ends the call; ``canceled`` only affects queued or ringing calls. §5.1.
+* Redirecting or ending a call that is no longer in progress fails with 21220 ("Call is not
+  in-progress. Cannot redirect.", HTTP 400 — the status and text are as reported from the field).
+* A successful TwiML/URL replacement or ``completed`` makes Twilio send ``stop`` on the media
+  stream and close it (§5.1, §7): :meth:`FakeTwilioApi.attach` wires a :class:`TwilioCaller` so
+  that it does exactly that.
+
+Assumptions where the docs are silent (change them if a live call says otherwise): ``Twiml``
+with ``Url`` answers 400 with code 21200 (the Calls-resource catch-all); TwiML that does not
+parse answers 400 with 12100; an unknown ``Status`` value answers 400 with 20001; a path naming
+another account answers 404 (20404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import inspect
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from phoneagent.testing.caller import new_sid
+from phoneagent.testing.webhook_sink import LoopbackServer, wait_for_count
+
+if TYPE_CHECKING:
+    from twilio.rest import Client
+
+    from phoneagent.testing.caller import TwilioCaller
+
+__all__ = [
+    "CALL_NOT_IN_PROGRESS",
+    "ApiRequest",
+    "CallUpdate",
+    "FakeCall",
+    "FakeTwilioApi",
+    "TwilioApiError",
+]
+
+API_VERSION = "2010-04-01"
+TWIML_MAX_CHARS = 4000  # §5.1, error 32018
+ENDED_STATUSES = frozenset({"completed", "canceled", "failed", "busy", "no-answer"})
+
+
+@dataclass(frozen=True)
+class TwilioApiError:
+    """An error as Twilio's REST API returns it: HTTP status, Twilio code, message."""
+
+    status: int
+    code: int
+    message: str
+
+    def body(self) -> dict[str, Any]:
+        """Twilio's JSON error shape (what ``twilio.base.version.Version.exception`` parses)."""
+        return {
+            "code": self.code,
+            "message": self.message,
+            "more_info": f"https://www.twilio.com/docs/errors/{self.code}",
+            "status": self.status,
+        }
+
+
+AUTHENTICATE = TwilioApiError(401, 20003, "Authenticate")
+CALL_NOT_IN_PROGRESS = TwilioApiError(400, 21220, "Call is not in-progress. Cannot redirect.")
+TWIML_TOO_LONG = TwilioApiError(
+    400, 32018, "Twiml size exceeded maximum allowed value of 4000 characters"
+)
+TWIML_AND_URL = TwilioApiError(400, 21200, "Twiml and Url parameters are mutually exclusive")
+RELATIVE_ACTION = TwilioApiError(
+    400,
+    15004,
+    "Action Callback URL must be an absolute URL when using TwiML to update in-progress calls",
+)
+INTERNAL_ERROR = TwilioApiError(500, 20500, "Internal Server Error")
+
+
+def _not_found(path: str) -> TwilioApiError:
+    return TwilioApiError(404, 20404, f"The requested resource {path} was not found")
+
+
+def _rfc2822(moment: datetime | None) -> str | None:
+    return format_datetime(moment) if moment else None  # Twilio's "Tue, 31 Aug 2010 … +0000"
+
+
+@dataclass
+class FakeCall:
+    """One call the fake knows about, and what was done to it."""
+
+    sid: str
+    account_sid: str
+    from_: str = "+14155550123"
+    to: str = "+15550001111"
+    status: str = "in-progress"
+    direction: str = "inbound"
+    twiml: str | None = None  # the TwiML now running, after an update
+    url: str | None = None
+    date_created: datetime = field(default_factory=lambda: datetime.now(UTC))
+    end_time: datetime | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED_STATUSES
+
+    def end(self, status: str = "completed") -> None:
+        self.status = status
+        self.end_time = self.end_time or datetime.now(UTC)
+
+    def resource(self) -> dict[str, Any]:
+        """The call as Twilio's JSON call resource (fields of ``CallInstance``)."""
+        uri = f"/{API_VERSION}/Accounts/{self.account_sid}/Calls/{self.sid}"
+        duration = None
+        if self.end_time is not None:
+            duration = str(int((self.end_time - self.date_created).total_seconds()))
+        return {
+            "sid": self.sid,
+            "account_sid": self.account_sid,
+            "parent_call_sid": None,
+            "date_created": _rfc2822(self.date_created),
+            "date_updated": _rfc2822(datetime.now(UTC)),
+            "to": self.to,
+            "to_formatted": self.to,
+            "from": self.from_,
+            "from_formatted": self.from_,
+            "phone_number_sid": None,
+            "status": self.status,
+            "start_time": _rfc2822(self.date_created),
+            "end_time": _rfc2822(self.end_time),
+            "duration": duration,
+            "price": None,
+            "price_unit": "USD",
+            "direction": self.direction,
+            "answered_by": None,
+            "api_version": API_VERSION,
+            "forwarded_from": None,
+            "group_sid": None,
+            "caller_name": None,
+            "queue_time": "0",
+            "trunk_sid": None,
+            "uri": uri + ".json",
+            "subresource_uris": {
+                name: f"{uri}/{name.title().replace('_', '')}.json"
+                for name in ("notifications", "recordings", "payments", "events", "siprec")
+            },
+        }
+
+
+@dataclass(frozen=True)
+class CallUpdate:
+    """One update request to a call, and how the fake answered it."""
+
+    call_sid: str
+    params: dict[str, str]
+    at: float  # time.monotonic()
+    status: int  # HTTP status answered
+    error_code: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+    @property
+    def ends_stream(self) -> bool:
+        """True when Twilio would stop the call's media stream because of this update (§5.1)."""
+        replaces_twiml = "Twiml" in self.params or "Url" in self.params
+        return self.ok and (replaces_twiml or self.params.get("Status") == "completed")
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """Any request the fake received: method, path, when, the status answered."""
+
+    method: str
+    path: str
+    at: float
+    status: int
+
+
+UpdateHook = Callable[[CallUpdate], Awaitable[None] | None]
+
+
+@dataclass
+class _Fault:
+    remaining: int
+    error: TwilioApiError | None = None
+    delay: float = 0.0
+
+
+class FakeTwilioApi(LoopbackServer):
+    """Twilio's Call resource (fetch, update) with call state, fault injection and stream hooks.
+
+    :param auto_create_calls: a call SID seen for the first time is an in-progress call (else
+        404, and tests register calls with :meth:`add_call`).
+    :param ended_call_error: the answer to updating a call that has ended; None answers 200
+        with the unchanged resource instead.
+    """
+
+    def __init__(
+        self,
+        account_sid: str,
+        auth_token: str,
+        *,
+        auto_create_calls: bool = True,
+        ended_call_error: TwilioApiError | None = CALL_NOT_IN_PROGRESS,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        super().__init__(host=host, port=port)
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        self.auto_create_calls = auto_create_calls
+        self.ended_call_error = ended_call_error
+        self.calls: dict[str, FakeCall] = {}
+        self.updates: list[CallUpdate] = []
+        self.requests: list[ApiRequest] = []
+        self._faults: list[_Fault] = []
+        self._hooks: dict[str, list[UpdateHook]] = {}
+        self._hook_tasks: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Condition()
+
+    # -- test controls ------------------------------------------------------------------------
+
+    def add_call(self, call_sid: str | None = None, **fields: Any) -> FakeCall:
+        """Register a call (in progress unless ``status=`` says otherwise)."""
+        call = FakeCall(sid=call_sid or new_sid("CA"), account_sid=self.account_sid, **fields)
+        self.calls[call.sid] = call
+        return call
+
+    def end_call(self, call_sid: str, status: str = "completed") -> None:
+        """The call ended on Twilio's side (caller hung up): later updates get 21220."""
+        self._call(call_sid).end(status)
+
+    def fail_next(
+        self,
+        count: int = 1,
+        *,
+        status: int = INTERNAL_ERROR.status,
+        code: int = INTERNAL_ERROR.code,
+        message: str = INTERNAL_ERROR.message,
+    ) -> None:
+        """Answer the next ``count`` requests with this error instead of handling them."""
+        self._faults.append(_Fault(count, error=TwilioApiError(status, code, message)))
+
+    def delay_next(self, count: int = 1, *, seconds: float = 30.0) -> None:
+        """Hold the next ``count`` requests for ``seconds`` before handling them (timeouts)."""
+        self._faults.append(_Fault(count, delay=seconds))
+
+    def on_update(self, call_sid: str, hook: UpdateHook) -> None:
+        """Call ``hook(update)`` (sync or async) after each update request to ``call_sid``."""
+        self._hooks.setdefault(call_sid, []).append(hook)
+
+    def attach(self, caller: TwilioCaller) -> None:
+        """Make ``caller`` receive Twilio's ``stop`` and close when its call's TwiML is replaced
+        or the call is completed through the API (§5.1, §7)."""
+
+        async def stop_stream(update: CallUpdate) -> None:
+            if update.ends_stream:
+                await caller.receive_stop_from_twilio()
+
+        self.on_update(caller.call_sid, stop_stream)
+
+    async def wait_for_updates(self, count: int, timeout: float = 10.0) -> list[CallUpdate]:
+        """Wait until ``count`` update requests were answered; return all updates so far."""
+        await wait_for_count(self.updates, count, self._changed, timeout, "call updates")
+        return self.updates
+
+    async def settle(self) -> None:
+        """Wait for the hooks started by past updates (e.g. a caller's stop) to finish."""
+        if self._hook_tasks:
+            await asyncio.gather(*self._hook_tasks, return_exceptions=True)
+
+    def client(self, **client_options: Any) -> Client:
+        """A real ``twilio.rest.Client`` on ``AsyncTwilioHttpClient``, pointed at this fake.
+
+        Close it with ``await client.http_client.close()``.
+        """
+        from twilio.http.async_http_client import AsyncTwilioHttpClient
+        from twilio.rest import Client
+
+        client = Client(
+            self.account_sid,
+            self.auth_token,
+            http_client=AsyncTwilioHttpClient(),
+            **client_options,
+        )
+        client.api.base_url = self.base_url
+        return client
+
+    async def stop(self) -> None:
+        await self.settle()
+        await super().stop()
+
+    # -- the HTTP side ------------------------------------------------------------------------
+
+    def build_app(self) -> web.Application:
+        app = web.Application()
+        path = f"/{API_VERSION}/Accounts/{{account_sid}}/Calls/{{call_sid}}.json"
+        app.router.add_get(path, self._fetch)
+        app.router.add_post(path, self._update)
+        return app
+
+    async def _fetch(self, request: web.Request) -> web.Response:
+        error = await self._precheck(request)
+        if error is None:
+            call = self._lookup(request.match_info["call_sid"])
+            if call is not None:
+                return self._answer(request, 200, call.resource())
+            error = _not_found(request.path)
+        return self._answer(request, error.status, error.body())
+
+    async def _update(self, request: web.Request) -> web.Response:
+        params = {key: str(value) for key, value in (await request.post()).items()}
+        call_sid = request.match_info["call_sid"]
+        error = await self._precheck(request)
+        call = None if error else self._lookup(call_sid)
+        if error is None:
+            error = _not_found(request.path) if call is None else self._apply(call, params)
+        status = error.status if error else 200
+        update = CallUpdate(call_sid, params, time.monotonic(), status, error and error.code)
+        self.updates.append(update)
+        async with self._changed:
+            self._changed.notify_all()
+        self._run_hooks(update)
+        return self._answer(request, status, error.body() if error else call.resource())
+
+    async def _precheck(self, request: web.Request) -> TwilioApiError | None:
+        """Injected faults, then basic auth, then the account in the path."""
+        fault = self._take_fault()
+        if fault is not None and fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault is not None and fault.error is not None:
+            return fault.error
+        if _basic_credentials(request) != (self.account_sid, self.auth_token):
+            return AUTHENTICATE
+        if request.match_info["account_sid"] != self.account_sid:
+            return _not_found(request.path)
+        return None
+
+    def _apply(self, call: FakeCall, params: dict[str, str]) -> TwilioApiError | None:
+        """Validate an update as Twilio does, then change the call's state (§5.1)."""
+        twiml, url, status = params.get("Twiml"), params.get("Url"), params.get("Status")
+        if twiml is not None and url is not None:
+            return TWIML_AND_URL
+        if twiml is not None:
+            error = _check_inline_twiml(twiml)
+            if error is not None:
+                return error
+        if status is not None and status not in ("completed", "canceled"):
+            return TwilioApiError(400, 20001, f"Invalid Status: {status}")
+        if call.ended:
+            if self.ended_call_error is not None:
+                return self.ended_call_error
+            return None
+        if twiml is not None or url is not None:
+            call.twiml, call.url = twiml, url
+        if status == "completed" or (status == "canceled" and call.status in ("queued", "ringing")):
+            call.end(status)
+        return None
+
+    def _answer(self, request: web.Request, status: int, body: dict[str, Any]) -> web.Response:
+        self.requests.append(ApiRequest(request.method, request.path, time.monotonic(), status))
+        headers = {"WWW-Authenticate": 'Basic realm="Twilio API"'} if status == 401 else None
+        return web.json_response(body, status=status, headers=headers)
+
+    def _take_fault(self) -> _Fault | None:
+        if not self._faults:
+            return None
+        fault = self._faults[0]
+        fault.remaining -= 1
+        if fault.remaining <= 0:
+            self._faults.pop(0)
+        return replace(fault)
+
+    def _lookup(self, call_sid: str) -> FakeCall | None:
+        if call_sid not in self.calls and self.auto_create_calls:
+            self.add_call(call_sid)
+        return self.calls.get(call_sid)
+
+    def _call(self, call_sid: str) -> FakeCall:
+        call = self._lookup(call_sid)
+        if call is None:
+            raise KeyError(f"unknown call {call_sid}")
+        return call
+
+    def _run_hooks(self, update: CallUpdate) -> None:
+        # Hooks run after the answer is on its way: Twilio answers the update, then the stream
+        # stops. A test that needs them finished awaits settle().
+        for hook in self._hooks.get(update.call_sid, []):
+            task = asyncio.create_task(_call_hook(hook, update))
+            self._hook_tasks.add(task)
+            task.add_done_callback(self._hook_tasks.discard)
+
+
+async def _call_hook(hook: UpdateHook, update: CallUpdate) -> None:
+    result = hook(update)
+    if inspect.isawaitable(result):
+        await result
+
+
+def _basic_credentials(request: web.Request) -> tuple[str, str] | None:
+    # By hand: aiohttp.BasicAuth is deprecated (aiohttp 3.14) and goes away in aiohttp 4.
+    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        login, sep, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (login, password) if sep else None
+
+
+def _check_inline_twiml(twiml: str) -> TwilioApiError | None:
+    if len(twiml) > TWIML_MAX_CHARS:
+        return TWIML_TOO_LONG
+    try:
+        root = ET.fromstring(twiml)
+    except ET.ParseError as exc:
+        return TwilioApiError(400, 12100, f"Document parse failure: {exc}")
+    for element in root.iter():
+        action = element.get("action")
+        if action is not None and not urlsplit(action).scheme:
+            return RELATIVE_ACTION
+    return None
