@@ -1,0 +1,117 @@
+"""The whole system on loopback: phoneagent's server, and stand-ins for StepFun and Twilio.
+
+Tests, benchmarks and ``phoneagent demo`` share it, so each of them dials the same real server
+over real sockets. Example::
+
+    async with LocalStack(personas_dir) as stack:
+        async with stack.caller(to="+14155550100") as caller:
+            await caller.dial()
+            await caller.connect()
+            ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from phoneagent.config import Settings
+from phoneagent.personas import PersonaRegistry
+from phoneagent.realtime.connection import ModelConnector
+from phoneagent.server import STATE, AccessLogger, ServerState, create_app
+from phoneagent.testing.caller import TwilioCaller
+from phoneagent.testing.fake_model import FakeRealtimeServer
+
+
+def demo_credentials() -> tuple[str, str]:
+    """A made-up Twilio account SID and auth token, good for loopback only."""
+    return "AC" + secrets.token_hex(16), secrets.token_hex(16)
+
+
+class LocalStack:
+    """Starts the server on 127.0.0.1 (an ephemeral port) with ``PUBLIC_URL`` pointing at it.
+
+    *model*: the fake realtime server to use (started and closed with the stack); when None, a
+    default ``FakeRealtimeServer`` is made, unless *settings* name a real model URL and key and
+    *use_fake_model* is False.
+    """
+
+    def __init__(
+        self,
+        personas_dir: Path,
+        *,
+        model: FakeRealtimeServer | None = None,
+        settings: Settings | None = None,
+        use_fake_model: bool = True,
+        prewarm_ttl: float | None = None,
+    ) -> None:
+        self.personas_dir = personas_dir
+        self.model = model if model is not None or not use_fake_model else FakeRealtimeServer()
+        account_sid, auth_token = demo_credentials()
+        self.settings = settings or Settings(
+            twilio_account_sid=account_sid,
+            twilio_auth_token=auth_token,
+            personas_dir=personas_dir,
+        )
+        self.prewarm_ttl = prewarm_ttl
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    async def __aenter__(self) -> LocalStack:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        connector = None
+        if self.model is not None:
+            await self.model.start()
+            connector = ModelConnector(
+                url=self.model.url,
+                api_key=self.model.api_key or "fake-key",
+                model=self.settings.stepfun_model,
+            )
+        app = create_app(
+            self.settings,
+            PersonaRegistry(self.personas_dir),
+            reload_interval=0.2,
+            connector=connector,
+        )
+        if self.prewarm_ttl is not None:
+            app[STATE].prewarmer.ttl = self.prewarm_ttl
+        self._runner = web.AppRunner(app, access_log_class=AccessLogger)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        # PUBLIC_URL is only known once the port is: the stream URL and signatures use it.
+        self.settings = dataclasses.replace(self.settings, public_url=self.base_url, port=port)
+        self.state.settings = self.settings
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.model is not None:
+            await self.model.close()
+
+    @property
+    def state(self) -> ServerState:
+        assert self._runner is not None, "the stack is not started"
+        return self._runner.app[STATE]
+
+    def caller(self, to: str, **options: Any) -> TwilioCaller:
+        """A scripted Twilio caller for this server, signing with the stack's credentials."""
+        return TwilioCaller(
+            self.base_url,
+            account_sid=self.settings.twilio_account_sid,
+            auth_token=self.settings.twilio_auth_token,
+            to=to,
+            **options,
+        )

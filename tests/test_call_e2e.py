@@ -1,0 +1,192 @@
+"""A phone call end to end over real sockets: webhook → TwiML → stream → model → audio back."""
+
+import asyncio
+import shutil
+
+import pytest
+from conftest import EXAMPLE_PERSONAS
+
+from phoneagent.testing.caller import CALLER_BOOKING_WAV, Signature, StreamRejected
+from phoneagent.testing.fake_model import FakeRealtimeServer, queued_transcripts
+from phoneagent.testing.stack import LocalStack
+
+DENTAL = "+14155550100"
+REPLY = "Of course. What day works best for you?"
+
+
+@pytest.fixture
+async def model():
+    return FakeRealtimeServer(
+        speed=None,  # deltas as fast as the socket takes them: much faster than real time
+        script=[REPLY],
+        transcriber=queued_transcripts(["I'd like to book a cleaning."]),
+    )
+
+
+@pytest.fixture
+async def stack(model):
+    async with LocalStack(EXAMPLE_PERSONAS, model=model) as stack:
+        yield stack
+
+
+async def test_caller_hears_greeting_then_an_answer_and_transcript_has_both_sides(stack, model):
+    persona = stack.state.personas.current.personas["bright-smile-dental"]
+    async with stack.caller(to=DENTAL, speed=4.0) as caller:
+        answer = await caller.dial()
+        assert answer.ok, answer.problems
+        assert answer.stream_url == stack.settings.stream_url
+        assert answer.parameters["persona"] == "bright-smile-dental"
+        await caller.connect()
+        caller.start_background_silence()
+        await caller.wait_until_quiet(400, timeout=20)
+        greeting_ms = caller.heard_ms()
+        assert greeting_ms > 1000  # the greeting was spoken and heard
+
+        await caller.play_wav(CALLER_BOOKING_WAV)
+        await model.wait_for(lambda: len(model.sessions[0].sent_events("response.done")) >= 2, 20)
+        await caller.wait_until_quiet(400, timeout=20)
+        assert caller.heard_ms() > greeting_ms + 1000  # and then the answer
+        assert await caller.post_stream_status("stream-started") == 204
+        await caller.hangup()
+
+    assert caller.violations == []
+    await model.wait_for(lambda: model.sessions_open == 0, 5)
+    [summary] = stack.state.finished_calls
+    assert summary["end_reason"] == "caller_hung_up"
+    turns = [(t["role"], t["text"]) for t in summary["transcript"]]
+    assert turns[0][0] == "agent" and persona.greeting in turns[0][1]
+    assert turns[1:] == [("caller", "I'd like to book a cleaning."), ("agent", REPLY)]
+
+    session = model.sessions[0]
+    assert session.config["voice"] == persona.voice
+    assert session.config["turn_detection"]["silence_duration_ms"] == persona.silence_duration_ms
+    assert session.received_events("input_audio_buffer.commit") == []  # never under server VAD
+
+
+# --- security: nobody opens a stream without a webhook Twilio signed ----------------------
+
+
+async def test_forged_webhook_signature_is_refused_and_costs_nothing(stack, model):
+    async with stack.caller(to=DENTAL, speed=0) as caller:
+        answer = await caller.dial(signature=Signature.WRONG)
+        assert answer.status == 403
+        answer = await caller.dial(signature=Signature.MISSING)
+        assert answer.status == 403
+    assert model.sessions_opened == 0
+
+
+@pytest.mark.parametrize("signature", [Signature.WRONG, Signature.MISSING])
+async def test_forged_upgrade_signature_is_refused(stack, model, signature):
+    stack.state.prewarmer.ttl = 0.1
+    async with stack.caller(to=DENTAL, speed=0) as caller:
+        await caller.dial()
+        with pytest.raises(StreamRejected):
+            await caller.connect(signature=signature)
+        assert caller.handshake_status == 403
+    # The session pre-warmed by the genuine webhook is closed, unclaimed.
+    await model.wait_for(lambda: model.sessions_opened == 1 and model.sessions_open == 0, 5)
+
+
+@pytest.mark.parametrize(
+    "forgery",
+    [
+        {"custom_parameters": {"persona": "bright-smile-dental"}},  # no token
+        {"custom_parameters": {"persona": "trattoria-luca", "token": "TOKEN"}},  # other persona
+        {"custom_parameters": {"persona": "bright-smile-dental", "token": "1.abc"}},  # expired
+        {"start_overrides": {"callSid": "CA" + "0" * 32}},  # token of another call
+    ],
+)
+async def test_stream_without_a_valid_token_is_closed_before_model_cost(stack, model, forgery):
+    stack.state.prewarmer.ttl = 0.1
+    async with stack.caller(to=DENTAL, speed=0) as caller:
+        answer = await caller.dial()
+        if "custom_parameters" in forgery and forgery["custom_parameters"].get("token") == "TOKEN":
+            forgery["custom_parameters"]["token"] = answer.parameters["token"]
+        await caller.connect(**forgery)
+        await caller.wait_closed(timeout=5)
+        assert caller.closed_by_server
+        assert caller.messages("media") == []
+    await model.wait_for(lambda: model.sessions_open == 0, 5)
+    assert model.sessions_opened == 1  # only the pre-warm, never a claimed session
+    assert len(stack.state.finished_calls) == 0
+
+
+async def test_unknown_number_without_default_persona_hears_an_apology(tmp_path, model):
+    shutil.copy(EXAMPLE_PERSONAS / "trattoria-luca.toml", tmp_path)
+    async with (
+        LocalStack(tmp_path, model=model) as stack,
+        stack.caller(to="+14155559999", speed=0) as caller,
+    ):
+        answer = await caller.dial()
+    assert answer.status == 200
+    assert answer.stream_url is None
+    assert "not in service" in answer.says[0]
+    assert answer.hangup
+    assert model.sessions_opened == 0
+
+
+# --- bad input: garbage frames are skipped, the call goes on ------------------------------
+
+
+async def test_garbage_frames_are_skipped_and_the_call_goes_on(stack, model):
+    async with stack.caller(to=DENTAL, speed=4.0) as caller:
+        await caller.dial()
+        await caller.connect()
+        caller.start_background_silence()
+        for garbage in ["not json", "[]", '{"event": "dance"}', '{"event": "media"}', b"\x00\x01"]:
+            await caller.send_raw(garbage)
+        await caller.wait_until_quiet(400, timeout=20)
+        assert caller.heard_ms() > 1000  # the greeting still plays
+        assert not caller.closed
+        await caller.hangup()
+    [summary] = stack.state.finished_calls
+    assert summary["end_reason"] == "caller_hung_up"
+
+
+# --- teardown: every way of ending a call leaves no socket and no task ---------------------
+
+
+async def end_by_hangup(caller, model):
+    await caller.hangup()
+
+
+async def end_by_dropped_media_socket(caller, model):
+    await caller.drop()
+
+
+async def end_by_model_crash(caller, model):
+    await model.drop_all()
+    await caller.wait_closed(timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("ending", "reason"),
+    [
+        (end_by_hangup, "caller_hung_up"),
+        (end_by_dropped_media_socket, "twilio_disconnected"),
+        (end_by_model_crash, "model_disconnected"),
+    ],
+)
+async def test_every_way_of_ending_leaves_no_socket_or_task(stack, model, ending, reason):
+    baseline = {t for t in asyncio.all_tasks()}
+    async with stack.caller(to=DENTAL, speed=4.0) as caller:
+        await caller.dial()
+        await caller.connect()
+        caller.start_background_silence()
+        await caller.wait_until_heard_ms(200, timeout=20)
+        await ending(caller, model)
+        await caller.wait_closed(timeout=5)
+    await model.wait_for(lambda: model.sessions_open == 0, 5)
+    for _ in range(100):
+        leftover = [t for t in asyncio.all_tasks() if t not in baseline and t is not current()]
+        if not leftover and not stack.state.active_calls:
+            break
+        await asyncio.sleep(0.02)
+    assert leftover == []
+    assert stack.state.active_calls == {}
+    [summary] = stack.state.finished_calls
+    assert summary["end_reason"] == reason
+
+
+def current():
+    return asyncio.current_task()
