@@ -74,7 +74,7 @@ def session_config(persona: Persona) -> SessionConfig:
 
 
 def greeting_instructions(persona: Persona) -> str:
-    return f"Greet the caller by saying exactly this, and nothing else: {persona.greeting}"
+    return f'Greet the caller. Say exactly this, and nothing else: "{persona.greeting}"'
 
 
 class CallState(enum.Enum):

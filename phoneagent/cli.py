@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +37,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to bind (default: $PORT, else 8080)")
     serve.set_defaults(handler=cmd_serve)
 
+    demo = commands.add_parser(
+        "demo", help="start everything on loopback and place one simulated call"
+    )
+    demo.add_argument(
+        "--keep-serving", action="store_true", help="leave the server up for `simulate` calls"
+    )
+    demo.add_argument("--speed", type=float, default=1.0, help="call time per wall time")
+    demo.set_defaults(handler=cmd_demo)
+
+    simulate = commands.add_parser("simulate", help="dial a running server as Twilio would")
+    simulate.add_argument("--url", required=True, help="the server's base URL")
+    simulate.add_argument("--to", required=True, help="the number called (selects the persona)")
+    simulate.add_argument("--from", dest="from_", default="+14155550123", help="the caller")
+    simulate.add_argument(
+        "--wav",
+        type=Path,
+        help="what the caller says: 8 kHz 16-bit mono WAV (default: a bundled booking request)",
+    )
+    simulate.add_argument(
+        "--out", type=Path, default=Path("caller-heard.wav"), help="where to write what was heard"
+    )
+    simulate.add_argument(
+        "--public-url", help="the URL Twilio would sign (the server's PUBLIC_URL; default --url)"
+    )
+    simulate.add_argument("--speed", type=float, default=1.0, help="call time per wall time")
+    simulate.set_defaults(handler=cmd_simulate)
+
     personas = commands.add_parser("personas", help="work with persona files")
     persona_commands = personas.add_subparsers(title="persona commands", required=True)
     check = persona_commands.add_parser("check", help="validate persona files")
@@ -52,9 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings()
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"phoneagent: configuration error: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _config_errors(exc)
 
     # Imported here so `personas check` and `--version` stay quick and need no server stack.
     from phoneagent.logs import configure_logging
@@ -71,15 +98,73 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(require_credentials=False)
+    except ConfigError as exc:
+        return _config_errors(exc)
+    from phoneagent.demo import run_demo
+    from phoneagent.logs import configure_logging
+
+    # The demo prints the conversation; only problems should interrupt it.
+    configure_logging("console", "warning")
+    try:
+        return asyncio.run(run_demo(settings, keep_serving=args.keep_serving, speed=args.speed))
+    except PersonaError as exc:
+        for problem in exc.problems:
+            print(f"phoneagent: persona error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    account_sid = os.environ.get("TWILIO_ACCOUNT_SID", "").strip()
+    auth_token = os.environ.get("TWILIO_AUTH_TOKEN", "").strip()
+    missing = [n for n, v in (("TWILIO_ACCOUNT_SID", account_sid),
+                              ("TWILIO_AUTH_TOKEN", auth_token)) if not v]  # fmt: skip
+    for name in missing:
+        print(
+            f"phoneagent: configuration error: {name} is not set: the server's own value, "
+            "so the simulated Twilio signs requests the server accepts",
+            file=sys.stderr,
+        )
+    if missing:
+        return EXIT_CONFIG
+    from phoneagent.simulate import SimulatedCall
+    from phoneagent.testing.caller import CALLER_BOOKING_WAV
+
+    call = SimulatedCall(
+        base_url=args.url.rstrip("/"),
+        public_url=args.public_url,
+        account_sid=account_sid,
+        auth_token=auth_token,
+        to=args.to,
+        from_=args.from_,
+        wav=args.wav or CALLER_BOOKING_WAV,
+        out=args.out,
+        speed=args.speed,
+    )
+    try:
+        return asyncio.run(call.run())
+    except (OSError, TimeoutError) as exc:
+        print(f"phoneagent: simulate failed: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+def _config_errors(exc: ConfigError) -> int:
+    for problem in exc.problems:
+        print(f"phoneagent: configuration error: {problem}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def cmd_personas_check(args: argparse.Namespace) -> int:
     directory = args.directory
     if directory is None:
         try:
             directory = load_settings(require_credentials=False).personas_dir
         except ConfigError as exc:
-            for problem in exc.problems:
-                print(f"phoneagent: configuration error: {problem}", file=sys.stderr)
-            return EXIT_CONFIG
+            return _config_errors(exc)
     report = check_directory(directory)
     files = set(report.files)
     for problem in report.problems:  # problems with the directory itself, not a file in it

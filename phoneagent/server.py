@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 from collections import deque
 from dataclasses import dataclass, field
 
 import structlog
-from aiohttp import web
+from aiohttp import BasicAuth, web
 from aiohttp.abc import AbstractAccessLogger
 
 from phoneagent.bridge import (
@@ -54,6 +55,15 @@ class ServerState:
     active_calls: dict[str, Call] = field(default_factory=dict)
     # Called with (call, turn) as each transcript turn becomes final: live transcript views.
     turn_listeners: list[TurnListener] = field(default_factory=list)
+    # Finished turns of calls in progress, for GET /calls/{sid} (phoneagent simulate).
+    live_turns: dict[str, list[dict]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.turn_listeners.append(self._record_live_turn)
+
+    def _record_live_turn(self, call: Call, turn: dict) -> None:
+        self.live_turns.setdefault(call.call_sid, []).append(turn)
+
     # Recent finished calls (transcript, reason, stats) until the webhook outbox takes them.
     finished_calls: deque[dict] = field(default_factory=lambda: deque(maxlen=FINISHED_CALLS_KEPT))
 
@@ -195,6 +205,7 @@ async def run_call(
         await CallShell(ws, model, call, state.turn_listeners).run()
     finally:
         state.active_calls.pop(call.call_sid, None)
+        state.live_turns.pop(call.call_sid, None)
         summary = {
             "call_sid": call.call_sid,
             "persona": call.persona.id,
@@ -213,6 +224,37 @@ async def status_callback(request: web.Request) -> web.Response:
     fields = ("CallSid", "CallStatus", "CallDuration", "StreamSid", "StreamEvent", "StreamError")
     log.info("twilio_status", path=request.path, **{f: form[f] for f in fields if f in form})
     return web.Response(status=204)
+
+
+def has_account_credentials(state: ServerState, request: web.Request) -> bool:
+    """HTTP Basic with the Twilio account SID and auth token: whoever holds them runs the line."""
+    try:
+        auth = BasicAuth.decode(request.headers.get("Authorization", ""))
+    except ValueError:
+        return False
+    expected = f"{state.settings.twilio_account_sid}:{state.settings.twilio_auth_token}"
+    return hmac.compare_digest(f"{auth.login}:{auth.password}".encode(), expected.encode())
+
+
+async def call_details(request: web.Request) -> web.Response:
+    """A call's transcript so far (in progress) or in full (recently ended)."""
+    state = request.app[STATE]
+    if not has_account_credentials(state, request):
+        return web.json_response(
+            {"error": "use HTTP Basic with the account SID and auth token"},
+            status=401,
+            headers={"WWW-Authenticate": 'Basic realm="phoneagent"'},
+        )
+    call_sid = request.match_info["call_sid"]
+    call = state.active_calls.get(call_sid)
+    if call is not None:
+        turns = state.live_turns.get(call_sid, [])
+        body = {"call_sid": call_sid, "persona": call.persona.id, "status": "in-progress"}
+        return web.json_response(body | {"transcript": turns})
+    for summary in reversed(state.finished_calls):
+        if summary["call_sid"] == call_sid:
+            return web.json_response(summary | {"status": "completed"})
+    return web.json_response({"error": f"no call {call_sid}"}, status=404)
 
 
 async def not_implemented(request: web.Request) -> web.Response:
@@ -240,6 +282,7 @@ def create_app(
     app.router.add_get("/twilio/stream", media_stream)
     app.router.add_post("/twilio/stream-status", status_callback)
     app.router.add_post("/twilio/call-status", status_callback)
+    app.router.add_get("/calls/{call_sid}", call_details)
     app.router.add_get("/metrics", not_implemented)
 
     async def watch_personas(app: web.Application):

@@ -39,6 +39,7 @@ import itertools
 import json
 import logging
 import random
+import re
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -165,6 +166,9 @@ Responder = Callable[[ResponseContext], Reply | Awaitable[Reply]]
 Transcriber = Callable[[bytes], str]
 
 
+QUOTED = re.compile(r'"(.+)"', re.DOTALL)
+
+
 class ScriptedResponder:
     """The default responder.
 
@@ -181,7 +185,10 @@ class ScriptedResponder:
 
     def __call__(self, context: ResponseContext) -> Reply:
         if context.instructions:
-            return Say(context.instructions)
+            # "Say exactly: \"…\"" is how a client asks for fixed words; a real model says the
+            # quoted words, not the request around them.
+            quoted = QUOTED.search(context.instructions)
+            return Say(quoted.group(1) if quoted else context.instructions)
         return next(self._lines)
 
 
