@@ -150,6 +150,11 @@ class CallShell:
 
 
 def bind_call_context(call_sid: str, stream_sid: str, persona: str) -> None:
+    """Every log line of this call's task carries these."""
     structlog.contextvars.bind_contextvars(
         call_sid=call_sid, stream_sid=stream_sid, persona=persona
     )
+
+
+def unbind_call_context() -> None:
+    structlog.contextvars.unbind_contextvars("call_sid", "stream_sid", "persona")

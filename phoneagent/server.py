@@ -8,7 +8,6 @@ import hmac
 from collections import deque
 from dataclasses import dataclass, field
 
-import structlog
 from aiohttp import BasicAuth, web
 from aiohttp.abc import AbstractAccessLogger
 
@@ -18,6 +17,7 @@ from phoneagent.bridge import (
     TurnListener,
     bind_call_context,
     read_start,
+    unbind_call_context,
 )
 from phoneagent.call import Call, session_config
 from phoneagent.config import Settings
@@ -166,7 +166,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
 
     ws = web.WebSocketResponse(max_msg_size=MAX_STREAM_MESSAGE_BYTES)
     await ws.prepare(request)
-    with structlog.contextvars.bound_contextvars():
+    try:
         try:
             call, model = await open_call(state, ws)
         except (StreamRefused, TimeoutError) as exc:
@@ -178,6 +178,8 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
             await ws.close()
             return ws
         await run_call(state, ws, call, model)
+    finally:
+        unbind_call_context()  # bound in `open_call`; the access log line is not the call's
     return ws
 
 
@@ -214,7 +216,9 @@ async def run_call(
             "barge_ins": call.stats.barge_ins,
         }
         state.finished_calls.append(summary)
-        log.info("call_ended", **summary)
+        # Transcripts go to the business's webhook, not to the logs.
+        log.info("call_ended", **{k: v for k, v in summary.items() if k != "transcript"},
+                 turns=len(summary["transcript"]))  # fmt: skip
 
 
 async def status_callback(request: web.Request) -> web.Response:
