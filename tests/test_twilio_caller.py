@@ -63,6 +63,7 @@ class ServerRole:
         self.started = asyncio.Event()
         self.closed = asyncio.Event()
         self.stream_sid: str | None = None
+        self.close_code: int | None = None
         self.go = asyncio.Event()  # lets a test tell the script when to act
 
     def app(self) -> web.Application:
@@ -105,18 +106,21 @@ class ServerRole:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         task = asyncio.create_task(self.script(self, ws)) if self.script else None
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                message = json.loads(msg.data)
-                message["_at"] = time.monotonic()
-                self.inbound.append(message)
-                if message["event"] == "start":
-                    self.stream_sid = message["streamSid"]
-                    self.started.set()
-                self.inbound_changed.set()
-        self.closed.set()
-        if task is not None:
-            task.cancel()
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    message = json.loads(msg.data)
+                    message["_at"] = time.monotonic()
+                    self.inbound.append(message)
+                    if message["event"] == "start":
+                        self.stream_sid = message["streamSid"]
+                        self.started.set()
+                    self.inbound_changed.set()
+        finally:  # the test server cancels the handler when the connection is lost
+            self.close_code = ws.close_code
+            self.closed.set()
+            if task is not None:
+                task.cancel()
         return ws
 
     def events(self, event: str) -> list[dict[str, Any]]:
@@ -598,6 +602,7 @@ async def test_hangup_sends_stop_then_closes(serve):
     stop = role.inbound[-1]
     assert stop["event"] == "stop"
     assert stop["stop"] == {"accountSid": ACCOUNT_SID, "callSid": caller.call_sid}
+    assert role.close_code == 1000
     assert caller.closed and not caller.closed_by_server
     assert caller.ended_by == "hangup"
 
@@ -608,6 +613,29 @@ async def test_drop_closes_without_stop(serve):
     await asyncio.wait_for(role.closed.wait(), 10)
     assert role.events("stop") == []
     assert caller.closed and caller.ended_by == "drop"
+
+
+async def test_abrupt_drop_closes_without_a_close_frame(serve):
+    role, caller = await connected_call(serve, speed=1.0)
+    await caller.drop(abrupt=True)
+    await asyncio.wait_for(role.closed.wait(), 10)
+    assert role.events("stop") == []
+    assert role.close_code in (None, 1006)  # the connection was lost: no close frame, no code
+    assert caller.closed and caller.ended_by == "drop"
+
+
+async def test_without_frame_records_marks_and_heard_audio_are_still_kept(serve):
+    async def script(role: ServerRole, ws: web.WebSocketResponse) -> None:
+        await role.started.wait()
+        await ws.send_str(outbound_media(role.stream_sid, pattern(100)))
+        await ws.send_str(outbound_mark(role.stream_sid, "m"))
+
+    role, caller = await connected_call(serve, script, speed=0, record_frames=False)
+    await caller.play_silence(100)
+    await role.wait_inbound(lambda: len(role.events("mark")) == 1)
+    assert [m["event"] for m in caller.sent] == ["connected", "start", "mark"]
+    assert [r.event for r in caller.received] == ["mark"]
+    assert caller.heard_audio() == pattern(100)
 
 
 async def test_stop_from_twilio_drops_audio_still_buffered(serve):

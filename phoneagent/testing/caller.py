@@ -44,6 +44,7 @@ import enum
 import json
 import math
 import secrets
+import socket
 import time
 import uuid
 import warnings
@@ -103,6 +104,8 @@ PARAMETER_MAX_CHARS = 500  # name + value of one <Parameter> (§1.3)
 DTMF_DIGITS = frozenset("0123456789*#")
 # Twilio's CallToken is JSON: its quotes, colons and brackets exercise form decoding + signing.
 _CALL_TOKEN = '{"parentCallInfoToken":"eyJhbGciOiJFUzI1NiJ9.e30.c2ln","identityHeaderTokens":[]}'
+
+CLOSE_TIMEOUT = 5.0  # seconds to wait for the server's close frame after ours
 
 WARNING_BINARY_FRAME = 31950  # §3, §7
 WARNING_INVALID_MESSAGE = 31951  # §3, §7
@@ -606,6 +609,9 @@ class TwilioCaller:
         on this host are connected to on ``base_url`` instead but signed as written (§4.3, §4.4).
     :param speed: call time per wall time; 1.0 is real time, 0 or None is as fast as possible.
     :param voice_path: the voice webhook path under the public URL.
+    :param record_frames: keep every media frame in :attr:`sent` and :attr:`received`; False
+        keeps a load generator's memory flat (marks, clears, violations and heard audio are
+        always kept).
     """
 
     def __init__(
@@ -621,6 +627,7 @@ class TwilioCaller:
         speed: float | None = 1.0,
         voice_path: str = "/twilio/voice",
         session: aiohttp.ClientSession | None = None,
+        record_frames: bool = True,
     ) -> None:
         if speed is not None and speed < 0:
             raise ValueError("speed must be >= 0 (0 or None: as fast as possible)")
@@ -634,6 +641,7 @@ class TwilioCaller:
         self.stream_sid = new_sid("MZ")
         self.speed = speed or 0.0
         self.voice_path = voice_path
+        self.record_frames = record_frames
         self._session = session
         self._owns_session = session is None
 
@@ -918,11 +926,15 @@ class TwilioCaller:
         """
         await self._end("rest_update", send_stop=True)
 
-    async def drop(self) -> None:
-        """Close the socket without ``stop`` (a dropped connection)."""
-        await self._end("drop", send_stop=False)
+    async def drop(self, *, abrupt: bool = False) -> None:
+        """Close the socket without ``stop``.
 
-    async def _end(self, reason: str, *, send_stop: bool) -> None:
+        ``abrupt=True`` shuts the TCP connection without a WebSocket close frame, as when Twilio's
+        side vanishes: the server sees an abnormal closure (1006), not a close code.
+        """
+        await self._end("drop", send_stop=False, abrupt=abrupt)
+
+    async def _end(self, reason: str, *, send_stop: bool, abrupt: bool = False) -> None:
         if self._ws is None or self.ended_by is not None:
             return
         self.ended_by = reason
@@ -933,7 +945,11 @@ class TwilioCaller:
                 stop = {"accountSid": self.account_sid, "callSid": self.call_sid}
                 with contextlib.suppress(ConnectionError):
                     await self._send_event("stop", {"stop": stop})
-        await self._ws.close()
+        if abrupt:
+            with contextlib.suppress(OSError):
+                self._ws.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._ws.close(), CLOSE_TIMEOUT)
         self._finalize()
 
     def _finalize(self) -> None:
@@ -996,7 +1012,8 @@ class TwilioCaller:
         self, raw: str | bytes, message: dict[str, Any] | None, problem: str | None, code: int
     ) -> None:
         now = self.now_ms()
-        self.received.append(ReceivedMessage(time.monotonic(), now, raw, message, problem))
+        if self.record_frames or message is None or message["event"] != "media":
+            self.received.append(ReceivedMessage(time.monotonic(), now, raw, message, problem))
         if problem is not None:
             self.violations.append(ProtocolViolation(code, problem, raw, now))
 
@@ -1102,7 +1119,8 @@ class TwilioCaller:
         )
 
     async def _send_json(self, message: dict[str, Any]) -> None:
-        self.sent.append(message)
+        if self.record_frames or message["event"] != "media":
+            self.sent.append(message)
         await self._require_ws().send_str(json.dumps(message))
 
     def _require_ws(self) -> aiohttp.ClientWebSocketResponse:
@@ -1240,7 +1258,7 @@ class TwilioCaller:
         ]
 
     def received_audio(self) -> bytes:
-        """Every μ-law byte the server sent, played or not."""
+        """Every μ-law byte the server sent, played or not (needs ``record_frames``)."""
         return b"".join(base64.b64decode(m["media"]["payload"]) for m in self.messages("media"))
 
     def write_heard_wav(self, path: str | Path, *, timeline: bool = False) -> None:
