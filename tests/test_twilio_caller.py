@@ -513,6 +513,32 @@ async def test_clear_drops_buffered_audio_and_flushes_pending_marks(serve):
     assert caller.violations == []
 
 
+async def test_wait_until_quiet_waits_for_playback_to_finish(serve):
+    async def script(role: ServerRole, ws: web.WebSocketResponse) -> None:
+        await role.started.wait()
+        await ws.send_str(outbound_media(role.stream_sid, pattern(400)))
+
+    _, caller = await connected_call(serve, script, speed=4.0)
+    await caller.wait_for_event("media")
+    await caller.wait_until_quiet(100, timeout=10)
+    assert caller.heard_ms() == 400
+    assert caller.now_ms() - caller.heard[0].end_ms >= 0  # quiet only after it all played
+
+
+async def test_more_than_ten_minutes_buffered_is_refused(serve):
+    async def script(role: ServerRole, ws: web.WebSocketResponse) -> None:
+        await role.started.wait()
+        for n in range(4):
+            await ws.send_str(outbound_media(role.stream_sid, bytes([n]) * 200_000 * BYTES_PER_MS))
+        await ws.send_str(outbound_mark(role.stream_sid, "after"))
+
+    _, caller = await connected_call(serve, script, speed=1.0)
+    await caller.wait_for_event("mark", timeout=20)
+    assert [v.code for v in caller.violations] == [31931]  # the 4th 200 s chunk (§3)
+    assert caller.playback.buffered_ms(caller.now_ms()) <= 600_000
+    assert caller.playback.pending_marks == ["after"]
+
+
 async def test_unpaced_playback_is_instant(serve):
     async def script(role: ServerRole, ws: web.WebSocketResponse) -> None:
         await role.started.wait()
@@ -523,6 +549,7 @@ async def test_unpaced_playback_is_instant(serve):
     await role.wait_inbound(lambda: len(role.events("mark")) == 1)
     assert caller.mark_echoes[0].played_ms == 60_000
     assert caller.heard_ms() == 60_000
+    await caller.wait_until_quiet(50, timeout=10)  # wall-clock quiet when unpaced
 
 
 # -- protocol violations (31950 / 31951) ------------------------------------------------------

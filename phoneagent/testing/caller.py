@@ -668,7 +668,8 @@ class TwilioCaller:
         self._send_lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._closed = asyncio.Event()
-        self._last_media_ms = 0.0
+        self._last_media_ms = 0.0  # call clock, and monotonic time, of the last server audio
+        self._last_media_at = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -1005,7 +1006,7 @@ class TwilioCaller:
                 ProtocolViolation(WARNING_BUFFER_FULL, "over 10 minutes buffered", text, now)
             )
             return []
-        self._last_media_ms = now
+        self._last_media_ms, self._last_media_at = now, time.monotonic()
         return self.playback.add_audio(audio, now)
 
     def _record(
@@ -1193,9 +1194,15 @@ class TwilioCaller:
         await self.wait_until(lambda: self.heard_ms() >= ms, timeout, f"{ms} ms heard")
 
     async def wait_until_quiet(self, quiet_ms: float = 500.0, timeout: float = 10.0) -> None:
-        """Wait until nothing is buffered and no audio arrived for ``quiet_ms`` of call time."""
+        """Wait until nothing is buffered and no audio arrived for ``quiet_ms`` of call time.
+
+        Unpaced (``speed=0``) the call clock only moves when the caller sends audio, so there
+        ``quiet_ms`` is measured in wall-clock time instead.
+        """
 
         def quiet() -> bool:
+            if not self.speed:
+                return (time.monotonic() - self._last_media_at) * 1000 >= quiet_ms
             now = self.now_ms()
             return self.playback.buffered_ms(now) == 0 and now - self._last_media_ms >= quiet_ms
 
