@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
-from collections import deque
+import time
 from dataclasses import dataclass, field
 
-from aiohttp import BasicAuth, web
+from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from phoneagent.bridge import (
@@ -29,7 +30,10 @@ from phoneagent.realtime.connection import (
     ModelUnavailable,
     Prewarmer,
 )
+from phoneagent.records import CallRecords
 from phoneagent.twilio.webhook import (
+    CALLED_PARAMETER,
+    CALLER_PARAMETER,
     PERSONA_PARAMETER,
     TOKEN_PARAMETER,
     StreamToken,
@@ -43,7 +47,6 @@ log = get_logger(__name__)
 NO_PERSONA_APOLOGY = "Sorry, this number is not in service right now. Goodbye."
 # Twilio's frames are a few hundred bytes; anything far larger is not Twilio.
 MAX_STREAM_MESSAGE_BYTES = 64 * 1024
-FINISHED_CALLS_KEPT = 200
 
 
 @dataclass
@@ -53,19 +56,15 @@ class ServerState:
     prewarmer: Prewarmer
     draining: bool = False
     active_calls: dict[str, Call] = field(default_factory=dict)
+    calls: CallRecords = field(default_factory=CallRecords)
     # Called with (call, turn) as each transcript turn becomes final: live transcript views.
     turn_listeners: list[TurnListener] = field(default_factory=list)
-    # Finished turns of calls in progress, for GET /calls/{sid} (phoneagent simulate).
-    live_turns: dict[str, list[dict]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.turn_listeners.append(self._record_live_turn)
 
     def _record_live_turn(self, call: Call, turn: dict) -> None:
-        self.live_turns.setdefault(call.call_sid, []).append(turn)
-
-    # Recent finished calls (transcript, reason, stats) until the webhook outbox takes them.
-    finished_calls: deque[dict] = field(default_factory=lambda: deque(maxlen=FINISHED_CALLS_KEPT))
+        self.calls.open(call.call_sid).transcript.append(turn)
 
     @property
     def stream_token(self) -> StreamToken:
@@ -142,12 +141,17 @@ async def voice_webhook(request: web.Request) -> web.Response:
     if persona is None:
         log.warning("no_persona_for_number", call_sid=call_sid, to=called)
         return twiml(apology_twiml(NO_PERSONA_APOLOGY))
+    record = state.calls.open(call_sid)
+    record.persona, record.caller, record.called = persona.id, form.get("From", ""), called
     # The phone is still ringing: open the model session now, the stream claims it on `start`.
     state.prewarmer.start(call_sid, session_config(persona))
     log.info("call_incoming", call_sid=call_sid, persona=persona.id, to=called)
     parameters = {
         PERSONA_PARAMETER: persona.id,
         TOKEN_PARAMETER: state.stream_token.issue(call_sid, persona.id),
+        # The instance taking the stream may not be the one answering this webhook.
+        CALLER_PARAMETER: record.caller,
+        CALLED_PARAMETER: called,
     }
     base = state.settings.public_url
     return twiml(
@@ -195,6 +199,10 @@ async def open_call(state: ServerState, ws: web.WebSocketResponse) -> tuple[Call
     if persona is None:
         raise StreamRefused(f"persona {persona_id!r} is no longer configured")
     model = await state.prewarmer.claim(start.call_sid, session_config(persona))
+    record = state.calls.mark_started(start.call_sid)
+    record.persona = persona.id
+    record.caller = start.custom_parameters.get(CALLER_PARAMETER, record.caller)
+    record.called = start.custom_parameters.get(CALLED_PARAMETER, record.called)
     return Call(persona=persona, stream_sid=start.stream_sid, call_sid=start.call_sid), model
 
 
@@ -207,37 +215,46 @@ async def run_call(
         await CallShell(ws, model, call, state.turn_listeners).run()
     finally:
         state.active_calls.pop(call.call_sid, None)
-        state.live_turns.pop(call.call_sid, None)
-        summary = {
-            "call_sid": call.call_sid,
-            "persona": call.persona.id,
-            "end_reason": call.end_reason.value if call.end_reason else "error",
-            "transcript": call.transcript,
-            "barge_ins": call.stats.barge_ins,
-        }
-        state.finished_calls.append(summary)
+        record = state.calls.open(call.call_sid)
+        record.ended_at = time.time()
+        record.end_reason = call.end_reason.value if call.end_reason else "error"
+        record.transcript = call.transcript
+        if record.status == "in-progress":  # Twilio's call-status callback may say more
+            record.status = "completed"
         # Transcripts go to the business's webhook, not to the logs.
-        log.info("call_ended", **{k: v for k, v in summary.items() if k != "transcript"},
-                 turns=len(summary["transcript"]))  # fmt: skip
+        log.info(
+            "call_ended",
+            end_reason=record.end_reason,
+            duration_s=round(record.ended_at - (record.started_at or record.ended_at), 1),
+            turns=len(record.transcript),
+            barge_ins=call.stats.barge_ins,
+        )
 
 
 async def status_callback(request: web.Request) -> web.Response:
+    state = request.app[STATE]
     form = await signed_form(request)
     if form is None:
         return web.Response(status=403, text="invalid Twilio signature")
-    fields = ("CallSid", "CallStatus", "CallDuration", "StreamSid", "StreamEvent", "StreamError")
-    log.info("twilio_status", path=request.path, **{f: form[f] for f in fields if f in form})
+    fields = ("CallStatus", "CallDuration", "StreamSid", "StreamEvent", "StreamError", "Timestamp")
+    event = {f: form[f] for f in fields if f in form}
+    log.info("twilio_status", path=request.path, call_sid=form.get("CallSid"), **event)
+    record = state.calls.open(form.get("CallSid", ""))
+    record.twilio_events.append(event | {"path": request.path})
+    if "CallStatus" in form:
+        record.status = form["CallStatus"]
     return web.Response(status=204)
 
 
 def has_account_credentials(state: ServerState, request: web.Request) -> bool:
     """HTTP Basic with the Twilio account SID and auth token: whoever holds them runs the line."""
+    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
     try:
-        auth = BasicAuth.decode(request.headers.get("Authorization", ""))
+        given = base64.b64decode(encoded, validate=True) if scheme.lower() == "basic" else b""
     except ValueError:
         return False
     expected = f"{state.settings.twilio_account_sid}:{state.settings.twilio_auth_token}"
-    return hmac.compare_digest(f"{auth.login}:{auth.password}".encode(), expected.encode())
+    return hmac.compare_digest(given, expected.encode())
 
 
 async def call_details(request: web.Request) -> web.Response:
@@ -250,15 +267,10 @@ async def call_details(request: web.Request) -> web.Response:
             headers={"WWW-Authenticate": 'Basic realm="phoneagent"'},
         )
     call_sid = request.match_info["call_sid"]
-    call = state.active_calls.get(call_sid)
-    if call is not None:
-        turns = state.live_turns.get(call_sid, [])
-        body = {"call_sid": call_sid, "persona": call.persona.id, "status": "in-progress"}
-        return web.json_response(body | {"transcript": turns})
-    for summary in reversed(state.finished_calls):
-        if summary["call_sid"] == call_sid:
-            return web.json_response(summary | {"status": "completed"})
-    return web.json_response({"error": f"no call {call_sid}"}, status=404)
+    record = state.calls.get(call_sid)
+    if record is None:
+        return web.json_response({"error": f"no call {call_sid}"}, status=404)
+    return web.json_response(record.as_dict())
 
 
 async def not_implemented(request: web.Request) -> web.Response:

@@ -82,9 +82,9 @@ class SimulatedCall:
     async def _print_transcript(self, call_sid: str) -> None:
         """Print each turn once the server says its text is final."""
         url = f"{self.base_url}/calls/{call_sid}"
-        auth = aiohttp.BasicAuth(self.account_sid, self.auth_token)
+        headers = {"Authorization": aiohttp.encode_basic_auth(self.account_sid, self.auth_token)}
         shown: set[tuple[str, int]] = set()
-        async with aiohttp.ClientSession(auth=auth) as http:
+        async with aiohttp.ClientSession(headers=headers) as http:
             while True:
                 async with http.get(url) as response:
                     turns = (await response.json())["transcript"] if response.ok else []

@@ -3,6 +3,7 @@
 import asyncio
 import shutil
 
+import aiohttp
 import pytest
 from conftest import EXAMPLE_PERSONAS
 
@@ -51,9 +52,12 @@ async def test_caller_hears_greeting_then_an_answer_and_transcript_has_both_side
 
     assert caller.violations == []
     await model.wait_for(lambda: model.sessions_open == 0, 5)
-    [summary] = stack.state.finished_calls
-    assert summary["end_reason"] == "caller_hung_up"
-    turns = [(t["role"], t["text"]) for t in summary["transcript"]]
+    record = stack.state.calls.get(caller.call_sid)
+    assert record.end_reason == "caller_hung_up"
+    assert (record.persona, record.caller, record.called) == (persona.id, caller.from_, DENTAL)
+    assert record.started_at <= record.ended_at
+    assert [e["StreamEvent"] for e in record.twilio_events] == ["stream-started"]
+    turns = [(t["role"], t["text"]) for t in record.transcript]
     assert turns[0][0] == "agent" and persona.greeting in turns[0][1]
     assert turns[1:] == [("caller", "I'd like to book a cleaning."), ("agent", REPLY)]
 
@@ -108,7 +112,7 @@ async def test_stream_without_a_valid_token_is_closed_before_model_cost(stack, m
         assert caller.messages("media") == []
     await model.wait_for(lambda: model.sessions_open == 0, 5)
     assert model.sessions_opened == 1  # only the pre-warm, never a claimed session
-    assert len(stack.state.finished_calls) == 0
+    assert stack.state.calls.ended() == []
 
 
 async def test_unknown_number_without_default_persona_hears_an_apology(tmp_path, model):
@@ -139,8 +143,7 @@ async def test_garbage_frames_are_skipped_and_the_call_goes_on(stack, model):
         assert caller.heard_ms() > 1000  # the greeting still plays
         assert not caller.closed
         await caller.hangup()
-    [summary] = stack.state.finished_calls
-    assert summary["end_reason"] == "caller_hung_up"
+    assert stack.state.calls.get(caller.call_sid).end_reason == "caller_hung_up"
 
 
 # --- teardown: every way of ending a call leaves no socket and no task ---------------------
@@ -184,9 +187,43 @@ async def test_every_way_of_ending_leaves_no_socket_or_task(stack, model, ending
         await asyncio.sleep(0.02)
     assert leftover == []
     assert stack.state.active_calls == {}
-    [summary] = stack.state.finished_calls
-    assert summary["end_reason"] == reason
+    assert stack.state.calls.get(caller.call_sid).end_reason == reason
 
 
 def current():
     return asyncio.current_task()
+
+
+async def test_call_record_is_fed_by_status_callbacks_and_readable_by_the_account(stack):
+    async with stack.caller(to=DENTAL, speed=0) as caller:
+        await caller.dial()
+        params = caller.webhook_params("completed") | {"CallDuration": "42"}
+        status, _, _ = await caller.post_signed("/twilio/call-status", params)
+        assert status == 204
+        forged, _, _ = await caller.post_signed("/twilio/call-status", params, Signature.WRONG)
+        assert forged == 403
+
+        url = f"{stack.base_url}/calls/{caller.call_sid}"
+        settings = stack.settings
+        account = {
+            "Authorization": aiohttp.encode_basic_auth(
+                settings.twilio_account_sid, settings.twilio_auth_token
+            )
+        }
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url) as response:
+                assert response.status == 401
+            guess = {"Authorization": aiohttp.encode_basic_auth("AC1", "guess")}
+            async with http.get(url, headers=guess) as response:
+                assert response.status == 401
+            async with http.get(url, headers={"Authorization": "Basic !!"}) as response:
+                assert response.status == 401
+            async with http.get(url + "x", headers=account) as response:
+                assert response.status == 404
+            async with http.get(url, headers=account) as response:
+                record = await response.json()
+    assert record["status"] == "completed"
+    assert record["caller"] == caller.from_
+    assert record["twilio_events"] == [
+        {"CallStatus": "completed", "CallDuration": "42", "path": "/twilio/call-status"}
+    ]

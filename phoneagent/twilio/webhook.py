@@ -19,6 +19,8 @@ from twilio.twiml.voice_response import VoiceResponse
 STREAM_TOKEN_SECONDS = 120  # Twilio opens the stream right after the TwiML; two minutes is ample
 PERSONA_PARAMETER = "persona"
 TOKEN_PARAMETER = "token"
+CALLER_PARAMETER = "from"
+CALLED_PARAMETER = "to"
 
 
 def signature_is_valid(
