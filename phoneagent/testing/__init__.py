@@ -1,0 +1,12 @@
+"""The test kit: real servers and clients on loopback standing in for Twilio and StepFun.
+
+Tests, benchmarks and ``phoneagent demo`` / ``simulate`` use the same pieces. Each stand-in is
+written from the protocol references (``shared/reference/``), not from phoneagent's own code.
+Import what you need from its module; the usual entry points:
+
+- ``caller.TwilioCaller``: plays Twilio's side of one call (webhook, stream, playback buffer).
+- ``fake_model.FakeRealtimeServer``: a protocol-faithful fake of StepFun's realtime API.
+- ``fake_twilio_api.FakeTwilioApi``: Twilio's REST Call resource (updates, hang-ups, faults).
+- ``webhook_sink.WebhookSink``: a webhook receiver with scripted answers.
+- ``stack.LocalStack``: phoneagent's server with the fakes, on 127.0.0.1.
+"""
