@@ -51,7 +51,7 @@ import warnings
 import wave
 import xml.etree.ElementTree as ET
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -601,6 +601,121 @@ class _PlayJob:
         return self.sent >= len(self.audio)
 
 
+class CallClock:
+    """Call time in ms since ``start``: wall time × ``speed``.
+
+    Unpaced (``speed`` 0) nothing waits for the wall clock: call time is then the amount of
+    inbound audio sent so far (:attr:`inbound_ms`, which the microphone advances).
+    """
+
+    def __init__(self, speed: float) -> None:
+        self.speed = speed
+        self.started_at: float | None = None  # time.monotonic() when start was sent
+        self.inbound_ms = 0  # stream position of the next inbound frame: its media.timestamp
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+
+    def now_ms(self) -> float:
+        if self.started_at is None:
+            return 0.0
+        if not self.speed:
+            return float(self.inbound_ms)
+        return (time.monotonic() - self.started_at) * 1000.0 * self.speed
+
+    def wall_delay(self, call_ms: float) -> float:
+        """Wall-clock seconds until the clock reads ``call_ms`` (0 when unpaced)."""
+        if not self.speed or self.started_at is None:
+            return 0.0
+        return self.started_at + call_ms / 1000.0 / self.speed - time.monotonic()
+
+    async def sleep_until(self, call_ms: float) -> None:
+        if not self.speed:
+            await asyncio.sleep(0)  # unpaced: still let the other side run
+            return
+        # An absolute deadline, re-checked because a sleep may end a hair early.
+        while (delay := self.wall_delay(call_ms)) > 0:
+            await asyncio.sleep(delay)
+
+
+class Microphone:
+    """The caller's side of the line (§2): 20 ms frames paced on absolute call-clock deadlines.
+
+    Plays and gaps queue up and follow each other back to back; with background silence on,
+    silence fills the line whenever nothing is queued, as a real phone line does. ``send_frame``
+    sends one frame with the given timestamp and returns False once the stream is gone.
+    """
+
+    def __init__(
+        self, clock: CallClock, send_frame: Callable[[bytes, int], Awaitable[bool]]
+    ) -> None:
+        self._clock = clock
+        self._send_frame = send_frame
+        self._jobs: deque[_PlayJob] = deque()
+        self._background = False
+        self._stopped = False
+        self._wake = asyncio.Event()
+
+    async def queue(self, job: _PlayJob) -> int:
+        """Queue a play or gap; return its length in ms once it has been sent (or cut short)."""
+        if self._stopped:
+            return 0
+        self._jobs.append(job)
+        self._wake.set()
+        return await job.done
+
+    def set_background(self, on: bool) -> None:
+        self._background = on
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop for good: pending plays return what they sent so far."""
+        self._stopped = True
+        self._background = False
+        while self._jobs:
+            job = self._jobs.popleft()
+            if not job.done.done():
+                job.done.set_result(math.ceil(job.sent / FRAME_BYTES) * FRAME_MS)
+        self._wake.set()
+
+    async def run(self) -> None:
+        clock = self._clock
+        idle = True
+        while not self._stopped:
+            job = self._jobs[0] if self._jobs else None
+            if job is None and not self._background:
+                idle = True
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if idle:
+                # Resuming after the line was quiet: timestamps follow the call clock, so the
+                # pause shows up as a gap, as when Twilio omits silence (§2). Whole frames only:
+                # queued plays stay back to back, and timestamps stay on the 20 ms grid.
+                quiet_frames = max(0, math.floor((clock.now_ms() - clock.inbound_ms) / FRAME_MS))
+                clock.inbound_ms += quiet_frames * FRAME_MS
+                idle = False
+            if job is not None and job.gap_ms:
+                clock.inbound_ms += job.gap_ms
+                await clock.sleep_until(clock.inbound_ms)
+                self._finish(job, job.gap_ms)
+                continue
+            frame = job.next_frame() if job is not None else MULAW_SILENCE * FRAME_BYTES
+            # A frame leaves once its 20 ms have been captured.
+            await clock.sleep_until(clock.inbound_ms + FRAME_MS)
+            if not await self._send_frame(frame, clock.inbound_ms):
+                self.stop()
+                return
+            clock.inbound_ms += FRAME_MS
+            if job is not None and job.finished:
+                self._finish(job, math.ceil(len(job.audio) / FRAME_BYTES) * FRAME_MS)
+
+    def _finish(self, job: _PlayJob, ms: int) -> None:
+        self._jobs.popleft()
+        if not job.done.done():
+            job.done.set_result(ms)
+
+
 class TwilioCaller:
     """Plays Twilio's role for one call: voice webhook, media stream, playback, hang-up.
 
@@ -656,15 +771,11 @@ class TwilioCaller:
         self.closed_by_server = False
         self.ended_by: str | None = None  # "hangup", "drop", "rest_update", "server"
 
+        self.clock = CallClock(self.speed)
         self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._started = False
-        self._t0 = 0.0
         self._seq = 0
         self._chunk = 0
-        self._inbound_ms = 0  # stream position of the next inbound frame (its timestamp)
-        self._jobs: deque[_PlayJob] = deque()
-        self._background = False
-        self._mic_wake = asyncio.Event()
+        self._microphone = Microphone(self.clock, self._send_media)
         self._send_lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._closed = asyncio.Event()
@@ -846,11 +957,10 @@ class TwilioCaller:
             **(overrides or {}),
         }
         async with self._send_lock:
-            self._t0 = time.monotonic()
-            self._started = True
+            self.clock.start()
             await self._send_event("start", {"start": start})
         self._spawn(self._playout_loop())
-        self._spawn(self._microphone_loop())
+        self._spawn(self._microphone.run())
 
     def _connect_url(self, signed_url: str) -> str:
         stream, public, base = (
@@ -870,7 +980,7 @@ class TwilioCaller:
 
         Returns when the last frame is sent (or the stream ended). Calls queue up in order.
         """
-        return await self._queue_job(_PlayJob(audio=bytes(mulaw)))
+        return await self._queue(_PlayJob(audio=bytes(mulaw)))
 
     async def play_silence(self, ms: int) -> int:
         """Send ``ms`` of μ-law silence."""
@@ -885,17 +995,21 @@ class TwilioCaller:
 
         Twilio omits silent audio on some calls, so ``media.timestamp`` jumps (§2: gaps happen).
         """
-        return await self._queue_job(_PlayJob(gap_ms=ms))
+        return await self._queue(_PlayJob(gap_ms=ms))
 
     def start_background_silence(self) -> None:
         """Stream silence whenever nothing else is playing, as a real phone line does (§2)."""
         if not self.speed:
             raise ValueError("background silence needs a paced call (speed > 0)")
-        self._background = True
-        self._mic_wake.set()
+        self._microphone.set_background(True)
 
     def stop_background_silence(self) -> None:
-        self._background = False
+        self._microphone.set_background(False)
+
+    async def _queue(self, job: _PlayJob) -> int:
+        if not self.started and not self.closed:
+            raise RuntimeError("the stream has not started: connect() first")
+        return await self._microphone.queue(job)
 
     async def send_dtmf(self, digit: str) -> None:
         """Send a ``dtmf`` message (a keypress; bidirectional streams only, §2)."""
@@ -939,10 +1053,10 @@ class TwilioCaller:
         if self._ws is None or self.ended_by is not None:
             return
         self.ended_by = reason
-        self._stop_microphone()
+        self._microphone.stop()
         async with self._send_lock:
             self.playback.stop(self.now_ms())
-            if send_stop and self._started:
+            if send_stop and self.started:
                 stop = {"accountSid": self.account_sid, "callSid": self.call_sid}
                 with contextlib.suppress(ConnectionError):
                     await self._send_event("stop", {"stop": stop})
@@ -957,7 +1071,7 @@ class TwilioCaller:
         if self.closed:
             return
         self.close_code = self._require_ws().close_code
-        self._stop_microphone()
+        self._microphone.stop()
         self._closed.set()
         self._notify()
         for task in self._tasks:
@@ -985,7 +1099,7 @@ class TwilioCaller:
 
     async def _on_text(self, text: str) -> None:
         async with self._send_lock:
-            message, problem = check_outbound(text, self.stream_sid if self._started else None)
+            message, problem = check_outbound(text, self.stream_sid if self.started else None)
             self._record(text, message, problem, WARNING_INVALID_MESSAGE)
             # Invalid frames are ignored (§3); after stop the stream is gone, so nothing plays.
             if message is not None and self.ended_by is None:
@@ -1029,7 +1143,7 @@ class TwilioCaller:
         """Echo marks as the playback clock reaches them (§3)."""
         while not self.closed:
             due = self.playback.next_due_ms()
-            delay = None if due is None else self._wall_delay(due)
+            delay = None if due is None else self.clock.wall_delay(due)
             if delay is None or delay > 0:
                 # Sleep until the next item is due, but re-check on any change: a clear and new
                 # audio can make something due earlier than what we were waiting for.
@@ -1040,77 +1154,25 @@ class TwilioCaller:
                     await self._echo(self.playback.advance(self.now_ms()))
             self._notify()
 
-    # -- the microphone: paced inbound frames (§2) --------------------------------------------
+    # -- sending (the microphone's frames, every other message) -------------------------------
 
-    async def _queue_job(self, job: _PlayJob) -> int:
-        if self.closed:
-            return 0
-        if not self._started:
-            raise RuntimeError("the stream has not started: connect() first")
-        self._jobs.append(job)
-        self._mic_wake.set()
-        return await job.done
-
-    async def _microphone_loop(self) -> None:
-        idle = True
-        while self.ended_by is None:
-            job = self._jobs[0] if self._jobs else None
-            if job is None and not self._background:
-                idle = True
-                self._mic_wake.clear()
-                await self._mic_wake.wait()
-                continue
-            if idle:
-                # Resuming after the line was quiet: timestamps follow the call clock, so the
-                # pause shows up as a gap, as when Twilio omits silence (§2). Whole frames only:
-                # queued plays stay back to back, and timestamps stay on the 20 ms grid.
-                quiet_frames = max(0, math.floor((self.now_ms() - self._inbound_ms) / FRAME_MS))
-                self._inbound_ms += quiet_frames * FRAME_MS
-                idle = False
-            if job is not None and job.gap_ms:
-                self._inbound_ms += job.gap_ms
-                await self._sleep_until(self._inbound_ms)
-                self._finish_job(job, job.gap_ms)
-                continue
-            frame = job.next_frame() if job is not None else MULAW_SILENCE * FRAME_BYTES
-            # A frame leaves once its 20 ms have been captured; absolute deadlines keep the
-            # pace exact however long each send takes.
-            await self._sleep_until(self._inbound_ms + FRAME_MS)
-            await self._send_media(frame)
-            if job is not None and job.finished:
-                self._finish_job(job, math.ceil(len(job.audio) / FRAME_BYTES) * FRAME_MS)
-
-    def _finish_job(self, job: _PlayJob, ms: int) -> None:
-        self._jobs.popleft()
-        if not job.done.done():
-            job.done.set_result(ms)
-
-    async def _send_media(self, frame: bytes) -> None:
+    async def _send_media(self, frame: bytes, timestamp_ms: int) -> bool:
+        """Send one inbound ``media`` frame; False once the stream has ended."""
         async with self._send_lock:
             if self.ended_by is not None:  # nothing may follow stop
-                return
+                return False
             self._chunk += 1
             media = {
                 "track": "inbound",
                 "chunk": str(self._chunk),  # numeric-looking fields are strings (§2)
-                "timestamp": str(self._inbound_ms),
+                "timestamp": str(timestamp_ms),
                 "payload": base64.b64encode(frame).decode("ascii"),
             }
-            self._inbound_ms += FRAME_MS
             try:
                 await self._send_event("media", {"media": media})
             except ConnectionError:
-                self._stop_microphone()
-
-    def _stop_microphone(self) -> None:
-        self._background = False
-        while self._jobs:
-            job = self._jobs.popleft()
-            if not job.done.done():
-                job.done.set_result(math.ceil(job.sent / FRAME_BYTES) * FRAME_MS)
-        self._mic_wake.set()
-
-    # -- low-level sending --------------------------------------------------------------------
+                return False
+            return True
 
     async def _send_event(self, event: str, body: Mapping[str, Any]) -> None:
         """Send one Twilio message with the next sequence number (caller holds the lock)."""
@@ -1136,25 +1198,7 @@ class TwilioCaller:
 
     def now_ms(self) -> float:
         """The call clock: ms of call time since ``start`` (inbound audio sent, if unpaced)."""
-        if not self._started:
-            return 0.0
-        if not self.speed:
-            return float(self._inbound_ms)
-        return (time.monotonic() - self._t0) * 1000.0 * self.speed
-
-    def _wall_delay(self, call_ms: float) -> float:
-        """Wall-clock seconds until the call clock reads ``call_ms`` (0 when unpaced)."""
-        if not self.speed:
-            return 0.0
-        return self._t0 + call_ms / 1000.0 / self.speed - time.monotonic()
-
-    async def _sleep_until(self, call_ms: float) -> None:
-        if not self.speed:
-            await asyncio.sleep(0)  # unpaced: still let the server run
-            return
-        # Absolute deadline: loop, because a sleep may end a hair early.
-        while (delay := self._wall_delay(call_ms)) > 0:
-            await asyncio.sleep(delay)
+        return self.clock.now_ms()
 
     def _notify(self) -> None:
         self._changed.set()
@@ -1232,12 +1276,13 @@ class TwilioCaller:
 
     @property
     def started(self) -> bool:
-        return self._started
+        """True once ``start`` was sent."""
+        return self.clock.started_at is not None
 
     @property
     def started_at(self) -> float:
         """``time.monotonic()`` when ``start`` was sent: call-clock zero."""
-        return self._t0
+        return self.clock.started_at or 0.0
 
     @property
     def clears(self) -> list[ClearRecord]:
