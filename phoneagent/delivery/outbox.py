@@ -1,0 +1,515 @@
+"""The durable outbox: events waiting for (or done with) delivery to a webhook.
+
+An event is committed here before anything is sent, and stays until its receiver answered 2xx
+(``delivered``) or delivery was given up (``failed``, the dead letters). :class:`Outbox` is the
+interface the worker and the CLI use; :class:`SQLiteOutbox` is the embedded default, one file
+under ``PHONEAGENT_DATA_DIR``. A shared database (Postgres: ``SELECT … FOR UPDATE SKIP LOCKED``
+for :meth:`Outbox.claim_due`) can implement the same interface for several instances.
+
+Claims are leases, so they also work across processes: claiming a row moves its
+``next_attempt_at`` to the end of the lease and stamps it with a fresh claim token. A worker that
+dies mid-delivery (even by SIGKILL) leaves the row to fall due again when the lease ends; a
+worker whose lease ran out finds its token replaced, and its late ``mark_*`` is ignored rather
+than overwriting the newer attempt's result. Receivers may therefore see an event twice, always
+with the same id (``webhook-id``), which is the at-least-once contract they deduplicate on.
+
+SQLite runs on one dedicated thread per outbox, not on the event loop and not on the default
+executor: commits are durable (WAL, ``synchronous=FULL``: an fsync per commit, milliseconds on a
+disk) and the event loop also carries live call audio with a 5 ms budget; a private thread keeps
+one connection with one owner (sqlite3's own thread check stays on) and never queues behind
+``getaddrinfo`` or other work on the shared executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import sqlite3
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
+
+from phoneagent.delivery.events import Event
+
+__all__ = [
+    "DELIVERED",
+    "FAILED",
+    "OUTBOX_FILENAME",
+    "PENDING",
+    "STATUSES",
+    "Outbox",
+    "OutboxError",
+    "OutboxItem",
+    "SQLiteOutbox",
+    "destination_of",
+]
+
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+STATUSES = (PENDING, FAILED, DELIVERED)
+OUTBOX_FILENAME = "outbox.sqlite3"
+SCHEMA_VERSION = 1
+#: Waiting for a lock another process holds (``phoneagent events redeliver`` while the server
+#: runs) is normal for a moment; longer than this is an error that names the file.
+DEFAULT_BUSY_TIMEOUT = 5.0
+
+T = TypeVar("T")
+
+
+class OutboxError(Exception):
+    """The outbox cannot be used; the message names the file and what to do about it."""
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """One event bound for one webhook URL, and where its delivery stands."""
+
+    id: str  # the event id, sent as webhook-id
+    type: str
+    url: str
+    destination: str  # scheme://host:port, the unit of per-receiver fairness
+    secret_env: str  # the NAME of the variable holding the signing secret, never the secret
+    body: bytes
+    status: str  # pending | delivered | failed
+    attempts: int  # attempts that got an answer or an error (a crash mid-attempt is not one)
+    created_at: float  # Unix seconds
+    next_attempt_at: float  # while claimed: the end of the lease
+    claim: str | None  # token of the worker delivering it now, if any
+    last_attempt_at: float | None
+    last_status: int | None  # the HTTP status of the last answer, None if there was none
+    last_error: str | None
+    delivered_at: float | None
+
+
+class Outbox(Protocol):
+    """Where events wait for delivery. Every method is a coroutine, so a networked store fits."""
+
+    async def enqueue(self, event: Event, *, url: str, secret_env: str, now: float) -> bool:
+        """Commit ``event`` for delivery to ``url`` (due at ``now``). False if its id is already
+        queued: enqueueing is idempotent."""
+        ...
+
+    async def claim_due(
+        self,
+        *,
+        now: float,
+        limit: int,
+        lease: float,
+        room: Mapping[str, int] | None = None,
+        default_room: int | None = None,
+    ) -> list[OutboxItem]:
+        """Claim up to ``limit`` pending items due at ``now``, oldest due first, for ``lease``
+        seconds. ``room`` caps how many more each destination may take (``default_room`` for
+        destinations not in it; None: no cap), so one receiver cannot take every slot."""
+        ...
+
+    async def next_due_at(self, *, skip: Collection[str] = ()) -> float | None:
+        """When the earliest pending item (of a destination not in ``skip``) falls due."""
+        ...
+
+    async def mark_delivered(self, item_id: str, claim: str, *, now: float, status: int) -> bool:
+        """Record a 2xx answer. False (and nothing changed) if ``claim`` is no longer current."""
+        ...
+
+    async def mark_retry(
+        self, item_id: str, claim: str, *, now: float, at: float, status: int | None, error: str
+    ) -> bool:
+        """Record a failed attempt and when to try again."""
+        ...
+
+    async def mark_dead(
+        self, item_id: str, claim: str, *, now: float, status: int | None, error: str
+    ) -> bool:
+        """Record a failed attempt and give up: the item becomes a dead letter (``failed``)."""
+        ...
+
+    async def release(self, item_id: str, claim: str, *, now: float) -> bool:
+        """Give back a claim without an attempt (shutting down): due again at once."""
+        ...
+
+    async def get(self, item_id: str) -> OutboxItem | None: ...
+
+    async def list(self, *, status: str | None = None, limit: int = 50) -> list[OutboxItem]:
+        """Items, newest first, optionally of one status."""
+        ...
+
+    async def counts(self) -> dict[str, int]:
+        """How many items are in each status."""
+        ...
+
+    async def redeliver(self, item_id: str, *, now: float) -> OutboxItem | None:
+        """Queue an item again (any status) with a fresh retry schedule, due at ``now``."""
+        ...
+
+    async def purge_delivered(self, *, before: float) -> int:
+        """Delete delivered items delivered before ``before``; how many went."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def destination_of(url: str) -> str:
+    """``scheme://host:port`` of a webhook URL: receivers are told apart by origin."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = (parts.hostname or "").lower()
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}:{port}"
+
+
+_COLUMNS = (
+    "id, type, url, destination, secret_env, body, status, attempts, created_at, "
+    "next_attempt_at, claim, last_attempt_at, last_status, last_error, delivered_at"
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id TEXT PRIMARY KEY,
+    type TEXT NOT NULL,
+    url TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    secret_env TEXT NOT NULL,
+    body BLOB NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    claim TEXT,
+    last_attempt_at REAL,
+    last_status INTEGER,
+    last_error TEXT,
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_by_status ON outbox (status, created_at);
+"""
+
+
+class SQLiteOutbox:
+    """The embedded outbox: one SQLite file, WAL mode, durable commits, one private thread.
+
+    Open it with ``await SQLiteOutbox.open(path)``; a file that is corrupt, locked by another
+    process, unwritable or from a newer phoneagent raises :class:`OutboxError` there, at
+    start-up, rather than on the first call.
+    """
+
+    def __init__(self, path: Path, executor: ThreadPoolExecutor) -> None:
+        self.path = path
+        self._executor = executor
+        self._db: sqlite3.Connection | None = None  # touched only on the executor's thread
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls, path: Path | str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+    ) -> SQLiteOutbox:
+        outbox = cls(Path(path), ThreadPoolExecutor(1, thread_name_prefix="outbox-sqlite"))
+        try:
+            await outbox._run(outbox._connect, busy_timeout)
+        except BaseException:
+            outbox._executor.shutdown(wait=False)
+            raise
+        return outbox
+
+    @classmethod
+    async def in_data_dir(
+        cls, data_dir: Path | str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+    ) -> SQLiteOutbox:
+        """The outbox file of a ``PHONEAGENT_DATA_DIR`` (created if missing)."""
+        return await cls.open(Path(data_dir) / OUTBOX_FILENAME, busy_timeout=busy_timeout)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except RuntimeError as exc:  # the executor was shut down: close() ran
+            raise OutboxError(f"the outbox {self.path} is closed") from exc
+
+    # --- opening --------------------------------------------------------------------------
+
+    def _connect(self, busy_timeout: float) -> None:
+        path = self.path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutboxError(
+                f"cannot create the data directory {path.parent} ({exc.strerror}): "
+                "set PHONEAGENT_DATA_DIR to a directory this process can write"
+            ) from None
+        db: sqlite3.Connection | None = None
+        try:
+            db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise OutboxError(
+                    f"{path}: SQLite refused WAL mode (got {mode!r}); the outbox needs a local "
+                    "file system (not NFS or a read-only volume) under PHONEAGENT_DATA_DIR"
+                )
+            db.execute("PRAGMA synchronous=FULL")  # a committed event survives a power cut
+            db.execute("BEGIN IMMEDIATE")  # takes the write lock: a locked file fails here
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise OutboxError(
+                    f"{path} was written by a newer phoneagent (outbox schema {version}, this "
+                    f"version reads {SCHEMA_VERSION}): upgrade phoneagent, or point "
+                    "PHONEAGENT_DATA_DIR at another directory"
+                )
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db is not None:
+                db.close()
+            raise _open_error(path, exc) from None
+        except BaseException:
+            if db is not None:
+                db.close()
+            raise
+        self._db = db
+
+    # --- the interface --------------------------------------------------------------------
+
+    async def enqueue(self, event: Event, *, url: str, secret_env: str, now: float) -> bool:
+        row = (
+            event.id,
+            event.type,
+            url,
+            destination_of(url),
+            secret_env,
+            event.body(),
+            PENDING,
+            now,
+            now,
+        )
+        return await self._run(self._enqueue, row)
+
+    def _enqueue(self, row: tuple) -> bool:
+        cur = self._write(
+            "INSERT OR IGNORE INTO outbox (id, type, url, destination, secret_env, body, status,"
+            " created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            row,
+        )
+        return cur.rowcount == 1
+
+    async def claim_due(
+        self,
+        *,
+        now: float,
+        limit: int,
+        lease: float,
+        room: Mapping[str, int] | None = None,
+        default_room: int | None = None,
+    ) -> list[OutboxItem]:
+        if limit <= 0:
+            return []
+        return await self._run(self._claim_due, now, limit, lease, dict(room or {}), default_room)
+
+    def _claim_due(
+        self, now: float, limit: int, lease: float, room: dict[str, int], default_room: int | None
+    ) -> list[OutboxItem]:
+        full = [d for d, n in room.items() if n <= 0]
+        # Read a few more candidates than slots: some may belong to a destination with no room.
+        fetch = limit * 4 if (room or default_room is not None) else limit
+        sql = f"SELECT {_COLUMNS} FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?"
+        params: list[Any] = [now]
+        if full:
+            sql += f" AND destination NOT IN ({', '.join('?' * len(full))})"
+            params += full
+        sql += " ORDER BY next_attempt_at LIMIT ?"
+        params.append(fetch)
+        db = self._connection()
+        claimed: list[OutboxItem] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")  # no other process claims between SELECT and UPDATE
+            taken: dict[str, int] = {}
+            for row in db.execute(sql, params).fetchall():
+                item = _item(row)
+                cap = room.get(item.destination, default_room)
+                if cap is not None and taken.get(item.destination, 0) >= cap:
+                    continue
+                token = secrets.token_hex(8)
+                db.execute(
+                    "UPDATE outbox SET claim = ?, next_attempt_at = ? WHERE id = ?",
+                    (token, now + lease, item.id),
+                )
+                taken[item.destination] = taken.get(item.destination, 0) + 1
+                claimed.append(replace(item, claim=token, next_attempt_at=now + lease))
+                if len(claimed) >= limit:
+                    break
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise self._runtime_error(exc) from exc
+        return claimed
+
+    async def next_due_at(self, *, skip: Collection[str] = ()) -> float | None:
+        return await self._run(self._next_due_at, list(skip))
+
+    def _next_due_at(self, skip: list[str]) -> float | None:
+        sql = "SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending'"
+        if skip:
+            sql += f" AND destination NOT IN ({', '.join('?' * len(skip))})"
+        return self._read(sql, skip)[0][0]
+
+    async def mark_delivered(self, item_id: str, claim: str, *, now: float, status: int) -> bool:
+        return await self._run(
+            self._mark,
+            "status = 'delivered', delivered_at = ?, last_attempt_at = ?, last_status = ?, "
+            "last_error = NULL",
+            (now, now, status),
+            item_id,
+            claim,
+        )
+
+    async def mark_retry(
+        self, item_id: str, claim: str, *, now: float, at: float, status: int | None, error: str
+    ) -> bool:
+        return await self._run(
+            self._mark,
+            "next_attempt_at = ?, last_attempt_at = ?, last_status = ?, last_error = ?",
+            (at, now, status, error),
+            item_id,
+            claim,
+        )
+
+    async def mark_dead(
+        self, item_id: str, claim: str, *, now: float, status: int | None, error: str
+    ) -> bool:
+        return await self._run(
+            self._mark,
+            "status = 'failed', last_attempt_at = ?, last_status = ?, last_error = ?",
+            (now, status, error),
+            item_id,
+            claim,
+        )
+
+    def _mark(self, assignments: str, values: tuple, item_id: str, claim: str) -> bool:
+        cur = self._write(
+            f"UPDATE outbox SET {assignments}, attempts = attempts + 1, claim = NULL "
+            "WHERE id = ? AND claim = ? AND status = 'pending'",
+            (*values, item_id, claim),
+        )
+        return cur.rowcount == 1
+
+    async def release(self, item_id: str, claim: str, *, now: float) -> bool:
+        return await self._run(self._release, item_id, claim, now)
+
+    def _release(self, item_id: str, claim: str, now: float) -> bool:
+        cur = self._write(
+            "UPDATE outbox SET claim = NULL, next_attempt_at = ? "
+            "WHERE id = ? AND claim = ? AND status = 'pending'",
+            (now, item_id, claim),
+        )
+        return cur.rowcount == 1
+
+    async def get(self, item_id: str) -> OutboxItem | None:
+        rows = await self._run(
+            self._read, f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (item_id,)
+        )
+        return _item(rows[0]) if rows else None
+
+    async def list(self, *, status: str | None = None, limit: int = 50) -> list[OutboxItem]:
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+        sql, params = f"SELECT {_COLUMNS} FROM outbox", []
+        if status is not None:
+            sql += " WHERE status = ?"
+            params.append(status)
+        sql += " ORDER BY created_at DESC, id LIMIT ?"
+        params.append(limit)
+        return [_item(row) for row in await self._run(self._read, sql, params)]
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._run(self._read, "SELECT status, COUNT(*) FROM outbox GROUP BY status")
+        return {status: 0 for status in STATUSES} | dict(rows)
+
+    async def redeliver(self, item_id: str, *, now: float) -> OutboxItem | None:
+        await self._run(
+            self._write,
+            "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?, "
+            "claim = NULL, delivered_at = NULL WHERE id = ?",
+            (now, item_id),
+        )
+        return await self.get(item_id)
+
+    async def purge_delivered(self, *, before: float) -> int:
+        cur = await self._run(
+            self._write,
+            "DELETE FROM outbox WHERE status = 'delivered' AND delivered_at < ?",
+            (before,),
+        )
+        return cur.rowcount
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OutboxError):
+            await self._run(self._close)
+        self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # --- on the SQLite thread -------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise OutboxError(f"the outbox {self.path} is closed")
+        return self._db
+
+    def _write(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        try:
+            return self._connection().execute(sql, params)  # autocommit: one durable commit
+        except sqlite3.Error as exc:
+            raise self._runtime_error(exc) from exc
+
+    def _read(self, sql: str, params: Any = ()) -> list[tuple]:
+        try:
+            return self._connection().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise self._runtime_error(exc) from exc
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._connection().execute("ROLLBACK")
+
+    def _runtime_error(self, exc: sqlite3.Error) -> OutboxError:
+        return _open_error(self.path, exc)
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> OutboxError:
+    """An :class:`OutboxError` that says what is wrong with the file and what to do."""
+    text = str(exc)
+    lowered = text.lower()
+    if "locked" in lowered or "busy" in lowered:
+        return OutboxError(
+            f"{path} is locked by another process ({text}): another phoneagent using the same "
+            "PHONEAGENT_DATA_DIR, or a tool holding the file open. Stop it, or give this "
+            "instance its own PHONEAGENT_DATA_DIR"
+        )
+    if "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
+        return OutboxError(
+            f"{path} is not a readable SQLite database ({text}). Stop phoneagent, move the "
+            "file aside together with its -wal and -shm files (try `sqlite3 FILE .recover` "
+            "on the copy to save its events), then start again: a new outbox is created"
+        )
+    if "readonly" in lowered or "read-only" in lowered or "unable to open" in lowered:
+        return OutboxError(
+            f"cannot open {path} for writing ({text}): check that PHONEAGENT_DATA_DIR "
+            f"({path.parent}) is a writable directory and the file, if it exists, is writable"
+        )
+    if "disk" in lowered or "full" in lowered or "i/o" in lowered:
+        return OutboxError(f"{path}: the disk refused a write ({text}); free space or fix it")
+    return OutboxError(f"{path}: {text}")
+
+
+def _item(row: tuple) -> OutboxItem:
+    return OutboxItem(*row[:5], bytes(row[5]), *row[6:])
