@@ -24,6 +24,7 @@ from phoneagent.realtime.base import (
     AudioDelta,
     CancelResponse,
     CreateResponse,
+    ModelError,
     ResponseDone,
     ResponseStarted,
     SpeechStarted,
@@ -238,3 +239,11 @@ def test_socket_closures_end_the_call(call, event, reason):
     actions = call.on_twilio_closed() if event == "twilio" else call.on_model_closed()
     assert actions == [EndCall(reason)]
     assert call.end_reason is reason
+
+
+def test_model_errors_do_not_end_the_call(call):
+    assert call.on_model(ModelError("invalid_value", "no ongoing response to cancel", True)) == []
+    assert call.on_model(ModelError("server_error", "something broke")) == []
+    assert not call.ended
+    [action] = call.on_twilio(Media(timestamp_ms=0, payload=b"\xff" * 160))
+    assert isinstance(action.command, AppendAudio)
