@@ -64,9 +64,9 @@ class TimedShell(CallShell):
         if isinstance(event, Media):
             TimedShell.inbound.append(time.perf_counter() - started)
 
-    async def perform(self, actions):
+    async def perform(self, actions, received_at=None):
         started = time.perf_counter()
-        await super().perform(actions)
+        await super().perform(actions, received_at)
         frames = sum(1 for a in actions if type(a).__name__ == "SendMedia")
         if frames:
             TimedShell.outbound.extend([(time.perf_counter() - started) / frames] * frames)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from phoneagent.call import (
     TurnFinished,
 )
 from phoneagent.logs import get_logger
+from phoneagent.realtime.base import ModelEvent
 from phoneagent.realtime.connection import ModelSession
 from phoneagent.twilio.stream import (
     MalformedMessage,
@@ -105,15 +107,22 @@ class CallShell:
 
     async def _pump_model(self) -> None:
         async for event in self.model.events():
-            await self.perform(self.call.on_model(event))
+            await self.feed_model(event)
             if self.call.ended:
                 return
         await self.perform(self.call.on_model_closed())
 
     async def feed_twilio(self, event: TwilioEvent) -> None:
-        await self.perform(self.call.on_twilio(event))
+        received_at = time.perf_counter()
+        await self.perform(self.call.on_twilio(event), received_at)
 
-    async def perform(self, actions: list[Action]) -> None:
+    async def feed_model(self, event: ModelEvent) -> None:
+        received_at = time.perf_counter()
+        await self.perform(self.call.on_model(event), received_at)
+
+    async def perform(self, actions: list[Action], received_at: float | None = None) -> None:
+        """Carry out the Call's actions in order. ``received_at`` is when the event that caused
+        them arrived: the barge-in reaction time is measured from it."""
         stream_sid = self.call.stream_sid
         for action in actions:
             match action:
@@ -123,6 +132,9 @@ class CallShell:
                     await self._to_twilio(mark_message(stream_sid, name))
                 case SendClear():
                     await self._to_twilio(clear_message(stream_sid))
+                    if received_at is not None:
+                        reaction = time.perf_counter() - received_at
+                        self.call.stats.barge_in_reaction_s.append(reaction)
                 case ToModel(command):
                     try:
                         await self.model.send(command)

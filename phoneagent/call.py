@@ -14,7 +14,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from phoneagent.audio import ULAW_BYTES_PER_MS, ULAW_SILENCE, CallerToModel, ModelToCaller
+from phoneagent.audio import (
+    ULAW_BYTES_PER_MS,
+    ULAW_SILENCE,
+    CallerToModel,
+    ModelToCaller,
+    pcm16_ms,
+    pcm16_rms,
+)
 from phoneagent.logs import get_logger
 from phoneagent.personas import Persona
 from phoneagent.realtime.base import (
@@ -161,10 +168,20 @@ class AgentItem:
 
 
 @dataclass
+class BargeInCandidate:
+    """The model heard the caller start speaking over the agent; is it a real interruption?"""
+
+    caller_item_id: str
+    loud_ms: int = 0  # caller audio above the persona's energy threshold since then
+
+
+@dataclass
 class CallStats:
     started_at: float
     first_audio_at: float | None = None  # first agent frame sent to Twilio
     barge_ins: int = 0
+    barge_ins_ignored: int = 0  # short speech under the persona's guard: the agent went on
+    barge_in_reaction_s: list[float] = field(default_factory=list)  # decision → `clear` sent
     discarded_ms: int = 0  # agent audio sent or generated but never heard
     malformed_frames: int = 0
 
@@ -187,10 +204,10 @@ class Call:
         self._caller_turns: dict[str, Turn] = {}
         # Marks we sent and Twilio has not echoed yet, oldest first: name → (item, ms at mark).
         self._pending_marks: OrderedDict[str, tuple[AgentItem, int]] = OrderedDict()
-        self._mark_seq = 0
         self._active_response: str | None = None
         self._discarded_responses: set[str] = set()
         self._current_item: AgentItem | None = None  # the item whose audio is being framed
+        self._barge_in: BargeInCandidate | None = None
         self._next_media_ms: int | None = None
 
     # --- entry points ---------------------------------------------------------------------
@@ -237,6 +254,10 @@ class Call:
             case SpeechStopped(item_id):
                 turn = self._caller_turn(item_id)
                 turn.end_ms = self._now_ms()
+                if self._barge_in is not None and self._barge_in.caller_item_id == item_id:
+                    log.info("barge_in_ignored", loud_ms=self._barge_in.loud_ms)
+                    self.stats.barge_ins_ignored += 1
+                    self._barge_in = None
             case UserTranscript(item_id, text):
                 turn = self._caller_turn(item_id)
                 turn.text = text.strip()
@@ -275,7 +296,12 @@ class Call:
         self._next_media_ms = media.timestamp_ms + len(media.payload) // ULAW_BYTES_PER_MS
         if not audio:
             return []
-        return [ToModel(AppendAudio(self._to_model.process(audio)))]
+        pcm = self._to_model.process(audio)
+        # The caller's audio always reaches the model, interruption or not.
+        actions: list[Action] = [ToModel(AppendAudio(pcm))]
+        if self._barge_in is not None:
+            return self._weigh_barge_in(pcm) + actions  # an interruption goes out first
+        return actions
 
     # --- model → caller -------------------------------------------------------------------
 
@@ -314,8 +340,9 @@ class Call:
         actions: list[Action] = []
         for frame in frames:
             item.sent_ms += len(frame) // ULAW_BYTES_PER_MS
-            self._mark_seq += 1
-            name = f"m{self._mark_seq}"
+            # Unique, and it says whose audio it follows: Twilio echoes every pending mark
+            # after `clear`, and those echoes must not count as played.
+            name = f"{item.item_id}:{item.sent_ms}"
             self._pending_marks[name] = (item, item.sent_ms)
             actions += (SendMedia(frame), SendMark(name))
         if actions and self.stats.first_audio_at is None:
@@ -344,11 +371,33 @@ class Call:
 
     # --- barge-in -------------------------------------------------------------------------
 
+    @property
+    def _agent_speaking(self) -> bool:
+        """Agent audio is being generated, or sent and not yet heard."""
+        return bool(self._pending_marks) or self._active_response is not None
+
     def _on_speech_started(self, item_id: str) -> list[Action]:
         self._caller_turn(item_id)
-        agent_audio_pending = bool(self._pending_marks)
-        if not agent_audio_pending and self._active_response is None:
+        if not self._agent_speaking:
             return []
+        if self.persona.barge_in_min_speech_ms == 0:
+            return self._interrupt_agent()
+        self._barge_in = BargeInCandidate(item_id)
+        return []
+
+    def _weigh_barge_in(self, pcm: bytes) -> list[Action]:
+        """False barge-in guard: interrupt only once the caller has spoken long enough. Phone
+        lines have no echo cancellation, and "mhm" or a cough should not cut the agent off."""
+        candidate = self._barge_in
+        assert candidate is not None
+        if not self._agent_speaking:  # the agent finished on its own: nothing to interrupt
+            self._barge_in = None
+            return []
+        if pcm16_rms(pcm) > self.persona.vad_threshold:
+            candidate.loud_ms += pcm16_ms(len(pcm))
+        if candidate.loud_ms < self.persona.barge_in_min_speech_ms:
+            return []
+        self._barge_in = None
         return self._interrupt_agent()
 
     def _interrupt_agent(self) -> list[Action]:
@@ -370,6 +419,7 @@ class Call:
             _cut_turn(item.turn, heard_ms, item.sent_ms)
             actions.append(TurnFinished(item.turn.as_dict()))
         self._pending_marks.clear()  # their echoes, sent at once after `clear`, are not played
+        self._barge_in = None
         self._current_item = None
         self._to_caller.reset()  # the cut reply's filter state must not leak into the next
         self.stats.barge_ins += 1

@@ -38,6 +38,9 @@ DEFAULT_SILENCE_DURATION_MS = 600
 DEFAULT_PREFIX_PADDING_MS = 300
 DEFAULT_VAD_THRESHOLD = 1000
 DEFAULT_MAX_CALL_SECONDS = 900
+# Phone lines have no echo cancellation, and a caller's "mhm" is not a request to stop: the
+# caller must speak this long (loud audio, after the model heard speech start) to cut the agent.
+DEFAULT_BARGE_IN_MIN_SPEECH_MS = 300
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Persona:
     silence_duration_ms: int = DEFAULT_SILENCE_DURATION_MS
     prefix_padding_ms: int = DEFAULT_PREFIX_PADDING_MS
     vad_threshold: int = DEFAULT_VAD_THRESHOLD
+    barge_in_min_speech_ms: int = DEFAULT_BARGE_IN_MIN_SPEECH_MS
     source: Path | None = None
 
 
@@ -249,6 +253,9 @@ def parse_persona_file(
         ),
         prefix_padding_ms=top.integer("prefix_padding_ms", DEFAULT_PREFIX_PADDING_MS, 0, 5000),
         vad_threshold=top.integer("vad_threshold", DEFAULT_VAD_THRESHOLD, 0, 5000),
+        barge_in_min_speech_ms=top.integer(
+            "barge_in_min_speech_ms", DEFAULT_BARGE_IN_MIN_SPEECH_MS, 0, 3000
+        ),
         source=path,
     )
     top.finish()

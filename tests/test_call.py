@@ -1,9 +1,12 @@
 """The Call state machine, driven event by event (no sockets)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import EXAMPLE_PERSONAS
 
+from phoneagent.audio import pcm16_to_ulaw
 from phoneagent.call import (
     Call,
     EndCall,
@@ -58,12 +61,29 @@ def clock():
 
 @pytest.fixture
 def call(persona, clock):
+    """A call whose persona interrupts the agent the moment the caller starts speaking."""
+    immediate = dataclasses.replace(persona, barge_in_min_speech_ms=0)
+    return Call(persona=immediate, stream_sid="MZ1", call_sid="CA1", clock=clock)
+
+
+@pytest.fixture
+def guarded_call(persona, clock):
+    """A call with the persona's false barge-in guard (the default, 300 ms of speech)."""
+    assert persona.barge_in_min_speech_ms == 300
     return Call(persona=persona, stream_sid="MZ1", call_sid="CA1", clock=clock)
 
 
 def tone_pcm24k(ms: int, freq: float = 440.0) -> bytes:
     t = np.arange(ms * 24) / 24000
     return (np.sin(2 * np.pi * freq * t) * 8000).astype("<i2").tobytes()
+
+
+def caller_frame(loud: bool, timestamp_ms: int) -> Media:
+    """20 ms of caller audio: a 300 Hz tone (speech-loud) or near-silence (line noise, echo)."""
+    t = np.arange(160) / 8000
+    level = 8000 if loud else 200
+    pcm = (np.sin(2 * np.pi * 300 * t) * level).astype("<i2").tobytes()
+    return Media(timestamp_ms=timestamp_ms, payload=pcm16_to_ulaw(pcm))
 
 
 def of_type(actions, kind):
@@ -247,3 +267,56 @@ def test_model_errors_do_not_end_the_call(call):
     assert not call.ended
     [action] = call.on_twilio(Media(timestamp_ms=0, payload=b"\xff" * 160))
     assert isinstance(action.command, AppendAudio)
+
+
+# --- the false barge-in guard ----------------------------------------------------------------
+
+
+def talk(call, frames: int, loud: bool, start_ms: int = 0) -> list:
+    actions = []
+    for i in range(frames):
+        actions += call.on_twilio(caller_frame(loud, start_ms + 20 * i))
+    return actions
+
+
+def test_guard_waits_for_enough_speech_then_interrupts(guarded_call):
+    call = guarded_call
+    speak(call, "resp1", "item1", 1000)
+    assert call.on_model(SpeechStarted("user1", 0)) == []  # not yet: maybe just "mhm"
+    actions = talk(call, 14, loud=True)  # 280 ms
+    assert of_type(actions, SendClear) == []
+    assert len(model_commands(actions, AppendAudio)) == 14  # the model hears it all the same
+    actions = talk(call, 1, loud=True, start_ms=280)  # 300 ms: the caller means it
+    assert actions[0] == SendClear()
+    assert model_commands(actions, TruncateItem) == [TruncateItem("item1", 0)]
+    assert isinstance(actions[-1].command, AppendAudio)  # this frame still reaches the model
+    assert call.stats.barge_ins == 1
+
+
+def test_guard_ignores_a_short_mhm_and_quiet_echo(guarded_call):
+    call = guarded_call
+    actions = speak(call, "resp1", "item1", 1000)
+    call.on_model(SpeechStarted("user1", 0))
+    talk(call, 5, loud=True)  # 100 ms "mhm"
+    assert of_type(talk(call, 40, loud=False, start_ms=100), SendClear) == []  # echo, noise
+    call.on_model(SpeechStopped("user1", 900))
+    assert call.stats.barge_ins_ignored == 1
+    assert of_type(talk(call, 30, loud=True, start_ms=900), SendClear) == []  # turn is over
+    # The agent's turn goes on and is heard in full.
+    call.on_twilio(Mark(of_type(actions, SendMark)[-1].name))
+    assert call.transcript[0]["interrupted"] is False
+    assert call.stats.barge_ins == 0
+
+
+def test_guard_drops_the_candidate_when_the_agent_finishes_first(guarded_call):
+    call = guarded_call
+    actions = speak(call, "resp1", "item1", 200)
+    call.on_model(SpeechStarted("user1", 0))
+    call.on_twilio(Mark(of_type(actions, SendMark)[-1].name))  # all heard
+    assert of_type(talk(call, 30, loud=True), SendClear) == []
+    assert call.stats.barge_ins == 0
+
+
+def test_mark_names_say_whose_audio_they_follow(call):
+    marks = of_type(speak(call, "resp1", "item1", 100), SendMark)
+    assert [m.name for m in marks[:3]] == ["item1:20", "item1:40", "item1:60"]

@@ -14,7 +14,7 @@ from .framing import (
     ulaw_ms,
 )
 from .g711 import ULAW_SILENCE, pcm16_to_ulaw, ulaw_to_pcm16
-from .pcm import pcm16_to_samples, samples_to_pcm16
+from .pcm import pcm16_rms, pcm16_to_samples, samples_to_pcm16
 from .pipeline import CallerToModel, ModelToCaller
 from .resample import FilterDesign, Resampler, design_filter
 
@@ -32,6 +32,7 @@ __all__ = [
     "UlawFramer",
     "design_filter",
     "pcm16_ms",
+    "pcm16_rms",
     "pcm16_to_samples",
     "pcm16_to_ulaw",
     "samples_to_pcm16",

@@ -28,3 +28,11 @@ def samples_to_pcm16(samples: np.ndarray) -> bytes:
     np.minimum(rounded, 32767, out=rounded)
     np.maximum(rounded, -32768, out=rounded)
     return rounded.astype(_PCM16).tobytes()
+
+
+def pcm16_rms(pcm: bytes) -> float:
+    """Root mean square of pcm16 little-endian samples, on the pcm16 scale (0 for no audio)."""
+    if len(pcm) < 2:
+        return 0.0
+    samples = np.frombuffer(pcm, _PCM16, count=len(pcm) // 2).astype(np.float32)
+    return float(np.sqrt(np.mean(samples * samples)))
