@@ -1,0 +1,202 @@
+"""``phoneagent events …``: look into the webhook outbox, and queue events again.
+
+Both commands open the outbox file of ``PHONEAGENT_DATA_DIR`` directly, so they work while the
+server runs (SQLite WAL: readers never block it, a redeliver waits a moment for its lock at most);
+the running server's worker notices a redelivered event within its poll interval (1 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from phoneagent.delivery.outbox import (
+    DEFAULT_BUSY_TIMEOUT,
+    FAILED,
+    OUTBOX_FILENAME,
+    PENDING,
+    STATUSES,
+    OutboxError,
+    OutboxItem,
+    SQLiteOutbox,
+)
+
+__all__ = ["add_events_commands", "cmd_events_list", "cmd_events_redeliver"]
+
+EXIT_OK, EXIT_NOT_FOUND, EXIT_CONFIG = 0, 1, 2
+ERROR_WIDTH = 60
+#: How long a command waits for a lock the server holds (its writes take milliseconds).
+BUSY_TIMEOUT = DEFAULT_BUSY_TIMEOUT
+
+
+def add_events_commands(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``events list`` and ``events redeliver`` to the ``phoneagent`` command's
+    subparsers; returns the ``events`` parser."""
+    events = subparsers.add_parser("events", help="webhook events: list, redeliver")
+    commands = events.add_subparsers(title="event commands", required=True)
+
+    listing = commands.add_parser("list", help="list webhook events, newest first")
+    listing.add_argument("--status", choices=STATUSES, help="only events in this state")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    _data_dir_option(listing)
+    listing.set_defaults(handler=cmd_events_list)
+
+    redeliver = commands.add_parser(
+        "redeliver", help="queue events again (dead letters, or delivered ones) for delivery now"
+    )
+    redeliver.add_argument("ids", nargs="*", metavar="ID", help="event id (evt_…)")
+    redeliver.add_argument(
+        "--all-failed", action="store_true", help="every dead letter (after a long outage)"
+    )
+    _data_dir_option(redeliver)
+    redeliver.set_defaults(handler=cmd_events_redeliver)
+    return events
+
+
+def _data_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", type=Path, help="data directory (default: $PHONEAGENT_DATA_DIR, else ./data)"
+    )
+
+
+def cmd_events_list(args: argparse.Namespace) -> int:
+    path = _outbox_path(args)
+    if path is None:
+        return EXIT_CONFIG
+    if not path.exists():
+        print(f"no events yet: {path} does not exist")
+        return EXIT_OK
+    try:
+        items, counts = asyncio.run(_list(path, args.status, args.limit))
+    except OutboxError as exc:
+        print(f"phoneagent: outbox error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    rows = [("ID", "TYPE", "STATUS", "TRIES", "CREATED (UTC)", "NEXT / DONE (UTC)", "URL", "LAST")]
+    rows += [_row(item) for item in items]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip())
+    total = sum(counts.values())
+    summary = ", ".join(f"{counts[s]} {s}" for s in STATUSES)
+    matching = counts[args.status] if args.status else total
+    shown = f"; showing the newest {len(items)} (--limit)" if len(items) < matching else ""
+    print(f"{total} events: {summary}{shown}")
+    return EXIT_OK
+
+
+def cmd_events_redeliver(args: argparse.Namespace) -> int:
+    if not args.ids and not args.all_failed:
+        print("phoneagent: give an event ID, or --all-failed", file=sys.stderr)
+        return EXIT_CONFIG
+    path = _outbox_path(args)
+    if path is None:
+        return EXIT_CONFIG
+    if not path.exists():
+        print(f"phoneagent: no outbox at {path}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    try:
+        queued, missing = asyncio.run(_redeliver(path, list(args.ids), args.all_failed))
+    except OutboxError as exc:
+        print(f"phoneagent: outbox error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for item in queued:
+        print(f"queued {item.id} ({item.type}) for {_display_url(item.url)}")
+    for item_id in missing:
+        print(f"phoneagent: no event {item_id} in {path}", file=sys.stderr)
+    if queued:
+        print(
+            f"{len(queued)} event(s) queued: the running server (or "
+            "`python -m phoneagent.delivery.worker`) sends them within a second"
+        )
+    elif args.all_failed and not missing:
+        print("no failed events")
+    return EXIT_NOT_FOUND if missing else EXIT_OK
+
+
+def _outbox_path(args: argparse.Namespace) -> Path | None:
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is None:
+        from phoneagent.config import ConfigError, load_settings
+
+        try:
+            data_dir = load_settings(require_credentials=False).data_dir
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(f"phoneagent: configuration error: {problem}", file=sys.stderr)
+            return None
+    return Path(data_dir) / OUTBOX_FILENAME
+
+
+async def _list(
+    path: Path, status: str | None, limit: int
+) -> tuple[list[OutboxItem], dict[str, int]]:
+    outbox = await SQLiteOutbox.open(path, busy_timeout=BUSY_TIMEOUT)
+    try:
+        return await outbox.list(status=status, limit=limit), await outbox.counts()
+    finally:
+        await outbox.close()
+
+
+async def _redeliver(
+    path: Path, ids: list[str], all_failed: bool
+) -> tuple[list[OutboxItem], list[str]]:
+    outbox = await SQLiteOutbox.open(path, busy_timeout=BUSY_TIMEOUT)
+    try:
+        if all_failed:
+            counts = await outbox.counts()
+            failed = await outbox.list(status=FAILED, limit=max(counts[FAILED], 1))
+            ids += [item.id for item in failed if item.id not in ids]
+        queued, missing = [], []
+        for item_id in ids:
+            item = await outbox.redeliver(item_id, now=time.time())
+            if item is None:
+                missing.append(item_id)
+            else:
+                queued.append(item)
+        return queued, missing
+    finally:
+        await outbox.close()
+
+
+def _row(item: OutboxItem) -> tuple[str, ...]:
+    if item.status == PENDING:
+        when = "in flight" if item.claim else _time(item.next_attempt_at)
+    elif item.status == FAILED:
+        when = "gave up " + _time(item.last_attempt_at)
+    else:
+        when = _time(item.delivered_at)
+    last = item.last_error or (f"HTTP {item.last_status}" if item.last_status else "")
+    if len(last) > ERROR_WIDTH:
+        last = last[: ERROR_WIDTH - 1] + "…"
+    return (
+        item.id,
+        item.type,
+        item.status,
+        str(item.attempts),
+        _time(item.created_at),
+        when,
+        _display_url(item.url),
+        last,
+    )
+
+
+def _time(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _display_url(url: str) -> str:
+    # Query strings and user:password@ can carry tokens; this output ends up in tickets and chat.
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
