@@ -178,6 +178,27 @@ async def test_jitter_comes_from_the_injected_rng(outbox):
     assert all(T0 + 4 <= t <= T0 + 6 for t in times)
 
 
+async def test_the_run_loop_keeps_the_production_schedule_on_the_injected_clock(outbox):
+    """The default 5 s / 5 min schedule, run in milliseconds: sleeping advances a fake clock,
+    and no attempt is made before the clock says it is due."""
+    clock = FakeClock()
+    worker = DeliveryWorker(outbox, clock=clock, sleep=clock.sleep, rng=random.Random(0),
+                            environ=ENV)  # fmt: skip
+    async with WebhookSink([503, 503, 200]) as sink, Running(worker):
+        event = ended_event()
+        await worker.submit(event, url=sink.url("/"), secret_env=SECRET_ENV)
+        received = await sink.wait_for(3, timeout=GUARD)
+        await until(lambda: _delivered(outbox, event.id), "delivered")
+    stamps = [int(r.headers["webhook-timestamp"]) for r in received]
+    assert stamps[1] - stamps[0] >= 0.8 * 5 - 1  # signed at attempt time, whole seconds
+    assert stamps[2] - stamps[1] >= 0.8 * 300 - 1
+    assert (await outbox.get(event.id)).attempts == 3
+
+
+async def _delivered(outbox, event_id: str) -> bool:
+    return await status_of(outbox, event_id) == "delivered"
+
+
 # --- against a real receiver -----------------------------------------------------------------
 
 
