@@ -247,7 +247,8 @@ class DeliveryWorker:
         the worker outlives a database that is briefly locked or full."""
         if self._running:
             raise RuntimeError("this DeliveryWorker is already running")
-        self._running, self._stopping = True, False
+        # _stopping is not reset: stop() called before this task got to run still stops it.
+        self._running = True
         self._stopped.clear()
         log.info(
             "delivery_worker_started",
@@ -264,10 +265,13 @@ class DeliveryWorker:
                     delay = await self._idle_delay(claimed)
                     await self._maybe_purge()
                     failures = 0
-                except OutboxError as exc:
+                except Exception as exc:  # the worker must outlive any one bad moment
                     failures += 1
                     delay = min(self.poll_interval * 2**failures, 60.0)
-                    log.error("outbox_unavailable", error=str(exc), retry_in=round(delay, 1))
+                    if isinstance(exc, OutboxError):
+                        log.error("outbox_unavailable", error=str(exc), retry_in=round(delay, 1))
+                    else:
+                        log.exception("delivery_loop_failed", retry_in=round(delay, 1))
                 await self._wait(delay)
         finally:
             await self._drain()
@@ -280,7 +284,8 @@ class DeliveryWorker:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop claiming; give in-flight deliveries ``grace`` seconds, then cancel them and hand
-        their claims back (they are due again at the next start)."""
+        their claims back (they are due again at the next start). A stopped worker stays
+        stopped: make a new one to start again."""
         self._grace = grace
         self._stopping = True
         self.wake()

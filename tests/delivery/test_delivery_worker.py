@@ -17,7 +17,7 @@ from email.utils import format_datetime
 import pytest
 from delivery_helpers import ENV, SECRET, SECRET_ENV, T0, FakeClock, ended_event, spec_signature_ok
 
-from phoneagent.delivery.outbox import SQLiteOutbox
+from phoneagent.delivery.outbox import OutboxError, SQLiteOutbox
 from phoneagent.delivery.worker import (
     DEFAULT_DELAYS,
     DeliveryWorker,
@@ -359,6 +359,38 @@ async def test_stop_without_run_and_flush_with_nothing_due(outbox):
         assert await running.flush(GUARD)
         with pytest.raises(RuntimeError):
             await running.run()
+
+
+async def test_the_worker_outlives_outbox_errors(outbox):
+    class Flaky:
+        """The real outbox, except that claiming fails twice (a locked or full database)."""
+
+        def __init__(self, inner):
+            self.inner, self.failures = inner, 2
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        async def claim_due(self, **kwargs):
+            if self.failures:
+                self.failures -= 1
+                raise OutboxError("outbox.sqlite3 is locked by another process")
+            return await self.inner.claim_due(**kwargs)
+
+    clock = FakeClock()
+    flaky = Flaky(outbox)
+    worker = DeliveryWorker(flaky, clock=clock, sleep=clock.sleep, environ=ENV)
+    async with WebhookSink([200]) as sink, Running(worker):
+        await worker.submit(ended_event(), url=sink.url("/"), secret_env=SECRET_ENV)
+        await sink.wait_for(1, timeout=GUARD)
+    assert flaky.failures == 0
+
+
+async def test_stop_before_the_run_task_starts_still_stops_it(outbox):
+    worker = fast_worker(outbox)
+    task = asyncio.create_task(worker.run())
+    await worker.stop()
+    await asyncio.wait_for(task, GUARD)
 
 
 def test_worker_settings_are_checked():
