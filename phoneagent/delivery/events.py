@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 __all__ = [
+    "DEFAULT_WEBHOOK_EVENTS",
     "END_REASONS",
     "EVENT_TYPES",
     "SCHEMA_VERSION",
@@ -43,6 +44,8 @@ CALL_STARTED = "call.started"
 CALL_TRANSFERRED = "call.transferred"
 CALL_ENDED = "call.ended"
 EVENT_TYPES = (CALL_STARTED, CALL_TRANSFERRED, CALL_ENDED)
+#: What a persona's webhook receives when it does not list ``events``: the transcript.
+DEFAULT_WEBHOOK_EVENTS = (CALL_ENDED,)
 
 #: Why a call ended, as ``call.ended`` reports it.
 END_REASONS = ("caller_hung_up", "agent_hung_up", "transferred", "error", "time_limit")

@@ -51,7 +51,7 @@ __all__ = [
     "parse_retry_after",
 ]
 
-log = get_logger(__name__)
+log = get_logger("phoneagent.delivery.worker")  # not "__main__" under `python -m`
 
 MINUTE, HOUR = 60.0, 3600.0
 #: The Standard Webhooks spec's example schedule: the delay before attempts 2 to 10.
