@@ -203,7 +203,9 @@ class Call:
         self._items: dict[str, AgentItem] = {}
         self._caller_turns: dict[str, Turn] = {}
         # Marks we sent and Twilio has not echoed yet, oldest first: name → (item, ms at mark).
-        self._pending_marks: OrderedDict[str, tuple[AgentItem, int]] = OrderedDict()
+        # Marks sent and not yet echoed, oldest first: name → (item, its ms at the mark, when sent).
+        self._pending_marks: OrderedDict[str, tuple[AgentItem, int, float]] = OrderedDict()
+        self._last_echo_at: float | None = None
         self._active_response: str | None = None
         self._discarded_responses: set[str] = set()
         self._current_item: AgentItem | None = None  # the item whose audio is being framed
@@ -343,7 +345,7 @@ class Call:
             # Unique, and it says whose audio it follows: Twilio echoes every pending mark
             # after `clear`, and those echoes must not count as played.
             name = f"{item.item_id}:{item.sent_ms}"
-            self._pending_marks[name] = (item, item.sent_ms)
+            self._pending_marks[name] = (item, item.sent_ms, self.clock())
             actions += (SendMedia(frame), SendMark(name))
         if actions and self.stats.first_audio_at is None:
             self.stats.first_audio_at = self.clock()
@@ -354,11 +356,12 @@ class Call:
             return  # an echo of a mark written off by `clear`: it proves nothing was played
         # Twilio plays in order, so every mark sent before this one has played too.
         while self._pending_marks:
-            done, (item, played_ms) = self._pending_marks.popitem(last=False)
+            done, (item, played_ms, _) = self._pending_marks.popitem(last=False)
             item.played_ms = played_ms
             if done == name:
                 break
         item.turn.end_ms = self._now_ms()
+        self._last_echo_at = self.clock()
 
     def _on_response_done(self, response_id: str, status: str) -> list[Action]:
         if self._active_response == response_id:
@@ -400,6 +403,21 @@ class Call:
         self._barge_in = None
         return self._interrupt_agent()
 
+    def _heard_now(self) -> dict[str, int]:
+        """How much of the item now playing the caller has heard at this instant.
+
+        A mark echo says the audio before it finished playing; Twilio plays on at real time, so
+        the caller is ``now - echo`` further in (or, if the line was idle, ``now - sent``).
+        Network transit of the echo and of our `clear` is not known, so this errs on the side
+        of "heard less". Capped at what was sent.
+        """
+        if not self._pending_marks:
+            return {}
+        item, _, first_sent_at = next(iter(self._pending_marks.values()))
+        playing_since = max(self._last_echo_at or first_sent_at, first_sent_at)
+        elapsed_ms = max(0, round((self.clock() - playing_since) * 1000))
+        return {item.item_id: min(item.sent_ms, item.played_ms + elapsed_ms)}
+
     def _interrupt_agent(self) -> list[Action]:
         """The caller talks over the agent: stop playback now, and make the model and the
         transcript believe only what the caller heard."""
@@ -408,12 +426,13 @@ class Call:
             actions.append(ToModel(CancelResponse()))
             self._discarded_responses.add(self._active_response)
             self._active_response = None
-        cut_items = {item.item_id: item for item, _ in self._pending_marks.values()}
+        heard_now = self._heard_now()
+        cut_items = {item.item_id: item for item, _, _ in self._pending_marks.values()}
         if self._current_item is not None:
             cut_items[self._current_item.item_id] = self._current_item
         for item in cut_items.values():
             self._discarded_responses.add(item.response_id)
-            heard_ms = min(item.played_ms, item.sent_ms)
+            heard_ms = heard_now.get(item.item_id, min(item.played_ms, item.sent_ms))
             actions.append(ToModel(TruncateItem(item.item_id, heard_ms)))
             self.stats.discarded_ms += item.sent_ms - heard_ms
             _cut_turn(item.turn, heard_ms, item.sent_ms)

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hmac
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -57,6 +58,7 @@ class ServerState:
     draining: bool = False
     active_calls: dict[str, Call] = field(default_factory=dict)
     calls: CallRecords = field(default_factory=CallRecords)
+    clock: Callable[[], float] = time.monotonic  # calls' clock: tests run calls faster
     # Called with (call, turn) as each transcript turn becomes final: live transcript views.
     turn_listeners: list[TurnListener] = field(default_factory=list)
 
@@ -203,7 +205,8 @@ async def open_call(state: ServerState, ws: web.WebSocketResponse) -> tuple[Call
     record.persona = persona.id
     record.caller = start.custom_parameters.get(CALLER_PARAMETER, record.caller)
     record.called = start.custom_parameters.get(CALLED_PARAMETER, record.called)
-    return Call(persona=persona, stream_sid=start.stream_sid, call_sid=start.call_sid), model
+    call = Call(persona, start.stream_sid, start.call_sid, clock=state.clock)
+    return call, model
 
 
 async def run_call(

@@ -320,3 +320,22 @@ def test_guard_drops_the_candidate_when_the_agent_finishes_first(guarded_call):
 def test_mark_names_say_whose_audio_they_follow(call):
     marks = of_type(speak(call, "resp1", "item1", 100), SendMark)
     assert [m.name for m in marks[:3]] == ["item1:20", "item1:40", "item1:60"]
+
+
+def test_heard_position_runs_on_from_the_last_echo(call, clock):
+    actions = speak(call, "resp1", "item1", 1000)
+    clock.advance(100)
+    call.on_twilio(Mark(of_type(actions, SendMark)[4].name))  # 100 ms played, echo now
+    clock.advance(30)  # Twilio plays on: the caller is 30 ms into the next frame
+    actions = call.on_model(SpeechStarted("user1", 0))
+    assert model_commands(actions, TruncateItem) == [TruncateItem("item1", 130)]
+
+
+def test_heard_position_counts_from_when_audio_was_sent_after_an_idle_line(call, clock):
+    greeting = speak(call, "resp1", "item1", 100)
+    call.on_twilio(Mark(of_type(greeting, SendMark)[-1].name))  # heard in full
+    clock.advance(5000)  # the line is quiet for five seconds
+    speak(call, "resp2", "item2", 1000)  # the answer is sent now, and starts playing now
+    clock.advance(50)
+    actions = call.on_model(SpeechStarted("user1", 0))
+    assert model_commands(actions, TruncateItem) == [TruncateItem("item2", 50)]

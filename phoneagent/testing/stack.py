@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,20 @@ def demo_credentials() -> tuple[str, str]:
     return "AC" + secrets.token_hex(16), secrets.token_hex(16)
 
 
+def scaled_clock(speed: float) -> Callable[[], float]:
+    """A monotonic clock running ``speed`` times faster: the server's calls then keep time
+    with a scripted caller whose call clock runs at the same speed."""
+    origin = time.monotonic()
+    return lambda: origin + (time.monotonic() - origin) * speed
+
+
 class LocalStack:
     """Starts the server on 127.0.0.1 (an ephemeral port) with ``PUBLIC_URL`` pointing at it.
 
     *model*: the fake realtime server to use (started and closed with the stack); when None, a
     default ``FakeRealtimeServer`` is made, unless *settings* name a real model URL and key and
-    *use_fake_model* is False.
+    *use_fake_model* is False. *call_speed*: run the calls' clock this many times faster than
+    real time, to match callers with ``speed`` > 1 (playback positions are computed in time).
     """
 
     def __init__(
@@ -48,6 +58,7 @@ class LocalStack:
         settings: Settings | None = None,
         use_fake_model: bool = True,
         prewarm_ttl: float | None = None,
+        call_speed: float = 1.0,
     ) -> None:
         self.personas_dir = personas_dir
         self.model = model if model is not None or not use_fake_model else FakeRealtimeServer()
@@ -58,6 +69,7 @@ class LocalStack:
             personas_dir=personas_dir,
         )
         self.prewarm_ttl = prewarm_ttl
+        self.call_speed = call_speed
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
@@ -85,6 +97,8 @@ class LocalStack:
         )
         if self.prewarm_ttl is not None:
             app[STATE].prewarmer.ttl = self.prewarm_ttl
+        if self.call_speed != 1.0:
+            app[STATE].clock = scaled_clock(self.call_speed)
         self._runner = web.AppRunner(app, access_log_class=AccessLogger)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
