@@ -40,6 +40,7 @@ import json
 import logging
 import random
 import re
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -350,6 +351,7 @@ class FakeSession:
         self.close_code: int | None = None
         self.received: list[dict[str, Any]] = []
         self.sent: list[dict[str, Any]] = []
+        self.sent_at: list[tuple[str, float]] = []  # (type, time.monotonic() once written)
         self.truncations: list[dict[str, Any]] = []
         self.conversation: list[dict[str, Any]] = []
         self.last_user_transcript: str | None = None
@@ -377,7 +379,7 @@ class FakeSession:
         self._vad: EnergyVad | None = None
         self._speech_item_id: str | None = None
         self._speech_start = 0
-        self._outbox: asyncio.Queue[str | _Close] = asyncio.Queue()
+        self._outbox: asyncio.Queue[tuple[str, str] | _Close] = asyncio.Queue()
         self._timers: list[asyncio.TimerHandle] = []
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             "session.update": self._on_session_update,
@@ -455,7 +457,10 @@ class FakeSession:
                 if isinstance(item, _Close):
                     await self._ws.close(item.code, item.reason)
                     return
-                await self._ws.send(item)
+                type_, text = item
+                await self._ws.send(text)
+                if self.server.record_events:
+                    self.sent_at.append((type_, time.monotonic()))
         except ConnectionClosed:
             pass
 
@@ -476,7 +481,7 @@ class FakeSession:
         """Queue one server event (ref §3: every server event has an ``event_id``)."""
         event = {"event_id": _new_id("event"), "type": type_, **copy.deepcopy(fields)}
         if self.state is SessionState.OPEN:
-            self._outbox.put_nowait(json.dumps(event))
+            self._outbox.put_nowait((type_, json.dumps(event)))
             if self.server.record_events:
                 self.sent.append(event)
             self.server.notify()
