@@ -183,7 +183,18 @@ class CallStats:
     barge_ins_ignored: int = 0  # short speech under the persona's guard: the agent went on
     barge_in_reaction_s: list[float] = field(default_factory=list)  # decision → `clear` sent
     discarded_ms: int = 0  # agent audio sent or generated but never heard
-    malformed_frames: int = 0
+
+    def as_dict(self) -> dict:
+        first = self.first_audio_at
+        return {
+            "first_agent_audio_ms": None
+            if first is None
+            else round((first - self.started_at) * 1000),
+            "barge_ins": self.barge_ins,
+            "barge_ins_ignored": self.barge_ins_ignored,
+            "barge_in_reaction_ms": [round(s * 1000, 3) for s in self.barge_in_reaction_s],
+            "discarded_agent_ms": self.discarded_ms,
+        }
 
 
 @dataclass

@@ -18,6 +18,7 @@ RECORDS_KEPT = 1000
 class CallRecord:
     call_sid: str
     persona: str = ""
+    model_session: str = ""  # the model's session id: StepFun support asks for it
     caller: str = ""  # Twilio's From
     called: str = ""  # Twilio's To: the business's line
     status: str = "ringing"  # the latest CallStatus Twilio reported, or our own view
@@ -26,6 +27,7 @@ class CallRecord:
     end_reason: str | None = None
     transcript: list[dict] = field(default_factory=list)  # finished turns, final once ended
     twilio_events: list[dict] = field(default_factory=list)  # status callbacks, as received
+    stats: dict = field(default_factory=dict)  # barge-ins, reaction times, first audio (at end)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -202,7 +202,7 @@ async def open_call(state: ServerState, ws: web.WebSocketResponse) -> tuple[Call
         raise StreamRefused(f"persona {persona_id!r} is no longer configured")
     model = await state.prewarmer.claim(start.call_sid, session_config(persona))
     record = state.calls.mark_started(start.call_sid)
-    record.persona = persona.id
+    record.persona, record.model_session = persona.id, model.session_id
     record.caller = start.custom_parameters.get(CALLER_PARAMETER, record.caller)
     record.called = start.custom_parameters.get(CALLED_PARAMETER, record.called)
     call = Call(persona, start.stream_sid, start.call_sid, clock=state.clock)
@@ -222,6 +222,7 @@ async def run_call(
         record.ended_at = time.time()
         record.end_reason = call.end_reason.value if call.end_reason else "error"
         record.transcript = call.transcript
+        record.stats = call.stats.as_dict()
         if record.status == "in-progress":  # Twilio's call-status callback may say more
             record.status = "completed"
         # Transcripts go to the business's webhook, not to the logs.
