@@ -165,3 +165,20 @@ async def test_a_short_mhm_does_not_interrupt_the_agent(stack, model):
     answer = next(t for t in record.transcript if t["text"] == LONG_ANSWER)
     assert answer["interrupted"] is False
     assert marks_after_clear(caller, item_id) == []
+
+
+async def test_a_refused_truncate_does_not_disturb_the_call(stack, model):
+    model.truncate_error = True  # StepFun does not document truncate: it may answer an error
+    async with stack.caller(to=DENTAL, speed=CALLER_SPEED) as caller:
+        await ask_for_the_long_answer(caller, model)
+        session = model.sessions[0]
+        await caller.wait_until_heard_ms(caller.heard_ms() + 800, timeout=30)
+        await caller.play(caller_speech("Sorry, can I stop you there?"))
+        await caller.wait_for_event("clear", timeout=30)
+        await model.wait_for(lambda: len(session.sent_events("response.done")) >= 3, 30)
+        await caller.wait_until_quiet(300, timeout=30)
+        await caller.hangup()
+    assert session.sent_events("error")  # the truncate was refused
+    record = stack.state.calls.get(caller.call_sid)
+    assert record.end_reason == "caller_hung_up"
+    assert record.transcript[-1]["text"] == SHORT_ANSWER  # the agent answered the interruption
