@@ -10,6 +10,8 @@ from pathlib import Path
 
 from phoneagent import __version__
 from phoneagent.config import ConfigError, load_settings
+from phoneagent.delivery.cli import add_events_commands
+from phoneagent.delivery.outbox import OutboxError
 from phoneagent.personas import PersonaError, PersonaRegistry, check_directory
 
 EXIT_OK, EXIT_INVALID, EXIT_CONFIG = 0, 1, 2
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--speed", type=float, default=1.0, help="call time per wall time")
     simulate.set_defaults(handler=cmd_simulate)
 
+    add_events_commands(commands)
+
     personas = commands.add_parser("personas", help="work with persona files")
     persona_commands = personas.add_subparsers(title="persona commands", required=True)
     check = persona_commands.add_parser("check", help="validate persona files")
@@ -94,7 +98,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"phoneagent: persona error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    run(settings, registry, host=args.host, port=args.port or settings.port)
+    try:
+        run(settings, registry, host=args.host, port=args.port or settings.port)
+    except OutboxError as exc:
+        print(f"phoneagent: webhook outbox error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from phoneagent.config import is_local_host
+from phoneagent.delivery.events import DEFAULT_WEBHOOK_EVENTS, EVENT_TYPES
 from phoneagent.logs import get_logger
 
 log = get_logger(__name__)
@@ -55,6 +56,8 @@ class TransferTarget:
 class WebhookTarget:
     url: str
     secret_env: str  # the *name* of the environment variable holding the signing secret
+    events: tuple[str, ...] = DEFAULT_WEBHOOK_EVENTS  # which call events this line wants
+    mask_caller: bool = False  # send the caller's number as +*******0123
 
 
 @dataclass(frozen=True)
@@ -326,8 +329,25 @@ def _webhook(top: _Table, environ: Mapping[str, str]) -> WebhookTarget | None:
         section.problem(
             "secret_env", f"environment variable {secret_env} (the signing secret) is not set"
         )
+    events = _webhook_events(section)
+    mask_caller = section.boolean("mask_caller", False)
     section.finish()
-    return WebhookTarget(url=url, secret_env=secret_env)
+    return WebhookTarget(url=url, secret_env=secret_env, events=events, mask_caller=mask_caller)
+
+
+def _webhook_events(section: _Table) -> tuple[str, ...]:
+    raw = section.get("events", list, required=False, default=list(DEFAULT_WEBHOOK_EVENTS))
+    if "events" in section.data and not raw:
+        section.problem("events", f"list at least one of {', '.join(EVENT_TYPES)}")
+    events: list[str] = []
+    for i, value in enumerate(raw):
+        if value not in EVENT_TYPES:
+            section.problem(f"events[{i}]", f"{value!r} is not one of {', '.join(EVENT_TYPES)}")
+        elif value in events:
+            section.problem(f"events[{i}]", f"{value} is listed twice")
+        else:
+            events.append(value)
+    return tuple(events)
 
 
 class _Table:

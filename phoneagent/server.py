@@ -7,8 +7,9 @@ import base64
 import contextlib
 import hmac
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -23,6 +24,9 @@ from phoneagent.bridge import (
 )
 from phoneagent.call import Call, session_config
 from phoneagent.config import Settings
+from phoneagent.delivery.outbox import Outbox, SQLiteOutbox
+from phoneagent.delivery.publisher import CallEventPublisher
+from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.logs import get_logger
 from phoneagent.personas import PersonaRegistry
 from phoneagent.realtime.connection import (
@@ -48,6 +52,7 @@ log = get_logger(__name__)
 NO_PERSONA_APOLOGY = "Sorry, this number is not in service right now. Goodbye."
 # Twilio's frames are a few hundred bytes; anything far larger is not Twilio.
 MAX_STREAM_MESSAGE_BYTES = 64 * 1024
+FLUSH_SECONDS = 5.0  # at shutdown, time given to deliver what is due before exiting
 
 
 @dataclass
@@ -59,6 +64,15 @@ class ServerState:
     active_calls: dict[str, Call] = field(default_factory=dict)
     calls: CallRecords = field(default_factory=CallRecords)
     clock: Callable[[], float] = time.monotonic  # calls' clock: tests run calls faster
+    publisher: CallEventPublisher | None = None  # None: no webhook delivery (no outbox)
+    # Work that must finish even if the request that started it is cancelled (event commits).
+    background: set[asyncio.Task] = field(default_factory=set)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
     # Called with (call, turn) as each transcript turn becomes final: live transcript views.
     turn_listeners: list[TurnListener] = field(default_factory=list)
 
@@ -214,6 +228,8 @@ async def run_call(
 ) -> None:
     state.active_calls[call.call_sid] = call
     log.info("call_started", model=model.model, model_session=model.session_id)
+    if state.publisher is not None:
+        state.spawn(state.publisher.call_started(call.persona, state.calls.open(call.call_sid)))
     try:
         await CallShell(ws, model, call, state.turn_listeners).run()
     finally:
@@ -233,6 +249,8 @@ async def run_call(
             turns=len(record.transcript),
             barge_ins=call.stats.barge_ins,
         )
+        if state.publisher is not None:
+            state.spawn(state.publisher.call_ended(call.persona, record))
 
 
 async def status_callback(request: web.Request) -> web.Response:
@@ -288,14 +306,18 @@ def create_app(
     *,
     reload_interval: float = 1.0,
     connector: ModelConnector | None = None,
+    outbox: Outbox | None = None,
 ) -> web.Application:
+    """The application. With an ``outbox``, call events go to the personas' webhooks (the app
+    runs the delivery worker and closes the outbox when it stops)."""
     connector = connector or ModelConnector(
         url=settings.stepfun_realtime_url,
         api_key=settings.stepfun_api_key,
         model=settings.stepfun_model,
     )
     app = web.Application()
-    app[STATE] = ServerState(settings=settings, personas=personas, prewarmer=Prewarmer(connector))
+    state = ServerState(settings=settings, personas=personas, prewarmer=Prewarmer(connector))
+    app[STATE] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/twilio/voice", voice_webhook)
@@ -311,18 +333,40 @@ def create_app(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await app[STATE].prewarmer.close()
+        await state.prewarmer.close()
+
+    async def deliver_webhooks(app: web.Application):
+        assert outbox is not None
+        worker = DeliveryWorker(outbox)
+        state.publisher = CallEventPublisher(worker)
+        task = asyncio.create_task(worker.run())
+        yield
+        await asyncio.gather(*state.background)  # events of calls that just ended, committed
+        await worker.flush(FLUSH_SECONDS)
+        await worker.stop()
+        await task
+        await outbox.close()
 
     async def start_draining(app: web.Application) -> None:
-        app[STATE].draining = True
+        state.draining = True
 
     app.cleanup_ctx.append(watch_personas)
+    if outbox is not None:
+        app.cleanup_ctx.append(deliver_webhooks)
     app.on_shutdown.append(start_draining)
     return app
 
 
+async def build_app(
+    settings: Settings, personas: PersonaRegistry, **options: Any
+) -> web.Application:
+    """The application with its outbox opened from ``PHONEAGENT_DATA_DIR``; an unusable outbox
+    file raises OutboxError here, before the server accepts a call."""
+    outbox = await SQLiteOutbox.in_data_dir(settings.data_dir)
+    return create_app(settings, personas, outbox=outbox, **options)
+
+
 def run(settings: Settings, personas: PersonaRegistry, host: str, port: int) -> None:
-    app = create_app(settings, personas)
     log.info(
         "server_starting",
         host=host,
@@ -331,4 +375,10 @@ def run(settings: Settings, personas: PersonaRegistry, host: str, port: int) -> 
         personas=sorted(personas.current.personas),
         model=settings.stepfun_model,
     )
-    web.run_app(app, host=host, port=port, access_log_class=AccessLogger, print=None)
+    web.run_app(
+        build_app(settings, personas),
+        host=host,
+        port=port,
+        access_log_class=AccessLogger,
+        print=None,
+    )

@@ -131,3 +131,20 @@ def test_serve_answers_health_and_readiness(server):
     assert '"path": "/readyz"' in logs
     for secret in (VALID_ENV["TWILIO_AUTH_TOKEN"], VALID_ENV["STEPFUN_API_KEY"]):
         assert secret not in logs
+
+
+def test_serve_refuses_a_corrupt_outbox_at_start_up(tmp_path):
+    (tmp_path / "outbox.sqlite3").write_bytes(b"this is not a database" * 100)
+    env = VALID_ENV | {"PHONEAGENT_DATA_DIR": str(tmp_path), "PORT": str(free_port())}
+    result = phoneagent("serve", "--host", "127.0.0.1", env=env)
+    assert result.returncode == 2
+    assert "webhook outbox error" in result.stderr
+    assert "outbox.sqlite3" in result.stderr
+
+
+def test_events_commands_are_wired(tmp_path):
+    env = {"PHONEAGENT_DATA_DIR": str(tmp_path)}
+    listed = phoneagent("events", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    missing = phoneagent("events", "redeliver", "evt_nothing", env=env)
+    assert missing.returncode == 1

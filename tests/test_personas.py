@@ -270,3 +270,39 @@ def test_reload_refused_when_every_file_is_removed(tmp_path):
 def test_registry_refuses_to_start_on_a_broken_directory():
     with pytest.raises(PersonaError):
         PersonaRegistry(BROKEN_PERSONAS, environ=ENV)
+
+
+def test_webhook_events_and_masking(tmp_path):
+    tail = (
+        '[webhook]\nurl = "https://hooks.example.com/x"\nsecret_env = "LINE_SECRET"\n'
+        'events = ["call.started", "call.ended"]\nmask_caller = true\n'
+    )
+    write(tmp_path, "hooked", persona_toml(tail=tail))
+    hook = load_directory(tmp_path, environ={"LINE_SECRET": "s"}).personas["hooked"].webhook
+    assert (hook.events, hook.mask_caller) == (("call.started", "call.ended"), True)
+
+
+def test_webhook_events_default_to_the_transcript_only(tmp_path):
+    tail = '[webhook]\nurl = "https://hooks.example.com/x"\nsecret_env = "LINE_SECRET"\n'
+    write(tmp_path, "hooked", persona_toml(tail=tail))
+    hook = load_directory(tmp_path, environ={"LINE_SECRET": "s"}).personas["hooked"].webhook
+    assert (hook.events, hook.mask_caller) == (("call.ended",), False)
+
+
+@pytest.mark.parametrize(
+    ("events", "field", "reason"),
+    [
+        ("[]", "webhook.events", "list at least one of call.started"),
+        ('["call.finished"]', "webhook.events[0]", "'call.finished' is not one of"),
+        ('["call.ended", "call.ended"]', "webhook.events[1]", "call.ended is listed twice"),
+    ],
+)
+def test_webhook_events_are_checked(tmp_path, events, field, reason):
+    tail = (
+        '[webhook]\nurl = "https://hooks.example.com/x"\nsecret_env = "LINE_SECRET"\n'
+        f"events = {events}\n"
+    )
+    write(tmp_path, "hooked", persona_toml(tail=tail))
+    [problem] = check_directory(tmp_path, environ={"LINE_SECRET": "s"}).problems
+    assert problem.field == field
+    assert reason in problem.reason

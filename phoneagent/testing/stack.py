@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from aiohttp import web
 from phoneagent.config import Settings
 from phoneagent.personas import PersonaRegistry
 from phoneagent.realtime.connection import ModelConnector
-from phoneagent.server import STATE, AccessLogger, ServerState, create_app
+from phoneagent.server import STATE, AccessLogger, ServerState, build_app, create_app
 from phoneagent.testing.caller import TwilioCaller
 from phoneagent.testing.fake_model import FakeRealtimeServer
 
@@ -48,6 +49,7 @@ class LocalStack:
     default ``FakeRealtimeServer`` is made, unless *settings* name a real model URL and key and
     *use_fake_model* is False. *call_speed*: run the calls' clock this many times faster than
     real time, to match callers with ``speed`` > 1 (playback positions are computed in time).
+    *webhooks*: run the webhook outbox and its delivery worker (False: calls publish nothing).
     """
 
     def __init__(
@@ -59,17 +61,22 @@ class LocalStack:
         use_fake_model: bool = True,
         prewarm_ttl: float | None = None,
         call_speed: float = 1.0,
+        webhooks: bool = True,
     ) -> None:
         self.personas_dir = personas_dir
         self.model = model if model is not None or not use_fake_model else FakeRealtimeServer()
         account_sid, auth_token = demo_credentials()
+        # Without settings, the data (the webhook outbox) goes to a directory of its own.
+        self._data_dir = None if settings else tempfile.TemporaryDirectory(prefix="phoneagent-")
         self.settings = settings or Settings(
             twilio_account_sid=account_sid,
             twilio_auth_token=auth_token,
             personas_dir=personas_dir,
+            data_dir=Path(self._data_dir.name),
         )
         self.prewarm_ttl = prewarm_ttl
         self.call_speed = call_speed
+        self.webhooks = webhooks
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
@@ -89,12 +96,12 @@ class LocalStack:
                 api_key=self.model.api_key or "fake-key",
                 model=self.settings.stepfun_model,
             )
-        app = create_app(
-            self.settings,
-            PersonaRegistry(self.personas_dir),
-            reload_interval=0.2,
-            connector=connector,
-        )
+        registry = PersonaRegistry(self.personas_dir)
+        options: dict[str, Any] = {"reload_interval": 0.2, "connector": connector}
+        if self.webhooks:
+            app = await build_app(self.settings, registry, **options)
+        else:
+            app = create_app(self.settings, registry, **options)
         if self.prewarm_ttl is not None:
             app[STATE].prewarmer.ttl = self.prewarm_ttl
         if self.call_speed != 1.0:
@@ -114,6 +121,8 @@ class LocalStack:
             await self._runner.cleanup()
         if self.model is not None:
             await self.model.close()
+        if self._data_dir is not None:
+            self._data_dir.cleanup()
 
     @property
     def state(self) -> ServerState:

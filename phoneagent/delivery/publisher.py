@@ -1,0 +1,123 @@
+"""From calls to webhook events: which persona wants which event, built and committed.
+
+The call path hands over the persona and the call record; this module decides whether the
+persona's webhook wants the event, builds it (masking the caller's number if asked) and commits
+it to the outbox. Once ``publish`` returns, the event survives a crash.
+"""
+
+from __future__ import annotations
+
+from phoneagent.delivery.events import (
+    Event,
+    call_ended_event,
+    call_started_event,
+    call_transferred_event,
+)
+from phoneagent.delivery.outbox import OutboxError
+from phoneagent.delivery.worker import DeliveryWorker
+from phoneagent.logs import get_logger
+from phoneagent.personas import Persona
+from phoneagent.records import CallRecord
+
+log = get_logger(__name__)
+
+# How the call path's end reasons read in `call.ended` (events.END_REASONS). A media socket
+# closed without Twilio's `stop`, or a model that went away, is an error from the caller's side.
+EVENT_END_REASONS = {
+    "caller_hung_up": "caller_hung_up",
+    "agent_hung_up": "agent_hung_up",
+    "transferred": "transferred",
+    "time_limit": "time_limit",
+    "twilio_disconnected": "error",
+    "model_disconnected": "error",
+}
+
+
+class CallEventPublisher:
+    def __init__(self, worker: DeliveryWorker):
+        self.worker = worker
+
+    async def call_started(self, persona: Persona, record: CallRecord) -> None:
+        if self._wants(persona, "call.started"):
+            await self._publish(
+                persona,
+                call_started_event(
+                    **self._call_fields(persona, record), started_at=record.started_at or 0.0
+                ),
+            )
+
+    async def call_transferred(
+        self,
+        persona: Persona,
+        record: CallRecord,
+        *,
+        target: str,
+        target_number: str,
+        outcome: str,
+        at: float,
+        error: str | None = None,
+    ) -> None:
+        if self._wants(persona, "call.transferred"):
+            event = call_transferred_event(
+                **self._call_fields(persona, record),
+                target=target,
+                target_number=target_number,
+                outcome=outcome,
+                at=at,
+                error=error,
+            )
+            await self._publish(persona, event)
+
+    async def call_ended(
+        self,
+        persona: Persona,
+        record: CallRecord,
+        *,
+        transfer_target: str | None = None,
+        transfer_number: str | None = None,
+    ) -> None:
+        if not self._wants(persona, "call.ended"):
+            return
+        ended_at = record.ended_at or 0.0
+        event = call_ended_event(
+            **self._call_fields(persona, record),
+            started_at=record.started_at or ended_at,
+            ended_at=ended_at,
+            end_reason=EVENT_END_REASONS.get(record.end_reason or "", "error"),
+            transcript=record.transcript,
+            transfer_target=transfer_target,
+            transfer_number=transfer_number,
+        )
+        await self._publish(persona, event)
+
+    @staticmethod
+    def _wants(persona: Persona, event_type: str) -> bool:
+        return persona.webhook is not None and event_type in persona.webhook.events
+
+    @staticmethod
+    def _call_fields(persona: Persona, record: CallRecord) -> dict:
+        assert persona.webhook is not None
+        return {
+            "call_sid": record.call_sid,
+            "persona_id": persona.id,
+            "persona_name": persona.name,
+            "from_number": record.caller,
+            "to_number": record.called,
+            "mask_caller": persona.webhook.mask_caller,
+        }
+
+    async def _publish(self, persona: Persona, event: Event) -> None:
+        assert persona.webhook is not None
+        try:
+            await self.worker.submit(
+                event, url=persona.webhook.url, secret_env=persona.webhook.secret_env
+            )
+        except OutboxError as exc:
+            # Not queued, so it will never be delivered: say so loudly, without the transcript.
+            log.error(
+                "webhook_event_lost",
+                event_id=event.id,
+                event_type=event.type,
+                call_sid=event.data.get("call_sid"),
+                error=str(exc),
+            )

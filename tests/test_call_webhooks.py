@@ -1,0 +1,107 @@
+"""A call's events reach the persona's webhook: signed, with the transcript, once per id."""
+
+import json
+import shutil
+
+import pytest
+from conftest import EXAMPLE_PERSONAS
+
+from phoneagent.config import Settings
+from phoneagent.delivery.signing import verify
+from phoneagent.testing.caller import CALLER_BOOKING_WAV
+from phoneagent.testing.fake_model import FakeRealtimeServer, queued_transcripts
+from phoneagent.testing.stack import LocalStack, demo_credentials
+from phoneagent.testing.webhook_sink import WebhookSink
+
+DENTAL = "+14155550100"
+SECRET = "whsec_" + "c2VjcmV0LXNpZ25pbmcta2V5LWZvci10ZXN0cw=="
+CALLER = "+14155550123"
+
+
+@pytest.fixture
+async def sink():
+    async with WebhookSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def personas(tmp_path, sink, monkeypatch):
+    """The examples, the dental line sending every event, caller masked, to the sink."""
+    monkeypatch.setenv("DENTAL_WEBHOOK_SECRET", SECRET)
+    directory = tmp_path / "personas"
+    shutil.copytree(EXAMPLE_PERSONAS, directory)
+    dental = directory / "bright-smile-dental.toml"
+    dental.write_text(
+        dental.read_text()
+        + f'\n[webhook]\nurl = "{sink.url("/hooks")}"\nsecret_env = "DENTAL_WEBHOOK_SECRET"\n'
+        'events = ["call.started", "call.ended"]\nmask_caller = true\n'
+    )
+    return directory
+
+
+async def test_call_started_and_ended_are_delivered_signed_with_the_transcript(personas, sink):
+    transcriber = queued_transcripts(["Book me for Tuesday."])
+    model = FakeRealtimeServer(speed=None, script=["Sure, Tuesday works."], transcriber=transcriber)
+    async with LocalStack(personas, model=model) as stack:
+        async with stack.caller(to=DENTAL, from_=CALLER, speed=4.0) as caller:
+            await caller.dial()
+            await caller.connect()
+            caller.start_background_silence()
+            await caller.wait_until_quiet(400, timeout=20)
+            await caller.play_wav(CALLER_BOOKING_WAV)
+            await model.wait_for(lambda: len(model.sessions[0].sent_events("response.done")) >= 2)
+            await caller.wait_until_quiet(400, timeout=20)
+            await caller.hangup()
+        await sink.wait_for(2, timeout=10)
+
+    started, ended = sorted(sink.received, key=lambda r: r.json["type"] != "call.started")
+    for request in (started, ended):
+        assert request.path == "/hooks"
+        assert verify(request.body, request.headers, SECRET) == request.json["id"]
+    assert started.json["type"] == "call.started"
+    data = ended.json["data"]
+    assert ended.json["schema"] == 1
+    assert data["call_sid"] == caller.call_sid
+    assert data["persona"] == {
+        "id": "bright-smile-dental",
+        "name": "Bright Smile Dental front desk",
+    }
+    assert (data["from"], data["from_masked"], data["to"]) == ("+*******0123", True, DENTAL)
+    assert data["end_reason"] == "caller_hung_up"
+    assert [(t["role"], t["text"]) for t in data["transcript"]][1:] == [
+        ("caller", "Book me for Tuesday."),
+        ("agent", "Sure, Tuesday works."),
+    ]
+    assert CALLER not in json.dumps(ended.json)  # masked everywhere
+
+
+async def test_a_line_without_a_webhook_publishes_nothing(personas, sink):
+    async with LocalStack(personas) as stack, stack.caller(to="+14155550142", speed=0) as caller:
+        await caller.dial()
+        await caller.connect()
+        await caller.wait_for_event("media", timeout=20)
+        await caller.hangup()
+        await caller.wait_closed()
+    assert sink.received == []
+
+
+async def test_events_queued_while_the_receiver_is_down_are_delivered_after_a_restart(
+    personas, sink, tmp_path
+):
+    """The outbox is on disk: a server stopped before delivery hands the event to the next."""
+    sid, token = demo_credentials()
+    settings = Settings(twilio_account_sid=sid, twilio_auth_token=token,
+                        personas_dir=personas, data_dir=tmp_path / "data")  # fmt: skip
+    await sink.stop()  # the business's receiver is down
+    async with LocalStack(personas, settings=settings) as stack:
+        async with stack.caller(to=DENTAL, speed=0) as caller:
+            await caller.dial()
+            await caller.connect()
+            await caller.wait_for_event("media", timeout=20)
+            await caller.hangup()
+        call_sid = caller.call_sid
+    await sink.start()
+    async with LocalStack(personas, settings=settings):
+        await sink.wait_for(2, timeout=15)  # the first attempt after start-up: 5 s at most
+    assert {r.json["data"]["call_sid"] for r in sink.received} == {call_sid}
+    assert len({r.json["id"] for r in sink.received}) == 2
