@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import WSMsgType, web
@@ -20,13 +21,16 @@ from phoneagent.call import (
     Action,
     Call,
     EndCall,
+    HangUpCall,
     SendClear,
     SendMark,
     SendMedia,
     ToModel,
+    TransferCall,
     TurnFinished,
 )
 from phoneagent.logs import get_logger
+from phoneagent.personas import TransferTarget
 from phoneagent.realtime.base import ModelEvent
 from phoneagent.realtime.connection import ModelSession
 from phoneagent.twilio.stream import (
@@ -74,12 +78,25 @@ async def twilio_events(ws: web.WebSocketResponse):
 TurnListener = Callable[[Call, dict], None]
 
 
+class Handoffs(Protocol):
+    """Performs what the Call decides about the call itself (Twilio's REST API); each returns
+    None when done, else a short reason for the log and the model."""
+
+    async def transfer(self, call: Call, target: TransferTarget) -> str | None: ...
+
+    async def hang_up(self, call: Call) -> str | None: ...
+
+
 @dataclass
 class CallShell:
     ws: web.WebSocketResponse
     model: ModelSession
     call: Call
     turn_listeners: Sequence[TurnListener] = ()
+    handoffs: Handoffs | None = None
+
+    def __post_init__(self) -> None:
+        self._requests: set[asyncio.Task[None]] = set()  # REST requests in flight
 
     async def run(self) -> None:
         """Bridge until the call ends one way or another; then close both sockets."""
@@ -91,9 +108,9 @@ class CallShell:
             await self.perform(self.call.begin())
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for pump in pumps:
+            for pump in [*pumps, *self._requests]:
                 pump.cancel()
-            for pump in pumps:
+            for pump in [*pumps, *self._requests]:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await pump
             await self._close_sockets()
@@ -143,10 +160,32 @@ class CallShell:
                 case TurnFinished(turn):
                     for listener in self.turn_listeners:
                         listener(self.call, turn)
+                case TransferCall(target):
+                    self._request(self._transfer(target))
+                case HangUpCall():
+                    self._request(self._hang_up())
                 case EndCall(reason):
                     log.info("call_ending", reason=reason.value)
             if self.call.ended:
                 return
+
+    def _request(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """REST requests run beside the pumps: audio and marks keep flowing meanwhile."""
+        task = asyncio.create_task(coroutine)
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+
+    async def _transfer(self, target: TransferTarget) -> None:
+        error = "no Twilio API configured"
+        if self.handoffs is not None:
+            error = await self.handoffs.transfer(self.call, target)
+        await self.perform(self.call.on_transfer_result(error))
+
+    async def _hang_up(self) -> None:
+        error = "no Twilio API configured"
+        if self.handoffs is not None:
+            error = await self.handoffs.hang_up(self.call)
+        await self.perform(self.call.on_hang_up_result(error))
 
     async def _to_twilio(self, text: str) -> None:
         try:

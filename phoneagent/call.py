@@ -22,9 +22,19 @@ from phoneagent.audio import (
     pcm16_ms,
     pcm16_rms,
 )
+from phoneagent.handoff import (
+    Handoff,
+    Transfer,
+    handoff_from_keypad,
+    handoff_from_tool,
+    say_exactly,
+    sentence_for,
+    tools_for,
+)
 from phoneagent.logs import get_logger
-from phoneagent.personas import Persona
+from phoneagent.personas import Persona, TransferTarget
 from phoneagent.realtime.base import (
+    AddTextItem,
     AgentTranscriptDelta,
     AgentTranscriptDone,
     AppendAudio,
@@ -39,6 +49,8 @@ from phoneagent.realtime.base import (
     SessionConfig,
     SpeechStarted,
     SpeechStopped,
+    ToolCall,
+    ToolOutput,
     TruncateItem,
     UserTranscript,
 )
@@ -49,6 +61,8 @@ log = get_logger(__name__)
 # Inbound timestamp gaps up to this long are filled with silence so the model's VAD still sees
 # the caller's turn end; Twilio omits silent audio on some calls (twilio reference, section 2).
 MAX_GAP_FILL_MS = 2000
+# Keypad digits typed within this much audio of each other reach the model as one entry.
+DTMF_GAP_MS = 1200
 
 LANGUAGE_NAMES = {
     "en": "English",
@@ -77,6 +91,7 @@ def session_config(persona: Persona) -> SessionConfig:
         silence_duration_ms=persona.silence_duration_ms,
         prefix_padding_ms=persona.prefix_padding_ms,
         vad_threshold=persona.vad_threshold,
+        tools=tools_for(persona),
     )
 
 
@@ -86,14 +101,26 @@ def greeting_instructions(persona: Persona) -> str:
 
 class CallState(enum.Enum):
     ACTIVE = "active"  # caller and agent are talking
+    ANNOUNCING = "announcing"  # the agent says the transfer sentence or goodbye; then hand off
+    TRANSFERRING = "transferring"  # Twilio was asked to dial a person: its `stop` is expected
+    HANGING_UP = "hanging_up"  # Twilio was asked to end the call: its `stop` is expected
     ENDED = "ended"  # both sockets are to be closed; nothing more is sent
 
 
 class EndReason(enum.Enum):
     CALLER_HUNG_UP = "caller_hung_up"  # Twilio sent `stop`
+    AGENT_HUNG_UP = "agent_hung_up"  # the agent said goodbye and ended the call
+    TRANSFERRED = "transferred"  # the call went to a person; the stream ended with it
     TWILIO_DISCONNECTED = "twilio_disconnected"  # the media socket closed without `stop`
     MODEL_DISCONNECTED = "model_disconnected"  # the model socket closed under us
     ERROR = "error"
+
+
+# What Twilio's `stop` means in each state: only in ACTIVE and ANNOUNCING did the caller hang up.
+STOP_MEANS = {
+    CallState.TRANSFERRING: EndReason.TRANSFERRED,
+    CallState.HANGING_UP: EndReason.AGENT_HUNG_UP,
+}
 
 
 # --- actions the shell performs -----------------------------------------------------------
@@ -131,7 +158,21 @@ class TurnFinished:
     turn: dict
 
 
-Action = SendMedia | SendMark | SendClear | ToModel | EndCall | TurnFinished
+@dataclass(frozen=True)
+class TransferCall:
+    """Ask Twilio to dial ``target`` for this caller; answer with ``Call.on_transfer_result``."""
+
+    target: TransferTarget
+
+
+@dataclass(frozen=True)
+class HangUpCall:
+    """Ask Twilio to end the call; answer with ``Call.on_hang_up_result``."""
+
+
+Action = (
+    SendMedia | SendMark | SendClear | ToModel | EndCall | TurnFinished | TransferCall | HangUpCall
+)
 
 
 # --- transcript ---------------------------------------------------------------------------
@@ -203,6 +244,10 @@ class Call:
     stream_sid: str
     call_sid: str
     clock: Callable[[], float] = time.monotonic
+    # A call coming back to the agent (a transfer nobody answered): what was said before, and
+    # what the agent should say first instead of the greeting.
+    history: tuple[dict, ...] = ()
+    opening: str | None = None
     state: CallState = CallState.ACTIVE
     end_reason: EndReason | None = None
     turns: list[Turn] = field(default_factory=list)
@@ -213,7 +258,6 @@ class Call:
         self._to_caller = ModelToCaller()
         self._items: dict[str, AgentItem] = {}
         self._caller_turns: dict[str, Turn] = {}
-        # Marks we sent and Twilio has not echoed yet, oldest first: name → (item, ms at mark).
         # Marks sent and not yet echoed, oldest first: name → (item, its ms at the mark, when sent).
         self._pending_marks: OrderedDict[str, tuple[AgentItem, int, float]] = OrderedDict()
         self._last_echo_at: float | None = None
@@ -222,12 +266,51 @@ class Call:
         self._current_item: AgentItem | None = None  # the item whose audio is being framed
         self._barge_in: BargeInCandidate | None = None
         self._next_media_ms: int | None = None
+        # Handing the call on (ANNOUNCING): what to do once the sentence has been heard.
+        self._handoff: Handoff | None = None
+        self._handoff_response: str | None = None  # the response saying the sentence
+        self._handoff_said = False  # that response is done: all its audio was sent
+        self._tool_calls: dict[str, list[ToolCall]] = {}  # by response, handled at its end
+        self._after_response: list[Action] = []  # model commands that must wait for it to end
+        self._cancelling: set[str] = set()  # cancelled responses whose response.done is due
+        self._digits = ""  # keypad digits not yet passed to the model
+        self._digits_at_ms = 0
 
     # --- entry points ---------------------------------------------------------------------
 
     def begin(self) -> list[Action]:
-        """The model session is configured and the stream has started: greet the caller."""
-        return [ToModel(CreateResponse(instructions=greeting_instructions(self.persona)))]
+        """The model session is configured and the stream has started: greet the caller (or,
+        back from a transfer nobody answered, remind the model of the call and say so)."""
+        actions: list[Action] = [
+            ToModel(AddTextItem("user" if t["role"] == "caller" else "assistant", t["text"]))
+            for t in self.history
+            if t["text"]
+        ]
+        opening = self.opening or greeting_instructions(self.persona)
+        return [*actions, ToModel(CreateResponse(instructions=opening))]
+
+    def on_transfer_result(self, error: str | None) -> list[Action]:
+        """Twilio took the transfer (None), or refused it: then the agent tells the caller."""
+        if self.state is not CallState.TRANSFERRING or error is None:
+            return []
+        log.warning("transfer_failed", error=error)
+        self.state = CallState.ACTIVE
+        note = f"(The transfer did not go through: {error}. The caller is still with you.)"
+        tell = (
+            "Tell the caller, briefly and kindly, that you could not connect them right now, "
+            "and offer to take a message or help another way."
+        )
+        return self._when_idle(
+            [ToModel(AddTextItem("system", note)), ToModel(CreateResponse(instructions=tell))]
+        )
+
+    def on_hang_up_result(self, error: str | None) -> list[Action]:
+        """Twilio ended the call (None: its `stop` follows). If it could not, closing the media
+        stream ends the call anyway: nothing follows `</Connect>` in our TwiML."""
+        if self.state is not CallState.HANGING_UP or error is None:
+            return []
+        log.warning("hang_up_failed", error=error)
+        return self._end(EndReason.AGENT_HUNG_UP)
 
     def on_twilio(self, event: TwilioEvent) -> list[Action]:
         if self.state is CallState.ENDED:
@@ -236,11 +319,11 @@ class Call:
             case Media():
                 return self._on_caller_audio(event)
             case Mark(name):
-                self._on_mark(name)
+                return self._on_mark(name)
             case Stop():
-                return self._end(EndReason.CALLER_HUNG_UP)
+                return self._end(STOP_MEANS.get(self.state, EndReason.CALLER_HUNG_UP))
             case Dtmf(digit):
-                log.info("dtmf_received", digit=digit)
+                return self._on_keypad(digit)
         return []
 
     def on_model(self, event: ModelEvent) -> list[Action]:
@@ -260,6 +343,10 @@ class Call:
                     return [TurnFinished(item.turn.as_dict())]
             case ResponseStarted(response_id):
                 self._active_response = response_id
+                if self.state is CallState.ANNOUNCING and self._handoff_response is None:
+                    self._handoff_response = response_id
+            case ToolCall():
+                self._tool_calls.setdefault(event.response_id, []).append(event)
             case ResponseDone(response_id, status):
                 return self._on_response_done(response_id, status)
             case SpeechStarted(item_id):
@@ -283,6 +370,8 @@ class Call:
         return []
 
     def on_twilio_closed(self) -> list[Action]:
+        if self.state in STOP_MEANS:  # Twilio may close without `stop` after our REST update
+            return self._end(STOP_MEANS[self.state])
         return self._end(EndReason.TWILIO_DISCONNECTED)
 
     def on_model_closed(self) -> list[Action]:
@@ -307,11 +396,14 @@ class Call:
             gap_ms = min(media.timestamp_ms - expected, MAX_GAP_FILL_MS)
             audio = bytes([ULAW_SILENCE]) * (gap_ms * ULAW_BYTES_PER_MS) + audio
         self._next_media_ms = media.timestamp_ms + len(media.payload) // ULAW_BYTES_PER_MS
+        actions: list[Action] = []
+        if self._digits and media.timestamp_ms - self._digits_at_ms >= DTMF_GAP_MS:
+            actions += self._pass_digits_to_model()
         if not audio:
-            return []
+            return actions
         pcm = self._to_model.process(audio)
         # The caller's audio always reaches the model, interruption or not.
-        actions: list[Action] = [ToModel(AppendAudio(pcm))]
+        actions.append(ToModel(AppendAudio(pcm)))
         if self._barge_in is not None:
             return self._weigh_barge_in(pcm) + actions  # an interruption goes out first
         return actions
@@ -331,6 +423,8 @@ class Call:
         return item
 
     def _on_agent_audio(self, delta: AudioDelta) -> list[Action]:
+        if self.state in STOP_MEANS:
+            return []  # the call is being handed on: the agent has had its last word
         item = self._agent_item(delta.response_id, delta.item_id)
         if item is None:
             return []  # a late delta of a response the caller interrupted
@@ -362,9 +456,9 @@ class Call:
             self.stats.first_audio_at = self.clock()
         return actions
 
-    def _on_mark(self, name: str) -> None:
+    def _on_mark(self, name: str) -> list[Action]:
         if name not in self._pending_marks:
-            return  # an echo of a mark written off by `clear`: it proves nothing was played
+            return []  # an echo of a mark written off by `clear`: it proves nothing was played
         # Twilio plays in order, so every mark sent before this one has played too.
         while self._pending_marks:
             done, (item, played_ms, _) = self._pending_marks.popitem(last=False)
@@ -373,15 +467,112 @@ class Call:
                 break
         item.turn.end_ms = self._now_ms()
         self._last_echo_at = self.clock()
+        return self._hand_off_if_heard()
 
     def _on_response_done(self, response_id: str, status: str) -> list[Action]:
         if self._active_response == response_id:
             self._active_response = None
-        if response_id in self._discarded_responses:
-            return []
-        if self._current_item is not None and self._current_item.response_id == response_id:
-            return self._flush_item()
+        self._cancelling.discard(response_id)
+        actions: list[Action] = []
+        if response_id not in self._discarded_responses and (
+            self._current_item is not None and self._current_item.response_id == response_id
+        ):
+            actions += self._flush_item()
+        # The documented tool flow: output and the next response only after response.done.
+        actions += self._answer_tool_calls(response_id)
+        if self.state is CallState.ANNOUNCING and response_id == self._handoff_response:
+            self._handoff_said = True
+            actions += self._hand_off_if_heard()
+        if self._model_idle and self._after_response:
+            actions += self._after_response
+            self._after_response = []
+        return actions
+
+    # --- handing the call on: tools, keypad, transfer, hang-up -----------------------------
+
+    @property
+    def _model_idle(self) -> bool:
+        """No response is being generated or cancelled: the model takes a new response.create."""
+        return self._active_response is None and not self._cancelling
+
+    def _when_idle(self, actions: list[Action]) -> list[Action]:
+        """Send now if the model is idle, else once its response is done (sending
+        response.create during one is an error: "ongoing response already exists")."""
+        if self._model_idle:
+            return actions
+        self._after_response += actions
         return []
+
+    def _answer_tool_calls(self, response_id: str) -> list[Action]:
+        actions: list[Action] = []
+        for tool_call in self._tool_calls.pop(response_id, []):
+            output = ToModel(ToolOutput(tool_call.call_id, "not done: the caller interrupted"))
+            if response_id in self._discarded_responses or self.state is not CallState.ACTIVE:
+                actions.append(output)  # the caller's new turn gets the model's next answer
+                continue
+            request = handoff_from_tool(self.persona, tool_call.name, tool_call.arguments)
+            if isinstance(request, str):
+                log.warning("tool_call_refused", tool=tool_call.name, error=request)
+                actions.append(ToModel(ToolOutput(tool_call.call_id, f"error: {request}")))
+                actions.append(ToModel(CreateResponse()))
+                continue
+            log.info("tool_call", tool=tool_call.name, arguments=tool_call.arguments)
+            done = "ok: the agent says the sentence for you, then the call is handed on"
+            actions.append(ToModel(ToolOutput(tool_call.call_id, done)))
+            actions += self._announce(request)
+        return actions
+
+    def _announce(self, handoff: Handoff) -> list[Action]:
+        """Say the handoff's sentence; the handoff happens once the caller has heard it."""
+        self.state = CallState.ANNOUNCING
+        self._handoff, self._handoff_response, self._handoff_said = handoff, None, False
+        sentence = say_exactly(sentence_for(self.persona, handoff))
+        return self._when_idle([ToModel(CreateResponse(instructions=sentence))])
+
+    def _hand_off_if_heard(self) -> list[Action]:
+        if self.state is not CallState.ANNOUNCING or not self._handoff_said:
+            return []
+        response = self._handoff_response
+        if any(item.response_id == response for item, _, _ in self._pending_marks.values()):
+            return []  # Twilio is still playing the sentence
+        handoff, self._handoff = self._handoff, None
+        if isinstance(handoff, Transfer):
+            self.state = CallState.TRANSFERRING
+            log.info("transferring", target=handoff.target.name)
+            return [TransferCall(handoff.target)]
+        self.state = CallState.HANGING_UP
+        log.info("hanging_up")
+        return [HangUpCall()]
+
+    def _cancel_handoff(self) -> list[Action]:
+        """The caller talked over the transfer sentence or the goodbye: it does not happen."""
+        what = "transfer" if isinstance(self._handoff, Transfer) else "hang-up"
+        log.info("handoff_cancelled_by_caller", handoff=what)
+        self.state, self._handoff = CallState.ACTIVE, None
+        note = f"(The caller interrupted you, so the {what} did not happen. Listen to them.)"
+        return [ToModel(AddTextItem("system", note))]
+
+    def _on_keypad(self, digit: str) -> list[Action]:
+        handoff = handoff_from_keypad(self.persona, digit)
+        if handoff is not None and self.state is CallState.ACTIVE:
+            log.info("keypad_shortcut", digit=digit)
+            actions = self._interrupt_agent() if self._agent_speaking else []
+            self._keypad_turn(digit)
+            return actions + self._announce(handoff)
+        if self.state in (CallState.ACTIVE, CallState.ANNOUNCING):
+            self._digits += digit
+            self._digits_at_ms = self._next_media_ms or 0
+        return []
+
+    def _pass_digits_to_model(self) -> list[Action]:
+        digits, self._digits = self._digits, ""
+        self._keypad_turn(digits)
+        note = ToModel(AddTextItem("user", f"(I pressed {digits} on my phone's keypad.)"))
+        return [note, *self._when_idle([ToModel(CreateResponse())])]
+
+    def _keypad_turn(self, digits: str) -> None:
+        turn = self._caller_turn(f"keypad-{len(self._caller_turns)}")
+        turn.text = f"[keypad: {digits}]"
 
     # --- barge-in -------------------------------------------------------------------------
 
@@ -392,7 +583,7 @@ class Call:
 
     def _on_speech_started(self, item_id: str) -> list[Action]:
         self._caller_turn(item_id)
-        if not self._agent_speaking:
+        if not self._agent_speaking or self.state in STOP_MEANS:
             return []
         if self.persona.barge_in_min_speech_ms == 0:
             return self._interrupt_agent()
@@ -436,6 +627,7 @@ class Call:
         if self._active_response is not None:
             actions.append(ToModel(CancelResponse()))
             self._discarded_responses.add(self._active_response)
+            self._cancelling.add(self._active_response)
             self._active_response = None
         heard_now = self._heard_now()
         cut_items = {item.item_id: item for item, _, _ in self._pending_marks.values()}
@@ -453,6 +645,8 @@ class Call:
         self._current_item = None
         self._to_caller.reset()  # the cut reply's filter state must not leak into the next
         self.stats.barge_ins += 1
+        if self.state is CallState.ANNOUNCING:
+            actions += self._cancel_handoff()
         return actions
 
     # --- helpers --------------------------------------------------------------------------

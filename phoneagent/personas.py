@@ -50,6 +50,14 @@ class TransferTarget:
     number: str
     description: str  # what the model reads to decide when this target fits
     announcement: str  # what the agent says before the call is handed over
+    caller_id: str = ""  # shown to the target; "" means the line that was called
+    ring_seconds: int = 25  # how long the target rings before the caller comes back
+
+
+# What a keypad digit may do without asking the model.
+KEYPAD_END_CALL = "end_call"
+KEYPAD_TRANSFER_PREFIX = "transfer:"
+KEYPAD_DIGITS = frozenset("0123456789*#")
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,7 @@ class Persona:
     goodbye: str
     default: bool = False
     transfer: Mapping[str, TransferTarget] = field(default_factory=dict)
+    keypad: Mapping[str, str] = field(default_factory=dict)  # digit → "transfer:<name>"/"end_call"
     webhook: WebhookTarget | None = None
     max_call_seconds: int = DEFAULT_MAX_CALL_SECONDS
     silence_duration_ms: int = DEFAULT_SILENCE_DURATION_MS
@@ -233,6 +242,7 @@ def parse_persona_file(
     top = _Table(data, "", path, problems)
     numbers = _numbers(top)
     transfer = _transfer_targets(top)
+    keypad = _keypad(top, transfer)
     end_call = top.table("end_call", required=True)
     goodbye = end_call.text("goodbye") if end_call else None
     if end_call:
@@ -249,6 +259,7 @@ def parse_persona_file(
         goodbye=goodbye or "",
         default=top.boolean("default", False),
         transfer=transfer,
+        keypad=keypad,
         webhook=webhook,
         max_call_seconds=top.integer("max_call_seconds", DEFAULT_MAX_CALL_SECONDS, 30, 14400),
         silence_duration_ms=top.integer(
@@ -301,14 +312,40 @@ def _transfer_targets(top: _Table) -> dict[str, TransferTarget]:
         number = entry.text("number")
         if number and not _E164.fullmatch(number):
             entry.problem("number", f"{number!r} is not an E.164 number (+, country code, number)")
+        caller_id = entry.get("caller_id", str, required=False, default="")
+        if caller_id and not _E164.fullmatch(caller_id):
+            entry.problem("caller_id", f"{caller_id!r} is not an E.164 number")
         targets[name] = TransferTarget(
             name=name,
             number=number,
             description=entry.text("description"),
             announcement=entry.text("announcement"),
+            caller_id=caller_id,
+            ring_seconds=entry.integer("ring_seconds", 25, 5, 600),
         )
         entry.finish()
     return targets
+
+
+def _keypad(top: _Table, targets: Mapping[str, TransferTarget]) -> dict[str, str]:
+    section = top.table("keypad", required=False)
+    if section is None:
+        return {}
+    keypad = {}
+    for digit in list(section.data):
+        action = section.get(digit, str, default="")
+        if digit not in KEYPAD_DIGITS:
+            section.problem(digit, "keys are single keypad digits: 0-9, * or # (quote them)")
+        elif action == KEYPAD_END_CALL or (
+            action.startswith(KEYPAD_TRANSFER_PREFIX)
+            and action.removeprefix(KEYPAD_TRANSFER_PREFIX) in targets
+        ):
+            keypad[digit] = action
+        elif action:
+            names = ", ".join(f"transfer:{n}" for n in targets) or "no transfer targets"
+            section.problem(digit, f"{action!r} is not end_call or one of: {names}")
+    section.finish()
+    return keypad
 
 
 def _webhook(top: _Table, environ: Mapping[str, str]) -> WebhookTarget | None:

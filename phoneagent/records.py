@@ -25,6 +25,7 @@ class CallRecord:
     started_at: float | None = None  # Unix time the media stream started
     ended_at: float | None = None
     end_reason: str | None = None
+    transfer: dict | None = None  # {"target", "number"} once Twilio took a transfer
     transcript: list[dict] = field(default_factory=list)  # finished turns, final once ended
     twilio_events: list[dict] = field(default_factory=list)  # status callbacks, as received
     stats: dict = field(default_factory=dict)  # barge-ins, reaction times, first audio (at end)

@@ -7,9 +7,10 @@ import base64
 import contextlib
 import hmac
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -28,22 +29,25 @@ from phoneagent.delivery.outbox import Outbox, SQLiteOutbox
 from phoneagent.delivery.publisher import CallEventPublisher
 from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.logs import get_logger
-from phoneagent.personas import PersonaRegistry
+from phoneagent.personas import Persona, PersonaRegistry, TransferTarget
 from phoneagent.realtime.connection import (
     ModelConnector,
     ModelSession,
     ModelUnavailable,
     Prewarmer,
 )
-from phoneagent.records import CallRecords
+from phoneagent.records import CallRecord, CallRecords
+from phoneagent.twilio.rest import CallUpdateFailed, TwilioCalls, dial_twiml
 from phoneagent.twilio.webhook import (
     CALLED_PARAMETER,
     CALLER_PARAMETER,
     PERSONA_PARAMETER,
+    RESUME_PARAMETER,
     TOKEN_PARAMETER,
     StreamToken,
     apology_twiml,
     connect_stream_twiml,
+    hangup_twiml,
     signature_is_valid,
 )
 
@@ -65,6 +69,7 @@ class ServerState:
     calls: CallRecords = field(default_factory=CallRecords)
     clock: Callable[[], float] = time.monotonic  # calls' clock: tests run calls faster
     publisher: CallEventPublisher | None = None  # None: no webhook delivery (no outbox)
+    handoffs: TwilioHandoffs | None = None
     # Work that must finish even if the request that started it is cancelled (event commits).
     background: set[asyncio.Task] = field(default_factory=set)
 
@@ -88,6 +93,52 @@ class ServerState:
 
 
 STATE = web.AppKey("state", ServerState)
+
+
+@dataclass
+class TwilioHandoffs:
+    """Hands a call on through Twilio's REST API, for the media-stream shell."""
+
+    state: ServerState
+    rest: TwilioCalls
+
+    async def transfer(self, call: Call, target: TransferTarget) -> str | None:
+        record = self.state.calls.open(call.call_sid)
+        query = urlencode({"persona": call.persona.id, "target": target.name})
+        twiml_text = dial_twiml(
+            target.number,
+            caller_id=target.caller_id or record.called,
+            ring_seconds=target.ring_seconds,
+            action_url=f"{self.state.settings.public_url}/twilio/dial-status?{query}",
+        )
+        error = await self._update(self.rest.redirect(call.call_sid, twiml_text), "transfer")
+        if error is None:
+            record.transfer = {"target": target.name, "number": target.number}
+        if self.state.publisher is not None:
+            self.state.spawn(
+                self.state.publisher.call_transferred(
+                    call.persona,
+                    record,
+                    target=target.name,
+                    target_number=target.number,
+                    outcome="failed" if error else "accepted",
+                    at=time.time(),
+                    error=error,
+                )
+            )
+        return error
+
+    async def hang_up(self, call: Call) -> str | None:
+        return await self._update(self.rest.hang_up(call.call_sid), "hang_up")
+
+    async def _update(self, request: Awaitable[None], what: str) -> str | None:
+        try:
+            await request
+        except CallUpdateFailed as exc:
+            log.error(f"twilio_{what}_failed", status=exc.status, twilio_code=exc.code,
+                      error=str(exc))  # fmt: skip
+            return f"Twilio error {exc.code}: {exc}" if exc.code else str(exc)
+        return None
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -159,20 +210,58 @@ async def voice_webhook(request: web.Request) -> web.Response:
         return twiml(apology_twiml(NO_PERSONA_APOLOGY))
     record = state.calls.open(call_sid)
     record.persona, record.caller, record.called = persona.id, form.get("From", ""), called
-    # The phone is still ringing: open the model session now, the stream claims it on `start`.
-    state.prewarmer.start(call_sid, session_config(persona))
     log.info("call_incoming", call_sid=call_sid, persona=persona.id, to=called)
+    return twiml(connect_to_agent(state, persona, record))
+
+
+def connect_to_agent(
+    state: ServerState, persona: Persona, record: CallRecord, resume: str = ""
+) -> str:
+    """TwiML connecting the call to a media stream with ``persona``, and the model session
+    opened now (pre-warm: the stream claims it on `start`). ``resume`` marks a call coming back
+    to the agent."""
+    state.prewarmer.start(record.call_sid, session_config(persona))
     parameters = {
         PERSONA_PARAMETER: persona.id,
-        TOKEN_PARAMETER: state.stream_token.issue(call_sid, persona.id),
+        TOKEN_PARAMETER: state.stream_token.issue(record.call_sid, persona.id),
         # The instance taking the stream may not be the one answering this webhook.
         CALLER_PARAMETER: record.caller,
-        CALLED_PARAMETER: called,
+        CALLED_PARAMETER: record.called,
     }
-    base = state.settings.public_url
-    return twiml(
-        connect_stream_twiml(state.settings.stream_url, f"{base}/twilio/stream-status", parameters)
-    )
+    if resume:
+        parameters[RESUME_PARAMETER] = resume
+    status_url = f"{state.settings.public_url}/twilio/stream-status"
+    return connect_stream_twiml(state.settings.stream_url, status_url, parameters)
+
+
+async def dial_status(request: web.Request) -> web.Response:
+    """`<Dial action>`: the person we transferred to answered (the call ends when they hang
+    up), or did not (the caller comes back to the agent, who apologises)."""
+    state = request.app[STATE]
+    form = await signed_form(request)
+    if form is None:
+        return web.Response(status=403, text="invalid Twilio signature")
+    outcome = form.get("DialCallStatus", "")
+    record = state.calls.open(form.get("CallSid", ""))
+    persona = state.personas.current.personas.get(request.query.get("persona", ""))
+    target_name = request.query.get("target", "")
+    log.info("transfer_outcome", call_sid=record.call_sid, target=target_name, outcome=outcome)
+    if outcome in ("completed", "answered") or persona is None:
+        return twiml(hangup_twiml())
+    target = persona.transfer.get(target_name)
+    if state.publisher is not None and target is not None:
+        state.spawn(
+            state.publisher.call_transferred(
+                persona,
+                record,
+                target=target.name,
+                target_number=target.number,
+                outcome="failed",
+                at=time.time(),
+                error=outcome,
+            )
+        )
+    return twiml(connect_to_agent(state, persona, record, resume=f"{target_name}:{outcome}"))
 
 
 async def media_stream(request: web.Request) -> web.StreamResponse:
@@ -220,6 +309,15 @@ async def open_call(state: ServerState, ws: web.WebSocketResponse) -> tuple[Call
     record.caller = start.custom_parameters.get(CALLER_PARAMETER, record.caller)
     record.called = start.custom_parameters.get(CALLED_PARAMETER, record.called)
     call = Call(persona, start.stream_sid, start.call_sid, clock=state.clock)
+    resume = start.custom_parameters.get(RESUME_PARAMETER, "")
+    if resume:  # back from a transfer nobody answered: the agent picks the call up again
+        target, _, outcome = resume.partition(":")
+        call.history = tuple(record.transcript)
+        call.opening = (
+            f"You tried to transfer the caller to {target.replace('_', ' ')}, but the call was "
+            f"not answered ({outcome}). Apologise briefly, and offer to take a message or to "
+            "help another way."
+        )
     return call, model
 
 
@@ -231,7 +329,7 @@ async def run_call(
     if state.publisher is not None:
         state.spawn(state.publisher.call_started(call.persona, state.calls.open(call.call_sid)))
     try:
-        await CallShell(ws, model, call, state.turn_listeners).run()
+        await CallShell(ws, model, call, state.turn_listeners, state.handoffs).run()
     finally:
         state.active_calls.pop(call.call_sid, None)
         record = state.calls.open(call.call_sid)
@@ -317,6 +415,10 @@ def create_app(
     )
     app = web.Application()
     state = ServerState(settings=settings, personas=personas, prewarmer=Prewarmer(connector))
+    rest = TwilioCalls(
+        settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url
+    )
+    state.handoffs = TwilioHandoffs(state, rest)
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -324,6 +426,7 @@ def create_app(
     app.router.add_get("/twilio/stream", media_stream)
     app.router.add_post("/twilio/stream-status", status_callback)
     app.router.add_post("/twilio/call-status", status_callback)
+    app.router.add_post("/twilio/dial-status", dial_status)
     app.router.add_get("/calls/{call_sid}", call_details)
     app.router.add_get("/metrics", not_implemented)
 
@@ -334,6 +437,7 @@ def create_app(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await state.prewarmer.close()
+        await rest.close()
 
     async def deliver_webhooks(app: web.Application):
         assert outbox is not None

@@ -68,14 +68,7 @@ class CallEventPublisher:
             )
             await self._publish(persona, event)
 
-    async def call_ended(
-        self,
-        persona: Persona,
-        record: CallRecord,
-        *,
-        transfer_target: str | None = None,
-        transfer_number: str | None = None,
-    ) -> None:
+    async def call_ended(self, persona: Persona, record: CallRecord) -> None:
         if not self._wants(persona, "call.ended"):
             return
         ended_at = record.ended_at or 0.0
@@ -85,8 +78,8 @@ class CallEventPublisher:
             ended_at=ended_at,
             end_reason=EVENT_END_REASONS.get(record.end_reason or "", "error"),
             transcript=record.transcript,
-            transfer_target=transfer_target,
-            transfer_number=transfer_number,
+            transfer_target=record.transfer["target"] if record.transfer else None,
+            transfer_number=record.transfer["number"] if record.transfer else None,
         )
         await self._publish(persona, event)
 

@@ -21,6 +21,7 @@ PERSONA_PARAMETER = "persona"
 TOKEN_PARAMETER = "token"
 CALLER_PARAMETER = "from"
 CALLED_PARAMETER = "to"
+RESUME_PARAMETER = "resume"  # "<target>:<DialCallStatus>": back from an unanswered transfer
 
 
 def signature_is_valid(
@@ -81,6 +82,12 @@ def connect_stream_twiml(
     stream = connect.stream(url=stream_url, status_callback=status_callback_url)
     for name, value in parameters.items():
         stream.parameter(name=name, value=value)
+    return str(response)
+
+
+def hangup_twiml() -> str:
+    response = VoiceResponse()
+    response.hangup()
     return str(response)
 
 
