@@ -305,11 +305,12 @@ class Call:
         )
 
     def on_hang_up_result(self, error: str | None) -> list[Action]:
-        """Twilio ended the call (None: its `stop` follows). If it could not, closing the media
-        stream ends the call anyway: nothing follows `</Connect>` in our TwiML."""
-        if self.state is not CallState.HANGING_UP or error is None:
+        """Twilio ended the call, or could not: either way the stream is over. Closing it ends
+        the call too (nothing follows `</Connect>` in our TwiML), so no `stop` is awaited."""
+        if self.state is not CallState.HANGING_UP:
             return []
-        log.warning("hang_up_failed", error=error)
+        if error is not None:
+            log.warning("hang_up_failed", error=error)
         return self._end(EndReason.AGENT_HUNG_UP)
 
     def on_twilio(self, event: TwilioEvent) -> list[Action]:

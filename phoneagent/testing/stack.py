@@ -28,6 +28,7 @@ from phoneagent.realtime.connection import ModelConnector
 from phoneagent.server import STATE, AccessLogger, ServerState, build_app, create_app
 from phoneagent.testing.caller import TwilioCaller
 from phoneagent.testing.fake_model import FakeRealtimeServer
+from phoneagent.testing.fake_twilio_api import FakeTwilioApi
 
 
 def demo_credentials() -> tuple[str, str]:
@@ -50,6 +51,8 @@ class LocalStack:
     *use_fake_model* is False. *call_speed*: run the calls' clock this many times faster than
     real time, to match callers with ``speed`` > 1 (playback positions are computed in time).
     *webhooks*: run the webhook outbox and its delivery worker (False: calls publish nothing).
+    *twilio_api*: run a fake Twilio REST API (``self.twilio_api``) and point the server at it;
+    callers made by :meth:`caller` then receive `stop` when their call is redirected or ended.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class LocalStack:
         prewarm_ttl: float | None = None,
         call_speed: float = 1.0,
         webhooks: bool = True,
+        twilio_api: bool = False,
     ) -> None:
         self.personas_dir = personas_dir
         self.model = model if model is not None or not use_fake_model else FakeRealtimeServer()
@@ -77,6 +81,11 @@ class LocalStack:
         self.prewarm_ttl = prewarm_ttl
         self.call_speed = call_speed
         self.webhooks = webhooks
+        self.twilio_api = (
+            FakeTwilioApi(self.settings.twilio_account_sid, self.settings.twilio_auth_token)
+            if twilio_api
+            else None
+        )
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
@@ -88,6 +97,11 @@ class LocalStack:
         await self.close()
 
     async def start(self) -> None:
+        if self.twilio_api is not None:
+            await self.twilio_api.start()
+            self.settings = dataclasses.replace(
+                self.settings, twilio_api_base_url=self.twilio_api.base_url
+            )
         connector = None
         if self.model is not None:
             await self.model.start()
@@ -121,6 +135,8 @@ class LocalStack:
             await self._runner.cleanup()
         if self.model is not None:
             await self.model.close()
+        if self.twilio_api is not None:
+            await self.twilio_api.stop()
         if self._data_dir is not None:
             self._data_dir.cleanup()
 
@@ -131,10 +147,13 @@ class LocalStack:
 
     def caller(self, to: str, **options: Any) -> TwilioCaller:
         """A scripted Twilio caller for this server, signing with the stack's credentials."""
-        return TwilioCaller(
+        caller = TwilioCaller(
             self.base_url,
             account_sid=self.settings.twilio_account_sid,
             auth_token=self.settings.twilio_auth_token,
             to=to,
             **options,
         )
+        if self.twilio_api is not None:
+            self.twilio_api.attach(caller)
+        return caller
