@@ -9,18 +9,22 @@ from conftest import EXAMPLE_PERSONAS
 from phoneagent.audio import pcm16_to_ulaw
 from phoneagent.call import (
     Call,
+    CallState,
     EndCall,
     EndReason,
+    HangUpCall,
     SendClear,
     SendMark,
     SendMedia,
     ToModel,
+    TransferCall,
     TurnFinished,
     greeting_instructions,
     session_config,
 )
 from phoneagent.personas import load_directory
 from phoneagent.realtime.base import (
+    AddTextItem,
     AgentTranscriptDelta,
     AgentTranscriptDone,
     AppendAudio,
@@ -32,10 +36,12 @@ from phoneagent.realtime.base import (
     ResponseStarted,
     SpeechStarted,
     SpeechStopped,
+    ToolCall,
+    ToolOutput,
     TruncateItem,
     UserTranscript,
 )
-from phoneagent.twilio.stream import Mark, Media, Stop
+from phoneagent.twilio.stream import Dtmf, Mark, Media, Stop
 
 
 class FakeClock:
@@ -339,3 +345,107 @@ def test_heard_position_counts_from_when_audio_was_sent_after_an_idle_line(call,
     clock.advance(50)
     actions = call.on_model(SpeechStarted("user1", 0))
     assert model_commands(actions, TruncateItem) == [TruncateItem("item2", 50)]
+
+
+# --- handing the call on: tools, keypad, transfer, hang-up ----------------------------------
+
+
+def finish_tool_response(call, tool_name, arguments='{"target": "front_desk"}'):
+    """The model answers with a tool call (and no audio), then ends that response."""
+    call.on_model(ResponseStarted("tool_resp"))
+    call.on_model(ToolCall("tool_resp", "call_1", tool_name, arguments))
+    return call.on_model(ResponseDone("tool_resp", "completed"))
+
+
+def test_transfer_tool_answers_the_model_then_announces(call, persona):
+    actions = finish_tool_response(call, "transfer_call")
+    [output] = model_commands(actions, ToolOutput)
+    assert output.call_id == "call_1" and output.output.startswith("ok")
+    [announce] = model_commands(actions, CreateResponse)
+    assert persona.transfer["front_desk"].announcement in announce.instructions
+    # The documented order: the tool output, then the next response.
+    assert actions.index(ToModel(output)) < actions.index(ToModel(announce))
+    assert call.state is CallState.ANNOUNCING
+
+
+def test_transfer_waits_until_the_announcement_was_heard(call, persona):
+    finish_tool_response(call, "transfer_call")
+    sent = speak(call, "announce", "item_a", 200)
+    assert of_type(sent, TransferCall) == []  # sent to Twilio, not yet heard
+    marks = of_type(sent, SendMark)
+    assert of_type(call.on_twilio(Mark(marks[-2].name)), TransferCall) == []
+    [transfer] = of_type(call.on_twilio(Mark(marks[-1].name)), TransferCall)
+    assert transfer.target == persona.transfer["front_desk"]
+    assert call.state is CallState.TRANSFERRING
+    # Twilio's `stop` after the REST update is the transfer, not a hang-up.
+    assert call.on_twilio(Stop("CA1")) == [EndCall(EndReason.TRANSFERRED)]
+
+
+def test_barge_in_during_the_announcement_cancels_the_transfer(call):
+    finish_tool_response(call, "transfer_call")
+    sent = speak(call, "announce", "item_a", 400)
+    call.on_twilio(Mark(of_type(sent, SendMark)[3].name))
+    actions = call.on_model(SpeechStarted("user1", 0))
+    assert actions[0] == SendClear()
+    [note] = model_commands(actions, AddTextItem)
+    assert note.role == "system" and "transfer did not happen" in note.text
+    assert call.state is CallState.ACTIVE
+    for mark in of_type(sent, SendMark):  # late echoes after `clear`
+        assert of_type(call.on_twilio(Mark(mark.name)), TransferCall) == []
+
+
+def test_unknown_transfer_target_is_an_error_for_the_model(call):
+    actions = finish_tool_response(call, "transfer_call", '{"target": "dentist"}')
+    [output] = model_commands(actions, ToolOutput)
+    assert "unknown target 'dentist'" in output.output
+    assert model_commands(actions, CreateResponse) == [CreateResponse()]
+    assert call.state is CallState.ACTIVE
+
+
+def test_failed_transfer_returns_to_the_agent_who_tells_the_caller(call):
+    finish_tool_response(call, "transfer_call")
+    sent = speak(call, "announce", "item_a", 100)
+    call.on_twilio(Mark(of_type(sent, SendMark)[-1].name))
+    actions = call.on_transfer_result("Twilio error 21210: Caller ID not verified")
+    assert call.state is CallState.ACTIVE
+    [note] = model_commands(actions, AddTextItem)
+    assert "21210" in note.text
+    [tell] = model_commands(actions, CreateResponse)
+    assert "could not connect them" in tell.instructions
+    assert call.on_twilio(Stop("CA1")) == [EndCall(EndReason.CALLER_HUNG_UP)]
+
+
+def test_end_call_says_goodbye_then_hangs_up(call, persona):
+    actions = finish_tool_response(call, "end_call", "{}")
+    [goodbye] = model_commands(actions, CreateResponse)
+    assert persona.goodbye in goodbye.instructions
+    sent = speak(call, "bye", "item_b", 100)
+    assert of_type(call.on_twilio(Mark(of_type(sent, SendMark)[-1].name)), HangUpCall)
+    assert call.on_hang_up_result(None) == [EndCall(EndReason.AGENT_HUNG_UP)]
+
+
+def test_commands_wait_while_the_model_is_still_answering(call):
+    call.on_model(ResponseStarted("busy"))
+    actions = call.on_twilio(Dtmf("0"))  # keypad shortcut while the agent talks
+    assert model_commands(actions, CancelResponse) == [CancelResponse()]
+    assert model_commands(actions, CreateResponse) == []  # "ongoing response" otherwise
+    actions = call.on_model(ResponseDone("busy", "cancelled"))
+    [announce] = model_commands(actions, CreateResponse)
+    assert "front desk" in announce.instructions
+
+
+def test_keypad_digits_reach_the_model_together_after_a_pause(call):
+    call.on_twilio(Media(timestamp_ms=0, payload=b"\xff" * 160))
+    for digit in "42#":
+        assert call.on_twilio(Dtmf(digit)) == []
+    ms = 20
+    while True:  # the caller's line keeps streaming; the digits go once it was quiet a while
+        actions = call.on_twilio(Media(timestamp_ms=ms, payload=b"\xff" * 160))
+        ms += 20
+        if model_commands(actions, AddTextItem):
+            break
+    assert ms - 20 >= 1200
+    [digits] = model_commands(actions, AddTextItem)
+    assert (digits.role, digits.text) == ("user", "(I pressed 42# on my phone's keypad.)")
+    assert model_commands(actions, CreateResponse) == [CreateResponse()]
+    assert "[keypad: 42#]" in [t["text"] for t in call.transcript]
