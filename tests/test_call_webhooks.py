@@ -9,7 +9,7 @@ from conftest import EXAMPLE_PERSONAS
 from phoneagent.config import Settings
 from phoneagent.delivery.signing import verify
 from phoneagent.testing.caller import CALLER_BOOKING_WAV
-from phoneagent.testing.fake_model import FakeRealtimeServer, queued_transcripts
+from phoneagent.testing.fake_model import CallTool, FakeRealtimeServer, queued_transcripts
 from phoneagent.testing.stack import LocalStack, demo_credentials
 from phoneagent.testing.webhook_sink import WebhookSink
 
@@ -105,3 +105,27 @@ async def test_events_queued_while_the_receiver_is_down_are_delivered_after_a_re
         await sink.wait_for(2, timeout=15)  # the first attempt after start-up: 5 s at most
     assert {r.json["data"]["call_sid"] for r in sink.received} == {call_sid}
     assert len({r.json["id"] for r in sink.received}) == 2
+
+
+async def test_a_transfer_is_reported_and_ends_the_call_as_transferred(personas, sink):
+    dental = personas / "bright-smile-dental.toml"
+    dental.write_text(dental.read_text().replace('"call.started", "call.ended"',
+                                                 '"call.transferred", "call.ended"'))  # fmt: skip
+    transfer = CallTool("transfer_call", {"target": "front_desk"})
+    model = FakeRealtimeServer(speed=8.0, script=[transfer])
+    async with LocalStack(personas, model=model, twilio_api=True) as stack:
+        async with stack.caller(to=DENTAL, speed=4.0) as caller:
+            await caller.dial()
+            await caller.connect()
+            caller.start_background_silence()
+            await caller.wait_until_quiet(300, timeout=30)
+            await caller.play_wav(CALLER_BOOKING_WAV)
+            await caller.wait_closed(timeout=30)  # Twilio stopped the stream: transferred
+        await sink.wait_for(2, timeout=10)
+
+    transferred, ended = sorted(sink.received, key=lambda r: r.json["type"] != "call.transferred")
+    assert transferred.json["data"]["target"] == "front_desk"
+    assert transferred.json["data"]["target_number"] == "+14155550111"
+    assert transferred.json["data"]["outcome"] == "accepted"
+    assert ended.json["data"]["end_reason"] == "transferred"
+    assert ended.json["data"]["transfer"] == {"target": "front_desk", "number": "+14155550111"}
