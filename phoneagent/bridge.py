@@ -30,11 +30,13 @@ from phoneagent.call import (
     TurnFinished,
 )
 from phoneagent.logs import get_logger
+from phoneagent.metrics import Metrics
 from phoneagent.personas import TransferTarget
 from phoneagent.realtime.base import ModelEvent
 from phoneagent.realtime.connection import ModelSession
 from phoneagent.twilio.stream import (
     MalformedMessage,
+    Media,
     Start,
     TwilioEvent,
     clear_message,
@@ -94,6 +96,7 @@ class CallShell:
     call: Call
     turn_listeners: Sequence[TurnListener] = ()
     handoffs: Handoffs | None = None
+    metrics: Metrics | None = None
 
     def __post_init__(self) -> None:
         self._requests: set[asyncio.Task[None]] = set()  # REST requests in flight
@@ -132,10 +135,19 @@ class CallShell:
     async def feed_twilio(self, event: TwilioEvent) -> None:
         received_at = time.perf_counter()
         await self.perform(self.call.on_twilio(event), received_at)
+        if self.metrics is not None and isinstance(event, Media):
+            self.metrics.inbound_frame.observe(time.perf_counter() - received_at)
 
     async def feed_model(self, event: ModelEvent) -> None:
         received_at = time.perf_counter()
-        await self.perform(self.call.on_model(event), received_at)
+        actions = self.call.on_model(event)
+        await self.perform(actions, received_at)
+        if self.metrics is not None:
+            frames = sum(isinstance(action, SendMedia) for action in actions)
+            if frames:  # the work of one event (a delta, a flush), shared by its frames
+                per_frame = (time.perf_counter() - received_at) / frames
+                for _ in range(frames):
+                    self.metrics.outbound_frame.observe(per_frame)
 
     async def perform(self, actions: list[Action], received_at: float | None = None) -> None:
         """Carry out the Call's actions in order. ``received_at`` is when the event that caused

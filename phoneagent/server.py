@@ -29,6 +29,7 @@ from phoneagent.delivery.outbox import Outbox, SQLiteOutbox
 from phoneagent.delivery.publisher import CallEventPublisher
 from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.logs import get_logger
+from phoneagent.metrics import CONTENT_TYPE_LATEST, Metrics
 from phoneagent.personas import Persona, PersonaRegistry, TransferTarget
 from phoneagent.realtime.connection import (
     ModelConnector,
@@ -70,6 +71,7 @@ class ServerState:
     clock: Callable[[], float] = time.monotonic  # calls' clock: tests run calls faster
     publisher: CallEventPublisher | None = None  # None: no webhook delivery (no outbox)
     handoffs: TwilioHandoffs | None = None
+    metrics: Metrics = field(init=False)
     # Work that must finish even if the request that started it is cancelled (event commits).
     background: set[asyncio.Task] = field(default_factory=set)
 
@@ -83,6 +85,7 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.turn_listeners.append(self._record_live_turn)
+        self.metrics = Metrics(active_calls=lambda: len(self.active_calls))
 
     def _record_live_turn(self, call: Call, turn: dict) -> None:
         self.calls.open(call.call_sid).transcript.append(turn)
@@ -112,6 +115,7 @@ class TwilioHandoffs:
             action_url=f"{self.state.settings.public_url}/twilio/dial-status?{query}",
         )
         error = await self._update(self.rest.redirect(call.call_sid, twiml_text), "transfer")
+        self.state.metrics.transfers.labels("failed" if error else "accepted").inc()
         if error is None:
             record.transfer = {"target": target.name, "number": target.number}
         if self.state.publisher is not None:
@@ -284,6 +288,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
             return ws
         except ModelUnavailable as exc:
             log.error("model_unavailable", reason=str(exc), status=exc.status)
+            state.metrics.model_failures.labels(str(exc.status or "none")).inc()
             await ws.close()
             return ws
         await run_call(state, ws, call, model)
@@ -329,7 +334,7 @@ async def run_call(
     if state.publisher is not None:
         state.spawn(state.publisher.call_started(call.persona, state.calls.open(call.call_sid)))
     try:
-        await CallShell(ws, model, call, state.turn_listeners, state.handoffs).run()
+        await CallShell(ws, model, call, state.turn_listeners, state.handoffs, state.metrics).run()
     finally:
         state.active_calls.pop(call.call_sid, None)
         record = state.calls.open(call.call_sid)
@@ -337,6 +342,7 @@ async def run_call(
         record.end_reason = call.end_reason.value if call.end_reason else "error"
         record.transcript = call.transcript
         record.stats = call.stats.as_dict()
+        state.metrics.record_call_end(record.end_reason, record.stats)
         if record.status == "in-progress":  # Twilio's call-status callback may say more
             record.status = "completed"
         # Transcripts go to the business's webhook, not to the logs.
@@ -393,9 +399,9 @@ async def call_details(request: web.Request) -> web.Response:
     return web.json_response(record.as_dict())
 
 
-async def not_implemented(request: web.Request) -> web.Response:
-    # Reserved routes: they exist so deployments can be pointed at them now.
-    return web.json_response({"error": f"{request.path} is not implemented yet"}, status=501)
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[STATE].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def create_app(
@@ -428,7 +434,7 @@ def create_app(
     app.router.add_post("/twilio/call-status", status_callback)
     app.router.add_post("/twilio/dial-status", dial_status)
     app.router.add_get("/calls/{call_sid}", call_details)
-    app.router.add_get("/metrics", not_implemented)
+    app.router.add_get("/metrics", metrics)
 
     async def watch_personas(app: web.Application):
         task = asyncio.create_task(personas.watch(reload_interval))
@@ -441,7 +447,8 @@ def create_app(
 
     async def deliver_webhooks(app: web.Application):
         assert outbox is not None
-        worker = DeliveryWorker(outbox)
+        deliveries = state.metrics.webhook_deliveries
+        worker = DeliveryWorker(outbox, on_outcome=lambda outcome: deliveries.labels(outcome).inc())
         state.publisher = CallEventPublisher(worker)
         task = asyncio.create_task(worker.run())
         yield

@@ -1,6 +1,7 @@
 """A phone call end to end over real sockets: webhook → TwiML → stream → model → audio back."""
 
 import asyncio
+import re
 import shutil
 
 import aiohttp
@@ -60,6 +61,15 @@ async def test_caller_hears_greeting_then_an_answer_and_transcript_has_both_side
     turns = [(t["role"], t["text"]) for t in record.transcript]
     assert turns[0][0] == "agent" and persona.greeting in turns[0][1]
     assert turns[1:] == [("caller", "I'd like to book a cleaning."), ("agent", REPLY)]
+
+    async with aiohttp.ClientSession() as http, http.get(f"{stack.base_url}/metrics") as response:
+        metrics = await response.text()
+    assert 'phoneagent_calls_total{end_reason="caller_hung_up"} 1.0' in metrics
+    assert "phoneagent_first_agent_audio_seconds_count 1.0" in metrics
+    frames = re.search(
+        r'phoneagent_frame_processing_seconds_count\{direction="model_to_caller"\} (\d+)', metrics
+    )
+    assert int(frames.group(1)) * 20 >= caller.heard_ms()  # every frame the caller heard
 
     session = model.sessions[0]
     assert session.config["voice"] == persona.voice

@@ -14,7 +14,6 @@ from phoneagent.logs import configure_logging
 from phoneagent.personas import PersonaRegistry
 from phoneagent.server import STATE, AccessLogger, create_app
 
-RESERVED_ROUTES = [("GET", "/metrics")]
 TWILIO_ROUTES = [
     ("POST", "/twilio/voice"),
     ("GET", "/twilio/stream"),
@@ -60,11 +59,13 @@ async def test_readyz_turns_503_when_draining(client):
     assert (await client.get("/healthz")).status == 200
 
 
-@pytest.mark.parametrize(("method", "path"), RESERVED_ROUTES)
-async def test_reserved_routes_exist(client, method, path):
-    response = await client.request(method, path)
-    assert response.status == 501
-    assert "not implemented yet" in (await response.json())["error"]
+async def test_metrics_in_prometheus_text_format(client):
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    text = await response.text()
+    assert "phoneagent_active_calls 0.0" in text
+    assert "# TYPE phoneagent_frame_processing_seconds histogram" in text
 
 
 @pytest.mark.parametrize(("method", "path"), TWILIO_ROUTES)

@@ -193,6 +193,7 @@ class DeliveryWorker:
         rng: random.Random | None = None,
         environ: Mapping[str, str] | None = None,
         session: aiohttp.ClientSession | None = None,
+        on_outcome: Callable[[str], None] | None = None,
     ) -> None:
         if concurrency < 1 or per_destination < 1:
             raise ValueError("concurrency and per_destination must be at least 1")
@@ -214,6 +215,7 @@ class DeliveryWorker:
         self.environ = os.environ if environ is None else environ
         self._session = session
         self._own_session = session is None
+        self.on_outcome = on_outcome  # told "delivered", "retry" or "dead" (metrics)
         self._tasks: dict[asyncio.Task[None], OutboxItem] = {}
         self._by_destination: Counter[str] = Counter()
         self._wake = asyncio.Event()
@@ -357,6 +359,8 @@ class DeliveryWorker:
         if not recorded:
             # The lease ran out, or someone ran `events redeliver`: the newer claim decides.
             log.warning("webhook_claim_superseded", event_id=item.id)
+        if self.on_outcome is not None:
+            self.on_outcome(decision.action)
         return decision
 
     # --- the loop -------------------------------------------------------------------------

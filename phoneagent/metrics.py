@@ -1,0 +1,86 @@
+"""Prometheus metrics, served at ``GET /metrics``.
+
+One registry per application (not the library's global one), so several apps in one process —
+tests, benchmarks — each count their own calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+# Per-frame work is tens of microseconds; a slow frame is a millisecond or more.
+FRAME_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2)
+REACTION_BUCKETS = (2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
+FIRST_AUDIO_BUCKETS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, active_calls: Callable[[], int]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.active_calls = Gauge(
+            "phoneagent_active_calls", "Calls with a media stream open now.", registry=r
+        )
+        self.active_calls.set_function(active_calls)
+        self.calls = Counter(
+            "phoneagent_calls", "Calls ended, by end reason.", ["end_reason"], registry=r
+        )
+        self.first_audio = Histogram(
+            "phoneagent_first_agent_audio_seconds",
+            "From the stream's start to the first agent audio frame sent to Twilio.",
+            buckets=FIRST_AUDIO_BUCKETS,
+            registry=r,
+        )
+        self.barge_ins = Counter(
+            "phoneagent_barge_ins", "Times a caller interrupted the agent.", registry=r
+        )
+        self.barge_in_reaction = Histogram(
+            "phoneagent_barge_in_reaction_seconds",
+            "From the event that decided a barge-in to Twilio's `clear` written.",
+            buckets=REACTION_BUCKETS,
+            registry=r,
+        )
+        self.model_reconnects = Counter(
+            "phoneagent_model_reconnects", "Model sessions reopened mid-call.", registry=r
+        )
+        self.model_failures = Counter(
+            "phoneagent_model_session_failures",
+            "Model sessions that could not be opened, by HTTP status of the refusal (or none).",
+            ["status"],
+            registry=r,
+        )
+        self.transfers = Counter(
+            "phoneagent_transfers", "Transfers asked of Twilio, by outcome.", ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.webhook_deliveries = Counter(
+            "phoneagent_webhook_deliveries",
+            "Webhook delivery attempts, by outcome (delivered, retry, dead).",
+            ["outcome"],
+            registry=r,
+        )
+        self.frame_seconds = Histogram(
+            "phoneagent_frame_processing_seconds",
+            "Server work per media frame (transcode, JSON, socket write), by direction.",
+            ["direction"],
+            buckets=FRAME_BUCKETS,
+            registry=r,
+        )
+        self.inbound_frame = self.frame_seconds.labels("caller_to_model")
+        self.outbound_frame = self.frame_seconds.labels("model_to_caller")
+
+    def record_call_end(self, end_reason: str, stats: dict) -> None:
+        self.calls.labels(end_reason).inc()
+        if stats.get("first_agent_audio_ms") is not None:
+            self.first_audio.observe(stats["first_agent_audio_ms"] / 1000)
+        self.barge_ins.inc(stats.get("barge_ins", 0))
+        for reaction_ms in stats.get("barge_in_reaction_ms", []):
+            self.barge_in_reaction.observe(reaction_ms / 1000)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
