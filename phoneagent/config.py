@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -51,6 +51,9 @@ class Settings:
     data_dir: Path = Path("data")
     log_format: str = "json"
     log_level: str = "info"
+    drain_seconds: int = 600  # after SIGTERM, how long calls in progress may go on
+    max_calls: int = 100  # model sessions at once (StepFun accounts have a concurrency limit)
+    fallback_url: str = ""  # where new calls go while this instance drains ("" = HTTP 503)
 
     @property
     def stream_url(self) -> str:
@@ -104,6 +107,12 @@ def load_settings(
     if log_level not in LOG_LEVELS:
         problems.append(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
 
+    drain_seconds = _parse_int("PHONEAGENT_DRAIN_SECONDS", get, Settings.drain_seconds, 0, problems)
+    max_calls = _parse_int("PHONEAGENT_MAX_CALLS", get, Settings.max_calls, 1, problems)
+    fallback_url = get("PHONEAGENT_FALLBACK_URL")
+    if fallback_url:
+        _check_url("PHONEAGENT_FALLBACK_URL", fallback_url, ("https", "http"), problems)
+
     if problems:
         raise ConfigError(problems)
     return Settings(
@@ -119,11 +128,26 @@ def load_settings(
         data_dir=Path(get("PHONEAGENT_DATA_DIR") or Settings.data_dir),
         log_format=log_format,
         log_level=log_level,
+        drain_seconds=drain_seconds,
+        max_calls=max_calls,
+        fallback_url=fallback_url,
     )
 
 
 def is_local_host(host: str | None) -> bool:
     return (host or "").lower() in LOCAL_HOSTS
+
+
+def _parse_int(
+    name: str, get: Callable[[str], str], default: int, low: int, problems: list[str]
+) -> int:
+    raw = get(name)
+    if not raw:
+        return default
+    if raw.isdigit() and int(raw) >= low:
+        return int(raw)
+    problems.append(f"{name} must be a whole number of at least {low}, not {raw!r}")
+    return default
 
 
 def _parse_port(raw: str, problems: list[str]) -> int:

@@ -42,6 +42,10 @@ DEFAULT_MAX_CALL_SECONDS = 900
 # Phone lines have no echo cancellation, and a caller's "mhm" is not a request to stop: the
 # caller must speak this long (loud audio, after the model heard speech start) to cut the agent.
 DEFAULT_BARGE_IN_MIN_SPEECH_MS = 300
+DEFAULT_BUSY_MESSAGE = (
+    "Sorry, all our lines are busy right now. Please call again in a few minutes."
+)
+DEFAULT_APOLOGY = "Sorry, we are having technical trouble and cannot take your call right now."
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,11 @@ class Persona:
     default: bool = False
     transfer: Mapping[str, TransferTarget] = field(default_factory=dict)
     keypad: Mapping[str, str] = field(default_factory=dict)  # digit → "transfer:<name>"/"end_call"
+    # When the agent cannot take the call (all lines busy, the model unreachable): Twilio says
+    # the message, then dials the fallback target if there is one, else hangs up.
+    fallback_target: str = ""
+    busy_message: str = DEFAULT_BUSY_MESSAGE
+    apology: str = DEFAULT_APOLOGY
     webhook: WebhookTarget | None = None
     max_call_seconds: int = DEFAULT_MAX_CALL_SECONDS
     silence_duration_ms: int = DEFAULT_SILENCE_DURATION_MS
@@ -243,6 +252,10 @@ def parse_persona_file(
     numbers = _numbers(top)
     transfer = _transfer_targets(top)
     keypad = _keypad(top, transfer)
+    fallback_target = top.get("fallback_target", str, required=False, default="")
+    if fallback_target and fallback_target not in transfer:
+        names = ", ".join(transfer) or "none defined"
+        top.problem("fallback_target", f"{fallback_target!r} is not a transfer target ({names})")
     end_call = top.table("end_call", required=True)
     goodbye = end_call.text("goodbye") if end_call else None
     if end_call:
@@ -260,6 +273,9 @@ def parse_persona_file(
         default=top.boolean("default", False),
         transfer=transfer,
         keypad=keypad,
+        fallback_target=fallback_target,
+        busy_message=top.get("busy_message", str, required=False, default=DEFAULT_BUSY_MESSAGE),
+        apology=top.get("apology", str, required=False, default=DEFAULT_APOLOGY),
         webhook=webhook,
         max_call_seconds=top.integer("max_call_seconds", DEFAULT_MAX_CALL_SECONDS, 30, 14400),
         silence_duration_ms=top.integer(

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import contextlib
 import hmac
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -47,8 +49,11 @@ from phoneagent.twilio.webhook import (
     TOKEN_PARAMETER,
     StreamToken,
     apology_twiml,
+    busy_twiml,
     connect_stream_twiml,
     hangup_twiml,
+    redirect_twiml,
+    say_then_hand_on_twiml,
     signature_is_valid,
 )
 
@@ -58,6 +63,7 @@ NO_PERSONA_APOLOGY = "Sorry, this number is not in service right now. Goodbye."
 # Twilio's frames are a few hundred bytes; anything far larger is not Twilio.
 MAX_STREAM_MESSAGE_BYTES = 64 * 1024
 FLUSH_SECONDS = 5.0  # at shutdown, time given to deliver what is due before exiting
+DRAIN_POLL_SECONDS = 0.2
 
 
 @dataclass
@@ -135,6 +141,12 @@ class TwilioHandoffs:
     async def hang_up(self, call: Call) -> str | None:
         return await self._update(self.rest.hang_up(call.call_sid), "hang_up")
 
+    async def apologise(self, call_sid: str, persona: Persona, called: str) -> None:
+        """The agent cannot take the call: Twilio says the persona's apology, then hands the
+        caller to its fallback target or hangs up."""
+        twiml_text = say_then_hand_on_twiml(persona.apology, persona, called)
+        await self._update(self.rest.redirect(call_sid, twiml_text), "apology")
+
     async def _update(self, request: Awaitable[None], what: str) -> str | None:
         try:
             await request
@@ -208,10 +220,20 @@ async def voice_webhook(request: web.Request) -> web.Response:
     if form is None:
         return web.Response(status=403, text="invalid Twilio signature")
     call_sid, called = form.get("CallSid", ""), form.get("To", "")
+    if state.draining:
+        # Shutting down: another instance, or the number's fallback URL (on a 5xx), takes it.
+        log.info("call_refused_draining", call_sid=call_sid)
+        if state.settings.fallback_url:
+            return twiml(redirect_twiml(state.settings.fallback_url))
+        return web.Response(status=503, text="draining")
     persona = state.personas.current.for_number(called)
     if persona is None:
         log.warning("no_persona_for_number", call_sid=call_sid, to=called)
         return twiml(apology_twiml(NO_PERSONA_APOLOGY))
+    if len(state.active_calls) + state.prewarmer.waiting >= state.settings.max_calls:
+        log.warning("call_refused_busy", call_sid=call_sid, max_calls=state.settings.max_calls)
+        state.metrics.calls.labels("busy").inc()
+        return twiml(busy_twiml(persona, called))
     record = state.calls.open(call_sid)
     record.persona, record.caller, record.called = persona.id, form.get("From", ""), called
     log.info("call_incoming", call_sid=call_sid, persona=persona.id, to=called)
@@ -286,11 +308,6 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
             log.warning("stream_refused", reason=str(exc) or "no `start` in time")
             await ws.close()
             return ws
-        except ModelUnavailable as exc:
-            log.error("model_unavailable", reason=str(exc), status=exc.status)
-            state.metrics.model_failures.labels(str(exc.status or "none")).inc()
-            await ws.close()
-            return ws
         await run_call(state, ws, call, model)
     finally:
         unbind_call_context()  # bound in `open_call`; the access log line is not the call's
@@ -308,7 +325,15 @@ async def open_call(state: ServerState, ws: web.WebSocketResponse) -> tuple[Call
     persona = state.personas.current.personas.get(persona_id)
     if persona is None:
         raise StreamRefused(f"persona {persona_id!r} is no longer configured")
-    model = await state.prewarmer.claim(start.call_sid, session_config(persona))
+    try:
+        model = await state.prewarmer.claim(start.call_sid, session_config(persona))
+    except ModelUnavailable as exc:
+        log.error("model_unavailable", reason=str(exc), status=exc.status)
+        state.metrics.model_failures.labels(str(exc.status or "none")).inc()
+        called = start.custom_parameters.get(CALLED_PARAMETER, "")
+        if state.handoffs is not None:
+            state.spawn(state.handoffs.apologise(start.call_sid, persona, called))
+        raise StreamRefused("the model is unavailable: the caller hears the apology") from None
     record = state.calls.mark_started(start.call_sid)
     record.persona, record.model_session = persona.id, model.session_id
     record.caller = start.custom_parameters.get(CALLER_PARAMETER, record.caller)
@@ -411,9 +436,11 @@ def create_app(
     reload_interval: float = 1.0,
     connector: ModelConnector | None = None,
     outbox: Outbox | None = None,
+    handle_sigterm: bool = False,
 ) -> web.Application:
     """The application. With an ``outbox``, call events go to the personas' webhooks (the app
-    runs the delivery worker and closes the outbox when it stops)."""
+    runs the delivery worker and closes the outbox when it stops). ``handle_sigterm``: drain
+    on SIGTERM (`phoneagent serve`), see ``drain_then_exit``."""
     connector = connector or ModelConnector(
         url=settings.stepfun_realtime_url,
         api_key=settings.stepfun_api_key,
@@ -461,6 +488,12 @@ def create_app(
     async def start_draining(app: web.Application) -> None:
         state.draining = True
 
+    async def drain_on_sigterm(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, lambda: state.spawn(drain_then_exit(state)))
+
+    if handle_sigterm:
+        app.on_startup.append(drain_on_sigterm)
     app.cleanup_ctx.append(watch_personas)
     if outbox is not None:
         app.cleanup_ctx.append(deliver_webhooks)
@@ -477,6 +510,25 @@ async def build_app(
     return create_app(settings, personas, outbox=outbox, **options)
 
 
+async def drain_then_exit(state: ServerState) -> None:
+    """SIGTERM: stop taking calls (readiness turns 503, new calls are refused), let the calls in
+    progress finish for up to PHONEAGENT_DRAIN_SECONDS, then shut down as on Ctrl-C: aiohttp
+    closes what is left and the outbox gets its last flush."""
+    if state.draining:
+        return
+    state.draining = True
+    limit = state.settings.drain_seconds
+    log.info("draining", active_calls=len(state.active_calls), drain_seconds=limit)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while state.active_calls and loop.time() < deadline:
+        await asyncio.sleep(DRAIN_POLL_SECONDS)
+    if state.active_calls:
+        log.warning("drain_time_up", active_calls=len(state.active_calls))
+    log.info("drained")
+    os.kill(os.getpid(), signal.SIGINT)
+
+
 def run(settings: Settings, personas: PersonaRegistry, host: str, port: int) -> None:
     log.info(
         "server_starting",
@@ -487,7 +539,7 @@ def run(settings: Settings, personas: PersonaRegistry, host: str, port: int) -> 
         model=settings.stepfun_model,
     )
     web.run_app(
-        build_app(settings, personas),
+        build_app(settings, personas, handle_sigterm=True),
         host=host,
         port=port,
         access_log_class=AccessLogger,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
+from phoneagent.personas import Persona
+
 STREAM_TOKEN_SECONDS = 120  # Twilio opens the stream right after the TwiML; two minutes is ample
 PERSONA_PARAMETER = "persona"
 TOKEN_PARAMETER = "token"
@@ -82,6 +84,29 @@ def connect_stream_twiml(
     stream = connect.stream(url=stream_url, status_callback=status_callback_url)
     for name, value in parameters.items():
         stream.parameter(name=name, value=value)
+    return str(response)
+
+
+def say_then_hand_on_twiml(message: str, persona: Persona, called: str) -> str:
+    """Twilio says ``message`` in the persona's language, then dials the persona's fallback
+    target if it has one, else hangs up: a caller never sits in silence."""
+    response = VoiceResponse()
+    response.say(message, language=persona.language)
+    target = persona.transfer.get(persona.fallback_target)
+    if target is not None:
+        response.dial(target.number, caller_id=target.caller_id or called or None,
+                      timeout=target.ring_seconds)  # fmt: skip
+    response.hangup()
+    return str(response)
+
+
+def busy_twiml(persona: Persona, called: str) -> str:
+    return say_then_hand_on_twiml(persona.busy_message, persona, called)
+
+
+def redirect_twiml(url: str) -> str:
+    response = VoiceResponse()
+    response.redirect(url, method="POST")
     return str(response)
 
 

@@ -1,0 +1,152 @@
+"""Operations: the busy line, the model unreachable, graceful drain on SIGTERM."""
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import signal
+import sys
+import xml.etree.ElementTree as ET
+
+import aiohttp
+import pytest
+from conftest import EXAMPLE_PERSONAS, PROJECT_ROOT, VALID_ENV
+
+from phoneagent.testing.caller import CALLER_BOOKING_WAV, TwilioCaller
+from phoneagent.testing.fake_model import FakeRealtimeServer
+from phoneagent.testing.stack import LocalStack
+from phoneagent.testing.webhook_sink import WebhookSink
+
+DENTAL = "+14155550100"
+FRONT_DESK = "+14155550111"
+
+
+async def test_over_the_session_cap_a_new_call_hears_busy_and_goes_to_the_fallback():
+    model = FakeRealtimeServer(speed=None)
+    async with LocalStack(EXAMPLE_PERSONAS, model=model) as stack:
+        stack.state.settings = dataclasses.replace(stack.settings, max_calls=1)
+        persona = stack.state.personas.current.personas["bright-smile-dental"]
+        async with stack.caller(to=DENTAL, speed=0) as first:
+            await first.dial()
+            await first.connect()
+            await first.wait_for_event("media", timeout=10)
+            async with stack.caller(to=DENTAL, speed=0) as second:
+                answer = await second.dial()
+            await first.hangup()
+    assert answer.ok and answer.stream_url is None
+    assert answer.says == [persona.busy_message]
+    root = ET.fromstring(answer.body)
+    assert [el.tag for el in root] == ["Say", "Dial", "Hangup"]
+    assert root.find("Dial").text == FRONT_DESK  # the persona's fallback target
+    assert model.sessions_opened == 1
+
+
+async def test_model_unreachable_the_caller_hears_the_apology_then_the_fallback():
+    model = FakeRealtimeServer()
+    async with LocalStack(EXAMPLE_PERSONAS, model=model, twilio_api=True) as stack:
+        model.fail_next_handshakes(2, status=402)  # no balance: pre-warm and retry both fail
+        persona = stack.state.personas.current.personas["bright-smile-dental"]
+        async with stack.caller(to=DENTAL, speed=0) as caller:
+            await caller.dial()
+            await caller.connect()
+            [update] = await stack.twilio_api.wait_for_updates(1, timeout=10)
+            await caller.wait_closed(timeout=10)
+    root = ET.fromstring(update.params["Twiml"])
+    assert [el.tag for el in root] == ["Say", "Dial", "Hangup"]
+    assert root.find("Say").text == persona.apology
+    assert root.find("Dial").text == FRONT_DESK
+    assert caller.messages("media") == []
+    metrics = stack.state.metrics.exposition().decode()
+    assert 'phoneagent_model_session_failures_total{status="402"} 1.0' in metrics
+
+
+async def wait_for_port(port: int) -> None:
+    for _ in range(400):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def twilio_caller(base: str, speed: float = 1.0) -> TwilioCaller:
+    sid, token = VALID_ENV["TWILIO_ACCOUNT_SID"], VALID_ENV["TWILIO_AUTH_TOKEN"]
+    return TwilioCaller(base, account_sid=sid, auth_token=token, to=DENTAL, speed=speed)
+
+
+@pytest.fixture
+async def sink():
+    async with WebhookSink() as sink:
+        yield sink
+
+
+async def test_sigterm_drains_calls_refuses_new_ones_and_flushes_the_outbox(tmp_path, sink):
+    personas = tmp_path / "personas"
+    shutil.copytree(EXAMPLE_PERSONAS, personas)
+    dental = personas / "bright-smile-dental.toml"
+    dental.write_text(
+        dental.read_text()
+        + f'\n[webhook]\nurl = "{sink.url("/hooks")}"\nsecret_env = "HOOK_SECRET"\n'
+    )
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    async with FakeRealtimeServer(api_key=VALID_ENV["STEPFUN_API_KEY"], speed=2.0) as model:
+        env = os.environ | VALID_ENV | {
+            "PUBLIC_URL": base, "PORT": str(port), "STEPFUN_REALTIME_URL": model.url,
+            "PHONEAGENT_PERSONAS_DIR": str(personas), "PHONEAGENT_DATA_DIR": str(tmp_path / "d"),
+            "HOOK_SECRET": "whsec_c2VjcmV0", "PHONEAGENT_DRAIN_SECONDS": "60",
+        }  # fmt: skip
+        server = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "phoneagent.cli", "serve", "--host", "127.0.0.1",
+            cwd=PROJECT_ROOT, env=env, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            await wait_for_port(port)
+            caller = twilio_caller(base, speed=2.0)
+            async with caller:
+                await caller.dial()
+                await caller.connect()
+                caller.start_background_silence()
+                await caller.wait_until_heard_ms(500, timeout=20)
+
+                server.send_signal(signal.SIGTERM)
+                async with aiohttp.ClientSession() as http:
+                    for _ in range(100):
+                        async with http.get(f"{base}/readyz") as response:
+                            status, ready = response.status, await response.json()
+                        if status == 503:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert (status, ready["draining"]) == (503, True)
+                late = twilio_caller(base)
+                async with late:
+                    refused = await late.dial()
+                assert refused.status == 503  # Twilio tries the number's fallback URL
+
+                # The call in progress goes on: the caller speaks and hears the answer.
+                heard = caller.heard_ms()
+                await caller.wait_until_quiet(300, timeout=30)
+                await caller.play_wav(CALLER_BOOKING_WAV)
+                await caller.wait_until(lambda: caller.heard_ms() > heard + 3000, 30, "answer")
+                await caller.hangup()
+            code = await asyncio.wait_for(server.wait(), timeout=30)
+        finally:
+            if server.returncode is None:
+                server.kill()
+                await server.wait()
+    assert code == 0
+    assert model.sessions_opened == 1  # the refused call cost nothing
+    # The outbox was flushed on the way out: the call's transcript reached the business.
+    [event] = [r.json for r in sink.received]
+    assert event["type"] == "call.ended"
+    assert event["data"]["call_sid"] == caller.call_sid
