@@ -24,6 +24,7 @@ from phoneagent.audio import (
 )
 from phoneagent.handoff import (
     Handoff,
+    HangUp,
     Transfer,
     handoff_from_keypad,
     handoff_from_tool,
@@ -63,6 +64,8 @@ log = get_logger(__name__)
 MAX_GAP_FILL_MS = 2000
 # Keypad digits typed within this much audio of each other reach the model as one entry.
 DTMF_GAP_MS = 1200
+# Before max_call_seconds runs out, the model is told to wrap up this long in advance.
+TIME_LIMIT_WARNING_MS = 30_000
 
 LANGUAGE_NAMES = {
     "en": "English",
@@ -113,6 +116,7 @@ class EndReason(enum.Enum):
     TRANSFERRED = "transferred"  # the call went to a person; the stream ended with it
     TWILIO_DISCONNECTED = "twilio_disconnected"  # the media socket closed without `stop`
     MODEL_DISCONNECTED = "model_disconnected"  # the model socket closed under us
+    TIME_LIMIT = "time_limit"  # the persona's max_call_seconds ran out; the agent said goodbye
     ERROR = "error"
 
 
@@ -275,6 +279,8 @@ class Call:
         self._cancelling: set[str] = set()  # cancelled responses whose response.done is due
         self._digits = ""  # keypad digits not yet passed to the model
         self._digits_at_ms = 0
+        self._hang_up_reason = EndReason.AGENT_HUNG_UP
+        self._time_limit_warned = False
 
     # --- entry points ---------------------------------------------------------------------
 
@@ -311,7 +317,7 @@ class Call:
             return []
         if error is not None:
             log.warning("hang_up_failed", error=error)
-        return self._end(EndReason.AGENT_HUNG_UP)
+        return self._end(self._hang_up_reason)
 
     def on_twilio(self, event: TwilioEvent) -> list[Action]:
         if self.state is CallState.ENDED:
@@ -322,7 +328,7 @@ class Call:
             case Mark(name):
                 return self._on_mark(name)
             case Stop():
-                return self._end(STOP_MEANS.get(self.state, EndReason.CALLER_HUNG_UP))
+                return self._end(self._stop_means())
             case Dtmf(digit):
                 return self._on_keypad(digit)
         return []
@@ -372,8 +378,13 @@ class Call:
 
     def on_twilio_closed(self) -> list[Action]:
         if self.state in STOP_MEANS:  # Twilio may close without `stop` after our REST update
-            return self._end(STOP_MEANS[self.state])
+            return self._end(self._stop_means())
         return self._end(EndReason.TWILIO_DISCONNECTED)
+
+    def _stop_means(self) -> EndReason:
+        if self.state is CallState.HANGING_UP:
+            return self._hang_up_reason
+        return STOP_MEANS.get(self.state, EndReason.CALLER_HUNG_UP)
 
     def on_model_closed(self) -> list[Action]:
         return self._end(EndReason.MODEL_DISCONNECTED)
@@ -397,7 +408,7 @@ class Call:
             gap_ms = min(media.timestamp_ms - expected, MAX_GAP_FILL_MS)
             audio = bytes([ULAW_SILENCE]) * (gap_ms * ULAW_BYTES_PER_MS) + audio
         self._next_media_ms = media.timestamp_ms + len(media.payload) // ULAW_BYTES_PER_MS
-        actions: list[Action] = []
+        actions: list[Action] = self._watch_time_limit(media.timestamp_ms)
         if self._digits and media.timestamp_ms - self._digits_at_ms >= DTMF_GAP_MS:
             actions += self._pass_digits_to_model()
         if not audio:
@@ -542,7 +553,9 @@ class Call:
             log.info("transferring", target=handoff.target.name)
             return [TransferCall(handoff.target)]
         self.state = CallState.HANGING_UP
-        log.info("hanging_up")
+        if handoff.time_limit:
+            self._hang_up_reason = EndReason.TIME_LIMIT
+        log.info("hanging_up", time_limit=handoff.time_limit)
         return [HangUpCall()]
 
     def _cancel_handoff(self) -> list[Action]:
@@ -552,6 +565,20 @@ class Call:
         self.state, self._handoff = CallState.ACTIVE, None
         note = f"(The caller interrupted you, so the {what} did not happen. Listen to them.)"
         return [ToModel(AddTextItem("system", note))]
+
+    def _watch_time_limit(self, call_ms: int) -> list[Action]:
+        """max_call_seconds, on the stream's own clock (Twilio's media timestamps): warn the
+        model half a minute ahead, then say goodbye and hang up."""
+        limit_ms = self.persona.max_call_seconds * 1000
+        if not self._time_limit_warned and call_ms >= limit_ms - TIME_LIMIT_WARNING_MS:
+            self._time_limit_warned = True
+            seconds = max(0, (limit_ms - call_ms) // 1000)
+            note = f"(The call must end in {seconds} seconds: wrap up politely and briefly.)"
+            return [ToModel(AddTextItem("system", note))]
+        if call_ms < limit_ms or self.state is not CallState.ACTIVE:
+            return []
+        log.info("time_limit_reached", max_call_seconds=self.persona.max_call_seconds)
+        return self._announce(HangUp(time_limit=True))  # after the agent's current answer
 
     def _on_keypad(self, digit: str) -> list[Action]:
         handoff = handoff_from_keypad(self.persona, digit)

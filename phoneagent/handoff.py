@@ -30,7 +30,7 @@ class Transfer:
 
 @dataclass(frozen=True)
 class HangUp:
-    pass
+    time_limit: bool = False  # the persona's max_call_seconds ran out
 
 
 Handoff = Transfer | HangUp

@@ -449,3 +449,17 @@ def test_keypad_digits_reach_the_model_together_after_a_pause(call):
     assert (digits.role, digits.text) == ("user", "(I pressed 42# on my phone's keypad.)")
     assert model_commands(actions, CreateResponse) == [CreateResponse()]
     assert "[keypad: 42#]" in [t["text"] for t in call.transcript]
+
+
+def test_time_limit_warns_then_says_goodbye_and_hangs_up(persona, clock):
+    short = dataclasses.replace(persona, max_call_seconds=60)
+    call = Call(persona=short, stream_sid="MZ1", call_sid="CA1", clock=clock)
+    silence = b"\xff" * 160
+    assert model_commands(call.on_twilio(Media(29_980, silence)), AddTextItem) == []
+    [warning] = model_commands(call.on_twilio(Media(30_000, silence)), AddTextItem)
+    assert "end in 30 seconds" in warning.text
+    [goodbye] = model_commands(call.on_twilio(Media(60_000, silence)), CreateResponse)
+    assert short.goodbye in goodbye.instructions
+    sent = speak(call, "bye", "item_b", 100)
+    assert of_type(call.on_twilio(Mark(of_type(sent, SendMark)[-1].name)), HangUpCall)
+    assert call.on_hang_up_result(None) == [EndCall(EndReason.TIME_LIMIT)]
