@@ -1,0 +1,447 @@
+"""The deployment files agree with the code they deploy.
+
+No Docker engine or cluster runs in the tests, so this checks what can drift silently: probe and
+metrics paths are routes of the app, every variable the files set is one the server reads, the
+manifests' settings pass the server's own validation, the grace period outlasts the drain, the
+image runs as the user the pods require, the personas in the ConfigMap load (from the layout a
+ConfigMap volume really has), and the Procfile and image commands parse with the CLI.
+
+The manifests are read with a small YAML-subset reader (stdlib only: PyYAML is not a project
+dependency). It refuses what it does not understand rather than guess; where PyYAML happens to
+be installed, a test checks the reader agrees with it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import EXAMPLE_PERSONAS, PROJECT_ROOT, VALID_ENV
+
+from phoneagent.cli import build_parser, cmd_serve
+from phoneagent.config import CREDENTIALS, Settings, load_settings
+from phoneagent.personas import PersonaRegistry, load_directory
+from phoneagent.server import create_app
+
+INFRA = PROJECT_ROOT / "infra"
+K8S = INFRA / "k8s"
+DOCKERFILE = INFRA / "Dockerfile"
+WORKLOADS = ["deployment.yaml", "statefulset.yaml"]
+MANIFESTS = sorted(p.name for p in K8S.glob("*.yaml"))
+
+
+# --- a YAML-subset reader -----------------------------------------------------------------------
+
+_KEY = re.compile(r"^([A-Za-z0-9_./-]+):(?:\s+(.*))?$")
+_INT = re.compile(r"^-?\d+$")
+
+
+def _strip_comment(line: str) -> str:
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def _scalar(text: str) -> Any:
+    if text.startswith("[") or text.startswith('"'):
+        return json.loads(text)  # flow sequences and quoted strings: JSON-compatible only
+    if text.startswith("'") and text.endswith("'"):
+        return text[1:-1].replace("''", "'")
+    if text == "{}":
+        return {}
+    if text in ("true", "false"):
+        return text == "true"
+    if text in ("null", "~"):
+        return None
+    if _INT.match(text):
+        return int(text)
+    if text[0] in "{&*!|>%@`":
+        raise ValueError(f"unsupported YAML: {text!r}")
+    return text
+
+
+class _Reader:
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.i = 0
+
+    def peek(self) -> tuple[int, str] | None:
+        """(indent, content) of the next line with content, comments removed."""
+        while self.i < len(self.lines):
+            line = _strip_comment(self.lines[self.i])
+            if line.strip() == "---" and self.i > 0:
+                raise ValueError("one YAML document per file")
+            if line.strip() and line.strip() != "---":
+                return len(line) - len(line.lstrip(" ")), line.strip()
+            self.i += 1
+        return None
+
+    def block(self, indent: int) -> Any:
+        nxt = self.peek()
+        if nxt is None or nxt[0] < indent:
+            return None
+        if nxt[1] == "-" or nxt[1].startswith("- "):
+            return self.sequence(nxt[0])
+        if not _KEY.match(nxt[1]):  # a plain scalar on its own line: a sequence item
+            self.i += 1
+            return _scalar(nxt[1])
+        return self.mapping(nxt[0])
+
+    def mapping(self, indent: int) -> dict:
+        result: dict[str, Any] = {}
+        while (nxt := self.peek()) and nxt[0] == indent and not nxt[1].startswith("-"):
+            match = _KEY.match(nxt[1])
+            if not match:
+                raise ValueError(f"line {self.i + 1}: not a `key: value`: {nxt[1]!r}")
+            key, value = match.groups()
+            self.i += 1
+            if value == "|":
+                result[key] = self.literal(indent)
+            elif value:
+                result[key] = _scalar(value)
+            elif (after := self.peek()) and after[0] == indent and after[1].startswith("-"):
+                result[key] = self.sequence(indent)  # a sequence may sit at its key's indent
+            else:
+                result[key] = self.block(indent + 1)
+        if nxt and nxt[0] > indent:
+            raise ValueError(f"line {self.i + 1}: unexpected indentation")
+        return result
+
+    def sequence(self, indent: int) -> list:
+        items = []
+        while (nxt := self.peek()) and nxt[0] == indent and nxt[1].startswith("-"):
+            line = self.lines[self.i]
+            dash = line.index("-")
+            # The item's content starts after "- ": read it as if the dash were a space.
+            self.lines[self.i] = line[:dash] + " " + line[dash + 1 :]
+            items.append(self.block(indent + 1))
+        return items
+
+    def literal(self, indent: int) -> str:
+        """A `|` block scalar, clipped (one final newline), comments kept as text."""
+        lines: list[str] = []
+        block_indent = None
+        while self.i < len(self.lines):
+            line = self.lines[self.i]
+            if line.strip():
+                width = len(line) - len(line.lstrip(" "))
+                if width <= indent:
+                    break
+                block_indent = block_indent if block_indent is not None else width
+                lines.append(line[block_indent:])
+            else:
+                lines.append("")
+            self.i += 1
+        while lines and not lines[-1]:
+            lines.pop()
+        return "\n".join(lines) + "\n"
+
+
+def read_yaml(path: Path) -> Any:
+    reader = _Reader(path.read_text())
+    document = reader.block(0)
+    if reader.peek() is not None:
+        raise ValueError(f"{path}: line {reader.i + 1} was not understood")
+    return document
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, Any]:
+    return {name: read_yaml(K8S / name) for name in MANIFESTS}
+
+
+def test_the_reader_agrees_with_pyyaml(manifests):
+    yaml = pytest.importorskip("yaml")
+    for name, document in manifests.items():
+        assert document == yaml.safe_load((K8S / name).read_text()), name
+
+
+# --- what the files declare -----------------------------------------------------------------
+
+
+def container(workload: dict) -> dict:
+    [main] = workload["spec"]["template"]["spec"]["containers"]
+    return main
+
+
+def plain_env(workload: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container(workload)["env"] if "value" in e}
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    lines = (line.strip() for line in text.splitlines())
+    return [
+        (word.upper(), rest.strip())
+        for word, _, rest in (line.partition(" ") for line in lines if line and line[0] != "#")
+    ]
+
+
+def final_stage() -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
+    return instructions[last_from:]
+
+
+def dockerfile_env() -> dict[str, str]:
+    env = {}
+    for word, args in final_stage():
+        if word == "ENV":
+            env.update(dict(pair.split("=", 1) for pair in shlex.split(args)))
+    return env
+
+
+def settings_read() -> set[str]:
+    """The environment variables ``load_settings`` looks at."""
+
+    class Recording(dict):
+        def __init__(self, values: dict[str, str]) -> None:
+            super().__init__(values)
+            self.seen: set[str] = set()
+
+        def get(self, key, default=None):
+            self.seen.add(key)
+            return super().get(key, default)
+
+    env = Recording(VALID_ENV)
+    load_settings(env)
+    return env.seen
+
+
+# Read by the graceful-drain work (issue 8), in progress as these files land; harmless once
+# `load_settings` reads them.
+PENDING_SETTINGS = {"PHONEAGENT_DRAIN_SECONDS", "PHONEAGENT_MAX_CALLS"}
+
+
+def configmap_personas(manifests, directory: Path) -> list:
+    """Write the ConfigMap's files into ``directory`` and load them, with the example secret's
+    keys as the environment (a persona's webhook secret must be one of them)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in manifests["configmap-personas.yaml"]["data"].items():
+        (directory / name).write_text(text)
+    secrets = manifests["secret.example.yaml"]["stringData"]
+    return list(load_directory(directory, environ=secrets).personas.values())
+
+
+@pytest.fixture(scope="module")
+def deployed_personas(manifests, tmp_path_factory) -> list:
+    return configmap_personas(manifests, tmp_path_factory.mktemp("configmap") / "personas")
+
+
+def app_routes() -> set[tuple[str, str]]:
+    settings = load_settings(VALID_ENV)
+    app = create_app(settings, PersonaRegistry(EXAMPLE_PERSONAS, environ={}))
+    return {(route.method, route.resource.canonical) for route in app.router.routes()}
+
+
+# --- the image --------------------------------------------------------------------------------
+
+
+def test_image_is_slim_python_and_runs_as_a_numeric_non_root_user():
+    stage = final_stage()
+    assert stage[0][1].split()[0] in ("python:3.12-slim", "${PYTHON_IMAGE}")
+    assert "ARG PYTHON_IMAGE=python:3.12-slim" in DOCKERFILE.read_text()
+    [user] = [args for word, args in stage if word == "USER"]
+    uid = user.split(":")[0]
+    # Numeric, or Kubernetes' runAsNonRoot cannot verify it and refuses to start the pod.
+    assert uid.isdigit() and int(uid) != 0
+
+
+def test_image_installs_the_package_without_test_tools():
+    runs = " ".join(args for word, args in dockerfile_instructions() if word == "RUN")
+    assert re.search(r"pip install \.(\s|$)", runs)
+    assert "[test]" not in runs and "pytest" not in runs and "-e " not in runs
+
+
+def test_image_settings_are_ones_the_server_reads_and_agree_with_its_ports():
+    env = dockerfile_env()
+    assert set(env) - {"PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"} <= settings_read()
+    exposed = [args for word, args in final_stage() if word == "EXPOSE"]
+    assert exposed == [env["PORT"]] == [str(Settings.port)]
+    [volume] = [json.loads(args) for word, args in final_stage() if word == "VOLUME"]
+    assert volume == [env["PHONEAGENT_DATA_DIR"]]
+    assert ("STOPSIGNAL", "SIGTERM") in final_stage()
+
+
+def test_image_command_and_procfile_parse_with_the_cli():
+    stage = dict(final_stage())
+    command = json.loads(stage["ENTRYPOINT"]) + json.loads(stage["CMD"])
+    assert command[0] == "phoneagent"
+    args = build_parser().parse_args(command[1:])
+    assert args.handler is cmd_serve and args.host == "0.0.0.0"
+
+    [procfile] = (PROJECT_ROOT / "Procfile").read_text().splitlines()
+    kind, _, line = procfile.partition(":")
+    assert kind == "web"
+    argv = shlex.split(line.replace("$PORT", "5000"))
+    assert argv[0] == "phoneagent"
+    args = build_parser().parse_args(argv[1:])
+    assert args.handler is cmd_serve and args.port == 5000 and args.host == "0.0.0.0"
+
+
+def test_image_healthcheck_probes_a_route():
+    [check] = [args for word, args in final_stage() if word == "HEALTHCHECK"]
+    [path] = re.findall(r"(/\w+)'", check)
+    assert ("GET", path) in app_routes()
+
+
+def test_build_context_lets_in_what_the_dockerfile_copies():
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (PROJECT_ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
+    copied = [
+        source
+        for word, args in dockerfile_instructions()
+        if word == "COPY" and not args.startswith("--from")
+        for source in args.split()[:-1]
+    ]
+    assert copied and all(source.rstrip("/") in allowed for source in copied), (copied, allowed)
+    # `pip install .` reads the readme named in pyproject.toml: it must be in the context.
+    assert "README.md" in allowed
+
+
+# --- the workloads ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_probes_and_metrics_point_at_routes_of_the_app(manifests, name):
+    routes = app_routes()
+    main = container(manifests[name])
+    assert main["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert main["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert ("GET", main[probe]["httpGet"]["path"]) in routes
+        assert main[probe]["httpGet"]["port"] == main["ports"][0]["name"]
+    annotations = manifests[name]["spec"]["template"]["metadata"]["annotations"]
+    assert ("GET", annotations["prometheus.io/path"]) in routes
+    assert int(annotations["prometheus.io/port"]) == main["ports"][0]["containerPort"]
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_environment_is_what_the_server_reads_and_passes_its_validation(
+    manifests, deployed_personas, name
+):
+    main = container(manifests[name])
+    env = plain_env(manifests[name])
+    secrets = manifests["secret.example.yaml"]["stringData"]
+    known = settings_read() | PENDING_SETTINGS
+    assert set(env) <= known, set(env) - known
+    webhook_secrets = {p.webhook.secret_env for p in deployed_personas if p.webhook}
+    assert set(secrets) <= known | webhook_secrets, set(secrets) - known
+    # Every credential comes from somewhere: the pod's env or the secret.
+    assert set(CREDENTIALS) <= set(env) | set(secrets)
+    [source] = main["envFrom"]
+    assert source["secretRef"]["name"] == manifests["secret.example.yaml"]["metadata"]["name"]
+    # The manifest's values, with well-formed credentials, are a valid configuration.
+    settings = load_settings(VALID_ENV | env)
+    assert settings.port == main["ports"][0]["containerPort"]
+    mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+    assert Path(mounts["personas"]) == settings.personas_dir
+    assert Path(mounts["data"]) == settings.data_dir
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_a_terminating_pod_gets_to_finish_its_calls(manifests, deployed_personas, name):
+    pod = manifests[name]["spec"]["template"]["spec"]
+    env = plain_env(manifests[name])
+    drain = int(env.get("PHONEAGENT_DRAIN_SECONDS", getattr(Settings, "drain_seconds", 600)))
+    command = container(manifests[name])["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop = int(command[1])
+    # The grace period counts from the start of preStop; the margin covers closing sockets and
+    # the outbox's last flush after the drain.
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + 30
+    # A rollout must never cut a call: the drain outlasts the longest call a persona allows.
+    assert drain >= max(p.max_call_seconds for p in deployed_personas)
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_pods_run_as_the_images_user_and_hpa_owns_the_replicas(manifests, name):
+    spec = manifests[name]["spec"]
+    pod = spec["template"]["spec"]
+    [user] = [args for word, args in final_stage() if word == "USER"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert str(pod["securityContext"]["runAsUser"]) == user.split(":")[0]
+    assert "replicas" not in spec  # the HPA sets it; a value here resets it on each apply
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_a_rollout_surges_and_never_lowers_capacity(manifests):
+    rolling = manifests["deployment.yaml"]["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0
+    assert rolling["maxSurge"] not in (0, "0%")
+
+
+def test_service_pdb_and_hpa_select_the_workload(manifests):
+    deployment = manifests["deployment.yaml"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert manifests["service.yaml"]["spec"]["selector"].items() <= labels.items()
+    assert manifests["pdb.yaml"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    target = manifests["hpa.yaml"]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert manifests["service.yaml"]["spec"]["ports"][0]["targetPort"] == "http"
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    personas = manifests["configmap-personas.yaml"]["metadata"]["name"]
+    assert volumes["personas"]["configMap"]["name"] == personas
+
+
+async def test_hpa_scales_on_a_gauge_the_server_exports_below_its_call_cap(
+    manifests, aiohttp_client
+):
+    [calls] = [m["pods"] for m in manifests["hpa.yaml"]["spec"]["metrics"] if m["type"] == "Pods"]
+    name = calls["metric"]["name"]
+    app = create_app(load_settings(VALID_ENV), PersonaRegistry(EXAMPLE_PERSONAS, environ={}))
+    client = await aiohttp_client(app)
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert re.search(rf"^# TYPE {name} gauge$", await response.text(), re.MULTILINE)
+    cap = int(plain_env(manifests["deployment.yaml"]).get("PHONEAGENT_MAX_CALLS", 100))
+    assert int(calls["target"]["averageValue"]) < cap
+
+
+# --- configuration objects ----------------------------------------------------------------------
+
+
+def test_configmap_personas_are_a_valid_set(deployed_personas):
+    assert {p.id for p in deployed_personas} == {p.stem for p in EXAMPLE_PERSONAS.glob("*.toml")}
+
+
+def test_personas_load_from_the_layout_of_a_configmap_volume(manifests, tmp_path):
+    # The kubelet writes the files into a timestamped directory, points `..data` at it and
+    # links each key to `..data/<key>`; an update swaps `..data` in one rename.
+    volume = tmp_path / "personas"
+    configmap_personas(manifests, volume / "..2026_01_01_00_00_00.000000001")
+    (volume / "..data").symlink_to("..2026_01_01_00_00_00.000000001")
+    for name in manifests["configmap-personas.yaml"]["data"]:
+        (volume / name).symlink_to(Path("..data") / name)
+    secrets = manifests["secret.example.yaml"]["stringData"]
+    registry = PersonaRegistry(volume, environ=secrets)
+    assert set(registry.current.personas) == {p.stem for p in EXAMPLE_PERSONAS.glob("*.toml")}
+
+
+def test_kustomization_lists_every_manifest_but_the_secret_example(manifests):
+    resources = set(manifests["kustomization.yaml"]["resources"])
+    assert resources <= set(MANIFESTS)
+    # The example secret holds placeholders: applying it would overwrite the real one.
+    assert "secret.example.yaml" not in resources
+    # One workload or the other, never both.
+    assert len(resources & set(WORKLOADS)) == 1
+    assert set(MANIFESTS) - resources == {
+        "kustomization.yaml",
+        "secret.example.yaml",
+        *(set(WORKLOADS) - resources),
+    }
