@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +22,7 @@ from phoneagent.call import (
     Call,
     EndCall,
     HangUpCall,
+    RenewModelSession,
     SendClear,
     SendMark,
     SendMedia,
@@ -33,7 +34,7 @@ from phoneagent.logs import get_logger
 from phoneagent.metrics import Metrics
 from phoneagent.personas import TransferTarget
 from phoneagent.realtime.base import ModelEvent
-from phoneagent.realtime.connection import ModelSession
+from phoneagent.realtime.connection import ModelSession, ModelUnavailable
 from phoneagent.twilio.stream import (
     MalformedMessage,
     Media,
@@ -48,6 +49,9 @@ from phoneagent.twilio.stream import (
 log = get_logger(__name__)
 
 START_TIMEOUT_SECONDS = 10.0  # Twilio sends `connected` and `start` right after the upgrade
+# A dropped model session is reopened at once, then after these pauses; then the caller hears
+# the persona's apology. The caller hears silence meanwhile, so the whole is a few seconds.
+RECONNECT_DELAYS = (0.0, 0.5, 1.5)
 
 
 class StreamRefused(Exception):
@@ -88,6 +92,8 @@ class Handoffs(Protocol):
 
     async def hang_up(self, call: Call) -> str | None: ...
 
+    async def apologise(self, call: Call) -> None: ...
+
 
 @dataclass
 class CallShell:
@@ -97,6 +103,8 @@ class CallShell:
     turn_listeners: Sequence[TurnListener] = ()
     handoffs: Handoffs | None = None
     metrics: Metrics | None = None
+    # Opens a new, configured model session for this call (reconnect, 30-minute renewal).
+    open_model: Callable[[], Awaitable[ModelSession]] | None = None
 
     def __post_init__(self) -> None:
         self._requests: set[asyncio.Task[None]] = set()  # REST requests in flight
@@ -126,11 +134,62 @@ class CallShell:
         await self.perform(self.call.on_twilio_closed())
 
     async def _pump_model(self) -> None:
-        async for event in self.model.events():
-            await self.feed_model(event)
+        while not self.call.ended:
+            session = self.model
+            async for event in session.events():
+                await self.feed_model(event)
+                if self.call.ended:
+                    return
             if self.call.ended:
                 return
-        await self.perform(self.call.on_model_closed())
+            if self.model is not session:
+                continue  # renewed: read the new session
+            if not await self._reconnect():
+                log.error("model_lost", call_sid=self.call.call_sid)
+                # The call is over first, so the `stop` Twilio sends after the apology's REST
+                # update is not taken for the caller hanging up; the stream closes only after
+                # the update, or Twilio would end the call before saying the apology.
+                actions = self.call.on_model_closed()
+                if self.handoffs is not None:
+                    await self.handoffs.apologise(self.call)
+                await self.perform(actions)
+                return
+
+    async def _reconnect(self) -> bool:
+        """The model's socket dropped mid-call: open a new session and carry on."""
+        if self.open_model is None:
+            return False
+        for delay in RECONNECT_DELAYS:
+            await asyncio.sleep(delay)
+            try:
+                session = await self.open_model()
+            except ModelUnavailable as exc:
+                log.warning("model_reconnect_failed", reason=str(exc), status=exc.status)
+                continue
+            log.info("model_reconnected", model_session=session.session_id)
+            await self._switch_to(session)
+            return True
+        return False
+
+    async def _renew(self) -> None:
+        """Before StepFun's 30-minute limit: a new session, then the switch, then the old one
+        closes — the caller hears nothing of it."""
+        assert self.open_model is not None
+        try:
+            session = await self.open_model()
+        except ModelUnavailable as exc:
+            log.warning("model_renewal_failed", reason=str(exc), status=exc.status)
+            return  # the old session goes on; a drop later is a reconnect
+        old = self.model
+        await self._switch_to(session)
+        log.info("model_session_renewed", model_session=session.session_id)
+        await old.close()
+
+    async def _switch_to(self, session: ModelSession) -> None:
+        self.model = session
+        if self.metrics is not None:
+            self.metrics.model_reconnects.inc()
+        await self.perform(self.call.on_model_reconnected())
 
     async def feed_twilio(self, event: TwilioEvent) -> None:
         received_at = time.perf_counter()
@@ -165,10 +224,10 @@ class CallShell:
                         reaction = time.perf_counter() - received_at
                         self.call.stats.barge_in_reaction_s.append(reaction)
                 case ToModel(command):
-                    try:
+                    # A dropped session is the model pump's to reconnect: until then, what
+                    # would go to the model is lost (a short pause for the caller).
+                    with contextlib.suppress(ConnectionClosed):
                         await self.model.send(command)
-                    except ConnectionClosed:
-                        await self.perform(self.call.on_model_closed())
                 case TurnFinished(turn):
                     for listener in self.turn_listeners:
                         listener(self.call, turn)
@@ -176,6 +235,9 @@ class CallShell:
                     self._request(self._transfer(target))
                 case HangUpCall():
                     self._request(self._hang_up())
+                case RenewModelSession():
+                    if self.open_model is not None:
+                        self._request(self._renew())
                 case EndCall(reason):
                     log.info("call_ending", reason=reason.value)
             if self.call.ended:

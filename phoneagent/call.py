@@ -66,6 +66,12 @@ MAX_GAP_FILL_MS = 2000
 DTMF_GAP_MS = 1200
 # Before max_call_seconds runs out, the model is told to wrap up this long in advance.
 TIME_LIMIT_WARNING_MS = 30_000
+# StepFun ends a session at 30 minutes (reference section 7): a call renews its session before
+# that, at a quiet moment.
+SESSION_RENEW_SECONDS = 25 * 60
+# The caller finished a turn and the model has not started answering this long after: nudge it
+# (a VAD turn end has been seen to produce no response, reference section 5).
+NUDGE_SECONDS = 2.0
 
 LANGUAGE_NAMES = {
     "en": "English",
@@ -174,8 +180,21 @@ class HangUpCall:
     """Ask Twilio to end the call; answer with ``Call.on_hang_up_result``."""
 
 
+@dataclass(frozen=True)
+class RenewModelSession:
+    """Open a new model session and switch to it; answer with ``Call.on_model_reconnected``."""
+
+
 Action = (
-    SendMedia | SendMark | SendClear | ToModel | EndCall | TurnFinished | TransferCall | HangUpCall
+    SendMedia
+    | SendMark
+    | SendClear
+    | ToModel
+    | EndCall
+    | TurnFinished
+    | TransferCall
+    | HangUpCall
+    | RenewModelSession
 )
 
 
@@ -281,6 +300,9 @@ class Call:
         self._digits_at_ms = 0
         self._hang_up_reason = EndReason.AGENT_HUNG_UP
         self._time_limit_warned = False
+        self._session_started = self.clock()
+        self._renewing = False
+        self._awaiting_answer_since: float | None = None  # the caller's turn ended then
 
     # --- entry points ---------------------------------------------------------------------
 
@@ -350,6 +372,7 @@ class Call:
                     return [TurnFinished(item.turn.as_dict())]
             case ResponseStarted(response_id):
                 self._active_response = response_id
+                self._awaiting_answer_since = None
                 if self.state is CallState.ANNOUNCING and self._handoff_response is None:
                     self._handoff_response = response_id
             case ToolCall():
@@ -361,10 +384,12 @@ class Call:
             case SpeechStopped(item_id):
                 turn = self._caller_turn(item_id)
                 turn.end_ms = self._now_ms()
+                self._awaiting_answer_since = self.clock()
                 if self._barge_in is not None and self._barge_in.caller_item_id == item_id:
                     log.info("barge_in_ignored", loud_ms=self._barge_in.loud_ms)
                     self.stats.barge_ins_ignored += 1
                     self._barge_in = None
+                    self._awaiting_answer_since = None  # "mhm" asks for no answer
             case UserTranscript(item_id, text):
                 turn = self._caller_turn(item_id)
                 turn.text = text.strip()
@@ -375,6 +400,30 @@ class Call:
                 else:
                     log.warning("model_error", code=code, message=message)
         return []
+
+    def on_model_reconnected(self) -> list[Action]:
+        """A new model session replaces the one that dropped (or was renewed): it knows nothing
+        of this call yet, so it hears the conversation so far, then picks up where it was."""
+        was_answering = self._active_response is not None
+        actions = self._flush_item()  # what the old session generated still plays
+        self._active_response, self._cancelling = None, set()
+        self._tool_calls.clear()
+        self._after_response = []
+        self._session_started, self._renewing = self.clock(), False
+        actions += [
+            ToModel(AddTextItem("user" if t["role"] == "caller" else "assistant", t["text"]))
+            for t in self.transcript
+            if t["text"]
+        ]
+        if self.state is CallState.ANNOUNCING and not self._handoff_said:
+            assert self._handoff is not None
+            self._handoff_response = None
+            sentence = say_exactly(sentence_for(self.persona, self._handoff))
+            actions.append(ToModel(CreateResponse(instructions=sentence)))
+        elif was_answering:
+            cut = "Your last answer was cut off by a technical problem: finish it briefly."
+            actions.append(ToModel(CreateResponse(instructions=cut)))
+        return actions
 
     def on_twilio_closed(self) -> list[Action]:
         if self.state in STOP_MEANS:  # Twilio may close without `stop` after our REST update
@@ -409,6 +458,7 @@ class Call:
             audio = bytes([ULAW_SILENCE]) * (gap_ms * ULAW_BYTES_PER_MS) + audio
         self._next_media_ms = media.timestamp_ms + len(media.payload) // ULAW_BYTES_PER_MS
         actions: list[Action] = self._watch_time_limit(media.timestamp_ms)
+        actions += self._watch_model()
         if self._digits and media.timestamp_ms - self._digits_at_ms >= DTMF_GAP_MS:
             actions += self._pass_digits_to_model()
         if not audio:
@@ -565,6 +615,27 @@ class Call:
         self.state, self._handoff = CallState.ACTIVE, None
         note = f"(The caller interrupted you, so the {what} did not happen. Listen to them.)"
         return [ToModel(AddTextItem("system", note))]
+
+    def _watch_model(self) -> list[Action]:
+        """Keep the model session alive and answering: renew it before StepFun's 30-minute end
+        at a quiet moment, and nudge it when a caller's turn got no answer."""
+        now = self.clock()
+        since = self._awaiting_answer_since
+        if since is not None and now - since >= NUDGE_SECONDS and self._model_idle:
+            self._awaiting_answer_since = None
+            log.info("model_nudged", waited_s=round(now - since, 1))
+            return [ToModel(CreateResponse())]
+        quiet = (
+            self._model_idle
+            and not self._pending_marks
+            and self._barge_in is None
+            and since is None
+            and self.state is CallState.ACTIVE
+        )
+        if quiet and not self._renewing and now - self._session_started >= SESSION_RENEW_SECONDS:
+            self._renewing = True
+            return [RenewModelSession()]
+        return []
 
     def _watch_time_limit(self, call_ms: int) -> list[Action]:
         """max_call_seconds, on the stream's own clock (Twilio's media timestamps): warn the

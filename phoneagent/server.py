@@ -11,7 +11,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 from aiohttp import web
@@ -58,6 +58,7 @@ from phoneagent.twilio.webhook import (
 )
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 NO_PERSONA_APOLOGY = "Sorry, this number is not in service right now. Goodbye."
 # Twilio's frames are a few hundred bytes; anything far larger is not Twilio.
@@ -79,12 +80,13 @@ class ServerState:
     handoffs: TwilioHandoffs | None = None
     metrics: Metrics = field(init=False)
     # Work that must finish even if the request that started it is cancelled (event commits).
-    background: set[asyncio.Task] = field(default_factory=set)
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.create_task(coroutine)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+        return task
 
     # Called with (call, turn) as each transcript turn becomes final: live transcript views.
     turn_listeners: list[TurnListener] = field(default_factory=list)
@@ -112,6 +114,16 @@ class TwilioHandoffs:
     rest: TwilioCalls
 
     async def transfer(self, call: Call, target: TransferTarget) -> str | None:
+        # Twilio's `stop` (which ends the stream, and cancels the shell's wait) can come before
+        # its HTTP answer: the request and its bookkeeping run to the end on their own.
+        return await asyncio.shield(self.state.spawn(self._transfer(call, target)))
+
+    async def hang_up(self, call: Call) -> str | None:
+        return await asyncio.shield(
+            self.state.spawn(self._update(self.rest.hang_up(call.call_sid), "hang_up"))
+        )
+
+    async def _transfer(self, call: Call, target: TransferTarget) -> str | None:
         record = self.state.calls.open(call.call_sid)
         query = urlencode({"persona": call.persona.id, "target": target.name})
         twiml_text = dial_twiml(
@@ -120,10 +132,11 @@ class TwilioHandoffs:
             ring_seconds=target.ring_seconds,
             action_url=f"{self.state.settings.public_url}/twilio/dial-status?{query}",
         )
+        record.transfer = {"target": target.name, "number": target.number}
         error = await self._update(self.rest.redirect(call.call_sid, twiml_text), "transfer")
         self.state.metrics.transfers.labels("failed" if error else "accepted").inc()
-        if error is None:
-            record.transfer = {"target": target.name, "number": target.number}
+        if error is not None:
+            record.transfer = None
         if self.state.publisher is not None:
             self.state.spawn(
                 self.state.publisher.call_transferred(
@@ -138,10 +151,11 @@ class TwilioHandoffs:
             )
         return error
 
-    async def hang_up(self, call: Call) -> str | None:
-        return await self._update(self.rest.hang_up(call.call_sid), "hang_up")
+    async def apologise(self, call: Call) -> None:
+        called = self.state.calls.open(call.call_sid).called
+        await self.apologise_for(call.call_sid, call.persona, called)
 
-    async def apologise(self, call_sid: str, persona: Persona, called: str) -> None:
+    async def apologise_for(self, call_sid: str, persona: Persona, called: str) -> None:
         """The agent cannot take the call: Twilio says the persona's apology, then hands the
         caller to its fallback target or hangs up."""
         twiml_text = say_then_hand_on_twiml(persona.apology, persona, called)
@@ -332,7 +346,7 @@ async def open_call(state: ServerState, ws: web.WebSocketResponse) -> tuple[Call
         state.metrics.model_failures.labels(str(exc.status or "none")).inc()
         called = start.custom_parameters.get(CALLED_PARAMETER, "")
         if state.handoffs is not None:
-            state.spawn(state.handoffs.apologise(start.call_sid, persona, called))
+            state.spawn(state.handoffs.apologise_for(start.call_sid, persona, called))
         raise StreamRefused("the model is unavailable: the caller hears the apology") from None
     record = state.calls.mark_started(start.call_sid)
     record.persona, record.model_session = persona.id, model.session_id
@@ -359,7 +373,16 @@ async def run_call(
     if state.publisher is not None:
         state.spawn(state.publisher.call_started(call.persona, state.calls.open(call.call_sid)))
     try:
-        await CallShell(ws, model, call, state.turn_listeners, state.handoffs, state.metrics).run()
+        config = session_config(call.persona)
+        await CallShell(
+            ws,
+            model,
+            call,
+            turn_listeners=state.turn_listeners,
+            handoffs=state.handoffs,
+            metrics=state.metrics,
+            open_model=lambda: state.prewarmer.connector.open(config),
+        ).run()
     finally:
         state.active_calls.pop(call.call_sid, None)
         record = state.calls.open(call.call_sid)

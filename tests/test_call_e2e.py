@@ -167,9 +167,10 @@ async def end_by_dropped_media_socket(caller, model):
     await caller.drop()
 
 
-async def end_by_model_crash(caller, model):
+async def end_by_model_lost(caller, model):
+    model.fail_next_handshakes(10, status=503)  # it stays down: every reconnect fails
     await model.drop_all()
-    await caller.wait_closed(timeout=5)
+    await caller.wait_closed(timeout=10)  # after the apology, Twilio ends the stream
 
 
 @pytest.mark.parametrize(
@@ -177,7 +178,7 @@ async def end_by_model_crash(caller, model):
     [
         (end_by_hangup, "caller_hung_up"),
         (end_by_dropped_media_socket, "twilio_disconnected"),
-        (end_by_model_crash, "model_disconnected"),
+        (end_by_model_lost, "model_disconnected"),
     ],
 )
 async def test_every_way_of_ending_leaves_no_socket_or_task(model, ending, reason):

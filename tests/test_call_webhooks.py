@@ -113,7 +113,7 @@ async def test_a_transfer_is_reported_and_ends_the_call_as_transferred(personas,
                                                  '"call.transferred", "call.ended"'))  # fmt: skip
     transfer = CallTool("transfer_call", {"target": "front_desk"})
     model = FakeRealtimeServer(speed=8.0, script=[transfer])
-    async with LocalStack(personas, model=model, twilio_api=True) as stack:
+    async with LocalStack(personas, model=model) as stack:
         async with stack.caller(to=DENTAL, speed=4.0) as caller:
             await caller.dial()
             await caller.connect()

@@ -32,9 +32,7 @@ async def model():
 
 @pytest.fixture
 async def stack(model):
-    async with LocalStack(
-        EXAMPLE_PERSONAS, model=model, call_speed=SPEED, twilio_api=True
-    ) as stack:
+    async with LocalStack(EXAMPLE_PERSONAS, model=model, call_speed=SPEED) as stack:
         stack.state.handoffs.rest.timeout = 1.0
         yield stack
 

@@ -43,7 +43,7 @@ async def test_over_the_session_cap_a_new_call_hears_busy_and_goes_to_the_fallba
 
 async def test_model_unreachable_the_caller_hears_the_apology_then_the_fallback():
     model = FakeRealtimeServer()
-    async with LocalStack(EXAMPLE_PERSONAS, model=model, twilio_api=True) as stack:
+    async with LocalStack(EXAMPLE_PERSONAS, model=model) as stack:
         model.fail_next_handshakes(2, status=402)  # no balance: pre-warm and retry both fail
         persona = stack.state.personas.current.personas["bright-smile-dental"]
         async with stack.caller(to=DENTAL, speed=0) as caller:

@@ -51,8 +51,9 @@ class LocalStack:
     *use_fake_model* is False. *call_speed*: run the calls' clock this many times faster than
     real time, to match callers with ``speed`` > 1 (playback positions are computed in time).
     *webhooks*: run the webhook outbox and its delivery worker (False: calls publish nothing).
-    *twilio_api*: run a fake Twilio REST API (``self.twilio_api``) and point the server at it;
-    callers made by :meth:`caller` then receive `stop` when their call is redirected or ended.
+    The server's Twilio REST API is always a fake one (``self.twilio_api``): a test never
+    reaches Twilio, and callers made by :meth:`caller` receive `stop` when their call is
+    redirected or ended through it, as Twilio does.
     """
 
     def __init__(
@@ -65,7 +66,6 @@ class LocalStack:
         prewarm_ttl: float | None = None,
         call_speed: float = 1.0,
         webhooks: bool = True,
-        twilio_api: bool = False,
     ) -> None:
         self.personas_dir = personas_dir
         self.model = model if model is not None or not use_fake_model else FakeRealtimeServer()
@@ -81,10 +81,8 @@ class LocalStack:
         self.prewarm_ttl = prewarm_ttl
         self.call_speed = call_speed
         self.webhooks = webhooks
-        self.twilio_api = (
-            FakeTwilioApi(self.settings.twilio_account_sid, self.settings.twilio_auth_token)
-            if twilio_api
-            else None
+        self.twilio_api = FakeTwilioApi(
+            self.settings.twilio_account_sid, self.settings.twilio_auth_token
         )
         self._runner: web.AppRunner | None = None
         self.base_url = ""
@@ -97,11 +95,10 @@ class LocalStack:
         await self.close()
 
     async def start(self) -> None:
-        if self.twilio_api is not None:
-            await self.twilio_api.start()
-            self.settings = dataclasses.replace(
-                self.settings, twilio_api_base_url=self.twilio_api.base_url
-            )
+        await self.twilio_api.start()
+        self.settings = dataclasses.replace(
+            self.settings, twilio_api_base_url=self.twilio_api.base_url
+        )
         connector = None
         if self.model is not None:
             await self.model.start()
@@ -135,8 +132,7 @@ class LocalStack:
             await self._runner.cleanup()
         if self.model is not None:
             await self.model.close()
-        if self.twilio_api is not None:
-            await self.twilio_api.stop()
+        await self.twilio_api.stop()
         if self._data_dir is not None:
             self._data_dir.cleanup()
 
@@ -154,6 +150,5 @@ class LocalStack:
             to=to,
             **options,
         )
-        if self.twilio_api is not None:
-            self.twilio_api.attach(caller)
+        self.twilio_api.attach(caller)
         return caller

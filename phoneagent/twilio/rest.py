@@ -54,9 +54,10 @@ class TwilioCalls:
 
     def _calls(self, call_sid: str):
         if self._client is None:
-            self._client = Client(
-                self.account_sid, self.auth_token, http_client=AsyncTwilioHttpClient()
-            )
+            # A session per request: transfers and hang-ups are rare, and a pooled connection
+            # would sit idle between them (and outlive calls in leak checks).
+            http = AsyncTwilioHttpClient(pool_connections=False)
+            self._client = Client(self.account_sid, self.auth_token, http_client=http)
             self._client.api.base_url = self.base_url  # read on every request
         return self._client.calls(call_sid)
 
