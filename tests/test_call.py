@@ -13,6 +13,7 @@ from phoneagent.call import (
     EndCall,
     EndReason,
     HangUpCall,
+    RenewModelSession,
     SendClear,
     SendMark,
     SendMedia,
@@ -463,3 +464,45 @@ def test_time_limit_warns_then_says_goodbye_and_hangs_up(persona, clock):
     sent = speak(call, "bye", "item_b", 100)
     assert of_type(call.on_twilio(Mark(of_type(sent, SendMark)[-1].name)), HangUpCall)
     assert call.on_hang_up_result(None) == [EndCall(EndReason.TIME_LIMIT)]
+
+
+def test_an_unanswered_turn_gets_a_nudge(call, clock):
+    call.on_model(SpeechStarted("user1", 0))
+    call.on_model(SpeechStopped("user1", 900))
+    clock.advance(1900)
+    assert model_commands(call.on_twilio(Media(0, b"\xff" * 160)), CreateResponse) == []
+    clock.advance(200)
+    [nudge] = model_commands(call.on_twilio(Media(20, b"\xff" * 160)), CreateResponse)
+    assert nudge == CreateResponse()
+    clock.advance(5000)  # once
+    assert model_commands(call.on_twilio(Media(40, b"\xff" * 160)), CreateResponse) == []
+
+
+def test_an_answered_turn_gets_no_nudge(call, clock):
+    call.on_model(SpeechStopped("user1", 900))
+    call.on_model(ResponseStarted("resp1"))
+    clock.advance(5000)
+    assert model_commands(call.on_twilio(Media(0, b"\xff" * 160)), CreateResponse) == []
+
+
+def test_session_renewal_waits_for_a_quiet_moment(call, clock):
+    actions = speak(call, "resp1", "item1", 200, text="Hello there.")
+    clock.advance(25 * 60 * 1000)
+    assert of_type(call.on_twilio(Media(0, b"\xff" * 160)), RenewModelSession) == []  # playing
+    for mark in of_type(actions, SendMark):
+        call.on_twilio(Mark(mark.name))
+    assert of_type(call.on_twilio(Media(20, b"\xff" * 160)), RenewModelSession)
+    assert of_type(call.on_twilio(Media(40, b"\xff" * 160)), RenewModelSession) == []  # once
+    replay = call.on_model_reconnected()
+    assert model_commands(replay, AddTextItem) == [AddTextItem("assistant", "Hello there.")]
+    assert model_commands(replay, CreateResponse) == []  # nothing was being said
+
+
+def test_a_reconnect_mid_answer_asks_the_model_to_finish_it(call):
+    call.on_model(ResponseStarted("resp1"))
+    call.on_model(AgentTranscriptDelta("resp1", "item1", "Our hours are"))
+    call.on_model(AudioDelta("resp1", "item1", tone_pcm24k(300)))
+    actions = call.on_model_reconnected()
+    assert model_commands(actions, AddTextItem) == [AddTextItem("assistant", "Our hours are")]
+    [finish] = model_commands(actions, CreateResponse)
+    assert "cut off" in finish.instructions
