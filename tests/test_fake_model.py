@@ -657,6 +657,22 @@ async def test_recording_can_be_turned_off():
     assert fake.sessions[0].sent == fake.sessions[0].received == []
 
 
+async def test_audio_trace_reports_appends_and_deltas():
+    trace: list[tuple[str, str, int]] = []
+    fake = FakeRealtimeServer(
+        speed=None, audio_trace=lambda session, kind, n: trace.append((session.id, kind, n))
+    )
+    async with fake, session(fake) as c:
+        await c.append(silence(50), chunk=FRAME + 2)
+        await c.send("response.create", response={"instructions": LONG_REPLY})
+        events = await c.until("response.done")
+    (only,) = fake.sessions
+    assert {session_id for session_id, _, _ in trace} == {only.id}
+    assert [n for _, kind, n in trace if kind == "in"] == [FRAME + 2, FRAME + 2, 476]
+    deltas = [base64.b64decode(e["delta"]) for e in events if e["type"] == "response.audio.delta"]
+    assert [n for _, kind, n in trace if kind == "out"] == [len(d) for d in deltas]
+
+
 # -- pacing and delta sizes ---------------------------------------------------------------------
 
 
@@ -685,6 +701,27 @@ async def test_audio_is_paced_faster_than_real_time_but_paced():
     assert received_ms >= 300  # at least real time, though 10x is asked for
     # Paced: never ahead of 10x real time (plus two deltas of slack for the connection's lag).
     assert received_ms <= elapsed * 1000 * 10 + 260
+
+
+async def test_lead_sends_the_first_audio_at_once_then_paces():
+    fake = FakeRealtimeServer(speed=1.0, lead_ms=500, script=[LONG_REPLY])
+    async with fake, session(fake) as c:
+        loop = asyncio.get_running_loop()
+        await c.send("response.create")
+        first = await c.until("response.audio.delta")
+        started = loop.time()
+        await asyncio.sleep(0.2)
+        received = audio_of(first + await drain(c))
+        elapsed = loop.time() - started
+    received_ms = len(received) / BYTES_PER_MS
+    assert received_ms >= 500  # the head start came at once
+    # Then real time (plus two deltas of slack for the connection's lag).
+    assert received_ms <= 500 + elapsed * 1000 + 260
+
+
+def test_lead_must_not_be_negative():
+    with pytest.raises(ValueError, match="lead_ms"):
+        FakeRealtimeServer(lead_ms=-1)
 
 
 async def drain(c: Client) -> list[dict[str, Any]]:

@@ -665,6 +665,26 @@ async def test_without_frame_records_marks_and_heard_audio_are_still_kept(serve)
     assert caller.heard_audio() == pattern(100)
 
 
+async def test_media_trace_reports_each_frame_sent_and_received(serve):
+    async def script(role: ServerRole, ws: web.WebSocketResponse) -> None:
+        await role.started.wait()
+        await ws.send_str(outbound_media(role.stream_sid, pattern(100)))
+        await ws.send_str(outbound_mark(role.stream_sid, "m"))
+        await ws.send_str(outbound_media(role.stream_sid, pattern(30)))
+
+    trace: list[tuple[str, int]] = []
+    role, caller = await connected_call(
+        serve, script, record_frames=False, media_trace=lambda *event: trace.append(event)
+    )
+    await caller.play_gap(40)
+    await caller.play_silence(60)
+    await role.wait_inbound(lambda: len(role.events("media")) == 3)
+    await caller.wait_until(lambda: len(trace) == 5, 10, "5 traced frames")
+    sent = [value for kind, value in trace if kind == "sent"]
+    assert sent == [int(m["media"]["timestamp"]) for m in role.events("media")] == [40, 60, 80]
+    assert [value for kind, value in trace if kind == "received"] == [800, 240]
+
+
 async def test_stop_from_twilio_drops_audio_still_buffered(serve):
     async def script(role: ServerRole, ws: web.WebSocketResponse) -> None:
         await role.started.wait()

@@ -727,6 +727,10 @@ class TwilioCaller:
     :param record_frames: keep every media frame in :attr:`sent` and :attr:`received`; False
         keeps a load generator's memory flat (marks, clears, violations and heard audio are
         always kept).
+    :param media_trace: called as ``media_trace("sent", timestamp_ms)`` just before each
+        inbound ``media`` frame is written, and ``media_trace("received", n)`` as each valid
+        ``media`` frame of *n* μ-law bytes from the server goes into the playback buffer
+        (latency benchmarks read the clock in it). None: off.
     """
 
     def __init__(
@@ -743,6 +747,7 @@ class TwilioCaller:
         voice_path: str = "/twilio/voice",
         session: aiohttp.ClientSession | None = None,
         record_frames: bool = True,
+        media_trace: Callable[[str, int], None] | None = None,
     ) -> None:
         if speed is not None and speed < 0:
             raise ValueError("speed must be >= 0 (0 or None: as fast as possible)")
@@ -757,6 +762,7 @@ class TwilioCaller:
         self.speed = speed or 0.0
         self.voice_path = voice_path
         self.record_frames = record_frames
+        self.media_trace = media_trace
         self._session = session
         self._owns_session = session is None
 
@@ -1121,6 +1127,8 @@ class TwilioCaller:
             )
             return []
         self._last_media_ms, self._last_media_at = now, time.monotonic()
+        if self.media_trace is not None:
+            self.media_trace("received", len(audio))
         return self.playback.add_audio(audio, now)
 
     def _record(
@@ -1168,6 +1176,8 @@ class TwilioCaller:
                 "timestamp": str(timestamp_ms),
                 "payload": base64.b64encode(frame).decode("ascii"),
             }
+            if self.media_trace is not None:
+                self.media_trace("sent", timestamp_ms)
             try:
                 await self._send_event("media", {"media": media})
             except ConnectionError:

@@ -380,7 +380,8 @@ class FakeSession:
         self._vad: EnergyVad | None = None
         self._speech_item_id: str | None = None
         self._speech_start = 0
-        self._outbox: asyncio.Queue[tuple[str, str] | _Close] = asyncio.Queue()
+        # (type, JSON text, the event) per emitted event, in order; or the close to perform.
+        self._outbox: asyncio.Queue[tuple[str, str, dict[str, Any]] | _Close] = asyncio.Queue()
         self._timers: list[asyncio.TimerHandle] = []
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             "session.update": self._on_session_update,
@@ -458,7 +459,9 @@ class FakeSession:
                 if isinstance(item, _Close):
                     await self._ws.close(item.code, item.reason)
                     return
-                type_, text = item
+                type_, text, event = item
+                if type_ == "response.audio.delta" and (trace := self.server.audio_trace):
+                    trace(self, "out", _decoded_length(event["delta"]))
                 await self._ws.send(text)
                 if not type_.endswith(".delta"):  # cheap enough to keep even in long benches
                     self.sent_at.append((type_, time.monotonic()))
@@ -482,7 +485,7 @@ class FakeSession:
         """Queue one server event (ref §3: every server event has an ``event_id``)."""
         event = {"event_id": _new_id("event"), "type": type_, **copy.deepcopy(fields)}
         if self.state is SessionState.OPEN:
-            self._outbox.put_nowait((type_, json.dumps(event)))
+            self._outbox.put_nowait((type_, json.dumps(event), event))
             if self.server.record_events:
                 self.sent.append(event)
             self.server.notify()
@@ -580,6 +583,8 @@ class FakeSession:
         except binascii.Error:
             raise ClientEventError("audio is not valid base64") from None
         self._input += pcm
+        if trace := self.server.audio_trace:
+            trace(self, "in", len(pcm))
         if not self._vad:
             return
         for vad_event in self._vad.feed(pcm):
@@ -845,7 +850,7 @@ class _Response:
             self._close_message("completed")
             return
         pcm = await asyncio.to_thread(synthesize, text, SAMPLE_RATE)
-        pacer = _Pacer(self.session.server.speed)
+        pacer = _Pacer(self.session.server.speed, self.session.server.lead_ms / 1000)
         offset = 0
         while offset < len(pcm):
             chunk = pcm[offset : offset + 2 * self.session._next_chunk_samples()]
@@ -962,20 +967,26 @@ class _Response:
 
 
 class _Pacer:
-    """Paces audio at *speed* × real time (None: as fast as possible), from the first delta."""
+    """Paces audio at *speed* × real time (None: as fast as possible), from the first delta;
+    the first *lead* seconds of audio go out at once."""
 
-    def __init__(self, speed: float | None) -> None:
+    def __init__(self, speed: float | None, lead: float = 0.0) -> None:
         self.speed = speed
         self.start = asyncio.get_running_loop().time()
-        self.audio_seconds = 0.0
+        self.audio_seconds = -lead
 
     async def wait(self, seconds_of_audio: float) -> None:
         self.audio_seconds += seconds_of_audio
         if self.speed is None:
             await asyncio.sleep(0)  # still let the client's cancel in between deltas
             return
-        due = self.start + self.audio_seconds / self.speed
+        due = self.start + max(0.0, self.audio_seconds) / self.speed
         await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
+
+
+def _decoded_length(b64: str) -> int:
+    """Bytes in a base64 string, without decoding it."""
+    return len(b64) // 4 * 3 - b64.endswith("=") - b64.endswith("==")
 
 
 def _words(text: str) -> list[str]:
@@ -1091,6 +1102,8 @@ class FakeRealtimeServer:
       :class:`ScriptedResponder` over *script*, one per session.
     - *transcriber*: ``pcm16_24k_bytes -> str`` for each committed user turn.
     - *speed*: audio deltas are sent at this multiple of real time; None = as fast as possible.
+    - *lead_ms*: with *speed*, the first this many ms of each response's audio are sent at once
+      (a streaming model's head start over playback); the rest is paced.
     - *delta_ms*: (min, max) duration of an audio delta; sizes are random in that range and
       never a multiple of 20 ms.
     - *transcript_delay*: seconds before the user transcription arrives.
@@ -1099,6 +1112,9 @@ class FakeRealtimeServer:
     - *session_max_seconds*: the server closes a session this long after it opened (None: never).
     - *truncate_error*: refuse ``conversation.item.truncate`` with an error instead of acking it.
     - *record_events*: keep ``received``/``sent`` per session (turn off for long benchmarks).
+    - *audio_trace*: called as ``audio_trace(session, "in", n)`` when an append of *n* pcm16
+      bytes is accepted, and ``audio_trace(session, "out", n)`` just before an audio delta of
+      *n* bytes is written to the socket (latency benchmarks read the clock in it). None: off.
     - *seed*: makes delta sizes reproducible (None: random).
     """
 
@@ -1111,6 +1127,7 @@ class FakeRealtimeServer:
         script: Sequence[Reply] = DEFAULT_SCRIPT,
         transcriber: Transcriber = describe_audio,
         speed: float | None = 5.0,
+        lead_ms: float = 0.0,
         delta_ms: tuple[int, int] = (40, 130),
         transcript_delay: float = 0.0,
         handshake_delay: float = 0.0,
@@ -1118,12 +1135,15 @@ class FakeRealtimeServer:
         session_max_seconds: float | None = SESSION_MAX_SECONDS,
         truncate_error: bool = False,
         record_events: bool = True,
+        audio_trace: Callable[[FakeSession, str, int], None] | None = None,
         seed: int | None = 0,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
         if speed is not None and speed <= 0:
             raise ValueError("speed must be positive or None")
+        if lead_ms < 0:
+            raise ValueError("lead_ms must not be negative")
         if not 0 < delta_ms[0] <= delta_ms[1]:
             raise ValueError("delta_ms must be (min, max) with 0 < min <= max")
         self.api_key = api_key
@@ -1132,6 +1152,7 @@ class FakeRealtimeServer:
         self.script = tuple(script)
         self.transcriber = transcriber
         self.speed = speed
+        self.lead_ms = lead_ms
         self.delta_ms = delta_ms
         self.transcript_delay = transcript_delay
         self.handshake_delay = handshake_delay
@@ -1139,6 +1160,7 @@ class FakeRealtimeServer:
         self.session_max_seconds = session_max_seconds
         self.truncate_error = truncate_error
         self.record_events = record_events
+        self.audio_trace = audio_trace
         self.seed = seed
         self.host = host
         self.port = port
