@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
-import shutil
-import socket
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,6 +26,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+from _harness import DENTAL, LOAD_CPU, bench_personas, pin, start_phoneagent, stop_process
 
 from phoneagent.audio import pcm16_to_ulaw
 from phoneagent.logs import configure_logging
@@ -38,8 +35,6 @@ from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.speech import synthesize
 from phoneagent.testing.stack import demo_credentials
 
-ROOT = Path(__file__).resolve().parent.parent
-DENTAL = "+14155550100"
 INTERRUPTION = "Sorry, can I ask something else?"
 
 
@@ -48,59 +43,6 @@ LONG_GREETING = (
     "eight to six and on Saturday morning. Doctor Park and Doctor Okafor are both seeing new "
     "patients this month, and parking is free behind the building. How can I help you today?"
 )
-
-
-def bench_personas(directory: Path) -> Path:
-    """The example personas, the dental line with a long greeting (every call is still talking
-    when the last one interrupts) and no false barge-in guard (the reaction measured is to
-    `speech_started` itself)."""
-    shutil.copytree(ROOT / "personas", directory, dirs_exist_ok=True)
-    path = directory / "bright-smile-dental.toml"
-    lines = [
-        f'greeting = "{LONG_GREETING}"' if line.startswith("greeting =") else line
-        for line in path.read_text().splitlines()
-    ]
-    at = lines.index("max_call_seconds = 900")
-    lines.insert(at, "barge_in_min_speech_ms = 0")
-    path.write_text("\n".join(lines) + "\n")
-    return directory
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pin(pid: int, cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
-        os.sched_setaffinity(pid, {cpu})
-
-
-async def start_server(model: FakeRealtimeServer, personas: Path, sid: str, token: str):
-    port = free_port()
-    env = os.environ | {
-        "PORT": str(port),
-        "PUBLIC_URL": f"http://127.0.0.1:{port}",
-        "TWILIO_ACCOUNT_SID": sid,
-        "TWILIO_AUTH_TOKEN": token,
-        "STEPFUN_API_KEY": "bench",
-        "STEPFUN_REALTIME_URL": model.url,
-        "PHONEAGENT_PERSONAS_DIR": str(personas),
-        "LOG_LEVEL": "warning",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "phoneagent.cli", "serve", "--host", "127.0.0.1", env=env
-    )
-    pin(process.pid, 0)
-    for _ in range(400):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return process, f"http://127.0.0.1:{port}"
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError("the server did not start")
 
 
 @dataclass
@@ -162,13 +104,16 @@ async def main() -> None:
     parser.add_argument("--ramp", type=float, default=5.0, help="seconds over which calls start")
     args = parser.parse_args()
     configure_logging("console", "warning")
-    pin(0, 1)
+    pin(0, LOAD_CPU)
     sid, token = demo_credentials()
     speech = pcm16_to_ulaw(synthesize(INTERRUPTION, sample_rate=8000))
     with tempfile.TemporaryDirectory() as tmp:
-        personas = bench_personas(Path(tmp))
+        # The dental line with a long greeting (every call is still talking when the last one
+        # interrupts) and no false barge-in guard (the reaction measured is to
+        # `speech_started` itself).
+        personas = bench_personas(Path(tmp), greeting=LONG_GREETING, barge_in_min_speech_ms=0)
         async with FakeRealtimeServer(api_key=None, speed=2.0, record_events=False) as model:
-            server, base = await start_server(model, personas, sid, token)
+            server, base = await start_phoneagent(model.url, personas, sid, token)
             try:
                 wall = time.monotonic()
                 async with aiohttp.ClientSession() as http:
@@ -176,8 +121,7 @@ async def main() -> None:
                     results = await asyncio.gather(*(one_call(load, i) for i in range(args.calls)))
                 wall = time.monotonic() - wall
             finally:
-                server.terminate()
-                await server.wait()
+                await stop_process(server)
             sessions = {session.id: session for session in model.sessions}
     in_server = [ms for ms, _, _ in results]
     end_to_end = []

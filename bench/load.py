@@ -1,0 +1,714 @@
+"""Load: N concurrent calls in real time through phoneagent, and through a pure relay, in one run.
+
+For each server in turn — `phoneagent serve`, then `bench/relay_server.py` (no transcoding, no
+marks, as Twilio's sample) — the server runs as its own process pinned to CPU 0, and the load
+runs on CPU 1 in two processes: the N scripted Twilio callers, and the fake StepFun model. Every
+call is full duplex for its whole length: the caller's line sends 20 ms frames of silence in
+real time (Twilio streams the caller's side continuously), and the model speaks one long answer
+paced at real time, keeping `--lead-ms` ahead of playback, so the caller hears agent audio all
+the time. Calls start over `--ramp` seconds; after `--warmup` seconds more, a window of
+`--seconds` is measured with all N calls in progress. A last run puts `--latency-calls` calls
+through phoneagent (100: the bridge-latency budget's load, and one the load generator can drive
+on one core). Per run:
+
+- server CPU time (/proc/PID/stat) over the window ÷ (N × window);
+- server memory (VmRSS) with N calls minus before the first call, ÷ N;
+- frame latency each way: caller → model, from the caller writing a `media` frame to the fake
+  model reading the append that completes that audio; model → caller, from the model writing an
+  audio delta to the caller reading the `media` frame that delta completes. Audio positions are
+  matched by byte counts (both servers keep every sample, in order); the clock is the machine's
+  monotonic clock, shared by the load processes;
+- underruns: see bench/README.md.
+
+    python bench/load.py [--calls 200] [--latency-calls 100] [--seconds 30] [--warmup 5]
+        [--ramp 10] [--lead-ms 100] [--load-cpus 1] [--caller-processes 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import gc
+import math
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from array import array
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from _harness import (
+    DENTAL,
+    LOAD_CPU,
+    SERVER_CPU,
+    bench_personas,
+    cpu_busy_seconds,
+    cpu_seconds,
+    free_port,
+    pin,
+    rss_bytes,
+    start_phoneagent,
+    start_process,
+    stop_process,
+)
+
+from phoneagent.logs import configure_logging
+from phoneagent.testing.caller import TwilioCaller
+from phoneagent.testing.fake_model import FakeRealtimeServer
+from phoneagent.testing.speech import synthesize
+from phoneagent.testing.stack import demo_credentials
+
+RELAY = Path(__file__).resolve().with_name("relay_server.py")
+SERVERS = ("phoneagent", "relay")
+# What the model hears per μ-law byte from the caller: phoneagent appends pcm16 at 24 kHz (6
+# bytes per μ-law byte), the relay the μ-law itself.
+MODEL_BYTES_PER_ULAW_BYTE = {"phoneagent": 6, "relay": 1}
+# pcm16 24 kHz model audio per μ-law byte to the caller (the relay keeps one byte in six).
+PCM_BYTES_PER_ULAW_BYTE = 6
+ULAW_BYTES_PER_MS = 8
+FRAME_MS = 20
+MIB = 1024 * 1024
+SATURATED = 0.9  # share of a core above which a side is called saturated
+
+# The agent's one long answer: repeated to outlast the call (about 10 s per repetition).
+PARAGRAPH = (
+    "Thank you for calling Bright Smile Dental, this is Maya. We are open Monday to Friday from "
+    "eight to six and on Saturday morning. Doctor Park and Doctor Okafor are both seeing new "
+    "patients this month, and parking is free behind the building."
+)
+
+BUDGETS = {
+    "cpu_ms": 4.0,  # server CPU per call-second
+    "ratio": 1.5,  # the same, over a pure relay's
+    "p99_ms": 20.0,  # frame latency each way, 200 calls
+    "bridge_p99_ms": 5.0,  # bridge added latency, frame in → frame out, 100 calls
+    "mib_per_call": 2.0,
+}
+
+
+# --- the load processes (pinned to the load CPUs) --------------------------------------------
+
+
+def _start_load_process(cpus: list[int]) -> None:
+    pin(0, cpus)
+    configure_logging("console", "warning")
+    # These processes hold a minute of per-frame records; a full collection over them would
+    # stall every call they play at once. The load is short-lived: leave garbage to the exit.
+    gc.disable()
+
+
+async def _next_command(conn: Connection) -> Any:
+    while not conn.poll():
+        await asyncio.sleep(0.05)
+    return conn.recv()
+
+
+async def _watch_lag(times: array, lags: array) -> None:
+    """How late this process's event loop wakes a 10 ms sleep: the load generator's own delay."""
+    while True:
+        before = time.monotonic()
+        await asyncio.sleep(0.01)
+        now = time.monotonic()
+        times.append(now)
+        lags.append(now - before - 0.01)
+
+
+def model_process(conn: Connection, cpus: list[int], greeting: str, lead_ms: float) -> None:
+    _start_load_process(cpus)
+    asyncio.run(_model_main(conn, greeting, lead_ms))
+
+
+async def _model_main(conn: Connection, greeting: str, lead_ms: float) -> None:
+    # (in times, in bytes, out times, out bytes) per model session.
+    traces: dict[str, tuple[array, array, array, array]] = defaultdict(
+        lambda: (array("d"), array("q"), array("d"), array("q"))
+    )
+
+    def trace(session: Any, kind: str, n: int, now=time.monotonic) -> None:
+        in_t, in_n, out_t, out_n = traces[session.id]
+        if kind == "in":
+            in_t.append(now())
+            in_n.append(n)
+        else:
+            out_t.append(now())
+            out_n.append(n)
+
+    synthesize(greeting, 24000)  # once, before 200 sessions ask for it at the same moment
+    lag = array("d"), array("d")
+    watcher = asyncio.create_task(_watch_lag(*lag))
+    fake = FakeRealtimeServer(
+        api_key=None, speed=1.0, lead_ms=lead_ms, record_events=False, audio_trace=trace
+    )
+    async with fake:
+        conn.send(("ready", fake.url))
+        await _next_command(conn)
+    watcher.cancel()
+    conn.send(({sid: tuple(t) for sid, t in traces.items()}, lag))
+
+
+@dataclass
+class CallTrace:
+    """One call as the caller saw it."""
+
+    sent_t: array = field(default_factory=lambda: array("d"))  # inbound media written
+    sent_ts: array = field(default_factory=lambda: array("q"))  # … and its timestamp (ms)
+    recv_t: array = field(default_factory=lambda: array("d"))  # agent media read
+    recv_n: array = field(default_factory=lambda: array("q"))  # … and its μ-law bytes
+    marks: int = 0  # marks read in the window
+    echoes: int = 0  # mark echoes written in the window
+    clears: int = 0
+    violations: int = 0
+    ended_early: bool = False  # the server closed the stream before the hang-up
+
+    def record(self, kind: str, value: int, now=time.monotonic) -> None:
+        if kind == "sent":
+            self.sent_t.append(now())
+            self.sent_ts.append(value)
+        else:
+            self.recv_t.append(now())
+            self.recv_n.append(value)
+
+
+def callers_process(conn: Connection, cpus: list[int], base: str, sid: str, token: str,
+                    mine: range, calls: int, ramp: float) -> None:  # fmt: skip
+    _start_load_process(cpus)
+    asyncio.run(_callers_main(conn, base, sid, token, mine, calls, ramp))
+
+
+async def _callers_main(
+    conn: Connection, base: str, sid: str, token: str, mine: range, calls: int, ramp: float
+) -> None:
+    """Calls number *mine* of *calls*, started over *ramp* seconds in all."""
+    connected: list[TwilioCaller] = []
+    failures: list[str] = []
+    hang_up = asyncio.Event()
+    window: list[float] = []
+    traces: dict[str, CallTrace] = {}
+
+    async def one_call(index: int) -> None:
+        await asyncio.sleep(index * ramp / calls)
+        trace = CallTrace()
+        caller = TwilioCaller(base, account_sid=sid, auth_token=token, to=DENTAL, speed=1.0,
+                              record_frames=False, media_trace=trace.record)  # fmt: skip
+        async with caller:
+            try:
+                await caller.dial()
+                await caller.connect()
+                caller.start_background_silence()
+                connected.append(caller)
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+            if len(connected) + len(failures) == len(mine):
+                conn.send(("connected", len(connected), failures[:3]))
+            if not caller.started:
+                return
+            await hang_up.wait()
+            t0, t1 = window
+            trace.ended_early = caller.closed
+            trace.marks = sum(1 for r in caller.received if r.event == "mark" and t0 <= r.at <= t1)
+            trace.echoes = sum(1 for e in caller.mark_echoes if t0 <= e.at <= t1)
+            trace.clears = len(caller.clears)
+            trace.violations = len(caller.violations)
+            traces[caller.call_sid] = trace
+            await caller.hangup()
+
+    lag = array("d"), array("d")
+    watcher = asyncio.create_task(_watch_lag(*lag))
+    tasks = [asyncio.create_task(one_call(i)) for i in mine]
+    _, t0, t1 = await _next_command(conn)
+    window[:] = [t0, t1]
+    hang_up.set()
+    await asyncio.gather(*tasks)
+    watcher.cancel()
+    conn.send(({call_sid: _plain(t) for call_sid, t in traces.items()}, lag))
+
+
+def _plain(trace: CallTrace) -> dict[str, Any]:
+    return dict(trace.__dict__)
+
+
+# --- one run: a server under N calls ---------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    calls: int
+    seconds: float
+    warmup: float
+    ramp: float
+    lead_ms: float
+    load_cpus: list[int] = field(default_factory=lambda: [LOAD_CPU])
+    caller_processes: int = 1
+
+
+@dataclass
+class Run:
+    """What one server did under the load."""
+
+    server: str
+    calls: int  # calls in progress through the whole window
+    window_s: float
+    server_cpu_s: float
+    rss_idle: int
+    rss_loaded: int
+    load_cpu_s: dict[str, float]  # per load process (and this one)
+    load_busy_s: float  # the load CPUs' busy time, whoever used them
+    server_cpu_busy_s: float  # the server CPU's busy time, whoever used it
+    load_lag_p99_ms: dict[str, float]
+    inbound_ms: np.ndarray  # per frame
+    outbound_ms: np.ndarray
+    lost_inbound: int
+    underruns: int
+    underrun_ms: float
+    least_buffered_ms: float
+    per_call_second: dict[str, float]  # messages of each kind per call-second
+    problems: Counter[str]  # what went wrong → in how many calls
+    connect_s: float = math.nan  # from the first call's start to the last one streaming
+    load_cpus: int = 1
+
+    @property
+    def cpu_ms_per_call_second(self) -> float:
+        return self.server_cpu_s * 1000 / (self.calls * self.window_s)
+
+    @property
+    def mib_per_call(self) -> float:
+        return (self.rss_loaded - self.rss_idle) / self.calls / MIB
+
+    @property
+    def realtime(self) -> float:
+        """Audio that got through per second of call, as a share of real time (the worse
+        direction): below 1 the load could not keep up."""
+        rates = self.per_call_second
+        return min(rates.get("caller audio ms", 0), rates.get("agent audio ms", 0)) / 1000
+
+    @property
+    def load_share(self) -> float:
+        """How busy the load generator's CPUs were (by the load or anything else), per CPU."""
+        return self.load_busy_s / self.window_s / self.load_cpus
+
+    @property
+    def server_share(self) -> float:
+        """The share of its core the server used."""
+        return self.server_cpu_s / self.window_s
+
+    @property
+    def server_core_busy(self) -> float:
+        """How busy the server's core was (by the server or anything else)."""
+        return self.server_cpu_busy_s / self.window_s
+
+
+async def _receive(conn: Connection, process: multiprocessing.Process, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while not conn.poll():
+        if not process.is_alive():
+            raise RuntimeError(f"the {process.name} process exited ({process.exitcode})")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no answer from the {process.name} process in {timeout:.0f} s")
+        await asyncio.sleep(0.05)
+    return conn.recv()
+
+
+async def _model_session_ids(server: str, base: str, sid: str, token: str, call_sids) -> dict:
+    """CallSid → model session id, as the server under test recorded it."""
+    path = "/calls/{}" if server == "phoneagent" else "/sessions/{}"
+    auth = {"Authorization": aiohttp.encode_basic_auth(sid, token)}
+    ids = {}
+    async with aiohttp.ClientSession(headers=auth) as http:
+        for call_sid in call_sids:
+            async with http.get(base + path.format(call_sid)) as response:
+                if response.status == 200:
+                    ids[call_sid] = (await response.json())["model_session"]
+    return ids
+
+
+async def run_server(server: str, plan: Plan, greeting: str, personas: Path) -> Run:
+    sid, token = demo_credentials()
+    spawn = multiprocessing.get_context("spawn")
+    model_conn, child = spawn.Pipe()
+    model = spawn.Process(
+        target=model_process,
+        args=(child, plan.load_cpus, greeting, plan.lead_ms),
+        name="fake model",
+    )
+    model.start()
+    callers: list[tuple[multiprocessing.Process, Connection]] = []
+    process = None
+    try:
+        _, model_url = await _receive(model_conn, model, 60)
+        if server == "phoneagent":
+            process, base = await start_phoneagent(model_url, personas, sid, token)
+        else:
+            port = free_port()
+            argv = [sys.executable, str(RELAY), "--port", str(port), "--model-url", model_url,
+                    "--greeting", greeting]  # fmt: skip
+            process, base = await start_process(argv, port), f"http://127.0.0.1:{port}"
+        await asyncio.sleep(1.0)
+        rss_idle = rss_bytes(process.pid)
+
+        started = time.monotonic()
+        for k in range(plan.caller_processes):
+            conn, child = spawn.Pipe()
+            mine = range(k, plan.calls, plan.caller_processes)
+            args = (child, plan.load_cpus, base, sid, token, mine, plan.calls, plan.ramp)
+            caller = spawn.Process(target=callers_process, args=args, name=f"callers {k + 1}")
+            caller.start()
+            callers.append((caller, conn))
+        connected, failures = 0, []
+        for caller, conn in callers:
+            _, ok, failed = await _receive(conn, caller, plan.ramp + 120)
+            connected, failures = connected + ok, failures + failed
+        connect_s = time.monotonic() - started
+        await asyncio.sleep(plan.warmup)
+
+        pids = {"server": process.pid, "fake model": model.pid, "this process": os.getpid()}
+        pids |= {caller.name: caller.pid for caller, _ in callers}
+        t0 = time.monotonic()
+        cpu0, busy0 = {name: cpu_seconds(pid) for name, pid in pids.items()}, cpu_busy_seconds()
+        await asyncio.sleep(plan.seconds)
+        cpu1, busy1 = {name: cpu_seconds(pid) for name, pid in pids.items()}, cpu_busy_seconds()
+        t1 = time.monotonic()
+        rss_loaded = rss_bytes(process.pid)
+
+        calls, lags = {}, {}
+        for _, conn in callers:
+            conn.send(("hang up", t0, t1))
+        for caller, conn in callers:
+            some, lags[caller.name] = await _receive(conn, caller, 60)
+            calls |= some
+        model_conn.send("report")
+        sessions, lags["fake model"] = await _receive(model_conn, model, 60)
+        session_ids = await _model_session_ids(server, base, sid, token, calls)
+    finally:
+        if process is not None:
+            await stop_process(process)
+        for child_process in [model, *(caller for caller, _ in callers)]:
+            child_process.join(10)
+            if child_process.is_alive():
+                child_process.terminate()
+
+    cpu = {name: cpu1[name] - cpu0[name] for name in cpu1}
+    problems: Counter[str] = Counter()
+    if connected < plan.calls:
+        problems[f"failed to connect ({'; '.join(failures[:3])})"] = plan.calls - connected
+    run = analyse(server, calls, sessions, session_ids, t0, t1, problems)
+    run.connect_s = connect_s
+    run.server_cpu_s = cpu.pop("server")
+    run.load_cpu_s = cpu
+    run.load_busy_s = sum(busy1[n] - busy0[n] for n in plan.load_cpus)
+    run.server_cpu_busy_s = busy1[SERVER_CPU] - busy0[SERVER_CPU]
+    run.rss_idle, run.rss_loaded = rss_idle, rss_loaded
+    run.load_lag_p99_ms = {name: _lag_p99(lag, t0, t1) for name, lag in lags.items()}
+    run.load_cpus = len(plan.load_cpus)
+    return run
+
+
+def _lag_p99(lag: tuple[array, array], t0: float, t1: float) -> float:
+    times, lags = np.frombuffer(lag[0]), np.frombuffer(lag[1])
+    inside = lags[(times >= t0) & (times <= t1)]
+    return float(np.percentile(inside, 99) * 1000) if inside.size else math.nan
+
+
+# --- analysis --------------------------------------------------------------------------------
+
+
+def analyse(server, calls, sessions, session_ids, t0, t1, problems) -> Run:
+    inbound, outbound = [], []
+    lost = underruns = 0
+    underrun_s = 0.0
+    least_buffered = math.inf
+    counts = defaultdict(int)
+    active = 0
+    for call_sid, call in calls.items():
+        if call["ended_early"]:
+            problems["the server ended the call before the hang-up"] += 1
+            continue
+        session = sessions.get(session_ids.get(call_sid) or "")
+        if session is None or not len(call["recv_t"]):
+            problems["no model session or no agent audio"] += 1
+            continue
+        active += 1
+        in_t, in_n, out_t, out_n = (np.frombuffer(a, dtype=a.typecode) for a in session)
+        sent_t, sent_ts = np.frombuffer(call["sent_t"]), np.frombuffer(call["sent_ts"], "q")
+        recv_t, recv_n = np.frombuffer(call["recv_t"]), np.frombuffer(call["recv_n"], "q")
+
+        # Caller → model: the model has a frame once its appends reach the frame's end.
+        frame_end_ms = sent_ts - sent_ts[0] + FRAME_MS
+        needed = frame_end_ms * ULAW_BYTES_PER_MS * MODEL_BYTES_PER_ULAW_BYTE[server]
+        appended = np.searchsorted(np.cumsum(in_n), needed)
+        in_window = (sent_t >= t0) & (sent_t <= t1)
+        arrived = in_window & (appended < len(in_n))
+        lost += int(np.count_nonzero(in_window & ~arrived))
+        inbound.append(in_t[appended[arrived]] - sent_t[arrived])
+        counts["caller frames"] += int(np.count_nonzero(in_window))
+        counts["caller audio ms"] += FRAME_MS * int(np.count_nonzero(in_window))
+        counts["appends"] += int(np.count_nonzero((in_t >= t0) & (in_t <= t1)))
+
+        # Model → caller: a frame can leave once the delta holding its last sample was sent.
+        needed = np.cumsum(recv_n) * PCM_BYTES_PER_ULAW_BYTE
+        delta = np.searchsorted(np.cumsum(out_n), needed)
+        in_window = (recv_t >= t0) & (recv_t <= t1)
+        if np.any(delta[in_window] >= len(out_n)):
+            problems["the caller got audio the model never sent (matching failed)"] += 1
+            continue
+        outbound.append(recv_t[in_window] - out_t[delta[in_window]])
+        counts["media to caller"] += int(np.count_nonzero(in_window))
+        counts["agent audio ms"] += int(recv_n[in_window].sum()) / ULAW_BYTES_PER_MS
+        counts["deltas"] += int(np.count_nonzero((out_t >= t0) & (out_t <= t1)))
+        counts["marks"] += call["marks"]
+        counts["mark echoes"] += call["echoes"]
+        if out_t[-1] < t1 - 0.2:  # deltas are at most 130 ms apart
+            problems["the model's answer ended before the window's end"] += 1
+        if call["clears"]:
+            problems["Twilio `clear` received (unexpected barge-in)"] += 1
+        if call["violations"]:
+            problems["frames Twilio would refuse"] += 1
+
+        # Playback as Twilio's buffer runs it: each frame plays from its arrival or from the end
+        # of the one before, whichever is later. A frame arriving after the previous one has
+        # finished is an underrun: a gap the caller hears in the middle of the answer.
+        play_end = recv_t[0] + recv_n[0] / ULAW_BYTES_PER_MS / 1000
+        for t, n in zip(recv_t[1:].tolist(), recv_n[1:].tolist(), strict=True):
+            if t0 <= t <= t1:
+                least_buffered = min(least_buffered, play_end - t)
+                if t > play_end:
+                    underruns += 1
+                    underrun_s += t - play_end
+            play_end = max(t, play_end) + n / ULAW_BYTES_PER_MS / 1000
+
+    window = t1 - t0
+    per_call_second = {k: v / (active * window) for k, v in counts.items()}
+    return Run(
+        server=server,
+        calls=active,
+        window_s=window,
+        server_cpu_s=math.nan,
+        rss_idle=0,
+        rss_loaded=0,
+        load_cpu_s={},
+        load_busy_s=math.nan,
+        server_cpu_busy_s=math.nan,
+        load_lag_p99_ms={},
+        inbound_ms=np.concatenate(inbound) * 1000,
+        outbound_ms=np.concatenate(outbound) * 1000,
+        lost_inbound=lost,
+        underruns=underruns,
+        underrun_ms=underrun_s * 1000,
+        least_buffered_ms=max(0.0, least_buffered) * 1000,
+        per_call_second=per_call_second,
+        problems=problems,
+    )
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def _ms(values: np.ndarray) -> str:
+    p50, p99 = np.percentile(values, [50, 99])
+    return f"{p50:.2f} | {p99:.2f} | {values.max():.1f}"
+
+
+def report(runs: list[Run], plan: Plan) -> None:
+    print(
+        "\nConcurrent calls, full duplex in real time (caller: 20 ms frames; agent: one long "
+        f"answer, the model {plan.lead_ms:.0f} ms ahead of playback). Calls started over "
+        f"{plan.ramp:.0f} s; measured over {plan.seconds:.0f} s after {plan.warmup:.0f} s of "
+        f"warm-up. Server pinned to CPU {SERVER_CPU}; {plan.caller_processes} callers "
+        f"process(es) and the fake model on CPU {','.join(map(str, plan.load_cpus))}.\n"
+    )
+    print(
+        "| server | calls | CPU per call-second (ms) | calls per core | memory idle (MiB) | "
+        "memory with calls (MiB) | memory per call (MiB) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for run in runs:
+        cpu = run.cpu_ms_per_call_second
+        print(
+            f"| {run.server} | {run.calls} | {cpu:.2f} | {1000 / cpu:.0f} | "
+            f"{run.rss_idle / MIB:.1f} | {run.rss_loaded / MIB:.1f} | {run.mib_per_call:.3f} |"
+        )
+    print(
+        "\n| server | calls | caller → model p50 / p99 / max (ms) | model → caller p50 / p99 / "
+        "max (ms) | frames lost | underruns (total gap ms) | least audio buffered (ms) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for run in runs:
+        print(
+            f"| {run.server} | {run.calls} | {_ms(run.inbound_ms)} | {_ms(run.outbound_ms)} | "
+            f"{run.lost_inbound} | {run.underruns} ({run.underrun_ms:.0f}) | "
+            f"{run.least_buffered_ms:.0f} |"
+        )
+    kinds = ["caller frames", "appends", "deltas", "media to caller", "marks", "mark echoes"]
+    print(
+        "\n| per call-second | calls | caller audio (ms) | agent audio (ms) | "
+        + " | ".join(kinds)
+        + " |\n| --- |"
+        + " ---: |" * (len(kinds) + 3)
+    )
+    for run in runs:
+        rates = run.per_call_second
+        cells = [f"{rates.get(k, 0):.0f}" for k in ("caller audio ms", "agent audio ms")]
+        cells += [f"{rates.get(k, 0):.1f}" for k in kinds]
+        print(f"| {run.server} | {run.calls} | {' | '.join(cells)} |")
+
+    print()
+    for run in runs:
+        name, window, lag = f"{run.server}, {run.calls} calls", run.window_s, run.load_lag_p99_ms
+        parts = [
+            f"{process} {seconds / window:.0%}"
+            + (f" (loop lag p99 {lag[process]:.1f} ms)" if process in lag else "")
+            for process, seconds in run.load_cpu_s.items()
+        ]
+        others = run.load_busy_s - sum(run.load_cpu_s.values())
+        parts.append(f"other processes {max(0.0, others) / window:.0%}")
+        state = "SATURATED" if run.load_share >= SATURATED else "not saturated"
+        print(f"{name}: load CPU: {', '.join(parts)} — {state}")
+        others = run.server_cpu_busy_s - run.server_cpu_s
+        state = "SATURATED" if run.server_core_busy >= SATURATED else "not saturated"
+        print(
+            f"{name}: server CPU: server {run.server_cpu_s / window:.0%}, other processes "
+            f"{max(0.0, others) / window:.0%} — {state}; all calls streaming "
+            f"{run.connect_s:.1f} s after the first started"
+        )
+        if run.realtime < 0.98:
+            print(
+                f"  the load fell behind real time ({run.realtime:.0%} of the audio got through "
+                "in the worse direction): CPU per call-second is underestimated"
+            )
+        for problem, count in run.problems.items():
+            print(f"  problem in {count} calls: {problem}")
+    budgets(runs, plan)
+
+
+def budgets(runs: list[Run], plan: Plan) -> None:
+    main = next((r for r in runs if r.server == "phoneagent"), None)
+    if main is None:
+        return
+    relay = next((r for r in runs if r.server == "relay" and r.calls == main.calls), None)
+    at_100 = next((r for r in runs[1:] if r.server == "phoneagent" and r is not main), None)
+
+    def timing(run: Run, ok: bool, limit_ms: float) -> str:
+        """The verdict on a timing budget of *limit_ms*, unless the run cannot tell."""
+        if ok:
+            return "meets"
+        others = run.server_core_busy - run.server_share
+        lag = max(run.load_lag_p99_ms.values())
+        if run.server_core_busy >= SATURATED and others >= 0.1:
+            return (
+                f"NOT MEASURED: other processes took {others:.0%} of the server's core "
+                f"(the server itself {run.server_share:.0%})"
+            )
+        if run.server_core_busy >= SATURATED:
+            return f"MISSES (the server used {run.server_share:.0%} of its core)"
+        if run.load_share >= SATURATED or lag >= limit_ms:
+            return (
+                f"NOT MEASURED: the load CPU was {run.load_share:.0%} busy and the load "
+                f"generator's own event loops lagged {lag:.0f} ms (p99): this measures the "
+                "load generator more than the server"
+            )
+        return "MISSES"
+
+    def p99(run: Run) -> tuple[float, float]:
+        return float(np.percentile(run.inbound_ms, 99)), float(np.percentile(run.outbound_ms, 99))
+
+    cpu = main.cpu_ms_per_call_second
+    lower_bound = ""
+    if main.server_share >= SATURATED or main.realtime < 0.98:
+        lower_bound = (
+            f" (a lower bound: the server used {main.server_share:.0%} of its core and "
+            f"{main.realtime:.0%} of the audio got through)"
+        )
+    lines = [
+        f"server CPU per call-second ≤ {BUDGETS['cpu_ms']:.0f} ms: {cpu:.2f} ms at "
+        f"{main.calls} calls{lower_bound} — "
+        + ("MISSES" if cpu > BUDGETS["cpu_ms"] else "cannot tell" if lower_bound else "meets")
+    ]
+    if relay is not None:
+        ratio = cpu / relay.cpu_ms_per_call_second
+        verdict = "MISSES" if ratio > BUDGETS["ratio"] else "meets"
+        if lower_bound and verdict == "meets":
+            verdict = "cannot tell (phoneagent's CPU is a lower bound)"
+        lines.append(
+            f"the same over a pure relay's ≤ {BUDGETS['ratio']}×: {ratio:.2f}× — {verdict}"
+        )
+    inbound, outbound = p99(main)
+    lines += [
+        f"200 calls, p99 frame latency ≤ {BUDGETS['p99_ms']:.0f} ms (measured at {main.calls}): "
+        f"caller → model {inbound:.2f} ms, model → caller {outbound:.2f} ms — "
+        + timing(main, max(inbound, outbound) <= BUDGETS["p99_ms"], BUDGETS["p99_ms"]),
+        f"200 calls, no underrun (measured at {main.calls}): {main.underruns} — "
+        + timing(main, main.underruns == 0, plan.lead_ms),
+        f"memory per active call ≤ {BUDGETS['mib_per_call']:.0f} MiB: "
+        f"{main.mib_per_call:.3f} MiB — "
+        + ("meets" if main.mib_per_call <= BUDGETS["mib_per_call"] else "MISSES"),
+    ]
+    if at_100 is not None:
+        worst = max(p99(at_100))
+        lines.append(
+            f"bridge added latency p99 ≤ {BUDGETS['bridge_p99_ms']:.0f} ms (100 calls): the "
+            f"end-to-end p99 at {at_100.calls} calls, {worst:.2f} ms (loopback and load generator "
+            "included), bounds it from above — "
+            + timing(at_100, worst <= BUDGETS["bridge_p99_ms"], BUDGETS["bridge_p99_ms"])
+        )
+    print("\nBudgets (DESIGN.md):")
+    for line in lines:
+        print(f"- {line}")
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def long_answer(seconds: float) -> str:
+    """Text whose speech lasts at least *seconds*."""
+    once = len(synthesize(PARAGRAPH, 24000)) / 48_000
+    return " ".join([PARAGRAPH] * (math.ceil(seconds / once) + 1))
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=200, help="concurrent calls")
+    parser.add_argument(
+        "--latency-calls", type=int, default=100, help="calls of the last run (0: no such run)"
+    )
+    parser.add_argument("--seconds", type=float, default=30.0, help="measured window")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds after the ramp")
+    parser.add_argument("--ramp", type=float, default=10.0, help="seconds over which calls start")
+    parser.add_argument("--lead-ms", type=float, default=100.0, help="model ahead of playback")
+    parser.add_argument("--servers", default=",".join(SERVERS), help="phoneagent,relay")
+    parser.add_argument(
+        "--load-cpus",
+        default=str(LOAD_CPU),
+        help=f"CPUs for the load (the server has CPU {SERVER_CPU})",
+    )
+    parser.add_argument("--caller-processes", type=int, default=1, help="split the callers")
+    args = parser.parse_args()
+    load_cpus = [int(cpu) for cpu in args.load_cpus.split(",")]
+    if SERVER_CPU in load_cpus or max(load_cpus) >= (os.cpu_count() or 1):
+        parser.error(f"--load-cpus: CPUs other than {SERVER_CPU}, below {os.cpu_count()}")
+    plan = Plan(args.calls, args.seconds, args.warmup, args.ramp, args.lead_ms, load_cpus,
+                args.caller_processes)  # fmt: skip
+    configure_logging("console", "warning")
+    pin(0, load_cpus)
+    # Every call hears agent audio until the hang-up, even if the calls take long to connect.
+    greeting = long_answer(2 * plan.ramp + plan.warmup + plan.seconds + 60)
+    plans = [(server, plan) for server in args.servers.split(",")]
+    if args.latency_calls:
+        plans.append(("phoneagent", dataclasses.replace(plan, calls=args.latency_calls)))
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        personas = bench_personas(Path(tmp), greeting=greeting)
+        for server, run_plan in plans:
+            print(f"{server}, {run_plan.calls} calls …", file=sys.stderr)
+            runs.append(await run_server(server, run_plan, greeting, personas))
+    report(runs, plan)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
