@@ -302,6 +302,10 @@ class Call:
         self._time_limit_warned = False
         self._session_started = self.clock()
         self._renewing = False
+        # Stream time the line went quiet (None: something just happened; the next frame says
+        # when). Twilio's timestamps are the clock, so the timeout is deterministic.
+        self._quiet_since_ms: int | None = None
+        self._silence_prompts = 0  # times the caller was asked if they are still there
         self._awaiting_answer_since: float | None = None  # the caller's turn ended then
 
     # --- entry points ---------------------------------------------------------------------
@@ -358,6 +362,8 @@ class Call:
     def on_model(self, event: ModelEvent) -> list[Action]:
         if self.state is CallState.ENDED:
             return []
+        if isinstance(event, (SpeechStarted, SpeechStopped, ResponseStarted, ResponseDone)):
+            self._quiet_since_ms = None  # the line is not silent: the silence timeout restarts
         match event:
             case AudioDelta():
                 return self._on_agent_audio(event)
@@ -459,6 +465,7 @@ class Call:
         self._next_media_ms = media.timestamp_ms + len(media.payload) // ULAW_BYTES_PER_MS
         actions: list[Action] = self._watch_time_limit(media.timestamp_ms)
         actions += self._watch_model()
+        actions += self._watch_silence(media.timestamp_ms)
         if self._digits and media.timestamp_ms - self._digits_at_ms >= DTMF_GAP_MS:
             actions += self._pass_digits_to_model()
         if not audio:
@@ -637,6 +644,24 @@ class Call:
             return [RenewModelSession()]
         return []
 
+    def _watch_silence(self, call_ms: int) -> list[Action]:
+        """A silent line: ask whether the caller is still there; later, say goodbye."""
+        timeout_ms = self.persona.silence_timeout_seconds * 1000
+        busy = self._agent_speaking or self._barge_in is not None or not self._model_idle
+        waiting = self._awaiting_answer_since is not None or self.state is not CallState.ACTIVE
+        if busy or waiting or self._quiet_since_ms is None:
+            self._quiet_since_ms = call_ms
+            return []
+        if not timeout_ms or call_ms - self._quiet_since_ms < timeout_ms:
+            return []
+        self._quiet_since_ms = call_ms
+        self._silence_prompts += 1
+        log.info("caller_silent", prompts=self._silence_prompts)
+        if self._silence_prompts == 1:
+            ask = "The caller has been silent for a while: ask, briefly, if they are still there."
+            return [ToModel(CreateResponse(instructions=ask))]
+        return self._announce(HangUp())
+
     def _watch_time_limit(self, call_ms: int) -> list[Action]:
         """max_call_seconds, on the stream's own clock (Twilio's media timestamps): warn the
         model half a minute ahead, then say goodbye and hang up."""
@@ -682,6 +707,7 @@ class Call:
 
     def _on_speech_started(self, item_id: str) -> list[Action]:
         self._caller_turn(item_id)
+        self._silence_prompts = 0  # the caller is there
         if not self._agent_speaking or self.state in STOP_MEANS:
             return []
         if self.persona.barge_in_min_speech_ms == 0:

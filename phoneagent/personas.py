@@ -39,6 +39,9 @@ DEFAULT_SILENCE_DURATION_MS = 600
 DEFAULT_PREFIX_PADDING_MS = 300
 DEFAULT_VAD_THRESHOLD = 1000
 DEFAULT_MAX_CALL_SECONDS = 900
+# A caller silent this long (and the agent idle) is asked if they are still there; after as long
+# again, the agent says goodbye and hangs up. 0 turns it off.
+DEFAULT_SILENCE_TIMEOUT_SECONDS = 20
 # Phone lines have no echo cancellation, and a caller's "mhm" is not a request to stop: the
 # caller must speak this long (loud audio, after the model heard speech start) to cut the agent.
 DEFAULT_BARGE_IN_MIN_SPEECH_MS = 300
@@ -92,6 +95,7 @@ class Persona:
     apology: str = DEFAULT_APOLOGY
     webhook: WebhookTarget | None = None
     max_call_seconds: int = DEFAULT_MAX_CALL_SECONDS
+    silence_timeout_seconds: int = DEFAULT_SILENCE_TIMEOUT_SECONDS
     silence_duration_ms: int = DEFAULT_SILENCE_DURATION_MS
     prefix_padding_ms: int = DEFAULT_PREFIX_PADDING_MS
     vad_threshold: int = DEFAULT_VAD_THRESHOLD
@@ -278,6 +282,9 @@ def parse_persona_file(
         apology=top.get("apology", str, required=False, default=DEFAULT_APOLOGY),
         webhook=webhook,
         max_call_seconds=top.integer("max_call_seconds", DEFAULT_MAX_CALL_SECONDS, 30, 14400),
+        silence_timeout_seconds=top.integer(
+            "silence_timeout_seconds", DEFAULT_SILENCE_TIMEOUT_SECONDS, 0, 600
+        ),
         silence_duration_ms=top.integer(
             "silence_duration_ms", DEFAULT_SILENCE_DURATION_MS, 100, 5000
         ),

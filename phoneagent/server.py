@@ -63,6 +63,7 @@ T = TypeVar("T")
 NO_PERSONA_APOLOGY = "Sorry, this number is not in service right now. Goodbye."
 # Twilio's frames are a few hundred bytes; anything far larger is not Twilio.
 MAX_STREAM_MESSAGE_BYTES = 64 * 1024
+MAX_REQUEST_BYTES = 64 * 1024
 FLUSH_SECONDS = 5.0  # at shutdown, time given to deliver what is due before exiting
 DRAIN_POLL_SECONDS = 0.2
 
@@ -469,7 +470,8 @@ def create_app(
         api_key=settings.stepfun_api_key,
         model=settings.stepfun_model,
     )
-    app = web.Application()
+    # Twilio's webhooks are a few kilobytes of form fields; anything much larger is not Twilio.
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     state = ServerState(settings=settings, personas=personas, prewarmer=Prewarmer(connector))
     rest = TwilioCalls(
         settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url

@@ -506,3 +506,36 @@ def test_a_reconnect_mid_answer_asks_the_model_to_finish_it(call):
     assert model_commands(actions, AddTextItem) == [AddTextItem("assistant", "Our hours are")]
     [finish] = model_commands(actions, CreateResponse)
     assert "cut off" in finish.instructions
+
+
+def test_a_silent_caller_is_asked_then_the_agent_says_goodbye(call, persona):
+    def quiet_until(ms):
+        actions = []
+        for t in range(0, ms + 1, 20):
+            actions += call.on_twilio(Media(t, b"\xff" * 160))
+        return actions
+
+    assert persona.silence_timeout_seconds == 20
+    [ask] = model_commands(quiet_until(20_000), CreateResponse)
+    assert "still there" in ask.instructions
+    call.on_model(ResponseStarted("ask"))
+    call.on_model(ResponseDone("ask", "completed"))
+    actions = []
+    for t in range(20_020, 40_041, 20):
+        actions += call.on_twilio(Media(t, b"\xff" * 160))
+    [goodbye] = model_commands(actions, CreateResponse)
+    assert persona.goodbye in goodbye.instructions
+    assert call.state is CallState.ANNOUNCING
+
+
+def test_speech_resets_the_silence_timeout(call):
+    for t in range(0, 15_000, 20):
+        call.on_twilio(Media(t, b"\xff" * 160))
+    call.on_model(SpeechStarted("user1", 0))
+    call.on_model(SpeechStopped("user1", 0))
+    call.on_model(ResponseStarted("resp1"))
+    call.on_model(ResponseDone("resp1", "completed"))
+    actions = []
+    for t in range(15_000, 30_000, 20):
+        actions += call.on_twilio(Media(t, b"\xff" * 160))
+    assert model_commands(actions, CreateResponse) == []

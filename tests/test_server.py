@@ -106,3 +106,8 @@ async def test_access_log_is_one_structured_json_line(client, capfd):
     assert record["event"] == "http_request"
     assert (record["method"], record["path"], record["status"]) == ("GET", "/healthz", 200)
     assert "secret-in-query" not in lines[-1]
+
+
+async def test_oversized_request_bodies_are_refused(client):
+    response = await client.post("/twilio/voice", data={"Body": "x" * 100_000})
+    assert response.status == 413
