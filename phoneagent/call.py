@@ -227,8 +227,12 @@ class AgentItem:
     item_id: str
     response_id: str
     turn: Turn
-    sent_ms: int = 0
+    sent_bytes: int = 0  # μ-law: 8 bytes per ms
     played_ms: int = 0
+
+    @property
+    def sent_ms(self) -> int:
+        return self.sent_bytes // ULAW_BYTES_PER_MS
 
 
 @dataclass
@@ -410,6 +414,8 @@ class Call:
     def on_model_reconnected(self) -> list[Action]:
         """A new model session replaces the one that dropped (or was renewed): it knows nothing
         of this call yet, so it hears the conversation so far, then picks up where it was."""
+        if self.state is CallState.ENDED:
+            return []
         was_answering = self._active_response is not None
         actions = self._flush_item()  # what the old session generated still plays
         self._active_response, self._cancelling = None, set()
@@ -432,6 +438,8 @@ class Call:
         return actions
 
     def on_twilio_closed(self) -> list[Action]:
+        if self.state is CallState.ENDED:
+            return []
         if self.state in STOP_MEANS:  # Twilio may close without `stop` after our REST update
             return self._end(self._stop_means())
         return self._end(EndReason.TWILIO_DISCONNECTED)
@@ -442,6 +450,8 @@ class Call:
         return STOP_MEANS.get(self.state, EndReason.CALLER_HUNG_UP)
 
     def on_model_closed(self) -> list[Action]:
+        if self.state is CallState.ENDED:
+            return []
         return self._end(EndReason.MODEL_DISCONNECTED)
 
     @property
@@ -510,15 +520,19 @@ class Call:
         item, self._current_item = self._current_item, None
         if item is None:
             return []
-        return self._frames_to_twilio(item, self._to_caller.flush())
+        frames = self._to_caller.flush()
+        if self.state in STOP_MEANS:
+            return []  # the call is being handed on: the agent has had its last word
+        return self._frames_to_twilio(item, frames)
 
     def _frames_to_twilio(self, item: AgentItem, frames: list[bytes]) -> list[Action]:
         actions: list[Action] = []
         for frame in frames:
-            item.sent_ms += len(frame) // ULAW_BYTES_PER_MS
-            # Unique, and it says whose audio it follows: Twilio echoes every pending mark
-            # after `clear`, and those echoes must not count as played.
-            name = f"{item.item_id}:{item.sent_ms}"
+            item.sent_bytes += len(frame)
+            # Unique (every frame adds bytes; a short tail may add no whole ms), and it says
+            # whose audio it follows: Twilio echoes every pending mark after `clear`, and those
+            # echoes must not count as played.
+            name = f"{item.item_id}:{item.sent_bytes}"
             self._pending_marks[name] = (item, item.sent_ms, self.clock())
             actions += (SendMedia(frame), SendMark(name))
         if actions and self.stats.first_audio_at is None:

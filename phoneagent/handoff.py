@@ -83,8 +83,10 @@ def handoff_from_tool(persona: Persona, name: str, arguments: str) -> Handoff | 
         return f"unknown tool {name!r}"
     try:
         target_name = json.loads(arguments or "{}").get("target", "")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return "the arguments are not a JSON object"
+    if not isinstance(target_name, str):
+        return f"target must be a string, one of: {', '.join(persona.transfer)}"
     target = persona.transfer.get(target_name)
     if target is None:
         return f"unknown target {target_name!r}; choose one of: {', '.join(persona.transfer)}"

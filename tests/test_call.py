@@ -326,7 +326,8 @@ def test_guard_drops_the_candidate_when_the_agent_finishes_first(guarded_call):
 
 def test_mark_names_say_whose_audio_they_follow(call):
     marks = of_type(speak(call, "resp1", "item1", 100), SendMark)
-    assert [m.name for m in marks[:3]] == ["item1:20", "item1:40", "item1:60"]
+    # <item>:<bytes sent so far>: 160 bytes of μ-law per 20 ms frame.
+    assert [m.name for m in marks[:3]] == ["item1:160", "item1:320", "item1:480"]
 
 
 def test_heard_position_runs_on_from_the_last_echo(call, clock):

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import EXAMPLE_PERSONAS
-from hypothesis import HealthCheck, assume, event, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from phoneagent.audio import pcm16_to_ulaw
@@ -195,9 +195,8 @@ json_scalars = (
     st.none()
     | st.booleans()
     | st.integers()
-    # NaN included (Python's json writes it); ±Infinity is a known parser bug with its own
-    # xfail test (test_parser_refuses_an_infinite_timestamp): allow it once that is fixed.
-    | st.floats(allow_infinity=False)
+    # NaN and ±Infinity included: Python's json writes them, and Twilio's parser must cope.
+    | st.floats()
     | st.text(max_size=20)
 )
 json_values = st.recursive(
@@ -228,12 +227,10 @@ def speak(draw) -> Speak:
 
 
 # The tools the persona declares, with good and bad arguments, and tools that do not exist.
-# A target that is a JSON array or object is a known bug with its own xfail test
-# (test_a_transfer_to_a_target_that_is_not_a_string_is_refused): allow it once that is fixed.
 tool_arguments = st.one_of(
     st.builds(
         lambda target: json.dumps({"target": target}),
-        st.sampled_from(sorted(PERSONA.transfer)) | json_scalars,
+        st.sampled_from(sorted(PERSONA.transfer)) | json_values,
     ),
     json_values.map(json.dumps),
     st.text(max_size=20),
@@ -432,22 +429,14 @@ class CallObserver:
         for i, action in enumerate(actions):
             match action:
                 case SendMedia(payload):
-                    # Known bug, reduced in test_no_audio_is_flushed_once_the_call_is_handed_on:
-                    # the end of a response, or a model reconnect, still flushes the last frame.
-                    # Remove these exceptions once it is fixed.
-                    flushed = isinstance(self.fed, ResponseDone | ModelReconnected)
-                    assert not handed_on or flushed, f"agent audio sent while {self.call.state}"
+                    assert not handed_on, f"agent audio sent while {self.call.state}"
                     assert 0 < len(payload) <= MAX_FRAME_BYTES
                     assert i + 1 < len(actions) and isinstance(actions[i + 1], SendMark), (
                         "every frame is followed by its own mark"
                     )
                 case SendMark(name):
                     assert i > 0 and isinstance(actions[i - 1], SendMedia)
-                    if name in self.marks:
-                        # Known bug, reduced in test_a_sub_millisecond_tail_gets_its_own_mark:
-                        # a last frame under 1 ms does not advance the item's ms, so its mark
-                        # repeats the previous name. Remove this tolerance once it is fixed.
-                        assert len(actions[i - 1].payload) < 8, f"mark name {name} repeats"
+                    assert name not in self.marks, f"mark name {name} repeats"
                     item_id, _, _ = name.rpartition(":")
                     response_id = item_id.split(".")[0]
                     assert response_id not in self.cut_responses, (
@@ -556,12 +545,6 @@ def mutated_messages(draw) -> dict[str, Any]:
         return message
 
 
-def hits_a_known_parser_bug(message: dict[str, Any]) -> bool:
-    """Inputs of the bugs reduced to the xfail tests below. Delete this (and let the fuzzer
-    generate them again) when those are fixed: their strict xfail then fails to remind you."""
-    return isinstance(message.get("event"), list | dict)
-
-
 def parses_or_refuses(text: str | bytes) -> None:
     """The parser's contract: a typed event, or MalformedMessage; nothing else escapes."""
     try:
@@ -580,55 +563,27 @@ def test_parser_refuses_arbitrary_text_and_bytes_cleanly(data):
 @example({"event": "media", "media": {"timestamp": float("nan"), "payload": ""}})
 @example({"event": "media", "media": {"timestamp": "1e5", "payload": "not base64!"}})
 def test_parser_refuses_mutated_messages_cleanly(message):
-    assume(not hits_a_known_parser_bug(message))
     parses_or_refuses(json.dumps(message))
 
 
-# --- bugs the fuzzers found, reduced to one example each ------------------------------------
+# --- bugs the fuzzers found (now fixed), kept as one example each -----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="parse_message: int() of an infinite media.timestamp (JSON `Infinity` or `1e999`) "
-    "raises OverflowError, which is not turned into MalformedMessage; the stream shell then "
-    "ends the call instead of skipping the frame",
-)
 @pytest.mark.parametrize("timestamp", ["Infinity", "-Infinity", "1e999"])
 def test_parser_refuses_an_infinite_timestamp(timestamp):
     parses_or_refuses(f'{{"event": "media", "media": {{"timestamp": {timestamp}, "payload": ""}}}}')
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="parse_message: json.loads raises RecursionError on deeply nested JSON (a 64 KiB "
-    "frame holds ~65,000 '['), which is not turned into MalformedMessage; the stream shell "
-    "then ends the call instead of skipping the frame",
-)
 @pytest.mark.parametrize("opening", ["[", '{"a":'])
 def test_parser_refuses_deeply_nested_json(opening):
     parses_or_refuses(opening * 20_000)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="parse_message: an `event` that is a JSON array or object is looked up in a dict "
-    "outside the try block, so TypeError (unhashable type) escapes instead of MalformedMessage; "
-    "the stream shell then ends the call instead of skipping the frame",
-)
 @pytest.mark.parametrize("event", ["[]", "{}", '["media"]'])
 def test_parser_refuses_an_event_that_is_not_a_string(event):
     parses_or_refuses(f'{{"event": {event}, "streamSid": "MZ1"}}')
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Call._frames_to_twilio names marks `<item>:<sent_ms>` with sent_ms += len(frame) // 8: "
-    "a last frame shorter than 8 bytes (1 ms) adds 0, so its mark repeats the previous frame's "
-    "name (and its audio is never counted as sent or heard)",
-)
 def test_a_sub_millisecond_tail_gets_its_own_mark():
     call = CallObserver(guard_ms=0).call
     # 197 ms at 24 kHz, plus the resampler's flushed delay, is 10 frames and a 2-byte tail.
@@ -640,14 +595,6 @@ def test_a_sub_millisecond_tail_gets_its_own_mark():
     assert len(names) == len(set(names)), names
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Call.on_twilio_closed, on_model_closed and on_model_reconnected do not check ENDED: "
-    "after `stop` the first two return a second EndCall and overwrite end_reason "
-    "(caller_hung_up becomes twilio_disconnected or model_disconnected), the third replays the "
-    "transcript to the model. The shell guards most paths, but its model pump calls "
-    "on_model_closed() after its loop without checking call.ended",
-)
 @pytest.mark.parametrize("what", ["twilio_closed", "model_closed", "model_reconnected"])
 def test_nothing_happens_to_a_call_after_it_ended(what):
     call = CallObserver(guard_ms=0).call
@@ -657,13 +604,6 @@ def test_nothing_happens_to_a_call_after_it_ended(what):
     assert call.end_reason is ended.reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="handoff.handoff_from_tool looks the `target` argument up in persona.transfer without "
-    "checking it is a string: a JSON array or object raises TypeError (unhashable type) out of "
-    "Call.on_model(ResponseDone), instead of an error ToolOutput to the model",
-)
 @pytest.mark.parametrize("target", ["[]", "{}", '["front_desk"]'])
 def test_a_transfer_to_a_target_that_is_not_a_string_is_refused(target):
     call = CallObserver(guard_ms=0).call
@@ -674,13 +614,6 @@ def test_a_transfer_to_a_target_that_is_not_a_string_is_refused(target):
     assert not call.ended
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Call._on_response_done and Call.on_model_reconnected flush the current item's "
-    "buffered tail without the 'handed on' guard _on_agent_audio has: a response the model "
-    "started after the goodbye (or transfer announcement) still sends its last frame to Twilio "
-    "after HangUpCall/TransferCall",
-)
 @pytest.mark.parametrize("then", ["response_done", "model_reconnected"])
 def test_no_audio_is_flushed_once_the_call_is_handed_on(then):
     call = CallObserver(guard_ms=300).call

@@ -63,12 +63,7 @@ class Frame:
         return f"Frame({self.data[:20]!r} + {len(self.data) - 20} more, ends={self.ends!r})"
 
 
-# Known parser crashes, each with its own xfail test (below and in test_fuzz_call.py). They are
-# kept out of the fuzzing here so it can look for anything else; allow them once fixed.
-KNOWN_PARSER_CRASHES = (TypeError, RecursionError, OverflowError)
-
-
-def frame(data: str | bytes) -> Frame | None:
+def frame(data: str | bytes) -> Frame:
     """A frame, told what the server will make of it by the parser itself."""
     if isinstance(data, bytes):
         return Frame(data)  # Twilio never sends binary frames: skipped
@@ -76,8 +71,6 @@ def frame(data: str | bytes) -> Frame | None:
         event = parse_message(data)
     except MalformedMessage:
         return Frame(data)
-    except KNOWN_PARSER_CRASHES:
-        return None
     ends = {Stop: "stop", Start: "start"}.get(type(event))
     return Frame(data, ends)
 
@@ -96,7 +89,7 @@ SECOND_START = message("start", start={"streamSid": "MZ2", "callSid": "CA2"})
 
 
 def frames_of(data: st.SearchStrategy) -> st.SearchStrategy[Frame]:
-    return data.map(frame).filter(lambda f: f is not None)
+    return data.map(frame)
 
 
 junk = frames_of(
@@ -270,17 +263,9 @@ async def test_bad_frames_never_take_the_server_down_or_leak(stack, model, scrip
     await wait_until_nothing_is_left(stack, model, baseline)
 
 
-# --- bugs, reduced to one example each --------------------------------------------------------
+# --- bugs the fuzzers found (now fixed), kept as one example each -----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a frame parse_message chokes on (here `event` is a JSON array: TypeError; also "
-    "deep nesting: RecursionError, an infinite media.timestamp: OverflowError) escapes "
-    "bridge.twilio_events, kills the Twilio pump and ends the call with end_reason 'error', "
-    "instead of being logged and skipped (see test_fuzz_call.py for the parser cases)",
-)
 @pytest.mark.parametrize(
     "frame",
     [

@@ -60,17 +60,19 @@ def parse_message(text: str | bytes) -> TwilioEvent:
     """Parse one WebSocket text message from Twilio."""
     try:
         message = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedMessage(f"not JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: deeply nested arrays fit well within the message size cap.
+        raise MalformedMessage(f"not JSON: {type(exc).__name__}") from None
     if not isinstance(message, dict):
         raise MalformedMessage("not a JSON object")
     event = message.get("event")
-    parser = _PARSERS.get(event)  # type: ignore[arg-type]
+    parser = _PARSERS.get(event) if isinstance(event, str) else None
     if parser is None:
-        raise MalformedMessage(f"unknown event {event!r}")
+        raise MalformedMessage(f"unknown event {event!r}"[:120])
     try:
         return parser(message)
-    except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, binascii.Error) as exc:
+        # OverflowError: a timestamp of Infinity or 1e999 is valid JSON.
         raise MalformedMessage(f"bad {event!r} message: {type(exc).__name__}: {exc}") from None
 
 
