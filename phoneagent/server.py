@@ -126,7 +126,11 @@ class TwilioHandoffs:
 
     async def _transfer(self, call: Call, target: TransferTarget) -> str | None:
         record = self.state.calls.open(call.call_sid)
-        query = urlencode({"persona": call.persona.id, "target": target.name})
+        # The action may reach another instance: it must not depend on this one's records.
+        query = urlencode(
+            {"persona": call.persona.id, "target": target.name,
+             "from": record.caller, "to": record.called}
+        )  # fmt: skip
         twiml_text = dial_twiml(
             target.number,
             caller_id=target.caller_id or record.called,
@@ -284,6 +288,8 @@ async def dial_status(request: web.Request) -> web.Response:
         return web.Response(status=403, text="invalid Twilio signature")
     outcome = form.get("DialCallStatus", "")
     record = state.calls.open(form.get("CallSid", ""))
+    record.caller = record.caller or request.query.get("from", "")
+    record.called = record.called or request.query.get("to", "")
     persona = state.personas.current.personas.get(request.query.get("persona", ""))
     target_name = request.query.get("target", "")
     log.info("transfer_outcome", call_sid=record.call_sid, target=target_name, outcome=outcome)

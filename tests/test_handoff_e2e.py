@@ -89,7 +89,12 @@ async def test_transfer_happens_only_after_the_announcement_was_heard(stack, mod
     action = urlsplit(dial.get("action"))
     assert f"{action.scheme}://{action.netloc}" == stack.base_url
     assert action.path == "/twilio/dial-status"
-    assert parse_qs(action.query) == {"persona": ["bright-smile-dental"], "target": ["front_desk"]}
+    assert parse_qs(action.query) == {
+        "persona": ["bright-smile-dental"],
+        "target": ["front_desk"],
+        "from": [caller.from_],
+        "to": [DENTAL],
+    }
     # The `stop` that followed is the transfer, not a hang-up: no second request to Twilio.
     assert [u.params.keys() & {"Twiml", "Status"} for u in stack.twilio_api.updates] == [{"Twiml"}]
     record = stack.state.calls.get(caller.call_sid)
