@@ -75,10 +75,10 @@ async def start_process(
 
 
 async def start_phoneagent(
-    model_url: str, personas: Path, sid: str, token: str, cpu: int = SERVER_CPU
+    model_url: str, personas: Path, sid: str, token: str, max_calls: int, cpu: int = SERVER_CPU
 ) -> tuple[asyncio.subprocess.Process, str]:
-    """`phoneagent serve` on a free loopback port, talking to the model at *model_url*;
-    returns the process and its base URL."""
+    """`phoneagent serve` on a free loopback port, talking to the model at *model_url* and
+    taking up to *max_calls* calls at once; returns the process and its base URL."""
     port = free_port()
     env = {
         "PORT": str(port),
@@ -88,6 +88,7 @@ async def start_phoneagent(
         "STEPFUN_API_KEY": "bench",
         "STEPFUN_REALTIME_URL": model_url,
         "PHONEAGENT_PERSONAS_DIR": str(personas),
+        "PHONEAGENT_MAX_CALLS": str(max_calls),
         "LOG_LEVEL": "warning",
     }
     argv = [sys.executable, "-m", "phoneagent.cli", "serve", "--host", "127.0.0.1"]

@@ -113,7 +113,7 @@ async def main() -> None:
         # `speech_started` itself).
         personas = bench_personas(Path(tmp), greeting=LONG_GREETING, barge_in_min_speech_ms=0)
         async with FakeRealtimeServer(api_key=None, speed=2.0, record_events=False) as model:
-            server, base = await start_phoneagent(model.url, personas, sid, token)
+            server, base = await start_phoneagent(model.url, personas, sid, token, args.calls)
             try:
                 wall = time.monotonic()
                 async with aiohttp.ClientSession() as http:
