@@ -73,7 +73,7 @@ class TimedShell(CallShell):
 
 
 async def per_frame_cost(args: argparse.Namespace) -> tuple[list[float], list[float]]:
-    import phoneagent.server as server
+    import phoneagent.twilio.stream_route as server
 
     server.CallShell = TimedShell  # the server builds this shell for each call
     model = FakeRealtimeServer(speed=None, record_events=False)

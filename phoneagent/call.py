@@ -22,6 +22,7 @@ from phoneagent.audio import (
     pcm16_ms,
     pcm16_rms,
 )
+from phoneagent.conversation import greeting_instructions, replay
 from phoneagent.handoff import (
     Handoff,
     HangUp,
@@ -30,10 +31,10 @@ from phoneagent.handoff import (
     handoff_from_tool,
     say_exactly,
     sentence_for,
-    tools_for,
 )
 from phoneagent.logs import get_logger
 from phoneagent.personas import Persona, TransferTarget
+from phoneagent.playback import AgentItem, BargeInCandidate, CallStats
 from phoneagent.realtime.base import (
     AddTextItem,
     AgentTranscriptDelta,
@@ -47,7 +48,6 @@ from phoneagent.realtime.base import (
     ModelEvent,
     ResponseDone,
     ResponseStarted,
-    SessionConfig,
     SpeechStarted,
     SpeechStopped,
     ToolCall,
@@ -55,6 +55,7 @@ from phoneagent.realtime.base import (
     TruncateItem,
     UserTranscript,
 )
+from phoneagent.transcript import Turn, cut_turn, transcript_of
 from phoneagent.twilio.stream import Dtmf, Mark, Media, Stop, TwilioEvent
 
 log = get_logger(__name__)
@@ -72,40 +73,6 @@ SESSION_RENEW_SECONDS = 25 * 60
 # The caller finished a turn and the model has not started answering this long after: nudge it
 # (a VAD turn end has been seen to produce no response, reference section 5).
 NUDGE_SECONDS = 2.0
-
-LANGUAGE_NAMES = {
-    "en": "English",
-    "zh": "Mandarin Chinese",
-    "es": "Spanish",
-    "fr": "French",
-    "de": "German",
-    "it": "Italian",
-    "ja": "Japanese",
-    "pt": "Portuguese",
-}
-
-
-def session_config(persona: Persona) -> SessionConfig:
-    """The model session a persona asks for. StepFun has no language setting (reference
-    section 5): the language goes into the instructions."""
-    language = LANGUAGE_NAMES.get(persona.language.split("-")[0].lower(), persona.language)
-    instructions = (
-        f"{persona.instructions.strip()}\n\n"
-        f"You are on a phone call. Always speak {language}. Keep answers short and spoken: "
-        "no lists, no markdown, no emoji."
-    )
-    return SessionConfig(
-        instructions=instructions,
-        voice=persona.voice,
-        silence_duration_ms=persona.silence_duration_ms,
-        prefix_padding_ms=persona.prefix_padding_ms,
-        vad_threshold=persona.vad_threshold,
-        tools=tools_for(persona),
-    )
-
-
-def greeting_instructions(persona: Persona) -> str:
-    return f'Greet the caller. Say exactly this, and nothing else: "{persona.greeting}"'
 
 
 class CallState(enum.Enum):
@@ -198,73 +165,6 @@ Action = (
 )
 
 
-# --- transcript ---------------------------------------------------------------------------
-
-
-@dataclass
-class Turn:
-    role: str  # "caller" or "agent"
-    item_id: str
-    start_ms: int  # since the call started
-    end_ms: int
-    text: str = ""
-    interrupted: bool = False  # the caller talked over this agent turn; text is what was heard
-
-    def as_dict(self) -> dict:
-        return {
-            "role": self.role,
-            "text": self.text,
-            "start_ms": self.start_ms,
-            "end_ms": self.end_ms,
-            "interrupted": self.interrupted,
-        }
-
-
-@dataclass
-class AgentItem:
-    """Playback accounting for one assistant item: what was sent to Twilio, what was heard."""
-
-    item_id: str
-    response_id: str
-    turn: Turn
-    sent_bytes: int = 0  # μ-law: 8 bytes per ms
-    played_ms: int = 0
-
-    @property
-    def sent_ms(self) -> int:
-        return self.sent_bytes // ULAW_BYTES_PER_MS
-
-
-@dataclass
-class BargeInCandidate:
-    """The model heard the caller start speaking over the agent; is it a real interruption?"""
-
-    caller_item_id: str
-    loud_ms: int = 0  # caller audio above the persona's energy threshold since then
-
-
-@dataclass
-class CallStats:
-    started_at: float
-    first_audio_at: float | None = None  # first agent frame sent to Twilio
-    barge_ins: int = 0
-    barge_ins_ignored: int = 0  # short speech under the persona's guard: the agent went on
-    barge_in_reaction_s: list[float] = field(default_factory=list)  # decision → `clear` sent
-    discarded_ms: int = 0  # agent audio sent or generated but never heard
-
-    def as_dict(self) -> dict:
-        first = self.first_audio_at
-        return {
-            "first_agent_audio_ms": None
-            if first is None
-            else round((first - self.started_at) * 1000),
-            "barge_ins": self.barge_ins,
-            "barge_ins_ignored": self.barge_ins_ignored,
-            "barge_in_reaction_ms": [round(s * 1000, 3) for s in self.barge_in_reaction_s],
-            "discarded_agent_ms": self.discarded_ms,
-        }
-
-
 @dataclass
 class Call:
     persona: Persona
@@ -317,11 +217,7 @@ class Call:
     def begin(self) -> list[Action]:
         """The model session is configured and the stream has started: greet the caller (or,
         back from a transfer nobody answered, remind the model of the call and say so)."""
-        actions: list[Action] = [
-            ToModel(AddTextItem("user" if t["role"] == "caller" else "assistant", t["text"]))
-            for t in self.history
-            if t["text"]
-        ]
+        actions: list[Action] = [ToModel(item) for item in replay(self.history)]
         opening = self.opening or greeting_instructions(self.persona)
         return [*actions, ToModel(CreateResponse(instructions=opening))]
 
@@ -422,11 +318,7 @@ class Call:
         self._tool_calls.clear()
         self._after_response = []
         self._session_started, self._renewing = self.clock(), False
-        actions += [
-            ToModel(AddTextItem("user" if t["role"] == "caller" else "assistant", t["text"]))
-            for t in self.transcript
-            if t["text"]
-        ]
+        actions += [ToModel(item) for item in replay(self.transcript)]
         if self.state is CallState.ANNOUNCING and not self._handoff_said:
             assert self._handoff is not None
             self._handoff_response = None
@@ -461,8 +353,7 @@ class Call:
     @property
     def transcript(self) -> list[dict]:
         """Turns in the order they started, each with the text the other side heard."""
-        turns = sorted(self.turns, key=lambda t: (t.start_ms, t.role != "caller"))
-        return [t.as_dict() for t in turns if t.text or t.role == "agent"]
+        return transcript_of(self.turns)
 
     # --- caller → model -------------------------------------------------------------------
 
@@ -777,7 +668,7 @@ class Call:
             heard_ms = heard_now.get(item.item_id, min(item.played_ms, item.sent_ms))
             actions.append(ToModel(TruncateItem(item.item_id, heard_ms)))
             self.stats.discarded_ms += item.sent_ms - heard_ms
-            _cut_turn(item.turn, heard_ms, item.sent_ms)
+            cut_turn(item.turn, heard_ms, item.sent_ms)
             actions.append(TurnFinished(item.turn.as_dict()))
         self._pending_marks.clear()  # their echoes, sent at once after `clear`, are not played
         self._barge_in = None
@@ -805,13 +696,3 @@ class Call:
 
     def _now_ms(self) -> int:
         return int((self.clock() - self.stats.started_at) * 1000)
-
-
-def _cut_turn(turn: Turn, heard_ms: int, sent_ms: int) -> None:
-    """Keep the words the caller heard. The transcript has no word timings, so the cut is
-    proportional to the audio heard: good to a word or two at speaking pace."""
-    words = turn.text.split()
-    if sent_ms > 0 and words:
-        keep = round(len(words) * heard_ms / sent_ms)
-        turn.text = " ".join(words[:keep])
-    turn.interrupted = True

@@ -20,9 +20,8 @@ from phoneagent.call import (
     ToModel,
     TransferCall,
     TurnFinished,
-    greeting_instructions,
-    session_config,
 )
+from phoneagent.conversation import greeting_instructions, session_config
 from phoneagent.personas import load_directory
 from phoneagent.realtime.base import (
     AddTextItem,

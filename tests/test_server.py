@@ -12,7 +12,8 @@ from conftest import EXAMPLE_PERSONAS
 from phoneagent.config import load_settings
 from phoneagent.logs import configure_logging
 from phoneagent.personas import PersonaRegistry
-from phoneagent.server import STATE, AccessLogger, create_app
+from phoneagent.server import AccessLogger, create_app
+from phoneagent.state import STATE
 
 TWILIO_ROUTES = [
     ("POST", "/twilio/voice"),

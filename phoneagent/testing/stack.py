@@ -25,7 +25,8 @@ from aiohttp import web
 from phoneagent.config import Settings
 from phoneagent.personas import PersonaRegistry
 from phoneagent.realtime.connection import ModelConnector
-from phoneagent.server import STATE, AccessLogger, ServerState, build_app, create_app
+from phoneagent.server import AccessLogger, build_app, create_app
+from phoneagent.state import STATE, ServerState
 from phoneagent.testing.caller import TwilioCaller
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.fake_twilio_api import FakeTwilioApi

@@ -1,0 +1,88 @@
+"""What one server instance holds while it runs: settings, personas, the calls it is taking,
+and the work it has started. The app keeps it under ``STATE``; every route reads it there."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from aiohttp import web
+
+from phoneagent.bridge import TurnListener
+from phoneagent.call import Call
+from phoneagent.config import Settings
+from phoneagent.delivery.publisher import CallEventPublisher
+from phoneagent.metrics import Metrics
+from phoneagent.personas import Persona, PersonaRegistry, TransferTarget
+from phoneagent.realtime.connection import Prewarmer
+from phoneagent.records import CallRecord, CallRecords
+from phoneagent.twilio.webhook import StreamToken
+
+if TYPE_CHECKING:
+    from phoneagent.twilio.handoffs import TwilioHandoffs
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    personas: PersonaRegistry
+    prewarmer: Prewarmer
+    draining: bool = False
+    active_calls: dict[str, Call] = field(default_factory=dict)
+    calls: CallRecords = field(default_factory=CallRecords)
+    clock: Callable[[], float] = time.monotonic  # calls' clock: tests run calls faster
+    publisher: CallEventPublisher | None = None  # None: no webhook delivery (no outbox)
+    handoffs: TwilioHandoffs | None = None
+    metrics: Metrics = field(init=False)
+    # Work that must finish even if the request that started it is cancelled (event commits).
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.create_task(coroutine)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
+
+    # Called with (call, turn) as each transcript turn becomes final: live transcript views.
+    turn_listeners: list[TurnListener] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.turn_listeners.append(self._record_live_turn)
+        self.metrics = Metrics(active_calls=lambda: len(self.active_calls))
+
+    def _record_live_turn(self, call: Call, turn: dict) -> None:
+        self.calls.open(call.call_sid).transcript.append(turn)
+
+    @property
+    def stream_token(self) -> StreamToken:
+        return StreamToken(self.settings.twilio_auth_token)
+
+    def publish_transfer(
+        self,
+        persona: Persona,
+        record: CallRecord,
+        target: TransferTarget,
+        outcome: str,
+        error: str | None,
+    ) -> None:
+        """A transfer's outcome, for the persona's webhook (when this app publishes events)."""
+        if self.publisher is not None:
+            self.spawn(
+                self.publisher.call_transferred(
+                    persona,
+                    record,
+                    target=target.name,
+                    target_number=target.number,
+                    outcome=outcome,
+                    at=time.time(),
+                    error=error,
+                )
+            )
+
+
+STATE = web.AppKey("state", ServerState)

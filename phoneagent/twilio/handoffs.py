@@ -1,0 +1,77 @@
+"""Handing a live call on through Twilio's REST API: transfer, hang-up, apology. The
+media-stream shell calls these when the ``Call`` asks (``bridge.Handoffs``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from phoneagent.call import Call
+from phoneagent.logs import get_logger
+from phoneagent.personas import Persona, TransferTarget
+from phoneagent.state import ServerState
+from phoneagent.twilio.rest import CallUpdateFailed, TwilioCalls, dial_twiml
+from phoneagent.twilio.webhook import say_then_hand_on_twiml
+
+log = get_logger(__name__)
+
+
+@dataclass
+class TwilioHandoffs:
+    """Hands a call on through Twilio's REST API, for the media-stream shell."""
+
+    state: ServerState
+    rest: TwilioCalls
+
+    async def transfer(self, call: Call, target: TransferTarget) -> str | None:
+        # Twilio's `stop` (which ends the stream, and cancels the shell's wait) can come before
+        # its HTTP answer: the request and its bookkeeping run to the end on their own.
+        return await asyncio.shield(self.state.spawn(self._transfer(call, target)))
+
+    async def hang_up(self, call: Call) -> str | None:
+        return await asyncio.shield(
+            self.state.spawn(self._update(self.rest.hang_up(call.call_sid), "hang_up"))
+        )
+
+    async def _transfer(self, call: Call, target: TransferTarget) -> str | None:
+        record = self.state.calls.open(call.call_sid)
+        # The action may reach another instance: it must not depend on this one's records.
+        query = urlencode(
+            {"persona": call.persona.id, "target": target.name,
+             "from": record.caller, "to": record.called}
+        )  # fmt: skip
+        twiml_text = dial_twiml(
+            target.number,
+            caller_id=target.caller_id or record.called,
+            ring_seconds=target.ring_seconds,
+            action_url=f"{self.state.settings.public_url}/twilio/dial-status?{query}",
+        )
+        record.transfer = {"target": target.name, "number": target.number}
+        error = await self._update(self.rest.redirect(call.call_sid, twiml_text), "transfer")
+        self.state.metrics.transfers.labels("failed" if error else "accepted").inc()
+        if error is not None:
+            record.transfer = None
+        outcome = "failed" if error else "accepted"
+        self.state.publish_transfer(call.persona, record, target, outcome, error)
+        return error
+
+    async def apologise(self, call: Call) -> None:
+        called = self.state.calls.open(call.call_sid).called
+        await self.apologise_for(call.call_sid, call.persona, called)
+
+    async def apologise_for(self, call_sid: str, persona: Persona, called: str) -> None:
+        """The agent cannot take the call: Twilio says the persona's apology, then hands the
+        caller to its fallback target or hangs up."""
+        twiml_text = say_then_hand_on_twiml(persona.apology, persona, called)
+        await self._update(self.rest.redirect(call_sid, twiml_text), "apology")
+
+    async def _update(self, request: Awaitable[None], what: str) -> str | None:
+        try:
+            await request
+        except CallUpdateFailed as exc:
+            log.error(f"twilio_{what}_failed", status=exc.status, twilio_code=exc.code,
+                      error=str(exc))  # fmt: skip
+            return f"Twilio error {exc.code}: {exc}" if exc.code else str(exc)
+        return None

@@ -1,0 +1,136 @@
+"""The media-stream WebSocket route: check the upgrade and the stream's `start`, open the
+``Call`` with its pre-warmed model session, run it, and record how it ended."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from phoneagent.bridge import (
+    CallShell,
+    StreamRefused,
+    bind_call_context,
+    read_start,
+    unbind_call_context,
+)
+from phoneagent.call import Call
+from phoneagent.conversation import session_config
+from phoneagent.logs import get_logger
+from phoneagent.realtime.connection import ModelSession, ModelUnavailable
+from phoneagent.state import STATE, ServerState
+from phoneagent.twilio.webhook import (
+    CALLED_PARAMETER,
+    CALLER_PARAMETER,
+    PERSONA_PARAMETER,
+    RESUME_PARAMETER,
+    TOKEN_PARAMETER,
+    signature_is_valid,
+)
+from phoneagent.twilio.webhook_routes import invalid_signature
+
+log = get_logger(__name__)
+
+# Twilio's frames are a few hundred bytes; anything far larger is not Twilio.
+MAX_STREAM_MESSAGE_BYTES = 64 * 1024
+
+
+async def media_stream(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    # The upgrade is signed over the wss:// URL exactly as our TwiML wrote it, with no params.
+    signature = request.headers.get("X-Twilio-Signature", "")
+    if not signature_is_valid(state.settings.twilio_auth_token, state.settings.stream_url, {},
+                              signature):  # fmt: skip
+        log.warning("twilio_signature_invalid", path=request.path, has_signature=bool(signature))
+        return invalid_signature()
+
+    ws = web.WebSocketResponse(max_msg_size=MAX_STREAM_MESSAGE_BYTES)
+    await ws.prepare(request)
+    try:
+        try:
+            call, model = await open_call(state, ws)
+        except (StreamRefused, TimeoutError) as exc:
+            log.warning("stream_refused", reason=str(exc) or "no `start` in time")
+            await ws.close()
+            return ws
+        await run_call(state, ws, call, model)
+    finally:
+        unbind_call_context()  # bound in `open_call`; the access log line is not the call's
+    return ws
+
+
+async def open_call(state: ServerState, ws: web.WebSocketResponse) -> tuple[Call, ModelSession]:
+    start = await read_start(ws)
+    persona_id = start.custom_parameters.get(PERSONA_PARAMETER, "")
+    token = start.custom_parameters.get(TOKEN_PARAMETER, "")
+    bind_call_context(start.call_sid, start.stream_sid, persona_id)
+    problem = state.stream_token.check(token, start.call_sid, persona_id)
+    if problem:
+        raise StreamRefused(problem)
+    persona = state.personas.current.personas.get(persona_id)
+    if persona is None:
+        raise StreamRefused(f"persona {persona_id!r} is no longer configured")
+    try:
+        model = await state.prewarmer.claim(start.call_sid, session_config(persona))
+    except ModelUnavailable as exc:
+        log.error("model_unavailable", reason=str(exc), status=exc.status)
+        state.metrics.model_failures.labels(str(exc.status or "none")).inc()
+        called = start.custom_parameters.get(CALLED_PARAMETER, "")
+        if state.handoffs is not None:
+            state.spawn(state.handoffs.apologise_for(start.call_sid, persona, called))
+        raise StreamRefused("the model is unavailable: the caller hears the apology") from None
+    record = state.calls.mark_started(start.call_sid)
+    record.persona, record.model_session = persona.id, model.session_id
+    record.caller = start.custom_parameters.get(CALLER_PARAMETER, record.caller)
+    record.called = start.custom_parameters.get(CALLED_PARAMETER, record.called)
+    call = Call(persona, start.stream_sid, start.call_sid, clock=state.clock)
+    resume = start.custom_parameters.get(RESUME_PARAMETER, "")
+    if resume:  # back from a transfer nobody answered: the agent picks the call up again
+        target, _, outcome = resume.partition(":")
+        call.history = tuple(record.transcript)
+        call.opening = (
+            f"You tried to transfer the caller to {target.replace('_', ' ')}, but the call was "
+            f"not answered ({outcome}). Apologise briefly, and offer to take a message or to "
+            "help another way."
+        )
+    return call, model
+
+
+async def run_call(
+    state: ServerState, ws: web.WebSocketResponse, call: Call, model: ModelSession
+) -> None:
+    state.active_calls[call.call_sid] = call
+    log.info("call_started", model=model.model, model_session=model.session_id)
+    if state.publisher is not None:
+        state.spawn(state.publisher.call_started(call.persona, state.calls.open(call.call_sid)))
+    try:
+        config = session_config(call.persona)
+        await CallShell(
+            ws,
+            model,
+            call,
+            turn_listeners=state.turn_listeners,
+            handoffs=state.handoffs,
+            metrics=state.metrics,
+            open_model=lambda: state.prewarmer.connector.open(config),
+        ).run()
+    finally:
+        state.active_calls.pop(call.call_sid, None)
+        record = state.calls.open(call.call_sid)
+        record.ended_at = time.time()
+        record.end_reason = call.end_reason.value if call.end_reason else "error"
+        record.transcript = call.transcript
+        record.stats = call.stats.as_dict()
+        state.metrics.record_call_end(record.end_reason, record.stats)
+        if record.status == "in-progress":  # Twilio's call-status callback may say more
+            record.status = "completed"
+        # Transcripts go to the business's webhook, not to the logs.
+        log.info(
+            "call_ended",
+            end_reason=record.end_reason,
+            duration_s=round(record.ended_at - (record.started_at or record.ended_at), 1),
+            turns=len(record.transcript),
+            barge_ins=call.stats.barge_ins,
+        )
+        if state.publisher is not None:
+            state.spawn(state.publisher.call_ended(call.persona, record))

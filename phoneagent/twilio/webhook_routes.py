@@ -1,0 +1,143 @@
+"""Twilio's HTTP webhooks: the voice webhook that connects a call to the agent, the `<Dial>`
+action after a transfer, and the call and stream status callbacks."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from phoneagent.conversation import session_config
+from phoneagent.logs import get_logger
+from phoneagent.personas import Persona
+from phoneagent.records import CallRecord
+from phoneagent.state import STATE, ServerState
+from phoneagent.twilio.webhook import (
+    CALLED_PARAMETER,
+    CALLER_PARAMETER,
+    PERSONA_PARAMETER,
+    RESUME_PARAMETER,
+    TOKEN_PARAMETER,
+    apology_twiml,
+    busy_twiml,
+    connect_stream_twiml,
+    hangup_twiml,
+    redirect_twiml,
+    signature_is_valid,
+)
+
+log = get_logger(__name__)
+
+NO_PERSONA_APOLOGY = "Sorry, this number is not in service right now. Goodbye."
+
+
+def public_url_for(state: ServerState, request: web.Request) -> str:
+    """The URL Twilio called, rebuilt from PUBLIC_URL: a proxy may have rewritten the rest."""
+    url = state.settings.public_url + request.path
+    return f"{url}?{request.query_string}" if request.query_string else url
+
+
+async def signed_form(request: web.Request) -> dict[str, str] | None:
+    """The webhook's form fields if Twilio's signature checks out, else None (logged)."""
+    state = request.app[STATE]
+    form = await request.post()
+    signature = request.headers.get("X-Twilio-Signature", "")
+    url = public_url_for(state, request)
+    if not signature_is_valid(state.settings.twilio_auth_token, url, form, signature):
+        log.warning(
+            "twilio_signature_invalid",
+            path=request.path,
+            has_signature=bool(signature),
+            call_sid=form.get("CallSid"),
+        )
+        return None
+    return {k: str(v) for k, v in form.items()}
+
+
+def invalid_signature() -> web.Response:
+    return web.Response(status=403, text="invalid Twilio signature")
+
+
+def twiml(text: str) -> web.Response:
+    return web.Response(text=text, content_type="text/xml")
+
+
+async def voice_webhook(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    form = await signed_form(request)
+    if form is None:
+        return invalid_signature()
+    call_sid, called = form.get("CallSid", ""), form.get("To", "")
+    if state.draining:
+        # Shutting down: another instance, or the number's fallback URL (on a 5xx), takes it.
+        log.info("call_refused_draining", call_sid=call_sid)
+        if state.settings.fallback_url:
+            return twiml(redirect_twiml(state.settings.fallback_url))
+        return web.Response(status=503, text="draining")
+    persona = state.personas.current.for_number(called)
+    if persona is None:
+        log.warning("no_persona_for_number", call_sid=call_sid, to=called)
+        return twiml(apology_twiml(NO_PERSONA_APOLOGY))
+    if len(state.active_calls) + state.prewarmer.waiting >= state.settings.max_calls:
+        log.warning("call_refused_busy", call_sid=call_sid, max_calls=state.settings.max_calls)
+        state.metrics.calls.labels("busy").inc()
+        return twiml(busy_twiml(persona, called))
+    record = state.calls.open(call_sid)
+    record.persona, record.caller, record.called = persona.id, form.get("From", ""), called
+    log.info("call_incoming", call_sid=call_sid, persona=persona.id, to=called)
+    return twiml(connect_to_agent(state, persona, record))
+
+
+def connect_to_agent(
+    state: ServerState, persona: Persona, record: CallRecord, resume: str = ""
+) -> str:
+    """TwiML connecting the call to a media stream with ``persona``, and the model session
+    opened now (pre-warm: the stream claims it on `start`). ``resume`` marks a call coming back
+    to the agent."""
+    state.prewarmer.start(record.call_sid, session_config(persona))
+    parameters = {
+        PERSONA_PARAMETER: persona.id,
+        TOKEN_PARAMETER: state.stream_token.issue(record.call_sid, persona.id),
+        # The instance taking the stream may not be the one answering this webhook.
+        CALLER_PARAMETER: record.caller,
+        CALLED_PARAMETER: record.called,
+    }
+    if resume:
+        parameters[RESUME_PARAMETER] = resume
+    status_url = f"{state.settings.public_url}/twilio/stream-status"
+    return connect_stream_twiml(state.settings.stream_url, status_url, parameters)
+
+
+async def dial_status(request: web.Request) -> web.Response:
+    """`<Dial action>`: the person we transferred to answered (the call ends when they hang
+    up), or did not (the caller comes back to the agent, who apologises)."""
+    state = request.app[STATE]
+    form = await signed_form(request)
+    if form is None:
+        return invalid_signature()
+    outcome = form.get("DialCallStatus", "")
+    record = state.calls.open(form.get("CallSid", ""))
+    record.caller = record.caller or request.query.get("from", "")
+    record.called = record.called or request.query.get("to", "")
+    persona = state.personas.current.personas.get(request.query.get("persona", ""))
+    target_name = request.query.get("target", "")
+    log.info("transfer_outcome", call_sid=record.call_sid, target=target_name, outcome=outcome)
+    if outcome in ("completed", "answered") or persona is None:
+        return twiml(hangup_twiml())
+    target = persona.transfer.get(target_name)
+    if target is not None:
+        state.publish_transfer(persona, record, target, "failed", outcome)
+    return twiml(connect_to_agent(state, persona, record, resume=f"{target_name}:{outcome}"))
+
+
+async def status_callback(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    form = await signed_form(request)
+    if form is None:
+        return invalid_signature()
+    fields = ("CallStatus", "CallDuration", "StreamSid", "StreamEvent", "StreamError", "Timestamp")
+    event = {f: form[f] for f in fields if f in form}
+    log.info("twilio_status", path=request.path, call_sid=form.get("CallSid"), **event)
+    record = state.calls.open(form.get("CallSid", ""))
+    record.twilio_events.append(event | {"path": request.path})
+    if "CallStatus" in form:
+        record.status = form["CallStatus"]
+    return web.Response(status=204)
