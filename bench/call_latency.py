@@ -20,6 +20,7 @@ from typing import ClassVar
 import numpy as np
 
 from phoneagent.bridge import CallShell
+from phoneagent.call import SendMedia
 from phoneagent.logs import configure_logging
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.stack import LocalStack
@@ -56,7 +57,7 @@ class TimedShell(CallShell):
     """The real shell, timing the work it does per event (parse excluded, send included)."""
 
     inbound: ClassVar[list[float]] = []  # per caller frame: Call + append to the model socket
-    outbound: ClassVar[list[float]] = []  # per 20 ms agent frame: Call + media and mark out
+    outbound: ClassVar[list[float]] = []  # per 20 ms agent frame: its share of media + mark out
 
     async def feed_twilio(self, event):
         started = time.perf_counter()
@@ -67,7 +68,8 @@ class TimedShell(CallShell):
     async def perform(self, actions, received_at=None):
         started = time.perf_counter()
         await super().perform(actions, received_at)
-        frames = sum(1 for a in actions if type(a).__name__ == "SendMedia")
+        # Agent audio leaves in messages of several 20 ms frames: share the work among them.
+        frames = sum(len(a.payload) for a in actions if isinstance(a, SendMedia)) // 160
         if frames:
             TimedShell.outbound.extend([(time.perf_counter() - started) / frames] * frames)
 

@@ -195,18 +195,18 @@ class CallShell:
         received_at = time.perf_counter()
         await self.perform(self.call.on_twilio(event), received_at)
         if self.metrics is not None and isinstance(event, Media):
-            self.metrics.inbound_frame.observe(time.perf_counter() - received_at)
+            self.metrics.inbound_media.observe(time.perf_counter() - received_at)
 
     async def feed_model(self, event: ModelEvent) -> None:
         received_at = time.perf_counter()
         actions = self.call.on_model(event)
         await self.perform(actions, received_at)
         if self.metrics is not None:
-            frames = sum(isinstance(action, SendMedia) for action in actions)
-            if frames:  # the work of one event (a delta, a flush), shared by its frames
-                per_frame = (time.perf_counter() - received_at) / frames
-                for _ in range(frames):
-                    self.metrics.outbound_frame.observe(per_frame)
+            messages = sum(isinstance(action, SendMedia) for action in actions)
+            if messages:  # the work of one event (a delta, a flush), shared by its messages
+                per_message = (time.perf_counter() - received_at) / messages
+                for _ in range(messages):
+                    self.metrics.outbound_media.observe(per_message)
 
     async def perform(self, actions: list[Action], received_at: float | None = None) -> None:
         """Carry out the Call's actions in order. ``received_at`` is when the event that caused

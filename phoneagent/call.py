@@ -63,6 +63,9 @@ log = get_logger(__name__)
 # Inbound timestamp gaps up to this long are filled with silence so the model's VAD still sees
 # the caller's turn end; Twilio omits silent audio on some calls (twilio reference, section 2).
 MAX_GAP_FILL_MS = 2000
+# Agent audio goes to Twilio in messages of up to this many 20 ms frames (whatever one model
+# delta made, up to 200 ms): a mark per message bounds how far a barge-in must reach back.
+FRAMES_PER_MESSAGE = 10
 # Keypad digits typed within this much audio of each other reach the model as one entry.
 DTMF_GAP_MS = 1200
 # Before max_call_seconds runs out, the model is told to wrap up this long in advance.
@@ -105,7 +108,7 @@ STOP_MEANS = {
 
 @dataclass(frozen=True)
 class SendMedia:
-    payload: bytes  # μ-law 8 kHz, one 20 ms frame
+    payload: bytes  # μ-law 8 kHz: 20 ms frames, up to FRAMES_PER_MESSAGE of them
 
 
 @dataclass(frozen=True)
@@ -417,15 +420,20 @@ class Call:
         return self._frames_to_twilio(item, frames)
 
     def _frames_to_twilio(self, item: AgentItem, frames: list[bytes]) -> list[Action]:
+        """The frames a model delta made, as few `media` messages as the chunk limit allows,
+        each followed by its mark. Messages, not transcoding, are most of the server's work
+        (bench/load.py), and Twilio plays any size; how much was heard stays exact because it
+        runs on in real time from each mark echo (``_heard_now``)."""
         actions: list[Action] = []
-        for frame in frames:
-            item.sent_bytes += len(frame)
-            # Unique (every frame adds bytes; a short tail may add no whole ms), and it says
+        for start in range(0, len(frames), FRAMES_PER_MESSAGE):
+            chunk = b"".join(frames[start : start + FRAMES_PER_MESSAGE])
+            item.sent_bytes += len(chunk)
+            # Unique (every chunk adds bytes; a short tail may add no whole ms), and it says
             # whose audio it follows: Twilio echoes every pending mark after `clear`, and those
             # echoes must not count as played.
             name = f"{item.item_id}:{item.sent_bytes}"
             self._pending_marks[name] = (item, item.sent_ms, self.clock())
-            actions += (SendMedia(frame), SendMark(name))
+            actions += (SendMedia(chunk), SendMark(name))
         if actions and self.stats.first_audio_at is None:
             self.stats.first_audio_at = self.clock()
         return actions

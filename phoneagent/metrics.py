@@ -13,7 +13,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
-# Per-frame work is tens of microseconds; a slow frame is a millisecond or more.
+# Per-message work is tens of microseconds; a slow one is a millisecond or more.
 FRAME_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2)
 REACTION_BUCKETS = (2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 FIRST_AUDIO_BUCKETS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -64,15 +64,16 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.frame_seconds = Histogram(
-            "phoneagent_frame_processing_seconds",
-            "Server work per media frame (transcode, JSON, socket write), by direction.",
+        self.media_seconds = Histogram(
+            "phoneagent_media_processing_seconds",
+            "Server work per media message (transcode, JSON, socket write), by direction: a "
+            "caller's 20 ms frame, or an agent message of up to 200 ms.",
             ["direction"],
             buckets=FRAME_BUCKETS,
             registry=r,
         )
-        self.inbound_frame = self.frame_seconds.labels("caller_to_model")
-        self.outbound_frame = self.frame_seconds.labels("model_to_caller")
+        self.inbound_media = self.media_seconds.labels("caller_to_model")
+        self.outbound_media = self.media_seconds.labels("model_to_caller")
 
     def record_call_end(self, end_reason: str, stats: dict) -> None:
         self.calls.labels(end_reason).inc()

@@ -8,6 +8,7 @@ from conftest import EXAMPLE_PERSONAS
 
 from phoneagent.audio import pcm16_to_ulaw
 from phoneagent.call import (
+    FRAMES_PER_MESSAGE,
     Call,
     CallState,
     EndCall,
@@ -105,8 +106,9 @@ def speak(call, response_id, item_id, ms, text=""):
     actions = call.on_model(ResponseStarted(response_id))
     if text:
         actions += call.on_model(AgentTranscriptDelta(response_id, item_id, text))
-    for _ in range(ms // 100):
-        actions += call.on_model(AudioDelta(response_id, item_id, tone_pcm24k(100)))
+    # 20 ms deltas: each makes one frame, so each frame gets its own message and mark here.
+    for _ in range(ms // 20):
+        actions += call.on_model(AudioDelta(response_id, item_id, tone_pcm24k(20)))
     actions += call.on_model(ResponseDone(response_id, "completed"))
     return actions
 
@@ -173,8 +175,8 @@ def test_barge_in_clears_cancels_truncates_at_the_heard_position(call):
     call.on_model(ResponseStarted("resp1"))
     call.on_model(AgentTranscriptDelta("resp1", "item1", "one two three four five six"))
     sent = []
-    for _ in range(6):
-        sent += call.on_model(AudioDelta("resp1", "item1", tone_pcm24k(100)))
+    for _ in range(30):
+        sent += call.on_model(AudioDelta("resp1", "item1", tone_pcm24k(20)))
     marks = of_type(sent, SendMark)
     call.on_twilio(Mark(marks[9].name))  # 10 frames = 200 ms heard
 
@@ -321,6 +323,19 @@ def test_guard_drops_the_candidate_when_the_agent_finishes_first(guarded_call):
     call.on_twilio(Mark(of_type(actions, SendMark)[-1].name))  # all heard
     assert of_type(talk(call, 30, loud=True), SendClear) == []
     assert call.stats.barge_ins == 0
+
+
+def test_a_long_delta_goes_out_in_a_few_messages_each_with_its_mark(call):
+    call.on_model(ResponseStarted("resp1"))
+    actions = call.on_model(AudioDelta("resp1", "item1", tone_pcm24k(500)))
+    media = of_type(actions, SendMedia)
+    assert [len(m.payload) for m in media] == [160 * FRAMES_PER_MESSAGE] * 2 + [800]
+    assert [m.name for m in of_type(actions, SendMark)] == [
+        "item1:1600",
+        "item1:3200",
+        "item1:4000",
+    ]
+    assert [type(a) for a in actions] == [SendMedia, SendMark] * 3
 
 
 def test_mark_names_say_whose_audio_they_follow(call):

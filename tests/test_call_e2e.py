@@ -66,10 +66,12 @@ async def test_caller_hears_greeting_then_an_answer_and_transcript_has_both_side
         metrics = await response.text()
     assert 'phoneagent_calls_total{end_reason="caller_hung_up"} 1.0' in metrics
     assert "phoneagent_first_agent_audio_seconds_count 1.0" in metrics
-    frames = re.search(
-        r'phoneagent_frame_processing_seconds_count\{direction="model_to_caller"\} (\d+)', metrics
+    messages = re.search(
+        r'phoneagent_media_processing_seconds_count\{direction="model_to_caller"\} (\d+)', metrics
     )
-    assert int(frames.group(1)) * 20 >= caller.heard_ms()  # every frame the caller heard
+    # Every agent message the caller heard: up to 200 ms each.
+    assert int(messages.group(1)) * 200 >= caller.heard_ms()
+    assert len(caller.messages("media")) == int(messages.group(1))
 
     session = model.sessions[0]
     assert session.config["voice"] == persona.voice

@@ -66,7 +66,7 @@ async def test_metrics_in_prometheus_text_format(client):
     assert response.headers["Content-Type"].startswith("text/plain")
     text = await response.text()
     assert "phoneagent_active_calls 0.0" in text
-    assert "# TYPE phoneagent_frame_processing_seconds histogram" in text
+    assert "# TYPE phoneagent_media_processing_seconds histogram" in text
 
 
 @pytest.mark.parametrize(("method", "path"), TWILIO_ROUTES)
