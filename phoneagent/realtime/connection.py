@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from phoneagent.logs import get_logger
 from phoneagent.realtime.base import (
@@ -87,6 +87,9 @@ class ModelConnector:
         ws, model = await self._connect()
         try:
             session_id = await self._configure(ws, config)
+        except (ConnectionClosed, TimeoutError) as exc:
+            await ws.close()
+            raise ModelUnavailable(f"session set-up failed: {type(exc).__name__}") from None
         except BaseException:
             await ws.close()
             raise
@@ -121,7 +124,8 @@ class ModelConnector:
             )
         except InvalidStatus:
             raise
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            # WebSocketException: a handshake cut short or garbled (a proxy, an overloaded host)
             raise ModelUnavailable(f"cannot connect: {type(exc).__name__}: {exc}") from None
 
     async def _configure(self, ws: ClientConnection, config: SessionConfig) -> str:
