@@ -59,6 +59,11 @@ class StepFunDialect:
         return {"Authorization": f"Bearer {api_key}"}
 
     def encode(self, command: ModelCommand) -> str:
+        if isinstance(command, AppendAudio):
+            # The per-frame hot path (50 a second per call): base64 needs no JSON escaping, so
+            # the message is put together directly, a quarter of json.dumps' cost.
+            audio = base64.b64encode(command.pcm).decode("ascii")
+            return '{"type":"input_audio_buffer.append","audio":"' + audio + '"}'
         return json.dumps(_encode(command), ensure_ascii=False)
 
     def decode(self, text: str | bytes) -> ModelEvent | None:
@@ -69,8 +74,6 @@ class StepFunDialect:
 
 def _encode(command: ModelCommand) -> dict[str, Any]:
     match command:
-        case AppendAudio(pcm):
-            return {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}
         case UpdateSession(config):
             session: dict[str, Any] = {
                 "modalities": ["text", "audio"],
