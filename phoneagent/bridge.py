@@ -92,8 +92,6 @@ class Handoffs(Protocol):
 
     async def hang_up(self, call: Call) -> str | None: ...
 
-    async def apologise(self, call: Call) -> None: ...
-
 
 @dataclass
 class CallShell:
@@ -108,12 +106,16 @@ class CallShell:
 
     def __post_init__(self) -> None:
         self._requests: set[asyncio.Task[None]] = set()  # REST requests in flight
+        # Set when the Call ends, whoever's action ended it: a REST answer can end a call while
+        # both pumps wait for a socket that may stay quiet.
+        self._ended = asyncio.Event()
 
     async def run(self) -> None:
         """Bridge until the call ends one way or another; then close both sockets."""
         pumps = [
             asyncio.create_task(self._pump_twilio(), name="twilio"),
             asyncio.create_task(self._pump_model(), name="model"),
+            asyncio.create_task(self._ended.wait(), name="ended"),
         ]
         try:
             await self.perform(self.call.begin())
@@ -146,13 +148,9 @@ class CallShell:
                 continue  # renewed: read the new session
             if not await self._reconnect():
                 log.error("model_lost", call_sid=self.call.call_sid)
-                # The call is over first, so the `stop` Twilio sends after the apology's REST
-                # update is not taken for the caller hanging up; the stream closes only after
-                # the update, or Twilio would end the call before saying the apology.
-                actions = self.call.on_model_closed()
-                if self.handoffs is not None:
-                    await self.handoffs.apologise(self.call)
-                await self.perform(actions)
+                # Closing the stream makes Twilio ask `<Connect action>` what to do next: the
+                # apology and the fallback target are answered there (twilio_routes).
+                await self.perform(self.call.on_model_closed())
                 return
 
     async def _reconnect(self) -> bool:
@@ -241,6 +239,7 @@ class CallShell:
                 case EndCall(reason):
                     log.info("call_ending", reason=reason.value)
             if self.call.ended:
+                self._ended.set()
                 return
 
     def _request(self, coroutine: Coroutine[Any, Any, None]) -> None:

@@ -54,6 +54,12 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.calls_apologised = Counter(
+            "phoneagent_calls_apologised",
+            "Streams that ended with the caller still on the line and the agent unable to go on: "
+            "Twilio was answered with the persona's apology and fallback.",
+            registry=r,
+        )
         self.transfers = Counter(
             "phoneagent_transfers", "Transfers asked of Twilio, by outcome.", ["outcome"],
             registry=r,

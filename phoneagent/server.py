@@ -29,7 +29,12 @@ from phoneagent.state import STATE, ServerState
 from phoneagent.twilio.handoffs import TwilioHandoffs
 from phoneagent.twilio.rest import TwilioCalls
 from phoneagent.twilio.stream_route import media_stream
-from phoneagent.twilio.webhook_routes import dial_status, status_callback, voice_webhook
+from phoneagent.twilio.webhook_routes import (
+    dial_status,
+    status_callback,
+    stream_ended,
+    voice_webhook,
+)
 
 log = get_logger(__name__)
 
@@ -132,6 +137,7 @@ def create_app(
     app.router.add_post("/twilio/stream-status", status_callback)
     app.router.add_post("/twilio/call-status", status_callback)
     app.router.add_post("/twilio/dial-status", dial_status)
+    app.router.add_post("/twilio/stream-ended", stream_ended)
     app.router.add_get("/calls/{call_sid}", call_details)
     app.router.add_get("/metrics", metrics)
 

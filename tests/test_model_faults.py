@@ -1,7 +1,5 @@
 """The model's session drops, cannot come back, or reaches StepFun's 30-minute limit."""
 
-import xml.etree.ElementTree as ET
-
 import pytest
 from conftest import EXAMPLE_PERSONAS
 
@@ -67,11 +65,10 @@ async def test_when_the_model_cannot_come_back_the_caller_hears_the_apology(stac
         await caller.wait_until_heard_ms(200, timeout=20)
         model.fail_next_handshakes(10, status=503)
         await model.drop_all()
-        [update] = await stack.twilio_api.wait_for_updates(1, timeout=20)
-        await caller.wait_closed(timeout=10)
-    root = ET.fromstring(update.params["Twiml"])
-    assert root.find("Say").text == persona.apology
-    assert root.find("Dial").text == persona.transfer[persona.fallback_target].number
+        after = await caller.wait_call_over(timeout=20)
+    assert after is not None and after.ok, after
+    assert after.says == [persona.apology]
+    assert after.dials == [persona.transfer[persona.fallback_target].number]
     assert stack.state.calls.get(caller.call_sid).end_reason == "model_disconnected"
 
 

@@ -65,13 +65,25 @@ class ServerRole:
         self.stream_sid: str | None = None
         self.close_code: int | None = None
         self.go = asyncio.Event()  # lets a test tell the script when to act
+        self.after_requests: list[dict[str, str]] = []
+        self.after_twiml = "<Response><Hangup/></Response>"
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/twilio/voice", self.voice)
         app.router.add_post("/twilio/stream-status", self.stream_status)
         app.router.add_get("/twilio/stream", self.stream)
+        app.router.add_post("/twilio/after", self.after)
         return app
+
+    async def after(self, request: web.Request) -> web.Response:
+        """A `<Connect action>`, signed over the URL as written (§4)."""
+        form = await request.post()
+        signature = request.headers.get("X-Twilio-Signature", "")
+        if not self.validator.validate(PUBLIC_URL + request.raw_path, form, signature):
+            return web.Response(status=403)
+        self.after_requests.append(dict(form))
+        return web.Response(text=self.after_twiml, content_type="text/xml")
 
     async def voice(self, request: web.Request) -> web.Response:
         form = await request.post()
@@ -712,6 +724,43 @@ async def test_server_close_is_detected_with_its_code(serve):
     assert caller.closed_by_server and caller.ended_by == "server"
     assert caller.close_code == 4000
     assert await caller.play_silence(100) == 0  # nothing more is sent after the close
+
+
+async def test_without_connect_action_the_call_ends_with_the_stream(serve):
+    async def script(role: ServerRole, ws: web.WebSocketResponse) -> None:
+        await role.started.wait()
+        await ws.close()
+
+    _, caller = await connected_call(serve, script)
+    ended = []
+    caller.on_call_ended = lambda: ended.append(True)
+    assert await caller.wait_call_over(timeout=10) is None  # no TwiML follows </Connect>
+    assert caller.call_ended and ended == [True]
+
+
+async def test_with_connect_action_twilio_asks_it_what_comes_next(serve):
+    async def script(role: ServerRole, ws: web.WebSocketResponse) -> None:
+        await role.started.wait()
+        await ws.close()
+
+    response = VoiceResponse()
+    response.connect(action="/twilio/after?persona=dental%20co").stream(url=STREAM_URL)
+    role, make_caller = await serve(script, twiml=str(response))
+    after = VoiceResponse()
+    after.say("Sorry, goodbye.")
+    after.dial("+14155550111")
+    role.after_twiml = str(after)
+    caller = make_caller()
+    await caller.dial()
+    await caller.connect()
+    answer = await caller.wait_call_over(timeout=10)
+    assert answer is not None and answer.ok
+    assert answer.says == ["Sorry, goodbye."] and answer.dials == ["+14155550111"]
+    assert not caller.call_ended  # a <Dial> keeps the call up
+    # Signed over the action URL as written (resolved against the webhook), with the standard
+    # request parameters of the call.
+    assert role.after_requests[0]["CallSid"] == caller.call_sid
+    assert role.after_requests[0]["CallStatus"] == "in-progress"
 
 
 async def test_write_heard_wav_round_trips(serve, tmp_path):

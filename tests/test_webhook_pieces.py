@@ -39,6 +39,7 @@ def test_connect_stream_twiml_is_what_twilio_expects():
         "wss://voice.example.com/twilio/stream",
         "https://voice.example.com/twilio/stream-status",
         {"persona": "sales & support", "token": "123.abc"},
+        "https://voice.example.com/twilio/stream-ended?persona=dental",
     )
     assert text.startswith('<?xml version="1.0" encoding="UTF-8"?><Response>')
     root = ET.fromstring(text)
@@ -47,7 +48,11 @@ def test_connect_stream_twiml_is_what_twilio_expects():
     assert stream.get("statusCallback") == "https://voice.example.com/twilio/stream-status"
     params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
     assert params == {"persona": "sales & support", "token": "123.abc"}
-    assert list(root) == [root.find("Connect")]  # nothing after </Connect>: the call then ends
+    # Nothing after </Connect>: when the stream ends, Twilio asks the action what comes next.
+    assert list(root) == [root.find("Connect")]
+    assert root.find("Connect").get("action") == (
+        "https://voice.example.com/twilio/stream-ended?persona=dental"
+    )
 
 
 def test_apology_twiml_says_and_hangs_up():

@@ -286,6 +286,7 @@ class TwimlAnswer:
     parameters: dict[str, str] = field(default_factory=dict)
     connect_action: str | None = None
     says: list[str] = field(default_factory=list)
+    dials: list[str] = field(default_factory=list)  # the numbers (or clients, SIP URIs) dialled
     hangup: bool = False
     problems: list[TwimlProblem] = field(default_factory=list)
 
@@ -297,6 +298,12 @@ class TwimlAnswer:
     def ok(self) -> bool:
         """True when Twilio would run this TwiML without logging an error."""
         return not self.problems
+
+    @property
+    def keeps_call(self) -> bool:
+        """True when running this TwiML leaves the call up: it hands the caller on (``<Dial>``,
+        ``<Redirect>``) or opens another stream. Otherwise the call ends once it has run."""
+        return bool({"Dial", "Redirect", "Connect", "Enqueue"} & set(self.verbs))
 
 
 def parse_twiml_answer(
@@ -327,6 +334,8 @@ def parse_twiml_answer(
             answer.says.append((verb.text or "").strip())
         elif verb.tag == "Hangup":
             answer.hangup = True
+        elif verb.tag == "Dial":
+            answer.dials.append("".join(verb.itertext()).strip())
         elif verb.tag == "Connect":
             answer.connect_action = verb.get("action")
             for stream in verb.iter("Stream"):
@@ -776,6 +785,14 @@ class TwilioCaller:
         self.close_code: int | None = None
         self.closed_by_server = False
         self.ended_by: str | None = None  # "hangup", "drop", "rest_update", "server"
+        # What Twilio ran once the stream was over (the TwiML of a REST update, or the answer of
+        # `<Connect action>`), and whether the call itself has ended (§1.3 `<Connect>`, §5.1).
+        self.after_stream: TwimlAnswer | None = None
+        self.call_ended = False
+        # Called once when the call ends on Twilio's side (FakeTwilioApi.attach sets it, so a
+        # REST update after that is refused as for a real call that is over).
+        self.on_call_ended: Callable[[], None] | None = None
+        self._continuation: asyncio.Task[None] | None = None
 
         self.clock = CallClock(self.speed)
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -806,6 +823,9 @@ class TwilioCaller:
         """Hang up if the stream is still open, and release the HTTP session."""
         if self._ws is not None and not self.closed:
             await self.hangup()
+        if self._continuation is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._continuation, CLOSE_TIMEOUT)
         if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None
@@ -1039,6 +1059,7 @@ class TwilioCaller:
     async def hangup(self) -> None:
         """The caller hangs up: Twilio sends ``stop``, then closes the socket (§7)."""
         await self._end("hangup", send_stop=True)
+        self.end_call()
 
     async def receive_stop_from_twilio(self) -> None:
         """The call's TwiML was replaced by a REST update: ``stop``, then close (§5.1, §7).
@@ -1102,6 +1123,63 @@ class TwilioCaller:
                 self.closed_by_server = True
                 self.playback.stop(self.now_ms())
                 self._finalize()
+                self._continuation = asyncio.create_task(self._continue_after_stream())
+
+    # -- after the stream (§1.3 `<Connect>` semantics, §5.1, §7) ------------------------------
+
+    async def _continue_after_stream(self) -> None:
+        """The server closed the stream while the call was up: Twilio goes on with the call's
+        TwiML. With ``<Connect action>`` it requests the action URL (Twilio's standard request
+        parameters, signed) and runs the TwiML it answers; without one it moves on to the verbs
+        after ``</Connect>``, and with none the call ends (twilio.com/docs/voice/twiml/connect,
+        "action"). A server that closes the stream and only then asks for something else by
+        REST has lost the call."""
+        answer = self.answer
+        if answer is None or answer.connect_action is None:
+            self.end_call()  # our TwiML never has verbs after </Connect>: the call is over
+            return
+        action = urljoin(self.public_url + self.voice_path, answer.connect_action)
+        parts = urlsplit(action)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        try:
+            status, content_type, body = await self.post_signed(
+                path, self.webhook_params(call_status="in-progress")
+            )
+        except (aiohttp.ClientError, OSError):
+            status, content_type, body = 502, None, ""
+        self._run_instead(parse_twiml_answer(status, content_type, body, request_url=action))
+
+    def run_instead(self, twiml: str) -> None:
+        """The call's TwiML was replaced by a REST update (§5.1): record what the caller gets."""
+        url = self.public_url + self.voice_path
+        self._run_instead(parse_twiml_answer(200, "text/xml", twiml, request_url=url))
+
+    def _run_instead(self, answer: TwimlAnswer) -> None:
+        # An action that fails (HTTP error, bad TwiML) ends the call, as Twilio does after
+        # logging error 11200/12100 (§1.2): the caller hears nothing more.
+        self.after_stream = answer
+        if not answer.ok or not answer.keeps_call:
+            self.end_call()
+        self._notify()
+
+    def end_call(self) -> None:
+        """The call is over on Twilio's side (hung up, completed, or nothing followed)."""
+        if self.call_ended:
+            return
+        self.call_ended = True
+        self._notify()
+        if self.on_call_ended is not None:
+            self.on_call_ended()
+
+    async def wait_call_over(self, timeout: float = 10.0) -> TwimlAnswer | None:
+        """Wait until the stream is over and Twilio has run what follows it (or the call ended);
+        return that TwiML (None: nothing followed, the call just ended)."""
+        await self.wait_until(
+            lambda: self.closed and (self.after_stream is not None or self.call_ended),
+            timeout,
+            "the call to go on after the stream, or end",
+        )
+        return self.after_stream
 
     async def _on_text(self, text: str) -> None:
         async with self._send_lock:

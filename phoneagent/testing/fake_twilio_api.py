@@ -293,9 +293,15 @@ class FakeTwilioApi(LoopbackServer):
 
         async def stop_stream(update: CallUpdate) -> None:
             if update.ends_stream:
+                if "Twiml" in update.params:
+                    caller.run_instead(update.params["Twiml"])
                 await caller.receive_stop_from_twilio()
+                if update.params.get("Status") == "completed":
+                    caller.end_call()
 
         self.on_update(caller.call_sid, stop_stream)
+        # The call ends with its stream unless TwiML follows (§1.3): then updates get 21220.
+        caller.on_call_ended = lambda: self.end_call(caller.call_sid)
 
     async def wait_for_updates(self, count: int, timeout: float = 10.0) -> list[CallUpdate]:
         """Wait until ``count`` update requests were answered; return all updates so far."""

@@ -1,4 +1,4 @@
-"""Handing a live call on through Twilio's REST API: transfer, hang-up, apology. The
+"""Handing a live call on through Twilio's REST API: transfer and hang-up. The
 media-stream shell calls these when the ``Call`` asks (``bridge.Handoffs``)."""
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from urllib.parse import urlencode
 
 from phoneagent.call import Call
 from phoneagent.logs import get_logger
-from phoneagent.personas import Persona, TransferTarget
+from phoneagent.personas import TransferTarget
 from phoneagent.state import ServerState
 from phoneagent.twilio.rest import CallUpdateFailed, TwilioCalls, dial_twiml
-from phoneagent.twilio.webhook import say_then_hand_on_twiml
 
 log = get_logger(__name__)
 
@@ -56,16 +55,6 @@ class TwilioHandoffs:
         outcome = "failed" if error else "accepted"
         self.state.publish_transfer(call.persona, record, target, outcome, error)
         return error
-
-    async def apologise(self, call: Call) -> None:
-        called = self.state.calls.open(call.call_sid).called
-        await self.apologise_for(call.call_sid, call.persona, called)
-
-    async def apologise_for(self, call_sid: str, persona: Persona, called: str) -> None:
-        """The agent cannot take the call: Twilio says the persona's apology, then hands the
-        caller to its fallback target or hangs up."""
-        twiml_text = say_then_hand_on_twiml(persona.apology, persona, called)
-        await self._update(self.rest.redirect(call_sid, twiml_text), "apology")
 
     async def _update(self, request: Awaitable[None], what: str) -> str | None:
         try:

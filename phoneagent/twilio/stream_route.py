@@ -75,9 +75,7 @@ async def open_call(state: ServerState, ws: web.WebSocketResponse) -> tuple[Call
     except ModelUnavailable as exc:
         log.error("model_unavailable", reason=str(exc), status=exc.status)
         state.metrics.model_failures.labels(str(exc.status or "none")).inc()
-        called = start.custom_parameters.get(CALLED_PARAMETER, "")
-        if state.handoffs is not None:
-            state.spawn(state.handoffs.apologise_for(start.call_sid, persona, called))
+        # Closing the stream makes Twilio ask `<Connect action>`, which answers the apology.
         raise StreamRefused("the model is unavailable: the caller hears the apology") from None
     record = state.calls.mark_started(start.call_sid)
     record.persona, record.model_session = persona.id, model.session_id

@@ -75,12 +75,14 @@ class StreamToken:
 
 
 def connect_stream_twiml(
-    stream_url: str, status_callback_url: str, parameters: Mapping[str, str]
+    stream_url: str, status_callback_url: str, parameters: Mapping[str, str], action_url: str
 ) -> str:
-    """``<Connect><Stream>``: a bidirectional media stream. Nothing follows ``</Connect>``, so
-    when the stream ends the call ends (twilio reference, section 5.1)."""
+    """``<Connect action><Stream>``: a bidirectional media stream. When we close the stream
+    while the caller is still on the line, Twilio asks ``action`` what to do next (the call
+    would end there otherwise): the apology and the fallback are answered from there, so they
+    never race the stream's end (twilio reference, sections 1.3 and 7)."""
     response = VoiceResponse()
-    connect = response.connect()
+    connect = response.connect(action=action_url)
     stream = connect.stream(url=stream_url, status_callback=status_callback_url)
     for name, value in parameters.items():
         stream.parameter(name=name, value=value)

@@ -3,8 +3,11 @@ action after a transfer, and the call and stream status callbacks."""
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 from aiohttp import web
 
+from phoneagent.call import EndReason
 from phoneagent.conversation import session_config
 from phoneagent.logs import get_logger
 from phoneagent.personas import Persona
@@ -21,6 +24,7 @@ from phoneagent.twilio.webhook import (
     connect_stream_twiml,
     hangup_twiml,
     redirect_twiml,
+    say_then_hand_on_twiml,
     signature_is_valid,
 )
 
@@ -102,8 +106,56 @@ def connect_to_agent(
     }
     if resume:
         parameters[RESUME_PARAMETER] = resume
-    status_url = f"{state.settings.public_url}/twilio/stream-status"
-    return connect_stream_twiml(state.settings.stream_url, status_url, parameters)
+    public_url = state.settings.public_url
+    status_url = f"{public_url}/twilio/stream-status"
+    # Any instance may get the action: it carries the persona; Twilio adds CallSid, From, To.
+    action_url = f"{public_url}/twilio/stream-ended?{urlencode({'persona': persona.id})}"
+    return connect_stream_twiml(state.settings.stream_url, status_url, parameters, action_url)
+
+
+async def stream_ended(request: web.Request) -> web.Response:
+    """`<Connect action>`: the media stream is over and the caller is still on the line.
+
+    After a goodbye whose hang-up request did not get through, the call ends. In every other
+    case the agent could not (or can no longer) take the call: the model was unreachable or
+    lost, the persona went away, the stream was refused, or this instance does not know the
+    call at all. The caller then hears the persona's apology and goes to its fallback target,
+    never silence.
+    """
+    state = request.app[STATE]
+    form = await signed_form(request)
+    if form is None:
+        return invalid_signature()
+    call_sid = form.get("CallSid", "")
+    reason = end_reason_of(state, call_sid)
+    persona = state.personas.current.personas.get(request.query.get("persona", ""))
+    log.info("stream_ended", call_sid=call_sid, end_reason=reason, persona_known=bool(persona))
+    if reason in HANG_UP_REASONS:
+        return twiml(hangup_twiml())
+    state.metrics.calls_apologised.inc()
+    if persona is None:
+        return twiml(apology_twiml(NO_PERSONA_APOLOGY))
+    return twiml(say_then_hand_on_twiml(persona.apology, persona, form.get("To", "")))
+
+
+# The stream ended because the call was meant to end: Twilio's action gets a plain hang-up.
+HANG_UP_REASONS = frozenset(
+    {
+        EndReason.AGENT_HUNG_UP.value,
+        EndReason.TIME_LIMIT.value,
+        EndReason.CALLER_HUNG_UP.value,
+        EndReason.TRANSFERRED.value,
+    }
+)
+
+
+def end_reason_of(state: ServerState, call_sid: str) -> str | None:
+    """Why this instance's call ended (the call may still be closing its sockets)."""
+    call = state.active_calls.get(call_sid)
+    if call is not None and call.end_reason is not None:
+        return call.end_reason.value
+    record = state.calls.get(call_sid)
+    return record.end_reason if record is not None else None
 
 
 async def dial_status(request: web.Request) -> web.Response:
