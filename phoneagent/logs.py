@@ -8,12 +8,60 @@ with ``structlog.contextvars`` by the call handlers.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+from collections.abc import Iterable, Mapping
 
 import structlog
 
+REDACTED = "[redacted]"
+# Credentials in HTTP headers as libraries print them at debug level (websockets writes every
+# handshake header: "> Authorization: Bearer …"), in any of the shapes a renderer produces.
+_HEADER_CREDENTIAL = re.compile(
+    r"(?i)\b(authorization|proxy-authorization|x-twilio-signature|cookie|set-cookie)"
+    r"(['\"]?\s*[:=,]\s*['\"]?)(?:(?:bearer|basic|digest)\s+)?[^\s'\",]+"
+)
+# Environment variables whose values are secrets by their name (API keys, tokens, the webhook
+# signing secrets personas name in `secret_env`): their values never reach a log line.
+_SECRET_NAME = re.compile(r"(?i)(secret|token|key|password|credential)")
+_SHORTEST_SECRET = 8  # shorter values are not credentials, and would redact ordinary words
 
-def configure_logging(log_format: str = "json", level: str = "info") -> None:
+
+def secret_values(environ: Mapping[str, str] | None = None) -> set[str]:
+    """The values of the environment variables that hold secrets, judged by their names."""
+    env = os.environ if environ is None else environ
+    return {
+        value
+        for name, value in env.items()
+        if _SECRET_NAME.search(name) and len(value.strip()) >= _SHORTEST_SECRET
+    }
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` without credential headers and without any of ``secrets``."""
+    text = _HEADER_CREDENTIAL.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    for secret in sorted(secrets, key=len, reverse=True):  # longest first: no partial leftovers
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+class _RedactingFormatter(structlog.stdlib.ProcessorFormatter):
+    """The last step of every line, whatever logger wrote it: no level may print a secret."""
+
+    def __init__(self, *args, secrets: Iterable[str] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.secrets = {s for s in secrets if len(s) >= _SHORTEST_SECRET}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), self.secrets)
+
+
+def configure_logging(
+    log_format: str = "json", level: str = "info", secrets: Iterable[str] | None = None
+) -> None:
+    """Route structlog and the standard library through one renderer. ``secrets``: values to
+    scrub from every line (default: those of the environment's secret-named variables)."""
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -38,9 +86,10 @@ def configure_logging(log_format: str = "json", level: str = "info") -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
+        _RedactingFormatter(
             foreign_pre_chain=shared,
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            secrets=secret_values() if secrets is None else secrets,
         )
     )
     root = logging.getLogger()

@@ -1,0 +1,86 @@
+"""No log level prints a secret: not ours, not a library's (websockets writes every handshake
+header at debug level, the StepFun key among them)."""
+
+import io
+import logging
+
+import pytest
+from conftest import EXAMPLE_PERSONAS
+
+from phoneagent.logs import REDACTED, configure_logging, redact, secret_values
+from phoneagent.testing.caller import CALLER_BOOKING_WAV, Signature
+from phoneagent.testing.fake_model import FakeRealtimeServer
+from phoneagent.testing.stack import LocalStack
+
+STEPFUN_KEY = "sk-stepfun-0123456789abcdef"
+DENTAL = "+14155550100"
+
+
+@pytest.fixture
+def log_output():
+    """Log lines as `phoneagent serve` writes them, kept in memory instead of stderr."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    yield stream
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def capture_logging(stream, *args, **kwargs) -> None:
+    configure_logging(*args, **kwargs)
+    logging.getLogger().handlers[0].setStream(stream)
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+@pytest.mark.parametrize("level", ["debug", "info", "warning"])
+async def test_a_whole_call_logs_no_secret_at_any_level(log_output, level, log_format):
+    model = FakeRealtimeServer(api_key=STEPFUN_KEY, speed=None)
+    stack = LocalStack(EXAMPLE_PERSONAS, model=model)
+    token = stack.settings.twilio_auth_token
+    capture_logging(log_output, log_format, level, secrets={STEPFUN_KEY, token})
+    async with stack, stack.caller(to=DENTAL, speed=0) as caller:
+        stack.state.prewarmer.connector.api_key = STEPFUN_KEY
+        await caller.dial(signature=Signature.WRONG)  # a forgery: logged as a warning
+        await caller.dial()
+        await caller.connect()
+        await caller.play_wav(CALLER_BOOKING_WAV)
+        await caller.wait_for_event("media", timeout=10)
+        await caller.hangup()
+    logging.getLogger("test").debug("headers: %s", {"Authorization": f"Bearer {STEPFUN_KEY}"})
+    written = log_output.getvalue()
+    assert written  # something was logged at every level tried
+    assert STEPFUN_KEY not in written and token not in written
+    if level == "debug":  # websockets printed the handshake: the key was there to redact
+        assert f"Authorization: {REDACTED}" in written
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "> Authorization: Bearer abc.def-ghi",
+        '{"headers": {"Authorization": "Basic QUM6dG9rZW4="}}',
+        "authorization=Bearer xyz123",
+        "X-Twilio-Signature: 0Oz1bTWqlCpRQKTp7jFp7rCe4Tk=",
+    ],
+)
+def test_credential_headers_are_redacted_in_any_shape(line):
+    cleaned = redact(line)
+    assert REDACTED in cleaned
+    for secret in ("abc.def-ghi", "QUM6dG9rZW4=", "xyz123", "0Oz1bTWqlCpRQKTp7jFp7rCe4Tk="):
+        assert secret not in cleaned
+
+
+def test_secret_named_variables_are_secrets():
+    env = {
+        "STEPFUN_API_KEY": "sk-0123456789",
+        "TWILIO_AUTH_TOKEN": "0123456789abcdef",
+        "BRIGHT_SMILE_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "PUBLIC_URL": "https://voice.example.com",
+        "SHORT_KEY": "abc",
+    }
+    assert secret_values(env) == {
+        "sk-0123456789",
+        "0123456789abcdef",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    }
