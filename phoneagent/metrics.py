@@ -54,6 +54,18 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.streams_refused = Counter(
+            "phoneagent_streams_refused",
+            "Media streams refused before any model cost: no `start`, a bad, expired or reused "
+            "token, a second stream for a call, a persona no longer configured.",
+            registry=r,
+        )
+        self.webhook_replays = Counter(
+            "phoneagent_twilio_webhook_replays",
+            "Voice or <Dial> action webhooks seen again for the same call: answered as before, "
+            "nothing started.",
+            registry=r,
+        )
         self.calls_apologised = Counter(
             "phoneagent_calls_apologised",
             "Streams that ended with the caller still on the line and the agent unable to go on: "

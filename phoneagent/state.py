@@ -19,6 +19,7 @@ from phoneagent.metrics import Metrics
 from phoneagent.personas import Persona, PersonaRegistry, TransferTarget
 from phoneagent.realtime.connection import Prewarmer
 from phoneagent.records import CallRecord, CallRecords
+from phoneagent.twilio.replay import AnsweredWebhooks, StreamClaims
 from phoneagent.twilio.webhook import StreamToken
 
 if TYPE_CHECKING:
@@ -35,6 +36,9 @@ class ServerState:
     draining: bool = False
     active_calls: dict[str, Call] = field(default_factory=dict)
     calls: CallRecords = field(default_factory=CallRecords)
+    # Replay defences: Twilio's signatures carry no timestamp (see twilio/replay.py).
+    stream_claims: StreamClaims = field(default_factory=StreamClaims)
+    answered: AnsweredWebhooks = field(default_factory=AnsweredWebhooks)
     clock: Callable[[], float] = time.monotonic  # calls' clock: tests run calls faster
     publisher: CallEventPublisher | None = None  # None: no webhook delivery (no outbox)
     handoffs: TwilioHandoffs | None = None

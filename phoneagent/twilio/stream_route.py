@@ -51,6 +51,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
             call, model = await open_call(state, ws)
         except (StreamRefused, TimeoutError) as exc:
             log.warning("stream_refused", reason=str(exc) or "no `start` in time")
+            state.metrics.streams_refused.inc()
             await ws.close()
             return ws
         await run_call(state, ws, call, model)
@@ -67,6 +68,12 @@ async def open_call(state: ServerState, ws: web.WebSocketResponse) -> tuple[Call
     problem = state.stream_token.check(token, start.call_sid, persona_id)
     if problem:
         raise StreamRefused(problem)
+    # One stream per call, and a token opens one stream once (a returning transfer gets a new
+    # one): no await between the checks and the claim, so concurrent replays cannot both pass.
+    if start.call_sid in state.active_calls:
+        raise StreamRefused("a stream for this call is already open")
+    if not state.stream_claims.claim(token, state.stream_token.expiry(token)):
+        raise StreamRefused("this stream token was already used")
     persona = state.personas.current.personas.get(persona_id)
     if persona is None:
         raise StreamRefused(f"persona {persona_id!r} is no longer configured")

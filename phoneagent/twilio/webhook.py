@@ -73,6 +73,11 @@ class StreamToken:
             return "token expired"
         return ""
 
+    @staticmethod
+    def expiry(token: str) -> float:
+        """When a token that passed ``check`` expires (Unix time)."""
+        return float(token.partition(".")[0])
+
 
 def connect_stream_twiml(
     stream_url: str, status_callback_url: str, parameters: Mapping[str, str], action_url: str

@@ -84,10 +84,28 @@ async def voice_webhook(request: web.Request) -> web.Response:
         log.warning("call_refused_busy", call_sid=call_sid, max_calls=state.settings.max_calls)
         state.metrics.calls.labels("busy").inc()
         return twiml(busy_twiml(persona, called))
+    key = f"voice:{call_sid}"
+    known = state.calls.get(call_sid)
+    call_over = known is not None and known.ended_at is not None
+    if (replayed := replay_answer(state, key, call_sid, call_over=call_over)) is not None:
+        return replayed
     record = state.calls.open(call_sid)
     record.persona, record.caller, record.called = persona.id, form.get("From", ""), called
     log.info("call_incoming", call_sid=call_sid, persona=persona.id, to=called)
-    return twiml(connect_to_agent(state, persona, record))
+    return twiml(state.answered.remember(key, connect_to_agent(state, persona, record)))
+
+
+def replay_answer(
+    state: ServerState, key: str, call_sid: str, *, call_over: bool = False
+) -> web.Response | None:
+    """The answer to a request seen before (a replay: Twilio's signature has no timestamp), or
+    a hang-up for a call that is over; None for a new request. Neither starts anything."""
+    answered = state.answered.get(key)
+    if answered is None and not call_over:
+        return None
+    log.warning("twilio_webhook_replayed", call_sid=call_sid, request=key.partition(":")[0])
+    state.metrics.webhook_replays.inc()
+    return twiml(answered if answered is not None else hangup_twiml())
 
 
 def connect_to_agent(
@@ -166,7 +184,11 @@ async def dial_status(request: web.Request) -> web.Response:
     if form is None:
         return invalid_signature()
     outcome = form.get("DialCallStatus", "")
-    record = state.calls.open(form.get("CallSid", ""))
+    call_sid = form.get("CallSid", "")
+    key = f"dial:{call_sid}:{form.get('DialCallSid') or outcome}"
+    if (replayed := replay_answer(state, key, call_sid)) is not None:
+        return replayed
+    record = state.calls.open(call_sid)
     record.caller = record.caller or request.query.get("from", "")
     record.called = record.called or request.query.get("to", "")
     persona = state.personas.current.personas.get(request.query.get("persona", ""))
@@ -177,7 +199,8 @@ async def dial_status(request: web.Request) -> web.Response:
     target = persona.transfer.get(target_name)
     if target is not None:
         state.publish_transfer(persona, record, target, "failed", outcome)
-    return twiml(connect_to_agent(state, persona, record, resume=f"{target_name}:{outcome}"))
+    resumed = connect_to_agent(state, persona, record, resume=f"{target_name}:{outcome}")
+    return twiml(state.answered.remember(key, resumed))
 
 
 async def status_callback(request: web.Request) -> web.Response:
