@@ -673,12 +673,19 @@ async def run_checks(
     limits = limits or Limits()
     if settings.stepfun_api_key:
         probe = session_config(personas[0]) if personas else _neutral_session()
-        results, connector = await check_stepfun_access(settings, probe, limits)
+        try:
+            results, connector = await check_stepfun_access(settings, probe, limits)
+        except Exception as exc:  # a surprise must not hide the other checks' answers
+            results, connector = [_unexpected("stepfun connect", exc)], None
         for result in results:
             yield result
         if connector is not None:
             for persona in personas:
-                for result in await check_persona_model(connector, persona, limits, speed):
+                try:
+                    results = await check_persona_model(connector, persona, limits, speed)
+                except Exception as exc:
+                    results = [_unexpected(f"stepfun session [{persona.id}]", exc)]
+                for result in results:
                     yield result
     if settings.public_url:
         yield check_public_url(settings.public_url)
@@ -697,6 +704,11 @@ async def run_checks(
     number = next((n for p in personas for n in p.numbers), None)
     if settings.public_url and number:
         yield await check_voice_webhook(settings, number, limits)
+
+
+def _unexpected(check: str, exc: Exception) -> Result:
+    fix = "run doctor again; if it persists, report it to the phoneagent project with this line"
+    return failed(check, f"doctor could not finish: {type(exc).__name__}: {exc}", fix)
 
 
 def _neutral_session() -> SessionConfig:

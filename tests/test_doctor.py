@@ -390,3 +390,30 @@ async def test_the_command_fails_with_json_and_no_secret(personas_dir, tmp_path)
     assert statuses["config PUBLIC_URL"] == "FAIL"
     for secret in (API_KEY, wrong_key, AUTH_TOKEN):
         assert secret not in out and secret not in err
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "status", "text"),
+    [
+        ("account_type", "Trial", doctor.WARN, "trial account"),
+        ("account_status", "suspended", doctor.FAIL, "the account is suspended"),
+    ],
+)
+async def test_a_trial_or_suspended_account_is_reported(field, value, status, text):
+    from phoneagent.testing.fake_twilio_api import FakeTwilioApi
+
+    async with FakeTwilioApi(ACCOUNT_SID, AUTH_TOKEN) as api:
+        setattr(api, field, value)
+        settings = Settings(
+            twilio_account_sid=ACCOUNT_SID,
+            twilio_auth_token=AUTH_TOKEN,
+            twilio_api_base_url=api.base_url,
+        )
+        client = doctor.twilio_client(settings)
+        try:
+            result = await doctor.check_twilio_account(client, settings, LIMITS)
+        finally:
+            await client.http_client.close()
+    assert result.status == status
+    assert text in result.detail and result.fix
+    assert AUTH_TOKEN not in str(result)  # the Account resource carries the token
