@@ -270,7 +270,8 @@ async def check_persona_model(
             f"check voice {persona.voice!r} (it must exist for model {connector.model}) and the "
             f"persona's tools in {persona.source or persona.id}"
         )
-        return [failed(f"stepfun session {name}", f"refused: {reason}", fix)]
+        detail = reason if reason.startswith("session refused") else f"refused: {reason}"
+        return [failed(f"stepfun session {name}", detail, fix)]
     tools = len(session_config(persona).tools)
     results = [passed(f"stepfun session {name}", f"voice {persona.voice!r} and {tools} tool(s)")]
     pump = _EventPump(session)
