@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--speed", type=float, default=1.0, help="call time per wall time")
     simulate.set_defaults(handler=cmd_simulate)
 
+    doctor = commands.add_parser(
+        "doctor", help="check the configuration against StepFun, Twilio and PUBLIC_URL"
+    )
+    doctor.add_argument(
+        "--json", action="store_true", help="print a JSON list of {status, check, detail, fix}"
+    )
+    doctor.add_argument("--persona", metavar="ID", help="check this persona only")
+    doctor.set_defaults(handler=cmd_doctor)
+
     add_events_commands(commands)
 
     personas = commands.add_parser("personas", help="work with persona files")
@@ -158,6 +167,54 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except (OSError, TimeoutError) as exc:
         print(f"phoneagent: simulate failed: {exc}", file=sys.stderr)
         return EXIT_INVALID
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    # Imported here so the other commands stay quick.
+    from phoneagent import doctor
+    from phoneagent.logs import configure_logging
+
+    # Library warnings (a refused model name) go to stderr; the checks say what matters.
+    configure_logging("console", "error")
+    settings, results = doctor.load_configuration(os.environ)
+    personas, persona_results = doctor.load_personas(settings.personas_dir)
+    results += persona_results
+    if args.persona is not None and personas:
+        chosen = [p for p in personas if p.id == args.persona]
+        if not chosen:
+            known = ", ".join(p.id for p in personas)
+            print(f"phoneagent: no persona {args.persona!r}; known: {known}", file=sys.stderr)
+            return EXIT_CONFIG
+        personas = chosen
+    secrets = [
+        value
+        for name in ("STEPFUN_API_KEY", "TWILIO_AUTH_TOKEN")
+        for value in {os.environ.get(name, ""), os.environ.get(name, "").strip()}
+        if value
+    ]
+
+    def show(result: doctor.Result) -> doctor.Result:
+        result = doctor.redact(result, secrets)
+        if not args.json:
+            print(doctor.format_line(result), flush=True)
+        return result
+
+    async def run() -> list[doctor.Result]:
+        shown = [show(r) for r in results]
+        async for result in doctor.run_checks(settings, personas):
+            shown.append(show(result))
+        return shown
+
+    try:
+        shown = asyncio.run(run())
+    except KeyboardInterrupt:
+        return EXIT_INVALID
+    if args.json:
+        print(doctor.format_json(shown))
+    else:
+        counts = {s: sum(r.status == s for r in shown) for s in (doctor.FAIL, doctor.WARN)}
+        print(f"{counts[doctor.FAIL]} failed, {counts[doctor.WARN]} warnings", file=sys.stderr)
+    return doctor.exit_status(shown)
 
 
 def _config_errors(exc: ConfigError) -> int:

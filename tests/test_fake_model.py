@@ -265,6 +265,19 @@ async def test_voice_is_locked_once_audio_was_produced(fake):
         assert (await c.recv())["type"] == "session.updated"
 
 
+async def test_voices_option_refuses_other_voices_in_the_documented_error_shape():
+    fake = FakeRealtimeServer(speed=None, voices={"linjiajiejie"})
+    async with fake, session(fake) as c:
+        refused = {"voice": "nosuchvoice"}
+        error = await expect_error(
+            c, "session.update", "voice not found: nosuchvoice", session=refused
+        )
+        assert error["code"] == "invalid_param"
+        assert fake.sessions[0].config["voice"] == "linjiajiejie"  # refused as a whole
+        await c.send("session.update", session={"voice": "linjiajiejie"})
+        assert (await c.recv())["type"] == "session.updated"
+
+
 # -- documented errors --------------------------------------------------------------------------
 
 

@@ -252,3 +252,43 @@ async def test_attached_caller_keeps_its_stream_on_a_refused_update(api, client,
         await rest_error(client.calls(caller.call_sid).update_async(twiml="<Response>"))
         await api.settle()
         assert not caller.closed
+
+
+# --- Account and IncomingPhoneNumbers (what `phoneagent doctor` reads) -------------------------
+
+
+async def test_account_fetch_and_numbers_list_through_the_real_client():
+    sid, token = "AC" + "ab" * 16, "token-" + "cd" * 8
+    async with FakeTwilioApi(sid, token) as api:
+        api.account_type = "Trial"
+        api.add_number("+14155550100", voice_url="https://voice.example.com/twilio/voice")
+        api.add_number("+14155550142", voice_method="GET")
+        client = api.client()
+        try:
+            account = await client.api.v2010.accounts(sid).fetch_async()
+            exact = await client.incoming_phone_numbers.list_async(phone_number="+14155550100")
+            # Twilio's filter matches partial numbers, with * for any digit.
+            partial = await client.incoming_phone_numbers.list_async(phone_number="55501*")
+            none = await client.incoming_phone_numbers.list_async(phone_number="+19999999999")
+        finally:
+            await client.http_client.close()
+    assert (account.sid, account.status, account.type) == (sid, "active", "Trial")
+    assert [(n.phone_number, n.voice_url, n.voice_method) for n in exact] == [
+        ("+14155550100", "https://voice.example.com/twilio/voice", "POST")
+    ]
+    assert exact[0].sid.startswith("PN") and exact[0].voice_application_sid is None
+    assert sorted(n.phone_number for n in partial) == ["+14155550100", "+14155550142"]
+    assert none == []
+
+
+async def test_account_fetch_with_a_wrong_token_is_401():
+    sid = "AC" + "ab" * 16
+    async with FakeTwilioApi(sid, "old-token") as api:
+        client = api.client()
+        api.auth_token = "rotated-token"  # the account's token changed; the client's did not
+        try:
+            with pytest.raises(TwilioRestException) as caught:
+                await client.api.v2010.accounts(sid).fetch_async()
+        finally:
+            await client.http_client.close()
+    assert (caught.value.status, caught.value.code) == (401, 20003)

@@ -544,6 +544,10 @@ class FakeSession:
             voice = _require(patch["voice"], str, "voice must be a string")
             if voice != self.config["voice"] and self.audio_produced:
                 raise ClientEventError("voice cannot be changed after audio was produced")
+            if self.server.voices is not None and voice not in self.server.voices:
+                # ref §5: voices are per model and account (cloned ids); an unknown one is a
+                # bad parameter. Assumption: the message names it (the reference has no sample).
+                raise ClientEventError(f"voice not found: {voice}")
         if "turn_detection" in patch:
             patch["turn_detection"] = _valid_turn_detection(patch["turn_detection"])
         if "tools" in patch:
@@ -1111,6 +1115,8 @@ class FakeRealtimeServer:
     - *max_message_bytes*: largest client message; larger closes the socket (1009).
     - *session_max_seconds*: the server closes a session this long after it opened (None: never).
     - *truncate_error*: refuse ``conversation.item.truncate`` with an error instead of acking it.
+    - *voices*: the voice ids ``session.update`` accepts (an ``invalid_param`` error otherwise);
+      None accepts any.
     - *record_events*: keep ``received``/``sent`` per session (turn off for long benchmarks).
     - *audio_trace*: called as ``audio_trace(session, "in", n)`` when an append of *n* pcm16
       bytes is accepted, and ``audio_trace(session, "out", n)`` just before an audio delta of
@@ -1134,6 +1140,7 @@ class FakeRealtimeServer:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         session_max_seconds: float | None = SESSION_MAX_SECONDS,
         truncate_error: bool = False,
+        voices: Iterable[str] | None = None,
         record_events: bool = True,
         audio_trace: Callable[[FakeSession, str, int], None] | None = None,
         seed: int | None = 0,
@@ -1159,6 +1166,7 @@ class FakeRealtimeServer:
         self.max_message_bytes = max_message_bytes
         self.session_max_seconds = session_max_seconds
         self.truncate_error = truncate_error
+        self.voices = None if voices is None else frozenset(voices)
         self.record_events = record_events
         self.audio_trace = audio_trace
         self.seed = seed

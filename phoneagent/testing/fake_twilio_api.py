@@ -48,6 +48,7 @@ import asyncio
 import base64
 import binascii
 import inspect
+import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
@@ -72,6 +73,7 @@ __all__ = [
     "ApiRequest",
     "CallUpdate",
     "FakeCall",
+    "FakeNumber",
     "FakeTwilioApi",
     "TwilioApiError",
 ]
@@ -255,6 +257,10 @@ class FakeTwilioApi(LoopbackServer):
         self._hooks: dict[str, list[UpdateHook]] = {}
         self._hook_tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
+        # The Account and IncomingPhoneNumber resources (``phoneagent doctor`` reads them).
+        self.account_status = "active"
+        self.account_type = "Full"
+        self.numbers: dict[str, FakeNumber] = {}
 
     # -- test controls ------------------------------------------------------------------------
 
@@ -263,6 +269,12 @@ class FakeTwilioApi(LoopbackServer):
         call = FakeCall(sid=call_sid or new_sid("CA"), account_sid=self.account_sid, **fields)
         self.calls[call.sid] = call
         return call
+
+    def add_number(self, phone_number: str, **fields: Any) -> FakeNumber:
+        """Put ``phone_number`` (E.164) on the account, e.g. ``voice_url=…``, ``voice_method=…``."""
+        number = FakeNumber(phone_number=phone_number, account_sid=self.account_sid, **fields)
+        self.numbers[phone_number] = number
+        return number
 
     def end_call(self, call_sid: str, status: str = "completed") -> None:
         """The call ended on Twilio's side (caller hung up): later updates get 21220."""
@@ -341,6 +353,7 @@ class FakeTwilioApi(LoopbackServer):
         path = f"/{API_VERSION}/Accounts/{{account_sid}}/Calls/{{call_sid}}.json"
         app.router.add_get(path, self._fetch)
         app.router.add_post(path, self._update)
+        _add_account_routes(app, self)
         return app
 
     async def _fetch(self, request: web.Request) -> web.Response:
@@ -465,3 +478,137 @@ def _check_inline_twiml(twiml: str) -> TwilioApiError | None:
         if action is not None and not urlsplit(action).scheme:
             return RELATIVE_ACTION
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The Account resource and the account's IncomingPhoneNumbers, read-only: what
+# ``phoneagent doctor`` fetches to check the credentials and each number's voice webhook.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeNumber:
+    """A phone number on the account: an IncomingPhoneNumber resource.
+
+    Fields and their meaning: https://www.twilio.com/docs/phone-numbers/api/incomingphonenumber-resource
+    (and ``IncomingPhoneNumberInstance`` in the ``twilio`` library, which reads them).
+    """
+
+    phone_number: str  # E.164
+    account_sid: str
+    voice_url: str = ""
+    voice_method: str = "POST"
+    # When set, Twilio ignores the voice_* URLs and uses the TwiML App's (docs).
+    voice_application_sid: str = ""
+    sid: str = field(default_factory=lambda: new_sid("PN"))
+    friendly_name: str = ""
+    date_created: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def resource(self) -> dict[str, Any]:
+        created = _rfc2822(self.date_created)
+        return {
+            "account_sid": self.account_sid,
+            "address_sid": None,
+            "address_requirements": "none",
+            "api_version": API_VERSION,
+            "beta": False,
+            "capabilities": {"voice": True, "sms": True, "mms": True, "fax": False},
+            "date_created": created,
+            "date_updated": created,
+            "friendly_name": self.friendly_name or self.phone_number,
+            "identity_sid": None,
+            "phone_number": self.phone_number,
+            "origin": "twilio",
+            "sid": self.sid,
+            "sms_application_sid": "",
+            "sms_fallback_method": "POST",
+            "sms_fallback_url": "",
+            "sms_method": "POST",
+            "sms_url": "",
+            "status_callback": "",
+            "status_callback_method": "POST",
+            "trunk_sid": None,
+            "uri": f"/{API_VERSION}/Accounts/{self.account_sid}/IncomingPhoneNumbers/"
+            f"{self.sid}.json",
+            "voice_receive_mode": "voice",
+            "voice_application_sid": self.voice_application_sid or None,
+            "voice_caller_id_lookup": False,
+            "voice_fallback_method": "POST",
+            "voice_fallback_url": None,
+            "voice_method": self.voice_method,
+            "voice_url": self.voice_url or None,
+            "emergency_status": "Inactive",
+            "emergency_address_sid": None,
+            "emergency_address_status": "unregistered",
+            "bundle_sid": None,
+            "status": "in-use",
+        }
+
+
+def _account_resource(api: FakeTwilioApi) -> dict[str, Any]:
+    """The Account resource: https://www.twilio.com/docs/iam/api/account (Account Properties).
+
+    Twilio returns the auth token in it: a client must never print this resource whole.
+    """
+    uri = f"/{API_VERSION}/Accounts/{api.account_sid}"
+    created = _rfc2822(datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC))
+    subresources = ("calls", "incoming_phone_numbers", "recordings", "notifications", "balance")
+    return {
+        "auth_token": api.auth_token,
+        "date_created": created,
+        "date_updated": created,
+        "friendly_name": "phoneagent test account",
+        "owner_account_sid": api.account_sid,
+        "sid": api.account_sid,
+        "status": api.account_status,
+        "subresource_uris": {
+            name: f"{uri}/{name.title().replace('_', '')}.json" for name in subresources
+        },
+        "type": api.account_type,
+        "uri": uri + ".json",
+    }
+
+
+def _matches(pattern: str, phone_number: str) -> bool:
+    """Twilio's PhoneNumber filter: "partial numbers, and '*' as a wildcard for any digit"."""
+    regex = "".join(r"\d" if c == "*" else re.escape(c) for c in pattern)
+    return re.search(regex, phone_number) is not None
+
+
+def _add_account_routes(app: web.Application, api: FakeTwilioApi) -> None:
+    base = f"/{API_VERSION}/Accounts/{{account_sid}}"
+
+    async def fetch_account(request: web.Request) -> web.Response:
+        error = await api._precheck(request)
+        if error is not None:
+            return api._answer(request, error.status, error.body())
+        return api._answer(request, 200, _account_resource(api))
+
+    async def list_numbers(request: web.Request) -> web.Response:
+        """The read (list) of IncomingPhoneNumbers, in Twilio's paged list shape."""
+        error = await api._precheck(request)
+        if error is not None:
+            return api._answer(request, error.status, error.body())
+        pattern = request.query.get("PhoneNumber", "")
+        page_size = int(request.query.get("PageSize", "50"))
+        found = [n.resource() for n in api.numbers.values() if _matches(pattern, n.phone_number)]
+        found = found[:page_size]  # one page is all a test registers
+        uri = f"/{API_VERSION}/Accounts/{api.account_sid}/IncomingPhoneNumbers.json"
+        query = (
+            f"?PhoneNumber={pattern}&PageSize={page_size}" if pattern else f"?PageSize={page_size}"
+        )
+        body = {
+            "end": max(len(found) - 1, 0),
+            "first_page_uri": f"{uri}{query}&Page=0",
+            "incoming_phone_numbers": found,
+            "next_page_uri": None,
+            "page": 0,
+            "page_size": page_size,
+            "previous_page_uri": None,
+            "start": 0,
+            "uri": f"{uri}{query}&Page=0",
+        }
+        return api._answer(request, 200, body)
+
+    app.router.add_get(base + ".json", fetch_account)
+    app.router.add_get(base + "/IncomingPhoneNumbers.json", list_numbers)
