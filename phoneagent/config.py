@@ -43,6 +43,8 @@ class Settings:
     public_url: str = ""
     twilio_account_sid: str = ""
     twilio_auth_token: str = field(default="", repr=False)
+    # A Webhook Rule's SharedKey secret: Twilio signs with it instead of the auth token.
+    twilio_webhook_shared_key: str = field(default="", repr=False)
     twilio_api_base_url: str = "https://api.twilio.com"
     stepfun_api_key: str = field(default="", repr=False)
     stepfun_realtime_url: str = "wss://api.stepfun.com/v1/realtime"
@@ -56,10 +58,15 @@ class Settings:
     fallback_url: str = ""  # where new calls go while this instance drains ("" = HTTP 503)
 
     @property
+    def public_ws_url(self) -> str:
+        """``PUBLIC_URL`` as Twilio's WebSockets reach it: ``wss://`` (``ws://`` on localhost)."""
+        scheme = "wss" if self.public_url.startswith("https://") else "ws"
+        return f"{scheme}://{self.public_url.split('://', 1)[1]}"
+
+    @property
     def stream_url(self) -> str:
         """The ``wss://`` URL Twilio opens the media stream on (and signs, exactly as written)."""
-        scheme = "wss" if self.public_url.startswith("https://") else "ws"
-        return f"{scheme}://{self.public_url.split('://', 1)[1]}/twilio/stream"
+        return f"{self.public_ws_url}/twilio/stream"
 
 
 def load_settings(
@@ -91,6 +98,9 @@ def load_settings(
     token = get("TWILIO_AUTH_TOKEN")
     if token and any(c.isspace() for c in token):
         problems.append("TWILIO_AUTH_TOKEN is malformed: it contains whitespace")
+    shared_key = get("TWILIO_WEBHOOK_SHARED_KEY")
+    if any(c.isspace() for c in shared_key):
+        problems.append("TWILIO_WEBHOOK_SHARED_KEY is malformed: it contains whitespace")
     api_base = get("TWILIO_API_BASE_URL").rstrip("/") or Settings.twilio_api_base_url
     _check_url("TWILIO_API_BASE_URL", api_base, ("https", "http"), problems)
     realtime_url = get("STEPFUN_REALTIME_URL") or Settings.stepfun_realtime_url
@@ -120,6 +130,7 @@ def load_settings(
         public_url=public_url,
         twilio_account_sid=sid,
         twilio_auth_token=token,
+        twilio_webhook_shared_key=shared_key,
         twilio_api_base_url=api_base,
         stepfun_api_key=get("STEPFUN_API_KEY"),
         stepfun_realtime_url=realtime_url,

@@ -122,3 +122,12 @@ def test_secrets_never_appear_in_errors_or_repr(valid_env):
     assert "abc123secret" not in text
     assert valid_env["STEPFUN_API_KEY"] not in text
     assert settings.twilio_account_sid in text  # not a secret: it helps operators
+
+
+def test_webhook_shared_key_is_optional_secret_and_checked(valid_env):
+    assert load_settings(valid_env).twilio_webhook_shared_key == ""
+    settings = load_settings(valid_env | {"TWILIO_WEBHOOK_SHARED_KEY": " sharedsecret42 "})
+    assert settings.twilio_webhook_shared_key == "sharedsecret42"
+    assert "sharedsecret42" not in repr(settings) + str(settings)
+    problems = problems_for(valid_env | {"TWILIO_WEBHOOK_SHARED_KEY": "shared secret42"})
+    assert problems == ["TWILIO_WEBHOOK_SHARED_KEY is malformed: it contains whitespace"]

@@ -11,7 +11,6 @@ import pytest
 from conftest import EXAMPLE_PERSONAS
 
 from phoneagent.audio import pcm16_to_ulaw
-from phoneagent.testing.caller import parse_twiml_answer
 from phoneagent.testing.fake_model import CallTool, FakeRealtimeServer
 from phoneagent.testing.speech import synthesize
 from phoneagent.testing.stack import LocalStack
@@ -130,24 +129,25 @@ async def test_an_interrupted_announcement_does_not_transfer(stack, model):
     assert stack.state.calls.get(caller.call_sid).end_reason == "caller_hung_up"
 
 
-async def test_an_unanswered_transfer_comes_back_to_the_agent(stack, model, persona):
+# A caller's `From` is E.164 only for phone numbers: a Twilio Client or a SIP caller gives a URI,
+# which the <Dial action> query carries percent-encoded, and Twilio signs it so (twilio
+# reference, sections 1.1 and 4.1).
+@pytest.mark.parametrize("caller_id", ["+14155550123", "client:alice", "sip:bob@example.com"])
+async def test_an_unanswered_transfer_comes_back_to_the_agent(stack, model, persona, caller_id):
     model.script = (CallTool("transfer_call", {"target": "front_desk"}),)
-    caller = await start_call(stack)
+    caller = await start_call(stack, from_=caller_id)
     await caller.play(speech("Put me through to the front desk please."))
     [update] = await stack.twilio_api.wait_for_updates(1, timeout=30)
     await caller.wait_closed(timeout=10)
     await caller.__aexit__(None, None, None)
 
     # Nobody answers: Twilio requests the <Dial action> with DialCallStatus=no-answer.
-    action = urlsplit(ET.fromstring(update.params["Twiml"]).find("Dial").get("action"))
-    back = stack.caller(to=DENTAL, call_sid=caller.call_sid, speed=SPEED)
+    back = stack.caller(to=DENTAL, from_=caller_id, call_sid=caller.call_sid, speed=SPEED)
     async with back:
-        params = back.webhook_params("in-progress") | {"DialCallStatus": "no-answer"}
-        status, content_type, body = await back.post_signed(f"{action.path}?{action.query}", params)
-        back.answer = parse_twiml_answer(
-            status, content_type, body, request_url=stack.base_url + action.path
-        )
-        assert back.answer.ok and back.answer.stream_url
+        answer = await back.request_dial_action(update.params["Twiml"], "no-answer")
+        assert answer.status == 200
+        assert answer.ok and answer.stream_url
+        assert answer.parameters["from"] == caller_id
         await back.connect()
         back.start_background_silence()
         await back.wait_until_heard_ms(500, timeout=30)  # the agent speaks again
@@ -159,7 +159,8 @@ async def test_an_unanswered_transfer_comes_back_to_the_agent(stack, model, pers
     assert persona.greeting in replayed[0]["content"][0]["text"]
     [opening] = second.received_events("response.create")
     assert "not answered (no-answer)" in opening["response"]["instructions"]
-    assert stack.state.calls.get(caller.call_sid).end_reason == "caller_hung_up"
+    record = stack.state.calls.get(caller.call_sid)
+    assert (record.end_reason, record.caller) == ("caller_hung_up", caller_id)
 
 
 async def test_answered_transfer_ends_with_the_person(stack):

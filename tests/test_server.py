@@ -20,7 +20,9 @@ TWILIO_ROUTES = [
     ("GET", "/twilio/stream"),
     ("POST", "/twilio/stream-status"),
     ("POST", "/twilio/call-status"),
+    ("POST", "/twilio/dial-status"),
 ]
+FORM_ROUTES = [path for method, path in TWILIO_ROUTES if method == "POST"]
 
 
 @pytest.fixture
@@ -75,6 +77,47 @@ async def test_twilio_routes_refuse_unsigned_requests(client, method, path):
         method, path, data={"CallSid": "CA1"} if method == "POST" else None
     )
     assert response.status == 403
+
+
+# Twilio POSTs application/x-www-form-urlencoded; anything else is refused before the signature
+# check, and never with a 500.
+BAD_BODIES = {
+    "multipart": (
+        {"Content-Type": "multipart/form-data; boundary=b"},
+        b'--b\r\nContent-Disposition: form-data; name="CallSid"; filename="x.txt"\r\n\r\n'
+        b"CA1\r\n--b--\r\n",
+        415,
+    ),
+    "json": ({"Content-Type": "application/json"}, b'{"CallSid": "CA1"}', 415),
+    "invalid utf-8": (
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        b"CallSid=CA1&From=\xff\xfe",
+        400,
+    ),
+    "unknown charset": (
+        {"Content-Type": "application/x-www-form-urlencoded; charset=klingon"},
+        b"CallSid=CA1",
+        400,
+    ),
+}
+
+
+@pytest.mark.parametrize("path", FORM_ROUTES)
+@pytest.mark.parametrize("body", BAD_BODIES, ids=str)
+async def test_twilio_routes_refuse_bodies_that_are_not_a_form(client, path, body, capfd):
+    headers, data, status = BAD_BODIES[body]
+    configure_logging("json", "info")
+    try:
+        response = await client.post(path, data=data, headers=headers)
+        assert response.status == status
+        assert "Traceback" not in await response.text()
+        err = capfd.readouterr().err
+    finally:
+        logging.getLogger().handlers.clear()
+    events = [json.loads(line)["event"] for line in err.splitlines() if line.startswith("{")]
+    expected = "twilio_webhook_not_a_form" if status == 415 else "twilio_webhook_malformed_form"
+    assert expected in events
+    assert "Traceback" not in err
 
 
 async def test_unknown_route_is_404(client):

@@ -2,14 +2,14 @@
 
 import xml.etree.ElementTree as ET
 
-from twilio.request_validator import RequestValidator
+from twilio.request_validator import HMAC_SHA256, RequestValidator
 
 from phoneagent.twilio.webhook import (
     STREAM_TOKEN_SECONDS,
     StreamToken,
     apology_twiml,
     connect_stream_twiml,
-    signature_is_valid,
+    signature_problem,
 )
 
 NOW = 1_800_000_000.0
@@ -60,6 +60,13 @@ def test_apology_twiml_says_and_hangs_up():
     assert [(el.tag, el.text) for el in root] == [("Say", "Sorry."), ("Hangup", None)]
 
 
+def signature_is_valid(auth_token, url, params, signature, settings="", shared_key=""):
+    problem = signature_problem(
+        url, params, signature, settings, auth_token=auth_token, shared_key=shared_key
+    )
+    return problem == ""
+
+
 def test_signature_checked_like_twilio():
     url = "https://voice.example.com/twilio/voice"
     params = {"CallSid": "CA1", "To": "+14155550100"}
@@ -71,4 +78,31 @@ def test_signature_checked_like_twilio():
     ws_url = "wss://voice.example.com/twilio/stream"
     assert signature_is_valid(
         "secret", ws_url, {}, RequestValidator("secret").compute_signature(ws_url, {})
+    )
+
+
+SETTINGS_256 = "key=webhooks_sharedkey_123,algorithm=HMAC_SHA256"
+
+
+def test_a_webhook_rule_signature_is_checked_with_the_shared_key():
+    url = "https://voice.example.com/twilio/voice"
+    params = {"CallSid": "CA1"}
+    by_key = RequestValidator("shared").compute_signature(url, params, HMAC_SHA256)
+    by_token = RequestValidator("token").compute_signature(url, params)
+
+    def problem(signature, settings, shared_key="shared"):
+        return signature_problem(
+            url, params, signature, settings, auth_token="token", shared_key=shared_key
+        )
+
+    assert problem(by_key, SETTINGS_256) == ""
+    assert problem(by_token, "") == ""  # no rule matched: the auth token, as ever
+    assert problem(by_key, "") == "twilio_signature_invalid"
+    assert problem(by_token, SETTINGS_256) == "twilio_signature_invalid"
+    assert problem(by_key, SETTINGS_256, shared_key="other") == "twilio_signature_invalid"
+    assert problem(by_key, SETTINGS_256, shared_key="") == "twilio_signature_shared_key_missing"
+    sha1_by_key = RequestValidator("shared").compute_signature(url, params)
+    assert problem(sha1_by_key, "key=webhooks_sharedkey_123,algorithm=HMAC_SHA1") == ""
+    assert problem(by_key, "key=k,algorithm=HMAC_SHA512") == (
+        "twilio_signature_algorithm_unsupported"
     )

@@ -59,7 +59,8 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import aiohttp
-from twilio.request_validator import RequestValidator
+from twilio.request_validator import HMAC_SHA256, SIGNATURE_SETTINGS_HEADER, RequestValidator
+from yarl import URL
 
 with warnings.catch_warnings():
     # audioop is deprecated in 3.11-3.12 and gone in 3.13, where audioop-lts provides the same
@@ -75,6 +76,7 @@ __all__ = [
     "PlaybackBuffer",
     "ProtocolViolation",
     "ReceivedMessage",
+    "SharedKey",
     "Signature",
     "StreamRejected",
     "TwilioCaller",
@@ -124,12 +126,36 @@ class Signature(enum.Enum):
     MISSING = "missing"
 
 
-def twilio_signature(auth_token: str, url: str, params: Mapping[str, str] | None = None) -> str:
+@dataclass(frozen=True)
+class SharedKey:
+    """A Webhook Rule's SharedKey: Twilio signs matching webhooks with its secret, in the
+    rule's algorithm, and says so in ``X-Twilio-Webhooks-Signature-Settings:
+    key=<sid>,algorithm=<algorithm>``; the signed string is the same as with the auth token
+    (twilio-python ``request_validator.py`` 9.13; twilio-node
+    ``examples/WebhookSignatureValidation.md``)."""
+
+    sid: str
+    secret: str = field(repr=False)
+    algorithm: str = HMAC_SHA256
+
+    @property
+    def settings_header(self) -> str:
+        return f"key={self.sid},algorithm={self.algorithm}"
+
+
+def twilio_signature(
+    auth_token: str,
+    url: str,
+    params: Mapping[str, str] | None = None,
+    *,
+    algorithm: str | None = None,
+) -> str:
     """``X-Twilio-Signature`` for ``url`` and the POST ``params``, computed by the twilio library.
 
+    ``auth_token`` is the secret (a SharedKey's, with its ``algorithm``, default HMAC-SHA1).
     The library is the reference implementation of §4.1; using it keeps the fake honest.
     """
-    return RequestValidator(auth_token).compute_signature(url, dict(params or {}))
+    return RequestValidator(auth_token).compute_signature(url, dict(params or {}), algorithm)
 
 
 def signature_headers(
@@ -139,18 +165,27 @@ def signature_headers(
     params: Mapping[str, str] | None = None,
     *,
     header: str = "X-Twilio-Signature",
+    shared_key: SharedKey | None = None,
 ) -> dict[str, str]:
-    """The signature header for a request, or a forged/absent one.
+    """The signature headers for a request, or a forged/absent signature.
 
     ``signature`` may also be a literal header value, for example one computed over a different
-    URL to prove the server checks the URL it published.
+    URL to prove the server checks the URL it published. With ``shared_key``, Twilio signs with
+    the key instead of ``auth_token`` and adds the settings header (lowercase names, like
+    ``header``, on a WebSocket: §4.3).
     """
+    headers = {}
+    if shared_key is not None:
+        settings_name = SIGNATURE_SETTINGS_HEADER.lower() if header.islower() else None
+        headers[settings_name or SIGNATURE_SETTINGS_HEADER] = shared_key.settings_header
     if isinstance(signature, str):
-        return {header: signature}
+        return headers | {header: signature}
     if signature is Signature.MISSING:
-        return {}
-    token = auth_token if signature is Signature.VALID else auth_token + "-wrong"
-    return {header: twilio_signature(token, url, params)}
+        return headers
+    secret = shared_key.secret if shared_key is not None else auth_token
+    secret = secret if signature is Signature.VALID else secret + "-wrong"
+    algorithm = shared_key.algorithm if shared_key is not None else None
+    return headers | {header: twilio_signature(secret, url, params, algorithm=algorithm)}
 
 
 def new_sid(prefix: str) -> str:
@@ -731,6 +766,8 @@ class TwilioCaller:
     :param base_url: where to send HTTP, e.g. ``http://127.0.0.1:8080``.
     :param public_url: the URL Twilio would use (and sign); defaults to ``base_url``. Stream URLs
         on this host are connected to on ``base_url`` instead but signed as written (§4.3, §4.4).
+    :param shared_key: sign every request with this Webhook Rule SharedKey instead of the
+        auth token, as Twilio does when a rule matches the URL.
     :param speed: call time per wall time; 1.0 is real time, 0 or None is as fast as possible.
     :param voice_path: the voice webhook path under the public URL.
     :param record_frames: keep every media frame in :attr:`sent` and :attr:`received`; False
@@ -752,6 +789,7 @@ class TwilioCaller:
         from_: str = "+14155550123",
         call_sid: str | None = None,
         public_url: str | None = None,
+        shared_key: SharedKey | None = None,
         speed: float | None = 1.0,
         voice_path: str = "/twilio/voice",
         session: aiohttp.ClientSession | None = None,
@@ -764,6 +802,7 @@ class TwilioCaller:
         self.public_url = (public_url or base_url).rstrip("/")
         self.account_sid = account_sid
         self.auth_token = auth_token
+        self.shared_key = shared_key
         self.to = to
         self.from_ = from_
         self.call_sid = call_sid or new_sid("CA")
@@ -899,17 +938,60 @@ class TwilioCaller:
         """POST a form-encoded, signed Twilio webhook to ``path``; return status, type, body.
 
         Used for the voice webhook and for status callbacks (§1.1, §1.3, §6): the signature is
-        computed over the public URL, the request goes to the base URL.
+        computed over the public URL, the request goes to the base URL. ``path`` may carry a
+        query string: it is signed and sent byte for byte as given (see :meth:`post_to`).
+        """
+        return await self.post_to(self.public_url + path, params, signature)
+
+    async def post_to(
+        self,
+        url: str,
+        params: Mapping[str, str],
+        signature: Signature | str = Signature.VALID,
+    ) -> tuple[int, str | None, str]:
+        """POST a signed Twilio webhook to ``url`` exactly as written in the TwiML (an
+        ``action`` or ``statusCallback`` attribute, XML-unescaped); return status, type, body.
+
+        Twilio signs "the full URL … still URL-encoded" and requests that same URL (§4.1;
+        twilio.com/docs/usage/webhooks/webhooks-security; error 57012: "keep any query
+        parameters URL-encoded"), so neither the signed string nor the bytes on the wire are
+        decoded or re-encoded (``client%3Aalice`` stays so). A URL on the public host goes to
+        the base URL, like the stream (§4.4).
         """
         headers = {
             "User-Agent": "TwilioProxy/1.1",
             "Accept": "*/*",
             "I-Twilio-Idempotency-Token": str(uuid.uuid4()),
-            **signature_headers(signature, self.auth_token, self.public_url + path, params),
+            **signature_headers(
+                signature, self.auth_token, url, params, shared_key=self.shared_key
+            ),
         }
-        async with self._http().post(self.base_url + path, data=dict(params), headers=headers) as r:
+        target = URL(self._on_base_url(url), encoded=True)  # aiohttp would requote otherwise
+        async with self._http().post(target, data=dict(params), headers=headers) as r:
             # Twilio gives up after 15 s (§1.2); a test that hits this has found a slow server.
             return r.status, r.headers.get("Content-Type"), await r.text()
+
+    async def request_dial_action(
+        self,
+        twiml: str,
+        dial_call_status: str = "no-answer",
+        signature: Signature | str = Signature.VALID,
+    ) -> TwimlAnswer:
+        """Twilio's request to the ``<Dial action>`` of ``twiml`` once the dialled leg ended,
+        with the call's fields and ``DialCallStatus`` (§5.2); the TwiML answer becomes
+        :attr:`answer`. A transfer nobody answered: ``no-answer``, ``busy`` or ``failed``."""
+        dial = ET.fromstring(twiml).find("Dial")
+        action = dial.get("action") if dial is not None else None
+        if not action:
+            raise ValueError("the TwiML has no <Dial action>")
+        params = self.webhook_params("in-progress") | {
+            "DialCallStatus": dial_call_status,
+            "DialCallSid": new_sid("CA"),
+            "DialCallDuration": "0",
+        }
+        status, content_type, body = await self.post_to(action, params, signature)
+        self.answer = parse_twiml_answer(status, content_type, body, request_url=action)
+        return self.answer
 
     async def post_stream_status(
         self, event: str = "stream-started", error: str | None = None
@@ -928,8 +1010,7 @@ class TwilioCaller:
         }
         if error is not None:
             params["StreamError"] = error
-        path = urlsplit(url).path
-        status, _, _ = await self.post_signed(path, params)
+        status, _, _ = await self.post_to(urljoin(self.public_url, url), params)
         return status
 
     # -- the media stream (§2, §4.3) ----------------------------------------------------------
@@ -953,10 +1034,14 @@ class TwilioCaller:
             raise RuntimeError("no <Connect><Stream> to connect to: dial() first")
         signed_url = self.answer.stream_url
         headers = signature_headers(
-            signature, self.auth_token, signed_url, header="x-twilio-signature"
+            signature,
+            self.auth_token,
+            signed_url,
+            header="x-twilio-signature",
+            shared_key=self.shared_key,
         )  # §4.3: on the WebSocket the header name is all lowercase
         try:
-            self._ws = await self._http().ws_connect(self._connect_url(signed_url), headers=headers)
+            self._ws = await self._http().ws_connect(self._on_base_url(signed_url), headers=headers)
         except aiohttp.WSServerHandshakeError as exc:
             self.handshake_status = exc.status
             raise StreamRejected(exc.status, exc.message) from exc
@@ -988,16 +1073,21 @@ class TwilioCaller:
         self._spawn(self._playout_loop())
         self._spawn(self._microphone.run())
 
-    def _connect_url(self, signed_url: str) -> str:
-        stream, public, base = (
+    def _on_base_url(self, signed_url: str) -> str:
+        """Where to send a request for ``signed_url``: on the base URL when it names the public
+        URL (a proxy or tunnel sits between), the rest of the path and the query untouched."""
+        target, public, base = (
             urlsplit(signed_url),
             urlsplit(self.public_url),
             urlsplit(self.base_url),
         )
-        if stream.netloc != public.netloc:
+        if target.netloc != public.netloc or not target.path.startswith(public.path):
             return signed_url
-        scheme = "wss" if base.scheme == "https" else "ws"
-        return urlunsplit((scheme, base.netloc, stream.path, stream.query, ""))
+        scheme = base.scheme
+        if target.scheme in ("ws", "wss"):
+            scheme = "wss" if base.scheme == "https" else "ws"
+        path = base.path + target.path[len(public.path) :]
+        return urlunsplit((scheme, base.netloc, path, target.query, ""))
 
     # -- sending (caller → server) ------------------------------------------------------------
 

@@ -25,9 +25,8 @@ from phoneagent.twilio.webhook import (
     PERSONA_PARAMETER,
     RESUME_PARAMETER,
     TOKEN_PARAMETER,
-    signature_is_valid,
 )
-from phoneagent.twilio.webhook_routes import invalid_signature
+from phoneagent.twilio.webhook_routes import invalid_signature, twilio_signed
 
 log = get_logger(__name__)
 
@@ -38,10 +37,7 @@ MAX_STREAM_MESSAGE_BYTES = 64 * 1024
 async def media_stream(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     # The upgrade is signed over the wss:// URL exactly as our TwiML wrote it, with no params.
-    signature = request.headers.get("X-Twilio-Signature", "")
-    if not signature_is_valid(state.settings.twilio_auth_token, state.settings.stream_url, {},
-                              signature):  # fmt: skip
-        log.warning("twilio_signature_invalid", path=request.path, has_signature=bool(signature))
+    if not twilio_signed(request, {}, base_url=state.settings.public_ws_url):
         return invalid_signature()
 
     ws = web.WebSocketResponse(max_msg_size=MAX_STREAM_MESSAGE_BYTES)

@@ -13,7 +13,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from twilio.request_validator import RequestValidator
+from twilio.request_validator import (
+    HMAC_SHA1,
+    HMAC_SHA256,
+    RequestValidator,
+    get_signature_algorithm,
+)
 from twilio.twiml.voice_response import VoiceResponse
 
 from phoneagent.personas import Persona
@@ -26,16 +31,40 @@ CALLED_PARAMETER = "to"
 RESUME_PARAMETER = "resume"  # "<target>:<DialCallStatus>": back from an unanswered transfer
 
 
-def signature_is_valid(
-    auth_token: str, url: str, params: Mapping[str, str] | object, signature: str
-) -> bool:
-    """True when ``signature`` is Twilio's for ``url`` and the form ``params``.
+# Why a request's signature was refused: the log event names.
+SIGNATURE_INVALID = "twilio_signature_invalid"
+SHARED_KEY_MISSING = "twilio_signature_shared_key_missing"
+ALGORITHM_UNSUPPORTED = "twilio_signature_algorithm_unsupported"
 
+
+def signature_problem(
+    url: str,
+    params: Mapping[str, str] | object,
+    signature: str,
+    signature_settings: str,
+    *,
+    auth_token: str,
+    shared_key: str = "",
+) -> str:
+    """'' when ``signature`` is Twilio's for ``url`` and the form ``params``, else why not (a
+    log event name).
+
+    Without the ``X-Twilio-Webhooks-Signature-Settings`` header Twilio signed with the auth
+    token (HMAC-SHA1). With it, a Webhook Rule matched and Twilio signed with the rule's
+    SharedKey secret, in the header's algorithm; only the key changes, not the signed string.
     ``params`` may be aiohttp's MultiDictProxy: the validator reads repeated keys from it.
     """
-    if not signature:
-        return False
-    return RequestValidator(auth_token).validate(url, params, signature)
+    secret, algorithm = auth_token, HMAC_SHA1
+    if signature_settings.strip():
+        algorithm = get_signature_algorithm(signature_settings)
+        if algorithm.upper() not in (HMAC_SHA1, HMAC_SHA256):
+            return ALGORITHM_UNSUPPORTED
+        if not shared_key:
+            return SHARED_KEY_MISSING
+        secret = shared_key
+    if not signature or not RequestValidator(secret).validate(url, params, signature, algorithm):
+        return SIGNATURE_INVALID
+    return ""
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,14 @@ action after a transfer, and the call and stream status callbacks."""
 
 from __future__ import annotations
 
-from urllib.parse import urlencode
+from collections.abc import Mapping
+from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
+from twilio.request_validator import SIGNATURE_HEADER, SIGNATURE_SETTINGS_HEADER
 
 from phoneagent.call import EndReason
+from phoneagent.config import Settings
 from phoneagent.conversation import session_config
 from phoneagent.logs import get_logger
 from phoneagent.personas import Persona
@@ -18,6 +21,7 @@ from phoneagent.twilio.webhook import (
     CALLER_PARAMETER,
     PERSONA_PARAMETER,
     RESUME_PARAMETER,
+    SHARED_KEY_MISSING,
     TOKEN_PARAMETER,
     apology_twiml,
     busy_twiml,
@@ -25,7 +29,7 @@ from phoneagent.twilio.webhook import (
     hangup_twiml,
     redirect_twiml,
     say_then_hand_on_twiml,
-    signature_is_valid,
+    signature_problem,
 )
 
 log = get_logger(__name__)
@@ -33,25 +37,70 @@ log = get_logger(__name__)
 NO_PERSONA_APOLOGY = "Sorry, this number is not in service right now. Goodbye."
 
 
-def public_url_for(state: ServerState, request: web.Request) -> str:
-    """The URL Twilio called, rebuilt from PUBLIC_URL: a proxy may have rewritten the rest."""
-    url = state.settings.public_url + request.path
-    return f"{url}?{request.query_string}" if request.query_string else url
+# What Twilio POSTs (twilio reference, section 1.1); anything else is not Twilio.
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+
+def public_url_for(settings: Settings, request: web.Request, base_url: str = "") -> str:
+    """The URL Twilio called, as Twilio wrote and signed it: ``base_url`` (default PUBLIC_URL;
+    a proxy may have rewritten scheme and host) + the path and query exactly as received.
+
+    Never the decoded query: Twilio signs ``client%3Aalice``, not ``client:alice``.
+    """
+    target = request.raw_path
+    if not target.startswith("/"):  # an absolute-form request target: keep its path and query
+        parts = urlsplit(target)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+    return (base_url or settings.public_url) + target
+
+
+def twilio_signed(
+    request: web.Request, params: Mapping[str, str] | object, base_url: str = ""
+) -> bool:
+    """True when Twilio signed this request (form ``params``, URL under ``base_url``), else
+    False, logged with why. Every Twilio route, the media-stream upgrade too, checks here."""
+    settings = request.app[STATE].settings
+    signature = request.headers.get(SIGNATURE_HEADER, "")
+    signature_settings = request.headers.get(SIGNATURE_SETTINGS_HEADER, "")
+    problem = signature_problem(
+        public_url_for(settings, request, base_url),
+        params,
+        signature,
+        signature_settings,
+        auth_token=settings.twilio_auth_token,
+        shared_key=settings.twilio_webhook_shared_key,
+    )
+    if not problem:
+        return True
+    call_sid = params.get("CallSid") if isinstance(params, Mapping) else None
+    details = {"path": request.path, "has_signature": bool(signature), "call_sid": call_sid}
+    if signature_settings:  # the key's id and algorithm, never a secret
+        details["signature_settings"] = signature_settings[:200]
+    if problem == SHARED_KEY_MISSING:
+        details["fix"] = (
+            "a Twilio Webhook Rule signs these requests with a SharedKey: set "
+            "TWILIO_WEBHOOK_SHARED_KEY to that key's secret"
+        )
+    log.warning(problem, **details)
+    return False
 
 
 async def signed_form(request: web.Request) -> dict[str, str] | None:
-    """The webhook's form fields if Twilio's signature checks out, else None (logged)."""
-    state = request.app[STATE]
-    form = await request.post()
-    signature = request.headers.get("X-Twilio-Signature", "")
-    url = public_url_for(state, request)
-    if not signature_is_valid(state.settings.twilio_auth_token, url, form, signature):
-        log.warning(
-            "twilio_signature_invalid",
-            path=request.path,
-            has_signature=bool(signature),
-            call_sid=form.get("CallSid"),
-        )
+    """The webhook's form fields if Twilio's signature checks out, else None (logged).
+
+    A body that is not a form (multipart, JSON, bytes that are not text) is not Twilio's:
+    refused with 415 or 400 before any signature check.
+    """
+    if request.content_type != FORM_CONTENT_TYPE:
+        log.warning("twilio_webhook_not_a_form", path=request.path,
+                    content_type=request.content_type[:100])  # fmt: skip
+        raise web.HTTPUnsupportedMediaType(text=f"expected {FORM_CONTENT_TYPE}")
+    try:
+        form = await request.post()
+    except (ValueError, LookupError) as exc:  # undecodable bytes, an unknown charset
+        log.warning("twilio_webhook_malformed_form", path=request.path, error=type(exc).__name__)
+        raise web.HTTPBadRequest(text="malformed form body") from None
+    if not twilio_signed(request, form):
         return None
     return {k: str(v) for k, v in form.items()}
 
