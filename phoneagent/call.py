@@ -43,6 +43,7 @@ from phoneagent.realtime.base import (
     AudioDelta,
     CancelResponse,
     CreateResponse,
+    ItemAdded,
     ModelCommand,
     ModelError,
     ModelEvent,
@@ -192,6 +193,11 @@ class Call:
         self._pending_marks: OrderedDict[str, tuple[AgentItem, int, float]] = OrderedDict()
         self._last_echo_at: float | None = None
         self._active_response: str | None = None
+        # For events without a response_id (StepFun's documented samples): the response each
+        # announced item is of, and the latest response started (see _response_of).
+        self._item_responses: dict[str, str] = {}
+        self._latest_response: str | None = None
+        self._seen_tool_calls: set[str] = set()  # call ids, from either place they are listed
         self._discarded_responses: set[str] = set()
         self._current_item: AgentItem | None = None  # the item whose audio is being framed
         self._barge_in: BargeInCandidate | None = None
@@ -271,22 +277,27 @@ class Call:
             case AudioDelta():
                 return self._on_agent_audio(event)
             case AgentTranscriptDelta(response_id, item_id, text):
-                item = self._agent_item(response_id, item_id)
+                item = self._agent_item(self._response_of(response_id, item_id), item_id)
                 if item is not None and not item.turn.interrupted:
                     item.turn.text += text
             case AgentTranscriptDone(response_id, item_id, text):
-                item = self._agent_item(response_id, item_id)
+                item = self._agent_item(self._response_of(response_id, item_id), item_id)
                 if item is not None and not item.turn.interrupted:
                     item.turn.text = text
                     return [TurnFinished(item.turn.as_dict())]
+            case ItemAdded(response_id, item_id):
+                self._item_responses[item_id] = response_id
             case ResponseStarted(response_id):
-                self._active_response = response_id
+                self._active_response = self._latest_response = response_id
                 self._awaiting_answer_since = None
                 if self.state is CallState.ANNOUNCING and self._handoff_response is None:
                     self._handoff_response = response_id
-            case ToolCall():
-                self._tool_calls.setdefault(event.response_id, []).append(event)
-            case ResponseDone(response_id, status):
+            case ToolCall(response_id):
+                self._note_tool_call(self._response_of(response_id, None), event)
+            case ResponseDone(response_id, status, tool_calls):
+                response_id = self._response_of(response_id, None)
+                for tool_call in tool_calls:  # those function_call_arguments.done did not bring
+                    self._note_tool_call(response_id, tool_call)
                 return self._on_response_done(response_id, status)
             case SpeechStarted(item_id):
                 return self._on_speech_started(item_id)
@@ -383,6 +394,36 @@ class Call:
 
     # --- model → caller -------------------------------------------------------------------
 
+    def _response_of(self, response_id: str | None, item_id: str | None) -> str:
+        """The response an event is of. StepFun's documented samples leave response_id out of
+        audio and transcript deltas, function-call events and a tool call's response.done, so
+        an event without one is of its item's response if the item is known (seen before, or
+        announced by response.output_item.added), else of the response in progress, else of
+        the latest one started (a late event of a cancelled response is then dropped with it).
+
+        This lives here, not in the dialect: the dialect is pure and shared by every session,
+        while the Call already tracks the response in progress and the items it played."""
+        if response_id:
+            return response_id
+        if item_id is not None:
+            if (item := self._items.get(item_id)) is not None:
+                return item.response_id
+            if (known := self._item_responses.get(item_id)) is not None:
+                return known
+        if self._active_response is not None:
+            return self._active_response
+        if len(self._cancelling) == 1:
+            return next(iter(self._cancelling))
+        return self._latest_response or ""
+
+    def _note_tool_call(self, response_id: str, tool_call: ToolCall) -> None:
+        """Keep a tool call for its response's end, once: it may be listed both by
+        function_call_arguments.done and in response.done's output (D-GUIDE 自定义 Tool Call)."""
+        if tool_call.call_id in self._seen_tool_calls:
+            return
+        self._seen_tool_calls.add(tool_call.call_id)
+        self._tool_calls.setdefault(response_id, []).append(tool_call)
+
     def _agent_item(self, response_id: str, item_id: str) -> AgentItem | None:
         """The playback record of an item, created on first sight; None if it was discarded."""
         if response_id in self._discarded_responses:
@@ -398,7 +439,8 @@ class Call:
     def _on_agent_audio(self, delta: AudioDelta) -> list[Action]:
         if self.state in STOP_MEANS:
             return []  # the call is being handed on: the agent has had its last word
-        item = self._agent_item(delta.response_id, delta.item_id)
+        response_id = self._response_of(delta.response_id, delta.item_id)
+        item = self._agent_item(response_id, delta.item_id)
         if item is None:
             return []  # a late delta of a response the caller interrupted
         if self._current_item is not item:

@@ -135,11 +135,13 @@ class ModelConnector:
         async with asyncio.timeout(self.open_timeout):
             async for message in ws:
                 event = self.dialect.decode(message)
-                if isinstance(event, SessionReady):
+                if isinstance(event, SessionReady) and not sent_update:
                     session_id = event.session_id
                     await ws.send(self.dialect.encode(UpdateSession(config)))
                     sent_update = True
-                elif isinstance(event, SessionUpdated) and sent_update:
+                elif isinstance(event, (SessionReady, SessionUpdated)) and sent_update:
+                    # StepFun's sample of the update's answer is labelled session.created
+                    # (D-REF 更新 session 响应): a second one is the ack too.
                     return session_id
                 elif isinstance(event, ModelError) and not event.benign:
                     raise ModelUnavailable(f"session refused: {event.code} {event.message}")
