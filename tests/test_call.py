@@ -24,7 +24,7 @@ from phoneagent.call import (
     TransferCall,
     TurnFinished,
 )
-from phoneagent.conversation import greeting_instructions, session_config
+from phoneagent.conversation import VERBATIM_PROMPT, session_config
 from phoneagent.personas import load_directory
 from phoneagent.realtime.base import (
     AddTextItem,
@@ -42,6 +42,7 @@ from phoneagent.realtime.base import (
     ToolCall,
     ToolOutput,
     TruncateItem,
+    UpdateInstructions,
     UserTranscript,
 )
 from phoneagent.realtime.stepfun import StepFunDialect
@@ -125,10 +126,16 @@ def test_session_config_carries_the_persona(persona):
     assert "Always speak English" in config.instructions
 
 
-def test_begin_greets_with_the_persona_greeting(call, persona):
-    [action] = call.begin()
-    assert action == ToModel(CreateResponse(instructions=greeting_instructions(persona)))
-    assert persona.greeting in action.command.instructions
+def test_begin_greets_with_the_documented_verbatim_recipe_then_restores(call, persona):
+    # D-GUIDE 开发技巧/实现开场白: the words in the session's instructions, then response.create.
+    update, create = call.begin()
+    base = session_config(persona).instructions
+    assert update == ToModel(UpdateInstructions(f"{base}\n\n{VERBATIM_PROMPT}{persona.greeting}"))
+    assert create == ToModel(CreateResponse(instructions=update.command.instructions))
+    # Once the greeting is done, the persona's own instructions come back, once.
+    actions = speak(call, "greeting", "item_g", 100)
+    assert model_commands(actions, UpdateInstructions) == [UpdateInstructions(base)]
+    assert model_commands(speak(call, "answer", "item_a", 100), UpdateInstructions) == []
 
 
 def test_caller_audio_is_transcoded_frame_by_frame(call):

@@ -43,8 +43,19 @@ class AppendAudio:
 
 
 @dataclass(frozen=True)
+class UpdateInstructions:
+    """Replace the session's instructions (documented: any session field but the voice may
+    change at any time). How the Call makes the model say a scripted sentence, and undoes it."""
+
+    instructions: str
+
+
+@dataclass(frozen=True)
 class CreateResponse:
-    instructions: str | None = None  # for this response only, e.g. "say this greeting"
+    # The session's instructions as they are for this response, carried along as StepFun's
+    # greeting sample does (D-GUIDE 开发技巧/实现开场白). Not a per-response override: StepFun
+    # documents none, so the Call sends UpdateInstructions first.
+    instructions: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ class ToolOutput:
 
 ModelCommand = (
     UpdateSession
+    | UpdateInstructions
     | AppendAudio
     | CreateResponse
     | CancelResponse

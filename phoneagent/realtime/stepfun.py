@@ -32,6 +32,7 @@ from phoneagent.realtime.base import (
     ToolCall,
     ToolOutput,
     TruncateItem,
+    UpdateInstructions,
     UpdateSession,
     UserTranscript,
 )
@@ -109,10 +110,14 @@ def _encode(command: ModelCommand) -> dict[str, Any]:
                 ]
                 session["tool_choice"] = "auto"  # the object form is refused (PROBE5)
             return {"type": "session.update", "session": session}
+        case UpdateInstructions(instructions):
+            return {"type": "session.update", "session": {"instructions": instructions}}
         case CreateResponse(instructions):
             if instructions is None:
                 return {"type": "response.create"}
-            return {"type": "response.create", "response": {"instructions": instructions}}
+            # D-GUIDE 开发技巧/实现开场白 nests the session's instructions in response.create;
+            # response.instructions (OpenAI's per-response override) is not documented.
+            return {"type": "response.create", "session": {"instructions": instructions}}
         case CancelResponse():
             return {"type": "response.cancel"}
         case TruncateItem(item_id, audio_end_ms):
