@@ -41,8 +41,10 @@ from phoneagent.realtime.base import (
 # response that just finished, or truncating, which StepFun does not document.
 BENIGN_ERRORS = ("no ongoing response to cancel", "truncate")
 
-# The model's name is unsettled in public sources (reference section 1): when the upgrade is
-# refused for one spelling, the connection retries once with the other.
+# The documents (D-REF 请求参数) name `stepaudio-2.5-realtime`; `step-2.5-realtime` appears
+# only in the launch press release (reference section 1). When one spelling is refused (the
+# upgrade, or an error about the model in the session), the connection retries once with the
+# other.
 MODEL_ALIASES = {
     "step-2.5-realtime": "stepaudio-2.5-realtime",
     "stepaudio-2.5-realtime": "step-2.5-realtime",
