@@ -31,7 +31,7 @@ from xml.sax.saxutils import quoteattr
 from aiohttp import WSMsgType, web
 from websockets.asyncio.client import connect
 
-MODEL = "step-2.5-realtime"
+MODEL = "stepaudio-2.5-realtime"
 PCM_BYTES_PER_ULAW_BYTE = 6  # pcm16 24 kHz: 48 bytes per ms; μ-law 8 kHz: 8
 SESSIONS = web.AppKey("sessions", dict)  # CallSid → model session id, for the benchmark
 CONFIG = web.AppKey("config", argparse.Namespace)

@@ -22,14 +22,13 @@ from phoneagent.audio import (
     pcm16_ms,
     pcm16_rms,
 )
-from phoneagent.conversation import greeting_instructions, replay
+from phoneagent.conversation import replay, say_verbatim, session_config, with_guidance
 from phoneagent.handoff import (
     Handoff,
     HangUp,
     Transfer,
     handoff_from_keypad,
     handoff_from_tool,
-    say_exactly,
     sentence_for,
 )
 from phoneagent.logs import get_logger
@@ -43,6 +42,7 @@ from phoneagent.realtime.base import (
     AudioDelta,
     CancelResponse,
     CreateResponse,
+    ItemAdded,
     ModelCommand,
     ModelError,
     ModelEvent,
@@ -53,6 +53,7 @@ from phoneagent.realtime.base import (
     ToolCall,
     ToolOutput,
     TruncateItem,
+    UpdateInstructions,
     UserTranscript,
 )
 from phoneagent.transcript import Turn, cut_turn, transcript_of
@@ -192,6 +193,11 @@ class Call:
         self._pending_marks: OrderedDict[str, tuple[AgentItem, int, float]] = OrderedDict()
         self._last_echo_at: float | None = None
         self._active_response: str | None = None
+        # For events without a response_id (StepFun's documented samples): the response each
+        # announced item is of, and the latest response started (see _response_of).
+        self._item_responses: dict[str, str] = {}
+        self._latest_response: str | None = None
+        self._seen_tool_calls: set[str] = set()  # call ids, from either place they are listed
         self._discarded_responses: set[str] = set()
         self._current_item: AgentItem | None = None  # the item whose audio is being framed
         self._barge_in: BargeInCandidate | None = None
@@ -214,6 +220,11 @@ class Call:
         self._quiet_since_ms: int | None = None
         self._silence_prompts = 0  # times the caller was asked if they are still there
         self._awaiting_answer_since: float | None = None  # the caller's turn ended then
+        # A response with instructions of its own (a scripted sentence, a nudge) changes the
+        # session's instructions; once it is done they go back to the persona's.
+        self._instructions = session_config(self.persona).instructions
+        self._guided_pending = False  # such a response was asked for and has not started
+        self._guided_response: str | None = None  # it started: restore when it is done
 
     # --- entry points ---------------------------------------------------------------------
 
@@ -221,8 +232,9 @@ class Call:
         """The model session is configured and the stream has started: greet the caller (or,
         back from a transfer nobody answered, remind the model of the call and say so)."""
         actions: list[Action] = [ToModel(item) for item in replay(self.history)]
-        opening = self.opening or greeting_instructions(self.persona)
-        return [*actions, ToModel(CreateResponse(instructions=opening))]
+        if self.opening:
+            return actions + self._respond(with_guidance(self.persona, self.opening))
+        return actions + self._respond(say_verbatim(self.persona, self.persona.greeting))
 
     def on_transfer_result(self, error: str | None) -> list[Action]:
         """Twilio took the transfer (None), or refused it: then the agent tells the caller."""
@@ -236,7 +248,10 @@ class Call:
             "and offer to take a message or help another way."
         )
         return self._when_idle(
-            [ToModel(AddTextItem("system", note)), ToModel(CreateResponse(instructions=tell))]
+            [
+                ToModel(AddTextItem("system", note)),
+                *self._respond(with_guidance(self.persona, tell)),
+            ]
         )
 
     def on_hang_up_result(self, error: str | None) -> list[Action]:
@@ -271,22 +286,29 @@ class Call:
             case AudioDelta():
                 return self._on_agent_audio(event)
             case AgentTranscriptDelta(response_id, item_id, text):
-                item = self._agent_item(response_id, item_id)
+                item = self._agent_item(self._response_of(response_id, item_id), item_id)
                 if item is not None and not item.turn.interrupted:
                     item.turn.text += text
             case AgentTranscriptDone(response_id, item_id, text):
-                item = self._agent_item(response_id, item_id)
+                item = self._agent_item(self._response_of(response_id, item_id), item_id)
                 if item is not None and not item.turn.interrupted:
                     item.turn.text = text
                     return [TurnFinished(item.turn.as_dict())]
+            case ItemAdded(response_id, item_id):
+                self._item_responses[item_id] = response_id
             case ResponseStarted(response_id):
-                self._active_response = response_id
+                self._active_response = self._latest_response = response_id
+                if self._guided_pending:
+                    self._guided_pending, self._guided_response = False, response_id
                 self._awaiting_answer_since = None
                 if self.state is CallState.ANNOUNCING and self._handoff_response is None:
                     self._handoff_response = response_id
-            case ToolCall():
-                self._tool_calls.setdefault(event.response_id, []).append(event)
-            case ResponseDone(response_id, status):
+            case ToolCall(response_id):
+                self._note_tool_call(self._response_of(response_id, None), event)
+            case ResponseDone(response_id, status, tool_calls):
+                response_id = self._response_of(response_id, None)
+                for tool_call in tool_calls:  # those function_call_arguments.done did not bring
+                    self._note_tool_call(response_id, tool_call)
                 return self._on_response_done(response_id, status)
             case SpeechStarted(item_id):
                 return self._on_speech_started(item_id)
@@ -320,16 +342,18 @@ class Call:
         self._active_response, self._cancelling = None, set()
         self._tool_calls.clear()
         self._after_response = []
+        # The new session was configured with the persona's own instructions.
+        self._guided_pending, self._guided_response = False, None
         self._session_started, self._renewing = self.clock(), False
         actions += [ToModel(item) for item in replay(self.transcript)]
         if self.state is CallState.ANNOUNCING and not self._handoff_said:
             assert self._handoff is not None
             self._handoff_response = None
-            sentence = say_exactly(sentence_for(self.persona, self._handoff))
-            actions.append(ToModel(CreateResponse(instructions=sentence)))
+            sentence = sentence_for(self.persona, self._handoff)
+            actions += self._respond(say_verbatim(self.persona, sentence))
         elif was_answering:
             cut = "Your last answer was cut off by a technical problem: finish it briefly."
-            actions.append(ToModel(CreateResponse(instructions=cut)))
+            actions += self._respond(with_guidance(self.persona, cut))
         return actions
 
     def on_twilio_closed(self) -> list[Action]:
@@ -383,6 +407,36 @@ class Call:
 
     # --- model → caller -------------------------------------------------------------------
 
+    def _response_of(self, response_id: str | None, item_id: str | None) -> str:
+        """The response an event is of. StepFun's documented samples leave response_id out of
+        audio and transcript deltas, function-call events and a tool call's response.done, so
+        an event without one is of its item's response if the item is known (seen before, or
+        announced by response.output_item.added), else of the response in progress, else of
+        the latest one started (a late event of a cancelled response is then dropped with it).
+
+        This lives here, not in the dialect: the dialect is pure and shared by every session,
+        while the Call already tracks the response in progress and the items it played."""
+        if response_id:
+            return response_id
+        if item_id is not None:
+            if (item := self._items.get(item_id)) is not None:
+                return item.response_id
+            if (known := self._item_responses.get(item_id)) is not None:
+                return known
+        if self._active_response is not None:
+            return self._active_response
+        if len(self._cancelling) == 1:
+            return next(iter(self._cancelling))
+        return self._latest_response or ""
+
+    def _note_tool_call(self, response_id: str, tool_call: ToolCall) -> None:
+        """Keep a tool call for its response's end, once: it may be listed both by
+        function_call_arguments.done and in response.done's output (D-GUIDE 自定义 Tool Call)."""
+        if tool_call.call_id in self._seen_tool_calls:
+            return
+        self._seen_tool_calls.add(tool_call.call_id)
+        self._tool_calls.setdefault(response_id, []).append(tool_call)
+
     def _agent_item(self, response_id: str, item_id: str) -> AgentItem | None:
         """The playback record of an item, created on first sight; None if it was discarded."""
         if response_id in self._discarded_responses:
@@ -398,7 +452,8 @@ class Call:
     def _on_agent_audio(self, delta: AudioDelta) -> list[Action]:
         if self.state in STOP_MEANS:
             return []  # the call is being handed on: the agent has had its last word
-        item = self._agent_item(delta.response_id, delta.item_id)
+        response_id = self._response_of(delta.response_id, delta.item_id)
+        item = self._agent_item(response_id, delta.item_id)
         if item is None:
             return []  # a late delta of a response the caller interrupted
         if self._current_item is not item:
@@ -456,6 +511,10 @@ class Call:
             self._active_response = None
         self._cancelling.discard(response_id)
         actions: list[Action] = []
+        if response_id == self._guided_response:
+            # Back to the persona's own instructions before anything else asks for a response.
+            self._guided_response = None
+            actions.append(ToModel(UpdateInstructions(self._instructions)))
         if response_id not in self._discarded_responses and (
             self._current_item is not None and self._current_item.response_id == response_id
         ):
@@ -508,8 +567,19 @@ class Call:
         """Say the handoff's sentence; the handoff happens once the caller has heard it."""
         self.state = CallState.ANNOUNCING
         self._handoff, self._handoff_response, self._handoff_said = handoff, None, False
-        sentence = say_exactly(sentence_for(self.persona, handoff))
-        return self._when_idle([ToModel(CreateResponse(instructions=sentence))])
+        sentence = sentence_for(self.persona, handoff)
+        return self._when_idle(self._respond(say_verbatim(self.persona, sentence)))
+
+    def _respond(self, instructions: str) -> list[Action]:
+        """A response with instructions of its own, the way StepFun documents (D-GUIDE
+        开发技巧/实现开场白): they become the session's instructions, then response.create
+        (carrying them too, as the guide's sample does); StepFun documents no per-response
+        instructions. The persona's come back when that response is done (_on_response_done)."""
+        self._guided_pending = True
+        return [
+            ToModel(UpdateInstructions(instructions)),
+            ToModel(CreateResponse(instructions=instructions)),
+        ]
 
     def _hand_off_if_heard(self) -> list[Action]:
         if self.state is not CallState.ANNOUNCING or not self._handoff_said:
@@ -572,7 +642,7 @@ class Call:
         log.info("caller_silent", prompts=self._silence_prompts)
         if self._silence_prompts == 1:
             ask = "The caller has been silent for a while: ask, briefly, if they are still there."
-            return [ToModel(CreateResponse(instructions=ask))]
+            return self._respond(with_guidance(self.persona, ask))
         return self._announce(HangUp())
 
     def _watch_time_limit(self, call_ms: int) -> list[Action]:

@@ -48,7 +48,7 @@ class Settings:
     twilio_api_base_url: str = "https://api.twilio.com"
     stepfun_api_key: str = field(default="", repr=False)
     stepfun_realtime_url: str = "wss://api.stepfun.com/v1/realtime"
-    stepfun_model: str = "step-2.5-realtime"
+    stepfun_model: str = "stepaudio-2.5-realtime"
     personas_dir: Path = Path("personas")
     data_dir: Path = Path("data")
     log_format: str = "json"

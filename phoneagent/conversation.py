@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from phoneagent.handoff import say_exactly, tools_for
+from phoneagent.handoff import tools_for
 from phoneagent.personas import Persona
 from phoneagent.realtime.base import AddTextItem, SessionConfig
 
@@ -40,8 +40,22 @@ def session_config(persona: Persona) -> SessionConfig:
     )
 
 
-def greeting_instructions(persona: Persona) -> str:
-    return f"Greet the caller. {say_exactly(persona.greeting)}"
+# StepFun's documented way to have fixed words said (D-GUIDE 开发技巧/实现开场白,
+# https://platform.stepfun.com/docs/zh/guides/developer/realtime): this prompt and the words,
+# in the session's instructions, then response.create.
+VERBATIM_PROMPT = "请你原样无修改地输出下面的话："
+
+
+def say_verbatim(persona: Persona, sentence: str) -> str:
+    """The session's instructions while the agent says *sentence* word for word: the persona's
+    own (so the voice and manner stay), then the documented prompt and the sentence, last."""
+    return f"{session_config(persona).instructions}\n\n{VERBATIM_PROMPT}{sentence}"
+
+
+def with_guidance(persona: Persona, guidance: str) -> str:
+    """The session's instructions for one response the agent words itself (a nudge, an
+    apology): the persona's own, then what this response is for."""
+    return f"{session_config(persona).instructions}\n\n{guidance}"
 
 
 def replay(transcript: Iterable[dict]) -> list[AddTextItem]:

@@ -104,7 +104,3 @@ def handoff_from_keypad(persona: Persona, digit: str) -> Handoff | None:
 
 def sentence_for(persona: Persona, handoff: Handoff) -> str:
     return handoff.target.announcement if isinstance(handoff, Transfer) else persona.goodbye
-
-
-def say_exactly(sentence: str) -> str:
-    return f'Say exactly this, and nothing else: "{sentence}"'

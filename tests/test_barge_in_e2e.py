@@ -29,9 +29,16 @@ def caller_speech(text: str) -> bytes:
     return pcm16_to_ulaw(synthesize(text, sample_rate=8000))
 
 
+# The fake model in its two shapes: every field of the reference's tables, and exactly what
+# StepFun's documented samples show (no response_id on deltas, the guide's tool-call events).
+# A representative subset of this file's tests runs in both, to keep the suite's time in check.
+BOTH_SHAPES = pytest.mark.parametrize("model", ["full", "documented"], indirect=True)
+
+
 @pytest.fixture
-async def model():
-    return FakeRealtimeServer(speed=MODEL_SPEED, script=[LONG_ANSWER, SHORT_ANSWER])
+async def model(request):
+    shape = getattr(request, "param", "full")
+    return FakeRealtimeServer(speed=MODEL_SPEED, script=[LONG_ANSWER, SHORT_ANSWER], shape=shape)
 
 
 @pytest.fixture
@@ -73,6 +80,7 @@ def marks_after_clear(caller, item_id: str) -> list[str]:
 
 
 @pytest.mark.parametrize("point", ["early", "middle", "after generation finished"])
+@BOTH_SHAPES
 async def test_talking_over_the_agent_stops_it_where_the_caller_was(stack, model, point):
     async with stack.caller(to=DENTAL, speed=CALLER_SPEED) as caller:
         item_id = await ask_for_the_long_answer(caller, model)
@@ -119,6 +127,7 @@ async def test_talking_over_the_agent_stops_it_where_the_caller_was(stack, model
     assert record.transcript[-1]["interrupted"] is False
 
 
+@BOTH_SHAPES
 async def test_late_echoes_after_clear_do_not_disturb_the_next_answer(stack, model):
     model.script = (LONG_ANSWER, LONG_ANSWER)
     async with stack.caller(to=DENTAL, speed=CALLER_SPEED) as caller:

@@ -1,6 +1,8 @@
 """The Call state machine, driven event by event (no sockets)."""
 
+import base64
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ from phoneagent.call import (
     TransferCall,
     TurnFinished,
 )
-from phoneagent.conversation import greeting_instructions, session_config
+from phoneagent.conversation import VERBATIM_PROMPT, session_config
 from phoneagent.personas import load_directory
 from phoneagent.realtime.base import (
     AddTextItem,
@@ -40,8 +42,10 @@ from phoneagent.realtime.base import (
     ToolCall,
     ToolOutput,
     TruncateItem,
+    UpdateInstructions,
     UserTranscript,
 )
+from phoneagent.realtime.stepfun import StepFunDialect
 from phoneagent.twilio.stream import Dtmf, Mark, Media, Stop
 
 
@@ -122,10 +126,16 @@ def test_session_config_carries_the_persona(persona):
     assert "Always speak English" in config.instructions
 
 
-def test_begin_greets_with_the_persona_greeting(call, persona):
-    [action] = call.begin()
-    assert action == ToModel(CreateResponse(instructions=greeting_instructions(persona)))
-    assert persona.greeting in action.command.instructions
+def test_begin_greets_with_the_documented_verbatim_recipe_then_restores(call, persona):
+    # D-GUIDE 开发技巧/实现开场白: the words in the session's instructions, then response.create.
+    update, create = call.begin()
+    base = session_config(persona).instructions
+    assert update == ToModel(UpdateInstructions(f"{base}\n\n{VERBATIM_PROMPT}{persona.greeting}"))
+    assert create == ToModel(CreateResponse(instructions=update.command.instructions))
+    # Once the greeting is done, the persona's own instructions come back, once.
+    actions = speak(call, "greeting", "item_g", 100)
+    assert model_commands(actions, UpdateInstructions) == [UpdateInstructions(base)]
+    assert model_commands(speak(call, "answer", "item_a", 100), UpdateInstructions) == []
 
 
 def test_caller_audio_is_transcoded_frame_by_frame(call):
@@ -554,3 +564,82 @@ def test_speech_resets_the_silence_timeout(call):
     for t in range(15_000, 30_000, 20):
         actions += call.on_twilio(Media(t, b"\xff" * 160))
     assert model_commands(actions, CreateResponse) == []
+
+
+# --- StepFun's documented shapes: events without response_id (tests/fixtures/stepfun/) -------
+
+FIXTURES = EXAMPLE_PERSONAS.parent / "tests" / "fixtures" / "stepfun"
+TOOL_RESPONSE_DONE = "guide-response-done-function-call.json"  # D-GUIDE 自定义 Tool Call 完整示例
+
+
+def documented(sample, **changes):
+    """A documented StepFun sample, decoded by the product's dialect."""
+    message = json.loads((FIXTURES / sample).read_text()) | changes
+    if "delta" in changes and message["type"] == "response.audio.delta":
+        message["delta"] = base64.b64encode(changes["delta"]).decode()
+    return StepFunDialect().decode(json.dumps(message))
+
+
+def test_documented_audio_deltas_without_response_id_reach_the_caller(call):
+    call.on_model(ResponseStarted("resp_001"))
+    call.on_model(documented("ref-output-item-added.json"))  # msg_007 is of resp_001
+    actions = []
+    for _ in range(5):
+        delta = documented("ref-audio-delta.json", item_id="msg_007", delta=tone_pcm24k(20))
+        assert delta.response_id is None
+        actions += call.on_model(delta)
+    actions += call.on_model(
+        documented("ref-audio-transcript-delta.json", item_id="msg_007", delta="Hello there")
+    )
+    actions += call.on_model(ResponseDone("resp_001", "completed"))
+    assert sum(len(a.payload) for a in of_type(actions, SendMedia)) >= 100 * 8  # all 100 ms
+    assert [(t["role"], t["text"]) for t in call.transcript] == [("agent", "Hello there")]
+
+
+def test_documented_delta_of_an_unannounced_item_is_of_the_response_in_progress(call):
+    call.on_model(ResponseStarted("resp_1"))
+    delta = documented("ref-audio-delta.json", item_id="msg_x", delta=tone_pcm24k(20))
+    assert of_type(call.on_model(delta), SendMedia)
+    # The caller interrupts: every later delta without a response_id, of this item or of a
+    # new item of the cancelled response, is dropped with it.
+    call.on_model(SpeechStarted("user1", 0))
+    assert call.on_model(delta) == []
+    other = documented("ref-audio-delta.json", item_id="msg_y", delta=tone_pcm24k(20))
+    assert call.on_model(other) == []
+    call.on_model(ResponseDone("resp_1", "cancelled"))
+    assert call.on_model(other) == []
+    # The next response's audio plays again.
+    call.on_model(ResponseStarted("resp_2"))
+    fresh = documented("ref-audio-delta.json", item_id="msg_z", delta=tone_pcm24k(20))
+    assert of_type(call.on_model(fresh), SendMedia)
+
+
+def test_documented_tool_call_without_ids_hangs_up_once(call, persona):
+    call.on_model(ResponseStarted("resp_t"))
+    call_id = "call_20250622225814_get_weather"
+    assert call.on_model(documented("guide-function-call-item-created.json")) == []
+    assert call.on_model(documented("guide-function-call-arguments-delta.json")) == []
+    done = documented("guide-function-call-arguments-done.json", name="end_call", arguments="{}")
+    assert call.on_model(done) == []
+    # The guide's response.done: no id, no status; the same call listed again in its output.
+    output = [{"type": "function_call", "name": "end_call", "call_id": call_id, "arguments": ""}]
+    response_done = documented(TOOL_RESPONSE_DONE, response={"output": output})
+    actions = call.on_model(response_done)
+    [tool_output] = model_commands(actions, ToolOutput)  # once, though listed twice
+    assert tool_output.call_id == call_id and tool_output.output.startswith("ok")
+    assert call.state is CallState.ANNOUNCING
+    sent = speak(call, "goodbye", "item_g", 100)
+    assert of_type(call.on_twilio(Mark(of_type(sent, SendMark)[-1].name)), HangUpCall)
+
+
+def test_documented_tool_call_only_in_response_done_is_answered(call, persona):
+    call.on_model(ResponseStarted("resp_t"))
+    arguments = '{"target": "front_desk"}'
+    output = [
+        {"type": "function_call", "name": "transfer_call", "call_id": "c1", "arguments": arguments}
+    ]
+    response_done = documented(TOOL_RESPONSE_DONE, response={"output": output})
+    actions = call.on_model(response_done)
+    [tool_output] = model_commands(actions, ToolOutput)
+    assert tool_output.call_id == "c1" and tool_output.output.startswith("ok")
+    assert call.state is CallState.ANNOUNCING

@@ -16,7 +16,7 @@ def test_defaults_apply_when_only_credentials_are_set(valid_env):
     assert settings.port == 8080
     assert settings.twilio_api_base_url == "https://api.twilio.com"
     assert settings.stepfun_realtime_url == "wss://api.stepfun.com/v1/realtime"
-    assert settings.stepfun_model == "step-2.5-realtime"
+    assert settings.stepfun_model == "stepaudio-2.5-realtime"
     assert settings.personas_dir == Path("personas")
     assert settings.data_dir == Path("data")
     assert (settings.log_format, settings.log_level) == ("json", "info")

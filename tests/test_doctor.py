@@ -126,8 +126,14 @@ async def test_the_greeting_is_sent_as_a_call_sends_it(personas_dir, tmp_path):
         for action in Call(persona=persona[0], stream_sid="MZ", call_sid="CA").begin()
         if isinstance(action, ToModel)
     ]
+    import json
+
+    from phoneagent.realtime.stepfun import StepFunDialect
+
+    # The doctor sends the greeting's commands as the dialect encodes them for a call.
     first = sessions[0].received_events("response.create")[0]
-    assert first["response"]["instructions"] == expected[-1].instructions
+    assert first == json.loads(StepFunDialect().encode(expected[-1]))
+    assert persona[0].greeting in first["session"]["instructions"]
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import base64
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -824,3 +825,70 @@ def test_synthetic_fallback_is_speech_like(monkeypatch):
     assert np.mean(rms > 2500) > 0.3  # loud enough for the default VAD threshold…
     assert np.mean(rms < 100) > 0.05  # …with pauses between words
     assert synthetic_speech(text) == pcm  # deterministic
+
+
+# -- the documented shape: events as StepFun's samples show them --------------------------------
+
+SAMPLES = Path(__file__).parent / "fixtures" / "stepfun"
+
+
+def sample_keys(name: str) -> set[str]:
+    """The sample's fields; event_id aside (D-REF 公共参数: every event may carry one)."""
+    return set(json.loads((SAMPLES / name).read_text())) - {"event_id"}
+
+
+async def test_documented_shape_sends_the_fields_the_samples_show():
+    script = [CallTool("end_call", {"reason": "done"}, say="Goodbye.")]
+    fake = FakeRealtimeServer(speed=None, shape="documented", script=script)
+    async with fake, client(fake) as c:
+        assert (await c.recv())["type"] == "session.created"
+        await c.send("session.update", session={"instructions": "Be brief."})
+        ack = await c.recv()  # D-REF labels the update's answer session.created
+        assert ack["type"] == "session.created" and ack["session"]["instructions"]
+        await c.send("response.create")
+        events = await c.until("rate_limits.updated")
+        await c.ws.send(json.dumps({"type": "scooby.dooby.doo", "event_id": "e1"}))
+        bare = await c.recv()
+    by_type = {}
+    for event in events:
+        by_type.setdefault(event["type"], event)
+    for type_, name in {
+        "response.audio.delta": "ref-audio-delta.json",
+        "response.audio.done": "ref-audio-done.json",
+        "response.audio_transcript.delta": "ref-audio-transcript-delta.json",
+        "response.audio_transcript.done": "ref-audio-transcript-done.json",
+        "response.output_item.added": "ref-output-item-added.json",
+        "response.function_call_arguments.delta": "guide-function-call-arguments-delta.json",
+        "response.function_call_arguments.done": "guide-function-call-arguments-done.json",
+        "response.done": "guide-response-done-function-call.json",
+    }.items():
+        assert set(by_type[type_]) - {"event_id"} == sample_keys(name), type_
+    # The call is announced as a function_call item, not by response.output_item.added.
+    calls = [e for e in events if e["type"] == "conversation.item.created"]
+    assert [e["item"]["type"] for e in calls] == ["message", "function_call"]
+    assert set(calls[1]["item"]) == set(
+        json.loads((SAMPLES / "guide-function-call-item-created.json").read_text())["item"]
+    )
+    added = [e["item"]["type"] for e in events if e["type"] == "response.output_item.added"]
+    assert added == ["message"]  # D-REF: output_item.added carries messages only
+    [call] = [o for o in by_type["response.done"]["response"]["output"] if "call_id" in o]
+    assert set(call) == {"type", "name", "call_id", "arguments"}
+    assert set(bare) - {"event_id"} == sample_keys("guide-error.json")  # D-GUIDE 错误处理: bare
+    assert bare["event_id"] == "e1" and bare["code"] == "invalid_value"
+
+
+async def test_documented_shape_says_fixed_words_only_by_the_documented_recipe():
+    words = "Hello, this is the front desk."
+    fake = FakeRealtimeServer(speed=None, shape="documented", script=["Scripted."])
+    async with fake, client(fake) as c:
+        await c.recv()
+        # Per-response instructions are not documented: no effect.
+        await c.send("response.create", response={"instructions": f'Say exactly "{words}"'})
+        said = (await c.until("response.done"))[-1]["response"]["output"][0]["content"]
+        assert said[0]["transcript"] == "Scripted."
+        await c.send(
+            "session.update", session={"instructions": f"请你原样无修改地输出下面的话：{words}"}
+        )
+        await c.send("response.create")
+        said = (await c.until("response.done"))[-1]["response"]["output"][0]["content"]
+        assert said[0]["transcript"] == words

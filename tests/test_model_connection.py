@@ -45,6 +45,36 @@ async def test_refused_model_name_falls_back_once_to_the_other_spelling(fake):
     await session.close()
 
 
+@pytest.mark.parametrize("shape", ["full", "documented"])
+async def test_model_refused_in_the_session_falls_back_to_the_other_spelling(fake, shape):
+    # The upgrade is accepted, then the session answers an `error` about the model.
+    fake.shape = shape
+    fake.models_refused_in_session = frozenset({"stepaudio-2.5-realtime"})
+    connector = connector_for(fake, model="stepaudio-2.5-realtime")
+    session = await connector.open(CONFIG)
+    assert session.model == "step-2.5-realtime"
+    assert [h.path.split("model=")[1] for h in fake.handshakes] == [
+        "stepaudio-2.5-realtime",
+        "step-2.5-realtime",
+    ]
+    first, second = fake.sessions
+    assert first.sent_events("error")[0]["error"]["code"] == "model_not_found"
+    assert second.config["instructions"] == "Be brief."
+    await fake.wait_for(lambda: first.close_code is not None)
+    # The connector remembers the spelling that answered.
+    await (await connector.open(CONFIG)).close()
+    assert fake.handshakes[-1].path.endswith("model=step-2.5-realtime")
+    await session.close()
+
+
+async def test_model_refused_in_the_session_under_both_names_is_unavailable(fake):
+    fake.models_refused_in_session = fake.models
+    with pytest.raises(ModelUnavailable, match="model_not_found"):
+        await connector_for(fake).open(CONFIG)
+    assert len(fake.handshakes) == 2
+    await fake.wait_for(lambda: fake.sessions_open == 0)
+
+
 async def test_no_fallback_when_neither_name_is_accepted(fake):
     fake.models = frozenset({"some-other-model"})
     with pytest.raises(ModelUnavailable) as caught:

@@ -23,6 +23,7 @@ from phoneagent.realtime.base import (
     ToolOutput,
     ToolSpec,
     TruncateItem,
+    UpdateInstructions,
     UpdateSession,
     UserTranscript,
 )
@@ -79,9 +80,14 @@ def test_client_commands():
         "audio": "AQA=",
     }
     assert encoded(CreateResponse()) == {"type": "response.create"}
+    # D-GUIDE 开发技巧/实现开场白: instructions go in the session, also nested in response.create.
     assert encoded(CreateResponse("Say hi")) == {
         "type": "response.create",
-        "response": {"instructions": "Say hi"},
+        "session": {"instructions": "Say hi"},
+    }
+    assert encoded(UpdateInstructions("Say hi")) == {
+        "type": "session.update",
+        "session": {"instructions": "Say hi"},
     }
     assert encoded(CancelResponse()) == {"type": "response.cancel"}
     assert encoded(TruncateItem("item1", 1200)) == {

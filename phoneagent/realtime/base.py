@@ -43,8 +43,19 @@ class AppendAudio:
 
 
 @dataclass(frozen=True)
+class UpdateInstructions:
+    """Replace the session's instructions (documented: any session field but the voice may
+    change at any time). How the Call makes the model say a scripted sentence, and undoes it."""
+
+    instructions: str
+
+
+@dataclass(frozen=True)
 class CreateResponse:
-    instructions: str | None = None  # for this response only, e.g. "say this greeting"
+    # The session's instructions as they are for this response, carried along as StepFun's
+    # greeting sample does (D-GUIDE 开发技巧/实现开场白). Not a per-response override: StepFun
+    # documents none, so the Call sends UpdateInstructions first.
+    instructions: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ class ToolOutput:
 
 ModelCommand = (
     UpdateSession
+    | UpdateInstructions
     | AppendAudio
     | CreateResponse
     | CancelResponse
@@ -81,6 +93,11 @@ ModelCommand = (
 )
 
 # --- events: model → Call -------------------------------------------------------------------
+#
+# ``response_id`` is None where the provider left it out: StepFun's documented samples of audio
+# and transcript deltas, function-call events and a tool call's response.done carry none
+# (tests/fixtures/stepfun/). The ``Call`` attributes such an event to the item's response, or
+# to the response in progress: it alone knows which that is (see ``Call._response_of``).
 
 
 @dataclass(frozen=True)
@@ -118,28 +135,28 @@ class ResponseStarted:
 
 @dataclass(frozen=True)
 class AudioDelta:
-    response_id: str
+    response_id: str | None
     item_id: str
     pcm: bytes  # pcm16 little-endian at the dialect's output rate
 
 
 @dataclass(frozen=True)
 class AgentTranscriptDelta:
-    response_id: str
+    response_id: str | None
     item_id: str
     text: str
 
 
 @dataclass(frozen=True)
 class AgentTranscriptDone:
-    response_id: str
+    response_id: str | None
     item_id: str
     text: str
 
 
 @dataclass(frozen=True)
 class ToolCall:
-    response_id: str
+    response_id: str | None
     call_id: str
     name: str
     arguments: str  # JSON text, as the model wrote it
@@ -147,8 +164,19 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class ResponseDone:
-    response_id: str
+    response_id: str | None
     status: str  # completed, cancelled, failed, incomplete
+    # Function calls listed in the response's output: StepFun's guide shows a call only there
+    # (its function_call_arguments.done may be missed); the Call de-duplicates by call_id.
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class ItemAdded:
+    """An output item of a response was announced: remembers which response the item is of."""
+
+    response_id: str
+    item_id: str
 
 
 @dataclass(frozen=True)
@@ -171,6 +199,7 @@ ModelEvent = (
     | AgentTranscriptDone
     | ToolCall
     | ResponseDone
+    | ItemAdded
     | ModelError
 )
 

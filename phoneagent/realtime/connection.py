@@ -73,6 +73,24 @@ class ModelSession:
         return self._ws.close_code is not None
 
 
+class ModelNameRefused(Exception):
+    """The session answered an error about the model name (see ``names_the_model``)."""
+
+
+# What an error about the model's name looks like. StepFun documents none (D-ERR lists HTTP
+# errors only): a code naming the model, or a message that says the model is not found or not
+# allowed, in English or Chinese.
+MODEL_ERROR_MARKERS = ("not found", "not exist", "no permission", "not support", "不存在", "无权")
+
+
+def names_the_model(error: ModelError) -> bool:
+    code, text = error.code.lower(), error.message.lower()
+    if code.startswith("model_") or code == "invalid_model":
+        return True
+    mentions = "model" in text or "模型" in text
+    return mentions and any(marker in text for marker in MODEL_ERROR_MARKERS)
+
+
 @dataclass
 class ModelConnector:
     """Opens configured sessions, with the model-name fallback the unsettled name needs."""
@@ -84,34 +102,42 @@ class ModelConnector:
     open_timeout: float = 10.0
 
     async def open(self, config: SessionConfig) -> ModelSession:
-        ws, model = await self._connect()
-        try:
-            session_id = await self._configure(ws, config)
-        except (ConnectionClosed, TimeoutError) as exc:
-            await ws.close()
-            raise ModelUnavailable(f"session set-up failed: {type(exc).__name__}") from None
-        except BaseException:
-            await ws.close()
-            raise
-        return ModelSession(ws, self.dialect, model, session_id)
-
-    async def _connect(self) -> tuple[ClientConnection, str]:
-        try:
-            return await self._connect_as(self.model), self.model
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            alias = MODEL_ALIASES.get(self.model)
-            if status not in MODEL_NAME_REFUSALS or alias is None:
-                raise ModelUnavailable(f"upgrade refused with HTTP {status}", status) from None
-            log.warning("model_name_refused", model=self.model, status=status, retrying=alias)
-        try:
-            ws = await self._connect_as(alias)
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            raise ModelUnavailable(f"upgrade refused with HTTP {status}", status) from None
-        log.warning("model_name_fallback_answered", model=alias, configured=self.model)
-        self.model = alias  # later calls go straight to the name that works
-        return ws, alias
+        """A configured session, under the configured model name or, if that name is refused
+        (the upgrade answers 400/404, or the session answers an error naming the model), once
+        under its other spelling (MODEL_ALIASES); the name that answered is kept for later."""
+        model, tried = self.model, set()
+        while True:
+            tried.add(model)
+            alias = MODEL_ALIASES.get(model)
+            retry = alias is not None and alias not in tried
+            try:
+                ws = await self._connect_as(model)
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status not in MODEL_NAME_REFUSALS or not retry:
+                    raise ModelUnavailable(f"upgrade refused with HTTP {status}", status) from None
+                log.warning("model_name_refused", model=model, status=status, retrying=alias)
+                model = alias
+                continue
+            try:
+                session_id = await self._configure(ws, config)
+            except ModelNameRefused as exc:
+                await ws.close()
+                if not retry:
+                    raise ModelUnavailable(f"session refused: {exc}") from None
+                log.warning("model_name_refused", model=model, error=str(exc), retrying=alias)
+                model = alias
+                continue
+            except (ConnectionClosed, TimeoutError) as exc:
+                await ws.close()
+                raise ModelUnavailable(f"session set-up failed: {type(exc).__name__}") from None
+            except BaseException:
+                await ws.close()
+                raise
+            if model != self.model:
+                log.warning("model_name_fallback_answered", model=model, configured=self.model)
+                self.model = model  # later calls go straight to the name that works
+            return ModelSession(ws, self.dialect, model, session_id)
 
     async def _connect_as(self, model: str) -> ClientConnection:
         try:
@@ -135,13 +161,17 @@ class ModelConnector:
         async with asyncio.timeout(self.open_timeout):
             async for message in ws:
                 event = self.dialect.decode(message)
-                if isinstance(event, SessionReady):
+                if isinstance(event, SessionReady) and not sent_update:
                     session_id = event.session_id
                     await ws.send(self.dialect.encode(UpdateSession(config)))
                     sent_update = True
-                elif isinstance(event, SessionUpdated) and sent_update:
+                elif isinstance(event, (SessionReady, SessionUpdated)) and sent_update:
+                    # StepFun's sample of the update's answer is labelled session.created
+                    # (D-REF 更新 session 响应): a second one is the ack too.
                     return session_id
                 elif isinstance(event, ModelError) and not event.benign:
+                    if names_the_model(event):
+                        raise ModelNameRefused(f"{event.code} {event.message}")
                     raise ModelUnavailable(f"session refused: {event.code} {event.message}")
         raise ModelUnavailable("the model closed the socket while the session was set up")
 

@@ -19,6 +19,7 @@ from phoneagent.realtime.base import (
     AudioDelta,
     CancelResponse,
     CreateResponse,
+    ItemAdded,
     ModelCommand,
     ModelError,
     ModelEvent,
@@ -31,6 +32,7 @@ from phoneagent.realtime.base import (
     ToolCall,
     ToolOutput,
     TruncateItem,
+    UpdateInstructions,
     UpdateSession,
     UserTranscript,
 )
@@ -39,8 +41,10 @@ from phoneagent.realtime.base import (
 # response that just finished, or truncating, which StepFun does not document.
 BENIGN_ERRORS = ("no ongoing response to cancel", "truncate")
 
-# The model's name is unsettled in public sources (reference section 1): when the upgrade is
-# refused for one spelling, the connection retries once with the other.
+# The documents (D-REF 请求参数) name `stepaudio-2.5-realtime`; `step-2.5-realtime` appears
+# only in the launch press release (reference section 1). When one spelling is refused (the
+# upgrade, or an error about the model in the session), the connection retries once with the
+# other.
 MODEL_ALIASES = {
     "step-2.5-realtime": "stepaudio-2.5-realtime",
     "stepaudio-2.5-realtime": "step-2.5-realtime",
@@ -68,7 +72,12 @@ class StepFunDialect:
 
     def decode(self, text: str | bytes) -> ModelEvent | None:
         message = json.loads(text)
-        decoder = _DECODERS.get(message.get("type"))
+        if not isinstance(message, dict):
+            raise TypeError(f"not a JSON object: {type(message).__name__}")
+        kind = message.get("type")
+        decoder = _DECODERS.get(kind)
+        if decoder is None and isinstance(kind, str) and kind.endswith("_error"):
+            decoder = _error  # D-GUIDE 错误处理: a bare error, its type as the event's type
         return decoder(message) if decoder else None
 
 
@@ -103,10 +112,14 @@ def _encode(command: ModelCommand) -> dict[str, Any]:
                 ]
                 session["tool_choice"] = "auto"  # the object form is refused (PROBE5)
             return {"type": "session.update", "session": session}
+        case UpdateInstructions(instructions):
+            return {"type": "session.update", "session": {"instructions": instructions}}
         case CreateResponse(instructions):
             if instructions is None:
                 return {"type": "response.create"}
-            return {"type": "response.create", "response": {"instructions": instructions}}
+            # D-GUIDE 开发技巧/实现开场白 nests the session's instructions in response.create;
+            # response.instructions (OpenAI's per-response override) is not documented.
+            return {"type": "response.create", "session": {"instructions": instructions}}
         case CancelResponse():
             return {"type": "response.cancel"}
         case TruncateItem(item_id, audio_end_ms):
@@ -128,7 +141,10 @@ def _encode(command: ModelCommand) -> dict[str, Any]:
 
 
 def _error(message: dict[str, Any]) -> ModelError:
-    error = message.get("error")
+    """D-REF (Server Event 列表/错误事件) wraps the error: ``{"type": "error", "error": {...}}``;
+    D-GUIDE (错误处理) shows it bare: ``{"type": "invalid_request_error", "code", "message",
+    "param", "event_id"}``. Both are a model error."""
+    error = message.get("error") if message.get("type") == "error" else message
     if not isinstance(error, dict):  # one client saw a bare string here (reference section 3)
         return ModelError(code="", message=str(error))
     text = str(error.get("message", ""))
@@ -140,36 +156,83 @@ def _error(message: dict[str, Any]) -> ModelError:
     )
 
 
+def _optional_id(message: dict[str, Any]) -> str | None:
+    """The response id, when the event carries one: D-REF's samples of audio and transcript
+    deltas and D-GUIDE's function-call events do not (the field tables list it)."""
+    value = message.get("response_id")
+    return str(value) if value else None
+
+
+def _ms(value: Any) -> int:
+    """D-REF types speech_started's ``audio_start_ms`` as a string, its sample as a number."""
+    return int(float(value or 0))
+
+
+def _response_done(message: dict[str, Any]) -> ResponseDone:
+    # D-GUIDE's tool-call example (自定义 Tool Call/完整示例) has a response with neither id nor
+    # status, only ``output``; the call is in it as {type, name, call_id, arguments}.
+    response = message.get("response") or {}
+    response_id = _optional_id({"response_id": response.get("id")})
+    calls = tuple(
+        ToolCall(
+            response_id=response_id,
+            call_id=str(item["call_id"]),
+            name=str(item.get("name", "")),
+            arguments=str(item.get("arguments") or ""),
+        )
+        for item in response.get("output") or ()
+        if isinstance(item, dict) and item.get("type") == "function_call" and item.get("call_id")
+    )
+    return ResponseDone(
+        response_id=response_id,
+        status=str(response.get("status") or "completed"),
+        tool_calls=calls,
+    )
+
+
+def _item_added(message: dict[str, Any]) -> ItemAdded | None:
+    """Which response an output item is of, when the announcement says (D-REF's sample of
+    response.output_item.added does; D-GUIDE's conversation.item.created does not)."""
+    item = message.get("item") or {}
+    response_id = _optional_id(message)
+    if response_id is None or not item.get("id"):
+        return None
+    return ItemAdded(response_id=response_id, item_id=str(item["id"]))
+
+
 _DECODERS = {
+    # D-REF's sample of the update's answer is labelled session.created (更新 session 响应):
+    # the connection takes a second session.created as the update's ack.
     "session.created": lambda m: SessionReady(session_id=str(m["session"].get("id", ""))),
     "session.updated": lambda m: SessionUpdated(),
     "input_audio_buffer.speech_started": lambda m: SpeechStarted(
-        item_id=m.get("item_id", ""), audio_start_ms=int(m.get("audio_start_ms", 0))
+        item_id=m.get("item_id", ""), audio_start_ms=_ms(m.get("audio_start_ms"))
     ),
     "input_audio_buffer.speech_stopped": lambda m: SpeechStopped(
-        item_id=m.get("item_id", ""), audio_end_ms=int(m.get("audio_end_ms", 0))
+        item_id=m.get("item_id", ""), audio_end_ms=_ms(m.get("audio_end_ms"))
     ),
     "conversation.item.input_audio_transcription.completed": lambda m: UserTranscript(
         item_id=m.get("item_id", ""), text=m.get("transcript", "")
     ),
     "response.created": lambda m: ResponseStarted(response_id=m["response"]["id"]),
+    "response.output_item.added": _item_added,
+    "conversation.item.created": _item_added,
     "response.audio.delta": lambda m: AudioDelta(
-        response_id=m["response_id"], item_id=m["item_id"], pcm=base64.b64decode(m["delta"])
+        response_id=_optional_id(m), item_id=m["item_id"], pcm=base64.b64decode(m["delta"])
     ),
     "response.audio_transcript.delta": lambda m: AgentTranscriptDelta(
-        response_id=m["response_id"], item_id=m["item_id"], text=m.get("delta", "")
+        response_id=_optional_id(m), item_id=m["item_id"], text=m.get("delta", "")
     ),
     "response.audio_transcript.done": lambda m: AgentTranscriptDone(
-        response_id=m["response_id"], item_id=m["item_id"], text=m.get("transcript", "")
+        response_id=_optional_id(m), item_id=m["item_id"], text=m.get("transcript", "")
     ),
+    # D-GUIDE 函数调用流程: {type, call_id, arguments, name}, no response_id, no item_id.
     "response.function_call_arguments.done": lambda m: ToolCall(
-        response_id=m.get("response_id", ""),
+        response_id=_optional_id(m),
         call_id=m["call_id"],
         name=m["name"],
         arguments=m.get("arguments", ""),
     ),
-    "response.done": lambda m: ResponseDone(
-        response_id=m["response"]["id"], status=m["response"].get("status", "completed")
-    ),
+    "response.done": _response_done,
     "error": _error,
 }

@@ -22,6 +22,17 @@ cancelled response can follow its ``response.audio.done``.
 
 Where the reference is silent the fake makes an explicit, documented assumption (search for
 "Assumption").
+
+Two shapes (``FakeRealtimeServer(shape=...)``):
+
+- ``"full"`` (default): every field the reference's *field tables* list (``response_id``,
+  ``output_index``, ``content_index`` on every delta), OpenAI-beta style.
+- ``"documented"``: the events exactly as StepFun's own *samples* show them (D-REF = the API
+  reference https://platform.stepfun.com/docs/zh/api-reference/realtime/chat, D-GUIDE = the
+  developer guide https://platform.stepfun.com/docs/zh/guides/developer/realtime; copies of the
+  samples are in ``tests/fixtures/stepfun/``). Fakes follow the documents, not our code: where a
+  sample omits a field, so does this mode, and what the documents do not describe (per-response
+  ``response.instructions``) has no effect. Search for "documented shape" below.
 """
 
 from __future__ import annotations
@@ -103,6 +114,10 @@ INVALID_EVENT_FORMAT = "invalid event format"  # ref §7: the real message for m
 CODE_INVALID_VALUE = "invalid_value"
 CODE_INVALID_PARAM = "invalid_param"
 CODE_INVALID_STATE = "invalid_state"
+# D-GUIDE 开发技巧/实现开场白: the documented way to make the model say fixed words is this prompt
+# in the session's instructions, followed by the words.
+VERBATIM_PROMPT = "请你原样无修改地输出下面的话："
+SHAPES = ("full", "documented")
 
 # ------------------------------------------------------------------------------------------
 # What the model says: responder and transcriber plug-ins
@@ -162,6 +177,13 @@ class ResponseContext:
     def tools(self) -> list[dict[str, Any]]:
         return self.session.get("tools", [])
 
+    @property
+    def verbatim(self) -> str | None:
+        """The words the documented greeting recipe asks for (D-GUIDE 开发技巧/实现开场白): what
+        follows ``请你原样无修改地输出下面的话：`` in the session's instructions, else None."""
+        _, found, words = self.session_instructions.rpartition(VERBATIM_PROMPT)
+        return words.strip() or None if found else None
+
 
 Responder = Callable[[ResponseContext], Reply | Awaitable[Reply]]
 Transcriber = Callable[[bytes], str]
@@ -173,8 +195,10 @@ QUOTED = re.compile(r'"(.+)"', re.DOTALL)
 class ScriptedResponder:
     """The default responder.
 
-    If the ``response.create`` carried ``response.instructions`` it speaks them: a real model
-    follows them (a greeting is usually "say exactly: …"), and echoing them is the honest fake.
+    If the session's instructions end with the documented verbatim prompt and words (D-GUIDE
+    开发技巧/实现开场白) it says those words, exactly. Else, if the ``response.create`` carried
+    ``response.instructions`` (only ever set in the "full" shape: the documented shape ignores
+    them) it speaks them: echoing them is the honest fake of a model that follows them.
     Otherwise it says the next entry of *script*, cycling. Entries may be :class:`CallTool` to
     script a tool call at a given turn.
     """
@@ -185,6 +209,8 @@ class ScriptedResponder:
         self._lines = itertools.cycle(script)
 
     def __call__(self, context: ResponseContext) -> Reply:
+        if context.verbatim is not None:
+            return Say(context.verbatim)
         if context.instructions:
             # "Say exactly: \"…\"" is how a client asks for fixed words; a real model says the
             # quoted words, not the request around them.
@@ -345,6 +371,7 @@ class FakeSession:
         self, server: FakeRealtimeServer, ws: ServerConnection, model: str, index: int
     ) -> None:
         self.server = server
+        self.documented = server.shape == "documented"
         self.id = _new_id("sess")
         self.model = model
         self.state = SessionState.OPEN
@@ -435,6 +462,19 @@ class FakeSession:
         if self.server.session_max_seconds is not None:
             self._later(self.server.session_max_seconds, self._expire)
         self.emit("session.created", session=self.config)
+        if self.model in self.server.models_refused_in_session:
+            # An upgrade accepted, then the model refused in the session, as an `error` event in
+            # D-REF's documented (wrapped) shape (Server Event 列表/错误事件). Assumption: the code
+            # and message; StepFun documents neither for this case.
+            self.emit(
+                "error",
+                error={
+                    "type": "invalid_request_error",
+                    "code": "model_not_found",
+                    "message": f"model {self.model} not found or no permission",
+                    "event_id": None,
+                },
+            )
         try:
             async for message in self._ws:
                 self._receive(message)
@@ -492,6 +532,30 @@ class FakeSession:
         return event
 
     def _error(self, error: ClientEventError, event_id: Any) -> None:
+        event_id = event_id if isinstance(event_id, str) else None
+        if self.documented:
+            if error.code == CODE_INVALID_VALUE:
+                # documented shape, D-GUIDE 错误处理: an unknown event type is answered by a bare
+                # object (no `error` wrapper, the error's type as the event's type).
+                self._emit_bare(
+                    type="invalid_request_error",
+                    code=error.code,
+                    message=error.message,
+                    param="type",
+                    event_id=event_id,
+                )
+                return
+            # documented shape, D-REF Server Event 列表/错误事件: wrapped, no `param`.
+            self.emit(
+                "error",
+                error={
+                    "type": "invalid_request_error",
+                    "code": error.code,
+                    "message": error.message,
+                    "event_id": event_id,
+                },
+            )
+            return
         # ref §3 error shape; `event_id` echoes the offending client event's id (ref §2).
         self.emit(
             "error",
@@ -500,9 +564,17 @@ class FakeSession:
                 "code": error.code,
                 "message": error.message,
                 "param": None,
-                "event_id": event_id if isinstance(event_id, str) else None,
+                "event_id": event_id,
             },
         )
+
+    def _emit_bare(self, **event: Any) -> None:
+        """Queue an event exactly as given (no event_id added): a documented sample's shape."""
+        if self.state is SessionState.OPEN:
+            self._outbox.put_nowait((event["type"], json.dumps(event), event))
+            if self.server.record_events:
+                self.sent.append(event)
+            self.server.notify()
 
     # -- events in ----------------------------------------------------------------------------
 
@@ -561,7 +633,11 @@ class FakeSession:
         self.config.update(patch)
         if vad_changed:
             self._restart_vad()
-        self.emit("session.updated", session=self.config)
+        # documented shape, D-REF Server Event 列表/更新 session 响应: the sample of the update's
+        # answer is labelled `session.created` (the heading says session.updated); a client
+        # must take either as the ack.
+        ack = "session.created" if self.documented else "session.updated"
+        self.emit(ack, session=self.config)
 
     def _restart_vad(self) -> None:
         detection = self.config["turn_detection"]
@@ -729,6 +805,12 @@ class FakeSession:
 
     def _on_response_create(self, event: dict[str, Any]) -> None:
         request = _require(event.get("response", {}), dict, "response must be an object")
+        # D-GUIDE 开发技巧/实现开场白 sends instructions nested as `response.create`'s `session`;
+        # taken as the session's instructions for this response.
+        nested = _require(event.get("session", {}), dict, "session must be an object")
+        if nested.get("instructions") is not None:
+            _require(nested["instructions"], str, "session.instructions must be a string")
+            request = {**request, "_session_instructions": nested["instructions"]}
         if self.response is not None:
             raise ClientEventError("ongoing response already exists", CODE_INVALID_STATE)
         if "modalities" in request:
@@ -745,11 +827,17 @@ class FakeSession:
 
     def _start_response(self, trigger: Literal["vad", "response.create"], request: dict) -> None:
         modalities = request.get("modalities") or self.config["modalities"]
+        session = copy.deepcopy(self.config)
+        if "_session_instructions" in request:
+            session["instructions"] = request["_session_instructions"]
+        # documented shape: StepFun documents no per-response `response.instructions` (D-REF
+        # Client Event 列表/推理提交 shows a bare response.create), so they have no effect.
+        instructions = None if self.documented else request.get("instructions")
         context = ResponseContext(
             trigger=trigger,
-            instructions=request.get("instructions"),
+            instructions=instructions,
             last_user_transcript=self.last_user_transcript,
-            session=copy.deepcopy(self.config),
+            session=session,
             conversation=copy.deepcopy(self.conversation),
             session_id=self.id,
         )
@@ -765,6 +853,16 @@ class FakeSession:
         low, high = self.server.delta_ms
         samples = self._rng.randint(low * SAMPLE_RATE // 1000, high * SAMPLE_RATE // 1000)
         return samples + 7 if samples % 480 == 0 else samples
+
+
+# documented shape: the position fields each D-REF sample carries (Server Event 列表, the
+# section named on each line). Events not listed carry all four, as their samples do.
+DOCUMENTED_FIELDS = {
+    "response.audio.delta": ("item_id",),  # 音频内容流式返回
+    "response.audio_transcript.delta": ("item_id", "output_index"),  # 音频内容文字流返回
+    "response.audio.done": ("response_id", "item_id"),  # 音频内容流式结束
+    "response.audio_transcript.done": ("response_id", "item_id", "content_index"),  # 文字流结束
+}
 
 
 class _Response:
@@ -867,7 +965,7 @@ class _Response:
                 self._say("response.audio_transcript.delta", item, text[len(self._spoken) : cut])
             self.session.emit(
                 "response.audio.delta",
-                **self._part_fields(item),
+                **self._fields("response.audio.delta", item),
                 delta=base64.b64encode(chunk).decode("ascii"),
             )
             self.session.audio_produced = True
@@ -878,7 +976,7 @@ class _Response:
 
     def _say(self, type_: str, item: dict[str, Any], delta: str) -> None:
         self._spoken += delta
-        self.session.emit(type_, **self._part_fields(item), delta=delta)
+        self.session.emit(type_, **self._fields(type_, item), delta=delta)
 
     def _part(self) -> dict[str, Any]:
         if self.audio:
@@ -893,6 +991,12 @@ class _Response:
             "content_index": 0,
         }
 
+    def _fields(self, type_: str, item: dict[str, Any]) -> dict[str, Any]:
+        fields = self._part_fields(item)
+        if self.session.documented and type_ in DOCUMENTED_FIELDS:
+            return {key: fields[key] for key in DOCUMENTED_FIELDS[type_]}
+        return fields
+
     def _close_message(self, status: str) -> None:
         """The closing events of the streaming message; ref §3: audio.done also on cancel."""
         item, self._message = self._message, None
@@ -900,8 +1004,12 @@ class _Response:
             return
         fields = self._part_fields(item)
         if self.audio:
-            self.session.emit("response.audio.done", **fields)
-            self.session.emit("response.audio_transcript.done", **fields, transcript=self._spoken)
+            self.session.emit("response.audio.done", **self._fields("response.audio.done", item))
+            self.session.emit(
+                "response.audio_transcript.done",
+                **self._fields("response.audio_transcript.done", item),
+                transcript=self._spoken,
+            )
         else:
             self.session.emit("response.text.done", **fields, text=self._spoken)
         self.session.emit("response.content_part.done", **fields, part=self._part())
@@ -922,6 +1030,9 @@ class _Response:
             "call_id": _new_id("call"),
             "arguments": "",
         }
+        if self.session.documented:
+            self._call_tool_documented(item, arguments)
+            return
         self._open_item(item)
         fields = {
             "response_id": self.id,
@@ -940,6 +1051,28 @@ class _Response:
         self.session.emit("response.function_call_arguments.done", **fields, arguments=arguments)
         item["status"], item["arguments"] = "completed", arguments
         self._close_item(item)
+
+    def _call_tool_documented(self, item: dict[str, Any], arguments: str) -> None:
+        """documented shape, D-GUIDE 自定义 Tool Call/函数调用流程: the call is announced by
+        `conversation.item.created` (D-REF says output_item.added carries messages only), its
+        arguments stream as `{type, call_id, arguments, name}` (no response_id, no item_id), and
+        the finished call is in response.done's output (完整示例/2. 用户请求与函数调用)."""
+        self.output.append(item)
+        announced = {k: item[k] for k in ("id", "type", "status", "call_id", "name", "object")}
+        self.session._add_item(item)
+        self.session.emit("conversation.item.created", item=announced)
+        if self.session.server.function_call_events:
+            fields = {"call_id": item["call_id"], "name": item["name"]}
+            for start in range(0, len(arguments), 16):
+                self.session._emit_bare(
+                    type="response.function_call_arguments.delta",
+                    **fields,
+                    arguments=arguments[start : start + 16],
+                )
+            self.session._emit_bare(
+                type="response.function_call_arguments.done", **fields, arguments=arguments
+            )
+        item["status"], item["arguments"] = "completed", arguments
 
     # shared by both item kinds -------------------------------------------------------------------
 
@@ -966,7 +1099,27 @@ class _Response:
             return
         self._close_message("incomplete")
         self.status = status
-        self.session.emit("response.done", response=self.resource(status_details=details))
+        calls = [item for item in self.output if item["type"] == "function_call"]
+        if self.session.documented and calls:
+            # documented shape, D-GUIDE 自定义 Tool Call/完整示例/2: the response.done of a tool
+            # call has only `output`, the call as {type, name, call_id, arguments}; no id.
+            output = [
+                {k: item[k] for k in ("type", "name", "call_id", "arguments")}
+                if item["type"] == "function_call"
+                else item
+                for item in self.output
+            ]
+            self.session.emit("response.done", response={"output": output})
+        else:
+            self.session.emit("response.done", response=self.resource(status_details=details))
+        if self.session.documented:
+            # documented shape, D-GUIDE 文本输入与输出 (the server events, in order): after
+            # response.done comes `rate_limits.updated`, an event no sample shows. Assumption:
+            # OpenAI beta's fields.
+            self.session.emit(
+                "rate_limits.updated",
+                rate_limits=[{"name": "requests", "limit": 1000, "remaining": 999}],
+            )
         self.session._response_finished(self)
 
 
@@ -1122,6 +1275,13 @@ class FakeRealtimeServer:
       bytes is accepted, and ``audio_trace(session, "out", n)`` just before an audio delta of
       *n* bytes is written to the socket (latency benchmarks read the clock in it). None: off.
     - *seed*: makes delta sizes reproducible (None: random).
+    - *shape*: ``"full"`` (every field of the reference's tables) or ``"documented"`` (events
+      exactly as StepFun's samples show them; see the module docstring).
+    - *function_call_events*: in the documented shape, send ``function_call_arguments.delta``
+      and ``.done`` (D-GUIDE 函数调用流程); False: the call is only in ``response.done``'s
+      output, as D-GUIDE's full example (完整示例) shows it.
+    - *models_refused_in_session*: model names whose upgrade is accepted but whose session
+      then answers an ``error`` (``model_not_found``) right after ``session.created``.
     """
 
     def __init__(
@@ -1144,6 +1304,9 @@ class FakeRealtimeServer:
         record_events: bool = True,
         audio_trace: Callable[[FakeSession, str, int], None] | None = None,
         seed: int | None = 0,
+        shape: Literal["full", "documented"] = "full",
+        function_call_events: bool = True,
+        models_refused_in_session: Iterable[str] = (),
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -1153,6 +1316,8 @@ class FakeRealtimeServer:
             raise ValueError("lead_ms must not be negative")
         if not 0 < delta_ms[0] <= delta_ms[1]:
             raise ValueError("delta_ms must be (min, max) with 0 < min <= max")
+        if shape not in SHAPES:
+            raise ValueError(f"shape must be one of {SHAPES}")
         self.api_key = api_key
         self.models = frozenset(models)
         self.responder = responder
@@ -1170,6 +1335,9 @@ class FakeRealtimeServer:
         self.record_events = record_events
         self.audio_trace = audio_trace
         self.seed = seed
+        self.shape = shape
+        self.function_call_events = function_call_events
+        self.models_refused_in_session = frozenset(models_refused_in_session)
         self.host = host
         self.port = port
         self.sessions: list[FakeSession] = []
