@@ -179,6 +179,11 @@ class ItemAdded:
     item_id: str
 
 
+class MalformedEvent(ValueError):
+    """A model message no event can be made of (not JSON, the wrong shape, a field of the wrong
+    type or out of range). The dialect raises only this; the call logs it and goes on."""
+
+
 @dataclass(frozen=True)
 class ModelError:
     code: str

@@ -14,6 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from phoneagent.logs import get_logger
 from phoneagent.realtime.base import (
     Dialect,
+    MalformedEvent,
     ModelCommand,
     ModelError,
     ModelEvent,
@@ -28,6 +29,10 @@ log = get_logger(__name__)
 
 # A model delta of a few seconds of pcm16 24 kHz in base64 is a few hundred KiB.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# From the stream's `start`, the longest a caller waits for the model's session before the
+# apology (DESIGN budget: apology within 5 s; Twilio still has to fetch it). StepFun's handshake
+# and set-up take well under a second when the service is well (reference section 1).
+SETUP_BUDGET = 3.5
 # Upgrade refusals that mean "this model name is wrong" rather than "you may not".
 MODEL_NAME_REFUSALS = (400, 404)
 
@@ -59,7 +64,7 @@ class ModelSession:
             async for message in self._ws:
                 try:
                     event = self.dialect.decode(message)
-                except (ValueError, KeyError, TypeError) as exc:
+                except MalformedEvent as exc:
                     log.warning("model_message_malformed", error=str(exc), size=len(message))
                     continue
                 if event is not None:
@@ -160,7 +165,11 @@ class ModelConnector:
         sent_update = False
         async with asyncio.timeout(self.open_timeout):
             async for message in ws:
-                event = self.dialect.decode(message)
+                try:
+                    event = self.dialect.decode(message)
+                except MalformedEvent as exc:
+                    # Mid-call a bad message is skipped; during set-up nothing can be trusted.
+                    raise ModelUnavailable(f"malformed set-up message: {exc}") from None
                 if isinstance(event, SessionReady) and not sent_update:
                     session_id = event.session_id
                     await ws.send(self.dialect.encode(UpdateSession(config)))
@@ -183,9 +192,12 @@ class Prewarmer:
     stream claims (the caller hung up during the TwiML fetch) is closed after ``ttl`` seconds.
     """
 
-    def __init__(self, connector: ModelConnector, ttl: float = 15.0):
+    def __init__(
+        self, connector: ModelConnector, ttl: float = 15.0, setup_budget: float = SETUP_BUDGET
+    ):
         self.connector = connector
         self.ttl = ttl
+        self.setup_budget = setup_budget
         self._warm: dict[str, asyncio.Task[ModelSession]] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self._discarding: set[asyncio.Task[None]] = set()
@@ -198,26 +210,38 @@ class Prewarmer:
         self._expiry[call_sid] = loop.call_later(self.ttl, self._expire, call_sid)
 
     async def claim(self, call_sid: str, config: SessionConfig) -> ModelSession:
+        """The call's configured session: the warm one, or a new one if it failed; within
+        ``setup_budget`` seconds whatever the model does (no answer, half a set-up), so a
+        caller waits that long at most before the apology."""
         task = self._warm.pop(call_sid, None)
         if (handle := self._expiry.pop(call_sid, None)) is not None:
             handle.cancel()
-        if task is not None:
-            try:
-                session = await task
-                log.info("model_session_prewarmed", model=session.model)
-                return session
-            except ModelUnavailable as exc:
-                log.warning("model_prewarm_failed", reason=str(exc), status=exc.status)
-        return await self.connector.open(config)
+        try:
+            async with asyncio.timeout(self.setup_budget):
+                if task is not None:
+                    try:
+                        session = await asyncio.shield(task)
+                        log.info("model_session_prewarmed", model=session.model)
+                        return session
+                    except ModelUnavailable as exc:
+                        log.warning("model_prewarm_failed", reason=str(exc), status=exc.status)
+                return await self.connector.open(config)
+        except TimeoutError:
+            if task is not None:
+                self._discard_later(task)
+            raise ModelUnavailable(f"no session within {self.setup_budget:g} s") from None
 
     def _expire(self, call_sid: str) -> None:
         self._expiry.pop(call_sid, None)
         task = self._warm.pop(call_sid, None)
         if task is not None:
             log.info("model_prewarm_unclaimed", call_sid=call_sid)
-            discarding = asyncio.create_task(_discard(task))
-            self._discarding.add(discarding)
-            discarding.add_done_callback(self._discarding.discard)
+            self._discard_later(task)
+
+    def _discard_later(self, task: asyncio.Task[ModelSession]) -> None:
+        discarding = asyncio.create_task(_discard(task))
+        self._discarding.add(discarding)
+        discarding.add_done_callback(self._discarding.discard)
 
     @property
     def waiting(self) -> int:

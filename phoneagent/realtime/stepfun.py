@@ -20,6 +20,7 @@ from phoneagent.realtime.base import (
     CancelResponse,
     CreateResponse,
     ItemAdded,
+    MalformedEvent,
     ModelCommand,
     ModelError,
     ModelEvent,
@@ -71,14 +72,24 @@ class StepFunDialect:
         return json.dumps(_encode(command), ensure_ascii=False)
 
     def decode(self, text: str | bytes) -> ModelEvent | None:
-        message = json.loads(text)
-        if not isinstance(message, dict):
-            raise TypeError(f"not a JSON object: {type(message).__name__}")
-        kind = message.get("type")
-        decoder = _DECODERS.get(kind)
-        if decoder is None and isinstance(kind, str) and kind.endswith("_error"):
-            decoder = _error  # D-GUIDE 错误处理: a bare error, its type as the event's type
-        return decoder(message) if decoder else None
+        """The typed event, None for events the call has no use for; MalformedEvent for
+        anything else, whatever was wrong with it (the model is outside input too)."""
+        try:
+            message = json.loads(text)
+            if not isinstance(message, dict):
+                raise MalformedEvent(f"not a JSON object: {type(message).__name__}")
+            kind = message.get("type")
+            decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
+            if decoder is None and isinstance(kind, str) and kind.endswith("_error"):
+                decoder = _error  # D-GUIDE 错误处理: a bare error, its type as the event's type
+            return decoder(message) if decoder else None
+        except MalformedEvent:
+            raise
+        # JSON too deep (RecursionError), a number out of range (OverflowError), a field of the
+        # wrong type (KeyError, TypeError, AttributeError, ValueError, binascii.Error)
+        except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError,
+                RecursionError) as exc:  # fmt: skip
+            raise MalformedEvent(f"{type(exc).__name__}: {exc}"[:200]) from None
 
 
 def _encode(command: ModelCommand) -> dict[str, Any]:
@@ -159,13 +170,34 @@ def _error(message: dict[str, Any]) -> ModelError:
 def _optional_id(message: dict[str, Any]) -> str | None:
     """The response id, when the event carries one: D-REF's samples of audio and transcript
     deltas and D-GUIDE's function-call events do not (the field tables list it)."""
-    value = message.get("response_id")
-    return str(value) if value else None
+    value = _text(message, "response_id")
+    return value or None
+
+
+def _text(message: dict[str, Any], key: str, *, required: bool = False) -> str:
+    """A string field ('' when absent or null, unless ``required``); anything else is
+    malformed: an object as an id or a number as a transcript would break the call later."""
+    value = message.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedEvent(f"{key} is {type(value).__name__}, not a string")
+    return value
+
+
+def _object(message: dict[str, Any], key: str) -> dict[str, Any]:
+    value = message.get(key)
+    if not isinstance(value, dict):
+        raise MalformedEvent(f"{key} is {type(value).__name__}, not an object")
+    return value
 
 
 def _ms(value: Any) -> int:
     """D-REF types speech_started's ``audio_start_ms`` as a string, its sample as a number."""
-    return int(float(value or 0))
+    ms = int(float(value or 0))  # inf (1e400) raises OverflowError, nan ValueError
+    if not 0 <= ms < 2**40:
+        raise MalformedEvent(f"time out of range: {ms}")
+    return ms
 
 
 def _response_done(message: dict[str, Any]) -> ResponseDone:
@@ -203,35 +235,43 @@ def _item_added(message: dict[str, Any]) -> ItemAdded | None:
 _DECODERS = {
     # D-REF's sample of the update's answer is labelled session.created (更新 session 响应):
     # the connection takes a second session.created as the update's ack.
-    "session.created": lambda m: SessionReady(session_id=str(m["session"].get("id", ""))),
+    "session.created": lambda m: SessionReady(session_id=_text(_object(m, "session"), "id")),
     "session.updated": lambda m: SessionUpdated(),
     "input_audio_buffer.speech_started": lambda m: SpeechStarted(
-        item_id=m.get("item_id", ""), audio_start_ms=_ms(m.get("audio_start_ms"))
+        item_id=_text(m, "item_id"), audio_start_ms=_ms(m.get("audio_start_ms"))
     ),
     "input_audio_buffer.speech_stopped": lambda m: SpeechStopped(
-        item_id=m.get("item_id", ""), audio_end_ms=_ms(m.get("audio_end_ms"))
+        item_id=_text(m, "item_id"), audio_end_ms=_ms(m.get("audio_end_ms"))
     ),
     "conversation.item.input_audio_transcription.completed": lambda m: UserTranscript(
-        item_id=m.get("item_id", ""), text=m.get("transcript", "")
+        item_id=_text(m, "item_id"), text=_text(m, "transcript")
     ),
-    "response.created": lambda m: ResponseStarted(response_id=m["response"]["id"]),
+    "response.created": lambda m: ResponseStarted(
+        response_id=_text(_object(m, "response"), "id", required=True)
+    ),
     "response.output_item.added": _item_added,
     "conversation.item.created": _item_added,
     "response.audio.delta": lambda m: AudioDelta(
-        response_id=_optional_id(m), item_id=m["item_id"], pcm=base64.b64decode(m["delta"])
+        response_id=_optional_id(m),
+        item_id=_text(m, "item_id", required=True),
+        pcm=base64.b64decode(_text(m, "delta", required=True), validate=True),
     ),
     "response.audio_transcript.delta": lambda m: AgentTranscriptDelta(
-        response_id=_optional_id(m), item_id=m["item_id"], text=m.get("delta", "")
+        response_id=_optional_id(m),
+        item_id=_text(m, "item_id", required=True),
+        text=_text(m, "delta"),
     ),
     "response.audio_transcript.done": lambda m: AgentTranscriptDone(
-        response_id=_optional_id(m), item_id=m["item_id"], text=m.get("transcript", "")
+        response_id=_optional_id(m),
+        item_id=_text(m, "item_id", required=True),
+        text=_text(m, "transcript"),
     ),
     # D-GUIDE 函数调用流程: {type, call_id, arguments, name}, no response_id, no item_id.
     "response.function_call_arguments.done": lambda m: ToolCall(
         response_id=_optional_id(m),
-        call_id=m["call_id"],
-        name=m["name"],
-        arguments=m.get("arguments", ""),
+        call_id=_text(m, "call_id", required=True),
+        name=_text(m, "name", required=True),
+        arguments=_text(m, "arguments"),
     ),
     "response.done": _response_done,
     "error": _error,

@@ -50,6 +50,10 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
             state.metrics.streams_refused.inc()
             await ws.close()
             return ws
+        except Exception:  # a bug must not leave the caller in silence: the action apologises
+            log.exception("stream_open_failed")
+            await ws.close()
+            return ws
         await run_call(state, ws, call, model)
     finally:
         unbind_call_context()  # bound in `open_call`; the access log line is not the call's
