@@ -77,6 +77,12 @@ SESSION_RENEW_SECONDS = 25 * 60
 # The caller finished a turn and the model has not started answering this long after: nudge it
 # (a VAD turn end has been seen to produce no response, reference section 5).
 NUDGE_SECONDS = 2.0
+# Limits hold whatever the model does. A response that has sent no audio for this long (stream
+# time) is given up on: the model is treated as idle again.
+RESPONSE_STALL_MS = 10_000
+# The sentence before a handoff (goodbye, transfer announcement) not said this long after it was
+# asked for, and not playing: the call is handed on without it.
+HANDOFF_SENTENCE_DEADLINE_MS = 8_000
 
 
 class CallState(enum.Enum):
@@ -210,6 +216,8 @@ class Call:
         self._after_response: list[Action] = []  # model commands that must wait for it to end
         self._cancelling: set[str] = set()  # cancelled responses whose response.done is due
         self._digits = ""  # keypad digits not yet passed to the model
+        self._response_alive_ms = 0  # stream time the active response last started or spoke
+        self._announced_at_ms = 0  # stream time the handoff's sentence was asked for
         self._digits_at_ms = 0
         self._hang_up_reason = EndReason.AGENT_HUNG_UP
         self._time_limit_warned = False
@@ -282,6 +290,8 @@ class Call:
             return []
         if isinstance(event, (SpeechStarted, SpeechStopped, ResponseStarted, ResponseDone)):
             self._quiet_since_ms = None  # the line is not silent: the silence timeout restarts
+        if isinstance(event, (ResponseStarted, AudioDelta)):
+            self._response_alive_ms = self._next_media_ms or 0
         match event:
             case AudioDelta():
                 return self._on_agent_audio(event)
@@ -392,6 +402,7 @@ class Call:
             audio = bytes([ULAW_SILENCE]) * (gap_ms * ULAW_BYTES_PER_MS) + audio
         self._next_media_ms = media.timestamp_ms + len(media.payload) // ULAW_BYTES_PER_MS
         actions: list[Action] = self._watch_time_limit(media.timestamp_ms)
+        actions += self._watch_stalls(media.timestamp_ms)
         actions += self._watch_model()
         actions += self._watch_silence(media.timestamp_ms)
         if self._digits and media.timestamp_ms - self._digits_at_ms >= DTMF_GAP_MS:
@@ -566,6 +577,7 @@ class Call:
     def _announce(self, handoff: Handoff) -> list[Action]:
         """Say the handoff's sentence; the handoff happens once the caller has heard it."""
         self.state = CallState.ANNOUNCING
+        self._announced_at_ms = self._next_media_ms or 0
         self._handoff, self._handoff_response, self._handoff_said = handoff, None, False
         sentence = sentence_for(self.persona, handoff)
         return self._when_idle(self._respond(say_verbatim(self.persona, sentence)))
@@ -626,6 +638,41 @@ class Call:
             self._renewing = True
             return [RenewModelSession()]
         return []
+
+    def _watch_stalls(self, call_ms: int) -> list[Action]:
+        """A mute or stuck model must not hold the call: a response that says nothing for
+        RESPONSE_STALL_MS is given up on (silence prompts and limits then go on), and a handoff
+        whose sentence has not been said in HANDOFF_SENTENCE_DEADLINE_MS happens without it."""
+        actions: list[Action] = []
+        stalled = self._active_response
+        if (
+            stalled is not None
+            and not self._pending_marks
+            and call_ms - self._response_alive_ms >= RESPONSE_STALL_MS
+        ):
+            log.warning("model_response_stalled", silent_ms=call_ms - self._response_alive_ms)
+            # Not counted as cancelling: a stuck session may never answer the cancel either.
+            self._discarded_responses.add(stalled)
+            self._active_response = None
+            actions.append(ToModel(CancelResponse()))
+            if self._after_response:
+                actions += self._after_response
+                self._after_response = []
+        if (
+            self.state is CallState.ANNOUNCING
+            and not self._handoff_said
+            and call_ms - self._announced_at_ms >= HANDOFF_SENTENCE_DEADLINE_MS
+            and not self._pending_marks
+        ):
+            log.warning("handoff_sentence_not_said", waited_ms=call_ms - self._announced_at_ms)
+            if self._active_response is not None:
+                self._discarded_responses.add(self._active_response)
+                self._active_response = None
+                actions.append(ToModel(CancelResponse()))
+            self._after_response = []  # the sentence is no longer asked for
+            self._handoff_response, self._handoff_said = None, True
+            actions += self._hand_off_if_heard()
+        return actions
 
     def _watch_silence(self, call_ms: int) -> list[Action]:
         """A silent line: ask whether the caller is still there; later, say goodbye."""

@@ -465,7 +465,13 @@ class CallObserver:
                     )
                     self.cut_responses.add(item_id.split(".")[0])
                 case ToModel(CancelResponse()):
-                    assert any(isinstance(a, SendClear) for a in actions[:i])
+                    if not any(isinstance(a, SendClear) for a in actions[:i]):
+                        # No clear: a response that said nothing for too long, given up on
+                        # (nothing of it is playing); none of its audio may be sent later.
+                        assert self.active_response is not None
+                        assert not self.call._pending_marks
+                        self.cut_responses.add(self.active_response)
+                        self.active_response = None
                 case TurnFinished(turn):
                     json.dumps(turn)
                 case TransferCall() | HangUpCall():

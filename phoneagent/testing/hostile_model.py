@@ -50,9 +50,11 @@ class SetupFault(enum.Enum):
 
 
 class HostileModel:
-    """Listens on 127.0.0.1; ``connections`` counts the clients that came."""
+    """Listens on 127.0.0.1; ``connections`` counts the clients that came. With ``fault`` None
+    the set-up succeeds (session.created, then session.updated for the update) and the model is
+    mute ever after: no VAD event, no response, whatever the client sends."""
 
-    def __init__(self, fault: SetupFault) -> None:
+    def __init__(self, fault: SetupFault | None = None) -> None:
         self.fault = fault
         self.connections = 0
         self._server: Server | asyncio.Server | None = None
@@ -92,7 +94,14 @@ class HostileModel:
         created = json.dumps({"type": "session.created", "event_id": "e1", "session": SESSION})
         fault = self.fault
         with contextlib.suppress(ConnectionClosed):
-            if fault is SetupFault.NO_SESSION_UPDATED or fault is SetupFault.CLOSED_AFTER_CREATED:
+            if fault is None:
+                await ws.send(created)
+                await ws.recv()  # the session.update
+                updated = {"type": "session.updated", "event_id": "e2", "session": SESSION}
+                await ws.send(json.dumps(updated))
+                async for _ in ws:  # heard, never answered
+                    pass
+            elif fault is SetupFault.NO_SESSION_UPDATED or fault is SetupFault.CLOSED_AFTER_CREATED:
                 await ws.send(created)
                 if fault is SetupFault.CLOSED_AFTER_CREATED:
                     await ws.close(1011, "internal error")
