@@ -107,10 +107,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"phoneagent: persona error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    port = args.port or settings.port
+    if port == settings.metrics_port:
+        print(
+            f"phoneagent: configuration error: PHONEAGENT_METRICS_PORT must differ from the "
+            f"port served ({port}): metrics stay off the port Twilio reaches",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     try:
-        run(settings, registry, host=args.host, port=args.port or settings.port)
+        run(settings, registry, host=args.host, port=port)
     except OutboxError as exc:
         print(f"phoneagent: webhook outbox error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:  # a port already taken, an address not on this host
+        print(f"phoneagent: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONFIG
     return EXIT_OK
 

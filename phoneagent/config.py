@@ -6,6 +6,7 @@ a deployment from the first log line. Secret values never appear in messages or 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -19,6 +20,10 @@ LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 _ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+# A bearer token travels in a header: visible ASCII only; long enough not to be guessed.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+MIN_METRICS_TOKEN_LENGTH = 16
 
 # The credentials `phoneagent serve` cannot run without, with a hint of where each comes from.
 CREDENTIALS = {
@@ -56,6 +61,17 @@ class Settings:
     drain_seconds: int = 600  # after SIGTERM, how long calls in progress may go on
     max_calls: int = 100  # model sessions at once (StepFun accounts have a concurrency limit)
     fallback_url: str = ""  # where new calls go while this instance drains ("" = HTTP 503)
+    # The metrics listener, apart from the port Twilio reaches. Loopback unless told otherwise:
+    # on a bare host 0.0.0.0 would publish it; the image sets 0.0.0.0 (a pod's own address).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9090
+    metrics_token: str = field(default="", repr=False)  # "" = no bearer token required
+    # Slow clients (see client_limits.py): a request head, then a body, must arrive within
+    # these; Twilio sends each request at once and gives up on our answer after 15 s anyway.
+    header_seconds: float = 10.0
+    body_seconds: float = 10.0
+    # Twilio requests still being read or checked (a stream until its `start` and token).
+    max_unauthenticated: int = 64
 
     @property
     def public_ws_url(self) -> str:
@@ -88,7 +104,7 @@ def load_settings(
             if not get(name):
                 problems.append(f"{name} is not set: {hint}")
 
-    port = _parse_port(get("PORT"), problems)
+    port = _parse_port("PORT", get("PORT"), Settings.port, problems)
     public_url = get("PUBLIC_URL").rstrip("/")
     if public_url:
         _check_public_url(public_url, problems)
@@ -123,6 +139,37 @@ def load_settings(
     if fallback_url:
         _check_url("PHONEAGENT_FALLBACK_URL", fallback_url, ("https", "http"), problems)
 
+    metrics_host = get("PHONEAGENT_METRICS_HOST") or Settings.metrics_host
+    if not _is_host(metrics_host):
+        problems.append(
+            f"PHONEAGENT_METRICS_HOST must be an IP address or a host name, not {metrics_host!r}"
+        )
+    metrics_port = _parse_port(
+        "PHONEAGENT_METRICS_PORT", get("PHONEAGENT_METRICS_PORT"), Settings.metrics_port, problems
+    )
+    if metrics_port == port:
+        problems.append(
+            f"PHONEAGENT_METRICS_PORT must differ from PORT ({port}): metrics stay off the port "
+            "Twilio reaches"
+        )
+    metrics_token = get("PHONEAGENT_METRICS_TOKEN")
+    if metrics_token and not _TOKEN.fullmatch(metrics_token):
+        problems.append("PHONEAGENT_METRICS_TOKEN is malformed: visible ASCII only, no spaces")
+    elif metrics_token and len(metrics_token) < MIN_METRICS_TOKEN_LENGTH:
+        problems.append(
+            f"PHONEAGENT_METRICS_TOKEN is too short: at least {MIN_METRICS_TOKEN_LENGTH} "
+            "characters (python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    header_seconds = _parse_int(
+        "PHONEAGENT_HEADER_SECONDS", get, int(Settings.header_seconds), 1, problems
+    )
+    body_seconds = _parse_int(
+        "PHONEAGENT_BODY_SECONDS", get, int(Settings.body_seconds), 1, problems
+    )
+    max_unauthenticated = _parse_int(
+        "PHONEAGENT_MAX_UNAUTHENTICATED", get, Settings.max_unauthenticated, 1, problems
+    )
+
     if problems:
         raise ConfigError(problems)
     return Settings(
@@ -142,6 +189,12 @@ def load_settings(
         drain_seconds=drain_seconds,
         max_calls=max_calls,
         fallback_url=fallback_url,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+        metrics_token=metrics_token,
+        header_seconds=header_seconds,
+        body_seconds=body_seconds,
+        max_unauthenticated=max_unauthenticated,
     )
 
 
@@ -161,13 +214,21 @@ def _parse_int(
     return default
 
 
-def _parse_port(raw: str, problems: list[str]) -> int:
+def _parse_port(name: str, raw: str, default: int, problems: list[str]) -> int:
     if not raw:
-        return Settings.port
+        return default
     if raw.isdigit() and 1 <= int(raw) <= 65535:
         return int(raw)
-    problems.append(f"PORT must be a TCP port number from 1 to 65535, not {raw!r}")
-    return Settings.port
+    problems.append(f"{name} must be a TCP port number from 1 to 65535, not {raw!r}")
+    return default
+
+
+def _is_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return bool(_HOST_NAME.fullmatch(host))
+    return True
 
 
 def _check_public_url(url: str, problems: list[str]) -> None:

@@ -1,4 +1,5 @@
-"""Prometheus metrics, served at ``GET /metrics``.
+"""Prometheus metrics, served at ``GET /metrics`` on the metrics listener (not on the port
+Twilio reaches; see ``server.serve_metrics``).
 
 One registry per application (not the library's global one), so several apps in one process —
 tests, benchmarks — each count their own calls.
@@ -20,7 +21,9 @@ FIRST_AUDIO_BUCKETS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
 class Metrics:
-    def __init__(self, active_calls: Callable[[], int]):
+    def __init__(
+        self, active_calls: Callable[[], int], unauthenticated: Callable[[], int] = lambda: 0
+    ):
         self.registry = CollectorRegistry()
         r = self.registry
         self.active_calls = Gauge(
@@ -76,6 +79,20 @@ class Metrics:
             "phoneagent_transfers", "Transfers asked of Twilio, by outcome.", ["outcome"],
             registry=r,
         )  # fmt: skip
+        self.unauthenticated = Gauge(
+            "phoneagent_unauthenticated_requests",
+            "Twilio requests waiting on their client before authentication now: a webhook "
+            "while its body arrives, a media stream until its `start` and token check out.",
+            registry=r,
+        )
+        self.unauthenticated.set_function(unauthenticated)
+        self.http_refused = Counter(
+            "phoneagent_http_refused",
+            "Requests refused before authentication, by reason: `unauthenticated_limit` (503, "
+            "PHONEAGENT_MAX_UNAUTHENTICATED reached), `body_timeout` (408, body too slow).",
+            ["reason"],
+            registry=r,
+        )
         self.webhook_deliveries = Counter(
             "phoneagent_webhook_deliveries",
             "Webhook delivery attempts, by outcome (delivered, retry, dead).",

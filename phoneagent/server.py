@@ -1,5 +1,5 @@
-"""The aiohttp application: its routes, health, readiness, metrics and call details, and
-startup and shutdown (persona reloads, the delivery worker, draining on SIGTERM).
+"""The aiohttp application: its routes, health, readiness and call details, the metrics
+listener, and startup and shutdown (persona reloads, the delivery worker, draining on SIGTERM).
 
 The Twilio-facing routes are in ``twilio/webhook_routes.py`` and ``twilio/stream_route.py``;
 what the instance holds while it runs is ``state.ServerState``."""
@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from phoneagent.client_limits import handler_options, unauthenticated_limits
 from phoneagent.config import Settings
 from phoneagent.delivery.outbox import Outbox, SQLiteOutbox
 from phoneagent.delivery.publisher import CallEventPublisher
@@ -100,9 +101,37 @@ async def call_details(request: web.Request) -> web.Response:
     return web.json_response(record.as_dict())
 
 
+def has_bearer_token(request: web.Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # Bytes: compare_digest refuses non-ASCII str, and a client may send anything.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
+
+
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[STATE].metrics.exposition()
+    """Prometheus' scrape, on the metrics listener only; with PHONEAGENT_METRICS_TOKEN set, only
+    for a request bearing it."""
+    state = request.app[STATE]
+    token = state.settings.metrics_token
+    if token and not has_bearer_token(request, token):
+        has_token = request.headers.get("Authorization", "").lower().startswith("bearer ")
+        log.warning("metrics_unauthorized", remote=request.remote, had_token=has_token)
+        return web.json_response(
+            {"error": "use a bearer token: PHONEAGENT_METRICS_TOKEN"},
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="phoneagent-metrics"'},
+        )
+    body = state.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_metrics_app(state: ServerState) -> web.Application:
+    """``GET /metrics`` alone: served on its own listener, never on the port Twilio reaches."""
+    app = web.Application(client_max_size=1024)  # a scrape is a GET
+    app[STATE] = state
+    app.router.add_get("/metrics", metrics)
+    return app
 
 
 def create_app(
@@ -113,18 +142,26 @@ def create_app(
     connector: ModelConnector | None = None,
     outbox: Outbox | None = None,
     handle_sigterm: bool = False,
+    metrics_listener: tuple[str, int] | None = None,
 ) -> web.Application:
     """The application. With an ``outbox``, call events go to the personas' webhooks (the app
     runs the delivery worker and closes the outbox when it stops). ``handle_sigterm``: drain
-    on SIGTERM (`phoneagent serve`), see ``drain_then_exit``."""
+    on SIGTERM (`phoneagent serve`), see ``drain_then_exit``. ``metrics_listener``: (host,
+    port) where the app serves ``/metrics`` while it runs (port 0: any free port, see
+    ``state.metrics_address``); the app itself never serves it."""
     connector = connector or ModelConnector(
         url=settings.stepfun_realtime_url,
         api_key=settings.stepfun_api_key,
         model=settings.stepfun_model,
     )
-    # Twilio's webhooks are a few kilobytes of form fields; anything much larger is not Twilio.
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     state = ServerState(settings=settings, personas=personas, prewarmer=Prewarmer(connector))
+    limits = unauthenticated_limits(
+        state.unauthenticated,
+        settings=lambda: state.settings,
+        refused=lambda reason: state.metrics.http_refused.labels(reason).inc(),
+    )
+    # Twilio's webhooks are a few kilobytes of form fields; anything much larger is not Twilio.
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[limits])
     rest = TwilioCalls(
         settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url
     )
@@ -139,7 +176,6 @@ def create_app(
     app.router.add_post("/twilio/dial-status", dial_status)
     app.router.add_post("/twilio/stream-ended", stream_ended)
     app.router.add_get("/calls/{call_sid}", call_details)
-    app.router.add_get("/metrics", metrics)
 
     async def watch_personas(app: web.Application):
         task = asyncio.create_task(personas.watch(reload_interval))
@@ -170,8 +206,33 @@ def create_app(
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, lambda: state.spawn(drain_then_exit(state)))
 
+    async def serve_metrics(app: web.Application):
+        assert metrics_listener is not None
+        host, port = metrics_listener
+        runner = web.AppRunner(
+            create_metrics_app(state),
+            access_log_class=AccessLogger,
+            **handler_options(settings.header_seconds),
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(
+                exc.errno, f"cannot listen for metrics on {host}:{port}: {exc.strerror}"
+            ) from None
+        state.metrics_address = (host, runner.addresses[0][1])
+        log.info("metrics_listening", host=host, port=state.metrics_address[1],
+                 token_required=bool(settings.metrics_token))  # fmt: skip
+        yield
+        await runner.cleanup()
+
     if handle_sigterm:
         app.on_startup.append(drain_on_sigterm)
+    if metrics_listener is not None:
+        # First in, last out: metrics stay up through a drain and while the rest shuts down.
+        app.cleanup_ctx.append(serve_metrics)
     app.cleanup_ctx.append(watch_personas)
     if outbox is not None:
         app.cleanup_ctx.append(deliver_webhooks)
@@ -212,14 +273,18 @@ def run(settings: Settings, personas: PersonaRegistry, host: str, port: int) -> 
         "server_starting",
         host=host,
         port=port,
+        metrics_host=settings.metrics_host,
+        metrics_port=settings.metrics_port,
         public_url=settings.public_url,
         personas=sorted(personas.current.personas),
         model=settings.stepfun_model,
     )
+    metrics_listener = (settings.metrics_host, settings.metrics_port)
     web.run_app(
-        build_app(settings, personas, handle_sigterm=True),
+        build_app(settings, personas, handle_sigterm=True, metrics_listener=metrics_listener),
         host=host,
         port=port,
         access_log_class=AccessLogger,
         print=None,
+        **handler_options(settings.header_seconds),
     )

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from phoneagent.bridge import TurnListener
 from phoneagent.call import Call
+from phoneagent.client_limits import UnauthenticatedGate
 from phoneagent.config import Settings
 from phoneagent.delivery.publisher import CallEventPublisher
 from phoneagent.metrics import Metrics
@@ -43,6 +44,10 @@ class ServerState:
     publisher: CallEventPublisher | None = None  # None: no webhook delivery (no outbox)
     handoffs: TwilioHandoffs | None = None
     metrics: Metrics = field(init=False)
+    # Twilio requests not yet authenticated (client_limits.py).
+    unauthenticated: UnauthenticatedGate = field(init=False)
+    # Where the metrics listener listens, once it does: (host, port).
+    metrics_address: tuple[str, int] | None = None
     # Work that must finish even if the request that started it is cancelled (event commits).
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -57,7 +62,11 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.turn_listeners.append(self._record_live_turn)
-        self.metrics = Metrics(active_calls=lambda: len(self.active_calls))
+        self.unauthenticated = UnauthenticatedGate(lambda: self.settings.max_unauthenticated)
+        self.metrics = Metrics(
+            active_calls=lambda: len(self.active_calls),
+            unauthenticated=lambda: self.unauthenticated.count,
+        )
 
     def _record_live_turn(self, call: Call, turn: dict) -> None:
         self.calls.open(call.call_sid).transcript.append(turn)

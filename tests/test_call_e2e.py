@@ -72,7 +72,7 @@ async def test_caller_hears_greeting_then_an_answer_and_transcript_has_both_side
     assert turns[0] == ("agent", persona.greeting)
     assert turns[1:] == [("caller", "I'd like to book a cleaning."), ("agent", REPLY)]
 
-    async with aiohttp.ClientSession() as http, http.get(f"{stack.base_url}/metrics") as response:
+    async with aiohttp.ClientSession() as http, http.get(stack.metrics_url) as response:
         metrics = await response.text()
     assert 'phoneagent_calls_total{end_reason="caller_hung_up"} 1.0' in metrics
     assert "phoneagent_first_agent_audio_seconds_count 1.0" in metrics

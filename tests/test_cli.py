@@ -97,7 +97,7 @@ def get(url: str) -> tuple[int, str]:
 @pytest.fixture
 def server():
     port = free_port()
-    env = os.environ | VALID_ENV | {"PORT": str(port)}
+    env = os.environ | VALID_ENV | {"PORT": str(port), "PHONEAGENT_METRICS_PORT": str(free_port())}
     process = subprocess.Popen(
         [sys.executable, "-m", "phoneagent.cli", "serve", "--host", "127.0.0.1"],
         cwd=PROJECT_ROOT,
@@ -135,7 +135,11 @@ def test_serve_answers_health_and_readiness(server):
 
 def test_serve_refuses_a_corrupt_outbox_at_start_up(tmp_path):
     (tmp_path / "outbox.sqlite3").write_bytes(b"this is not a database" * 100)
-    env = VALID_ENV | {"PHONEAGENT_DATA_DIR": str(tmp_path), "PORT": str(free_port())}
+    env = VALID_ENV | {
+        "PHONEAGENT_DATA_DIR": str(tmp_path),
+        "PORT": str(free_port()),
+        "PHONEAGENT_METRICS_PORT": str(free_port()),
+    }
     result = phoneagent("serve", "--host", "127.0.0.1", env=env)
     assert result.returncode == 2
     assert "webhook outbox error" in result.stderr

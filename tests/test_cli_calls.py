@@ -62,7 +62,8 @@ async def served(tmp_path):
     async with FakeRealtimeServer(api_key=VALID_ENV["STEPFUN_API_KEY"]) as model:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        env = clean_env(**(VALID_ENV | {"PUBLIC_URL": base, "PORT": str(port)}),
+        env = clean_env(**(VALID_ENV | {"PUBLIC_URL": base, "PORT": str(port),
+                                        "PHONEAGENT_METRICS_PORT": str(free_port())}),
                         STEPFUN_REALTIME_URL=model.url)  # fmt: skip
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "phoneagent.cli", "serve", "--host", "127.0.0.1",

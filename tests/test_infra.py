@@ -25,7 +25,8 @@ from conftest import EXAMPLE_PERSONAS, PROJECT_ROOT, VALID_ENV
 from phoneagent.cli import build_parser, cmd_serve
 from phoneagent.config import CREDENTIALS, Settings, load_settings
 from phoneagent.personas import PersonaRegistry, load_directory
-from phoneagent.server import create_app
+from phoneagent.server import create_app, create_metrics_app
+from phoneagent.state import STATE
 
 INFRA = PROJECT_ROOT / "infra"
 K8S = INFRA / "k8s"
@@ -240,9 +241,22 @@ def deployed_personas(manifests, tmp_path_factory) -> list:
 
 
 def app_routes() -> set[tuple[str, str]]:
+    """The routes of the port Twilio reaches."""
     settings = load_settings(VALID_ENV)
     app = create_app(settings, PersonaRegistry(EXAMPLE_PERSONAS, environ={}))
     return {(route.method, route.resource.canonical) for route in app.router.routes()}
+
+
+def metrics_routes() -> set[tuple[str, str]]:
+    """The routes of the metrics listener."""
+    settings = load_settings(VALID_ENV)
+    app = create_app(settings, PersonaRegistry(EXAMPLE_PERSONAS, environ={}))
+    metrics = create_metrics_app(app[STATE])
+    return {(route.method, route.resource.canonical) for route in metrics.router.routes()}
+
+
+def container_ports(workload: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container(workload)["ports"]}
 
 
 # --- the image --------------------------------------------------------------------------------
@@ -267,8 +281,12 @@ def test_image_installs_the_package_without_test_tools():
 def test_image_settings_are_ones_the_server_reads_and_agree_with_its_ports():
     env = dockerfile_env()
     assert set(env) - {"PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"} <= settings_read()
-    exposed = [args for word, args in final_stage() if word == "EXPOSE"]
-    assert exposed == [env["PORT"]] == [str(Settings.port)]
+    [exposed] = [args.split() for word, args in final_stage() if word == "EXPOSE"]
+    assert exposed == [env["PORT"], env["PHONEAGENT_METRICS_PORT"]]
+    settings = load_settings(VALID_ENV | env)
+    assert (settings.port, settings.metrics_port) == (Settings.port, Settings.metrics_port)
+    # Inside a container, loopback would be unreachable from outside it, published or not.
+    assert settings.metrics_host == "0.0.0.0"
     [volume] = [json.loads(args) for word, args in final_stage() if word == "VOLUME"]
     assert volume == [env["PHONEAGENT_DATA_DIR"]]
     assert ("STOPSIGNAL", "SIGTERM") in final_stage()
@@ -326,8 +344,11 @@ def test_probes_and_metrics_point_at_routes_of_the_app(manifests, name):
         assert ("GET", main[probe]["httpGet"]["path"]) in routes
         assert main[probe]["httpGet"]["port"] == main["ports"][0]["name"]
     annotations = manifests[name]["spec"]["template"]["metadata"]["annotations"]
-    assert ("GET", annotations["prometheus.io/path"]) in routes
-    assert int(annotations["prometheus.io/port"]) == main["ports"][0]["containerPort"]
+    # Prometheus scrapes the metrics listener, which serves the path; the public port does not.
+    assert ("GET", annotations["prometheus.io/path"]) in metrics_routes()
+    assert ("GET", annotations["prometheus.io/path"]) not in routes
+    ports = container_ports(manifests[name])
+    assert int(annotations["prometheus.io/port"]) == ports["metrics"] != ports["http"]
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
@@ -347,7 +368,9 @@ def test_environment_is_what_the_server_reads_and_passes_its_validation(
     assert source["secretRef"]["name"] == manifests["secret.example.yaml"]["metadata"]["name"]
     # The manifest's values, with well-formed credentials, are a valid configuration.
     settings = load_settings(VALID_ENV | env)
-    assert settings.port == main["ports"][0]["containerPort"]
+    ports = container_ports(manifests[name])
+    assert (settings.port, settings.metrics_port) == (ports["http"], ports["metrics"])
+    assert settings.metrics_host == "0.0.0.0"  # the pod's address: Prometheus is another pod
     mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
     assert Path(mounts["personas"]) == settings.personas_dir
     assert Path(mounts["data"]) == settings.data_dir
@@ -393,7 +416,11 @@ def test_service_pdb_and_hpa_select_the_workload(manifests):
     assert manifests["pdb.yaml"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
     target = manifests["hpa.yaml"]["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
-    assert manifests["service.yaml"]["spec"]["ports"][0]["targetPort"] == "http"
+    # The Service is what the Ingress, and so Twilio, reaches: never the metrics port.
+    service_ports = manifests["service.yaml"]["spec"]["ports"]
+    assert [port["targetPort"] for port in service_ports] == ["http"]
+    metrics_port = container_ports(deployment)["metrics"]
+    assert all(port["port"] not in ("metrics", metrics_port) for port in service_ports)
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     personas = manifests["configmap-personas.yaml"]["metadata"]["name"]
     assert volumes["personas"]["configMap"]["name"] == personas
@@ -405,7 +432,7 @@ async def test_hpa_scales_on_a_gauge_the_server_exports_below_its_call_cap(
     [calls] = [m["pods"] for m in manifests["hpa.yaml"]["spec"]["metrics"] if m["type"] == "Pods"]
     name = calls["metric"]["name"]
     app = create_app(load_settings(VALID_ENV), PersonaRegistry(EXAMPLE_PERSONAS, environ={}))
-    client = await aiohttp_client(app)
+    client = await aiohttp_client(create_metrics_app(app[STATE]))
     response = await client.get("/metrics")
     assert response.status == 200
     assert re.search(rf"^# TYPE {name} gauge$", await response.text(), re.MULTILINE)

@@ -106,6 +106,7 @@ async def test_sigterm_drains_calls_refuses_new_ones_and_flushes_the_outbox(tmp_
             "PUBLIC_URL": base, "PORT": str(port), "STEPFUN_REALTIME_URL": model.url,
             "PHONEAGENT_PERSONAS_DIR": str(personas), "PHONEAGENT_DATA_DIR": str(tmp_path / "d"),
             "HOOK_SECRET": "whsec_c2VjcmV0", "PHONEAGENT_DRAIN_SECONDS": "60",
+            "PHONEAGENT_METRICS_PORT": str(free_port()),
         }  # fmt: skip
         server = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "phoneagent.cli", "serve", "--host", "127.0.0.1",

@@ -12,7 +12,7 @@ from conftest import EXAMPLE_PERSONAS
 from phoneagent.config import load_settings
 from phoneagent.logs import configure_logging
 from phoneagent.personas import PersonaRegistry
-from phoneagent.server import AccessLogger, create_app
+from phoneagent.server import AccessLogger, create_app, create_metrics_app
 from phoneagent.state import STATE
 
 TWILIO_ROUTES = [
@@ -62,8 +62,10 @@ async def test_readyz_turns_503_when_draining(client):
     assert (await client.get("/healthz")).status == 200
 
 
-async def test_metrics_in_prometheus_text_format(client):
-    response = await client.get("/metrics")
+async def test_metrics_in_prometheus_text_format(client, aiohttp_client):
+    assert (await client.get("/metrics")).status == 404  # never on the port Twilio reaches
+    metrics = await aiohttp_client(create_metrics_app(client.app[STATE]))
+    response = await metrics.get("/metrics")
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     text = await response.text()

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from phoneagent.client_limits import handler_options
 from phoneagent.config import Settings
 from phoneagent.personas import PersonaRegistry
 from phoneagent.realtime.connection import ModelConnector
@@ -109,7 +110,11 @@ class LocalStack:
                 model=self.settings.stepfun_model,
             )
         registry = PersonaRegistry(self.personas_dir)
-        options: dict[str, Any] = {"reload_interval": 0.2, "connector": connector}
+        options: dict[str, Any] = {
+            "reload_interval": 0.2,
+            "connector": connector,
+            "metrics_listener": ("127.0.0.1", 0),
+        }
         if self.webhooks:
             app = await build_app(self.settings, registry, **options)
         else:
@@ -118,7 +123,9 @@ class LocalStack:
             app[STATE].prewarmer.ttl = self.prewarm_ttl
         if self.call_speed != 1.0:
             app[STATE].clock = scaled_clock(self.call_speed)
-        self._runner = web.AppRunner(app, access_log_class=AccessLogger)
+        self._runner = web.AppRunner(
+            app, access_log_class=AccessLogger, **handler_options(self.settings.header_seconds)
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -136,6 +143,13 @@ class LocalStack:
         await self.twilio_api.stop()
         if self._data_dir is not None:
             self._data_dir.cleanup()
+
+    @property
+    def metrics_url(self) -> str:
+        """The metrics listener's ``/metrics`` (loopback, its own port)."""
+        assert self.state.metrics_address is not None, "the stack is not started"
+        host, port = self.state.metrics_address
+        return f"http://{host}:{port}/metrics"
 
     @property
     def state(self) -> ServerState:

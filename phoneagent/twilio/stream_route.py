@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -15,6 +16,7 @@ from phoneagent.bridge import (
     unbind_call_context,
 )
 from phoneagent.call import Call
+from phoneagent.client_limits import SLOT
 from phoneagent.conversation import session_config
 from phoneagent.logs import get_logger
 from phoneagent.realtime.connection import ModelSession, ModelUnavailable
@@ -44,7 +46,10 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     try:
         try:
-            call, model = await open_call(state, ws)
+            slot = request.get(SLOT)
+            call, model = await open_call(
+                state, ws, authenticated=slot.release if slot else lambda: None
+            )
         except (StreamRefused, TimeoutError) as exc:
             log.warning("stream_refused", reason=str(exc) or "no `start` in time")
             state.metrics.streams_refused.inc()
@@ -60,7 +65,12 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def open_call(state: ServerState, ws: web.WebSocketResponse) -> tuple[Call, ModelSession]:
+async def open_call(
+    state: ServerState, ws: web.WebSocketResponse, authenticated: Callable[[], None]
+) -> tuple[Call, ModelSession]:
+    """Read `start`, check its token and claim the stream, then open the call with its model
+    session. ``authenticated`` is called once the checks pass (client_limits.py counts the
+    stream as unauthenticated until then)."""
     start = await read_start(ws)
     persona_id = start.custom_parameters.get(PERSONA_PARAMETER, "")
     token = start.custom_parameters.get(TOKEN_PARAMETER, "")
@@ -74,6 +84,7 @@ async def open_call(state: ServerState, ws: web.WebSocketResponse) -> tuple[Call
         raise StreamRefused("a stream for this call is already open")
     if not state.stream_claims.claim(token, state.stream_token.expiry(token)):
         raise StreamRefused("this stream token was already used")
+    authenticated()
     persona = state.personas.current.personas.get(persona_id)
     if persona is None:
         raise StreamRefused(f"persona {persona_id!r} is no longer configured")

@@ -1,0 +1,138 @@
+"""Slow and unauthenticated clients on the port Twilio reaches: deadlines and a bound.
+
+Twilio sends each webhook request at once (a few kilobytes) and gives up on our answer after
+15 s, so a request that trickles in is not Twilio. Three limits keep such sockets cheap and short:
+
+- **The request head** must arrive within ``header_seconds`` of the connection opening (or of
+  our previous answer on it). That is aiohttp's own ``keepalive_timeout``: since 3.14 its timer
+  starts when the connection opens, is not reset by incoming bytes, and closes the connection
+  if no complete request head has arrived when it fires. It also closes idle keep-alive
+  connections that soon; clients and proxies simply open a new one (gunicorn and uvicorn keep
+  idle connections 2-5 s). aiohttp's parser bounds the head's size (8190-byte lines and fields,
+  128 headers).
+- **The body** must arrive within ``body_seconds`` of the head, else 408 (``read_body_in_time``).
+  aiohttp has no body deadline, hence this middleware.
+- **At most ``max_unauthenticated`` Twilio requests at once** may be waiting on their client
+  before their signature is checked: a webhook while its body is read, a media stream until its
+  `start` and token check out (bridge.py gives `start` 10 s). Past the bound a request gets 503
+  at once (Twilio then uses the number's fallback URL), logged and counted. A bound rather than
+  a queue: a queue would hold the sockets it is meant to shed.
+
+Health, readiness and call records are outside the bound: probes must answer under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from phoneagent.logs import get_logger
+
+log = get_logger(__name__)
+
+TWILIO_PREFIX = "/twilio/"
+# After an early answer (408, 413), how long aiohttp keeps reading what the client still sends
+# so the answer reaches it; aiohttp's default of 10 s would hold a stalled client that long.
+LINGER_SECONDS = 1.0
+LOG_EVERY_SECONDS = 10.0  # a flood of refusals makes one warning per period, with a count
+
+
+def handler_options(header_seconds: float) -> dict[str, Any]:
+    """aiohttp request-handler arguments for every listener (``AppRunner``, ``run_app``)."""
+    return {"keepalive_timeout": header_seconds, "lingering_time": LINGER_SECONDS}
+
+
+class Slot:
+    """One request counted by the gate until its client is authenticated (or it ends)."""
+
+    def __init__(self, gate: UnauthenticatedGate) -> None:
+        self._gate: UnauthenticatedGate | None = gate
+
+    def release(self) -> None:
+        if self._gate is not None:
+            self._gate.count -= 1
+            self._gate = None
+
+
+class UnauthenticatedGate:
+    """Counts requests not yet authenticated; ``enter`` refuses past ``limit()``."""
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def enter(self) -> Slot | None:
+        if self.count >= self.limit():
+            return None
+        self.count += 1
+        return Slot(self)
+
+
+class ThrottledWarning:
+    """A warning that is logged at most once per ``every`` seconds, with how many it stands for:
+    refusals come in floods, and one line per refused socket would flood the log too."""
+
+    def __init__(self, event: str, every: float = LOG_EVERY_SECONDS) -> None:
+        self.event, self.every = event, every
+        self.pending = 0
+        self.last = -every
+
+    def __call__(self, **fields: Any) -> None:
+        self.pending += 1
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            log.warning(self.event, count=self.pending, **fields)
+            self.pending, self.last = 0, now
+
+
+SLOT = web.RequestKey("unauthenticated_slot", Slot)
+
+
+def unauthenticated_limits(
+    gate: UnauthenticatedGate,
+    settings: Callable[[], Any],
+    refused: Callable[[str], None],
+) -> Any:
+    """The middleware: the gate and the body deadline for Twilio's routes. ``settings()`` gives
+    the current Settings; ``refused(reason)`` counts a refusal (a metric)."""
+    too_many = ThrottledWarning("unauthenticated_limit_reached")
+    too_slow = ThrottledWarning("request_body_timeout")
+
+    @web.middleware
+    async def limit_unauthenticated(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith(TWILIO_PREFIX):
+            return await handler(request)
+        slot = gate.enter()
+        if slot is None:
+            refused("unauthenticated_limit")
+            too_many(path=request.path, limit=gate.limit(), remote=request.remote)
+            response = web.Response(
+                status=503, text="too many requests in progress", headers={"Retry-After": "1"}
+            )
+            response.force_close()
+            return response
+        request[SLOT] = slot
+        try:
+            if request.body_exists:
+                try:
+                    async with asyncio.timeout(settings().body_seconds):
+                        await request.read()  # kept by aiohttp: post() and read() reuse it
+                except TimeoutError:
+                    refused("body_timeout")
+                    too_slow(path=request.path, seconds=settings().body_seconds,
+                             remote=request.remote)  # fmt: skip
+                    raise web.HTTPRequestTimeout(text="request body too slow") from None
+            if request.headers.get("Upgrade", "").lower() != "websocket":
+                # The signature check follows without waiting on the client again. A media
+                # stream releases its slot itself once `start` and its token check out.
+                slot.release()
+            return await handler(request)
+        finally:
+            slot.release()
+
+    return limit_unauthenticated
