@@ -59,6 +59,11 @@ class ServerState:
         self.turn_listeners.append(self._record_live_turn)
         self.metrics = Metrics(active_calls=lambda: len(self.active_calls))
 
+    def readiness_problems(self) -> list[str]:
+        """Why this instance should take no new calls, besides draining: its events cannot
+        reach the outbox (damaged, disk full, read-only)."""
+        return self.publisher.problems() if self.publisher is not None else []
+
     def _record_live_turn(self, call: Call, turn: dict) -> None:
         self.calls.open(call.call_sid).transcript.append(turn)
 

@@ -7,13 +7,15 @@ it to the outbox. Once ``publish`` returns, the event survives a crash.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from phoneagent.delivery.events import (
     Event,
     call_ended_event,
     call_started_event,
     call_transferred_event,
 )
-from phoneagent.delivery.outbox import OutboxError
+from phoneagent.delivery.spool import EventSpool
 from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.logs import get_logger
 from phoneagent.personas import Persona
@@ -34,8 +36,22 @@ EVENT_END_REASONS = {
 
 
 class CallEventPublisher:
-    def __init__(self, worker: DeliveryWorker):
+    def __init__(
+        self,
+        worker: DeliveryWorker,
+        *,
+        on_write_failure: Callable[[], None] | None = None,
+        on_lost: Callable[[str], None] | None = None,
+    ):
         self.worker = worker
+        self.spool = EventSpool(self._commit, on_write_failure=on_write_failure, on_lost=on_lost)
+
+    async def _commit(self, event: Event, url: str, secret_env: str) -> None:
+        await self.worker.submit(event, url=url, secret_env=secret_env)
+
+    def problems(self) -> list[str]:
+        """Why events cannot reach the outbox now (readiness); empty when they can."""
+        return [p for p in (self.worker.outbox_problem, self.spool.problem) if p]
 
     async def call_started(self, persona: Persona, record: CallRecord) -> None:
         if self._wants(persona, "call.started"):
@@ -101,16 +117,7 @@ class CallEventPublisher:
 
     async def _publish(self, persona: Persona, event: Event) -> None:
         assert persona.webhook is not None
-        try:
-            await self.worker.submit(
-                event, url=persona.webhook.url, secret_env=persona.webhook.secret_env
-            )
-        except OutboxError as exc:
-            # Not queued, so it will never be delivered: say so loudly, without the transcript.
-            log.error(
-                "webhook_event_lost",
-                event_id=event.id,
-                event_type=event.type,
-                call_sid=event.data.get("call_sid"),
-                error=str(exc),
-            )
+        # Committed, or held in memory and retried while the outbox refuses writes.
+        await self.spool.submit(
+            event, url=persona.webhook.url, secret_env=persona.webhook.secret_env
+        )
