@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import os
 import signal
+import time
 from typing import Any
 
 from aiohttp import web
@@ -168,6 +169,8 @@ def create_app(
         )
         m.events_spooled.set_function(lambda: publisher.spool.held)
         m.outbox_ok.set_function(lambda: 0 if publisher.problems() else 1)
+        # Before the first call: a run killed mid-call left calls open; end each for its business.
+        m.lost_calls_closed.inc(await publisher.close_lost_calls(now=time.time()))
         task = asyncio.create_task(worker.run())
         yield
         await asyncio.gather(*state.background)  # events of calls that just ended, committed

@@ -66,6 +66,8 @@ class ServerState:
 
     def _record_live_turn(self, call: Call, turn: dict) -> None:
         self.calls.open(call.call_sid).transcript.append(turn)
+        if self.publisher is not None:  # on disk too, for a call.ended if this run is killed
+            self.spawn(self.publisher.call_turn(call.call_sid, dict(turn)))
 
     @property
     def stream_token(self) -> StreamToken:

@@ -233,11 +233,15 @@ class DeliveryWorker:
 
     # --- public ---------------------------------------------------------------------------
 
-    async def submit(self, event: Event, *, url: str, secret_env: str) -> bool:
+    async def submit(
+        self, event: Event, *, url: str, secret_env: str, closes_call: str | None = None
+    ) -> bool:
         """Commit ``event`` to the outbox for ``url``, then wake the worker. Returns once the
         event is durable; False if its id was already queued. Raises OutboxError if the event
         could not be stored (the caller should log it whole: it is not queued)."""
-        added = await self.outbox.enqueue(event, url=url, secret_env=secret_env, now=self.clock())
+        added = await self.outbox.enqueue(
+            event, url=url, secret_env=secret_env, now=self.clock(), closes_call=closes_call
+        )
         self.wake()
         return added
 

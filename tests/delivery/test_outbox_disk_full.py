@@ -37,11 +37,10 @@ pytestmark = pytest.mark.skipif(_namespace_problem() is not None, reason=str(_na
 def fill(directory: Path) -> Path:
     """Write zeros until the filesystem refuses (ENOSPC); the file to delete to free it."""
     filler = directory / "filler"
-    with filler.open("wb") as f:
+    with filler.open("wb", buffering=0) as f:
         try:
             while True:
-                f.write(b"\0" * 65536)
-                f.flush()
+                f.write(b"\0" * 4096)
         except OSError:
             pass
     return filler
