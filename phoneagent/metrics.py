@@ -99,6 +99,40 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.outbox_ok = Gauge(
+            "phoneagent_outbox_ok",
+            "1 while the webhook outbox takes and serves events, 0 while it fails (damaged, "
+            "disk full, read-only): the instance is then unready.",
+            registry=r,
+        )
+        self.outbox_errors = Counter(
+            "phoneagent_outbox_errors",
+            "Rounds of the delivery loop that failed on the outbox (reads, claims, updates).",
+            registry=r,
+        )
+        self.outbox_write_failures = Counter(
+            "phoneagent_outbox_write_failures",
+            "Event commits the outbox refused (each event is then held in memory and retried).",
+            registry=r,
+        )
+        self.events_spooled = Gauge(
+            "phoneagent_webhook_events_spooled",
+            "Webhook events held in memory because the outbox refuses writes.",
+            registry=r,
+        )
+        self.events_lost = Counter(
+            "phoneagent_webhook_events_lost",
+            "Webhook events that could not be kept, by reason: spool_full (the in-memory bound "
+            "was reached), shutdown (still held when the server stopped).",
+            ["reason"],
+            registry=r,
+        )
+        self.lost_calls_closed = Counter(
+            "phoneagent_lost_calls_closed",
+            "Calls a previous run of this instance left open (killed mid-call), closed at "
+            "start-up with a call.ended of end reason server_lost.",
+            registry=r,
+        )
         self.media_seconds = Histogram(
             "phoneagent_media_processing_seconds",
             "Server work per media message (transcode, JSON, socket write), by direction: a "

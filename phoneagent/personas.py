@@ -251,6 +251,14 @@ def parse_persona_file(
         return None, [*problems, Problem(path, "", f"cannot be read: {exc}")]
     except tomllib.TOMLDecodeError as exc:
         return None, [*problems, Problem(path, "", f"is not valid TOML: {exc}")]
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively: a file nested thousands
+        # deep exhausts the stack. It is bad input like any other, reported the same way (by
+        # check, by serve at start-up, and by a hot reload, which keeps the previous set).
+        return None, [
+            *problems,
+            Problem(path, "", "is not valid TOML: arrays or inline tables nested too deeply"),
+        ]
 
     top = _Table(data, "", path, problems)
     numbers = _numbers(top)

@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import os
 import signal
+import time
 from typing import Any
 
 from aiohttp import web
@@ -65,12 +66,15 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     personas = state.personas.current
-    ready = len(personas) > 0 and not state.draining
-    body = {
+    problems = state.readiness_problems()
+    ready = len(personas) > 0 and not state.draining and not problems
+    body: dict[str, Any] = {
         "status": "ready" if ready else "not ready",
         "draining": state.draining,
         "personas": len(personas),
     }
+    if problems:  # what the operator must fix (the outbox), in words
+        body["problems"] = problems
     return web.json_response(body, status=200 if ready else 503)
 
 
@@ -188,12 +192,25 @@ def create_app(
 
     async def deliver_webhooks(app: web.Application):
         assert outbox is not None
-        deliveries = state.metrics.webhook_deliveries
-        worker = DeliveryWorker(outbox, on_outcome=lambda outcome: deliveries.labels(outcome).inc())
-        state.publisher = CallEventPublisher(worker)
+        m = state.metrics
+        worker = DeliveryWorker(
+            outbox,
+            on_outcome=lambda outcome: m.webhook_deliveries.labels(outcome).inc(),
+            on_outbox_error=m.outbox_errors.inc,
+        )
+        publisher = state.publisher = CallEventPublisher(
+            worker,
+            on_write_failure=m.outbox_write_failures.inc,
+            on_lost=lambda reason: m.events_lost.labels(reason).inc(),
+        )
+        m.events_spooled.set_function(lambda: publisher.spool.held)
+        m.outbox_ok.set_function(lambda: 0 if publisher.problems() else 1)
+        # Before the first call: a run killed mid-call left calls open; end each for its business.
+        m.lost_calls_closed.inc(await publisher.close_lost_calls(now=time.time()))
         task = asyncio.create_task(worker.run())
         yield
         await asyncio.gather(*state.background)  # events of calls that just ended, committed
+        await publisher.spool.close()  # one last try for events held in memory; the rest is logged
         await worker.flush(FLUSH_SECONDS)
         await worker.stop()
         await task

@@ -68,8 +68,15 @@ class ServerState:
             unauthenticated=lambda: self.unauthenticated.count,
         )
 
+    def readiness_problems(self) -> list[str]:
+        """Why this instance should take no new calls, besides draining: its events cannot
+        reach the outbox (damaged, disk full, read-only)."""
+        return self.publisher.problems() if self.publisher is not None else []
+
     def _record_live_turn(self, call: Call, turn: dict) -> None:
         self.calls.open(call.call_sid).transcript.append(turn)
+        if self.publisher is not None:  # on disk too, for a call.ended if this run is killed
+            self.spawn(self.publisher.call_turn(call.call_sid, dict(turn)))
 
     @property
     def stream_token(self) -> StreamToken:

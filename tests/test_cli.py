@@ -152,3 +152,30 @@ def test_events_commands_are_wired(tmp_path):
     assert listed.returncode == 0, listed.stderr
     missing = phoneagent("events", "redeliver", "evt_nothing", env=env)
     assert missing.returncode == 1
+
+
+def deep_toml(directory, depth=5000):
+    """A persona file holding an array nested ``depth`` deep (valid TOML, past any stack)."""
+    directory.mkdir(exist_ok=True)
+    path = directory / "deep.toml"
+    path.write_text('name = "Deep"\nv = ' + "[" * depth + "1" + "]" * depth + "\n")
+    return path
+
+
+def test_personas_check_reports_a_deeply_nested_file_like_any_bad_file(tmp_path):
+    path = deep_toml(tmp_path / "personas")
+    result = phoneagent("personas", "check", str(tmp_path / "personas"))
+    assert result.returncode == 1
+    assert f"ERROR {path}: is not valid TOML: arrays or inline tables nested too deeply" in (
+        result.stdout + result.stderr
+    )
+    assert "RecursionError" not in result.stdout + result.stderr
+
+
+def test_serve_refuses_a_deeply_nested_persona_file(tmp_path):
+    deep_toml(tmp_path / "personas")
+    env = VALID_ENV | {"PHONEAGENT_PERSONAS_DIR": str(tmp_path / "personas")}
+    result = phoneagent("serve", "--port", "1", env=env)
+    assert result.returncode == 2
+    assert "persona error:" in result.stderr and "deep.toml: is not valid TOML" in result.stderr
+    assert "RecursionError" not in result.stderr

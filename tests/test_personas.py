@@ -306,3 +306,17 @@ def test_webhook_events_are_checked(tmp_path, events, field, reason):
     [problem] = check_directory(tmp_path, environ={"LINE_SECRET": "s"}).problems
     assert problem.field == field
     assert reason in problem.reason
+
+
+def test_reload_refuses_a_deeply_nested_file_and_keeps_serving(tmp_path):
+    path = write(tmp_path, "line", persona_toml(name="Good"))
+    registry = PersonaRegistry(tmp_path, environ={})
+    good = registry.current
+    path.write_text(persona_toml(name="Deep") + "\nv = " + "[" * 5000 + "1" + "]" * 5000 + "\n")
+    bump_mtime(path)
+    assert registry.reload_if_changed() is False  # refused like any bad file, no exception
+    assert registry.current is good
+    report = check_directory(tmp_path, environ={})
+    assert [p.reason for p in report.problems] == [
+        "is not valid TOML: arrays or inline tables nested too deeply"
+    ]

@@ -47,8 +47,11 @@ EVENT_TYPES = (CALL_STARTED, CALL_TRANSFERRED, CALL_ENDED)
 #: What a persona's webhook receives when it does not list ``events``: the transcript.
 DEFAULT_WEBHOOK_EVENTS = (CALL_ENDED,)
 
-#: Why a call ended, as ``call.ended`` reports it.
-END_REASONS = ("caller_hung_up", "agent_hung_up", "transferred", "error", "time_limit")
+#: Why a call ended, as ``call.ended`` reports it. ``server_lost``: the instance running the
+#: call stopped without ending it (killed, crashed, power lost); the next start reports it.
+END_REASONS = (
+    "caller_hung_up", "agent_hung_up", "transferred", "error", "time_limit", "server_lost",
+)  # fmt: skip
 #: ``accepted``: Twilio took the transfer and is dialling the target; ``failed``: it refused
 #: (the call stayed with the agent or ended; ``error`` says why).
 TRANSFER_OUTCOMES = ("accepted", "failed")

@@ -7,13 +7,17 @@ it to the outbox. Once ``publish`` returns, the event survives a crash.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from phoneagent.delivery.events import (
+    CALL_ENDED,
     Event,
     call_ended_event,
     call_started_event,
     call_transferred_event,
 )
 from phoneagent.delivery.outbox import OutboxError
+from phoneagent.delivery.spool import EventSpool
 from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.logs import get_logger
 from phoneagent.personas import Persona
@@ -34,10 +38,89 @@ EVENT_END_REASONS = {
 
 
 class CallEventPublisher:
-    def __init__(self, worker: DeliveryWorker):
+    def __init__(
+        self,
+        worker: DeliveryWorker,
+        *,
+        on_write_failure: Callable[[], None] | None = None,
+        on_lost: Callable[[str], None] | None = None,
+    ):
         self.worker = worker
+        self.on_write_failure = on_write_failure
+        self.spool = EventSpool(self._commit, on_write_failure=on_write_failure, on_lost=on_lost)
+
+    async def _commit(self, event: Event, url: str, secret_env: str) -> None:
+        # A call.ended closes its open call in the same transaction (see close_lost_calls).
+        closes = event.data.get("call_sid") if event.type == CALL_ENDED else None
+        await self.worker.submit(event, url=url, secret_env=secret_env, closes_call=closes)
+
+    # --- calls a killed run left open ----------------------------------------------------
+    # The outbox keeps each call in progress (who, when, the turns so far), so the next start
+    # can end the calls of a run that was killed mid-call: the business gets an end for every
+    # start. Per instance, like the outbox: instances sharing one file would close each
+    # other's live calls (the README forbids sharing it).
+
+    async def call_turn(self, call_sid: str, turn: dict) -> None:
+        """A transcript turn became final: keep it for a call.ended if this run dies."""
+        await self._journal("add_turn", call_sid, turn)
+
+    async def close_lost_calls(self, *, now: float) -> int:
+        """At start-up, before any call: a call.ended ``server_lost`` for each call the last
+        run left open, with what was recorded; how many."""
+        closed = 0
+        for call_sid, call, turns in await self.worker.outbox.open_calls():
+            started = float(call["started_at"])
+            # When it ended is unknown: the last moment it was seen alive (its last turn).
+            last_ms = max((int(t.get("end_ms", 0)) for t in turns), default=0)
+            if call.get("wants_ended"):
+                event = call_ended_event(
+                    call_sid=call_sid,
+                    persona_id=call["persona_id"],
+                    persona_name=call["persona_name"],
+                    from_number=call["from"],
+                    to_number=call["to"],
+                    mask_caller=bool(call["mask_caller"]),
+                    started_at=started,
+                    ended_at=min(max(started, started + last_ms / 1000), max(now, started)),
+                    end_reason="server_lost",
+                    transcript=turns,
+                )
+                await self.spool.submit(event, url=call["url"], secret_env=call["secret_env"])
+            else:
+                await self.worker.outbox.close_call(call_sid)
+            log.warning("lost_call_closed", call_sid=call_sid, turns=len(turns))
+            closed += 1
+        return closed
+
+    async def _journal(self, method: str, *args) -> None:
+        try:
+            await getattr(self.worker.outbox, method)(*args)
+        except OutboxError as exc:
+            # Not an event: the call's own call.ended still carries everything. Only a crash
+            # during this outage would report less (logged here).
+            log.warning("open_call_not_recorded", call_sid=args[0], step=method, error=str(exc))
+            if self.on_write_failure is not None:
+                self.on_write_failure()
+
+    def problems(self) -> list[str]:
+        """Why events cannot reach the outbox now (readiness); empty when they can."""
+        return [p for p in (self.worker.outbox_problem, self.spool.problem) if p]
 
     async def call_started(self, persona: Persona, record: CallRecord) -> None:
+        if persona.webhook is not None:
+            await self._journal(
+                "open_call",
+                record.call_sid,
+                {
+                    **self._call_fields(persona, record),
+                    "url": persona.webhook.url,
+                    "secret_env": persona.webhook.secret_env,
+                    "wants_ended": self._wants(persona, CALL_ENDED),
+                    "started_at": record.started_at or 0.0,
+                    "from": record.caller,
+                    "to": record.called,
+                },
+            )
         if self._wants(persona, "call.started"):
             await self._publish(
                 persona,
@@ -70,6 +153,8 @@ class CallEventPublisher:
 
     async def call_ended(self, persona: Persona, record: CallRecord) -> None:
         if not self._wants(persona, "call.ended"):
+            if persona.webhook is not None:
+                await self._journal("close_call", record.call_sid)
             return
         ended_at = record.ended_at or 0.0
         event = call_ended_event(
@@ -101,16 +186,7 @@ class CallEventPublisher:
 
     async def _publish(self, persona: Persona, event: Event) -> None:
         assert persona.webhook is not None
-        try:
-            await self.worker.submit(
-                event, url=persona.webhook.url, secret_env=persona.webhook.secret_env
-            )
-        except OutboxError as exc:
-            # Not queued, so it will never be delivered: say so loudly, without the transcript.
-            log.error(
-                "webhook_event_lost",
-                event_id=event.id,
-                event_type=event.type,
-                call_sid=event.data.get("call_sid"),
-                error=str(exc),
-            )
+        # Committed, or held in memory and retried while the outbox refuses writes.
+        await self.spool.submit(
+            event, url=persona.webhook.url, secret_env=persona.webhook.secret_env
+        )

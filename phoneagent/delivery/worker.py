@@ -194,6 +194,7 @@ class DeliveryWorker:
         environ: Mapping[str, str] | None = None,
         session: aiohttp.ClientSession | None = None,
         on_outcome: Callable[[str], None] | None = None,
+        on_outbox_error: Callable[[], None] | None = None,
     ) -> None:
         if concurrency < 1 or per_destination < 1:
             raise ValueError("concurrency and per_destination must be at least 1")
@@ -216,6 +217,10 @@ class DeliveryWorker:
         self._session = session
         self._own_session = session is None
         self.on_outcome = on_outcome  # told "delivered", "retry" or "dead" (metrics)
+        self.on_outbox_error = on_outbox_error  # told of each failed round of the loop (metrics)
+        #: The outbox error the loop keeps meeting, until a round succeeds: readiness shows it
+        #: (a damaged or refusing outbox must make the instance unready, not loop in the logs).
+        self.outbox_problem: str | None = None
         self._tasks: dict[asyncio.Task[None], OutboxItem] = {}
         self._by_destination: Counter[str] = Counter()
         self._wake = asyncio.Event()
@@ -228,11 +233,15 @@ class DeliveryWorker:
 
     # --- public ---------------------------------------------------------------------------
 
-    async def submit(self, event: Event, *, url: str, secret_env: str) -> bool:
+    async def submit(
+        self, event: Event, *, url: str, secret_env: str, closes_call: str | None = None
+    ) -> bool:
         """Commit ``event`` to the outbox for ``url``, then wake the worker. Returns once the
         event is durable; False if its id was already queued. Raises OutboxError if the event
         could not be stored (the caller should log it whole: it is not queued)."""
-        added = await self.outbox.enqueue(event, url=url, secret_env=secret_env, now=self.clock())
+        added = await self.outbox.enqueue(
+            event, url=url, secret_env=secret_env, now=self.clock(), closes_call=closes_call
+        )
         self.wake()
         return added
 
@@ -267,10 +276,16 @@ class DeliveryWorker:
                     delay = await self._idle_delay(claimed)
                     await self._maybe_purge()
                     failures = 0
+                    if self.outbox_problem is not None:
+                        log.warning("outbox_available_again")
+                        self.outbox_problem = None
                 except Exception as exc:  # the worker must outlive any one bad moment
                     failures += 1
                     delay = min(self.poll_interval * 2**failures, 60.0)
                     if isinstance(exc, OutboxError):
+                        self.outbox_problem = str(exc)
+                        if self.on_outbox_error is not None:
+                            self.on_outbox_error()
                         log.error("outbox_unavailable", error=str(exc), retry_in=round(delay, 1))
                     else:
                         log.exception("delivery_loop_failed", retry_in=round(delay, 1))
@@ -302,7 +317,11 @@ class DeliveryWorker:
         deadline = loop.time() + timeout
         while True:
             if not self._tasks:
-                due = await self.outbox.next_due_at()
+                try:
+                    due = await self.outbox.next_due_at()
+                except OutboxError as exc:  # nothing can be delivered from it: stop waiting
+                    log.error("outbox_unavailable", error=str(exc))
+                    return False
                 if due is None or due > self.clock():
                     return True
             remaining = deadline - loop.time()
