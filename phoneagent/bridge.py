@@ -128,6 +128,14 @@ class CallShell:
                     await pump
             await self._close_sockets()
 
+    async def drain(self) -> None:
+        """The instance stops: the agent says goodbye and hangs up (see ``Call.on_drain``)."""
+        await self.perform(self.call.on_drain())
+
+    async def shut_down(self) -> None:
+        """The drain time is up: end the call now; ``run`` closes both sockets."""
+        await self.perform(self.call.on_shutdown())
+
     async def _pump_twilio(self) -> None:
         async for event in twilio_events(self.ws):
             await self.feed_twilio(event)

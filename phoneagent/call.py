@@ -100,6 +100,7 @@ class EndReason(enum.Enum):
     TWILIO_DISCONNECTED = "twilio_disconnected"  # the media socket closed without `stop`
     MODEL_DISCONNECTED = "model_disconnected"  # the model socket closed under us
     TIME_LIMIT = "time_limit"  # the persona's max_call_seconds ran out; the agent said goodbye
+    SERVER_SHUTDOWN = "server_shutdown"  # the instance was stopping (drain time up)
     ERROR = "error"
 
 
@@ -378,6 +379,21 @@ class Call:
             return self._hang_up_reason
         return STOP_MEANS.get(self.state, EndReason.CALLER_HUNG_UP)
 
+    def on_drain(self) -> list[Action]:
+        """The instance is stopping and its drain time is nearly up: the agent finishes what it
+        is saying, says the persona's goodbye, and hangs up (within the handoff deadline)."""
+        if self.state is not CallState.ACTIVE:
+            return []  # already handing the call on, or over
+        log.info("call_drained")
+        return self._announce(HangUp(shutdown=True))
+
+    def on_shutdown(self) -> list[Action]:
+        """The drain time is up: the call ends now (Twilio then asks `<Connect action>`, which
+        another instance answers with the apology and the fallback)."""
+        if self.state is CallState.ENDED:
+            return []
+        return self._end(EndReason.SERVER_SHUTDOWN)
+
     def on_model_closed(self) -> list[Action]:
         if self.state is CallState.ENDED:
             return []
@@ -607,7 +623,9 @@ class Call:
         self.state = CallState.HANGING_UP
         if handoff.time_limit:
             self._hang_up_reason = EndReason.TIME_LIMIT
-        log.info("hanging_up", time_limit=handoff.time_limit)
+        elif handoff.shutdown:
+            self._hang_up_reason = EndReason.SERVER_SHUTDOWN
+        log.info("hanging_up", time_limit=handoff.time_limit, shutdown=handoff.shutdown)
         return [HangUpCall()]
 
     def _cancel_handoff(self) -> list[Action]:

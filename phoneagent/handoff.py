@@ -31,6 +31,7 @@ class Transfer:
 @dataclass(frozen=True)
 class HangUp:
     time_limit: bool = False  # the persona's max_call_seconds ran out
+    shutdown: bool = False  # the instance is stopping and cannot wait for the call to end
 
 
 Handoff = Transfer | HangUp

@@ -43,6 +43,13 @@ log = get_logger(__name__)
 MAX_REQUEST_BYTES = 64 * 1024
 FLUSH_SECONDS = 5.0  # at shutdown, time given to deliver what is due before exiting
 DRAIN_POLL_SECONDS = 0.2
+# The end of a drain: calls still going get this long to say goodbye (a goodbye is a few
+# seconds; a mute model gets Call's handoff deadline), and once cut, this long to close.
+DRAIN_GOODBYE_SECONDS = 15.0
+DRAIN_CLOSE_SECONDS = 3.0
+# Once the calls are over, aiohttp waits at most this long for what is left (it would wait a
+# minute by default, past Kubernetes' grace period).
+SHUTDOWN_SECONDS = 5.0
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -267,9 +274,11 @@ async def build_app(
 
 
 async def drain_then_exit(state: ServerState) -> None:
-    """SIGTERM: stop taking calls (readiness turns 503, new calls are refused), let the calls in
-    progress finish for up to PHONEAGENT_DRAIN_SECONDS, then shut down as on Ctrl-C: aiohttp
-    closes what is left and the outbox gets its last flush."""
+    """SIGTERM: stop taking calls (readiness turns 503, new calls are refused) and let the calls
+    in progress finish, all within PHONEAGENT_DRAIN_SECONDS (Kubernetes kills the pod after its
+    grace period): near the end the agents say goodbye and hang up, at the end what is left is
+    cut (Twilio's `<Connect action>` then reaches another instance, which apologises). Then
+    shut down as on Ctrl-C: the ended calls' events get the outbox's last flush."""
     if state.draining:
         return
     state.draining = True
@@ -277,12 +286,24 @@ async def drain_then_exit(state: ServerState) -> None:
     log.info("draining", active_calls=len(state.active_calls), drain_seconds=limit)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
-    while state.active_calls and loop.time() < deadline:
-        await asyncio.sleep(DRAIN_POLL_SECONDS)
+    goodbyes_at = deadline - min(DRAIN_GOODBYE_SECONDS, limit / 2)
+    await _calls_ended_by(state, goodbyes_at)
+    if state.active_calls:
+        log.warning("drain_goodbyes", active_calls=len(state.active_calls))
+        await asyncio.gather(*(shell.drain() for shell in list(state.active_calls.values())))
+        await _calls_ended_by(state, deadline)
     if state.active_calls:
         log.warning("drain_time_up", active_calls=len(state.active_calls))
+        await asyncio.gather(*(shell.shut_down() for shell in list(state.active_calls.values())))
+        await _calls_ended_by(state, loop.time() + DRAIN_CLOSE_SECONDS)
     log.info("drained")
     os.kill(os.getpid(), signal.SIGINT)
+
+
+async def _calls_ended_by(state: ServerState, deadline: float) -> None:
+    loop = asyncio.get_running_loop()
+    while state.active_calls and loop.time() < deadline:
+        await asyncio.sleep(DRAIN_POLL_SECONDS)
 
 
 def run(settings: Settings, personas: PersonaRegistry, host: str, port: int) -> None:
@@ -303,5 +324,6 @@ def run(settings: Settings, personas: PersonaRegistry, host: str, port: int) -> 
         port=port,
         access_log_class=AccessLogger,
         print=None,
+        shutdown_timeout=SHUTDOWN_SECONDS,
         **handler_options(settings.header_seconds),
     )

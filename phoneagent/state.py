@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
-from phoneagent.bridge import TurnListener
+from phoneagent.bridge import CallShell, TurnListener
 from phoneagent.call import Call
 from phoneagent.client_limits import UnauthenticatedGate
 from phoneagent.config import Settings
@@ -35,7 +35,7 @@ class ServerState:
     personas: PersonaRegistry
     prewarmer: Prewarmer
     draining: bool = False
-    active_calls: dict[str, Call] = field(default_factory=dict)
+    active_calls: dict[str, CallShell] = field(default_factory=dict)  # by CallSid
     calls: CallRecords = field(default_factory=CallRecords)
     # Replay defences: Twilio's signatures carry no timestamp (see twilio/replay.py).
     stream_claims: StreamClaims = field(default_factory=StreamClaims)

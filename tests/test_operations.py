@@ -14,6 +14,7 @@ from conftest import EXAMPLE_PERSONAS, PROJECT_ROOT, VALID_ENV
 
 from phoneagent.testing.caller import CALLER_BOOKING_WAV, TwilioCaller
 from phoneagent.testing.fake_model import FakeRealtimeServer
+from phoneagent.testing.fake_twilio_api import FakeTwilioApi
 from phoneagent.testing.stack import LocalStack
 from phoneagent.testing.webhook_sink import WebhookSink
 
@@ -152,3 +153,64 @@ async def test_sigterm_drains_calls_refuses_new_ones_and_flushes_the_outbox(tmp_
     [event] = [r.json for r in sink.received]
     assert event["type"] == "call.ended"
     assert event["data"]["call_sid"] == caller.call_sid
+
+
+async def test_drain_time_is_honoured_calls_get_a_goodbye_or_are_cut_and_events_flushed(
+    tmp_path, sink
+):
+    """Calls that do not end by themselves: near the end of PHONEAGENT_DRAIN_SECONDS the agent
+    says goodbye and hangs up; what is still going at the end is cut; the process exits well
+    before a Kubernetes grace period, with every call's `call.ended` delivered."""
+    personas = tmp_path / "personas"
+    shutil.copytree(EXAMPLE_PERSONAS, personas)
+    dental = personas / "bright-smile-dental.toml"
+    dental.write_text(
+        dental.read_text()
+        + f'\n[webhook]\nurl = "{sink.url("/hooks")}"\nsecret_env = "HOOK_SECRET"\n'
+    )
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    sid, token = VALID_ENV["TWILIO_ACCOUNT_SID"], VALID_ENV["TWILIO_AUTH_TOKEN"]
+    async with (
+        FakeRealtimeServer(api_key=VALID_ENV["STEPFUN_API_KEY"], speed=4.0) as model,
+        FakeTwilioApi(sid, token) as twilio_api,
+    ):
+        env = os.environ | VALID_ENV | {
+            "PUBLIC_URL": base, "PORT": str(port), "STEPFUN_REALTIME_URL": model.url,
+            "PHONEAGENT_PERSONAS_DIR": str(personas), "PHONEAGENT_DATA_DIR": str(tmp_path / "d"),
+            "HOOK_SECRET": "whsec_c2VjcmV0", "PHONEAGENT_DRAIN_SECONDS": "6",
+            "PHONEAGENT_METRICS_PORT": str(free_port()),
+            "TWILIO_API_BASE_URL": twilio_api.base_url,
+        }  # fmt: skip
+        server = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "phoneagent.cli", "serve", "--host", "127.0.0.1",
+            cwd=PROJECT_ROOT, env=env, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            await wait_for_port(port)
+            callers = [twilio_caller(base, speed=4.0) for _ in range(2)]
+            for caller in callers:
+                twilio_api.attach(caller)
+                await caller.__aenter__()
+                await caller.dial()
+                await caller.connect()
+                caller.start_background_silence()
+            # The first caller is in the middle of a long answer when the drain begins.
+            model.script = ("Let me tell you about all our opening hours. " * 8,)
+            await callers[0].play_wav(CALLER_BOOKING_WAV)
+            await callers[1].wait_until_heard_ms(500, timeout=20)
+            server.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(server.wait(), timeout=6 + 15)
+            for caller in callers:
+                await caller.wait_closed(timeout=10)
+                await caller.__aexit__(None, None, None)
+        finally:
+            if server.returncode is None:
+                server.kill()
+                await server.wait()
+    assert code == 0
+    goodbyes = [u for u in twilio_api.updates if u.params == {"Status": "completed"}]
+    assert goodbyes  # the quiet call was ended politely, through Twilio
+    ended = {r.json["data"]["call_sid"]: r.json["data"] for r in sink.received}
+    assert set(ended) == {caller.call_sid for caller in callers}
+    assert {data["end_reason"] for data in ended.values()} == {"server_shutdown"}

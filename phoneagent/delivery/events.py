@@ -51,6 +51,7 @@ DEFAULT_WEBHOOK_EVENTS = (CALL_ENDED,)
 #: call stopped without ending it (killed, crashed, power lost); the next start reports it.
 END_REASONS = (
     "caller_hung_up", "agent_hung_up", "transferred", "error", "time_limit", "server_lost",
+    "server_shutdown",
 )  # fmt: skip
 #: ``accepted``: Twilio took the transfer and is dialling the target; ``failed``: it refused
 #: (the call stayed with the agent or ended; ``error`` says why).

@@ -32,6 +32,7 @@ EVENT_END_REASONS = {
     "agent_hung_up": "agent_hung_up",
     "transferred": "transferred",
     "time_limit": "time_limit",
+    "server_shutdown": "server_shutdown",
     "twilio_disconnected": "error",
     "model_disconnected": "error",
 }

@@ -115,21 +115,22 @@ async def open_call(
 async def run_call(
     state: ServerState, ws: web.WebSocketResponse, call: Call, model: ModelSession
 ) -> None:
-    state.active_calls[call.call_sid] = call
+    config = session_config(call.persona)
+    shell = CallShell(
+        ws,
+        model,
+        call,
+        turn_listeners=state.turn_listeners,
+        handoffs=state.handoffs,
+        metrics=state.metrics,
+        open_model=lambda: state.prewarmer.connector.open(config),
+    )
+    state.active_calls[call.call_sid] = shell
     log.info("call_started", model=model.model, model_session=model.session_id)
     if state.publisher is not None:
         state.spawn(state.publisher.call_started(call.persona, state.calls.open(call.call_sid)))
     try:
-        config = session_config(call.persona)
-        await CallShell(
-            ws,
-            model,
-            call,
-            turn_listeners=state.turn_listeners,
-            handoffs=state.handoffs,
-            metrics=state.metrics,
-            open_model=lambda: state.prewarmer.connector.open(config),
-        ).run()
+        await shell.run()
     finally:
         state.active_calls.pop(call.call_sid, None)
         record = state.calls.open(call.call_sid)

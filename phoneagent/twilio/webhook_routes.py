@@ -218,9 +218,9 @@ HANG_UP_REASONS = frozenset(
 
 def end_reason_of(state: ServerState, call_sid: str) -> str | None:
     """Why this instance's call ended (the call may still be closing its sockets)."""
-    call = state.active_calls.get(call_sid)
-    if call is not None and call.end_reason is not None:
-        return call.end_reason.value
+    shell = state.active_calls.get(call_sid)
+    if shell is not None and shell.call.end_reason is not None:
+        return shell.call.end_reason.value
     record = state.calls.get(call_sid)
     return record.end_reason if record is not None else None
 

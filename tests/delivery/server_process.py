@@ -53,12 +53,14 @@ class ServerProcess:
     ) -> None:  # fmt: skip
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
         self.env = os.environ | {
             "PUBLIC_URL": self.base, "PORT": str(self.port), "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
             "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "STEPFUN_API_KEY": API_KEY,
             "STEPFUN_REALTIME_URL": model_url, "PHONEAGENT_PERSONAS_DIR": str(personas),
             "PHONEAGENT_DATA_DIR": str(data_dir), HOOK_SECRET_ENV: "whsec_c2VjcmV0",
             "LOG_FORMAT": "json", "LOG_LEVEL": "info", "PYTHONPATH": str(PROJECT_ROOT),
+            "PHONEAGENT_METRICS_PORT": str(self.metrics_port),
         }  # fmt: skip
         self.wrapper = list(wrapper)
         self.log_path = log_path
@@ -91,7 +93,8 @@ class ServerProcess:
             return response.status, json.loads(await response.text())
 
     async def metrics(self) -> str:
-        async with aiohttp.ClientSession() as http, http.get(self.base + "/metrics") as response:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"  # the operators' listener
+        async with aiohttp.ClientSession() as http, http.get(url) as response:
             return await response.text()
 
     async def stop(self) -> int:

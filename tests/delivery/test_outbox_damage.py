@@ -123,7 +123,7 @@ async def test_damage_while_running_makes_the_instance_unready_and_is_counted(tm
                                                secret_env=SECRET_ENV)  # fmt: skip
             ready = json.loads((await get(http, base + "/readyz"))[1])
             assert any("1 webhook events held in memory" in p for p in ready["problems"])
-            metrics = (await get(http, base + "/metrics"))[1]
+            metrics = state.metrics.exposition().decode()
             assert "phoneagent_outbox_ok 0.0" in metrics
             assert "phoneagent_webhook_events_spooled 1.0" in metrics
             assert "phoneagent_outbox_write_failures_total 1.0" in metrics
