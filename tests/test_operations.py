@@ -86,13 +86,9 @@ def twilio_caller(base: str, speed: float = 1.0) -> TwilioCaller:
     return TwilioCaller(base, account_sid=sid, auth_token=token, to=DENTAL, speed=speed)
 
 
-@pytest.fixture
-async def sink():
-    async with WebhookSink() as sink:
-        yield sink
-
-
-async def test_sigterm_drains_calls_refuses_new_ones_and_flushes_the_outbox(tmp_path, sink):
+async def serve_with_webhook(tmp_path, sink, model, **env):
+    """`phoneagent serve` as a real process on a free port, the dental persona sending its
+    events to ``sink``; returns the process and its base URL."""
     personas = tmp_path / "personas"
     shutil.copytree(EXAMPLE_PERSONAS, personas)
     dental = personas / "bright-smile-dental.toml"
@@ -102,19 +98,36 @@ async def test_sigterm_drains_calls_refuses_new_ones_and_flushes_the_outbox(tmp_
     )
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    env = os.environ | VALID_ENV | {
+        "PUBLIC_URL": base, "PORT": str(port), "STEPFUN_REALTIME_URL": model.url,
+        "PHONEAGENT_PERSONAS_DIR": str(personas), "PHONEAGENT_DATA_DIR": str(tmp_path / "d"),
+        "HOOK_SECRET": "whsec_c2VjcmV0", "PHONEAGENT_METRICS_PORT": str(free_port()), **env,
+    }  # fmt: skip
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "phoneagent.cli", "serve", "--host", "127.0.0.1",
+        cwd=PROJECT_ROOT, env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await wait_for_port(port)
+    except BaseException:
+        server.kill()
+        await server.wait()
+        raise
+    return server, base
+
+
+@pytest.fixture
+async def sink():
+    async with WebhookSink() as sink:
+        yield sink
+
+
+async def test_sigterm_drains_calls_refuses_new_ones_and_flushes_the_outbox(tmp_path, sink):
     async with FakeRealtimeServer(api_key=VALID_ENV["STEPFUN_API_KEY"], speed=2.0) as model:
-        env = os.environ | VALID_ENV | {
-            "PUBLIC_URL": base, "PORT": str(port), "STEPFUN_REALTIME_URL": model.url,
-            "PHONEAGENT_PERSONAS_DIR": str(personas), "PHONEAGENT_DATA_DIR": str(tmp_path / "d"),
-            "HOOK_SECRET": "whsec_c2VjcmV0", "PHONEAGENT_DRAIN_SECONDS": "60",
-            "PHONEAGENT_METRICS_PORT": str(free_port()),
-        }  # fmt: skip
-        server = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "phoneagent.cli", "serve", "--host", "127.0.0.1",
-            cwd=PROJECT_ROOT, env=env, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        server, base = await serve_with_webhook(
+            tmp_path, sink, model, PHONEAGENT_DRAIN_SECONDS="60"
+        )
         try:
-            await wait_for_port(port)
             caller = twilio_caller(base, speed=2.0)
             async with caller:
                 await caller.dial()
@@ -161,33 +174,16 @@ async def test_drain_time_is_honoured_calls_get_a_goodbye_or_are_cut_and_events_
     """Calls that do not end by themselves: near the end of PHONEAGENT_DRAIN_SECONDS the agent
     says goodbye and hangs up; what is still going at the end is cut; the process exits well
     before a Kubernetes grace period, with every call's `call.ended` delivered."""
-    personas = tmp_path / "personas"
-    shutil.copytree(EXAMPLE_PERSONAS, personas)
-    dental = personas / "bright-smile-dental.toml"
-    dental.write_text(
-        dental.read_text()
-        + f'\n[webhook]\nurl = "{sink.url("/hooks")}"\nsecret_env = "HOOK_SECRET"\n'
-    )
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     sid, token = VALID_ENV["TWILIO_ACCOUNT_SID"], VALID_ENV["TWILIO_AUTH_TOKEN"]
     async with (
         FakeRealtimeServer(api_key=VALID_ENV["STEPFUN_API_KEY"], speed=4.0) as model,
         FakeTwilioApi(sid, token) as twilio_api,
     ):
-        env = os.environ | VALID_ENV | {
-            "PUBLIC_URL": base, "PORT": str(port), "STEPFUN_REALTIME_URL": model.url,
-            "PHONEAGENT_PERSONAS_DIR": str(personas), "PHONEAGENT_DATA_DIR": str(tmp_path / "d"),
-            "HOOK_SECRET": "whsec_c2VjcmV0", "PHONEAGENT_DRAIN_SECONDS": "6",
-            "PHONEAGENT_METRICS_PORT": str(free_port()),
-            "TWILIO_API_BASE_URL": twilio_api.base_url,
-        }  # fmt: skip
-        server = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "phoneagent.cli", "serve", "--host", "127.0.0.1",
-            cwd=PROJECT_ROOT, env=env, stderr=asyncio.subprocess.PIPE,
+        server, base = await serve_with_webhook(
+            tmp_path, sink, model, PHONEAGENT_DRAIN_SECONDS="6",
+            TWILIO_API_BASE_URL=twilio_api.base_url,
         )  # fmt: skip
         try:
-            await wait_for_port(port)
             callers = [twilio_caller(base, speed=4.0) for _ in range(2)]
             for caller in callers:
                 twilio_api.attach(caller)
