@@ -183,7 +183,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     # Imported here so the other commands stay quick.
     from phoneagent import doctor
-    from phoneagent.logs import configure_logging
+    from phoneagent.logs import configure_logging, secret_values
 
     # Library warnings (a refused model name) go to stderr; the checks say what matters.
     configure_logging("console", "error")
@@ -197,12 +197,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             print(f"phoneagent: no persona {args.persona!r}; known: {known}", file=sys.stderr)
             return EXIT_CONFIG
         personas = chosen
-    secrets = [
-        value
-        for name in ("STEPFUN_API_KEY", "TWILIO_AUTH_TOKEN")
-        for value in {os.environ.get(name, ""), os.environ.get(name, "").strip()}
-        if value
-    ]
+    secrets = secret_values()  # every secret-named variable: keys, tokens, shared key
 
     def show(result: doctor.Result) -> doctor.Result:
         result = doctor.redact(result, secrets)

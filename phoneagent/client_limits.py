@@ -13,10 +13,11 @@ Twilio sends each webhook request at once (a few kilobytes) and gives up on our 
 - **The body** must arrive within ``body_seconds`` of the head, else 408 (``read_body_in_time``).
   aiohttp has no body deadline, hence this middleware.
 - **At most ``max_unauthenticated`` Twilio requests at once** may be waiting on their client
-  before their signature is checked: a webhook while its body is read, a media stream until its
-  `start` and token check out (bridge.py gives `start` 10 s). Past the bound a request gets 503
-  at once (Twilio then uses the number's fallback URL), logged and counted. A bound rather than
-  a queue: a queue would hold the sockets it is meant to shed.
+  before their signature is checked: a webhook whose body is still arriving after
+  ``FAST_BODY_SECONDS``, a media stream until its `start` and token check out (bridge.py gives
+  `start` 10 s). A webhook sent at once, as Twilio sends it, never waits on a slot. Past the
+  bound a request gets 503 at once (Twilio then uses the number's fallback URL), logged and
+  counted. A bound rather than a queue: a queue would hold the sockets it is meant to shed.
 
 Health, readiness and call records are outside the bound: probes must answer under load.
 """
@@ -39,6 +40,9 @@ TWILIO_PREFIX = "/twilio/"
 # After an early answer (408, 413), how long aiohttp keeps reading what the client still sends
 # so the answer reaches it; aiohttp's default of 10 s would hold a stalled client that long.
 LINGER_SECONDS = 1.0
+# Twilio sends a request's head and body at once: a body still arriving this long after its
+# head is a slow client, and only then does it count against the bound.
+FAST_BODY_SECONDS = 0.5
 LOG_EVERY_SECONDS = 10.0  # a flood of refusals makes one warning per period, with a count
 
 
@@ -103,36 +107,63 @@ def unauthenticated_limits(
     too_many = ThrottledWarning("unauthenticated_limit_reached")
     too_slow = ThrottledWarning("request_body_timeout")
 
+    def busy(request: web.Request) -> web.Response:
+        refused("unauthenticated_limit")
+        too_many(path=request.path, limit=gate.limit(), remote=request.remote)
+        response = web.Response(
+            status=503, text="too many requests in progress", headers={"Retry-After": "1"}
+        )
+        response.force_close()
+        return response
+
+    async def read_body(request: web.Request) -> web.Response | None:
+        """Read the body (aiohttp keeps it: post() and read() reuse it); an answer if it cannot
+        be. A body that arrives with its head, as Twilio sends it, needs no slot: only a client
+        still sending after FAST_BODY_SECONDS counts against the bound, so slow clients filling
+        the bound never turn a real webhook away."""
+        reading = asyncio.ensure_future(request.read())
+        slot: Slot | None = None
+        try:
+            await asyncio.wait({reading}, timeout=FAST_BODY_SECONDS)
+            if not reading.done():
+                slot = gate.enter()
+                if slot is None:
+                    return busy(request)
+                async with asyncio.timeout(settings().body_seconds - FAST_BODY_SECONDS):
+                    await asyncio.shield(reading)
+            reading.result()
+            return None
+        except TimeoutError:
+            refused("body_timeout")
+            too_slow(path=request.path, seconds=settings().body_seconds, remote=request.remote)
+            raise web.HTTPRequestTimeout(text="request body too slow") from None
+        except ConnectionError:
+            # The client went away mid-body: nothing to answer, nothing worth a traceback.
+            log.debug("request_body_abandoned", path=request.path, remote=request.remote)
+            return web.Response(status=400, text="incomplete body")
+        finally:
+            if not reading.done():
+                reading.cancel()
+            if slot is not None:
+                slot.release()
+
     @web.middleware
     async def limit_unauthenticated(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith(TWILIO_PREFIX):
             return await handler(request)
-        slot = gate.enter()
-        if slot is None:
-            refused("unauthenticated_limit")
-            too_many(path=request.path, limit=gate.limit(), remote=request.remote)
-            response = web.Response(
-                status=503, text="too many requests in progress", headers={"Retry-After": "1"}
-            )
-            response.force_close()
-            return response
-        request[SLOT] = slot
-        try:
-            if request.body_exists:
-                try:
-                    async with asyncio.timeout(settings().body_seconds):
-                        await request.read()  # kept by aiohttp: post() and read() reuse it
-                except TimeoutError:
-                    refused("body_timeout")
-                    too_slow(path=request.path, seconds=settings().body_seconds,
-                             remote=request.remote)  # fmt: skip
-                    raise web.HTTPRequestTimeout(text="request body too slow") from None
-            if request.headers.get("Upgrade", "").lower() != "websocket":
-                # The signature check follows without waiting on the client again. A media
-                # stream releases its slot itself once `start` and its token check out.
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            # A media stream counts until its `start` and token check out (it releases the
+            # slot itself then), or until it ends.
+            slot = gate.enter()
+            if slot is None:
+                return busy(request)
+            request[SLOT] = slot
+            try:
+                return await handler(request)
+            finally:
                 slot.release()
-            return await handler(request)
-        finally:
-            slot.release()
+        if request.body_exists and (answer := await read_body(request)) is not None:
+            return answer
+        return await handler(request)  # the signature check follows without waiting again
 
     return limit_unauthenticated

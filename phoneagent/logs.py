@@ -7,11 +7,13 @@ with ``structlog.contextvars`` by the call handlers.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
+from urllib.parse import quote
 
 import structlog
 
@@ -20,7 +22,7 @@ REDACTED = "[redacted]"
 # handshake header: "> Authorization: Bearer …"), in any of the shapes a renderer produces.
 _HEADER_CREDENTIAL = re.compile(
     r"(?i)\b(authorization|proxy-authorization|x-twilio-signature|cookie|set-cookie)"
-    r"(['\"]?\s*[:=,]\s*['\"]?)(?:(?:bearer|basic|digest)\s+)?[^\s'\",]+"
+    r"((?:\\?['\"])?\s*[:=,]\s*(?:\\?['\"])?)(?:(?:bearer|basic|digest)\s+)?[^\s'\",\\]+"
 )
 # Environment variables whose values are secrets by their name (API keys, tokens, the webhook
 # signing secrets personas name in `secret_env`): their values never reach a log line.
@@ -29,13 +31,21 @@ _SHORTEST_SECRET = 8  # shorter values are not credentials, and would redact ord
 
 
 def secret_values(environ: Mapping[str, str] | None = None) -> set[str]:
-    """The values of the environment variables that hold secrets, judged by their names."""
+    """The values of the environment variables that hold secrets, judged by their names, as
+    set and as the settings read them (stripped: a secret mounted from a file ends in a
+    newline), and in the forms a log line may carry them (URL-encoded, JSON-escaped)."""
     env = os.environ if environ is None else environ
-    return {
-        value
+    values = {
+        form
         for name, value in env.items()
         if _SECRET_NAME.search(name) and len(value.strip()) >= _SHORTEST_SECRET
+        for form in (value, value.strip())
     }
+    return values | {spelling for value in values for spelling in _spellings(value)}
+
+
+def _spellings(secret: str) -> set[str]:
+    return {quote(secret, safe=""), json.dumps(secret)[1:-1]} - {secret}
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

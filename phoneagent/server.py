@@ -115,8 +115,9 @@ async def call_details(request: web.Request) -> web.Response:
 def has_bearer_token(request: web.Request, token: str) -> bool:
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     # Bytes: compare_digest refuses non-ASCII str, and a client may send anything.
+    # surrogateescape: aiohttp hands undecodable header bytes over as surrogates.
     return scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode(), token.encode()
+        given.strip().encode("utf-8", "surrogateescape"), token.encode()
     )
 
 

@@ -33,6 +33,9 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # apology (DESIGN budget: apology within 5 s; Twilio still has to fetch it). StepFun's handshake
 # and set-up take well under a second when the service is well (reference section 1).
 SETUP_BUDGET = 3.5
+# A model that does not answer our close frame is not waited for longer than this (the
+# library's default is 10 s, spent while a call ends or a caller waits for the apology).
+CLOSE_SECONDS = 2.0
 # Upgrade refusals that mean "this model name is wrong" rather than "you may not".
 MODEL_NAME_REFUSALS = (400, 404)
 
@@ -136,6 +139,11 @@ class ModelConnector:
             except (ConnectionClosed, TimeoutError) as exc:
                 await ws.close()
                 raise ModelUnavailable(f"session set-up failed: {type(exc).__name__}") from None
+            except asyncio.CancelledError:
+                # The set-up budget ran out (Prewarmer.claim): a close handshake with a model
+                # that answers nothing would wait its own timeout, so cut the connection.
+                ws.transport.abort()
+                raise
             except BaseException:
                 await ws.close()
                 raise
@@ -152,6 +160,7 @@ class ModelConnector:
                 open_timeout=self.open_timeout,
                 max_size=MAX_MESSAGE_BYTES,
                 compression=None,  # base64 audio does not compress; deflate only costs CPU
+                close_timeout=CLOSE_SECONDS,
             )
         except InvalidStatus:
             raise

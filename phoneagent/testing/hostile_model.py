@@ -11,8 +11,10 @@ what no document describes. Each connection gets the same :class:`SetupFault`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import enum
+import hashlib
 import json
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -33,6 +35,7 @@ SESSION = {
     "output_audio_format": "pcm16",
 }
 HUGE_BYTES = 9 * 1024 * 1024  # past any sane client's message limit
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
 
 
 class SetupFault(enum.Enum):
@@ -47,6 +50,7 @@ class SetupFault(enum.Enum):
     BINARY = "binary"  # a binary frame
     HUGE = "huge"  # a frame of several MiB
     DEEP = "deep"  # deeply nested JSON
+    DEAF = "deaf"  # upgraded, session.created, then deaf: not even a close is answered
 
 
 class HostileModel:
@@ -68,6 +72,8 @@ class HostileModel:
     async def __aenter__(self) -> HostileModel:
         if self.fault is SetupFault.NO_UPGRADE:
             self._server = await asyncio.start_server(self._hold, "127.0.0.1", 0)
+        elif self.fault is SetupFault.DEAF:
+            self._server = await asyncio.start_server(self._deaf, "127.0.0.1", 0)
         else:
             self._server = await serve(self._handle, "127.0.0.1", 0, max_size=None)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -85,6 +91,28 @@ class HostileModel:
         """Read the upgrade request and never answer it."""
         self.connections += 1
         self._held.add(writer)
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(4096):
+                pass
+
+    async def _deaf(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer the upgrade (RFC 6455 4.2.2) and send session.created by hand, then read and
+        ignore everything, close frames included: a websockets server would answer the close."""
+        self.connections += 1
+        self._held.add(writer)
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        accept = base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        created = json.dumps({"type": "session.created", "session": SESSION}).encode()
+        writer.write(bytes([0x81, 126]) + len(created).to_bytes(2, "big") + created)
         with contextlib.suppress(ConnectionError):
             while await reader.read(4096):
                 pass
