@@ -176,7 +176,14 @@ def create_app(
     rest = TwilioCalls(
         settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url
     )
-    state.handoffs = TwilioHandoffs(state, rest)
+    state.handoffs = TwilioHandoffs(
+        rest,
+        state.calls,
+        spawn=state.spawn,
+        publish_transfer=state.publish_transfer,
+        count_transfer=lambda outcome: state.metrics.transfers.labels(outcome).inc(),
+        public_url=lambda: state.settings.public_url,
+    )
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
