@@ -20,8 +20,8 @@ from phoneagent.metrics import Metrics
 from phoneagent.personas import Persona, PersonaRegistry, TransferTarget
 from phoneagent.realtime.connection import Prewarmer
 from phoneagent.records import CallRecord, CallRecords
-from phoneagent.twilio.replay import AnsweredWebhooks, StreamClaims
-from phoneagent.twilio.webhook import StreamToken
+from phoneagent.twilio.wire.replay import AnsweredWebhooks, StreamClaims
+from phoneagent.twilio.wire.token import StreamToken
 
 T = TypeVar("T")
 
@@ -34,12 +34,12 @@ class ServerState:
     draining: bool = False
     active_calls: dict[str, CallShell] = field(default_factory=dict)  # by CallSid
     calls: CallRecords = field(default_factory=CallRecords)
-    # Replay defences: Twilio's signatures carry no timestamp (see twilio/replay.py).
+    # Replay defences: Twilio's signatures carry no timestamp (see twilio/wire/replay.py).
     stream_claims: StreamClaims = field(default_factory=StreamClaims)
     answered: AnsweredWebhooks = field(default_factory=AnsweredWebhooks)
     clock: Callable[[], float] = time.monotonic  # calls' clock: tests run calls faster
     publisher: CallEventPublisher | None = None  # None: no webhook delivery (no outbox)
-    handoffs: Handoffs | None = None  # Twilio's REST API (twilio/handoffs.py), set by the app
+    handoffs: Handoffs | None = None  # Twilio's REST API (twilio/rest/handoffs.py), set by the app
     metrics: Metrics = field(init=False)
     # Twilio requests not yet authenticated (client_limits.py).
     unauthenticated: UnauthenticatedGate = field(init=False)

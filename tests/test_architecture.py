@@ -245,3 +245,23 @@ def test_imports_are_found_wherever_they_are(tmp_path):
         "phoneagent.state",
         "aiohttp",
     }
+
+
+def test_forbidden_reach_is_reported_with_its_chain():
+    graph = {
+        "phoneagent.call": [Edge("phoneagent.call", "phoneagent.personas", 1)],
+        "phoneagent.personas": [
+            Edge("phoneagent.personas", "aiohttp", 2),
+            Edge("phoneagent.personas", "phoneagent.twilio.rest.calls", 3),
+        ],
+        "phoneagent.twilio.rest.calls": [],
+        "phoneagent.server": [Edge("phoneagent.server", "aiohttp", 4)],  # a shell: allowed
+    }
+    chains = [[(e.source, e.target) for e in path] for path in forbidden_paths(graph)]
+    assert chains == [
+        [("phoneagent.call", "phoneagent.personas"), ("phoneagent.personas", "aiohttp")],
+        [
+            ("phoneagent.call", "phoneagent.personas"),
+            ("phoneagent.personas", "phoneagent.twilio.rest.calls"),
+        ],
+    ]

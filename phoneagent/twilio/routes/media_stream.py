@@ -21,14 +21,14 @@ from phoneagent.conversation import session_config
 from phoneagent.logs import get_logger
 from phoneagent.realtime.connection import ModelSession, ModelUnavailable
 from phoneagent.state import STATE, ServerState
-from phoneagent.twilio.webhook import (
+from phoneagent.twilio.routes.webhooks import invalid_signature, twilio_signed
+from phoneagent.twilio.wire.twiml import (
     CALLED_PARAMETER,
     CALLER_PARAMETER,
     PERSONA_PARAMETER,
     RESUME_PARAMETER,
     TOKEN_PARAMETER,
 )
-from phoneagent.twilio.webhook_routes import invalid_signature, twilio_signed
 
 log = get_logger(__name__)
 

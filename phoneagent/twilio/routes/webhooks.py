@@ -16,12 +16,12 @@ from phoneagent.logs import get_logger
 from phoneagent.personas import Persona
 from phoneagent.records import CallRecord
 from phoneagent.state import STATE, ServerState
-from phoneagent.twilio.webhook import (
+from phoneagent.twilio.wire.signature import SHARED_KEY_MISSING, signature_problem
+from phoneagent.twilio.wire.twiml import (
     CALLED_PARAMETER,
     CALLER_PARAMETER,
     PERSONA_PARAMETER,
     RESUME_PARAMETER,
-    SHARED_KEY_MISSING,
     TOKEN_PARAMETER,
     apology_twiml,
     busy_twiml,
@@ -29,7 +29,6 @@ from phoneagent.twilio.webhook import (
     hangup_twiml,
     redirect_twiml,
     say_then_hand_on_twiml,
-    signature_problem,
 )
 
 log = get_logger(__name__)

@@ -13,7 +13,8 @@ from phoneagent.call import Call
 from phoneagent.logs import get_logger
 from phoneagent.personas import Persona, TransferTarget
 from phoneagent.records import CallRecord, CallRecords
-from phoneagent.twilio.rest import CallUpdateFailed, TwilioCalls, dial_twiml
+from phoneagent.twilio.rest.calls import CallUpdateFailed, TwilioCalls
+from phoneagent.twilio.wire.twiml import dial_twiml
 
 log = get_logger(__name__)
 
