@@ -24,7 +24,7 @@ from phoneagent.call import SendMedia
 from phoneagent.logs import configure_logging
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.stack import LocalStack
-from phoneagent.twilio.stream import Media
+from phoneagent.twilio.wire.stream import Media
 
 PERSONAS = Path(__file__).resolve().parent.parent / "personas"
 DENTAL = "+14155550100"
@@ -75,7 +75,7 @@ class TimedShell(CallShell):
 
 
 async def per_frame_cost(args: argparse.Namespace) -> tuple[list[float], list[float]]:
-    import phoneagent.twilio.stream_route as server
+    import phoneagent.twilio.routes.media_stream as server
 
     server.CallShell = TimedShell  # the server builds this shell for each call
     model = FakeRealtimeServer(speed=None, record_events=False)

@@ -35,7 +35,7 @@ from phoneagent.metrics import Metrics
 from phoneagent.personas import TransferTarget
 from phoneagent.realtime.base import ModelEvent
 from phoneagent.realtime.connection import ModelSession, ModelUnavailable
-from phoneagent.twilio.stream import (
+from phoneagent.twilio.wire.stream import (
     MalformedMessage,
     Media,
     Start,

@@ -57,7 +57,7 @@ from phoneagent.realtime.base import (
     UserTranscript,
 )
 from phoneagent.transcript import Turn, cut_turn, transcript_of
-from phoneagent.twilio.stream import Dtmf, Mark, Media, Stop, TwilioEvent
+from phoneagent.twilio.wire.stream import Dtmf, Mark, Media, Stop, TwilioEvent
 
 log = get_logger(__name__)
 

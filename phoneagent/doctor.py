@@ -494,7 +494,7 @@ async def _check_barge_in(
 
 
 def twilio_client(settings: Settings) -> Client:
-    """The ``twilio`` client at ``TWILIO_API_BASE_URL``, as ``twilio/rest.py`` makes it."""
+    """The ``twilio`` client at ``TWILIO_API_BASE_URL``, as ``twilio/rest/calls.py`` makes it."""
     http = AsyncTwilioHttpClient(pool_connections=False)
     client = Client(settings.twilio_account_sid, settings.twilio_auth_token, http_client=http)
     client.api.base_url = settings.twilio_api_base_url  # read on every request

@@ -1,8 +1,8 @@
 """The aiohttp application: its routes, health, readiness and call details, the metrics
 listener, and startup and shutdown (persona reloads, the delivery worker, draining on SIGTERM).
 
-The Twilio-facing routes are in ``twilio/webhook_routes.py`` and ``twilio/stream_route.py``;
-what the instance holds while it runs is ``state.ServerState``."""
+The Twilio-facing routes are in ``twilio/routes/``; what the instance holds while it runs is
+``state.ServerState``."""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ from phoneagent.metrics import CONTENT_TYPE_LATEST
 from phoneagent.personas import PersonaRegistry
 from phoneagent.realtime.connection import ModelConnector, Prewarmer
 from phoneagent.state import STATE, ServerState
-from phoneagent.twilio.handoffs import TwilioHandoffs
-from phoneagent.twilio.rest import TwilioCalls
-from phoneagent.twilio.stream_route import media_stream
-from phoneagent.twilio.webhook_routes import (
+from phoneagent.twilio.rest.calls import TwilioCalls
+from phoneagent.twilio.rest.handoffs import TwilioHandoffs
+from phoneagent.twilio.routes.media_stream import media_stream
+from phoneagent.twilio.routes.webhooks import (
     dial_status,
     status_callback,
     stream_ended,
@@ -177,7 +177,14 @@ def create_app(
     rest = TwilioCalls(
         settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url
     )
-    state.handoffs = TwilioHandoffs(state, rest)
+    state.handoffs = TwilioHandoffs(
+        rest,
+        state.calls,
+        spawn=state.spawn,
+        publish_transfer=state.publish_transfer,
+        count_transfer=lambda outcome: state.metrics.transfers.labels(outcome).inc(),
+        public_url=lambda: state.settings.public_url,
+    )
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -7,11 +7,11 @@ import asyncio
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 
-from phoneagent.bridge import CallShell, TurnListener
+from phoneagent.bridge import CallShell, Handoffs, TurnListener
 from phoneagent.call import Call
 from phoneagent.client_limits import UnauthenticatedGate
 from phoneagent.config import Settings
@@ -20,11 +20,8 @@ from phoneagent.metrics import Metrics
 from phoneagent.personas import Persona, PersonaRegistry, TransferTarget
 from phoneagent.realtime.connection import Prewarmer
 from phoneagent.records import CallRecord, CallRecords
-from phoneagent.twilio.replay import AnsweredWebhooks, StreamClaims
-from phoneagent.twilio.webhook import StreamToken
-
-if TYPE_CHECKING:
-    from phoneagent.twilio.handoffs import TwilioHandoffs
+from phoneagent.twilio.wire.replay import AnsweredWebhooks, StreamClaims
+from phoneagent.twilio.wire.token import StreamToken
 
 T = TypeVar("T")
 
@@ -37,12 +34,12 @@ class ServerState:
     draining: bool = False
     active_calls: dict[str, CallShell] = field(default_factory=dict)  # by CallSid
     calls: CallRecords = field(default_factory=CallRecords)
-    # Replay defences: Twilio's signatures carry no timestamp (see twilio/replay.py).
+    # Replay defences: Twilio's signatures carry no timestamp (see twilio/wire/replay.py).
     stream_claims: StreamClaims = field(default_factory=StreamClaims)
     answered: AnsweredWebhooks = field(default_factory=AnsweredWebhooks)
     clock: Callable[[], float] = time.monotonic  # calls' clock: tests run calls faster
     publisher: CallEventPublisher | None = None  # None: no webhook delivery (no outbox)
-    handoffs: TwilioHandoffs | None = None
+    handoffs: Handoffs | None = None  # Twilio's REST API (twilio/rest/handoffs.py), set by the app
     metrics: Metrics = field(init=False)
     # Twilio requests not yet authenticated (client_limits.py).
     unauthenticated: UnauthenticatedGate = field(init=False)
@@ -67,6 +64,17 @@ class ServerState:
             active_calls=lambda: len(self.active_calls),
             unauthenticated=lambda: self.unauthenticated.count,
         )
+
+    def persona(self, persona_id: str) -> Persona | None:
+        """The persona as configured now (reloads may have changed or removed it)."""
+        return self.personas.current.personas.get(persona_id)
+
+    def persona_for_number(self, called: str) -> Persona | None:
+        return self.personas.current.for_number(called)
+
+    def at_capacity(self) -> bool:
+        """A new call would exceed PHONEAGENT_MAX_CALLS (calls in progress and ringing)."""
+        return len(self.active_calls) + self.prewarmer.waiting >= self.settings.max_calls
 
     def readiness_problems(self) -> list[str]:
         """Why this instance should take no new calls, besides draining: its events cannot

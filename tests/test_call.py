@@ -46,7 +46,7 @@ from phoneagent.realtime.base import (
     UserTranscript,
 )
 from phoneagent.realtime.stepfun import StepFunDialect
-from phoneagent.twilio.stream import Dtmf, Mark, Media, Stop
+from phoneagent.twilio.wire.stream import Dtmf, Mark, Media, Stop
 
 
 class FakeClock:

@@ -58,7 +58,7 @@ from phoneagent.realtime.base import (
     TruncateItem,
     UserTranscript,
 )
-from phoneagent.twilio.stream import (
+from phoneagent.twilio.wire.stream import (
     Connected,
     Dtmf,
     MalformedMessage,

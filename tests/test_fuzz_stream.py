@@ -34,8 +34,8 @@ from test_fuzz_call import PAYLOAD, json_values, mutated_messages
 
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.stack import LocalStack
-from phoneagent.twilio.stream import MalformedMessage, Start, Stop, parse_message
-from phoneagent.twilio.stream_route import MAX_STREAM_MESSAGE_BYTES
+from phoneagent.twilio.routes.media_stream import MAX_STREAM_MESSAGE_BYTES
+from phoneagent.twilio.wire.stream import MalformedMessage, Start, Stop, parse_message
 
 DENTAL = "+14155550100"
 SOCKET_EXAMPLES = {"fuzz": 150}.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), 15)

@@ -1,8 +1,10 @@
 """The StepFun dialect against the shapes in reference/stepfun-realtime.md."""
 
 import base64
+import inspect
 import json
 
+from phoneagent.audio import CallerToModel, ModelToCaller, pcm16_ms
 from phoneagent.realtime.base import (
     AddTextItem,
     AgentTranscriptDelta,
@@ -186,3 +188,17 @@ def test_errors_are_typed_and_known_races_are_benign():
     assert (serious.code, serious.benign) == ("server_error", False)
     bare = decode({"type": "error", "error": "quota exceeded"})
     assert (bare.message, bare.benign) == ("quota exceeded", False)
+
+
+def test_the_calls_audio_runs_at_the_dialects_rates():
+    # `Dialect.input_rate`/`output_rate` say what pcm16 rate a session takes and gives;
+    # `phoneagent doctor` reads them. The Call builds its pipelines (and weighs barge-in audio)
+    # at the audio package's defaults: until it takes the session's rates, those defaults must
+    # be the dialect's, or a dialect at another rate would be resampled wrongly without a word.
+    def default(function, name):
+        return inspect.signature(function).parameters[name].default
+
+    dialect = StepFunDialect()
+    assert default(CallerToModel, "model_rate") == dialect.input_rate
+    assert default(ModelToCaller, "model_rate") == dialect.output_rate
+    assert default(pcm16_ms, "sample_rate") == dialect.input_rate

@@ -13,7 +13,7 @@ from conftest import EXAMPLE_PERSONAS
 from phoneagent.testing.caller import Signature
 from phoneagent.testing.fake_model import CallTool, FakeRealtimeServer
 from phoneagent.testing.stack import LocalStack
-from phoneagent.twilio.webhook_routes import NO_PERSONA_APOLOGY
+from phoneagent.twilio.routes.webhooks import NO_PERSONA_APOLOGY
 
 DENTAL = "+14155550100"
 FRONT_DESK = "+14155550111"

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from phoneagent.twilio.stream import (
+from phoneagent.twilio.wire.stream import (
     Connected,
     Dtmf,
     MalformedMessage,

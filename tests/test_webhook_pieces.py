@@ -4,13 +4,9 @@ import xml.etree.ElementTree as ET
 
 from twilio.request_validator import HMAC_SHA256, RequestValidator
 
-from phoneagent.twilio.webhook import (
-    STREAM_TOKEN_SECONDS,
-    StreamToken,
-    apology_twiml,
-    connect_stream_twiml,
-    signature_problem,
-)
+from phoneagent.twilio.wire.signature import signature_problem
+from phoneagent.twilio.wire.token import STREAM_TOKEN_SECONDS, StreamToken
+from phoneagent.twilio.wire.twiml import apology_twiml, connect_stream_twiml
 
 NOW = 1_800_000_000.0
 

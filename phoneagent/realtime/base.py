@@ -213,8 +213,10 @@ class Dialect(Protocol):
     """One provider's wire format. Pure functions: no sockets."""
 
     name: str
-    input_rate: int  # sample rate of AppendAudio.pcm
-    output_rate: int  # sample rate of AudioDelta.pcm
+    # pcm16 sample rates of AppendAudio.pcm and AudioDelta.pcm. The Call's audio pipelines run
+    # at audio/'s defaults for now; tests/test_stepfun_dialect.py holds the two together.
+    input_rate: int
+    output_rate: int
 
     def connect_url(self, base_url: str, model: str) -> str: ...
 

@@ -218,6 +218,10 @@ class Prewarmer:
         loop = asyncio.get_running_loop()
         self._expiry[call_sid] = loop.call_later(self.ttl, self._expire, call_sid)
 
+    async def open(self, config: SessionConfig) -> ModelSession:
+        """A new session now, not pre-warmed: a call reconnecting or renewing its session."""
+        return await self.connector.open(config)
+
     async def claim(self, call_sid: str, config: SessionConfig) -> ModelSession:
         """The call's configured session: the warm one, or a new one if it failed; within
         ``setup_budget`` seconds whatever the model does (no answer, half a set-up), so a

@@ -21,14 +21,14 @@ from phoneagent.conversation import session_config
 from phoneagent.logs import get_logger
 from phoneagent.realtime.connection import ModelSession, ModelUnavailable
 from phoneagent.state import STATE, ServerState
-from phoneagent.twilio.webhook import (
+from phoneagent.twilio.routes.webhooks import invalid_signature, twilio_signed
+from phoneagent.twilio.wire.twiml import (
     CALLED_PARAMETER,
     CALLER_PARAMETER,
     PERSONA_PARAMETER,
     RESUME_PARAMETER,
     TOKEN_PARAMETER,
 )
-from phoneagent.twilio.webhook_routes import invalid_signature, twilio_signed
 
 log = get_logger(__name__)
 
@@ -85,7 +85,7 @@ async def open_call(
     if not state.stream_claims.claim(token, state.stream_token.expiry(token)):
         raise StreamRefused("this stream token was already used")
     authenticated()
-    persona = state.personas.current.personas.get(persona_id)
+    persona = state.persona(persona_id)
     if persona is None:
         raise StreamRefused(f"persona {persona_id!r} is no longer configured")
     try:
@@ -123,7 +123,7 @@ async def run_call(
         turn_listeners=state.turn_listeners,
         handoffs=state.handoffs,
         metrics=state.metrics,
-        open_model=lambda: state.prewarmer.connector.open(config),
+        open_model=lambda: state.prewarmer.open(config),
     )
     state.active_calls[call.call_sid] = shell
     log.info("call_started", model=model.model, model_session=model.session_id)

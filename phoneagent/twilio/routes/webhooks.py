@@ -16,12 +16,12 @@ from phoneagent.logs import get_logger
 from phoneagent.personas import Persona
 from phoneagent.records import CallRecord
 from phoneagent.state import STATE, ServerState
-from phoneagent.twilio.webhook import (
+from phoneagent.twilio.wire.signature import SHARED_KEY_MISSING, signature_problem
+from phoneagent.twilio.wire.twiml import (
     CALLED_PARAMETER,
     CALLER_PARAMETER,
     PERSONA_PARAMETER,
     RESUME_PARAMETER,
-    SHARED_KEY_MISSING,
     TOKEN_PARAMETER,
     apology_twiml,
     busy_twiml,
@@ -29,7 +29,6 @@ from phoneagent.twilio.webhook import (
     hangup_twiml,
     redirect_twiml,
     say_then_hand_on_twiml,
-    signature_problem,
 )
 
 log = get_logger(__name__)
@@ -125,11 +124,11 @@ async def voice_webhook(request: web.Request) -> web.Response:
         if state.settings.fallback_url:
             return twiml(redirect_twiml(state.settings.fallback_url))
         return web.Response(status=503, text="draining")
-    persona = state.personas.current.for_number(called)
+    persona = state.persona_for_number(called)
     if persona is None:
         log.warning("no_persona_for_number", call_sid=call_sid, to=called)
         return twiml(apology_twiml(NO_PERSONA_APOLOGY))
-    if len(state.active_calls) + state.prewarmer.waiting >= state.settings.max_calls:
+    if state.at_capacity():
         log.warning("call_refused_busy", call_sid=call_sid, max_calls=state.settings.max_calls)
         state.metrics.calls.labels("busy").inc()
         return twiml(busy_twiml(persona, called))
@@ -195,7 +194,7 @@ async def stream_ended(request: web.Request) -> web.Response:
         return invalid_signature()
     call_sid = form.get("CallSid", "")
     reason = end_reason_of(state, call_sid)
-    persona = state.personas.current.personas.get(request.query.get("persona", ""))
+    persona = state.persona(request.query.get("persona", ""))
     log.info("stream_ended", call_sid=call_sid, end_reason=reason, persona_known=bool(persona))
     if reason in HANG_UP_REASONS:
         return twiml(hangup_twiml())
@@ -240,7 +239,7 @@ async def dial_status(request: web.Request) -> web.Response:
     record = state.calls.open(call_sid)
     record.caller = record.caller or request.query.get("from", "")
     record.called = record.called or request.query.get("to", "")
-    persona = state.personas.current.personas.get(request.query.get("persona", ""))
+    persona = state.persona(request.query.get("persona", ""))
     target_name = request.query.get("target", "")
     log.info("transfer_outcome", call_sid=record.call_sid, target=target_name, outcome=outcome)
     if outcome in ("completed", "answered") or persona is None:

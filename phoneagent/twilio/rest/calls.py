@@ -14,7 +14,6 @@ import aiohttp
 from twilio.base.exceptions import TwilioRestException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
-from twilio.twiml.voice_response import VoiceResponse
 
 from phoneagent.logs import get_logger
 
@@ -32,14 +31,6 @@ class CallUpdateFailed(Exception):
         super().__init__(reason)
         self.status = status
         self.code = code
-
-
-def dial_twiml(number: str, *, caller_id: str, ring_seconds: int, action_url: str) -> str:
-    """``<Dial>`` to a person. ``action`` (absolute, as inline TwiML requires: error 15004) is
-    requested when the dialled leg ends, so an unanswered transfer can come back to the agent."""
-    response = VoiceResponse()
-    response.dial(number, caller_id=caller_id or None, timeout=ring_seconds, action=action_url)
-    return str(response)
 
 
 @dataclass

@@ -4,15 +4,17 @@ media-stream shell calls these when the ``Call`` asks (``bridge.Handoffs``)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlencode
 
 from phoneagent.call import Call
 from phoneagent.logs import get_logger
-from phoneagent.personas import TransferTarget
-from phoneagent.state import ServerState
-from phoneagent.twilio.rest import CallUpdateFailed, TwilioCalls, dial_twiml
+from phoneagent.personas import Persona, TransferTarget
+from phoneagent.records import CallRecord, CallRecords
+from phoneagent.twilio.rest.calls import CallUpdateFailed, TwilioCalls
+from phoneagent.twilio.wire.twiml import dial_twiml
 
 log = get_logger(__name__)
 
@@ -21,21 +23,27 @@ log = get_logger(__name__)
 class TwilioHandoffs:
     """Hands a call on through Twilio's REST API, for the media-stream shell."""
 
-    state: ServerState
     rest: TwilioCalls
+    calls: CallRecords
+    # Runs work to its end even if the call's task is cancelled (the server awaits it at exit).
+    spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]
+    # A transfer's outcome, for the persona's webhook: (persona, record, target, outcome, error).
+    publish_transfer: Callable[[Persona, CallRecord, TransferTarget, str, str | None], None]
+    count_transfer: Callable[[str], None]  # "accepted" or "failed", for the metrics
+    public_url: Callable[[], str]  # read at each transfer: the settings may be replaced
 
     async def transfer(self, call: Call, target: TransferTarget) -> str | None:
         # Twilio's `stop` (which ends the stream, and cancels the shell's wait) can come before
         # its HTTP answer: the request and its bookkeeping run to the end on their own.
-        return await asyncio.shield(self.state.spawn(self._transfer(call, target)))
+        return await asyncio.shield(self.spawn(self._transfer(call, target)))
 
     async def hang_up(self, call: Call) -> str | None:
         return await asyncio.shield(
-            self.state.spawn(self._update(self.rest.hang_up(call.call_sid), "hang_up"))
+            self.spawn(self._update(self.rest.hang_up(call.call_sid), "hang_up"))
         )
 
     async def _transfer(self, call: Call, target: TransferTarget) -> str | None:
-        record = self.state.calls.open(call.call_sid)
+        record = self.calls.open(call.call_sid)
         # The action may reach another instance: it must not depend on this one's records.
         query = urlencode(
             {"persona": call.persona.id, "target": target.name,
@@ -45,15 +53,15 @@ class TwilioHandoffs:
             target.number,
             caller_id=target.caller_id or record.called,
             ring_seconds=target.ring_seconds,
-            action_url=f"{self.state.settings.public_url}/twilio/dial-status?{query}",
+            action_url=f"{self.public_url()}/twilio/dial-status?{query}",
         )
         record.transfer = {"target": target.name, "number": target.number}
         error = await self._update(self.rest.redirect(call.call_sid, twiml_text), "transfer")
-        self.state.metrics.transfers.labels("failed" if error else "accepted").inc()
+        outcome = "failed" if error else "accepted"
+        self.count_transfer(outcome)
         if error is not None:
             record.transfer = None
-        outcome = "failed" if error else "accepted"
-        self.state.publish_transfer(call.persona, record, target, outcome, error)
+        self.publish_transfer(call.persona, record, target, outcome, error)
         return error
 
     async def _update(self, request: Awaitable[None], what: str) -> str | None:

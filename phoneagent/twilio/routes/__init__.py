@@ -1,0 +1,1 @@
+"""The aiohttp routes Twilio calls: the webhooks and the media-stream WebSocket."""
