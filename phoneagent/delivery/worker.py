@@ -42,6 +42,7 @@ __all__ = [
 
 log = get_logger("phoneagent.delivery.worker")  # not "__main__" under `python -m`
 
+#: 15–30 s is what the spec recommends a receiver be given to answer.
 DEFAULT_TIMEOUT = 15.0
 DEFAULT_CONCURRENCY = 32
 DEFAULT_PER_DESTINATION = 4
