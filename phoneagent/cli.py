@@ -160,7 +160,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if missing:
         return EXIT_CONFIG
     from phoneagent.simulate import SimulatedCall
-    from phoneagent.testing.caller import CALLER_BOOKING_WAV
+    from phoneagent.testing.wav import CALLER_BOOKING_WAV
 
     call = SimulatedCall(
         base_url=args.url.rstrip("/"),

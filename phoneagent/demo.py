@@ -14,10 +14,10 @@ from collections.abc import Callable
 from phoneagent.config import Settings
 from phoneagent.personas import load_directory
 from phoneagent.simulate import SimulatedCall
-from phoneagent.testing.caller import CALLER_BOOKING_WAV
 from phoneagent.testing.fake_model import FakeRealtimeServer, queued_transcripts
 from phoneagent.testing.speech import synthesizer_name
 from phoneagent.testing.stack import LocalStack, demo_credentials
+from phoneagent.testing.wav import CALLER_BOOKING_WAV
 
 # What the bundled recording says (phoneagent/testing/assets/README.md). The fake model cannot
 # recognise speech, so it is told; a real model hears it.

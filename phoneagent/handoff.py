@@ -11,12 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from phoneagent.personas import (
-    KEYPAD_END_CALL,
-    KEYPAD_TRANSFER_PREFIX,
-    Persona,
-    TransferTarget,
-)
+from phoneagent.personas import KeypadHangUp, KeypadTransfer, Persona, TransferTarget
 from phoneagent.realtime.base import ToolSpec
 
 TRANSFER_TOOL = "transfer_call"
@@ -96,10 +91,10 @@ def handoff_from_tool(persona: Persona, name: str, arguments: str) -> Handoff | 
 
 def handoff_from_keypad(persona: Persona, digit: str) -> Handoff | None:
     action = persona.keypad.get(digit)
-    if action == KEYPAD_END_CALL:
+    if isinstance(action, KeypadHangUp):
         return HangUp()
-    if action and action.startswith(KEYPAD_TRANSFER_PREFIX):
-        return Transfer(persona.transfer[action.removeprefix(KEYPAD_TRANSFER_PREFIX)])
+    if isinstance(action, KeypadTransfer):
+        return Transfer(action.target)
     return None
 
 

@@ -95,7 +95,7 @@ class Metrics:
         )
         self.webhook_deliveries = Counter(
             "phoneagent_webhook_deliveries",
-            "Webhook delivery attempts, by outcome (delivered, retry, dead).",
+            "Webhook delivery attempts, by outcome (delivered, retry, failed).",
             ["outcome"],
             registry=r,
         )

@@ -8,9 +8,11 @@ import aiohttp
 import pytest
 from conftest import EXAMPLE_PERSONAS
 
-from phoneagent.testing.caller import CALLER_BOOKING_WAV, Signature, StreamRejected
+from phoneagent.testing.caller import StreamRejected
 from phoneagent.testing.fake_model import FakeRealtimeServer, queued_transcripts
 from phoneagent.testing.stack import LocalStack
+from phoneagent.testing.twilio_signing import Signature
+from phoneagent.testing.wav import CALLER_BOOKING_WAV
 
 DENTAL = "+14155550100"
 REPLY = "Of course. What day works best for you?"

@@ -8,9 +8,9 @@ from conftest import EXAMPLE_PERSONAS
 
 from phoneagent.config import Settings
 from phoneagent.delivery.signing import verify
-from phoneagent.testing.caller import CALLER_BOOKING_WAV
 from phoneagent.testing.fake_model import CallTool, FakeRealtimeServer, queued_transcripts
 from phoneagent.testing.stack import LocalStack, demo_credentials
+from phoneagent.testing.wav import CALLER_BOOKING_WAV
 from phoneagent.testing.webhook_sink import WebhookSink
 
 DENTAL = "+14155550100"

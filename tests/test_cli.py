@@ -40,6 +40,17 @@ def test_personas_check_passes_the_examples():
     ]
 
 
+def test_personas_check_reports_a_bad_keypad_action_with_file_field_and_reason(tmp_path):
+    bad = tmp_path / "line.toml"
+    text = (EXAMPLE_PERSONAS / "bright-smile-dental.toml").read_text()
+    bad.write_text(text.replace('"0" = "transfer:front_desk"', '"0" = "transfer:reception"'))
+    result = phoneagent("personas", "check", str(tmp_path))
+    assert result.returncode != 0
+    assert (
+        f"ERROR {bad}: keypad.0: 'transfer:reception' is not end_call or one of: " in result.stdout
+    )
+
+
 def test_personas_check_defaults_to_the_configured_directory():
     result = phoneagent("personas", "check", env={"PHONEAGENT_PERSONAS_DIR": str(BROKEN_PERSONAS)})
     assert result.returncode == 1

@@ -8,9 +8,10 @@ import pytest
 from conftest import EXAMPLE_PERSONAS
 
 from phoneagent.logs import REDACTED, configure_logging, redact, secret_values
-from phoneagent.testing.caller import CALLER_BOOKING_WAV, Signature
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.stack import LocalStack
+from phoneagent.testing.twilio_signing import Signature
+from phoneagent.testing.wav import CALLER_BOOKING_WAV
 
 STEPFUN_KEY = "sk-stepfun-0123456789abcdef"
 DENTAL = "+14155550100"

@@ -4,9 +4,9 @@ import pytest
 from conftest import EXAMPLE_PERSONAS
 
 import phoneagent.call
-from phoneagent.testing.caller import CALLER_BOOKING_WAV
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.stack import LocalStack
+from phoneagent.testing.wav import CALLER_BOOKING_WAV
 
 DENTAL = "+14155550100"
 ANSWER = "Of course, Tuesday morning works."

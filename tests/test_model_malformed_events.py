@@ -8,9 +8,9 @@ from conftest import EXAMPLE_PERSONAS
 
 from phoneagent.realtime.base import MalformedEvent
 from phoneagent.realtime.stepfun import StepFunDialect
-from phoneagent.testing.caller import CALLER_BOOKING_WAV
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.stack import LocalStack
+from phoneagent.testing.wav import CALLER_BOOKING_WAV
 
 DENTAL = "+14155550100"
 

@@ -12,10 +12,11 @@ import aiohttp
 import pytest
 from conftest import EXAMPLE_PERSONAS, PROJECT_ROOT, VALID_ENV
 
-from phoneagent.testing.caller import CALLER_BOOKING_WAV, TwilioCaller
+from phoneagent.testing.caller import TwilioCaller
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.fake_twilio_api import FakeTwilioApi
 from phoneagent.testing.stack import LocalStack
+from phoneagent.testing.wav import CALLER_BOOKING_WAV
 from phoneagent.testing.webhook_sink import WebhookSink
 
 DENTAL = "+14155550100"

@@ -8,6 +8,8 @@ from conftest import BROKEN_PERSONAS, EXAMPLE_PERSONAS
 
 from phoneagent.personas import (
     DEFAULT_SILENCE_DURATION_MS,
+    KeypadHangUp,
+    KeypadTransfer,
     PersonaError,
     PersonaRegistry,
     check_directory,
@@ -320,3 +322,37 @@ def test_reload_refuses_a_deeply_nested_file_and_keeps_serving(tmp_path):
     assert [p.reason for p in report.problems] == [
         "is not valid TOML: arrays or inline tables nested too deeply"
     ]
+
+
+# --- keypad actions: parsed once, at load, into types ------------------------------------
+
+TRANSFER_DESK = """
+[transfer.desk]
+number = "+14155550111"
+description = "the front desk"
+announcement = "Putting you through."
+"""
+
+
+def test_keypad_actions_are_typed_at_load(tmp_path):
+    keypad = '[keypad]\n"0" = "transfer:desk"\n"#" = "end_call"\n'
+    write(tmp_path, "line", persona_toml(extra=TRANSFER_DESK, tail=keypad))
+    persona = load_directory(tmp_path, environ={}).personas["line"]
+    assert persona.keypad == {"0": KeypadTransfer(persona.transfer["desk"]), "#": KeypadHangUp()}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("5", "transfer:nobody", "'transfer:nobody' is not end_call or one of: transfer:desk"),
+        ("5", "hang_up", "'hang_up' is not end_call or one of: transfer:desk"),
+        ("55", "end_call", "keys are single keypad digits"),
+    ],
+)
+def test_bad_keypad_actions_are_refused_with_file_field_and_reason(tmp_path, key, value, reason):
+    path = write(
+        tmp_path, "line", persona_toml(extra=TRANSFER_DESK, tail=f'[keypad]\n"{key}" = "{value}"\n')
+    )
+    [problem] = check_directory(tmp_path, environ={}).problems
+    assert (problem.file, problem.field) == (path, f"keypad.{key}")
+    assert reason in problem.reason

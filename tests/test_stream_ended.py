@@ -10,9 +10,9 @@ import shutil
 import pytest
 from conftest import EXAMPLE_PERSONAS
 
-from phoneagent.testing.caller import Signature
 from phoneagent.testing.fake_model import CallTool, FakeRealtimeServer
 from phoneagent.testing.stack import LocalStack
+from phoneagent.testing.twilio_signing import Signature
 from phoneagent.twilio.routes.webhooks import NO_PERSONA_APOLOGY
 
 DENTAL = "+14155550100"

@@ -22,22 +22,18 @@ from aiohttp import WSMsgType, web
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
-from phoneagent.testing.caller import (
+from phoneagent.testing.caller import StreamRejected, TwilioCaller
+from phoneagent.testing.playback_buffer import PlaybackBuffer
+from phoneagent.testing.twilio_messages import (
     BYTES_PER_MS,
-    CALLER_BOOKING_WAV,
     FRAME_BYTES,
-    PlaybackBuffer,
-    Signature,
-    StreamRejected,
-    TwilioCaller,
     check_outbound,
     outbound_clear,
     outbound_mark,
     outbound_media,
-    read_wav_mulaw,
-    twilio_signature,
-    write_mulaw_wav,
 )
+from phoneagent.testing.twilio_signing import Signature, twilio_signature
+from phoneagent.testing.wav import CALLER_BOOKING_WAV, read_wav_mulaw, write_mulaw_wav
 
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "test-auth-token"

@@ -16,9 +16,10 @@ from twilio.request_validator import RequestValidator
 from yarl import URL
 
 from phoneagent.logs import configure_logging
-from phoneagent.testing.caller import SharedKey, Signature, StreamRejected, twilio_signature
+from phoneagent.testing.caller import StreamRejected
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.stack import LocalStack
+from phoneagent.testing.twilio_signing import SharedKey, Signature, twilio_signature
 
 DENTAL = "+14155550100"
 SHARED_SECRET = "shared-key-secret-value-0123456789"

@@ -1,14 +1,17 @@
-"""``phoneagent events …``: look into the webhook outbox, and queue events again.
+"""``phoneagent events …``: look into the webhook outbox, and queue events again; and
+``python -m phoneagent.delivery.worker``, which delivers the outbox without the server.
 
-Both commands open the outbox file of ``PHONEAGENT_DATA_DIR`` directly, so they work while the
-server runs (SQLite WAL: readers never block it, a redeliver waits a moment for its lock at most);
-the running server's worker notices a redelivered event within its poll interval (1 s).
+The ``events`` commands open the outbox file of ``PHONEAGENT_DATA_DIR`` directly, so they work
+while the server runs (SQLite WAL: readers never block it, a redeliver waits a moment for its
+lock at most); the running server's worker notices a redelivered event within its poll interval
+(1 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 import time
 from datetime import UTC, datetime
@@ -18,16 +21,24 @@ from urllib.parse import urlsplit, urlunsplit
 
 from phoneagent.delivery.outbox import (
     DEFAULT_BUSY_TIMEOUT,
-    FAILED,
     OUTBOX_FILENAME,
-    PENDING,
-    STATUSES,
     OutboxError,
     OutboxItem,
     SQLiteOutbox,
 )
+from phoneagent.delivery.policy import RetryPolicy
+from phoneagent.delivery.status import DeliveryStatus
+from phoneagent.delivery.worker import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_PER_DESTINATION,
+    DEFAULT_TIMEOUT,
+    DeliveryWorker,
+)
+from phoneagent.logs import get_logger
 
-__all__ = ["add_events_commands", "cmd_events_list", "cmd_events_redeliver"]
+__all__ = ["add_events_commands", "cmd_events_list", "cmd_events_redeliver", "run_worker"]
+
+log = get_logger("phoneagent.delivery.worker")  # the worker's own log, as when it runs in serve
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_CONFIG = 0, 1, 2
 ERROR_WIDTH = 60
@@ -42,7 +53,7 @@ def add_events_commands(subparsers: Any) -> argparse.ArgumentParser:
     commands = events.add_subparsers(title="event commands", required=True)
 
     listing = commands.add_parser("list", help="list webhook events, newest first")
-    listing.add_argument("--status", choices=STATUSES, help="only events in this state")
+    listing.add_argument("--status", choices=list(DeliveryStatus), help="only events in this state")
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     _data_dir_option(listing)
     listing.set_defaults(handler=cmd_events_list)
@@ -84,7 +95,7 @@ def cmd_events_list(args: argparse.Namespace) -> int:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         print("  ".join([*cells, row[-1]]).rstrip())
     total = sum(counts.values())
-    summary = ", ".join(f"{counts[s]} {s}" for s in STATUSES)
+    summary = ", ".join(f"{counts[s]} {s}" for s in DeliveryStatus)
     matching = counts[args.status] if args.status else total
     shown = f"; showing the newest {len(items)} (--limit)" if len(items) < matching else ""
     print(f"{total} events: {summary}{shown}")
@@ -151,7 +162,9 @@ async def _redeliver(
     try:
         if all_failed:
             counts = await outbox.counts()
-            failed = await outbox.list(status=FAILED, limit=max(counts[FAILED], 1))
+            failed = await outbox.list(
+                status=DeliveryStatus.FAILED, limit=max(counts[DeliveryStatus.FAILED], 1)
+            )
             ids += [item.id for item in failed if item.id not in ids]
         queued, missing = [], []
         for item_id in ids:
@@ -166,9 +179,9 @@ async def _redeliver(
 
 
 def _row(item: OutboxItem) -> tuple[str, ...]:
-    if item.status == PENDING:
+    if item.status is DeliveryStatus.PENDING:
         when = "in flight" if item.claim else _time(item.next_attempt_at)
-    elif item.status == FAILED:
+    elif item.status is DeliveryStatus.FAILED:
         when = "gave up " + _time(item.last_attempt_at)
     else:
         when = _time(item.delivered_at)
@@ -200,3 +213,83 @@ def _display_url(url: str) -> str:
     host = f"[{host}]" if ":" in host else host
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+# --- `python -m phoneagent.delivery.worker`: the worker on its own ----------------------------
+
+
+def run_worker(argv: list[str] | None = None) -> int:
+    """Deliver a data directory's outbox without the server: after an outage, from a cron job
+    (``--drain``), or as a separate process next to ``phoneagent serve``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m phoneagent.delivery.worker",
+        description="Deliver the webhook events waiting in the outbox.",
+    )
+    parser.add_argument("--data-dir", type=Path, help="default: $PHONEAGENT_DATA_DIR, else ./data")
+    parser.add_argument("--drain", action="store_true", help="exit once nothing is due")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
+    parser.add_argument("--per-destination", type=int, default=DEFAULT_PER_DESTINATION)
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds")
+    parser.add_argument("--lease", type=float, help="seconds a claim lasts (default timeout+30)")
+    parser.add_argument(
+        "--schedule",
+        help="comma-separated retry delays in seconds (default: the spec's 5 s … 24 h)",
+    )
+    parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds")
+    args = parser.parse_args(argv)
+
+    from phoneagent.config import ConfigError, load_settings
+    from phoneagent.logs import configure_logging
+
+    try:
+        settings = load_settings(require_credentials=False)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"phoneagent: configuration error: {problem}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    policy = RetryPolicy()
+    if args.schedule:
+        try:
+            policy = RetryPolicy(delays=tuple(float(s) for s in args.schedule.split(",")))
+        except ValueError as exc:
+            parser.error(f"--schedule: {exc}")
+    try:
+        return asyncio.run(_serve_worker(args, args.data_dir or settings.data_dir, policy))
+    except OutboxError as exc:
+        print(f"phoneagent: outbox error: {exc}", file=sys.stderr)
+        return 2
+
+
+async def _serve_worker(args: argparse.Namespace, data_dir: Path, policy: RetryPolicy) -> int:
+    outbox = await SQLiteOutbox.in_data_dir(data_dir)
+    worker = DeliveryWorker(
+        outbox,
+        policy=policy,
+        timeout=args.timeout,
+        concurrency=args.concurrency,
+        per_destination=args.per_destination,
+        lease=args.lease,
+        poll_interval=args.poll_interval,
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = asyncio.create_task(worker.run())
+    try:
+        if args.drain:
+            flushed = asyncio.create_task(worker.flush(float("inf")))
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({flushed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            flushed.cancel()
+            stopped.cancel()
+        else:
+            await stop.wait()
+    finally:
+        await worker.stop()
+        await runner
+        counts = await outbox.counts()
+        await outbox.close()
+    log.info("outbox_counts", **counts)
+    return 0

@@ -35,13 +35,10 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from phoneagent.delivery.events import Event
+from phoneagent.delivery.status import DeliveryStatus
 
 __all__ = [
-    "DELIVERED",
-    "FAILED",
     "OUTBOX_FILENAME",
-    "PENDING",
-    "STATUSES",
     "Outbox",
     "OutboxError",
     "OutboxItem",
@@ -49,8 +46,6 @@ __all__ = [
     "destination_of",
 ]
 
-PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
-STATUSES = (PENDING, FAILED, DELIVERED)
 OUTBOX_FILENAME = "outbox.sqlite3"
 SCHEMA_VERSION = 1
 #: Waiting for a lock another process holds (``phoneagent events redeliver`` while the server
@@ -74,7 +69,7 @@ class OutboxItem:
     destination: str  # scheme://host:port, the unit of per-receiver fairness
     secret_env: str  # the NAME of the variable holding the signing secret, never the secret
     body: bytes
-    status: str  # pending | delivered | failed
+    status: DeliveryStatus
     attempts: int  # attempts that got an answer or an error (a crash mid-attempt is not one)
     created_at: float  # Unix seconds
     next_attempt_at: float  # while claimed: the end of the lease
@@ -133,7 +128,7 @@ class Outbox(Protocol):
     async def mark_dead(
         self, item_id: str, claim: str, *, now: float, status: int | None, error: str
     ) -> bool:
-        """Record a failed attempt and give up: the item becomes a dead letter (``failed``)."""
+        """Record a failed attempt and give up: the item becomes a dead letter (``FAILED``)."""
         ...
 
     async def release(self, item_id: str, claim: str, *, now: float) -> bool:
@@ -186,12 +181,18 @@ def destination_of(url: str) -> str:
     return f"{parts.scheme}://{host}:{port}"
 
 
+# DeliveryStatus values as SQL literals: the queries spell the statuses from the one enum.
+_PENDING, _DELIVERED, _FAILED = (
+    f"'{status}'"
+    for status in (DeliveryStatus.PENDING, DeliveryStatus.DELIVERED, DeliveryStatus.FAILED)
+)
+
 _COLUMNS = (
     "id, type, url, destination, secret_env, body, status, attempts, created_at, "
     "next_attempt_at, claim, last_attempt_at, last_status, last_error, delivered_at"
 )
 
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS outbox (
     id TEXT PRIMARY KEY,
     type TEXT NOT NULL,
@@ -199,7 +200,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     destination TEXT NOT NULL,
     secret_env TEXT NOT NULL,
     body BLOB NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+    status TEXT NOT NULL CHECK (status IN ({_PENDING}, {_DELIVERED}, {_FAILED})),
     attempts INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     next_attempt_at REAL NOT NULL,
@@ -209,7 +210,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT,
     delivered_at REAL
 );
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = {_PENDING};
 CREATE INDEX IF NOT EXISTS outbox_by_status ON outbox (status, created_at);
 CREATE TABLE IF NOT EXISTS open_calls (
     call_sid TEXT PRIMARY KEY,
@@ -322,7 +323,7 @@ class SQLiteOutbox:
             destination_of(url),
             secret_env,
             event.body(),
-            PENDING,
+            DeliveryStatus.PENDING,
             now,
             now,
         )
@@ -390,7 +391,7 @@ class SQLiteOutbox:
         full = [d for d, n in room.items() if n <= 0]
         # Read a few more candidates than slots: some may belong to a destination with no room.
         fetch = limit * 4 if (room or default_room is not None) else limit
-        sql = f"SELECT {_COLUMNS} FROM outbox WHERE status = 'pending' AND next_attempt_at <= ?"
+        sql = f"SELECT {_COLUMNS} FROM outbox WHERE status = {_PENDING} AND next_attempt_at <= ?"
         params: list[Any] = [now]
         if full:
             sql += f" AND destination NOT IN ({', '.join('?' * len(full))})"
@@ -426,7 +427,7 @@ class SQLiteOutbox:
         return await self._run(self._next_due_at, list(skip))
 
     def _next_due_at(self, skip: list[str]) -> float | None:
-        sql = "SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending'"
+        sql = f"SELECT MIN(next_attempt_at) FROM outbox WHERE status = {_PENDING}"
         if skip:
             sql += f" AND destination NOT IN ({', '.join('?' * len(skip))})"
         return self._read(sql, skip)[0][0]
@@ -434,7 +435,7 @@ class SQLiteOutbox:
     async def mark_delivered(self, item_id: str, claim: str, *, now: float, status: int) -> bool:
         return await self._run(
             self._mark,
-            "status = 'delivered', delivered_at = ?, last_attempt_at = ?, last_status = ?, "
+            f"status = {_DELIVERED}, delivered_at = ?, last_attempt_at = ?, last_status = ?, "
             "last_error = NULL",
             (now, now, status),
             item_id,
@@ -457,7 +458,7 @@ class SQLiteOutbox:
     ) -> bool:
         return await self._run(
             self._mark,
-            "status = 'failed', last_attempt_at = ?, last_status = ?, last_error = ?",
+            f"status = {_FAILED}, last_attempt_at = ?, last_status = ?, last_error = ?",
             (now, status, error),
             item_id,
             claim,
@@ -466,7 +467,7 @@ class SQLiteOutbox:
     def _mark(self, assignments: str, values: tuple, item_id: str, claim: str) -> bool:
         cur = self._write(
             f"UPDATE outbox SET {assignments}, attempts = attempts + 1, claim = NULL "
-            "WHERE id = ? AND claim = ? AND status = 'pending'",
+            f"WHERE id = ? AND claim = ? AND status = {_PENDING}",
             (*values, item_id, claim),
         )
         return cur.rowcount == 1
@@ -477,7 +478,7 @@ class SQLiteOutbox:
     def _release(self, item_id: str, claim: str, now: float) -> bool:
         cur = self._write(
             "UPDATE outbox SET claim = NULL, next_attempt_at = ? "
-            "WHERE id = ? AND claim = ? AND status = 'pending'",
+            f"WHERE id = ? AND claim = ? AND status = {_PENDING}",
             (now, item_id, claim),
         )
         return cur.rowcount == 1
@@ -489,8 +490,9 @@ class SQLiteOutbox:
         return _item(rows[0]) if rows else None
 
     async def list(self, *, status: str | None = None, limit: int = 50) -> list[OutboxItem]:
-        if status is not None and status not in STATUSES:
-            raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+        if status is not None and status not in set(DeliveryStatus):
+            names = ", ".join(DeliveryStatus)
+            raise ValueError(f"status must be one of {names}, not {status!r}")
         sql, params = f"SELECT {_COLUMNS} FROM outbox", []
         if status is not None:
             sql += " WHERE status = ?"
@@ -501,12 +503,12 @@ class SQLiteOutbox:
 
     async def counts(self) -> dict[str, int]:
         rows = await self._run(self._read, "SELECT status, COUNT(*) FROM outbox GROUP BY status")
-        return {status: 0 for status in STATUSES} | dict(rows)
+        return {status: 0 for status in DeliveryStatus} | {DeliveryStatus(s): n for s, n in rows}
 
     async def redeliver(self, item_id: str, *, now: float) -> OutboxItem | None:
         await self._run(
             self._write,
-            "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?, "
+            f"UPDATE outbox SET status = {_PENDING}, attempts = 0, next_attempt_at = ?, "
             "claim = NULL, delivered_at = NULL WHERE id = ?",
             (now, item_id),
         )
@@ -515,7 +517,7 @@ class SQLiteOutbox:
     async def purge_delivered(self, *, before: float) -> int:
         cur = await self._run(
             self._write,
-            "DELETE FROM outbox WHERE status = 'delivered' AND delivered_at < ?",
+            f"DELETE FROM outbox WHERE status = {_DELIVERED} AND delivered_at < ?",
             (before,),
         )
         return cur.rowcount
@@ -604,4 +606,4 @@ def _open_error(path: Path, exc: sqlite3.Error) -> OutboxError:
 
 
 def _item(row: tuple) -> OutboxItem:
-    return OutboxItem(*row[:5], bytes(row[5]), *row[6:])
+    return OutboxItem(*row[:5], bytes(row[5]), DeliveryStatus(row[6]), *row[7:])

@@ -5,6 +5,8 @@ written from the protocol references (``shared/reference/``), not from phoneagen
 Import what you need from its module; the usual entry points:
 
 - ``caller.TwilioCaller``: plays Twilio's side of one call (webhook, stream, playback buffer).
+  Its parts, each usable alone: ``twilio_signing`` (request signatures), ``twilio_messages``
+  (Media Streams message shapes), ``twiml_reader``, ``playback_buffer``, ``wav``, ``twilio_sids``.
 - ``fake_model.FakeRealtimeServer``: a protocol-faithful fake of StepFun's realtime API.
 - ``fake_twilio_api.FakeTwilioApi``: Twilio's REST Call resource (updates, hang-ups, faults).
 - ``webhook_sink.WebhookSink``: a webhook receiver with scripted answers.

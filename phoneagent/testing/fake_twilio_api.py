@@ -60,7 +60,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from phoneagent.testing.caller import new_sid
+from phoneagent.testing.twilio_sids import new_sid
 from phoneagent.testing.webhook_sink import LoopbackServer, wait_for_count
 
 if TYPE_CHECKING:

@@ -14,7 +14,8 @@ import time
 from delivery_helpers import SECRET_ENV, ended_event
 
 from phoneagent.delivery.outbox import SQLiteOutbox
-from phoneagent.delivery.worker import DeliveryWorker, RetryPolicy
+from phoneagent.delivery.policy import RetryPolicy
+from phoneagent.delivery.worker import DeliveryWorker
 
 
 async def main(data_dir: str, url: str, count: int) -> None:

@@ -18,13 +18,8 @@ import pytest
 from delivery_helpers import ENV, SECRET, SECRET_ENV, T0, FakeClock, ended_event, spec_signature_ok
 
 from phoneagent.delivery.outbox import OutboxError, SQLiteOutbox
-from phoneagent.delivery.worker import (
-    DEFAULT_DELAYS,
-    DeliveryWorker,
-    RetryPolicy,
-    decide,
-    parse_retry_after,
-)
+from phoneagent.delivery.policy import DEFAULT_DELAYS, RetryPolicy, decide, parse_retry_after
+from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.testing.webhook_sink import WebhookSink
 
 FAST = RetryPolicy(delays=[0.02] * 8, jitter=0.0)
@@ -97,8 +92,8 @@ def test_same_seed_same_delays():
         (200, "delivered"), (204, "delivered"), (299, "delivered"),
         (None, "retry"), (500, "retry"), (502, "retry"), (503, "retry"), (429, "retry"),
         (408, "retry"),
-        (400, "dead"), (401, "dead"), (404, "dead"), (410, "dead"), (422, "dead"),
-        (301, "dead"), (307, "dead"),
+        (400, "failed"), (401, "failed"), (404, "failed"), (410, "failed"), (422, "failed"),
+        (301, "failed"), (307, "failed"),
     ],
 )  # fmt: skip
 def test_status_classification(status, action):
@@ -112,9 +107,9 @@ def test_status_classification(status, action):
 def test_410_says_the_receiver_is_gone_and_exhaustion_says_how_many():
     policy = RetryPolicy(delays=[1, 2], jitter=0.0)
     gone = decide(1, status=410, now=T0, policy=policy, rng=random.Random())
-    assert gone.action == "dead" and "410 Gone" in gone.reason
+    assert gone.action == "failed" and "410 Gone" in gone.reason
     last = decide(3, status=503, error="busy", now=T0, policy=policy, rng=random.Random())
-    assert last.action == "dead" and "after 3 attempts" in last.reason and "busy" in last.reason
+    assert last.action == "failed" and "after 3 attempts" in last.reason and "busy" in last.reason
 
 
 def test_retry_after_lengthens_but_never_shortens_the_backoff_and_is_capped():

@@ -1,4 +1,4 @@
-"""Per-number personas: TOML files validated into typed objects, looked up by the called number.
+"""Persona files validated into typed personas, and a directory of them into a ``PersonaSet``.
 
 One file per persona in the personas directory; the file name (without ``.toml``) is the persona
 id. Validation is strict: every problem is reported with file, field and reason, and a set with any
@@ -7,147 +7,55 @@ problem is refused as a whole, so a half-edited directory never serves half its 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from phoneagent.config import is_local_host
 from phoneagent.delivery.events import DEFAULT_WEBHOOK_EVENTS, EVENT_TYPES
-from phoneagent.logs import get_logger
+from phoneagent.personas.model import (
+    DEFAULT_APOLOGY,
+    DEFAULT_BARGE_IN_MIN_SPEECH_MS,
+    DEFAULT_BUSY_MESSAGE,
+    DEFAULT_MAX_CALL_SECONDS,
+    DEFAULT_PREFIX_PADDING_MS,
+    DEFAULT_SILENCE_DURATION_MS,
+    DEFAULT_SILENCE_TIMEOUT_SECONDS,
+    DEFAULT_VAD_THRESHOLD,
+    KEYPAD_DIGITS,
+    KeypadAction,
+    KeypadHangUp,
+    KeypadTransfer,
+    Persona,
+    PersonaSet,
+    TransferTarget,
+    WebhookTarget,
+)
+from phoneagent.personas.numbers import E164, normalise_number
+from phoneagent.personas.problems import PersonaError, Problem
+from phoneagent.personas.table_reader import TomlTable
 
-log = get_logger(__name__)
+__all__ = [
+    "DirectoryReport",
+    "check_directory",
+    "keypad_action",
+    "load_directory",
+    "parse_persona_file",
+    "persona_files",
+]
 
-# E.164: '+', a country code that does not start with 0, at most 15 digits in all.
-_E164 = re.compile(r"\+[1-9]\d{6,14}")
 _PERSONA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _TARGET_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 _LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
-# Characters people write inside phone numbers that carry no meaning.
-_NUMBER_PUNCTUATION = re.compile(r"[\s().\-/]")
 
-# Voice-activity defaults for phone audio. StepFun's own defaults (100 ms of silence ends a turn,
-# energy threshold 2500) are tuned for close microphones; μ-law phone audio is quieter and callers
-# pause mid-sentence (see reference/stepfun-realtime.md, section 5).
-DEFAULT_SILENCE_DURATION_MS = 600
-DEFAULT_PREFIX_PADDING_MS = 300
-DEFAULT_VAD_THRESHOLD = 1000
-DEFAULT_MAX_CALL_SECONDS = 900
-# A caller silent this long (and the agent idle) is asked if they are still there; after as long
-# again, the agent says goodbye and hangs up. 0 turns it off.
-DEFAULT_SILENCE_TIMEOUT_SECONDS = 20
-# Phone lines have no echo cancellation, and a caller's "mhm" is not a request to stop: the
-# caller must speak this long (loud audio, after the model heard speech start) to cut the agent.
-DEFAULT_BARGE_IN_MIN_SPEECH_MS = 300
-DEFAULT_BUSY_MESSAGE = (
-    "Sorry, all our lines are busy right now. Please call again in a few minutes."
-)
-DEFAULT_APOLOGY = "Sorry, we are having technical trouble and cannot take your call right now."
-
-
-@dataclass(frozen=True)
-class TransferTarget:
-    name: str
-    number: str
-    description: str  # what the model reads to decide when this target fits
-    announcement: str  # what the agent says before the call is handed over
-    caller_id: str = ""  # shown to the target; "" means the line that was called
-    ring_seconds: int = 25  # how long the target rings before the caller comes back
-
-
-# What a keypad digit may do without asking the model.
+# How a persona file writes a keypad action (``[keypad]``): parsed once, here, into a KeypadAction.
 KEYPAD_END_CALL = "end_call"
 KEYPAD_TRANSFER_PREFIX = "transfer:"
-KEYPAD_DIGITS = frozenset("0123456789*#")
-
-
-@dataclass(frozen=True)
-class WebhookTarget:
-    url: str
-    secret_env: str  # the *name* of the environment variable holding the signing secret
-    events: tuple[str, ...] = DEFAULT_WEBHOOK_EVENTS  # which call events this line wants
-    mask_caller: bool = False  # send the caller's number as +*******0123
-
-
-@dataclass(frozen=True)
-class Persona:
-    id: str
-    name: str
-    numbers: tuple[str, ...]
-    instructions: str
-    greeting: str
-    voice: str
-    language: str
-    goodbye: str
-    default: bool = False
-    transfer: Mapping[str, TransferTarget] = field(default_factory=dict)
-    keypad: Mapping[str, str] = field(default_factory=dict)  # digit → "transfer:<name>"/"end_call"
-    # When the agent cannot take the call (all lines busy, the model unreachable): Twilio says
-    # the message, then dials the fallback target if there is one, else hangs up.
-    fallback_target: str = ""
-    busy_message: str = DEFAULT_BUSY_MESSAGE
-    apology: str = DEFAULT_APOLOGY
-    webhook: WebhookTarget | None = None
-    max_call_seconds: int = DEFAULT_MAX_CALL_SECONDS
-    silence_timeout_seconds: int = DEFAULT_SILENCE_TIMEOUT_SECONDS
-    silence_duration_ms: int = DEFAULT_SILENCE_DURATION_MS
-    prefix_padding_ms: int = DEFAULT_PREFIX_PADDING_MS
-    vad_threshold: int = DEFAULT_VAD_THRESHOLD
-    barge_in_min_speech_ms: int = DEFAULT_BARGE_IN_MIN_SPEECH_MS
-    source: Path | None = None
-
-
-@dataclass(frozen=True)
-class Problem:
-    file: Path
-    field: str  # dotted path inside the file, or "" for the file as a whole
-    reason: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}: {self.field}" if self.field else str(self.file)
-        return f"{where}: {self.reason}"
-
-
-class PersonaError(Exception):
-    """A persona directory could not be loaded; ``problems`` lists every reason."""
-
-    def __init__(self, problems: list[Problem]):
-        super().__init__("\n".join(str(p) for p in problems))
-        self.problems = problems
-
-
-def normalise_number(raw: str) -> str | None:
-    """The E.164 form of a phone number as Twilio or a person may write it, or None.
-
-    Twilio sends E.164 when it can, otherwise the raw string ('anonymous', 'client:alice').
-    """
-    compact = _NUMBER_PUNCTUATION.sub("", raw or "")
-    if compact.startswith("00"):
-        compact = "+" + compact[2:]
-    return compact if _E164.fullmatch(compact) else None
-
-
-@dataclass(frozen=True)
-class PersonaSet:
-    """An immutable, validated set of personas with lookup by called number."""
-
-    personas: Mapping[str, Persona]
-    by_number: Mapping[str, Persona]
-    default: Persona | None
-
-    def for_number(self, called: str) -> Persona | None:
-        """The persona answering ``called`` (Twilio's ``To``), else the default, else None."""
-        number = normalise_number(called)
-        return self.by_number.get(number, self.default) if number else self.default
-
-    def __len__(self) -> int:
-        return len(self.personas)
 
 
 @dataclass
@@ -260,7 +168,7 @@ def parse_persona_file(
             Problem(path, "", "is not valid TOML: arrays or inline tables nested too deeply"),
         ]
 
-    top = _Table(data, "", path, problems)
+    top = TomlTable(data, "", path, problems)
     numbers = _numbers(top)
     transfer = _transfer_targets(top)
     keypad = _keypad(top, transfer)
@@ -311,14 +219,14 @@ def parse_persona_file(
     return (None if problems else persona), problems
 
 
-def _numbers(top: _Table) -> tuple[str, ...]:
+def _numbers(top: TomlTable) -> tuple[str, ...]:
     raw = top.get("numbers", list, required=False, default=[])
     numbers: list[str] = []
     for i, value in enumerate(raw):
         where = f"numbers[{i}]"
         if not isinstance(value, str):
             top.problem(where, f'must be a string like "+14155550100", not {value!r}')
-        elif not _E164.fullmatch(value):
+        elif not E164.fullmatch(value):
             fixed = normalise_number(value)
             hint = f"; write it as {fixed}" if fixed else ""
             top.problem(where, f"{value!r} is not an E.164 number (+, country code, number){hint}")
@@ -329,7 +237,7 @@ def _numbers(top: _Table) -> tuple[str, ...]:
     return tuple(numbers)
 
 
-def _transfer_targets(top: _Table) -> dict[str, TransferTarget]:
+def _transfer_targets(top: TomlTable) -> dict[str, TransferTarget]:
     section = top.table("transfer", required=False)
     if section is None:
         return {}
@@ -341,10 +249,10 @@ def _transfer_targets(top: _Table) -> dict[str, TransferTarget]:
         if entry is None:
             continue
         number = entry.text("number")
-        if number and not _E164.fullmatch(number):
+        if number and not E164.fullmatch(number):
             entry.problem("number", f"{number!r} is not an E.164 number (+, country code, number)")
         caller_id = entry.get("caller_id", str, required=False, default="")
-        if caller_id and not _E164.fullmatch(caller_id):
+        if caller_id and not E164.fullmatch(caller_id):
             entry.problem("caller_id", f"{caller_id!r} is not an E.164 number")
         targets[name] = TransferTarget(
             name=name,
@@ -358,28 +266,37 @@ def _transfer_targets(top: _Table) -> dict[str, TransferTarget]:
     return targets
 
 
-def _keypad(top: _Table, targets: Mapping[str, TransferTarget]) -> dict[str, str]:
+def _keypad(top: TomlTable, targets: Mapping[str, TransferTarget]) -> dict[str, KeypadAction]:
     section = top.table("keypad", required=False)
     if section is None:
         return {}
     keypad = {}
     for digit in list(section.data):
-        action = section.get(digit, str, default="")
+        text = section.get(digit, str, default="")
+        action = keypad_action(text, targets)
         if digit not in KEYPAD_DIGITS:
             section.problem(digit, "keys are single keypad digits: 0-9, * or # (quote them)")
-        elif action == KEYPAD_END_CALL or (
-            action.startswith(KEYPAD_TRANSFER_PREFIX)
-            and action.removeprefix(KEYPAD_TRANSFER_PREFIX) in targets
-        ):
+        elif action is not None:
             keypad[digit] = action
-        elif action:
-            names = ", ".join(f"transfer:{n}" for n in targets) or "no transfer targets"
-            section.problem(digit, f"{action!r} is not end_call or one of: {names}")
+        elif text:
+            names = ", ".join(f"{KEYPAD_TRANSFER_PREFIX}{n}" for n in targets)
+            names = names or "no transfer targets"
+            section.problem(digit, f"{text!r} is not {KEYPAD_END_CALL} or one of: {names}")
     section.finish()
     return keypad
 
 
-def _webhook(top: _Table, environ: Mapping[str, str]) -> WebhookTarget | None:
+def keypad_action(text: str, targets: Mapping[str, TransferTarget]) -> KeypadAction | None:
+    """The action a persona file's ``[keypad]`` value names, or None if it names none."""
+    if text == KEYPAD_END_CALL:
+        return KeypadHangUp()
+    if text.startswith(KEYPAD_TRANSFER_PREFIX):
+        target = targets.get(text.removeprefix(KEYPAD_TRANSFER_PREFIX))
+        return KeypadTransfer(target) if target is not None else None
+    return None
+
+
+def _webhook(top: TomlTable, environ: Mapping[str, str]) -> WebhookTarget | None:
     section = top.table("webhook", required=False)
     if section is None:
         return None
@@ -403,7 +320,7 @@ def _webhook(top: _Table, environ: Mapping[str, str]) -> WebhookTarget | None:
     return WebhookTarget(url=url, secret_env=secret_env, events=events, mask_caller=mask_caller)
 
 
-def _webhook_events(section: _Table) -> tuple[str, ...]:
+def _webhook_events(section: TomlTable) -> tuple[str, ...]:
     raw = section.get("events", list, required=False, default=list(DEFAULT_WEBHOOK_EVENTS))
     if "events" in section.data and not raw:
         section.problem("events", f"list at least one of {', '.join(EVENT_TYPES)}")
@@ -416,128 +333,3 @@ def _webhook_events(section: _Table) -> tuple[str, ...]:
         else:
             events.append(value)
     return tuple(events)
-
-
-class _Table:
-    """Typed reads from one TOML table, recording problems instead of raising, so a single
-    pass reports everything wrong with a file. ``finish()`` reports keys nobody read."""
-
-    def __init__(self, data: dict[str, Any], prefix: str, path: Path, problems: list[Problem]):
-        self.data = data
-        self.prefix = prefix
-        self.path = path
-        self.problems = problems
-        self.seen: set[str] = set()
-
-    def where(self, key: str) -> str:
-        return f"{self.prefix}.{key}" if self.prefix else key
-
-    def problem(self, key: str, reason: str) -> None:
-        self.problems.append(Problem(self.path, self.where(key), reason))
-
-    def get(self, key: str, kind: type, *, required: bool = True, default: Any = None) -> Any:
-        self.seen.add(key)
-        if key not in self.data:
-            if required:
-                self.problem(key, "is required")
-            return default
-        value = self.data[key]
-        # bool is an int in Python; TOML keeps them apart and so do we.
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            self.problem(key, f"must be {_KIND_NAMES[kind]}, not {_describe(value)}")
-            return default
-        return value
-
-    def text(
-        self, key: str, *, pattern: re.Pattern[str] | None = None, pattern_hint: str = ""
-    ) -> str:
-        value = self.get(key, str, default="")
-        if isinstance(self.data.get(key), str):
-            if not value.strip():
-                self.problem(key, "must not be empty")
-            elif pattern is not None and not pattern.fullmatch(value):
-                self.problem(key, f"{value!r} is not {pattern_hint}")
-        return value.strip()
-
-    def integer(self, key: str, default: int, low: int, high: int) -> int:
-        value = self.get(key, int, required=False, default=default)
-        if not low <= value <= high:
-            self.problem(key, f"must be between {low} and {high}, not {value}")
-            return default
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        return self.get(key, bool, required=False, default=default)
-
-    def table(self, key: str, *, required: bool) -> _Table | None:
-        value = self.get(key, dict, required=required)
-        return None if value is None else _Table(value, self.where(key), self.path, self.problems)
-
-    def finish(self) -> None:
-        for key in self.data:
-            if key not in self.seen:
-                self.problem(key, "unknown key (check the spelling against the README)")
-
-
-_KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list",
-               dict: "a table"}  # fmt: skip
-
-
-def _describe(value: Any) -> str:
-    for kind, name in _KIND_NAMES.items():
-        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-            return f"{name} ({value!r})" if kind in (str, int, bool) else name
-    return type(value).__name__
-
-
-class PersonaRegistry:
-    """The persona set currently serving, reloaded when the directory changes.
-
-    A reload that finds any problem is logged and refused; the last good set keeps serving.
-    Polling (not inotify) because it also sees Kubernetes ConfigMap updates, which swap a
-    symlinked directory, and it costs one ``stat`` per file per interval.
-    """
-
-    def __init__(self, directory: Path, environ: Mapping[str, str] | None = None):
-        self.directory = directory
-        self.environ = environ
-        self._fingerprint = self._read_fingerprint()
-        self.current = load_directory(directory, environ)
-
-    def _read_fingerprint(self) -> tuple:
-        try:
-            files = persona_files(self.directory)
-        except OSError:
-            return ()
-        stamps = []
-        for path in files:
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            stamps.append((path.name, st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(stamps)
-
-    def reload_if_changed(self) -> bool:
-        """Reload when the files changed. True when a new set was applied."""
-        fingerprint = self._read_fingerprint()
-        if fingerprint == self._fingerprint:
-            return False
-        self._fingerprint = fingerprint
-        report = check_directory(self.directory, self.environ)
-        if report.persona_set is None:
-            for problem in report.problems:
-                log.error("persona_reload_refused", problem=str(problem))
-            log.warning("personas_unchanged", serving=sorted(self.current.personas))
-            return False
-        self.current = report.persona_set
-        log.info("personas_reloaded", personas=sorted(self.current.personas))
-        return True
-
-    async def watch(self, interval: float = 1.0) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.reload_if_changed()
-            except Exception:  # a watcher that dies silently would freeze the personas
-                log.exception("persona_reload_failed")

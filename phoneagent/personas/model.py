@@ -1,0 +1,126 @@
+"""Personas as the rest of phoneagent sees them: frozen, validated values (see ``validation``).
+
+A persona is one business line: who answers, what the agent is told, where calls may be handed
+on, and where the transcript goes. Nothing here reads files or checks anything: a value of these
+types has already passed validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phoneagent.delivery.events import DEFAULT_WEBHOOK_EVENTS
+from phoneagent.personas.numbers import normalise_number
+
+__all__ = [
+    "KEYPAD_DIGITS",
+    "KeypadAction",
+    "KeypadHangUp",
+    "KeypadTransfer",
+    "Persona",
+    "PersonaSet",
+    "TransferTarget",
+    "WebhookTarget",
+]
+
+# Voice-activity defaults for phone audio. StepFun's own defaults (100 ms of silence ends a turn,
+# energy threshold 2500) are tuned for close microphones; μ-law phone audio is quieter and callers
+# pause mid-sentence (see reference/stepfun-realtime.md, section 5).
+DEFAULT_SILENCE_DURATION_MS = 600
+DEFAULT_PREFIX_PADDING_MS = 300
+DEFAULT_VAD_THRESHOLD = 1000
+DEFAULT_MAX_CALL_SECONDS = 900
+# A caller silent this long (and the agent idle) is asked if they are still there; after as long
+# again, the agent says goodbye and hangs up. 0 turns it off.
+DEFAULT_SILENCE_TIMEOUT_SECONDS = 20
+# Phone lines have no echo cancellation, and a caller's "mhm" is not a request to stop: the
+# caller must speak this long (loud audio, after the model heard speech start) to cut the agent.
+DEFAULT_BARGE_IN_MIN_SPEECH_MS = 300
+DEFAULT_BUSY_MESSAGE = (
+    "Sorry, all our lines are busy right now. Please call again in a few minutes."
+)
+DEFAULT_APOLOGY = "Sorry, we are having technical trouble and cannot take your call right now."
+
+
+@dataclass(frozen=True)
+class TransferTarget:
+    name: str
+    number: str
+    description: str  # what the model reads to decide when this target fits
+    announcement: str  # what the agent says before the call is handed over
+    caller_id: str = ""  # shown to the target; "" means the line that was called
+    ring_seconds: int = 25  # how long the target rings before the caller comes back
+
+
+KEYPAD_DIGITS = frozenset("0123456789*#")
+
+
+@dataclass(frozen=True)
+class KeypadTransfer:
+    """A digit that transfers the caller to ``target`` without asking the model."""
+
+    target: TransferTarget
+
+
+@dataclass(frozen=True)
+class KeypadHangUp:
+    """A digit that ends the call (after the goodbye) without asking the model."""
+
+
+#: What a keypad digit may do without asking the model (``[keypad]`` in a persona file).
+KeypadAction = KeypadTransfer | KeypadHangUp
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    url: str
+    secret_env: str  # the *name* of the environment variable holding the signing secret
+    events: tuple[str, ...] = DEFAULT_WEBHOOK_EVENTS  # which call events this line wants
+    mask_caller: bool = False  # send the caller's number as +*******0123
+
+
+@dataclass(frozen=True)
+class Persona:
+    id: str
+    name: str
+    numbers: tuple[str, ...]
+    instructions: str
+    greeting: str
+    voice: str
+    language: str
+    goodbye: str
+    default: bool = False
+    transfer: Mapping[str, TransferTarget] = field(default_factory=dict)
+    keypad: Mapping[str, KeypadAction] = field(default_factory=dict)  # by digit
+    # When the agent cannot take the call (all lines busy, the model unreachable): Twilio says
+    # the message, then dials the fallback target if there is one, else hangs up.
+    fallback_target: str = ""
+    busy_message: str = DEFAULT_BUSY_MESSAGE
+    apology: str = DEFAULT_APOLOGY
+    webhook: WebhookTarget | None = None
+    max_call_seconds: int = DEFAULT_MAX_CALL_SECONDS
+    silence_timeout_seconds: int = DEFAULT_SILENCE_TIMEOUT_SECONDS
+    silence_duration_ms: int = DEFAULT_SILENCE_DURATION_MS
+    prefix_padding_ms: int = DEFAULT_PREFIX_PADDING_MS
+    vad_threshold: int = DEFAULT_VAD_THRESHOLD
+    barge_in_min_speech_ms: int = DEFAULT_BARGE_IN_MIN_SPEECH_MS
+    source: Path | None = None
+
+
+@dataclass(frozen=True)
+class PersonaSet:
+    """An immutable, validated set of personas with lookup by called number."""
+
+    personas: Mapping[str, Persona]
+    by_number: Mapping[str, Persona]
+    default: Persona | None
+
+    def for_number(self, called: str) -> Persona | None:
+        """The persona answering ``called`` (Twilio's ``To``), else the default, else None."""
+        number = normalise_number(called)
+        return self.by_number.get(number, self.default) if number else self.default
+
+    def __len__(self) -> int:
+        return len(self.personas)
