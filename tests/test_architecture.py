@@ -66,7 +66,18 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[Edge]:
     """Every import in the module, as edges to phoneagent modules or outside libraries."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     edges = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    # Code under `if __name__ == "__main__":` runs only when the module is the program (then it
+    # is `__main__`, not itself): its imports cannot close a cycle, so they are not edges.
+    as_program = {
+        id(inner)
+        for block in tree.body
+        if isinstance(block, ast.If) and ast.unparse(block.test) == "__name__ == '__main__'"
+        for inner in ast.walk(block)
+    }
+    for node in ast.walk(tree):
+        if id(node) in as_program:
+            continue
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
