@@ -176,3 +176,15 @@ def test_no_machine_holds_more_than_about_ten_attributes():
         # "About ten": the Call's twelve are its five machines, the watchers, the transcript,
         # the caller audio, the barge-in candidate, stats, the unexpected-event log, its start.
         assert len(state) <= 12, (type(obj).__name__, sorted(state))
+
+
+def test_every_end_reason_reads_as_a_schema_end_reason():
+    from phoneagent.call import EndReason
+    from phoneagent.delivery.events import END_REASONS
+    from phoneagent.delivery.publisher import event_end_reason
+
+    for reason in EndReason:
+        assert event_end_reason(reason.value) in END_REASONS
+    assert event_end_reason(EndReason.TWILIO_DISCONNECTED.value) == "error"
+    assert event_end_reason(EndReason.MODEL_DISCONNECTED.value) == "error"
+    assert event_end_reason(None) == "error"
