@@ -1,7 +1,9 @@
 """The media-stream shell: one Twilio WebSocket, one model session, one ``Call`` between them.
 
-It reads from both sockets, hands each event to the ``Call`` and performs the actions it
-returns. It decides nothing about the conversation.
+It reads from both sockets, hands each event to the ``Call`` (and a ``Tick`` every
+TICK_SECONDS), and performs the actions it returns. It decides nothing about the conversation:
+when the model's socket drops, or a new session cannot be opened, it tells the ``Call``, which
+says whether and when to try again (``ReconnectModel``) or to end the call.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from phoneagent.call import (
     Call,
     EndCall,
     HangUpCall,
+    ReconnectModel,
     RenewModelSession,
     SendClear,
     SendMark,
@@ -30,6 +33,7 @@ from phoneagent.call import (
     TransferCall,
     TurnFinished,
 )
+from phoneagent.call.watchers import Tick
 from phoneagent.logs import get_logger
 from phoneagent.metrics import Metrics
 from phoneagent.personas import TransferTarget
@@ -49,9 +53,9 @@ from phoneagent.twilio.wire.stream import (
 log = get_logger(__name__)
 
 START_TIMEOUT_SECONDS = 10.0  # Twilio sends `connected` and `start` right after the upgrade
-# A dropped model session is reopened at once, then after these pauses; then the caller hears
-# the persona's apology. The caller hears silence meanwhile, so the whole is a few seconds.
-RECONNECT_DELAYS = (0.0, 0.5, 1.5)
+# The watchers' timer: caller frames tick the Call too (every 20 ms), so this only matters when
+# they stop; it bounds how late a nudge or a renewal can be.
+TICK_SECONDS = 0.1
 
 
 class StreamRefused(Exception):
@@ -116,6 +120,7 @@ class CallShell:
             asyncio.create_task(self._pump_twilio(), name="twilio"),
             asyncio.create_task(self._pump_model(), name="model"),
             asyncio.create_task(self._ended.wait(), name="ended"),
+            asyncio.create_task(self._tick(), name="tick"),
         ]
         try:
             await self.perform(self.call.begin())
@@ -124,8 +129,12 @@ class CallShell:
             for pump in [*pumps, *self._requests]:
                 pump.cancel()
             for pump in [*pumps, *self._requests]:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
+                try:
                     await pump
+                except asyncio.CancelledError:
+                    pass
+                except Exception:
+                    log.exception("call_task_failed", task=pump.get_name())
             await self._close_sockets()
 
     async def drain(self) -> None:
@@ -143,6 +152,11 @@ class CallShell:
                 return
         await self.perform(self.call.on_twilio_closed())
 
+    async def _tick(self) -> None:
+        while not self.call.ended:
+            await asyncio.sleep(TICK_SECONDS)
+            await self.perform(self.call.on_tick(Tick(None, self.call.clock())))
+
     async def _pump_model(self) -> None:
         while not self.call.ended:
             session = self.model
@@ -154,28 +168,24 @@ class CallShell:
                 return
             if self.model is not session:
                 continue  # renewed: read the new session
-            if not await self._reconnect():
-                log.error("model_lost", call_sid=self.call.call_sid)
-                # Closing the stream makes Twilio ask `<Connect action>` what to do next: the
-                # apology and the fallback target are answered there (twilio_routes).
-                await self.perform(self.call.on_model_closed())
-                return
+            # The Call answers with ReconnectModel, performed here until a new session serves
+            # the call or the Call gives up and ends.
+            await self.perform(self.call.on_model_dropped())
 
-    async def _reconnect(self) -> bool:
-        """The model's socket dropped mid-call: open a new session and carry on."""
+    async def _reconnect(self, after_s: float) -> None:
+        """Open a new session for the Call, and tell it how that went."""
         if self.open_model is None:
-            return False
-        for delay in RECONNECT_DELAYS:
-            await asyncio.sleep(delay)
-            try:
-                session = await self.open_model()
-            except ModelUnavailable as exc:
-                log.warning("model_reconnect_failed", reason=str(exc), status=exc.status)
-                continue
-            log.info("model_reconnected", model_session=session.session_id)
-            await self._switch_to(session)
-            return True
-        return False
+            await self.perform(self.call.on_model_reconnect_failed("no model connector"))
+            return
+        await asyncio.sleep(after_s)
+        try:
+            session = await self.open_model()
+        except ModelUnavailable as exc:
+            log.warning("model_reconnect_failed", reason=str(exc), status=exc.status)
+            await self.perform(self.call.on_model_reconnect_failed(str(exc)))
+            return
+        log.info("model_reconnected", model_session=session.session_id)
+        await self._switch_to(session)
 
     async def _renew(self) -> None:
         """Before StepFun's 30-minute limit: a new session, then the switch, then the old one
@@ -184,8 +194,8 @@ class CallShell:
         try:
             session = await self.open_model()
         except ModelUnavailable as exc:
-            log.warning("model_renewal_failed", reason=str(exc), status=exc.status)
-            return  # the old session goes on; a drop later is a reconnect
+            await self.perform(self.call.on_model_renewal_failed(f"{exc} ({exc.status})"))
+            return
         old = self.model
         await self._switch_to(session)
         log.info("model_session_renewed", model_session=session.session_id)
@@ -227,13 +237,15 @@ class CallShell:
                 case SendClear():
                     await self._to_twilio(clear_message(stream_sid))
                     if received_at is not None:
-                        reaction = time.perf_counter() - received_at
-                        self.call.stats.barge_in_reaction_s.append(reaction)
+                        reaction_ms = (time.perf_counter() - received_at) * 1000
+                        self.call.on_clear_sent(reaction_ms)
                 case ToModel(command):
-                    # A dropped session is the model pump's to reconnect: until then, what
-                    # would go to the model is lost (a short pause for the caller).
-                    with contextlib.suppress(ConnectionClosed):
+                    # A session that just dropped, before the pump has told the Call: what it
+                    # cannot take is lost with it (the Call replays the call to the next one).
+                    try:
                         await self.model.send(command)
+                    except ConnectionClosed:
+                        log.debug("model_command_lost", command=type(command).__name__)
                 case TurnFinished(turn):
                     for listener in self.turn_listeners:
                         listener(self.call, turn)
@@ -244,6 +256,10 @@ class CallShell:
                 case RenewModelSession():
                     if self.open_model is not None:
                         self._request(self._renew())
+                    else:
+                        await self.perform(self.call.on_model_renewal_failed("no connector"))
+                case ReconnectModel(after_s):
+                    await self._reconnect(after_s)  # only the model pump's events ask for it
                 case EndCall(reason):
                     log.info("call_ending", reason=reason.value)
             if self.call.ended:

@@ -24,7 +24,7 @@ from phoneagent.call import (
     TransferCall,
     TurnFinished,
 )
-from phoneagent.conversation import VERBATIM_PROMPT, session_config
+from phoneagent.call.prompts import VERBATIM_PROMPT, session_config
 from phoneagent.personas import load_directory
 from phoneagent.realtime.base import (
     AddTextItem,
@@ -163,7 +163,7 @@ def test_agent_audio_becomes_frames_each_followed_by_a_unique_mark(call):
     assert len({m.name for m in marks}) == len(marks)
     # Strict alternation: each frame is followed by its own mark.
     assert [type(a) for a in actions] == [SendMedia, SendMark] * len(media)
-    assert call.stats.first_audio_at is not None
+    assert call.stats.first_audio_ms is not None
 
 
 def test_marks_advance_played_and_transcript_end(call, clock):

@@ -469,7 +469,7 @@ class CallObserver:
                         # No clear: a response that said nothing for too long, given up on
                         # (nothing of it is playing); none of its audio may be sent later.
                         assert self.active_response is not None
-                        assert not self.call._pending_marks
+                        assert not self.call._playback.playing
                         self.cut_responses.add(self.active_response)
                         self.active_response = None
                 case TurnFinished(turn):

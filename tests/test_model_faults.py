@@ -3,7 +3,7 @@
 import pytest
 from conftest import EXAMPLE_PERSONAS
 
-import phoneagent.call
+import phoneagent.call.model_link
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.stack import LocalStack
 from phoneagent.testing.wav import CALLER_BOOKING_WAV
@@ -75,7 +75,7 @@ async def test_when_the_model_cannot_come_back_the_caller_hears_the_apology(stac
 async def test_the_session_is_renewed_before_its_limit_without_the_caller_noticing(
     stack, model, monkeypatch
 ):
-    monkeypatch.setattr(phoneagent.call, "SESSION_RENEW_SECONDS", 1.0)
+    monkeypatch.setattr(phoneagent.call.model_link, "SESSION_RENEW_SECONDS", 1.0)
     async with stack.caller(to=DENTAL, speed=4.0) as caller:
         await caller.dial()
         await caller.connect()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from phoneagent.call.actions import EndReason
 from phoneagent.delivery.events import (
     CALL_ENDED,
     Event,
@@ -25,17 +26,27 @@ from phoneagent.records import CallRecord
 
 log = get_logger(__name__)
 
-# How the call path's end reasons read in `call.ended` (events.END_REASONS). A media socket
-# closed without Twilio's `stop`, or a model that went away, is an error from the caller's side.
-EVENT_END_REASONS = {
-    "caller_hung_up": "caller_hung_up",
-    "agent_hung_up": "agent_hung_up",
-    "transferred": "transferred",
-    "time_limit": "time_limit",
-    "server_shutdown": "server_shutdown",
-    "twilio_disconnected": "error",
-    "model_disconnected": "error",
+# How the core's end reasons read in `call.ended` (events.END_REASONS, the public schema 1). A
+# media socket closed without Twilio's `stop`, or a model that went away, is an error from the
+# caller's side. Records keep ``EndReason.value``; anything else (a call that never ended
+# cleanly) reads "error".
+EVENT_END_REASONS: dict[EndReason, str] = {
+    EndReason.CALLER_HUNG_UP: "caller_hung_up",
+    EndReason.AGENT_HUNG_UP: "agent_hung_up",
+    EndReason.TRANSFERRED: "transferred",
+    EndReason.TIME_LIMIT: "time_limit",
+    EndReason.SERVER_SHUTDOWN: "server_shutdown",
+    EndReason.TWILIO_DISCONNECTED: "error",
+    EndReason.MODEL_DISCONNECTED: "error",
 }
+
+
+def event_end_reason(recorded: str | None) -> str:
+    """The schema's end_reason for a record's (an ``EndReason`` value, or None)."""
+    try:
+        return EVENT_END_REASONS[EndReason(recorded)]
+    except ValueError:
+        return "error"
 
 
 class CallEventPublisher:
@@ -162,7 +173,7 @@ class CallEventPublisher:
             **self._call_fields(persona, record),
             started_at=record.started_at or ended_at,
             ended_at=ended_at,
-            end_reason=EVENT_END_REASONS.get(record.end_reason or "", "error"),
+            end_reason=event_end_reason(record.end_reason),
             transcript=record.transcript,
             transfer_target=record.transfer["target"] if record.transfer else None,
             transfer_number=record.transfer["number"] if record.transfer else None,

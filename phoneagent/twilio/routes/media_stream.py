@@ -15,7 +15,7 @@ from phoneagent.bridge import (
     read_start,
     unbind_call_context,
 )
-from phoneagent.call import Call
+from phoneagent.call import Call, prompts
 from phoneagent.client_limits import SLOT
 from phoneagent.conversation import session_config
 from phoneagent.logs import get_logger
@@ -104,11 +104,7 @@ async def open_call(
     if resume:  # back from a transfer nobody answered: the agent picks the call up again
         target, _, outcome = resume.partition(":")
         call.history = tuple(record.transcript)
-        call.opening = (
-            f"You tried to transfer the caller to {target.replace('_', ' ')}, but the call was "
-            f"not answered ({outcome}). Apologise briefly, and offer to take a message or to "
-            "help another way."
-        )
+        call.opening = prompts.transfer_not_answered(target, outcome)
     return call, model
 
 

@@ -39,3 +39,29 @@ def cut_turn(turn: Turn, heard_ms: int, sent_ms: int) -> None:
         keep = round(len(words) * heard_ms / sent_ms)
         turn.text = " ".join(words[:keep])
     turn.interrupted = True
+
+
+class Transcript:
+    """The turns of one call as they happen; the caller's by the model's item id."""
+
+    def __init__(self) -> None:
+        self.turns: list[Turn] = []
+        self._caller: dict[str, Turn] = {}
+
+    def caller_turn(self, item_id: str, now_ms: int) -> Turn:
+        turn = self._caller.get(item_id)
+        if turn is None:
+            turn = self._caller[item_id] = Turn("caller", item_id, now_ms, now_ms)
+            self.turns.append(turn)
+        return turn
+
+    def keypad_turn(self, digits: str, now_ms: int) -> None:
+        self.caller_turn(f"keypad-{len(self._caller)}", now_ms).text = f"[keypad: {digits}]"
+
+    def agent_turn(self, item_id: str, now_ms: int) -> Turn:
+        turn = Turn(role="agent", item_id=item_id, start_ms=now_ms, end_ms=now_ms)
+        self.turns.append(turn)
+        return turn
+
+    def as_dicts(self) -> list[dict]:
+        return transcript_of(self.turns)

@@ -1,0 +1,46 @@
+"""The sans-I/O core of one phone call: ``Call`` and the small machines it composes.
+
+Imported by the shells as ``from phoneagent.call import Call, SendMedia, ...``; the modules:
+``call`` (the composition and what every event means), ``playback``, ``response``,
+``announcement`` (the handoff), ``watchers`` (driven by ``Tick``), ``model_link`` (renewal and
+reconnection), ``actions``, ``transcript``, ``prompts`` (every sentence the model is told) and
+``machine`` (the transition-table helper). No module here does I/O.
+"""
+
+from phoneagent.call.actions import (
+    Action,
+    EndCall,
+    EndReason,
+    HangUpCall,
+    ReconnectModel,
+    RenewModelSession,
+    SendClear,
+    SendMark,
+    SendMedia,
+    ToModel,
+    TransferCall,
+    TurnFinished,
+)
+from phoneagent.call.call import STOP_MEANS, Call, CallState
+from phoneagent.call.playback import FRAMES_PER_MESSAGE
+from phoneagent.call.watchers import Tick
+
+__all__ = [
+    "FRAMES_PER_MESSAGE",
+    "STOP_MEANS",
+    "Action",
+    "Call",
+    "CallState",
+    "EndCall",
+    "EndReason",
+    "HangUpCall",
+    "ReconnectModel",
+    "RenewModelSession",
+    "SendClear",
+    "SendMark",
+    "SendMedia",
+    "Tick",
+    "ToModel",
+    "TransferCall",
+    "TurnFinished",
+]

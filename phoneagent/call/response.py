@@ -1,0 +1,248 @@
+"""The model's response: idle, generating, or cancelling; what waits for it to end; which
+response an event is of; the tool calls it made. No I/O.
+
+A realtime model takes one response at a time: ``response.create`` during one is an error
+("ongoing response already exists"), so commands that ask for one wait for the model to be idle.
+A cancelled response still ends with its ``response.done``; until then the model is not idle.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+from phoneagent.call.actions import Action, ToModel
+from phoneagent.call.machine import Machine, Unexpected
+from phoneagent.logs import get_logger
+from phoneagent.realtime.base import CancelResponse, CreateResponse, ToolCall, UpdateInstructions
+
+log = get_logger(__name__)
+
+# Limits hold whatever the model does. A response that has sent no audio for this long (stream
+# time) is given up on: the model is treated as idle again.
+RESPONSE_STALL_MS = 10_000
+
+
+class ResponseState(enum.Enum):
+    IDLE = "idle"  # the model takes a new response.create
+    GENERATING = "generating"  # a response is in progress (older cancelled ones may be ending)
+    CANCELLING = "cancelling"  # none in progress; cancelled ones have not sent response.done
+
+
+# A table entry meaning: IDLE, or CANCELLING while a cancelled response's done is still due.
+SETTLES = "settles"
+
+
+class ModelResponse(Machine[ResponseState]):
+    TRANSITIONS: ClassVar[dict] = {
+        (ResponseState.IDLE, "started"): ResponseState.GENERATING,
+        (ResponseState.CANCELLING, "started"): ResponseState.GENERATING,
+        # A response started without the last one's done: the new one is the one in progress.
+        (ResponseState.GENERATING, "started"): ResponseState.GENERATING,
+        (ResponseState.GENERATING, "done"): SETTLES,
+        (ResponseState.GENERATING, "cancelled_done"): ResponseState.GENERATING,
+        (ResponseState.CANCELLING, "cancelled_done"): SETTLES,
+        # The done of a response given up on (stalled), or of one never seen: nothing changes.
+        (ResponseState.IDLE, "other_done"): ResponseState.IDLE,
+        (ResponseState.GENERATING, "other_done"): ResponseState.GENERATING,
+        (ResponseState.CANCELLING, "other_done"): ResponseState.CANCELLING,
+        (ResponseState.GENERATING, "cancel"): ResponseState.CANCELLING,  # barge-in
+        (ResponseState.GENERATING, "give_up"): SETTLES,  # stalled: its done may never come
+        (ResponseState.IDLE, "new_session"): ResponseState.IDLE,
+        (ResponseState.GENERATING, "new_session"): ResponseState.IDLE,
+        (ResponseState.CANCELLING, "new_session"): ResponseState.IDLE,
+    }
+
+    def __init__(self, instructions: str, unexpected: Unexpected) -> None:
+        super().__init__(ResponseState.IDLE, unexpected)
+        self.active: str | None = None
+        self._cancelling: set[str] = set()  # cancelled responses whose response.done is due
+        self._discarded: set[str] = set()  # cancelled, cut or given up: their late events drop
+        # For events without a response_id (StepFun's documented samples): the response each
+        # announced item is of, and the latest response started (see response_of).
+        self._item_responses: dict[str, str] = {}
+        self._latest: str | None = None
+        self._deferred: list[Action] = []  # commands that must wait for the model to be idle
+        self.alive_ms = 0  # stream time the active response last started or spoke
+        self.tools = ToolCalls()
+        self.guide = Guide(instructions)
+
+    def _resolve(self, next_state):
+        if next_state == SETTLES:
+            return ResponseState.CANCELLING if self._cancelling else ResponseState.IDLE
+        return next_state
+
+    @property
+    def idle(self) -> bool:
+        return self.state is ResponseState.IDLE
+
+    # --- events ----------------------------------------------------------------------------
+
+    def item_added(self, response_id: str, item_id: str) -> None:
+        self._item_responses[item_id] = response_id
+
+    def started(self, response_id: str, stream_ms: int) -> None:
+        self._fire("started")
+        self.active = self._latest = response_id
+        self.alive_ms = stream_ms
+        self.guide.started(response_id)
+
+    def spoke(self, stream_ms: int) -> None:
+        self.alive_ms = stream_ms
+
+    def done(self, response_id: str) -> list[Action]:
+        """response.done: the state moves on; the persona's instructions come back if this
+        response had its own."""
+        if response_id == self.active:
+            self.active = None
+            self._cancelling.discard(response_id)
+            self._fire("done")
+        elif response_id in self._cancelling:
+            self._cancelling.discard(response_id)
+            self._fire("cancelled_done")
+        else:
+            self._fire("other_done")
+        return self.guide.done(response_id)
+
+    def cancel(self) -> list[Action]:
+        """Barge-in: cancel the response in progress, if any; its done is still to come."""
+        if self.active is None:
+            return []
+        self._discarded.add(self.active)
+        self._cancelling.add(self.active)
+        self.active = None
+        self._fire("cancel")
+        return [ToModel(CancelResponse())]
+
+    def give_up(self) -> list[Action]:
+        """A stuck response: cancelled but not awaited (a stuck session may never answer the
+        cancel either)."""
+        if self.active is None:
+            return []
+        self._discarded.add(self.active)
+        self.active = None
+        self._fire("give_up")
+        return [ToModel(CancelResponse())]
+
+    def new_session(self) -> bool:
+        """A new model session knows nothing of the old one's responses. True if one was being
+        generated (the new session is asked to finish it)."""
+        was_answering = self.active is not None
+        self.active, self._cancelling = None, set()
+        self.tools.by_response.clear()
+        self._deferred = []
+        # The new session was configured with the persona's own instructions.
+        self.guide.reset()
+        self._fire("new_session")
+        return was_answering
+
+    # --- commands that wait for the model to be idle --------------------------------------
+
+    def when_idle(self, actions: list[Action]) -> list[Action]:
+        """Send now if the model is idle, else once its response is done (sending
+        response.create during one is an error: "ongoing response already exists")."""
+        if self.idle:
+            return actions
+        self._deferred += actions
+        return []
+
+    def release(self, *, even_if_busy: bool = False) -> list[Action]:
+        """What waited, once the model is idle (or at once, after a stalled response)."""
+        if not self._deferred or not (self.idle or even_if_busy):
+            return []
+        actions, self._deferred = self._deferred, []
+        return actions
+
+    def drop_deferred(self) -> None:
+        self._deferred = []
+
+    # --- rules -----------------------------------------------------------------------------
+
+    def stalled(self, stream_ms: int, playing: bool) -> bool:
+        """A response that has said nothing for RESPONSE_STALL_MS (nothing left to play)."""
+        return (
+            self.active is not None
+            and not playing
+            and stream_ms - self.alive_ms >= RESPONSE_STALL_MS
+        )
+
+    def discard(self, response_id: str) -> None:
+        self._discarded.add(response_id)
+
+    def discarded(self, response_id: str) -> bool:
+        return response_id in self._discarded
+
+    def response_of(self, response_id: str | None, item_id: str | None, played: str | None) -> str:
+        """The response an event is of. StepFun's documented samples leave response_id out of
+        audio and transcript deltas, function-call events and a tool call's response.done, so
+        an event without one is of its item's response if the item is known (played, or
+        announced by response.output_item.added), else of the response in progress, else of
+        the latest one started (a late event of a cancelled response is then dropped with it).
+
+        This lives here, not in the dialect: the dialect is pure and shared by every session,
+        while the call tracks the response in progress and the items it played."""
+        if response_id:
+            return response_id
+        if item_id is not None:
+            if played is not None:
+                return played
+            if (known := self._item_responses.get(item_id)) is not None:
+                return known
+        if self.active is not None:
+            return self.active
+        if len(self._cancelling) == 1:
+            return next(iter(self._cancelling))
+        return self._latest or ""
+
+
+class ToolCalls:
+    """Tool calls by response, handled at its end (the documented tool flow: output and the
+    next response only after response.done)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()  # call ids, from either place they are listed
+        self.by_response: dict[str, list[ToolCall]] = {}
+
+    def note(self, response_id: str, tool_call: ToolCall) -> None:
+        """Keep a tool call for its response's end, once: it may be listed both by
+        function_call_arguments.done and in response.done's output (D-GUIDE 自定义 Tool Call)."""
+        if tool_call.call_id in self._seen:
+            return
+        self._seen.add(tool_call.call_id)
+        self.by_response.setdefault(response_id, []).append(tool_call)
+
+    def of(self, response_id: str) -> list[ToolCall]:
+        return self.by_response.pop(response_id, [])
+
+
+class Guide:
+    """A response with instructions of its own, the way StepFun documents (D-GUIDE
+    开发技巧/实现开场白): they become the session's instructions, then response.create
+    (carrying them too, as the guide's sample does); StepFun documents no per-response
+    instructions. The persona's come back when that response is done."""
+
+    def __init__(self, instructions: str) -> None:
+        self._instructions = instructions  # the persona's own
+        self._pending = False  # such a response was asked for and has not started
+        self._response: str | None = None  # it started: restore when it is done
+
+    def respond(self, instructions: str) -> list[Action]:
+        self._pending = True
+        return [
+            ToModel(UpdateInstructions(instructions)),
+            ToModel(CreateResponse(instructions=instructions)),
+        ]
+
+    def started(self, response_id: str) -> None:
+        if self._pending:
+            self._pending, self._response = False, response_id
+
+    def done(self, response_id: str) -> list[Action]:
+        if response_id != self._response:
+            return []
+        # Back to the persona's own instructions before anything else asks for a response.
+        self._response = None
+        return [ToModel(UpdateInstructions(self._instructions))]
+
+    def reset(self) -> None:
+        self._pending, self._response = False, None
