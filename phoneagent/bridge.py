@@ -1,6 +1,8 @@
-"""The media-stream shell: one Twilio WebSocket, one model session, one ``Call`` between them.
+"""The media-stream shell: one Twilio media stream, one model session, one ``Call`` between them.
 
-It reads from both sockets, hands each event to the ``Call`` (and a ``Tick`` every
+It takes both as small protocols (``TwilioLine``, ``ModelChannel``: the aiohttp and websockets
+adapters are in the route and in ``realtime/connection.py``), so it runs in memory in tests.
+It reads from both, hands each event to the ``Call`` (and a ``Tick`` every
 TICK_SECONDS), and performs the actions it returns. It decides nothing about the conversation:
 when the model's socket drops, or a new session cannot be opened, it tells the ``Call``, which
 says whether and when to try again (``ReconnectModel``) or to end the call.
@@ -11,13 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
-from aiohttp import WSMsgType, web
-from websockets.exceptions import ConnectionClosed
 
 from phoneagent.call import (
     Action,
@@ -37,17 +37,14 @@ from phoneagent.call.watchers import Tick
 from phoneagent.logs import get_logger
 from phoneagent.metrics import Metrics
 from phoneagent.personas import TransferTarget
-from phoneagent.realtime.base import ModelEvent
-from phoneagent.realtime.connection import ModelSession, ModelUnavailable
+from phoneagent.realtime.base import ModelCommand, ModelEvent, ModelUnavailable
 from phoneagent.twilio.wire.stream import (
-    MalformedMessage,
     Media,
     Start,
     TwilioEvent,
     clear_message,
     mark_message,
     media_message,
-    parse_message,
 )
 
 log = get_logger(__name__)
@@ -62,27 +59,43 @@ class StreamRefused(Exception):
     """The stream cannot become a call (no `start`, a bad token, an unknown persona)."""
 
 
-async def read_start(ws: web.WebSocketResponse) -> Start:
-    """Read messages up to `start`. Nothing can be sent before it: the streamSid is in it."""
+class TwilioLine(Protocol):
+    """The media stream as the shell uses it: Twilio's events in, message texts out."""
+
+    def events(self) -> AsyncIterator[TwilioEvent]:
+        """Typed events until the stream closes; one iterator for the stream's whole life."""
+        ...
+
+    async def send(self, text: str) -> None:
+        """Raises ConnectionError once the stream is gone."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class ModelChannel(Protocol):
+    """One configured model session as the shell uses it."""
+
+    session_id: str
+
+    def events(self) -> AsyncIterator[ModelEvent]:
+        """Typed events until the session's socket closes."""
+        ...
+
+    async def send(self, command: ModelCommand) -> None:
+        """Raises ConnectionError once the session is gone."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def read_start(line: TwilioLine) -> Start:
+    """Read events up to `start`. Nothing can be sent before it: the streamSid is in it."""
     async with asyncio.timeout(START_TIMEOUT_SECONDS):
-        async for event in twilio_events(ws):
+        async for event in line.events():
             if isinstance(event, Start):
                 return event
     raise StreamRefused("the stream closed before `start`")
-
-
-async def twilio_events(ws: web.WebSocketResponse):
-    """Typed Twilio events; malformed messages are logged and skipped, the call goes on."""
-    async for message in ws:
-        if message.type is not WSMsgType.TEXT:
-            if message.type is WSMsgType.ERROR:
-                return
-            log.warning("twilio_message_skipped", reason=f"{message.type.name} frame")
-            continue
-        try:
-            yield parse_message(message.data)
-        except MalformedMessage as exc:
-            log.warning("twilio_message_skipped", reason=str(exc), size=len(message.data))
 
 
 TurnListener = Callable[[Call, dict], None]
@@ -99,14 +112,14 @@ class Handoffs(Protocol):
 
 @dataclass
 class CallShell:
-    ws: web.WebSocketResponse
-    model: ModelSession
+    line: TwilioLine
+    model: ModelChannel
     call: Call
     turn_listeners: Sequence[TurnListener] = ()
     handoffs: Handoffs | None = None
     metrics: Metrics | None = None
     # Opens a new, configured model session for this call (reconnect, 30-minute renewal).
-    open_model: Callable[[], Awaitable[ModelSession]] | None = None
+    open_model: Callable[[], Awaitable[ModelChannel]] | None = None
 
     def __post_init__(self) -> None:
         self._requests: set[asyncio.Task[None]] = set()  # REST requests in flight
@@ -146,7 +159,7 @@ class CallShell:
         await self.perform(self.call.on_shutdown())
 
     async def _pump_twilio(self) -> None:
-        async for event in twilio_events(self.ws):
+        async for event in self.line.events():
             await self.feed_twilio(event)
             if self.call.ended:
                 return
@@ -201,7 +214,7 @@ class CallShell:
         log.info("model_session_renewed", model_session=session.session_id)
         await old.close()
 
-    async def _switch_to(self, session: ModelSession) -> None:
+    async def _switch_to(self, session: ModelChannel) -> None:
         self.model = session
         if self.metrics is not None:
             self.metrics.model_reconnects.inc()
@@ -244,7 +257,7 @@ class CallShell:
                     # cannot take is lost with it (the Call replays the call to the next one).
                     try:
                         await self.model.send(command)
-                    except ConnectionClosed:
+                    except ConnectionError:
                         log.debug("model_command_lost", command=type(command).__name__)
                 case TurnFinished(turn):
                     for listener in self.turn_listeners:
@@ -286,7 +299,7 @@ class CallShell:
 
     async def _to_twilio(self, text: str) -> None:
         try:
-            await self.ws.send_str(text)
+            await self.line.send(text)
         except ConnectionError:
             await self.perform(self.call.on_twilio_closed())
 
@@ -294,7 +307,7 @@ class CallShell:
         with contextlib.suppress(Exception):
             await self.model.close()
         with contextlib.suppress(Exception):
-            await self.ws.close()
+            await self.line.close()
 
 
 def bind_call_context(call_sid: str, stream_sid: str, persona: str) -> None:

@@ -217,6 +217,19 @@ def test_the_core_reaches_no_sockets_state_routes_or_rest():
     )
 
 
+def test_the_media_shell_takes_protocols_not_sockets():
+    """bridge.py moves bytes between a TwilioLine and a ModelChannel: the aiohttp and websockets
+    adapters live in the route and the model connection, so the shell runs in memory."""
+    _, graph = import_graph()
+    reached, queue = set(), deque(["phoneagent.bridge"])
+    while queue:
+        for edge in graph.get(queue.popleft(), []):
+            if edge.target not in reached:
+                reached.add(edge.target)
+                queue.append(edge.target)
+    assert not reached & set(FORBIDDEN_LIBRARIES), sorted(reached & set(FORBIDDEN_LIBRARIES))
+
+
 def test_cycles_are_reported_with_their_edges():
     graph = {
         "a": [Edge("a", "b", 1)],

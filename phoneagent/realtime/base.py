@@ -179,6 +179,15 @@ class ItemAdded:
     item_id: str
 
 
+class ModelUnavailable(Exception):
+    """No configured session could be opened. ``status`` is the HTTP status of a refused
+    upgrade (401 bad key, 402 no balance, 429 rate or concurrency limit, 5xx), if any."""
+
+    def __init__(self, reason: str, status: int | None = None):
+        super().__init__(reason)
+        self.status = status
+
+
 class MalformedEvent(ValueError):
     """A model message no event can be made of (not JSON, the wrong shape, a field of the wrong
     type or out of range). The dialect raises only this; the call logs it and goes on."""

@@ -18,6 +18,7 @@ from phoneagent.realtime.base import (
     ModelCommand,
     ModelError,
     ModelEvent,
+    ModelUnavailable,  # re-exported: the connection raises it
     SessionConfig,
     SessionReady,
     SessionUpdated,
@@ -40,17 +41,12 @@ CLOSE_SECONDS = 2.0
 MODEL_NAME_REFUSALS = (400, 404)
 
 
-class ModelUnavailable(Exception):
-    """No configured session could be opened. ``status`` is the HTTP status of a refused
-    upgrade (401 bad key, 402 no balance, 429 rate or concurrency limit, 5xx), if any."""
-
-    def __init__(self, reason: str, status: int | None = None):
-        super().__init__(reason)
-        self.status = status
+class ModelConnectionLost(ConnectionError):
+    """The session's socket closed: what was to be sent is lost with it."""
 
 
 class ModelSession:
-    """One open, configured realtime session."""
+    """One open, configured realtime session (the shell's ``ModelChannel``)."""
 
     def __init__(self, ws: ClientConnection, dialect: Dialect, model: str, session_id: str):
         self._ws = ws
@@ -59,7 +55,10 @@ class ModelSession:
         self.session_id = session_id
 
     async def send(self, command: ModelCommand) -> None:
-        await self._ws.send(self.dialect.encode(command))
+        try:
+            await self._ws.send(self.dialect.encode(command))
+        except ConnectionClosed:
+            raise ModelConnectionLost(f"model session {self.session_id} closed") from None
 
     async def events(self) -> AsyncIterator[ModelEvent]:
         """Typed events until the socket closes. Undecodable messages are logged and skipped."""

@@ -11,6 +11,7 @@ from aiohttp import web
 from phoneagent.bridge import (
     CallShell,
     StreamRefused,
+    TwilioLine,
     bind_call_context,
     read_start,
     unbind_call_context,
@@ -21,6 +22,7 @@ from phoneagent.conversation import session_config
 from phoneagent.logs import get_logger
 from phoneagent.realtime.connection import ModelSession, ModelUnavailable
 from phoneagent.state import STATE, ServerState
+from phoneagent.twilio.routes.twilio_line import AiohttpTwilioLine
 from phoneagent.twilio.routes.webhooks import invalid_signature, twilio_signed
 from phoneagent.twilio.wire.twiml import (
     CALLED_PARAMETER,
@@ -44,11 +46,12 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
 
     ws = web.WebSocketResponse(max_msg_size=MAX_STREAM_MESSAGE_BYTES)
     await ws.prepare(request)
+    line = AiohttpTwilioLine(ws)
     try:
         try:
             slot = request.get(SLOT)
             call, model = await open_call(
-                state, ws, authenticated=slot.release if slot else lambda: None
+                state, line, authenticated=slot.release if slot else lambda: None
             )
         except (StreamRefused, TimeoutError) as exc:
             log.warning("stream_refused", reason=str(exc) or "no `start` in time")
@@ -59,19 +62,19 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
             log.exception("stream_open_failed")
             await ws.close()
             return ws
-        await run_call(state, ws, call, model)
+        await run_call(state, line, call, model)
     finally:
         unbind_call_context()  # bound in `open_call`; the access log line is not the call's
     return ws
 
 
 async def open_call(
-    state: ServerState, ws: web.WebSocketResponse, authenticated: Callable[[], None]
+    state: ServerState, line: TwilioLine, authenticated: Callable[[], None]
 ) -> tuple[Call, ModelSession]:
     """Read `start`, check its token and claim the stream, then open the call with its model
     session. ``authenticated`` is called once the checks pass (client_limits.py counts the
     stream as unauthenticated until then)."""
-    start = await read_start(ws)
+    start = await read_start(line)
     persona_id = start.custom_parameters.get(PERSONA_PARAMETER, "")
     token = start.custom_parameters.get(TOKEN_PARAMETER, "")
     bind_call_context(start.call_sid, start.stream_sid, persona_id)
@@ -108,12 +111,10 @@ async def open_call(
     return call, model
 
 
-async def run_call(
-    state: ServerState, ws: web.WebSocketResponse, call: Call, model: ModelSession
-) -> None:
+async def run_call(state: ServerState, line: TwilioLine, call: Call, model: ModelSession) -> None:
     config = session_config(call.persona)
     shell = CallShell(
-        ws,
+        line,
         model,
         call,
         turn_listeners=state.turn_listeners,
