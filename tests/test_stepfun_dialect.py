@@ -1,10 +1,8 @@
 """The StepFun dialect against the shapes in reference/stepfun-realtime.md."""
 
 import base64
-import inspect
 import json
 
-from phoneagent.audio import CallerToModel, ModelToCaller, pcm16_ms
 from phoneagent.realtime.base import (
     AddTextItem,
     AgentTranscriptDelta,
@@ -190,15 +188,27 @@ def test_errors_are_typed_and_known_races_are_benign():
     assert (bare.message, bare.benign) == ("quota exceeded", False)
 
 
-def test_the_calls_audio_runs_at_the_dialects_rates():
-    # `Dialect.input_rate`/`output_rate` say what pcm16 rate a session takes and gives;
-    # `phoneagent doctor` reads them. The Call builds its pipelines (and weighs barge-in audio)
-    # at the audio package's defaults: until it takes the session's rates, those defaults must
-    # be the dialect's, or a dialect at another rate would be resampled wrongly without a word.
-    def default(function, name):
-        return inspect.signature(function).parameters[name].default
+def test_the_calls_audio_runs_at_the_sessions_rates():
+    # The stream route builds each Call with its session's Dialect.input_rate/output_rate: a
+    # dialect at another rate gets audio at its own rate, in and out.
+    from conftest import EXAMPLE_PERSONAS
 
-    dialect = StepFunDialect()
-    assert default(CallerToModel, "model_rate") == dialect.input_rate
-    assert default(ModelToCaller, "model_rate") == dialect.output_rate
-    assert default(pcm16_ms, "sample_rate") == dialect.input_rate
+    from phoneagent.call import Call, SendMedia, ToModel
+    from phoneagent.personas import PersonaRegistry
+    from phoneagent.realtime.base import AppendAudio, AudioDelta, ResponseStarted
+    from phoneagent.twilio.wire.stream import Media
+
+    persona = PersonaRegistry(EXAMPLE_PERSONAS).current.personas["bright-smile-dental"]
+    assert (StepFunDialect.input_rate, StepFunDialect.output_rate) == (24000, 24000)
+    call = Call(persona, "MZ", "CA", model_input_rate=16000, model_output_rate=16000)
+    call.begin()
+    [append] = [
+        a.command
+        for a in call.on_twilio(Media(timestamp_ms=0, payload=b"\xff" * 160))
+        if isinstance(a, ToModel) and isinstance(a.command, AppendAudio)
+    ]
+    assert len(append.pcm) == 640  # 20 ms of pcm16 at 16 kHz
+    call.on_model(ResponseStarted("r1"))
+    sent = call.on_model(AudioDelta("r1", "i1", b"\x00\x01" * 3200))  # 200 ms at 16 kHz
+    heard = sum(len(a.payload) for a in sent if isinstance(a, SendMedia))
+    assert 1440 <= heard <= 1600  # up to 200 ms of μ-law at 8 kHz (the filter holds a little)

@@ -148,8 +148,8 @@ class CallerAudio:
     """Caller frames to model audio: gaps in Twilio's timestamps filled with silence, then
     8 → 24 kHz. Its position is the stream clock."""
 
-    def __init__(self) -> None:
-        self._to_model = CallerToModel()
+    def __init__(self, model_rate: int) -> None:
+        self._to_model = CallerToModel(model_rate)
         self.next_ms: int | None = None  # where the next frame is due
 
     def receive(self, media: Media) -> bytes:
@@ -176,15 +176,18 @@ class Call:
     history: tuple[dict, ...] = ()
     opening: str | None = None
     end_reason: EndReason | None = None
+    # The pcm16 rates of the model session's audio, in and out (the dialect says them).
+    model_input_rate: int = 24000
+    model_output_rate: int = 24000
 
     def __post_init__(self) -> None:
         self._started_at = self.clock()
         self.stats = CallStats()
         self._unexpected = Unexpected()
         self._transcript = Transcript()
-        self._caller = CallerAudio()
+        self._caller = CallerAudio(self.model_input_rate)
         self._barge_in: BargeInCandidate | None = None
-        self._playback = Playback(self.clock, self._unexpected)
+        self._playback = Playback(self.clock, self._unexpected, self.model_output_rate)
         instructions = session_config(self.persona).instructions
         self._response = ModelResponse(instructions, self._unexpected)
         self._handoff = Announcement(self._unexpected)
@@ -646,7 +649,7 @@ class Call:
             self._barge_in = None
             return []
         if pcm16_rms(pcm) > self.persona.vad_threshold:
-            candidate.loud_ms += pcm16_ms(len(pcm))
+            candidate.loud_ms += pcm16_ms(len(pcm), self.model_input_rate)
         if candidate.loud_ms < self.persona.barge_in_min_speech_ms:
             return []
         self._barge_in = None

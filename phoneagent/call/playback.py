@@ -82,7 +82,9 @@ class Playback(Machine[PlaybackState]):
         (PlaybackState.IDLE, "clear"): PlaybackState.IDLE,  # an item was being framed, not sent
     }
 
-    def __init__(self, clock: Callable[[], float], unexpected: Unexpected) -> None:
+    def __init__(
+        self, clock: Callable[[], float], unexpected: Unexpected, model_rate: int = 24000
+    ) -> None:
         super().__init__(PlaybackState.IDLE, unexpected)
         self._clock = clock
         self.items: dict[str, AgentItem] = {}
@@ -90,7 +92,7 @@ class Playback(Machine[PlaybackState]):
         self._marks: OrderedDict[str, tuple[AgentItem, int, float]] = OrderedDict()
         self._last_echo_at: float | None = None
         self.current: AgentItem | None = None  # the item whose audio is being framed
-        self._to_caller = ModelToCaller()
+        self._to_caller = ModelToCaller(model_rate)
 
     @property
     def playing(self) -> bool:

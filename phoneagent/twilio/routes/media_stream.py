@@ -102,7 +102,14 @@ async def open_call(
     record.persona, record.model_session = persona.id, model.session_id
     record.caller = start.custom_parameters.get(CALLER_PARAMETER, record.caller)
     record.called = start.custom_parameters.get(CALLED_PARAMETER, record.called)
-    call = Call(persona, start.stream_sid, start.call_sid, clock=state.clock)
+    call = Call(
+        persona,
+        start.stream_sid,
+        start.call_sid,
+        clock=state.clock,
+        model_input_rate=model.dialect.input_rate,
+        model_output_rate=model.dialect.output_rate,
+    )
     resume = start.custom_parameters.get(RESUME_PARAMETER, "")
     if resume:  # back from a transfer nobody answered: the agent picks the call up again
         target, _, outcome = resume.partition(":")
