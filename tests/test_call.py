@@ -566,6 +566,48 @@ def test_speech_resets_the_silence_timeout(call):
     assert model_commands(actions, CreateResponse) == []
 
 
+def quiet_line(call, start_ms, end_ms):
+    """The caller's line streams near-silence from start_ms to end_ms (stream time)."""
+    actions = []
+    for t in range(start_ms, end_ms, 20):
+        actions += call.on_twilio(Media(t, b"\xff" * 160))
+    return actions
+
+
+def test_a_stalled_guided_response_gives_the_persona_instructions_back(call, persona):
+    base = session_config(persona).instructions
+    call.begin()  # the greeting: the verbatim prompt becomes the session's instructions
+    call.on_model(ResponseStarted("r1"))  # ... and the model never says it, nor ends it
+    actions = quiet_line(call, 0, 11_000)
+    assert model_commands(actions, CancelResponse) == [CancelResponse()]
+    # Its response.done may never come: the persona's instructions come back at once.
+    assert model_commands(actions, UpdateInstructions) == [UpdateInstructions(base)]
+    # Once: neither a late done of the stuck response nor the next answer changes them again.
+    late = call.on_model(ResponseDone("r1", "cancelled"))
+    assert model_commands(late, UpdateInstructions) == []
+    assert model_commands(speak(call, "r2", "item2", 100), UpdateInstructions) == []
+
+
+@pytest.mark.parametrize("sentence_started", [False, True])
+def test_a_handoff_sentence_not_said_in_time_gives_the_persona_instructions_back(
+    call, persona, sentence_started
+):
+    base = session_config(persona).instructions
+    actions = finish_tool_response(call, "transfer_call")
+    [verbatim] = model_commands(actions, UpdateInstructions)
+    assert verbatim != UpdateInstructions(base)
+    if sentence_started:
+        call.on_model(ResponseStarted("announce"))
+    actions = quiet_line(call, 0, 9_000)  # past HANDOFF_SENTENCE_DEADLINE_MS, nothing said
+    assert of_type(actions, TransferCall)
+    assert model_commands(actions, UpdateInstructions) == [UpdateInstructions(base)]
+    # Should the transfer fail, the agent is back with the persona's own instructions.
+    back = call.on_transfer_result("busy")
+    call.on_model(ResponseStarted("tell"))
+    restored = model_commands(call.on_model(ResponseDone("tell", "completed")), UpdateInstructions)
+    assert model_commands(back, UpdateInstructions) and restored == [UpdateInstructions(base)]
+
+
 # --- StepFun's documented shapes: events without response_id (tests/fixtures/stepfun/) -------
 
 FIXTURES = EXAMPLE_PERSONAS.parent / "tests" / "fixtures" / "stepfun"

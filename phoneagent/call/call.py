@@ -459,7 +459,7 @@ class Call:
             waited_ms = self._handoff.give_up_sentence(ms)
             log.warning("handoff_sentence_not_said", waited_ms=waited_ms)
             actions += self._give_up_response()
-            self._response.drop_deferred()  # the sentence is no longer asked for
+            actions += self._response.drop_deferred()  # the sentence is no longer asked for
             actions += self._hand_off_if_heard()
         return actions
 

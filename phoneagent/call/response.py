@@ -116,13 +116,15 @@ class ModelResponse(Machine[ResponseState]):
 
     def give_up(self) -> list[Action]:
         """A stuck response: cancelled but not awaited (a stuck session may never answer the
-        cancel either)."""
-        if self.active is None:
+        cancel either). If it had instructions of its own, the persona's come back now: its
+        response.done, which would bring them back, may never come."""
+        given_up = self.active
+        if given_up is None:
             return []
-        self._discarded.add(self.active)
+        self._discarded.add(given_up)
         self.active = None
         self._fire("give_up")
-        return [ToModel(CancelResponse())]
+        return [ToModel(CancelResponse()), *self.guide.given_up(given_up)]
 
     def new_session(self) -> bool:
         """A new model session knows nothing of the old one's responses. True if one was being
@@ -153,8 +155,12 @@ class ModelResponse(Machine[ResponseState]):
         actions, self._deferred = self._deferred, []
         return actions
 
-    def drop_deferred(self) -> None:
+    def drop_deferred(self) -> list[Action]:
+        """What waited is no longer wanted (a handoff went on without its sentence). A guided
+        response asked for and not done (waiting here, or sent and never started) is not
+        wanted either: the persona's instructions come back."""
         self._deferred = []
+        return self.guide.abandon()
 
     # --- rules -----------------------------------------------------------------------------
 
@@ -242,7 +248,27 @@ class Guide:
             return []
         # Back to the persona's own instructions before anything else asks for a response.
         self._response = None
-        return [ToModel(UpdateInstructions(self._instructions))]
+        return [self._restore()]
+
+    def given_up(self, response_id: str) -> list[Action]:
+        """The response was given up on (stalled): a stuck model may never send its
+        response.done, and every later answer would follow these instructions. A guided
+        response still waiting to be sent keeps its turn (it is sent next)."""
+        if response_id != self._response:
+            return []
+        self._response = None
+        return [self._restore()]
+
+    def abandon(self) -> list[Action]:
+        """The guided response is not wanted any more, started or not: the persona's
+        instructions come back (its response.done, if it ever comes, changes nothing)."""
+        if not self._pending and self._response is None:
+            return []
+        self.reset()
+        return [self._restore()]
 
     def reset(self) -> None:
         self._pending, self._response = False, None
+
+    def _restore(self) -> Action:
+        return ToModel(UpdateInstructions(self._instructions))
