@@ -685,3 +685,38 @@ def test_documented_tool_call_only_in_response_done_is_answered(call, persona):
     [tool_output] = model_commands(actions, ToolOutput)
     assert tool_output.call_id == "c1" and tool_output.output.startswith("ok")
     assert call.state is CallState.ANNOUNCING
+
+
+def test_a_late_id_less_done_of_a_cancelled_response_does_not_close_the_next(call):
+    call.on_model(ResponseStarted("r1"))
+    first = documented("ref-audio-delta.json", item_id="msg_1", delta=tone_pcm24k(20))
+    assert of_type(call.on_model(first), SendMedia)
+    call.on_model(SpeechStarted("user1", 0))  # barge-in: r1 is cancelled, its done is due
+    call.on_model(ResponseStarted("r2"))  # r2 starts before r1's done (out of the usual order)
+    r2_first = documented("ref-audio-delta.json", item_id="msg_2", delta=tone_pcm24k(20))
+    assert of_type(call.on_model(r2_first), SendMedia)
+    late_done = documented(TOOL_RESPONSE_DONE, response={"output": []})
+    assert late_done.response_id is None
+    call.on_model(late_done)  # r1's, late: it must not close r2
+    # r2 goes on: a delta of a new item, announced by nothing, is still r2's and plays.
+    r2_next = documented("ref-audio-delta.json", item_id="msg_3", delta=tone_pcm24k(20))
+    assert of_type(call.on_model(r2_next), SendMedia)
+    # r2's own id-less done, with a tool call, ends r2: the tool call is r2's and is taken.
+    output = [{"type": "function_call", "name": "end_call", "call_id": "c1", "arguments": "{}"}]
+    actions = call.on_model(documented(TOOL_RESPONSE_DONE, response={"output": output}))
+    [tool_output] = model_commands(actions, ToolOutput)
+    assert tool_output.output.startswith("ok")
+    assert call.state is CallState.ANNOUNCING
+
+
+def test_an_id_less_done_listing_a_noted_tool_call_is_of_that_response(call):
+    call.on_model(ResponseStarted("r1"))
+    call.on_model(SpeechStarted("user1", 0))  # r1 is cancelled, its done is due
+    call.on_model(ResponseStarted("r2"))
+    arguments = documented("guide-function-call-arguments-done.json", name="end_call")
+    call.on_model(arguments)  # id-less: of r2, the response in progress
+    output = [{"type": "function_call", "name": "end_call", "call_id": arguments.call_id}]
+    actions = call.on_model(documented(TOOL_RESPONSE_DONE, response={"output": output}))
+    [tool_output] = model_commands(actions, ToolOutput)
+    assert tool_output.output.startswith("ok")  # r2's done (not r1's, cancelled: "interrupted")
+    assert call.state is CallState.ANNOUNCING

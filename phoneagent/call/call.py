@@ -543,7 +543,7 @@ class Call:
         return self._hand_off_if_heard()
 
     def _on_response_done(self, event: ResponseDone) -> list[Action]:
-        response_id = self._response_of(event.response_id, None)
+        response_id = self._response.done_of(event.response_id, event.tool_calls)
         for tool_call in event.tool_calls:  # those function_call_arguments.done did not bring
             self._response.tools.note(response_id, tool_call)
         actions = self._response.done(response_id)
