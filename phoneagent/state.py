@@ -33,6 +33,9 @@ class ServerState:
     prewarmer: Prewarmer
     draining: bool = False
     active_calls: dict[str, CallShell] = field(default_factory=dict)  # by CallSid
+    # CallSids whose stream passed its checks and is being set up (its model session claimed):
+    # reserved at once, so a second stream for the call is refused while the first awaits.
+    opening_calls: set[str] = field(default_factory=set)
     calls: CallRecords = field(default_factory=CallRecords)
     # Replay defences: Twilio's signatures carry no timestamp (see twilio/wire/replay.py).
     stream_claims: StreamClaims = field(default_factory=StreamClaims)
@@ -73,8 +76,10 @@ class ServerState:
         return self.personas.current.for_number(called)
 
     def at_capacity(self) -> bool:
-        """A new call would exceed PHONEAGENT_MAX_CALLS (calls in progress and ringing)."""
-        return len(self.active_calls) + self.prewarmer.waiting >= self.settings.max_calls
+        """A new call would exceed PHONEAGENT_MAX_CALLS (calls in progress, being set up and
+        ringing)."""
+        taken = len(self.active_calls) + len(self.opening_calls) + self.prewarmer.waiting
+        return taken >= self.settings.max_calls
 
     def readiness_problems(self) -> list[str]:
         """Why this instance should take no new calls, besides draining: its events cannot

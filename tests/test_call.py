@@ -566,6 +566,48 @@ def test_speech_resets_the_silence_timeout(call):
     assert model_commands(actions, CreateResponse) == []
 
 
+def quiet_line(call, start_ms, end_ms):
+    """The caller's line streams near-silence from start_ms to end_ms (stream time)."""
+    actions = []
+    for t in range(start_ms, end_ms, 20):
+        actions += call.on_twilio(Media(t, b"\xff" * 160))
+    return actions
+
+
+def test_a_stalled_guided_response_gives_the_persona_instructions_back(call, persona):
+    base = session_config(persona).instructions
+    call.begin()  # the greeting: the verbatim prompt becomes the session's instructions
+    call.on_model(ResponseStarted("r1"))  # ... and the model never says it, nor ends it
+    actions = quiet_line(call, 0, 11_000)
+    assert model_commands(actions, CancelResponse) == [CancelResponse()]
+    # Its response.done may never come: the persona's instructions come back at once.
+    assert model_commands(actions, UpdateInstructions) == [UpdateInstructions(base)]
+    # Once: neither a late done of the stuck response nor the next answer changes them again.
+    late = call.on_model(ResponseDone("r1", "cancelled"))
+    assert model_commands(late, UpdateInstructions) == []
+    assert model_commands(speak(call, "r2", "item2", 100), UpdateInstructions) == []
+
+
+@pytest.mark.parametrize("sentence_started", [False, True])
+def test_a_handoff_sentence_not_said_in_time_gives_the_persona_instructions_back(
+    call, persona, sentence_started
+):
+    base = session_config(persona).instructions
+    actions = finish_tool_response(call, "transfer_call")
+    [verbatim] = model_commands(actions, UpdateInstructions)
+    assert verbatim != UpdateInstructions(base)
+    if sentence_started:
+        call.on_model(ResponseStarted("announce"))
+    actions = quiet_line(call, 0, 9_000)  # past HANDOFF_SENTENCE_DEADLINE_MS, nothing said
+    assert of_type(actions, TransferCall)
+    assert model_commands(actions, UpdateInstructions) == [UpdateInstructions(base)]
+    # Should the transfer fail, the agent is back with the persona's own instructions.
+    back = call.on_transfer_result("busy")
+    call.on_model(ResponseStarted("tell"))
+    restored = model_commands(call.on_model(ResponseDone("tell", "completed")), UpdateInstructions)
+    assert model_commands(back, UpdateInstructions) and restored == [UpdateInstructions(base)]
+
+
 # --- StepFun's documented shapes: events without response_id (tests/fixtures/stepfun/) -------
 
 FIXTURES = EXAMPLE_PERSONAS.parent / "tests" / "fixtures" / "stepfun"
@@ -642,4 +684,39 @@ def test_documented_tool_call_only_in_response_done_is_answered(call, persona):
     actions = call.on_model(response_done)
     [tool_output] = model_commands(actions, ToolOutput)
     assert tool_output.call_id == "c1" and tool_output.output.startswith("ok")
+    assert call.state is CallState.ANNOUNCING
+
+
+def test_a_late_id_less_done_of_a_cancelled_response_does_not_close_the_next(call):
+    call.on_model(ResponseStarted("r1"))
+    first = documented("ref-audio-delta.json", item_id="msg_1", delta=tone_pcm24k(20))
+    assert of_type(call.on_model(first), SendMedia)
+    call.on_model(SpeechStarted("user1", 0))  # barge-in: r1 is cancelled, its done is due
+    call.on_model(ResponseStarted("r2"))  # r2 starts before r1's done (out of the usual order)
+    r2_first = documented("ref-audio-delta.json", item_id="msg_2", delta=tone_pcm24k(20))
+    assert of_type(call.on_model(r2_first), SendMedia)
+    late_done = documented(TOOL_RESPONSE_DONE, response={"output": []})
+    assert late_done.response_id is None
+    call.on_model(late_done)  # r1's, late: it must not close r2
+    # r2 goes on: a delta of a new item, announced by nothing, is still r2's and plays.
+    r2_next = documented("ref-audio-delta.json", item_id="msg_3", delta=tone_pcm24k(20))
+    assert of_type(call.on_model(r2_next), SendMedia)
+    # r2's own id-less done, with a tool call, ends r2: the tool call is r2's and is taken.
+    output = [{"type": "function_call", "name": "end_call", "call_id": "c1", "arguments": "{}"}]
+    actions = call.on_model(documented(TOOL_RESPONSE_DONE, response={"output": output}))
+    [tool_output] = model_commands(actions, ToolOutput)
+    assert tool_output.output.startswith("ok")
+    assert call.state is CallState.ANNOUNCING
+
+
+def test_an_id_less_done_listing_a_noted_tool_call_is_of_that_response(call):
+    call.on_model(ResponseStarted("r1"))
+    call.on_model(SpeechStarted("user1", 0))  # r1 is cancelled, its done is due
+    call.on_model(ResponseStarted("r2"))
+    arguments = documented("guide-function-call-arguments-done.json", name="end_call")
+    call.on_model(arguments)  # id-less: of r2, the response in progress
+    output = [{"type": "function_call", "name": "end_call", "call_id": arguments.call_id}]
+    actions = call.on_model(documented(TOOL_RESPONSE_DONE, response={"output": output}))
+    [tool_output] = model_commands(actions, ToolOutput)
+    assert tool_output.output.startswith("ok")  # r2's done (not r1's, cancelled: "interrupted")
     assert call.state is CallState.ANNOUNCING

@@ -189,3 +189,6 @@ def test_every_end_reason_reads_as_a_schema_end_reason():
     assert event_end_reason(EndReason.TWILIO_DISCONNECTED.value) == "error"
     assert event_end_reason(EndReason.MODEL_DISCONNECTED.value) == "error"
     assert event_end_reason(None) == "error"
+    # A drain's goodbye and a drain's cut differ only inside (the cut gets the apology).
+    assert event_end_reason(EndReason.DRAIN_GOODBYE.value) == "server_shutdown"
+    assert event_end_reason(EndReason.SERVER_SHUTDOWN.value) == "server_shutdown"

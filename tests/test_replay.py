@@ -4,6 +4,7 @@ no second call); the session cap counts calls honestly."""
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 from conftest import EXAMPLE_PERSONAS
@@ -117,3 +118,35 @@ async def test_a_replayed_dial_action_resumes_the_call_once(stack, model):
         status, _, again = await caller.post_signed(path, params)
         assert status == 200 and again == first
     assert stack.state.prewarmer.waiting == 1  # one pre-warm for the returning stream
+
+
+async def test_two_valid_tokens_for_one_call_open_one_stream():
+    """Two different valid tokens for one CallSid (a webhook replayed to another instance, a
+    transfer's resume token): the second stream is refused even while the first one is still
+    claiming its model session, and the call being set up counts against the session cap."""
+    model = FakeRealtimeServer(speed=None, handshake_delay=1.0)  # set-up takes a while
+    async with LocalStack(EXAMPLE_PERSONAS, model=model) as stack:
+        stack.state.settings = dataclasses.replace(stack.state.settings, max_calls=1)
+        async with stack.caller(to=DENTAL, speed=0) as caller:
+            await caller.dial()
+            other = twin(stack, caller)
+            token = stack.state.stream_token.issue(
+                caller.call_sid, "bright-smile-dental", now=time.time() + 60
+            )
+            assert token != caller.answer.parameters["token"]
+            other.answer.parameters = {**caller.answer.parameters, "token": token}
+            await caller.connect()
+            await caller.wait_until(
+                lambda: stack.state.prewarmer.waiting == 0, 5, "the pre-warm to be claimed"
+            )
+            assert stack.state.at_capacity()  # being set up: no room for another call
+            await other.connect()
+            await other.wait_closed(timeout=5)
+            assert other.messages("media") == []
+            await caller.wait_for_event("media", timeout=10)
+            assert not caller.closed
+            await caller.hangup()
+            await other.aclose()
+        assert not stack.state.opening_calls and not stack.state.at_capacity()
+    assert model.sessions_opened == 1  # the pre-warm only
+    assert stack.state.metrics.streams_refused._value.get() == 1

@@ -99,3 +99,39 @@ async def test_an_unknown_persona_still_gets_an_apology(persona_query):
         path = "/twilio/stream-ended" + persona_query
         status, _, body = await caller.post_signed(path, params)
     assert status == 200 and NO_PERSONA_APOLOGY in body
+
+
+async def test_a_drain_goodbye_whose_hang_up_request_fails_still_ends_the_call():
+    """The agent said goodbye because the instance is stopping: the caller hears a hang-up,
+    not the apology, even if Twilio refused the REST hang-up."""
+    model = FakeRealtimeServer(speed=None)
+    async with LocalStack(EXAMPLE_PERSONAS, model=model) as stack:
+        stack.twilio_api.fail_next(1, status=500, code=20500, message="Internal Server Error")
+        async with stack.caller(to=DENTAL, speed=0) as caller:
+            await caller.dial()
+            await caller.connect()
+            await caller.wait_for_event("media", timeout=10)
+            await caller.wait_until_quiet()  # the greeting was heard
+            await stack.state.active_calls[caller.call_sid].drain()
+            after = await caller.wait_call_over(timeout=20)
+        assert [u.status for u in stack.twilio_api.updates] == [500]
+        assert after is not None and after.verbs == ["Hangup"]
+        assert caller.call_ended
+        assert stack.state.calls.get(caller.call_sid).end_reason == "drain_goodbye"
+        assert apologised(stack) == 0
+
+
+async def test_a_call_cut_at_the_end_of_a_drain_gives_the_apology_and_the_fallback():
+    model = FakeRealtimeServer(speed=None)
+    async with LocalStack(EXAMPLE_PERSONAS, model=model) as stack:
+        persona = stack.state.personas.current.personas["bright-smile-dental"]
+        async with stack.caller(to=DENTAL, speed=0) as caller:
+            await caller.dial()
+            await caller.connect()
+            await caller.wait_for_event("media", timeout=10)
+            await stack.state.active_calls[caller.call_sid].shut_down()
+            after = await caller.wait_call_over(timeout=20)
+        assert after is not None and after.ok, after
+        assert after.says == [persona.apology] and after.dials == [FRONT_DESK]
+        assert stack.state.calls.get(caller.call_sid).end_reason == "server_shutdown"
+        assert apologised(stack) == 1

@@ -19,7 +19,12 @@ class EndReason(enum.Enum):
     TWILIO_DISCONNECTED = "twilio_disconnected"  # the media socket closed without `stop`
     MODEL_DISCONNECTED = "model_disconnected"  # the model socket closed and did not come back
     TIME_LIMIT = "time_limit"  # the persona's max_call_seconds ran out; the agent said goodbye
-    SERVER_SHUTDOWN = "server_shutdown"  # the instance was stopping (drain time up)
+    # The instance was stopping: the agent said goodbye and ended the call (a hang-up, like
+    # TIME_LIMIT), or the drain time ran out and the call was cut (the caller is still on the
+    # line: Twilio's `<Connect action>` answers the apology). Both read "server_shutdown" in the
+    # public payload (delivery.publisher); only the stream-ended route tells them apart.
+    DRAIN_GOODBYE = "drain_goodbye"
+    SERVER_SHUTDOWN = "server_shutdown"
 
 
 @dataclass(frozen=True)

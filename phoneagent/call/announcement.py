@@ -99,7 +99,7 @@ class Announcement(Machine[HandoffState]):
         if handoff.time_limit:
             self.hang_up_reason = EndReason.TIME_LIMIT
         elif handoff.shutdown:
-            self.hang_up_reason = EndReason.SERVER_SHUTDOWN
+            self.hang_up_reason = EndReason.DRAIN_GOODBYE
         return handoff
 
     def cancel(self) -> str:

@@ -462,7 +462,7 @@ class Call:
             waited_ms = self._handoff.give_up_sentence(ms)
             log.warning("handoff_sentence_not_said", waited_ms=waited_ms)
             actions += self._give_up_response()
-            self._response.drop_deferred()  # the sentence is no longer asked for
+            actions += self._response.drop_deferred()  # the sentence is no longer asked for
             actions += self._hand_off_if_heard()
         return actions
 
@@ -546,7 +546,7 @@ class Call:
         return self._hand_off_if_heard()
 
     def _on_response_done(self, event: ResponseDone) -> list[Action]:
-        response_id = self._response_of(event.response_id, None)
+        response_id = self._response.done_of(event.response_id, event.tool_calls)
         for tool_call in event.tool_calls:  # those function_call_arguments.done did not bring
             self._response.tools.note(response_id, tool_call)
         actions = self._response.done(response_id)

@@ -56,7 +56,8 @@ class ModelResponse(Machine[ResponseState]):
     def __init__(self, instructions: str, unexpected: Unexpected) -> None:
         super().__init__(ResponseState.IDLE, unexpected)
         self.active: str | None = None
-        self._cancelling: set[str] = set()  # cancelled responses whose response.done is due
+        # Cancelled responses whose response.done is due, oldest first (an ordered set).
+        self._cancelling: dict[str, None] = {}
         self._discarded: set[str] = set()  # cancelled, cut or given up: their late events drop
         # For events without a response_id (StepFun's documented samples): the response each
         # announced item is of, and the latest response started (see response_of).
@@ -95,10 +96,10 @@ class ModelResponse(Machine[ResponseState]):
         response had its own."""
         if response_id == self.active:
             self.active = None
-            self._cancelling.discard(response_id)
+            self._cancelling.pop(response_id, None)
             self._fire("done")
         elif response_id in self._cancelling:
-            self._cancelling.discard(response_id)
+            del self._cancelling[response_id]
             self._fire("cancelled_done")
         else:
             self._fire("other_done")
@@ -109,26 +110,28 @@ class ModelResponse(Machine[ResponseState]):
         if self.active is None:
             return []
         self._discarded.add(self.active)
-        self._cancelling.add(self.active)
+        self._cancelling[self.active] = None
         self.active = None
         self._fire("cancel")
         return [ToModel(CancelResponse())]
 
     def give_up(self) -> list[Action]:
         """A stuck response: cancelled but not awaited (a stuck session may never answer the
-        cancel either)."""
-        if self.active is None:
+        cancel either). If it had instructions of its own, the persona's come back now: its
+        response.done, which would bring them back, may never come."""
+        given_up = self.active
+        if given_up is None:
             return []
-        self._discarded.add(self.active)
+        self._discarded.add(given_up)
         self.active = None
         self._fire("give_up")
-        return [ToModel(CancelResponse())]
+        return [ToModel(CancelResponse()), *self.guide.given_up(given_up)]
 
     def new_session(self) -> bool:
         """A new model session knows nothing of the old one's responses. True if one was being
         generated (the new session is asked to finish it)."""
         was_answering = self.active is not None
-        self.active, self._cancelling = None, set()
+        self.active, self._cancelling = None, {}
         self.tools.by_response.clear()
         self._deferred = []
         # The new session was configured with the persona's own instructions.
@@ -153,8 +156,12 @@ class ModelResponse(Machine[ResponseState]):
         actions, self._deferred = self._deferred, []
         return actions
 
-    def drop_deferred(self) -> None:
+    def drop_deferred(self) -> list[Action]:
+        """What waited is no longer wanted (a handoff went on without its sentence). A guided
+        response asked for and not done (waiting here, or sent and never started) is not
+        wanted either: the persona's instructions come back."""
         self._deferred = []
+        return self.guide.abandon()
 
     # --- rules -----------------------------------------------------------------------------
 
@@ -180,7 +187,16 @@ class ModelResponse(Machine[ResponseState]):
         the latest one started (a late event of a cancelled response is then dropped with it).
 
         This lives here, not in the dialect: the dialect is pure and shared by every session,
-        while the call tracks the response in progress and the items it played."""
+        while the call tracks the response in progress and the items it played.
+
+        Known limit: a late delta without a response_id, of a cancelled response, for an item
+        neither played nor announced, arriving after the next response started, is taken as
+        the new response's and plays. Nothing in it tells the two apart, and the other choice
+        (an unknown item is the cancelled response's while its done is due) would silence the
+        new response's first item whenever the model is slow with, or never sends, the
+        cancelled one's done. A cancelled response stops generating, so its items are almost
+        always known already, and response.output_item.added (D-REF's sample has the id)
+        announces new ones with their response."""
         if response_id:
             return response_id
         if item_id is not None:
@@ -194,13 +210,39 @@ class ModelResponse(Machine[ResponseState]):
             return next(iter(self._cancelling))
         return self._latest or ""
 
+    def done_of(self, response_id: str | None, tool_calls: tuple[ToolCall, ...]) -> str:
+        """The response a response.done is of. StepFun's documented tool-call sample has none
+        of the ids, so an id-less done is, in this order:
+
+        1. of the response a tool call it lists was already noted for (an id says it all);
+        2. of the oldest cancelled response whose done is due, even while a newer response is
+           in progress. The documented order is a cancelled response's done before the next
+           response.created, so while the model keeps it nothing is due when a new response
+           starts; a cancelled response still due then means its done is late, and an id-less
+           done is far more likely that one than the new response's (which has only just
+           started). Taking it for the new one would close that one early, and its later
+           deltas for new items would be attributed to the cancelled response and dropped.
+           If the cancelled response's done never comes, the new response's done is taken
+           for it: the new one stays in progress until it is given up as stalled
+           (RESPONSE_STALL_MS), a bounded wait instead of a caller who hears nothing;
+        3. otherwise as any event (response_of): the response in progress, or the latest."""
+        if response_id:
+            return response_id
+        for tool_call in tool_calls:
+            if (noted := self.tools.response_of_call(tool_call.call_id)) is not None:
+                return noted
+        if self._cancelling:
+            return next(iter(self._cancelling))
+        return self.response_of(None, None, None)
+
 
 class ToolCalls:
     """Tool calls by response, handled at its end (the documented tool flow: output and the
     next response only after response.done)."""
 
     def __init__(self) -> None:
-        self._seen: set[str] = set()  # call ids, from either place they are listed
+        # Call ids, from either place they are listed: the response each was noted for.
+        self._seen: dict[str, str] = {}
         self.by_response: dict[str, list[ToolCall]] = {}
 
     def note(self, response_id: str, tool_call: ToolCall) -> None:
@@ -208,8 +250,11 @@ class ToolCalls:
         function_call_arguments.done and in response.done's output (D-GUIDE 自定义 Tool Call)."""
         if tool_call.call_id in self._seen:
             return
-        self._seen.add(tool_call.call_id)
+        self._seen[tool_call.call_id] = response_id
         self.by_response.setdefault(response_id, []).append(tool_call)
+
+    def response_of_call(self, call_id: str) -> str | None:
+        return self._seen.get(call_id)
 
     def of(self, response_id: str) -> list[ToolCall]:
         return self.by_response.pop(response_id, [])
@@ -242,7 +287,27 @@ class Guide:
             return []
         # Back to the persona's own instructions before anything else asks for a response.
         self._response = None
-        return [ToModel(UpdateInstructions(self._instructions))]
+        return [self._restore()]
+
+    def given_up(self, response_id: str) -> list[Action]:
+        """The response was given up on (stalled): a stuck model may never send its
+        response.done, and every later answer would follow these instructions. A guided
+        response still waiting to be sent keeps its turn (it is sent next)."""
+        if response_id != self._response:
+            return []
+        self._response = None
+        return [self._restore()]
+
+    def abandon(self) -> list[Action]:
+        """The guided response is not wanted any more, started or not: the persona's
+        instructions come back (its response.done, if it ever comes, changes nothing)."""
+        if not self._pending and self._response is None:
+            return []
+        self.reset()
+        return [self._restore()]
 
     def reset(self) -> None:
         self._pending, self._response = False, None
+
+    def _restore(self) -> Action:
+        return ToModel(UpdateInstructions(self._instructions))

@@ -35,6 +35,7 @@ EVENT_END_REASONS: dict[EndReason, str] = {
     EndReason.AGENT_HUNG_UP: "agent_hung_up",
     EndReason.TRANSFERRED: "transferred",
     EndReason.TIME_LIMIT: "time_limit",
+    EndReason.DRAIN_GOODBYE: "server_shutdown",  # the schema has one word for both
     EndReason.SERVER_SHUTDOWN: "server_shutdown",
     EndReason.TWILIO_DISCONNECTED: "error",
     EndReason.MODEL_DISCONNECTED: "error",

@@ -24,6 +24,7 @@ from phoneagent.realtime.connection import ModelSession, ModelUnavailable
 from phoneagent.state import STATE, ServerState
 from phoneagent.twilio.routes.twilio_line import AiohttpTwilioLine
 from phoneagent.twilio.routes.webhooks import invalid_signature, twilio_signed
+from phoneagent.twilio.wire.stream import Start
 from phoneagent.twilio.wire.twiml import (
     CALLED_PARAMETER,
     CALLER_PARAMETER,
@@ -82,11 +83,25 @@ async def open_call(
     if problem:
         raise StreamRefused(problem)
     # One stream per call, and a token opens one stream once (a returning transfer gets a new
-    # one): no await between the checks and the claim, so concurrent replays cannot both pass.
-    if start.call_sid in state.active_calls:
+    # one): no await between the checks and the claims, so concurrent streams cannot both pass,
+    # even with two different valid tokens for the call (a replayed webhook answered by another
+    # instance, a transfer's resume token). The CallSid stays reserved while the model session
+    # is claimed (up to the set-up budget), until run_call registers the call or opening fails.
+    if start.call_sid in state.active_calls or start.call_sid in state.opening_calls:
         raise StreamRefused("a stream for this call is already open")
     if not state.stream_claims.claim(token, state.stream_token.expiry(token)):
         raise StreamRefused("this stream token was already used")
+    state.opening_calls.add(start.call_sid)
+    try:
+        return await _open_checked_call(state, start, persona_id, authenticated)
+    except BaseException:
+        state.opening_calls.discard(start.call_sid)
+        raise
+
+
+async def _open_checked_call(
+    state: ServerState, start: Start, persona_id: str, authenticated: Callable[[], None]
+) -> tuple[Call, ModelSession]:
     authenticated()
     persona = state.persona(persona_id)
     if persona is None:
@@ -120,16 +135,19 @@ async def open_call(
 
 async def run_call(state: ServerState, line: TwilioLine, call: Call, model: ModelSession) -> None:
     config = session_config(call.persona)
-    shell = CallShell(
-        line,
-        model,
-        call,
-        turn_listeners=state.turn_listeners,
-        handoffs=state.handoffs,
-        metrics=state.metrics,
-        open_model=lambda: state.prewarmer.open(config),
-    )
-    state.active_calls[call.call_sid] = shell
+    try:
+        shell = CallShell(
+            line,
+            model,
+            call,
+            turn_listeners=state.turn_listeners,
+            handoffs=state.handoffs,
+            metrics=state.metrics,
+            open_model=lambda: state.prewarmer.open(config),
+        )
+        state.active_calls[call.call_sid] = shell
+    finally:
+        state.opening_calls.discard(call.call_sid)  # reserved by open_call until now
     log.info("call_started", model=model.model, model_session=model.session_id)
     if state.publisher is not None:
         state.spawn(state.publisher.call_started(call.persona, state.calls.open(call.call_sid)))

@@ -209,6 +209,7 @@ HANG_UP_REASONS = frozenset(
     {
         EndReason.AGENT_HUNG_UP.value,
         EndReason.TIME_LIMIT.value,
+        EndReason.DRAIN_GOODBYE.value,  # not SERVER_SHUTDOWN: a call cut gets the apology
         EndReason.CALLER_HUNG_UP.value,
         EndReason.TRANSFERRED.value,
     }
