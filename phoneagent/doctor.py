@@ -40,8 +40,8 @@ from websockets.exceptions import ConnectionClosed
 from phoneagent.audio import CallerToModel, pcm16_rms, pcm16_to_ulaw
 from phoneagent.audio.framing import FRAME_MS, ULAW_FRAME_BYTES, ULAW_SILENCE_FRAME
 from phoneagent.call import Call, ToModel
+from phoneagent.call.prompts import LANGUAGE_NAMES, session_config
 from phoneagent.config import CREDENTIALS, ConfigError, Settings, is_local_host, load_settings
-from phoneagent.conversation import LANGUAGE_NAMES, session_config
 from phoneagent.personas import Persona, PersonaError, load_directory
 from phoneagent.realtime.base import (
     AgentTranscriptDone,

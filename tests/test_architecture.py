@@ -23,9 +23,6 @@ CORE = (
     "phoneagent.realtime.base",
     "phoneagent.realtime.stepfun",
     "phoneagent.twilio.wire",
-    "phoneagent.transcript",
-    "phoneagent.playback",
-    "phoneagent.conversation",
     "phoneagent.handoff",
 )
 # What the core must never reach: socket libraries, and the shells' modules.

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from conftest import EXAMPLE_PERSONAS
 
-from phoneagent.conversation import session_config
+from phoneagent.call.prompts import session_config
 from phoneagent.personas import PersonaRegistry
 from phoneagent.realtime.connection import ModelConnector, ModelUnavailable, Prewarmer
 from phoneagent.testing.hostile_model import HostileModel, SetupFault

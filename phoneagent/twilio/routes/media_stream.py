@@ -17,8 +17,8 @@ from phoneagent.bridge import (
     unbind_call_context,
 )
 from phoneagent.call import Call, prompts
+from phoneagent.call.prompts import session_config
 from phoneagent.client_limits import SLOT
-from phoneagent.conversation import session_config
 from phoneagent.logs import get_logger
 from phoneagent.realtime.connection import ModelSession, ModelUnavailable
 from phoneagent.state import STATE, ServerState

@@ -10,8 +10,8 @@ from aiohttp import web
 from twilio.request_validator import SIGNATURE_HEADER, SIGNATURE_SETTINGS_HEADER
 
 from phoneagent.call import EndReason
+from phoneagent.call.prompts import session_config
 from phoneagent.config import Settings
-from phoneagent.conversation import session_config
 from phoneagent.logs import get_logger
 from phoneagent.personas import Persona
 from phoneagent.records import CallRecord
