@@ -105,11 +105,13 @@ async def test_damage_while_running_makes_the_instance_unready_and_is_counted(tm
             assert (await get(http, base + "/readyz"))[0] == 200
             # The disk now returns garbage for the outbox's pages. Another connection's write
             # (as `phoneagent events redeliver` makes) tells the server's connection that the
-            # file changed, so its next read comes from the damaged disk, not its cache.
+            # file changed, so its next read comes from the damaged disk, not its cache. The
+            # damage comes first: a read between the signal and the damage would cache good
+            # pages again, with nothing left to say they changed (a race that failed in CI).
             other = sqlite3.connect(path, isolation_level=None)
             other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            other.execute("PRAGMA user_version=1")
             damage_pages(path, 2, path.stat().st_size // PAGE - 1)
+            other.execute("PRAGMA user_version=1")
             state.publisher.worker.wake()
             async with asyncio.timeout(GUARD):
                 while (status := await get(http, base + "/readyz"))[0] != 503:
