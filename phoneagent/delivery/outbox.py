@@ -44,6 +44,7 @@ __all__ = [
     "OutboxItem",
     "SQLiteOutbox",
     "destination_of",
+    "open_outbox",
 ]
 
 OUTBOX_FILENAME = "outbox.sqlite3"
@@ -170,6 +171,18 @@ class Outbox(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+async def open_outbox(
+    data_dir: Path | str, database_url: str = "", *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+) -> Outbox:
+    """The configured outbox: PostgreSQL when ``database_url`` (``PHONEAGENT_DATABASE_URL``) is
+    set, else the SQLite file of ``data_dir``. Raises :class:`OutboxError` if it cannot be used."""
+    if database_url:
+        from phoneagent.delivery.pg_outbox import PostgresOutbox  # asyncpg only when used
+
+        return await PostgresOutbox.open(database_url)
+    return await SQLiteOutbox.in_data_dir(data_dir, busy_timeout=busy_timeout)
 
 
 def destination_of(url: str) -> str:

@@ -106,7 +106,13 @@ CREATE TABLE IF NOT EXISTS phoneagent_migrations (
 
 #: What goes wrong talking to the database once it is open: each becomes an OutboxError, which
 #: the worker and the publisher survive (retry, spool) as they do a locked SQLite file.
-_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_DATABASE_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a connection the server closed, found mid-query
+    OSError,
+    TimeoutError,
+)
 
 
 class PostgresOutbox:
