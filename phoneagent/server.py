@@ -20,8 +20,9 @@ from aiohttp.abc import AbstractAccessLogger
 
 from phoneagent.client_limits import handler_options, unauthenticated_limits
 from phoneagent.config import Settings
-from phoneagent.delivery.outbox import Outbox, open_outbox
+from phoneagent.delivery.outbox import Outbox
 from phoneagent.delivery.publisher import CallEventPublisher
+from phoneagent.delivery.stores import open_outbox
 from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.logs import get_logger
 from phoneagent.metrics import CONTENT_TYPE_LATEST

@@ -26,10 +26,10 @@ from phoneagent.delivery.outbox import (
     OutboxError,
     OutboxItem,
     SQLiteOutbox,
-    open_outbox,
 )
 from phoneagent.delivery.policy import RetryPolicy
 from phoneagent.delivery.status import DeliveryStatus
+from phoneagent.delivery.stores import open_outbox
 from phoneagent.delivery.worker import (
     DEFAULT_CONCURRENCY,
     DEFAULT_PER_DESTINATION,

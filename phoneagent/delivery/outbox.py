@@ -3,8 +3,9 @@
 An event is committed here before anything is sent, and stays until its receiver answered 2xx
 (``delivered``) or delivery was given up (``failed``, the dead letters). :class:`Outbox` is the
 interface the worker and the CLI use; :class:`SQLiteOutbox` is the embedded default, one file
-under ``PHONEAGENT_DATA_DIR``. A shared database (Postgres: ``SELECT … FOR UPDATE SKIP LOCKED``
-for :meth:`Outbox.claim_due`) can implement the same interface for several instances.
+under ``PHONEAGENT_DATA_DIR``; :class:`~phoneagent.delivery.pg_outbox.PostgresOutbox` is the
+store shared by several instances (``PHONEAGENT_DATABASE_URL``), and
+:func:`phoneagent.delivery.stores.open_outbox` opens whichever is configured.
 
 Claims are leases, so they also work across processes: claiming a row moves its
 ``next_attempt_at`` to the end of the lease and stamps it with a fresh claim token. A worker that
@@ -44,7 +45,6 @@ __all__ = [
     "OutboxItem",
     "SQLiteOutbox",
     "destination_of",
-    "open_outbox",
 ]
 
 OUTBOX_FILENAME = "outbox.sqlite3"
@@ -171,18 +171,6 @@ class Outbox(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-async def open_outbox(
-    data_dir: Path | str, database_url: str = "", *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
-) -> Outbox:
-    """The configured outbox: PostgreSQL when ``database_url`` (``PHONEAGENT_DATABASE_URL``) is
-    set, else the SQLite file of ``data_dir``. Raises :class:`OutboxError` if it cannot be used."""
-    if database_url:
-        from phoneagent.delivery.pg_outbox import PostgresOutbox  # asyncpg only when used
-
-        return await PostgresOutbox.open(database_url)
-    return await SQLiteOutbox.in_data_dir(data_dir, busy_timeout=busy_timeout)
 
 
 def destination_of(url: str) -> str:

@@ -21,9 +21,10 @@ from delivery_helpers import ENV, SECRET_ENV, T0, ended_event
 
 from phoneagent.config import load_settings
 from phoneagent.delivery.cli import add_events_commands
-from phoneagent.delivery.outbox import OutboxError, open_outbox
+from phoneagent.delivery.outbox import OutboxError
 from phoneagent.delivery.pg_outbox import SCHEMA_VERSION, PostgresOutbox
 from phoneagent.delivery.policy import RetryPolicy
+from phoneagent.delivery.stores import open_outbox
 from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.testing.webhook_sink import WebhookSink
 
