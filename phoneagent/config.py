@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -56,6 +56,8 @@ class Settings:
     stepfun_model: str = "stepaudio-2.5-realtime"
     personas_dir: Path = Path("personas")
     data_dir: Path = Path("data")
+    # PostgreSQL shared by every instance ("" = SQLite in data_dir). Holds a password: no repr.
+    database_url: str = field(default="", repr=False)
     log_format: str = "json"
     log_level: str = "info"
     drain_seconds: int = 600  # after SIGTERM, how long calls in progress may go on
@@ -133,6 +135,10 @@ def load_settings(
     if log_level not in LOG_LEVELS:
         problems.append(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
 
+    database_url = get("PHONEAGENT_DATABASE_URL")
+    if database_url:
+        _check_database_url(database_url, problems)
+
     drain_seconds = _parse_int("PHONEAGENT_DRAIN_SECONDS", get, Settings.drain_seconds, 0, problems)
     max_calls = _parse_int("PHONEAGENT_MAX_CALLS", get, Settings.max_calls, 1, problems)
     fallback_url = get("PHONEAGENT_FALLBACK_URL")
@@ -184,6 +190,7 @@ def load_settings(
         stepfun_model=model,
         personas_dir=Path(get("PHONEAGENT_PERSONAS_DIR") or Settings.personas_dir),
         data_dir=Path(get("PHONEAGENT_DATA_DIR") or Settings.data_dir),
+        database_url=database_url,
         log_format=log_format,
         log_level=log_level,
         drain_seconds=drain_seconds,
@@ -249,3 +256,38 @@ def _check_url(name: str, url: str, schemes: tuple[str, ...], problems: list[str
     if parts.scheme not in schemes or not parts.hostname:
         allowed = " or ".join(f"{s}://" for s in schemes)
         problems.append(f"{name} must be an absolute {allowed} URL, not {url!r}")
+
+
+DATABASE_SCHEMES = ("postgresql", "postgres")
+
+
+def redact_database_url(url: str) -> str:
+    """``url`` as it may be printed and logged: any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # a port that is not a number: show the scheme only
+        return f"{url.split(':', 1)[0]}://…"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    netloc = parts.netloc
+    if password is not None:
+        user_info, host = netloc.rsplit("@", 1)
+        netloc = f"{user_info.split(':', 1)[0]}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _check_database_url(url: str, problems: list[str]) -> None:
+    shown = redact_database_url(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises on a port that is not a number
+    except ValueError:
+        problems.append(f"PHONEAGENT_DATABASE_URL has an invalid host or port: {shown!r}")
+        return
+    if parts.scheme not in DATABASE_SCHEMES:
+        problems.append(
+            f"PHONEAGENT_DATABASE_URL must be a postgresql:// URL "
+            f"(postgresql://USER:PASSWORD@HOST:5432/DATABASE), not {shown!r}"
+        )
+    elif not parts.path.strip("/"):
+        problems.append(f"PHONEAGENT_DATABASE_URL names no database (…/DATABASE): {shown!r}")

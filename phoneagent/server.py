@@ -20,8 +20,9 @@ from aiohttp.abc import AbstractAccessLogger
 
 from phoneagent.client_limits import handler_options, unauthenticated_limits
 from phoneagent.config import Settings
-from phoneagent.delivery.outbox import Outbox, SQLiteOutbox
+from phoneagent.delivery.outbox import Outbox
 from phoneagent.delivery.publisher import CallEventPublisher
+from phoneagent.delivery.stores import open_outbox
 from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.logs import get_logger
 from phoneagent.metrics import CONTENT_TYPE_LATEST
@@ -275,9 +276,11 @@ def create_app(
 async def build_app(
     settings: Settings, personas: PersonaRegistry, **options: Any
 ) -> web.Application:
-    """The application with its outbox opened from ``PHONEAGENT_DATA_DIR``; an unusable outbox
-    file raises OutboxError here, before the server accepts a call."""
-    outbox = await SQLiteOutbox.in_data_dir(settings.data_dir)
+    """The application with its outbox opened: the PostgreSQL database of
+    ``PHONEAGENT_DATABASE_URL`` when set, else the file in ``PHONEAGENT_DATA_DIR``. An unusable
+    outbox (a damaged file, a database that is down) raises OutboxError here, before the server
+    accepts a call."""
+    outbox = await open_outbox(settings.data_dir, settings.database_url)
     return create_app(settings, personas, outbox=outbox, **options)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 import pytest
@@ -21,3 +23,110 @@ VALID_ENV = {
 @pytest.fixture
 def valid_env() -> dict[str, str]:
     return dict(VALID_ENV)
+
+
+# --- stores: the same tests against SQLite and PostgreSQL ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A ``postgresql://`` URL of a throwaway server the tests started (see postgres_cluster).
+    No PostgreSQL here: the test is skipped, with the reason; in CI (``CI`` set) it fails, since
+    a silent skip there would hide a broken install."""
+    from postgres_cluster import PostgresUnavailable, in_ci, postgres_cluster
+
+    cluster = postgres_cluster()
+    try:
+        url = cluster.__enter__()
+    except PostgresUnavailable as exc:
+        message = f"PostgreSQL unavailable: {exc}"
+        if in_ci(os.environ):
+            pytest.fail(f"{message} (CI is set: the PostgreSQL tests must run in CI)")
+        pytest.skip(message)
+    try:
+        yield url
+    finally:
+        cluster.__exit__(None, None, None)
+
+
+def _admin(url: str, sql: str) -> None:
+    """Run one statement on the server, from a thread: fixtures set up outside the test's loop."""
+    import asyncio
+    import threading
+
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _capture(errors, lambda: asyncio.run(run())))
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _capture(errors: list[BaseException], fn) -> None:
+    try:
+        fn()
+    except BaseException as exc:
+        errors.append(exc)
+
+
+@pytest.fixture
+def pg_database(postgres_url):
+    """A fresh, empty database on the test server; its URL."""
+    name = f"t_{secrets.token_hex(6)}"
+    _admin(postgres_url, f'CREATE DATABASE "{name}"')
+    yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    _admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+STORE_BACKENDS = ("sqlite", "postgres")
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def store_backend(request) -> tuple[str, str | None]:
+    """(backend, database URL or None for SQLite): the parameter of the store tests."""
+    if request.param == "postgres":
+        return request.param, request.getfixturevalue("pg_database")
+    return request.param, None
+
+
+@pytest.fixture
+async def outbox_store(store_backend, tmp_path):
+    """Opens outboxes on one store of the parametrized backend: each call is one more
+    "instance" on the same SQLite data directory or the same PostgreSQL database. Everything
+    opened is closed at the end. ``outbox_store.backend`` and ``.url`` say which."""
+    from phoneagent.delivery.outbox import SQLiteOutbox
+
+    backend, url = store_backend
+    opened = []
+
+    async def open_outbox(**options):
+        if url is not None:
+            from phoneagent.delivery.pg_outbox import PostgresOutbox
+
+            box = await PostgresOutbox.open(url, **options)
+        else:
+            box = await SQLiteOutbox.in_data_dir(tmp_path / "data", **options)
+        opened.append(box)
+        return box
+
+    open_outbox.backend = backend
+    open_outbox.url = url
+    open_outbox.data_dir = tmp_path / "data"
+    yield open_outbox
+    for box in opened:
+        await box.close()
+
+
+@pytest.fixture
+async def outbox(outbox_store):
+    """An outbox of each backend (the tests that take it run once per backend)."""
+    return await outbox_store()

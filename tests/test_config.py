@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from phoneagent.config import CREDENTIALS, ConfigError, load_settings
+from phoneagent.config import CREDENTIALS, ConfigError, load_settings, redact_database_url
 
 
 def problems_for(env: dict[str, str], **kwargs) -> list[str]:
@@ -131,3 +131,25 @@ def test_webhook_shared_key_is_optional_secret_and_checked(valid_env):
     assert "sharedsecret42" not in repr(settings) + str(settings)
     problems = problems_for(valid_env | {"TWILIO_WEBHOOK_SHARED_KEY": "shared secret42"})
     assert problems == ["TWILIO_WEBHOOK_SHARED_KEY is malformed: it contains whitespace"]
+
+
+def test_database_url_is_optional_checked_and_never_shown_with_its_password(valid_env):
+    assert load_settings(valid_env).database_url == ""  # SQLite in PHONEAGENT_DATA_DIR
+    url = "postgresql://phoneagent:pg-secret-pw@db.internal:5432/phoneagent?sslmode=require"
+    settings = load_settings(valid_env | {"PHONEAGENT_DATABASE_URL": url})
+    assert settings.database_url == url
+    assert "pg-secret-pw" not in repr(settings) + str(settings)
+    assert redact_database_url(url) == (
+        "postgresql://phoneagent:***@db.internal:5432/phoneagent?sslmode=require"
+    )
+    assert redact_database_url("postgres://u@h/d?password=pg-secret-pw") == (
+        "postgres://u@h/d?password=***"
+    )
+    for bad, expected in [
+        ("mysql://phoneagent:pg-secret-pw@db/phoneagent", "must be a postgresql:// URL"),
+        ("postgresql://phoneagent:pg-secret-pw@db.internal:5432", "names no database"),
+        ("postgresql://phoneagent:pg-secret-pw@db.internal:port/db", "invalid host or port"),
+    ]:
+        [problem] = problems_for(valid_env | {"PHONEAGENT_DATABASE_URL": bad})
+        assert problem.startswith("PHONEAGENT_DATABASE_URL") and expected in problem
+        assert "pg-secret-pw" not in problem

@@ -1,10 +1,11 @@
 """``phoneagent events …``: look into the webhook outbox, and queue events again; and
 ``python -m phoneagent.delivery.worker``, which delivers the outbox without the server.
 
-The ``events`` commands open the outbox file of ``PHONEAGENT_DATA_DIR`` directly, so they work
-while the server runs (SQLite WAL: readers never block it, a redeliver waits a moment for its
-lock at most); the running server's worker notices a redelivered event within its poll interval
-(1 s).
+The ``events`` commands open the outbox the server uses: the PostgreSQL database of
+``PHONEAGENT_DATABASE_URL`` when it is set, else the file of ``PHONEAGENT_DATA_DIR`` (``--data-dir``
+picks a file). They work while the server runs (PostgreSQL: row locks only; SQLite WAL: readers
+never block it, a redeliver waits a moment for its lock at most); the running servers' workers
+notice a redelivered event within their poll interval (1 s).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from phoneagent.delivery.outbox import (
 )
 from phoneagent.delivery.policy import RetryPolicy
 from phoneagent.delivery.status import DeliveryStatus
+from phoneagent.delivery.stores import open_outbox
 from phoneagent.delivery.worker import (
     DEFAULT_CONCURRENCY,
     DEFAULT_PER_DESTINATION,
@@ -80,7 +82,7 @@ def cmd_events_list(args: argparse.Namespace) -> int:
     path = _outbox_path(args)
     if path is None:
         return EXIT_CONFIG
-    if not path.exists():
+    if isinstance(path, Path) and not path.exists():
         print(f"no events yet: {path} does not exist")
         return EXIT_OK
     try:
@@ -109,7 +111,7 @@ def cmd_events_redeliver(args: argparse.Namespace) -> int:
     path = _outbox_path(args)
     if path is None:
         return EXIT_CONFIG
-    if not path.exists():
+    if isinstance(path, Path) and not path.exists():
         print(f"phoneagent: no outbox at {path}", file=sys.stderr)
         return EXIT_NOT_FOUND
     try:
@@ -120,7 +122,7 @@ def cmd_events_redeliver(args: argparse.Namespace) -> int:
     for item in queued:
         print(f"queued {item.id} ({item.type}) for {_display_url(item.url)}")
     for item_id in missing:
-        print(f"phoneagent: no event {item_id} in {path}", file=sys.stderr)
+        print(f"phoneagent: no event {item_id} in {_shown(path)}", file=sys.stderr)
     if queued:
         print(
             f"{len(queued)} event(s) queued: the running server (or "
@@ -131,24 +133,41 @@ def cmd_events_redeliver(args: argparse.Namespace) -> int:
     return EXIT_NOT_FOUND if missing else EXIT_OK
 
 
-def _outbox_path(args: argparse.Namespace) -> Path | None:
+def _outbox_path(args: argparse.Namespace) -> Path | str | None:
+    """The outbox file, or the database URL (a str) when ``PHONEAGENT_DATABASE_URL`` is set and
+    no ``--data-dir`` was given; None after printing a configuration error."""
     data_dir = getattr(args, "data_dir", None)
     if data_dir is None:
         from phoneagent.config import ConfigError, load_settings
 
         try:
-            data_dir = load_settings(require_credentials=False).data_dir
+            settings = load_settings(require_credentials=False)
         except ConfigError as exc:
             for problem in exc.problems:
                 print(f"phoneagent: configuration error: {problem}", file=sys.stderr)
             return None
+        if settings.database_url:
+            return settings.database_url
+        data_dir = settings.data_dir
     return Path(data_dir) / OUTBOX_FILENAME
 
 
+def _shown(where: Path | str) -> str:
+    from phoneagent.config import redact_database_url
+
+    return str(where) if isinstance(where, Path) else redact_database_url(where)
+
+
+async def _open(where: Path | str) -> Any:
+    if isinstance(where, Path):
+        return await SQLiteOutbox.open(where, busy_timeout=BUSY_TIMEOUT)
+    return await open_outbox(Path(), where)
+
+
 async def _list(
-    path: Path, status: str | None, limit: int
+    path: Path | str, status: str | None, limit: int
 ) -> tuple[list[OutboxItem], dict[str, int]]:
-    outbox = await SQLiteOutbox.open(path, busy_timeout=BUSY_TIMEOUT)
+    outbox = await _open(path)
     try:
         return await outbox.list(status=status, limit=limit), await outbox.counts()
     finally:
@@ -156,9 +175,9 @@ async def _list(
 
 
 async def _redeliver(
-    path: Path, ids: list[str], all_failed: bool
+    path: Path | str, ids: list[str], all_failed: bool
 ) -> tuple[list[OutboxItem], list[str]]:
-    outbox = await SQLiteOutbox.open(path, busy_timeout=BUSY_TIMEOUT)
+    outbox = await _open(path)
     try:
         if all_failed:
             counts = await outbox.counts()
@@ -225,7 +244,11 @@ def run_worker(argv: list[str] | None = None) -> int:
         prog="python -m phoneagent.delivery.worker",
         description="Deliver the webhook events waiting in the outbox.",
     )
-    parser.add_argument("--data-dir", type=Path, help="default: $PHONEAGENT_DATA_DIR, else ./data")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="default: $PHONEAGENT_DATABASE_URL if set, else $PHONEAGENT_DATA_DIR, else ./data",
+    )
     parser.add_argument("--drain", action="store_true", help="exit once nothing is due")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
     parser.add_argument("--per-destination", type=int, default=DEFAULT_PER_DESTINATION)
@@ -255,14 +278,18 @@ def run_worker(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(f"--schedule: {exc}")
     try:
-        return asyncio.run(_serve_worker(args, args.data_dir or settings.data_dir, policy))
+        database_url = "" if args.data_dir else settings.database_url
+        data_dir = args.data_dir or settings.data_dir
+        return asyncio.run(_serve_worker(args, data_dir, database_url, policy))
     except OutboxError as exc:
         print(f"phoneagent: outbox error: {exc}", file=sys.stderr)
         return 2
 
 
-async def _serve_worker(args: argparse.Namespace, data_dir: Path, policy: RetryPolicy) -> int:
-    outbox = await SQLiteOutbox.in_data_dir(data_dir)
+async def _serve_worker(
+    args: argparse.Namespace, data_dir: Path, database_url: str, policy: RetryPolicy
+) -> int:
+    outbox = await open_outbox(data_dir, database_url)
     worker = DeliveryWorker(
         outbox,
         policy=policy,

@@ -3,8 +3,9 @@
 An event is committed here before anything is sent, and stays until its receiver answered 2xx
 (``delivered``) or delivery was given up (``failed``, the dead letters). :class:`Outbox` is the
 interface the worker and the CLI use; :class:`SQLiteOutbox` is the embedded default, one file
-under ``PHONEAGENT_DATA_DIR``. A shared database (Postgres: ``SELECT … FOR UPDATE SKIP LOCKED``
-for :meth:`Outbox.claim_due`) can implement the same interface for several instances.
+under ``PHONEAGENT_DATA_DIR``; :class:`~phoneagent.delivery.pg_outbox.PostgresOutbox` is the
+store shared by several instances (``PHONEAGENT_DATABASE_URL``), and
+:func:`phoneagent.delivery.stores.open_outbox` opens whichever is configured.
 
 Claims are leases, so they also work across processes: claiming a row moves its
 ``next_attempt_at`` to the end of the lease and stamps it with a fresh claim token. A worker that

@@ -1,4 +1,9 @@
-"""The SQLite outbox: durability, claims and leases, fairness, and clear start-up errors."""
+"""The outbox: durability, claims and leases, fairness, and clear start-up errors.
+
+The interface tests take ``outbox`` or ``outbox_store`` (tests/conftest.py) and run once per
+backend, SQLite and PostgreSQL; the file's own failures (WAL, corruption, locks) are SQLite's.
+PostgreSQL's own (several instances on one database, migration, a database that is down) are in
+test_pg_outbox.py."""
 
 from __future__ import annotations
 
@@ -18,13 +23,6 @@ URL_A = "https://a.example/hooks/calls?token=abc"
 URL_B = "https://b.example:8443/hooks"
 
 
-@pytest.fixture
-async def outbox(tmp_path):
-    box = await SQLiteOutbox.in_data_dir(tmp_path / "data")
-    yield box
-    await box.close()
-
-
 async def enqueue(box, n, url=URL_A, now=T0):
     events = [ended_event(i) for i in range(n)]
     for event in events:
@@ -32,16 +30,15 @@ async def enqueue(box, n, url=URL_A, now=T0):
     return events
 
 
-async def test_enqueue_is_durable_and_idempotent(tmp_path):
-    box = await SQLiteOutbox.in_data_dir(tmp_path)
+async def test_enqueue_is_durable_and_idempotent(outbox_store):
+    box = await outbox_store()
     event = ended_event()
     assert await box.enqueue(event, url=URL_A, secret_env=SECRET_ENV, now=T0)
     assert not await box.enqueue(event, url=URL_A, secret_env=SECRET_ENV, now=T0 + 1)
     await box.close()
 
-    reopened = await SQLiteOutbox.open(tmp_path / OUTBOX_FILENAME)
+    reopened = await outbox_store()
     item = await reopened.get(event.id)
-    await reopened.close()
     assert item is not None
     assert (item.status, item.attempts, item.body) == ("pending", 0, event.body())
     assert (item.url, item.secret_env) == (URL_A, SECRET_ENV)
@@ -208,12 +205,31 @@ async def test_a_file_from_a_newer_version_is_refused(tmp_path):
         await SQLiteOutbox.open(path)
 
 
-async def test_a_closed_outbox_says_so(tmp_path):
-    box = await SQLiteOutbox.in_data_dir(tmp_path)
+async def test_a_closed_outbox_says_so(outbox_store):
+    box = await outbox_store()
     await box.close()
     await box.close()  # twice is fine
     with pytest.raises(OutboxError, match="closed"):
         await box.counts()
+
+
+async def test_open_calls_are_journalled_and_closed_with_their_event(outbox):
+    await outbox.open_call("CA1", {"persona_id": "p", "started_at": T0})
+    await outbox.open_call("CA2", {"persona_id": "q", "started_at": T0 + 1})
+    await outbox.add_turn("CA1", {"role": "caller", "text": "hello", "end_ms": 900})
+    await outbox.add_turn("CA1", {"role": "agent", "text": "hi", "end_ms": 1800})
+    assert await outbox.open_calls() == [
+        ("CA1", {"persona_id": "p", "started_at": T0},
+         [{"role": "caller", "text": "hello", "end_ms": 900},
+          {"role": "agent", "text": "hi", "end_ms": 1800}]),
+        ("CA2", {"persona_id": "q", "started_at": T0 + 1}, []),
+    ]  # fmt: skip
+    await outbox.enqueue(ended_event(1), url=URL_A, secret_env=SECRET_ENV, now=T0,
+                         closes_call="CA1")  # fmt: skip
+    await outbox.open_call("CA2", {"persona_id": "q", "started_at": T0 + 9})  # back: fresh
+    assert await outbox.open_calls() == [("CA2", {"persona_id": "q", "started_at": T0 + 9}, [])]
+    await outbox.close_call("CA2")
+    assert await outbox.open_calls() == []
 
 
 def test_destination_is_the_origin():

@@ -1,5 +1,6 @@
 """The delivery worker against a real webhook receiver on loopback.
 
+Tests that take ``outbox`` (tests/conftest.py) run once per backend, SQLite and PostgreSQL.
 Backoff and Retry-After are checked with an injected clock and seeded RNG (no waiting); the
 end-to-end tests use millisecond retry schedules. Wall-clock bounds appear only as failure
 guards, never as assertions, except where a *lower* bound is the point (Retry-After), which a
@@ -17,20 +18,13 @@ from email.utils import format_datetime
 import pytest
 from delivery_helpers import ENV, SECRET, SECRET_ENV, T0, FakeClock, ended_event, spec_signature_ok
 
-from phoneagent.delivery.outbox import OutboxError, SQLiteOutbox
+from phoneagent.delivery.outbox import OutboxError
 from phoneagent.delivery.policy import DEFAULT_DELAYS, RetryPolicy, decide, parse_retry_after
 from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.testing.webhook_sink import WebhookSink
 
 FAST = RetryPolicy(delays=[0.02] * 8, jitter=0.0)
 GUARD = 15.0  # seconds: only ever reached when something is broken
-
-
-@pytest.fixture
-async def outbox(tmp_path):
-    box = await SQLiteOutbox.in_data_dir(tmp_path)
-    yield box
-    await box.close()
 
 
 def fast_worker(outbox, **kwargs) -> DeliveryWorker:
