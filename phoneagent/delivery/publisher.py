@@ -7,7 +7,9 @@ it to the outbox. Once ``publish`` returns, the event survives a crash.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 
 from phoneagent.call.actions import EndReason
 from phoneagent.delivery.events import (
@@ -61,6 +63,16 @@ class CallEventPublisher:
         self.worker = worker
         self.on_write_failure = on_write_failure
         self.spool = EventSpool(self._commit, on_write_failure=on_write_failure, on_lost=on_lost)
+        # One call's writes in the order the call made them (each is its own task): its open
+        # record before its turns and its end, call.started before call.ended, even when a
+        # write is slow (a full disk) and the call was short.
+        self._call_locks: dict[str, asyncio.Lock] = {}
+
+    @contextlib.asynccontextmanager
+    async def _in_call_order(self, call_sid: str) -> AsyncIterator[None]:
+        lock = self._call_locks.setdefault(call_sid, asyncio.Lock())
+        async with lock:
+            yield
 
     async def _commit(self, event: Event, url: str, secret_env: str) -> None:
         # A call.ended closes its open call in the same transaction (see close_lost_calls).
@@ -75,7 +87,8 @@ class CallEventPublisher:
 
     async def call_turn(self, call_sid: str, turn: dict) -> None:
         """A transcript turn became final: keep it for a call.ended if this run dies."""
-        await self._journal("add_turn", call_sid, turn)
+        async with self._in_call_order(call_sid):
+            await self._journal("add_turn", call_sid, turn)
 
     async def close_lost_calls(self, *, now: float) -> int:
         """At start-up, before any call: a call.ended ``server_lost`` for each call the last
@@ -120,6 +133,10 @@ class CallEventPublisher:
         return [p for p in (self.worker.outbox_problem, self.spool.problem) if p]
 
     async def call_started(self, persona: Persona, record: CallRecord) -> None:
+        async with self._in_call_order(record.call_sid):
+            await self._call_started(persona, record)
+
+    async def _call_started(self, persona: Persona, record: CallRecord) -> None:
         if persona.webhook is not None:
             await self._journal(
                 "open_call",
@@ -153,7 +170,9 @@ class CallEventPublisher:
         at: float,
         error: str | None = None,
     ) -> None:
-        if self._wants(persona, "call.transferred"):
+        if not self._wants(persona, "call.transferred"):
+            return
+        async with self._in_call_order(record.call_sid):
             event = call_transferred_event(
                 **self._call_fields(persona, record),
                 target=target,
@@ -165,6 +184,15 @@ class CallEventPublisher:
             await self._publish(persona, event)
 
     async def call_ended(self, persona: Persona, record: CallRecord) -> None:
+        try:
+            async with self._in_call_order(record.call_sid):
+                await self._call_ended(persona, record)
+        finally:
+            lock = self._call_locks.get(record.call_sid)
+            if lock is not None and not lock.locked():
+                del self._call_locks[record.call_sid]  # the call's last write
+
+    async def _call_ended(self, persona: Persona, record: CallRecord) -> None:
         if not self._wants(persona, "call.ended"):
             if persona.webhook is not None:
                 await self._journal("close_call", record.call_sid)
