@@ -22,7 +22,7 @@ from phoneagent.client_limits import handler_options, unauthenticated_limits
 from phoneagent.config import Settings
 from phoneagent.delivery.outbox import Outbox
 from phoneagent.delivery.publisher import CallEventPublisher
-from phoneagent.delivery.stores import open_outbox
+from phoneagent.delivery.stores import open_outbox, replay_guard
 from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.logs import get_logger
 from phoneagent.metrics import CONTENT_TYPE_LATEST
@@ -38,6 +38,7 @@ from phoneagent.twilio.routes.webhooks import (
     stream_ended,
     voice_webhook,
 )
+from phoneagent.twilio.wire.replay import ReplayGuard
 
 log = get_logger(__name__)
 
@@ -154,12 +155,14 @@ def create_app(
     reload_interval: float = 1.0,
     connector: ModelConnector | None = None,
     outbox: Outbox | None = None,
+    replay: ReplayGuard | None = None,
     handle_sigterm: bool = False,
     metrics_listener: tuple[str, int] | None = None,
 ) -> web.Application:
     """The application. With an ``outbox``, call events go to the personas' webhooks (the app
     runs the delivery worker and closes the outbox when it stops). ``handle_sigterm``: drain
-    on SIGTERM (`phoneagent serve`), see ``drain_then_exit``. ``metrics_listener``: (host,
+    on SIGTERM (`phoneagent serve`), see ``drain_then_exit``. ``replay``: where stream claims
+    and answered webhooks are kept (default: this instance's memory). ``metrics_listener``: (host,
     port) where the app serves ``/metrics`` while it runs (port 0: any free port, see
     ``state.metrics_address``); the app itself never serves it."""
     connector = connector or ModelConnector(
@@ -168,6 +171,8 @@ def create_app(
         model=settings.stepfun_model,
     )
     state = ServerState(settings=settings, personas=personas, prewarmer=Prewarmer(connector))
+    if replay is not None:
+        state.replay = replay
     limits = unauthenticated_limits(
         state.unauthenticated,
         settings=lambda: state.settings,
@@ -281,7 +286,7 @@ async def build_app(
     outbox (a damaged file, a database that is down) raises OutboxError here, before the server
     accepts a call."""
     outbox = await open_outbox(settings.data_dir, settings.database_url)
-    return create_app(settings, personas, outbox=outbox, **options)
+    return create_app(settings, personas, outbox=outbox, replay=replay_guard(outbox), **options)
 
 
 async def drain_then_exit(state: ServerState) -> None:

@@ -20,7 +20,7 @@ from phoneagent.metrics import Metrics
 from phoneagent.personas import Persona, PersonaRegistry, TransferTarget
 from phoneagent.realtime.connection import Prewarmer
 from phoneagent.records import CallRecord, CallRecords
-from phoneagent.twilio.wire.replay import AnsweredWebhooks, StreamClaims
+from phoneagent.twilio.wire.replay import MemoryReplayGuard, ReplayGuard
 from phoneagent.twilio.wire.token import StreamToken
 
 T = TypeVar("T")
@@ -37,9 +37,9 @@ class ServerState:
     # reserved at once, so a second stream for the call is refused while the first awaits.
     opening_calls: set[str] = field(default_factory=set)
     calls: CallRecords = field(default_factory=CallRecords)
-    # Replay defences: Twilio's signatures carry no timestamp (see twilio/wire/replay.py).
-    stream_claims: StreamClaims = field(default_factory=StreamClaims)
-    answered: AnsweredWebhooks = field(default_factory=AnsweredWebhooks)
+    # Replay defences: Twilio's signatures carry no timestamp (see twilio/wire/replay.py). In
+    # memory, or shared by every instance of PHONEAGENT_DATABASE_URL (twilio/wire/pg_replay.py).
+    replay: ReplayGuard = field(default_factory=MemoryReplayGuard)
     clock: Callable[[], float] = time.monotonic  # calls' clock: tests run calls faster
     publisher: CallEventPublisher | None = None  # None: no webhook delivery (no outbox)
     handoffs: Handoffs | None = None  # Twilio's REST API (twilio/rest/handoffs.py), set by the app

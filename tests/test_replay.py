@@ -12,6 +12,7 @@ from conftest import EXAMPLE_PERSONAS
 from phoneagent.testing.caller import TwilioCaller
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.stack import LocalStack
+from phoneagent.twilio.wire.replay import AnsweredWebhooks
 
 DENTAL = "+14155550100"
 
@@ -80,7 +81,7 @@ async def test_a_replayed_voice_webhook_starts_nothing(stack, model):
         await caller.hangup()
     # After the call: a replay gets a hang-up and no model session, even past the pre-warm's
     # expiry, and the replayed token opens nothing.
-    stack.state.answered = type(stack.state.answered)()  # as if this instance forgot the answer
+    stack.state.replay.answered = AnsweredWebhooks()  # as if this instance forgot the answer
     async with twin(stack, caller) as attacker:
         late = await attacker.dial()
         assert late.verbs == ["Hangup"] and late.stream_url is None

@@ -25,7 +25,7 @@ import json
 import secrets
 import socket
 from collections.abc import AsyncIterator, Collection, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -36,15 +36,15 @@ from phoneagent.delivery.events import Event
 from phoneagent.delivery.outbox import OutboxError, OutboxItem, destination_of
 from phoneagent.delivery.status import DeliveryStatus
 
-__all__ = ["SCHEMA_VERSION", "PostgresOutbox"]
+__all__ = ["SCHEMA_VERSION", "PostgresOutbox", "migrate", "schema_version"]
 
 #: The schema this version reads and writes; ``MIGRATIONS[v]`` goes from v - 1 to v.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: ``pg_advisory_xact_lock`` key of the schema migration: any fixed 64-bit number of our own.
 MIGRATION_LOCK = 0x70686F6E65_01  # "phone", 1
 CONNECT_TIMEOUT = 5.0  # seconds: a database that does not answer at start-up is an error, soon
 COMMAND_TIMEOUT = 30.0  # seconds: a stuck query fails (and is retried) rather than hangs a worker
-POOL_SIZE = 4  # the worker claims and marks; the publisher enqueues; rarely more at once
+POOL_SIZE = 6  # the worker claims and marks; the publisher enqueues; stream claims; webhooks
 
 _PENDING, _DELIVERED, _FAILED = (
     DeliveryStatus.PENDING.value,
@@ -88,6 +88,21 @@ CREATE TABLE phoneagent_open_calls (
     transcript JSONB NOT NULL DEFAULT '[]'::jsonb
 );
 CREATE INDEX phoneagent_open_calls_owner ON phoneagent_open_calls (owner, seq);
+""",
+    # Replay defences shared by every instance (twilio/wire/pg_replay.py): a stream token is
+    # claimed by the INSERT that creates its row (the SHA-256 of the token, not the token).
+    2: """
+CREATE TABLE phoneagent_stream_claims (
+    token_hash BYTEA PRIMARY KEY,
+    expires_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX phoneagent_stream_claims_expiry ON phoneagent_stream_claims (expires_at);
+CREATE TABLE phoneagent_answered_webhooks (
+    key TEXT PRIMARY KEY,
+    twiml TEXT NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX phoneagent_answered_webhooks_expiry ON phoneagent_answered_webhooks (expires_at);
 """,
 }
 
@@ -157,30 +172,13 @@ class PostgresOutbox:
         return outbox
 
     async def _migrate(self) -> None:
-        async with self._connection() as conn, conn.transaction():
-            # Serialises start-ups: a second instance waits here, then finds the schema current.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-            await conn.execute(_BOOKKEEPING)
-            version = await conn.fetchval(
-                "SELECT version FROM phoneagent_schema WHERE component = 'outbox'"
-            )
-            version = version or 0
-            if version > SCHEMA_VERSION:
-                raise OutboxError(
-                    f"the database {self.url} was migrated by a newer phoneagent (outbox schema "
-                    f"{version}, this version reads {SCHEMA_VERSION}): upgrade phoneagent"
-                )
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                await conn.execute(MIGRATIONS[step])
-                await conn.execute(
-                    "INSERT INTO phoneagent_migrations (component, version) VALUES ('outbox', $1)",
-                    step,
-                )
-            await conn.execute(
-                "INSERT INTO phoneagent_schema (component, version) VALUES ('outbox', $1) "
-                "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
-                SCHEMA_VERSION,
-            )
+        async with self._connection() as conn:
+            await migrate(conn, self.url)
+
+    def connection(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        """A connection of the pool, for the other stores sharing this database (stream claims):
+        errors talking to the database come out as :class:`OutboxError`."""
+        return self._connection()
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -435,6 +433,44 @@ class PostgresOutbox:
             await self._pool.close()
         except _DATABASE_ERRORS:
             self._pool.terminate()
+
+
+async def schema_version(conn: asyncpg.Connection) -> int:
+    """The schema version the database holds (0: never migrated)."""
+    exists = await conn.fetchval("SELECT to_regclass('phoneagent_schema') IS NOT NULL")
+    if not exists:
+        return 0
+    version = await conn.fetchval(
+        "SELECT version FROM phoneagent_schema WHERE component = 'outbox'"
+    )
+    return version or 0
+
+
+async def migrate(conn: asyncpg.Connection, shown_url: str) -> tuple[int, int]:
+    """Apply the pending steps under the advisory lock: (version before, version now). A schema
+    newer than this version reads raises :class:`OutboxError` naming ``shown_url``."""
+    async with conn.transaction():
+        # Serialises start-ups: a second instance waits here, then finds the schema current.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(_BOOKKEEPING)
+        version = await schema_version(conn)
+        if version > SCHEMA_VERSION:
+            raise OutboxError(
+                f"the database {shown_url} was migrated by a newer phoneagent (outbox schema "
+                f"{version}, this version reads {SCHEMA_VERSION}): upgrade phoneagent"
+            )
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            await conn.execute(MIGRATIONS[step])
+            await conn.execute(
+                "INSERT INTO phoneagent_migrations (component, version) VALUES ('outbox', $1)",
+                step,
+            )
+        await conn.execute(
+            "INSERT INTO phoneagent_schema (component, version) VALUES ('outbox', $1) "
+            "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
+            SCHEMA_VERSION,
+        )
+    return version, SCHEMA_VERSION
 
 
 def _count(status: str) -> int:

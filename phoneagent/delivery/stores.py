@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from phoneagent.delivery.outbox import DEFAULT_BUSY_TIMEOUT, Outbox, SQLiteOutbox
+from phoneagent.twilio.wire.replay import MemoryReplayGuard, ReplayGuard
 
-__all__ = ["open_outbox"]
+__all__ = ["open_outbox", "replay_guard"]
 
 
 async def open_outbox(
@@ -21,3 +22,16 @@ async def open_outbox(
 
         return await PostgresOutbox.open(database_url)
     return await SQLiteOutbox.in_data_dir(data_dir, busy_timeout=busy_timeout)
+
+
+def replay_guard(outbox: Outbox) -> ReplayGuard:
+    """Where stream claims and answered webhooks are kept: in the shared database of a
+    PostgreSQL outbox (every instance sees them), else in this instance's memory (SQLite is one
+    instance's file)."""
+    if type(outbox).__name__ == "PostgresOutbox":  # not imported: asyncpg only when used
+        from phoneagent.delivery.pg_outbox import PostgresOutbox
+        from phoneagent.twilio.wire.pg_replay import PostgresReplayGuard
+
+        assert isinstance(outbox, PostgresOutbox)
+        return PostgresReplayGuard(outbox)
+    return MemoryReplayGuard()

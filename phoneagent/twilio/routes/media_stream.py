@@ -83,16 +83,20 @@ async def open_call(
     if problem:
         raise StreamRefused(problem)
     # One stream per call, and a token opens one stream once (a returning transfer gets a new
-    # one): no await between the checks and the claims, so concurrent streams cannot both pass,
-    # even with two different valid tokens for the call (a replayed webhook answered by another
-    # instance, a transfer's resume token). The CallSid stays reserved while the model session
-    # is claimed (up to the set-up budget), until run_call registers the call or opening fails.
+    # one), even for concurrent streams with two different valid tokens for the call (a
+    # replayed webhook answered by another instance, a transfer's resume token). The CallSid is
+    # reserved with no await between its check and the reservation, before the token's claim
+    # awaits (the shared claim is a database round trip): a second stream for the call arriving
+    # meanwhile finds it reserved and is refused, and a refused claim frees it again. The
+    # claim itself is atomic across instances (ReplayGuard.claim_stream). The CallSid stays
+    # reserved while the model session is claimed (up to the set-up budget), until run_call
+    # registers the call or opening fails.
     if start.call_sid in state.active_calls or start.call_sid in state.opening_calls:
         raise StreamRefused("a stream for this call is already open")
-    if not state.stream_claims.claim(token, state.stream_token.expiry(token)):
-        raise StreamRefused("this stream token was already used")
     state.opening_calls.add(start.call_sid)
     try:
+        if not await state.replay.claim_stream(token, state.stream_token.expiry(token)):
+            raise StreamRefused("this stream token was already used")
         return await _open_checked_call(state, start, persona_id, authenticated)
     except BaseException:
         state.opening_calls.discard(start.call_sid)

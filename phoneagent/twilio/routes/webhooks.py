@@ -135,34 +135,42 @@ async def voice_webhook(request: web.Request) -> web.Response:
     key = f"voice:{call_sid}"
     known = state.calls.get(call_sid)
     call_over = known is not None and known.ended_at is not None
-    if (replayed := replay_answer(state, key, call_sid, call_over=call_over)) is not None:
+    if (replayed := await replay_answer(state, key, call_sid, call_over=call_over)) is not None:
         return replayed
     record = state.calls.open(call_sid)
     record.persona, record.caller, record.called = persona.id, form.get("From", ""), called
+    answer, first = await state.replay.remember(key, agent_twiml(state, persona, record))
+    if not first:  # the same request, answered meanwhile here or on another instance
+        return replayed_answer(state, key, call_sid, answer)
+    state.prewarmer.start(call_sid, session_config(persona))
     log.info("call_incoming", call_sid=call_sid, persona=persona.id, to=called)
-    return twiml(state.answered.remember(key, connect_to_agent(state, persona, record)))
+    return twiml(answer)
 
 
-def replay_answer(
+async def replay_answer(
     state: ServerState, key: str, call_sid: str, *, call_over: bool = False
 ) -> web.Response | None:
     """The answer to a request seen before (a replay: Twilio's signature has no timestamp), or
     a hang-up for a call that is over; None for a new request. Neither starts anything."""
-    answered = state.answered.get(key)
+    answered = await state.replay.answer_for(key)
     if answered is None and not call_over:
         return None
+    return replayed_answer(state, key, call_sid, answered)
+
+
+def replayed_answer(
+    state: ServerState, key: str, call_sid: str, answered: str | None
+) -> web.Response:
     log.warning("twilio_webhook_replayed", call_sid=call_sid, request=key.partition(":")[0])
     state.metrics.webhook_replays.inc()
     return twiml(answered if answered is not None else hangup_twiml())
 
 
-def connect_to_agent(
-    state: ServerState, persona: Persona, record: CallRecord, resume: str = ""
-) -> str:
-    """TwiML connecting the call to a media stream with ``persona``, and the model session
-    opened now (pre-warm: the stream claims it on `start`). ``resume`` marks a call coming back
-    to the agent."""
-    state.prewarmer.start(record.call_sid, session_config(persona))
+def agent_twiml(state: ServerState, persona: Persona, record: CallRecord, resume: str = "") -> str:
+    """TwiML connecting the call to a media stream with ``persona`` (with a fresh stream
+    token). Whoever answers with it opens the model session then (pre-warm: the stream claims
+    it on `start`), once the answer is kept as the request's first (``ReplayGuard.remember``).
+    ``resume`` marks a call coming back to the agent."""
     parameters = {
         PERSONA_PARAMETER: persona.id,
         TOKEN_PARAMETER: state.stream_token.issue(record.call_sid, persona.id),
@@ -235,7 +243,7 @@ async def dial_status(request: web.Request) -> web.Response:
     outcome = form.get("DialCallStatus", "")
     call_sid = form.get("CallSid", "")
     key = f"dial:{call_sid}:{form.get('DialCallSid') or outcome}"
-    if (replayed := replay_answer(state, key, call_sid)) is not None:
+    if (replayed := await replay_answer(state, key, call_sid)) is not None:
         return replayed
     record = state.calls.open(call_sid)
     record.caller = record.caller or request.query.get("from", "")
@@ -245,11 +253,15 @@ async def dial_status(request: web.Request) -> web.Response:
     log.info("transfer_outcome", call_sid=record.call_sid, target=target_name, outcome=outcome)
     if outcome in ("completed", "answered") or persona is None:
         return twiml(hangup_twiml())
+    resumed = agent_twiml(state, persona, record, resume=f"{target_name}:{outcome}")
+    answer, first = await state.replay.remember(key, resumed)
+    if not first:  # the same request, answered meanwhile here or on another instance
+        return replayed_answer(state, key, call_sid, answer)
     target = persona.transfer.get(target_name)
     if target is not None:
         state.publish_transfer(persona, record, target, "failed", outcome)
-    resumed = connect_to_agent(state, persona, record, resume=f"{target_name}:{outcome}")
-    return twiml(state.answered.remember(key, resumed))
+    state.prewarmer.start(call_sid, session_config(persona))
+    return twiml(answer)
 
 
 async def status_callback(request: web.Request) -> web.Response:
