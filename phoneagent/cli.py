@@ -77,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_events_commands(commands)
 
+    db = commands.add_parser("db", help="the shared PostgreSQL database: schema status, migrate")
+    db_commands = db.add_subparsers(title="database commands", required=True)
+    migrate = db_commands.add_parser(
+        "migrate", help="apply pending schema steps (servers also do at start-up)"
+    )
+    migrate.set_defaults(handler=cmd_db, apply=True)
+    status = db_commands.add_parser(
+        "status", help="the schema version: current and latest (exit 1 if not current)"
+    )
+    status.set_defaults(handler=cmd_db, apply=False)
+
     personas = commands.add_parser("personas", help="work with persona files")
     persona_commands = personas.add_subparsers(title="persona commands", required=True)
     check = persona_commands.add_parser("check", help="validate persona files")
@@ -221,6 +232,44 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         counts = {s: sum(r.status == s for r in shown) for s in (doctor.FAIL, doctor.WARN)}
         print(f"{counts[doctor.FAIL]} failed, {counts[doctor.WARN]} warnings", file=sys.stderr)
     return doctor.exit_status(shown)
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """``db migrate``: apply the pending steps under the advisory lock (as a starting server
+    does; safe while servers run), print the version. ``db status``: print the database's and
+    this version's schema; exit 1 unless they are the same. A database that cannot be reached:
+    exit 2, naming the URL without its password."""
+    try:
+        settings = load_settings(require_credentials=False)
+    except ConfigError as exc:
+        return _config_errors(exc)
+    if not settings.database_url:
+        print(
+            "phoneagent: PHONEAGENT_DATABASE_URL is not set: the embedded SQLite outbox "
+            "(PHONEAGENT_DATA_DIR) migrates itself when opened",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    from phoneagent.config import redact_database_url
+    from phoneagent.delivery.pg_outbox import database_schema
+
+    shown = redact_database_url(settings.database_url)
+    try:
+        current, latest = asyncio.run(database_schema(settings.database_url, apply=args.apply))
+    except OutboxError as exc:
+        print(f"phoneagent: database error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.apply:
+        print(f"{shown}: schema version {current} (latest)")
+        return EXIT_OK
+    print(f"{shown}: schema version {current}, latest {latest}")
+    if current < latest:
+        print("phoneagent: the schema is behind: run `phoneagent db migrate`", file=sys.stderr)
+        return EXIT_INVALID
+    if current > latest:
+        print("phoneagent: the schema is newer than this phoneagent: upgrade it", file=sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK
 
 
 def _config_errors(exc: ConfigError) -> int:

@@ -36,7 +36,7 @@ from phoneagent.delivery.events import Event
 from phoneagent.delivery.outbox import OutboxError, OutboxItem, destination_of
 from phoneagent.delivery.status import DeliveryStatus
 
-__all__ = ["SCHEMA_VERSION", "PostgresOutbox", "migrate", "schema_version"]
+__all__ = ["SCHEMA_VERSION", "PostgresOutbox", "database_schema", "migrate", "schema_version"]
 
 #: The schema this version reads and writes; ``MIGRATIONS[v]`` goes from v - 1 to v.
 SCHEMA_VERSION = 2
@@ -471,6 +471,30 @@ async def migrate(conn: asyncpg.Connection, shown_url: str) -> tuple[int, int]:
             SCHEMA_VERSION,
         )
     return version, SCHEMA_VERSION
+
+
+async def database_schema(url: str, *, apply: bool) -> tuple[int, int]:
+    """``phoneagent db status|migrate``: (the database's schema version, this version's), after
+    applying the pending steps when ``apply``. A database that cannot be reached or used raises
+    :class:`OutboxError` naming the URL without its password."""
+    shown = redact_database_url(url)
+    try:
+        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT)
+    except (*_DATABASE_ERRORS, ValueError) as exc:
+        raise OutboxError(
+            f"cannot connect to the database {shown} ({_reason(exc)}): check that it is "
+            "running and reachable, and PHONEAGENT_DATABASE_URL (user, password, database)"
+        ) from None
+    try:
+        if apply:
+            _, version = await migrate(conn, shown)
+        else:
+            version = await schema_version(conn)
+        return version, SCHEMA_VERSION
+    except _DATABASE_ERRORS as exc:
+        raise OutboxError(f"the database {shown}: {_reason(exc)}") from None
+    finally:
+        await conn.close()
 
 
 def _count(status: str) -> int:

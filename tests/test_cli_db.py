@@ -1,0 +1,97 @@
+"""``phoneagent db status`` and ``phoneagent db migrate``: the shared database's schema, for
+operators who migrate before deploying."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import asyncpg
+
+from phoneagent.cli import main
+from phoneagent.delivery.pg_outbox import SCHEMA_VERSION, PostgresOutbox
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sql(url: str, statement: str) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def test_a_fresh_database_is_behind_then_migrated(pg_database, monkeypatch, capsys):
+    monkeypatch.setenv("PHONEAGENT_DATABASE_URL", pg_database)
+    assert main(["db", "status"]) == 1
+    captured = capsys.readouterr()
+    assert f"schema version 0, latest {SCHEMA_VERSION}" in captured.out
+    assert "phoneagent db migrate" in captured.err
+    assert main(["db", "migrate"]) == 0
+    assert f"schema version {SCHEMA_VERSION}" in capsys.readouterr().out
+    assert main(["db", "status"]) == 0
+    assert f"schema version {SCHEMA_VERSION}, latest {SCHEMA_VERSION}" in capsys.readouterr().out
+    assert main(["db", "migrate"]) == 0  # nothing left to do: still fine
+
+
+def test_migrate_applies_only_the_pending_step(pg_database, monkeypatch, capsys):
+    async def migrated() -> None:
+        box = await PostgresOutbox.open(pg_database)  # as a server at start-up
+        await box.close()
+
+    asyncio.run(migrated())
+    sql(  # back to the schema of the previous release
+        pg_database,
+        "DROP TABLE phoneagent_stream_claims; DROP TABLE phoneagent_answered_webhooks; "
+        "UPDATE phoneagent_schema SET version = 1; "
+        "DELETE FROM phoneagent_migrations WHERE version > 1",
+    )
+    monkeypatch.setenv("PHONEAGENT_DATABASE_URL", pg_database)
+    assert main(["db", "status"]) == 1
+    assert f"schema version 1, latest {SCHEMA_VERSION}" in capsys.readouterr().out
+    assert main(["db", "migrate"]) == 0
+    assert main(["db", "status"]) == 0
+
+    async def applied() -> list[int]:
+        conn = await asyncpg.connect(pg_database)
+        try:
+            rows = await conn.fetch("SELECT version FROM phoneagent_migrations ORDER BY version")
+            return [r[0] for r in rows]
+        finally:
+            await conn.close()
+
+    assert asyncio.run(applied()) == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_a_newer_schema_is_reported(pg_database, monkeypatch, capsys):
+    monkeypatch.setenv("PHONEAGENT_DATABASE_URL", pg_database)
+    assert main(["db", "migrate"]) == 0
+    sql(pg_database, "UPDATE phoneagent_schema SET version = 99")
+    assert main(["db", "status"]) == 1
+    assert "newer than this phoneagent" in capsys.readouterr().err
+    assert main(["db", "migrate"]) == 2
+    assert "upgrade phoneagent" in capsys.readouterr().err
+
+
+def test_a_database_that_is_down_exits_2_without_the_password(monkeypatch, capsys):
+    url = f"postgresql://phoneagent:hunter2secret@127.0.0.1:{free_port()}/calls"
+    monkeypatch.setenv("PHONEAGENT_DATABASE_URL", url)
+    for command in ("status", "migrate"):
+        assert main(["db", command]) == 2
+        err = capsys.readouterr().err
+        assert "cannot connect to the database postgresql://phoneagent:***@127.0.0.1" in err
+        assert "hunter2secret" not in err
+
+
+def test_without_a_database_url_db_says_so(monkeypatch, capsys):
+    monkeypatch.delenv("PHONEAGENT_DATABASE_URL", raising=False)
+    assert main(["db", "status"]) == 2
+    assert "PHONEAGENT_DATABASE_URL is not set" in capsys.readouterr().err
