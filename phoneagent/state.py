@@ -36,6 +36,9 @@ class ServerState:
     # CallSids whose stream passed its checks and is being set up (its model session claimed):
     # reserved at once, so a second stream for the call is refused while the first awaits.
     opening_calls: set[str] = field(default_factory=set)
+    # Voice webhooks past the capacity check, awaiting their answer's record (a database round
+    # trip when shared): counted as calls, so concurrent new calls cannot all pass the cap.
+    answering: int = 0
     calls: CallRecords = field(default_factory=CallRecords)
     # Replay defences: Twilio's signatures carry no timestamp (see twilio/wire/replay.py). In
     # memory, or shared by every instance of PHONEAGENT_DATABASE_URL (twilio/wire/pg_replay.py).
@@ -79,6 +82,7 @@ class ServerState:
         """A new call would exceed PHONEAGENT_MAX_CALLS (calls in progress, being set up and
         ringing)."""
         taken = len(self.active_calls) + len(self.opening_calls) + self.prewarmer.waiting
+        taken += self.answering
         return taken >= self.settings.max_calls
 
     def readiness_problems(self) -> list[str]:

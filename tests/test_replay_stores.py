@@ -208,3 +208,26 @@ async def test_a_voice_webhook_replayed_to_another_instance_gets_the_first_answe
             assert late.messages("media") == []
         await taker.hangup()
         await taker.aclose()
+
+
+class SlowGuard(MemoryReplayGuard):
+    """A guard whose every answer takes a round trip, as a shared database's does."""
+
+    async def remember(self, key: str, twiml: str) -> tuple[str, bool]:
+        await asyncio.sleep(0.2)
+        return await super().remember(key, twiml)
+
+
+async def test_concurrent_new_calls_hold_their_place_under_the_cap_while_answered():
+    async with LocalStack(EXAMPLE_PERSONAS, model=FakeRealtimeServer(speed=None)) as stack:
+        stack.state.settings = dataclasses.replace(stack.state.settings, max_calls=2)
+        stack.state.replay = SlowGuard()
+        callers = [stack.caller(to=DENTAL, speed=0) for _ in range(4)]
+        try:
+            answers = await asyncio.gather(*(c.dial() for c in callers))
+            assert sum(a.stream_url is not None for a in answers) == 2
+            assert stack.state.prewarmer.waiting == 2
+            assert stack.state.answering == 0
+        finally:
+            for caller in callers:
+                await caller.aclose()

@@ -132,6 +132,16 @@ async def voice_webhook(request: web.Request) -> web.Response:
         log.warning("call_refused_busy", call_sid=call_sid, max_calls=state.settings.max_calls)
         state.metrics.calls.labels("busy").inc()
         return twiml(busy_twiml(persona, called))
+    state.answering += 1  # no await since the capacity check: the place is held from here
+    try:
+        return await answer_call(state, form, persona, call_sid, called)
+    finally:
+        state.answering -= 1
+
+
+async def answer_call(
+    state: ServerState, form: Mapping[str, str], persona: Persona, call_sid: str, called: str
+) -> web.Response:
     key = f"voice:{call_sid}"
     known = state.calls.get(call_sid)
     call_over = known is not None and known.ended_at is not None
