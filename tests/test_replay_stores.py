@@ -75,10 +75,16 @@ async def test_concurrent_answers_keep_one(guards):
     assert {answer for answer, _ in results} == set(firsts)
 
 
-async def test_two_instances_share_claims_and_answers(guards):
-    if guards.backend == "memory":
-        pytest.skip("memory is one instance's")
-    one, two = await guards(), await guards()
+async def test_two_instances_share_claims_and_answers(pg_database):
+    outboxes = [await PostgresOutbox.open(pg_database) for _ in range(2)]  # two "instances"
+    try:
+        await two_guards_share(*(PostgresReplayGuard(outbox) for outbox in outboxes))
+    finally:
+        for outbox in outboxes:
+            await outbox.close()
+
+
+async def two_guards_share(one: PostgresReplayGuard, two: PostgresReplayGuard) -> None:
     expiry = time.time() + 120
     results = await asyncio.gather(
         *(g.claim_stream("shared", expiry) for g in (one, two) for _ in range(5))
