@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
+import socket
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,22 @@ async def outbox_store(store_backend, tmp_path):
 async def outbox(outbox_store):
     """An outbox of each backend (the tests that take it run once per backend)."""
     return await outbox_store()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for servers started as real processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_for_port(port: int) -> None:
+    """Until a server accepts connections on ``port`` (bounded: 20 s)."""
+    for _ in range(400):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")

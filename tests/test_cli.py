@@ -1,14 +1,13 @@
 """The `phoneagent` command, run as a real process."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
-from conftest import BROKEN_PERSONAS, EXAMPLE_PERSONAS, PROJECT_ROOT, VALID_ENV
+from conftest import BROKEN_PERSONAS, EXAMPLE_PERSONAS, PROJECT_ROOT, VALID_ENV, free_port
 
 from phoneagent import __version__
 
@@ -89,12 +88,6 @@ def test_serve_refuses_broken_personas():
     assert result.returncode == 2
     assert "persona error:" in result.stderr
     assert "bad-e164.toml: numbers[0]" in result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> tuple[int, str]:

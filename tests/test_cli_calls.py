@@ -2,12 +2,11 @@
 
 import asyncio
 import os
-import socket
 import sys
 import wave
 
 import pytest
-from conftest import PROJECT_ROOT, VALID_ENV
+from conftest import PROJECT_ROOT, VALID_ENV, free_port
 
 from phoneagent.demo import CALLER_BOOKING_TEXT
 from phoneagent.testing.fake_model import FakeRealtimeServer
@@ -48,12 +47,6 @@ async def test_demo_places_one_call_and_prints_the_transcript(tmp_path):
     heard = tmp_path / "demo-caller-heard.wav"
     assert f"what the caller heard: {heard}" in out
     assert wav_seconds(heard) > 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -4,18 +4,12 @@ operators who migrate before deploying."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import asyncpg
+from conftest import free_port
 
 from phoneagent.cli import main
 from phoneagent.delivery.pg_outbox import SCHEMA_VERSION, PostgresOutbox
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sql(url: str, statement: str) -> None:

@@ -9,7 +9,7 @@ import sys
 
 import aiohttp
 import pytest
-from conftest import EXAMPLE_PERSONAS, PROJECT_ROOT, VALID_ENV
+from conftest import EXAMPLE_PERSONAS, PROJECT_ROOT, VALID_ENV, free_port, wait_for_port
 
 from phoneagent.config import ConfigError, load_settings
 from phoneagent.logs import configure_logging
@@ -83,25 +83,6 @@ def test_metrics_settings_are_validated_one_line_each():
     settings = load_settings(VALID_ENV | {"PHONEAGENT_METRICS_TOKEN": TOKEN})
     assert (settings.metrics_host, settings.metrics_port) == ("127.0.0.1", 9090)
     assert settings.metrics_token == TOKEN and TOKEN not in repr(settings)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def wait_for_port(port: int) -> None:
-    for _ in range(400):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 async def test_serve_starts_both_listeners_and_keeps_the_token_out_of_its_output(tmp_path):

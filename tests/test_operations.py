@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 
 import aiohttp
 import pytest
-from conftest import EXAMPLE_PERSONAS, PROJECT_ROOT, VALID_ENV
+from conftest import EXAMPLE_PERSONAS, PROJECT_ROOT, VALID_ENV, free_port, wait_for_port
 
 from phoneagent.testing.caller import TwilioCaller
 from phoneagent.testing.fake_model import FakeRealtimeServer
@@ -61,25 +61,6 @@ async def test_model_unreachable_the_caller_hears_the_apology_then_the_fallback(
     assert caller.messages("media") == []
     metrics = stack.state.metrics.exposition().decode()
     assert 'phoneagent_model_session_failures_total{status="402"} 1.0' in metrics
-
-
-async def wait_for_port(port: int) -> None:
-    for _ in range(400):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def twilio_caller(base: str, speed: float = 1.0) -> TwilioCaller:
