@@ -127,6 +127,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.call_records_pending = Gauge(
+            "phoneagent_call_records_pending",
+            "Call-record changes waiting to be written to the shared database (retried while it "
+            "refuses them; the instance is unready meanwhile).",
+            registry=r,
+        )
+        self.call_records_unshared = Counter(
+            "phoneagent_call_records_unshared",
+            "Call-record changes never written to the shared database (too many pending, or "
+            "still pending when the server stopped): other instances do not see them.",
+            registry=r,
+        )
         self.lost_calls_closed = Counter(
             "phoneagent_lost_calls_closed",
             "Calls a previous run of this instance left open (killed mid-call), closed at "

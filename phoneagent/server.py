@@ -22,12 +22,14 @@ from phoneagent.client_limits import handler_options, unauthenticated_limits
 from phoneagent.config import Settings
 from phoneagent.delivery.outbox import Outbox
 from phoneagent.delivery.publisher import CallEventPublisher
-from phoneagent.delivery.stores import open_outbox, replay_guard
+from phoneagent.delivery.stores import call_records, open_outbox, replay_guard
 from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.logs import get_logger
 from phoneagent.metrics import CONTENT_TYPE_LATEST
 from phoneagent.personas import PersonaRegistry
 from phoneagent.realtime.connection import ModelConnector, Prewarmer
+from phoneagent.records import CallRecords
+from phoneagent.records.store import CallRecordStore
 from phoneagent.state import STATE, ServerState
 from phoneagent.twilio.rest.calls import TwilioCalls
 from phoneagent.twilio.rest.handoffs import TwilioHandoffs
@@ -108,7 +110,7 @@ async def call_details(request: web.Request) -> web.Response:
             headers={"WWW-Authenticate": 'Basic realm="phoneagent"'},
         )
     call_sid = request.match_info["call_sid"]
-    record = state.calls.get(call_sid)
+    record = await state.calls.fetch(call_sid)  # any instance's, with a shared database
     if record is None:
         return web.json_response({"error": f"no call {call_sid}"}, status=404)
     return web.json_response(record.as_dict())
@@ -156,13 +158,15 @@ def create_app(
     connector: ModelConnector | None = None,
     outbox: Outbox | None = None,
     replay: ReplayGuard | None = None,
+    shared_records: CallRecordStore | None = None,
     handle_sigterm: bool = False,
     metrics_listener: tuple[str, int] | None = None,
 ) -> web.Application:
     """The application. With an ``outbox``, call events go to the personas' webhooks (the app
     runs the delivery worker and closes the outbox when it stops). ``handle_sigterm``: drain
     on SIGTERM (`phoneagent serve`), see ``drain_then_exit``. ``replay``: where stream claims
-    and answered webhooks are kept (default: this instance's memory). ``metrics_listener``: (host,
+    and answered webhooks are kept (default: this instance's memory); ``shared_records``: where
+    call records are shared (default: nowhere, each instance its own). ``metrics_listener``: (host,
     port) where the app serves ``/metrics`` while it runs (port 0: any free port, see
     ``state.metrics_address``); the app itself never serves it."""
     connector = connector or ModelConnector(
@@ -173,6 +177,11 @@ def create_app(
     state = ServerState(settings=settings, personas=personas, prewarmer=Prewarmer(connector))
     if replay is not None:
         state.replay = replay
+    if shared_records is not None:
+        state.calls = CallRecords(
+            shared_records, on_unshared=lambda: state.metrics.call_records_unshared.inc()
+        )
+        state.metrics.call_records_pending.set_function(lambda: state.calls.pending)
     limits = unauthenticated_limits(
         state.unauthenticated,
         settings=lambda: state.settings,
@@ -232,6 +241,7 @@ def create_app(
         yield
         await asyncio.gather(*state.background)  # events of calls that just ended, committed
         await publisher.spool.close()  # one last try for events held in memory; the rest is logged
+        await state.calls.close(FLUSH_SECONDS)  # call records on their way to the shared store
         await worker.flush(FLUSH_SECONDS)
         await worker.stop()
         await task
@@ -286,7 +296,14 @@ async def build_app(
     outbox (a damaged file, a database that is down) raises OutboxError here, before the server
     accepts a call."""
     outbox = await open_outbox(settings.data_dir, settings.database_url)
-    return create_app(settings, personas, outbox=outbox, replay=replay_guard(outbox), **options)
+    return create_app(
+        settings,
+        personas,
+        outbox=outbox,
+        replay=replay_guard(outbox),
+        shared_records=call_records(outbox),
+        **options,
+    )
 
 
 async def drain_then_exit(state: ServerState) -> None:

@@ -19,7 +19,7 @@ from phoneagent.delivery.publisher import CallEventPublisher
 from phoneagent.metrics import Metrics
 from phoneagent.personas import Persona, PersonaRegistry, TransferTarget
 from phoneagent.realtime.connection import Prewarmer
-from phoneagent.records import CallRecord, CallRecords
+from phoneagent.records import CallRecord, CallRecords, TurnFinished
 from phoneagent.twilio.wire.replay import MemoryReplayGuard, ReplayGuard
 from phoneagent.twilio.wire.token import StreamToken
 
@@ -39,6 +39,8 @@ class ServerState:
     # Voice webhooks past the capacity check, awaiting their answer's record (a database round
     # trip when shared): counted as calls, so concurrent new calls cannot all pass the cap.
     answering: int = 0
+    # What is known about calls: this instance's view, and with PHONEAGENT_DATABASE_URL the
+    # records every instance shares (records/call_records.py).
     calls: CallRecords = field(default_factory=CallRecords)
     # Replay defences: Twilio's signatures carry no timestamp (see twilio/wire/replay.py). In
     # memory, or shared by every instance of PHONEAGENT_DATABASE_URL (twilio/wire/pg_replay.py).
@@ -87,11 +89,13 @@ class ServerState:
 
     def readiness_problems(self) -> list[str]:
         """Why this instance should take no new calls, besides draining: its events cannot
-        reach the outbox (damaged, disk full, read-only)."""
-        return self.publisher.problems() if self.publisher is not None else []
+        reach the outbox (damaged, disk full, read-only, the database away), or its call records
+        the shared database."""
+        problems = self.publisher.problems() if self.publisher is not None else []
+        return problems + ([self.calls.problem] if self.calls.problem else [])
 
     def _record_live_turn(self, call: Call, turn: dict) -> None:
-        self.calls.open(call.call_sid).transcript.append(turn)
+        self.calls.note(call.call_sid, TurnFinished(turn))
         if self.publisher is not None:  # on disk too, for a call.ended if this run is killed
             self.spawn(self.publisher.call_turn(call.call_sid, dict(turn)))
 

@@ -4,12 +4,13 @@ operators who migrate before deploying."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import asyncpg
 from conftest import free_port
 
 from phoneagent.cli import main
-from phoneagent.delivery.pg_outbox import SCHEMA_VERSION, PostgresOutbox
+from phoneagent.delivery.pg_outbox import MIGRATIONS, SCHEMA_VERSION, PostgresOutbox
 
 
 def sql(url: str, statement: str) -> None:
@@ -42,15 +43,18 @@ def test_migrate_applies_only_the_pending_step(pg_database, monkeypatch, capsys)
         await box.close()
 
     asyncio.run(migrated())
+    previous = SCHEMA_VERSION - 1
+    newest_tables = re.findall(r"CREATE TABLE (\w+)", MIGRATIONS[SCHEMA_VERSION])
+    assert newest_tables
     sql(  # back to the schema of the previous release
         pg_database,
-        "DROP TABLE phoneagent_stream_claims; DROP TABLE phoneagent_answered_webhooks; "
-        "UPDATE phoneagent_schema SET version = 1; "
-        "DELETE FROM phoneagent_migrations WHERE version > 1",
+        "".join(f"DROP TABLE {table}; " for table in newest_tables)
+        + f"UPDATE phoneagent_schema SET version = {previous}; "
+        f"DELETE FROM phoneagent_migrations WHERE version > {previous}",
     )
     monkeypatch.setenv("PHONEAGENT_DATABASE_URL", pg_database)
     assert main(["db", "status"]) == 1
-    assert f"schema version 1, latest {SCHEMA_VERSION}" in capsys.readouterr().out
+    assert f"schema version {previous}, latest {SCHEMA_VERSION}" in capsys.readouterr().out
     assert main(["db", "migrate"]) == 0
     assert main(["db", "status"]) == 0
 

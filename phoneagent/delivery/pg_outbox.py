@@ -39,7 +39,7 @@ from phoneagent.delivery.status import DeliveryStatus
 __all__ = ["SCHEMA_VERSION", "PostgresOutbox", "database_schema", "migrate", "schema_version"]
 
 #: The schema this version reads and writes; ``MIGRATIONS[v]`` goes from v - 1 to v.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: ``pg_advisory_xact_lock`` key of the schema migration: any fixed 64-bit number of our own.
 MIGRATION_LOCK = 0x70686F6E65_01  # "phone", 1
 CONNECT_TIMEOUT = 5.0  # seconds: a database that does not answer at start-up is an error, soon
@@ -103,6 +103,27 @@ CREATE TABLE phoneagent_answered_webhooks (
     expires_at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX phoneagent_answered_webhooks_expiry ON phoneagent_answered_webhooks (expires_at);
+""",
+    # Call records, written as calls go by whichever instance handles each step, readable from
+    # any (records/postgres.py); kept as long as delivered events.
+    3: """
+CREATE TABLE phoneagent_calls (
+    call_sid TEXT PRIMARY KEY,
+    persona TEXT NOT NULL DEFAULT '',
+    model_session TEXT NOT NULL DEFAULT '',
+    caller TEXT NOT NULL DEFAULT '',
+    called TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT 'ringing',
+    started_at DOUBLE PRECISION,
+    ended_at DOUBLE PRECISION,
+    end_reason TEXT,
+    transfer JSONB,
+    transcript JSONB NOT NULL DEFAULT '[]'::jsonb,
+    twilio_events JSONB NOT NULL DEFAULT '[]'::jsonb,
+    stats JSONB NOT NULL DEFAULT '{}'::jsonb,
+    updated_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX phoneagent_calls_updated ON phoneagent_calls (updated_at);
 """,
 }
 

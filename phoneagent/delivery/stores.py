@@ -7,9 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from phoneagent.delivery.outbox import DEFAULT_BUSY_TIMEOUT, Outbox, SQLiteOutbox
+from phoneagent.records.store import CallRecordStore
 from phoneagent.twilio.wire.replay import MemoryReplayGuard, ReplayGuard
 
-__all__ = ["open_outbox", "replay_guard"]
+__all__ = ["call_records", "open_outbox", "replay_guard"]
 
 
 async def open_outbox(
@@ -35,3 +36,16 @@ def replay_guard(outbox: Outbox) -> ReplayGuard:
         assert isinstance(outbox, PostgresOutbox)
         return PostgresReplayGuard(outbox)
     return MemoryReplayGuard()
+
+
+def call_records(outbox: Outbox) -> CallRecordStore | None:
+    """Where call records are shared: the database of a PostgreSQL outbox (any instance reads
+    any call's record, and a returning transfer finds its conversation), else nowhere (each
+    instance keeps its own calls' records in memory)."""
+    if type(outbox).__name__ == "PostgresOutbox":
+        from phoneagent.delivery.pg_outbox import PostgresOutbox
+        from phoneagent.records.postgres import PostgresCallRecords
+
+        assert isinstance(outbox, PostgresOutbox)
+        return PostgresCallRecords(outbox)
+    return None

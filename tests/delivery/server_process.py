@@ -10,7 +10,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -45,11 +45,12 @@ def personas_with_webhook(directory: Path, url: str) -> Path:
 
 class ServerProcess:
     """``phoneagent serve`` on a free loopback port; ``wrapper`` runs it inside another command
-    (``unshare …``). stderr (the JSON log) goes to ``log_path``."""
+    (``unshare …``); ``env`` adds to or overrides its environment. stderr (the JSON log) goes to
+    ``log_path``."""
 
     def __init__(
         self, *, personas: Path, data_dir: Path, model_url: str, log_path: Path,
-        wrapper: Sequence[str] = (),
+        wrapper: Sequence[str] = (), env: Mapping[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -61,7 +62,7 @@ class ServerProcess:
             "PHONEAGENT_DATA_DIR": str(data_dir), HOOK_SECRET_ENV: "whsec_c2VjcmV0",
             "LOG_FORMAT": "json", "LOG_LEVEL": "info", "PYTHONPATH": str(PROJECT_ROOT),
             "PHONEAGENT_METRICS_PORT": str(self.metrics_port),
-        }  # fmt: skip
+        } | dict(env or {})  # fmt: skip
         self.wrapper = list(wrapper)
         self.log_path = log_path
         self.process: asyncio.subprocess.Process | None = None

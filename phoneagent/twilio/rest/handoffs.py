@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 from phoneagent.call import Call
 from phoneagent.logs import get_logger
 from phoneagent.personas import Persona, TransferTarget
-from phoneagent.records import CallRecord, CallRecords
+from phoneagent.records import CallRecord, CallRecords, Transferred
 from phoneagent.twilio.rest.calls import CallUpdateFailed, TwilioCalls
 from phoneagent.twilio.wire.twiml import dial_twiml
 
@@ -55,12 +55,13 @@ class TwilioHandoffs:
             ring_seconds=target.ring_seconds,
             action_url=f"{self.public_url()}/twilio/dial-status?{query}",
         )
-        record.transfer = {"target": target.name, "number": target.number}
+        transfer = {"target": target.name, "number": target.number}
+        self.calls.note(call.call_sid, Transferred(transfer))
         error = await self._update(self.rest.redirect(call.call_sid, twiml_text), "transfer")
         outcome = "failed" if error else "accepted"
         self.count_transfer(outcome)
         if error is not None:
-            record.transfer = None
+            self.calls.note(call.call_sid, Transferred(None))
         self.publish_transfer(call.persona, record, target, outcome, error)
         return error
 

@@ -21,6 +21,7 @@ from phoneagent.call.prompts import session_config
 from phoneagent.client_limits import SLOT
 from phoneagent.logs import get_logger
 from phoneagent.realtime.connection import ModelSession, ModelUnavailable
+from phoneagent.records import StreamEnded, StreamStarted
 from phoneagent.state import STATE, ServerState
 from phoneagent.twilio.routes.twilio_line import AiohttpTwilioLine
 from phoneagent.twilio.routes.webhooks import invalid_signature, twilio_signed
@@ -117,10 +118,17 @@ async def _open_checked_call(
         state.metrics.model_failures.labels(str(exc.status or "none")).inc()
         # Closing the stream makes Twilio ask `<Connect action>`, which answers the apology.
         raise StreamRefused("the model is unavailable: the caller hears the apology") from None
-    record = state.calls.mark_started(start.call_sid)
-    record.persona, record.model_session = persona.id, model.session_id
-    record.caller = start.custom_parameters.get(CALLER_PARAMETER, record.caller)
-    record.called = start.custom_parameters.get(CALLED_PARAMETER, record.called)
+    resume = start.custom_parameters.get(RESUME_PARAMETER, "")
+    # Back from a transfer nobody answered: the conversation so far, whichever instance ran it.
+    before = await state.calls.fetch(start.call_sid) if resume else None
+    started = StreamStarted(
+        at=time.time(),
+        persona=persona.id,
+        model_session=model.session_id,
+        caller=start.custom_parameters.get(CALLER_PARAMETER, ""),
+        called=start.custom_parameters.get(CALLED_PARAMETER, ""),
+    )
+    state.calls.note(start.call_sid, started)
     call = Call(
         persona,
         start.stream_sid,
@@ -129,10 +137,9 @@ async def _open_checked_call(
         model_input_rate=model.dialect.input_rate,
         model_output_rate=model.dialect.output_rate,
     )
-    resume = start.custom_parameters.get(RESUME_PARAMETER, "")
-    if resume:  # back from a transfer nobody answered: the agent picks the call up again
+    if resume:  # the agent picks the call up again
         target, _, outcome = resume.partition(":")
-        call.history = tuple(record.transcript)
+        call.history = tuple(before.transcript) if before is not None else ()
         call.opening = prompts.transfer_not_answered(target, outcome)
     return call, model
 
@@ -159,14 +166,15 @@ async def run_call(state: ServerState, line: TwilioLine, call: Call, model: Mode
         await shell.run()
     finally:
         state.active_calls.pop(call.call_sid, None)
-        record = state.calls.open(call.call_sid)
-        record.ended_at = time.time()
-        record.end_reason = call.end_reason.value if call.end_reason else "error"
-        record.transcript = call.transcript
-        record.stats = call.stats.as_dict()
-        state.metrics.record_call_end(record.end_reason, record.stats)
-        if record.status == "in-progress":  # Twilio's call-status callback may say more
-            record.status = "completed"
+        ended = StreamEnded(
+            at=time.time(),
+            end_reason=call.end_reason.value if call.end_reason else "error",
+            # The whole call's: a stream taking a call back from a transfer continues it.
+            transcript=[*call.history, *call.transcript],
+            stats=call.stats.as_dict(),
+        )
+        record = state.calls.note(call.call_sid, ended)
+        state.metrics.record_call_end(ended.end_reason, ended.stats)
         # Transcripts go to the business's webhook, not to the logs.
         log.info(
             "call_ended",

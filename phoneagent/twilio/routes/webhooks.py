@@ -3,6 +3,7 @@ action after a transfer, and the call and stream status callbacks."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from urllib.parse import urlencode, urlsplit
 
@@ -14,7 +15,7 @@ from phoneagent.call.prompts import session_config
 from phoneagent.config import Settings
 from phoneagent.logs import get_logger
 from phoneagent.personas import Persona
-from phoneagent.records import CallRecord
+from phoneagent.records import Answered, CallRecord, TwilioReported
 from phoneagent.state import STATE, ServerState
 from phoneagent.twilio.wire.signature import SHARED_KEY_MISSING, signature_problem
 from phoneagent.twilio.wire.twiml import (
@@ -143,12 +144,11 @@ async def answer_call(
     state: ServerState, form: Mapping[str, str], persona: Persona, call_sid: str, called: str
 ) -> web.Response:
     key = f"voice:{call_sid}"
-    known = state.calls.get(call_sid)
+    known = await state.calls.fetch(call_sid)  # any instance's, with a shared database
     call_over = known is not None and known.ended_at is not None
     if (replayed := await replay_answer(state, key, call_sid, call_over=call_over)) is not None:
         return replayed
-    record = state.calls.open(call_sid)
-    record.persona, record.caller, record.called = persona.id, form.get("From", ""), called
+    record = state.calls.note(call_sid, Answered(persona.id, form.get("From", ""), called))
     answer, first = await state.replay.remember(key, agent_twiml(state, persona, record))
     if not first:  # the same request, answered meanwhile here or on another instance
         return replayed_answer(state, key, call_sid, answer)
@@ -211,7 +211,7 @@ async def stream_ended(request: web.Request) -> web.Response:
     if form is None:
         return invalid_signature()
     call_sid = form.get("CallSid", "")
-    reason = end_reason_of(state, call_sid)
+    reason = await end_reason_of(state, call_sid)
     persona = state.persona(request.query.get("persona", ""))
     log.info("stream_ended", call_sid=call_sid, end_reason=reason, persona_known=bool(persona))
     if reason in HANG_UP_REASONS:
@@ -221,6 +221,9 @@ async def stream_ended(request: web.Request) -> web.Response:
         return twiml(apology_twiml(NO_PERSONA_APOLOGY))
     return twiml(say_then_hand_on_twiml(persona.apology, persona, form.get("To", "")))
 
+
+END_REASON_WAIT = 2.0  # seconds: see end_reason_of
+END_REASON_POLL = 0.1
 
 # The stream ended because the call was meant to end: Twilio's action gets a plain hang-up.
 HANG_UP_REASONS = frozenset(
@@ -234,13 +237,24 @@ HANG_UP_REASONS = frozenset(
 )
 
 
-def end_reason_of(state: ServerState, call_sid: str) -> str | None:
-    """Why this instance's call ended (the call may still be closing its sockets)."""
+async def end_reason_of(state: ServerState, call_sid: str) -> str | None:
+    """Why the call's stream ended: this instance's call (which may still be closing its
+    sockets), else the record. With a shared database the stream may have run on another
+    instance, whose record of the end is written as its socket closes, just as Twilio asks this
+    action: a record of a live stream is read again for up to END_REASON_WAIT seconds (a
+    stream that died with its instance stays live: the caller hears the apology then)."""
     shell = state.active_calls.get(call_sid)
     if shell is not None and shell.call.end_reason is not None:
         return shell.call.end_reason.value
-    record = state.calls.get(call_sid)
-    return record.end_reason if record is not None else None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + END_REASON_WAIT
+    while True:
+        record = await state.calls.fetch(call_sid)
+        if record is None or record.end_reason is not None or record.started_at is None:
+            return record.end_reason if record is not None else None
+        if state.calls.shared is None or loop.time() >= deadline:
+            return None
+        await asyncio.sleep(END_REASON_POLL)
 
 
 async def dial_status(request: web.Request) -> web.Response:
@@ -255,9 +269,14 @@ async def dial_status(request: web.Request) -> web.Response:
     key = f"dial:{call_sid}:{form.get('DialCallSid') or outcome}"
     if (replayed := await replay_answer(state, key, call_sid)) is not None:
         return replayed
-    record = state.calls.open(call_sid)
-    record.caller = record.caller or request.query.get("from", "")
-    record.called = record.called or request.query.get("to", "")
+    record = state.calls.note(
+        call_sid,
+        Answered(
+            request.query.get("persona", ""),
+            request.query.get("from", ""),
+            request.query.get("to", ""),
+        ),
+    )
     persona = state.persona(request.query.get("persona", ""))
     target_name = request.query.get("target", "")
     log.info("transfer_outcome", call_sid=record.call_sid, target=target_name, outcome=outcome)
@@ -282,8 +301,5 @@ async def status_callback(request: web.Request) -> web.Response:
     fields = ("CallStatus", "CallDuration", "StreamSid", "StreamEvent", "StreamError", "Timestamp")
     event = {f: form[f] for f in fields if f in form}
     log.info("twilio_status", path=request.path, call_sid=form.get("CallSid"), **event)
-    record = state.calls.open(form.get("CallSid", ""))
-    record.twilio_events.append(event | {"path": request.path})
-    if "CallStatus" in form:
-        record.status = form["CallStatus"]
+    state.calls.note(form.get("CallSid", ""), TwilioReported(event | {"path": request.path}))
     return web.Response(status=204)

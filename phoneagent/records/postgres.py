@@ -1,0 +1,173 @@
+"""Call records in the PostgreSQL database every instance shares (``PHONEAGENT_DATABASE_URL``).
+
+Each change is one upsert on ``phoneagent_calls`` that sets only what the change says (see
+``record.apply``, which this mirrors), so steps written by different instances (the voice
+webhook here, the stream there, a status callback anywhere) never overwrite each other, and a
+turn is appended to the transcript where it lies. The store uses the outbox's pool and schema
+(migration step 3), like the replay defences.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+
+from phoneagent.delivery.outbox import OutboxError
+from phoneagent.delivery.pg_outbox import PostgresOutbox, _count
+from phoneagent.records.record import (
+    FINAL_STATUSES,
+    Answered,
+    CallRecord,
+    Change,
+    StreamEnded,
+    StreamStarted,
+    Transferred,
+    TurnFinished,
+    TwilioReported,
+)
+
+__all__ = ["PostgresCallRecords"]
+
+_FINAL = ", ".join(f"'{status}'" for status in sorted(FINAL_STATUSES))
+
+# Each statement: $1 call_sid, $2 updated_at, then the change's values. "c" is the row as it was.
+_UPSERT = (
+    "INSERT INTO phoneagent_calls AS c (call_sid, updated_at{columns}) VALUES ($1, $2{values}) "
+)
+_ON_CONFLICT = "ON CONFLICT (call_sid) DO UPDATE SET updated_at = EXCLUDED.updated_at, "
+
+_ANSWERED = (
+    _UPSERT.format(columns=", persona, caller, called", values=", $3, $4, $5")
+    + _ON_CONFLICT
+    + "persona = CASE WHEN c.persona = '' THEN EXCLUDED.persona ELSE c.persona END, "
+    "caller = CASE WHEN c.caller = '' THEN EXCLUDED.caller ELSE c.caller END, "
+    "called = CASE WHEN c.called = '' THEN EXCLUDED.called ELSE c.called END"
+)
+_STREAM_STARTED = (
+    _UPSERT.format(
+        columns=", started_at, persona, model_session, caller, called, status",
+        values=", $3, $4, $5, $6, $7, 'in-progress'",
+    )
+    + _ON_CONFLICT
+    + "started_at = EXCLUDED.started_at, ended_at = NULL, end_reason = NULL, "
+    "persona = EXCLUDED.persona, model_session = EXCLUDED.model_session, "
+    "caller = CASE WHEN EXCLUDED.caller = '' THEN c.caller ELSE EXCLUDED.caller END, "
+    "called = CASE WHEN EXCLUDED.called = '' THEN c.called ELSE EXCLUDED.called END, "
+    f"status = CASE WHEN c.status IN ({_FINAL}) THEN c.status ELSE 'in-progress' END"
+)
+_TURN_FINISHED = (
+    _UPSERT.format(columns=", transcript", values=", jsonb_build_array($3::jsonb)")
+    + _ON_CONFLICT
+    + "transcript = c.transcript || jsonb_build_array($3::jsonb)"
+)
+_TWILIO_REPORTED = (
+    _UPSERT.format(
+        columns=", twilio_events, status",
+        values=", jsonb_build_array($3::jsonb), COALESCE($4, 'ringing')",
+    )
+    + _ON_CONFLICT
+    + "twilio_events = c.twilio_events || jsonb_build_array($3::jsonb), "
+    "status = COALESCE($4, c.status)"
+)
+_TRANSFERRED = (
+    _UPSERT.format(columns=", transfer", values=", $3::jsonb")
+    + _ON_CONFLICT
+    + "transfer = EXCLUDED.transfer"
+)
+_STREAM_ENDED = (
+    _UPSERT.format(
+        columns=", ended_at, end_reason, transcript, stats",
+        values=", $3, $4, $5::jsonb, $6::jsonb",
+    )
+    + _ON_CONFLICT
+    + "ended_at = EXCLUDED.ended_at, end_reason = EXCLUDED.end_reason, "
+    "transcript = EXCLUDED.transcript, stats = EXCLUDED.stats, "
+    "status = CASE WHEN c.status = 'in-progress' THEN 'completed' ELSE c.status END"
+)
+
+_COLUMNS = (
+    "call_sid, persona, model_session, caller, called, status, started_at, ended_at, "
+    "end_reason, transfer, transcript, twilio_events, stats"
+)
+
+
+class PostgresCallRecords:
+    """:class:`~phoneagent.records.store.CallRecordStore` on the shared database."""
+
+    def __init__(self, outbox: PostgresOutbox) -> None:
+        self._db = outbox
+
+    async def write(self, call_sid: str, change: Change, *, at: float) -> None:
+        statement, values = _statement(change)
+        async with self._db.connection() as conn:
+            await conn.execute(statement, call_sid, at, *values)
+
+    async def get(self, call_sid: str) -> CallRecord | None:
+        async with self._db.connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM phoneagent_calls WHERE call_sid = $1", call_sid
+            )
+        return _record(row) if row is not None else None
+
+    async def purge(self, *, before: float) -> int:
+        async with self._db.connection() as conn:
+            result = await conn.execute(
+                "DELETE FROM phoneagent_calls WHERE updated_at < $1", before
+            )
+        return _count(result)
+
+
+def _statement(change: Change) -> tuple[str, tuple[Any, ...]]:
+    match change:
+        case Answered():
+            return _ANSWERED, (change.persona, change.caller, change.called)
+        case StreamStarted():
+            return _STREAM_STARTED, (
+                change.at,
+                change.persona,
+                change.model_session,
+                change.caller,
+                change.called,
+            )
+        case TurnFinished():
+            return _TURN_FINISHED, (_json(change.turn),)
+        case TwilioReported():
+            status = change.event.get("CallStatus")
+            return _TWILIO_REPORTED, (_json(change.event), status)
+        case Transferred():
+            transfer = _json(change.transfer) if change.transfer is not None else None
+            return _TRANSFERRED, (transfer,)
+        case StreamEnded():
+            return _STREAM_ENDED, (
+                change.at,
+                change.end_reason,
+                _json(change.transcript),
+                _json(change.stats),
+            )
+    raise OutboxError(f"not a call-record change: {change!r}")
+
+
+def _json(value: Any) -> str:
+    # PostgreSQL's jsonb refuses the NUL character, which a model's or a caller's text may hold:
+    # it would make the write fail for ever. It is replaced, as an undecodable byte would be.
+    return json.dumps(_without_nul(value), ensure_ascii=False)
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nul(v) for v in value]
+    return value
+
+
+def _record(row: asyncpg.Record) -> CallRecord:
+    values = dict(row)
+    for column in ("transfer", "transcript", "twilio_events", "stats"):
+        if values[column] is not None:
+            values[column] = json.loads(values[column])
+    return CallRecord(**values)

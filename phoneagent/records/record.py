@@ -1,0 +1,120 @@
+"""A call's record, and the changes the call path makes to it. No I/O.
+
+The voice webhook, the media stream, Twilio's status callbacks and a transfer each change the
+record of one call, possibly on different instances. Each change is a value that says what it
+sets, so a shared store can apply it where the record lives (one SQL statement) without
+overwriting what another instance wrote meanwhile; :func:`apply` is the same change applied to a
+record in memory, and the reference for the database's version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+#: Twilio's CallStatus values after which the call is over: a late write from the call's own
+#: path (a stream starting, a call ending) never turns them back into "in-progress".
+FINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+
+
+@dataclass
+class CallRecord:
+    call_sid: str
+    persona: str = ""
+    model_session: str = ""  # the model's session id: StepFun support asks for it
+    caller: str = ""  # Twilio's From
+    called: str = ""  # Twilio's To: the business's line
+    status: str = "ringing"  # the latest CallStatus Twilio reported, or our own view
+    started_at: float | None = None  # Unix time the (latest) media stream started
+    ended_at: float | None = None
+    end_reason: str | None = None
+    transfer: dict | None = None  # {"target", "number"} once Twilio took a transfer
+    transcript: list[dict] = field(default_factory=list)  # finished turns, whole call once ended
+    twilio_events: list[dict] = field(default_factory=list)  # status callbacks, as received
+    stats: dict = field(default_factory=dict)  # barge-ins, reaction times, first audio (at end)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A webhook named the call's persona and numbers: each fills what is not known yet (the
+    stream, which knows better, may have come first on another instance)."""
+
+    persona: str = ""
+    caller: str = ""
+    called: str = ""
+
+
+@dataclass(frozen=True)
+class StreamStarted:
+    """A media stream of the call started, with this model session: the call is live (again,
+    for a call coming back from a transfer nobody answered)."""
+
+    at: float
+    persona: str
+    model_session: str
+    caller: str = ""  # "": keep what is known
+    called: str = ""
+
+
+@dataclass(frozen=True)
+class TurnFinished:
+    turn: dict
+
+
+@dataclass(frozen=True)
+class TwilioReported:
+    """A status callback: kept as received; its CallStatus, if any, is the call's status."""
+
+    event: dict
+
+
+@dataclass(frozen=True)
+class Transferred:
+    transfer: dict | None  # None: the transfer Twilio was asked for did not happen
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    """The stream is over. ``transcript`` is the whole call's so far (an earlier stream's turns
+    first), replacing the turns added as they finished."""
+
+    at: float
+    end_reason: str
+    transcript: list[dict]
+    stats: dict
+
+
+Change = Answered | StreamStarted | TurnFinished | TwilioReported | Transferred | StreamEnded
+
+
+def apply(record: CallRecord, change: Change) -> None:
+    """``change`` made to ``record``, in place."""
+    match change:
+        case Answered():
+            record.persona = record.persona or change.persona
+            record.caller = record.caller or change.caller
+            record.called = record.called or change.called
+        case StreamStarted():
+            record.started_at = change.at
+            record.ended_at = record.end_reason = None
+            record.persona, record.model_session = change.persona, change.model_session
+            record.caller = change.caller or record.caller
+            record.called = change.called or record.called
+            if record.status not in FINAL_STATUSES:
+                record.status = "in-progress"
+        case TurnFinished():
+            record.transcript.append(dict(change.turn))
+        case TwilioReported():
+            record.twilio_events.append(dict(change.event))
+            if "CallStatus" in change.event:
+                record.status = change.event["CallStatus"]
+        case Transferred():
+            record.transfer = dict(change.transfer) if change.transfer is not None else None
+        case StreamEnded():
+            record.ended_at, record.end_reason = change.at, change.end_reason
+            record.transcript = [dict(turn) for turn in change.transcript]
+            record.stats = dict(change.stats)
+            if record.status == "in-progress":  # Twilio's call-status callback may say more
+                record.status = "completed"

@@ -1,0 +1,248 @@
+"""Call records behind one interface, the same tests against both stores (memory and
+PostgreSQL), and what the facade adds: this instance's view at once, the shared store in the
+call's order, retried while the database is away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from phoneagent.delivery.outbox import OutboxError
+from phoneagent.delivery.pg_outbox import PostgresOutbox
+from phoneagent.records import (
+    Answered,
+    CallRecord,
+    CallRecords,
+    StreamEnded,
+    StreamStarted,
+    Transferred,
+    TurnFinished,
+    TwilioReported,
+)
+from phoneagent.records.memory import MemoryCallRecords
+from phoneagent.records.postgres import PostgresCallRecords
+from phoneagent.records.record import apply
+
+SID = "CA" + "1" * 32
+TURN_1 = {"role": "agent", "text": "您好，这里是明珠牙科。", "start_ms": 0, "end_ms": 2100,
+          "interrupted": False}  # fmt: skip
+TURN_2 = {"role": "caller", "text": "I'd like to book — 下周二 please.", "start_ms": 2500,
+          "end_ms": 4000, "interrupted": False}  # fmt: skip
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def stores(request):
+    """Opens call-record stores of the parametrized backend: with PostgreSQL each is one more
+    "instance" on the same database; in memory, there is one instance's store."""
+    opened: list[PostgresOutbox] = []
+    memory = MemoryCallRecords()
+
+    async def open_store():
+        if request.param == "memory":
+            return memory
+        outbox = await PostgresOutbox.open(request.getfixturevalue("pg_database"))
+        opened.append(outbox)
+        return PostgresCallRecords(outbox)
+
+    open_store.backend = request.param
+    yield open_store
+    for outbox in opened:
+        await outbox.close()
+
+
+def expected(*changes) -> CallRecord:
+    record = CallRecord(SID)
+    for change in changes:
+        apply(record, change)
+    return record
+
+
+A_CALL = (
+    Answered("bright-smile-dental", "+14155550123", "+14155550100"),
+    TwilioReported({"CallStatus": "ringing", "path": "/twilio/call-status"}),
+    StreamStarted(
+        at=1000.5,
+        persona="bright-smile-dental",
+        model_session="sess_1",
+        caller="+14155550123",
+        called="+14155550100",
+    ),
+    TwilioReported({"StreamEvent": "stream-started", "path": "/twilio/stream-status"}),
+    TurnFinished(TURN_1),
+    TurnFinished(TURN_2),
+    Transferred({"target": "front_desk", "number": "+14155550999"}),
+    StreamEnded(
+        at=1010.25,
+        end_reason="transferred",
+        transcript=[TURN_1, TURN_2],
+        stats={"barge_ins": 1, "first_audio_ms": 412},
+    ),
+)
+
+
+async def test_a_call_written_step_by_step_reads_back_whole(stores):
+    store = await stores()
+    for change in A_CALL:
+        await store.write(SID, change, at=time.time())
+    record = await store.get(SID)
+    assert record == expected(*A_CALL)
+    assert record.status == "completed"  # ended while in progress
+    assert record.transcript[0]["text"] == "您好，这里是明珠牙科。"
+    assert await store.get("CA" + "0" * 32) is None
+
+
+async def test_turns_are_appended_in_order_and_the_end_replaces_them(stores):
+    store = await stores()
+    await store.write(SID, TurnFinished(TURN_1), at=1.0)
+    await store.write(SID, TurnFinished(TURN_2), at=2.0)
+    assert [t["role"] for t in (await store.get(SID)).transcript] == ["agent", "caller"]
+    whole = [TURN_2, TURN_1, TURN_2]  # the whole call's, an earlier stream's turns first
+    await store.write(SID, StreamEnded(at=3.0, end_reason="caller_hung_up", transcript=whole,
+                                       stats={}), at=3.0)  # fmt: skip
+    assert (await store.get(SID)).transcript == whole
+
+
+async def test_what_the_webhook_says_never_overwrites_what_the_stream_said(stores):
+    # The stream may reach its instance, and be written, before the webhook's instance writes.
+    store = await stores()
+    await store.write(SID, StreamStarted(at=5.0, persona="p", model_session="s",
+                                         caller="client:alice", called="+1415"), at=1)  # fmt: skip
+    await store.write(SID, Answered("other", "+1999", "+1888"), at=2)
+    record = await store.get(SID)
+    assert (record.persona, record.caller, record.called) == ("p", "client:alice", "+1415")
+    assert record.status == "in-progress"
+
+
+async def test_a_final_status_from_twilio_is_kept_and_a_returning_stream_is_live_again(stores):
+    store = await stores()
+    await store.write(SID, StreamStarted(at=1.0, persona="p", model_session="s1"), at=1)
+    await store.write(SID, StreamEnded(at=2.0, end_reason="transferred", transcript=[TURN_1],
+                                       stats={}), at=2)  # fmt: skip
+    assert (await store.get(SID)).status == "completed"
+    await store.write(SID, StreamStarted(at=3.0, persona="p", model_session="s2"), at=3)
+    record = await store.get(SID)
+    # Back from a transfer: live again, the end of the first stream cleared, its turns kept.
+    assert (record.ended_at, record.end_reason, record.model_session) == (None, None, "s2")
+    assert record.transcript == [TURN_1]
+    assert record.status == "completed"  # Twilio's (or our) final word is not undone
+    await store.write(SID, TwilioReported({"CallStatus": "no-answer"}), at=4)
+    assert (await store.get(SID)).status == "no-answer"
+
+
+async def test_a_failed_transfer_is_cleared(stores):
+    store = await stores()
+    await store.write(SID, Transferred({"target": "t", "number": "+1"}), at=1)
+    await store.write(SID, Transferred(None), at=2)
+    assert (await store.get(SID)).transfer is None
+
+
+async def test_text_with_nul_characters_is_kept_without_them(stores):
+    # PostgreSQL's jsonb refuses U+0000: such a turn must not block the call's record for ever.
+    store = await stores()
+    turn = dict(TURN_1, text="a\x00b")
+    await store.write(SID, TurnFinished(turn), at=1)
+    [kept] = (await store.get(SID)).transcript
+    assert kept["text"] in ("a\x00b", "a\ufffdb")  # memory keeps it; the database replaces it
+
+
+async def test_old_records_are_purged(stores):
+    store = await stores()
+    await store.write(SID, Answered("p", "+1", "+2"), at=100.0)
+    await store.write("CA" + "2" * 32, Answered("p", "+1", "+2"), at=200.0)
+    assert await store.purge(before=150.0) == 1
+    assert await store.get(SID) is None
+    assert await store.get("CA" + "2" * 32) is not None
+
+
+async def test_two_instances_writing_one_call_at_once_lose_nothing(pg_database):
+    first_outbox = await PostgresOutbox.open(pg_database)
+    second_outbox = await PostgresOutbox.open(pg_database)
+    first, second = PostgresCallRecords(first_outbox), PostgresCallRecords(second_outbox)
+    turns = [dict(TURN_1, start_ms=i) for i in range(20)]
+    events = [{"StreamEvent": f"e{i}"} for i in range(20)]
+    await asyncio.gather(
+        *(first.write(SID, TurnFinished(t), at=1) for t in turns),
+        *(second.write(SID, TwilioReported(e), at=1) for e in events),
+    )
+    record = await second.get(SID)
+    await first_outbox.close()
+    await second_outbox.close()
+    assert sorted(t["start_ms"] for t in record.transcript) == list(range(20))
+    assert len(record.twilio_events) == 20
+
+
+# --- the facade: this instance's view, and the shared store ------------------------------
+
+
+class FlakyStore(MemoryCallRecords):
+    """A shared store whose database is away for the first ``failures`` writes."""
+
+    def __init__(self, failures: int):
+        super().__init__()
+        self.failures = failures
+        self.attempts = 0
+
+    async def write(self, call_sid, change, *, at):
+        self.attempts += 1
+        if self.failures:
+            self.failures -= 1
+            raise OutboxError("the database postgresql://u:***@db/x: ConnectionRefusedError")
+        await asyncio.sleep(0.001)  # a round trip: later writes could overtake
+        await super().write(call_sid, change, at=at)
+
+
+async def test_the_view_changes_at_once_and_the_shared_store_in_the_calls_order():
+    shared = FlakyStore(failures=0)
+    calls = CallRecords(shared)
+    for change in A_CALL:
+        calls.note(SID, change)
+    assert calls.get(SID) == expected(*A_CALL)  # this instance's view, without awaiting
+    assert await calls.fetch(SID) == expected(*A_CALL)  # waits for its own writes
+    assert calls.pending == 0
+
+
+async def test_writes_the_database_refuses_are_retried_in_order_and_readiness_says_so(
+    monkeypatch,
+):
+    monkeypatch.setattr("phoneagent.records.call_records.RETRY_FIRST", 0.01)
+    shared = FlakyStore(failures=3)
+    calls = CallRecords(shared)
+    calls.note(SID, TurnFinished(TURN_1))
+    calls.note(SID, TurnFinished(TURN_2))
+    await asyncio.sleep(0.005)
+    assert calls.problem is not None and "cannot be written" in calls.problem
+    assert "***" in calls.problem
+    for _ in range(200):
+        if not calls.pending:
+            break
+        await asyncio.sleep(0.01)
+    assert calls.problem is None
+    assert [t["role"] for t in (await shared.get(SID)).transcript] == ["agent", "caller"]
+    assert shared.attempts == 5
+
+
+async def test_a_read_falls_back_to_this_instances_view_while_the_database_is_away():
+    class Away(MemoryCallRecords):
+        async def get(self, call_sid):
+            raise OutboxError("the database is away")
+
+    calls = CallRecords(Away())
+    calls.note(SID, Answered("p", "+1", "+2"))
+    assert (await calls.fetch(SID)).persona == "p"
+
+
+async def test_closing_gives_up_on_writes_that_cannot_land(monkeypatch):
+    monkeypatch.setattr("phoneagent.records.call_records.RETRY_FIRST", 0.01)
+    calls = CallRecords(FlakyStore(failures=10**9))
+    calls.note(SID, TurnFinished(TURN_1))
+    await calls.close(0.05)
+    assert calls.pending == 0
+
+
+async def test_without_a_shared_store_records_stay_in_this_instances_memory():
+    calls = CallRecords()
+    calls.note(SID, Answered("p", "+1", "+2"))
+    assert calls.pending == 0
+    assert (await calls.fetch(SID)).caller == "+1"
