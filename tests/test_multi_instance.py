@@ -30,6 +30,7 @@ from server_process import (
 )
 
 from phoneagent.audio import pcm16_to_ulaw
+from phoneagent.personas.model import DEFAULT_APOLOGY
 from phoneagent.testing.caller import TwilioCaller
 from phoneagent.testing.fake_model import CallTool, FakeRealtimeServer
 from phoneagent.testing.fake_twilio_api import FakeTwilioApi
@@ -48,7 +49,7 @@ class Pair:
     def caller(self, first: ServerProcess, **options) -> TwilioCaller:
         caller = TwilioCaller(
             first.base, public_url=PUBLIC_URL, account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN,
-            to=DENTAL, speed=SPEED, **options,
+            to=DENTAL, **{"speed": SPEED} | options,
         )  # fmt: skip
         self.twilio_api.attach(caller)
         return caller
@@ -234,3 +235,37 @@ async def test_a_killed_instances_events_are_delivered_by_the_other(pair):
         assert received.json == ids[received.headers["webhook-id"]]
     metrics = await pair.b.metrics()
     assert 'phoneagent_webhook_deliveries_total{outcome="delivered"} 2.0' in metrics
+
+
+async def test_a_goodbye_on_one_instance_is_a_hang_up_for_the_other(pair):
+    # The agent says goodbye on B and Twilio refuses the REST hang-up: the stream closes, and
+    # Twilio asks <Connect action> on A, which must read B's end of the call, not apologise.
+    pair.model.script = [CallTool("end_call")]
+    pair.twilio_api.fail_next(1, status=500, code=20500, message="Internal Server Error")
+    caller = pair.caller(pair.a)
+    async with caller:
+        await caller.dial()
+        caller.base_url = pair.b.base
+        await caller.connect()
+        caller.base_url = pair.a.base  # the action's request goes to A
+        caller.start_background_silence()
+        await caller.wait_until_quiet(300, timeout=GUARD)  # the greeting, heard out
+        await caller.play(b"\x00" * 8000)  # loud enough to be a turn for the fake's VAD
+        after = await caller.wait_call_over(timeout=GUARD)
+    assert [u.status for u in pair.twilio_api.updates] == [500]
+    assert after is not None and after.verbs == ["Hangup"]
+    assert '"event": "stream_ended"' in pair.a.log_path.read_text()
+
+
+async def test_a_call_whose_instance_died_gets_the_apology_from_the_other(pair):
+    caller = pair.caller(pair.a, speed=0)
+    async with caller:
+        await caller.dial()
+        caller.base_url = pair.b.base
+        await caller.connect()
+        await caller.wait_for_event("media", timeout=GUARD)
+        caller.base_url = pair.a.base  # the action's request goes to A
+        pair.b.process.send_signal(signal.SIGKILL)
+        after = await caller.wait_call_over(timeout=GUARD)
+    # B's record says the stream is live, and stays so: after a short wait, the apology.
+    assert after is not None and after.says == [DEFAULT_APOLOGY]  # the persona sets none

@@ -25,6 +25,7 @@ from phoneagent.delivery.status import AttemptOutcome
 
 __all__ = [
     "DEFAULT_DELAYS",
+    "RETENTION",
     "Decision",
     "RetryPolicy",
     "decide",
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 MINUTE, HOUR = 60.0, 3600.0
+#: How long delivered events are kept (then purged), and call records with them.
+RETENTION = 30 * 24 * HOUR
 #: The Standard Webhooks spec's example schedule: the delay before attempts 2 to 10.
 DEFAULT_DELAYS = (5.0, 5 * MINUTE, 30 * MINUTE, 2 * HOUR, 5 * HOUR, 10 * HOUR, 14 * HOUR,
                   20 * HOUR, 24 * HOUR)  # fmt: skip

@@ -28,7 +28,7 @@ import aiohttp
 
 from phoneagent.delivery.events import Event
 from phoneagent.delivery.outbox import Outbox, OutboxError, OutboxItem
-from phoneagent.delivery.policy import HOUR, Decision, RetryPolicy, decide
+from phoneagent.delivery.policy import HOUR, RETENTION, Decision, RetryPolicy, decide
 from phoneagent.delivery.sender import WebhookSender
 from phoneagent.delivery.status import AttemptOutcome
 from phoneagent.logs import get_logger
@@ -76,7 +76,7 @@ class DeliveryWorker:
         per_destination: int = DEFAULT_PER_DESTINATION,
         lease: float | None = None,
         poll_interval: float = 1.0,
-        retention: float | None = 30 * 24 * HOUR,
+        retention: float | None = RETENTION,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         rng: random.Random | None = None,

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from phoneagent.delivery.outbox import OutboxError
+from phoneagent.delivery.policy import RETENTION
 from phoneagent.logs import get_logger
 from phoneagent.records.memory import RECORDS_KEPT, MemoryCallRecords
 from phoneagent.records.record import CallRecord, Change
@@ -33,7 +34,6 @@ RETRY_FIRST, RETRY_MAX = 0.25, 5.0  # seconds between attempts at a write the da
 MAX_PENDING = 10_000  # changes waiting for the database; past it, new ones are not shared
 OWN_WRITES_WAIT = 1.0  # seconds a read waits for this instance's writes of the call
 PURGE_EVERY = 3600.0  # seconds between purges of old records in the shared store
-DEFAULT_RETENTION = 30 * 24 * 3600.0  # as delivered events (delivery/worker.py)
 
 
 @dataclass
@@ -52,7 +52,7 @@ class CallRecords:
         shared: CallRecordStore | None = None,
         *,
         limit: int = RECORDS_KEPT,
-        retention: float = DEFAULT_RETENTION,
+        retention: float = RETENTION,  # as delivered events
         clock: Callable[[], float] = time.time,
         on_unshared: Callable[[], None] | None = None,
     ) -> None:
