@@ -4,11 +4,16 @@ No Docker engine or cluster runs in the tests, so this checks what can drift sil
 metrics paths are routes of the app, every variable the files set is one the server reads, the
 manifests' settings pass the server's own validation, the grace period outlasts the drain, the
 image runs as the user the pods require, the personas in the ConfigMap load (from the layout a
-ConfigMap volume really has), and the Procfile and image commands parse with the CLI.
+ConfigMap volume really has), and the Procfile and image commands parse with the CLI. The two
+modes: the Deployment shares PostgreSQL through the Secret and keeps no volume, the StatefulSet
+keeps SQLite on a claim per pod, and the README's database set-up really lets phoneagent create
+its tables (on the tests' PostgreSQL). The local compose file: two instances of the image with one
+database and distinct host names, health-gated start-up, and an nginx that balances them round
+robin and passes WebSocket upgrades (its configuration read with a small nginx-syntax reader).
 
-The manifests are read with a small YAML-subset reader (stdlib only: PyYAML is not a project
-dependency). It refuses what it does not understand rather than guess; where PyYAML happens to
-be installed, a test checks the reader agrees with it.
+The manifests and the compose file are read with a small YAML-subset reader (stdlib only: PyYAML
+is not a project dependency). It refuses what it does not understand rather than guess; where
+PyYAML happens to be installed, a test checks the reader agrees with it.
 """
 
 from __future__ import annotations
@@ -177,6 +182,22 @@ def container(workload: dict) -> dict:
 
 def plain_env(workload: dict) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container(workload)["env"] if "value" in e}
+
+
+def secret_env(workload: dict) -> dict[str, dict]:
+    """The variables a workload takes from a Secret by key: name -> its ``secretKeyRef``."""
+    return {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container(workload)["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
+def pod_settings(workload: dict, secrets: dict[str, str]) -> Settings:
+    """What the pod's server reads: the image's environment, the workload's, and the values of
+    its secret keys (from the example Secret), with well-formed credentials."""
+    from_secret = {name: secrets[ref["key"]] for name, ref in secret_env(workload).items()}
+    return load_settings(VALID_ENV | dockerfile_env() | plain_env(workload) | from_secret)
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -356,24 +377,70 @@ def test_environment_is_what_the_server_reads_and_passes_its_validation(
     manifests, deployed_personas, name
 ):
     main = container(manifests[name])
-    env = plain_env(manifests[name])
-    secrets = manifests["secret.example.yaml"]["stringData"]
+    names = [e["name"] for e in main["env"]]
+    secret = manifests["secret.example.yaml"]
+    secrets = secret["stringData"]
     known = settings_read() | PENDING_SETTINGS
-    assert set(env) <= known, set(env) - known
+    assert set(names) <= known, set(names) - known
+    assert len(names) == len(set(names))  # each set once: a later entry would win silently
+    # A key read by name must be in the Secret (else the pod does not start) and is required.
+    for ref in secret_env(manifests[name]).values():
+        assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secrets
+        assert not ref.get("optional", False)
+    # The other keys reach the pods as variables of the same name (envFrom): real settings, or
+    # a persona's webhook secret.
+    by_key = {ref["key"] for w in WORKLOADS for ref in secret_env(manifests[w]).values()}
     webhook_secrets = {p.webhook.secret_env for p in deployed_personas if p.webhook}
-    assert set(secrets) <= known | webhook_secrets, set(secrets) - known
+    assert set(secrets) - by_key <= known | webhook_secrets, set(secrets) - by_key - known
     # Every credential comes from somewhere: the pod's env or the secret.
-    assert set(CREDENTIALS) <= set(env) | set(secrets)
+    assert set(CREDENTIALS) <= set(names) | set(secrets)
     [source] = main["envFrom"]
-    assert source["secretRef"]["name"] == manifests["secret.example.yaml"]["metadata"]["name"]
+    assert source["secretRef"]["name"] == secret["metadata"]["name"]
     # The manifest's values, with well-formed credentials, are a valid configuration.
-    settings = load_settings(VALID_ENV | env)
+    settings = pod_settings(manifests[name], secrets)
     ports = container_ports(manifests[name])
     assert (settings.port, settings.metrics_port) == (ports["http"], ports["metrics"])
     assert settings.metrics_host == "0.0.0.0"  # the pod's address: Prometheus is another pod
     mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
     assert Path(mounts["personas"]) == settings.personas_dir
-    assert Path(mounts["data"]) == settings.data_dir
+
+
+def test_the_deployment_shares_postgresql_from_the_secret_and_keeps_no_volume(manifests):
+    deployment = manifests["deployment.yaml"]
+    secret = manifests["secret.example.yaml"]
+    # The database URL holds a password: from the Secret, by key, never a value in the manifest.
+    assert "PHONEAGENT_DATABASE_URL" not in plain_env(deployment)
+    ref = secret_env(deployment)["PHONEAGENT_DATABASE_URL"]
+    assert ref == {"name": secret["metadata"]["name"], "key": "database-url"}
+    url = secret["stringData"]["database-url"]
+    settings = pod_settings(deployment, secret["stringData"])
+    assert settings.database_url == url  # and it passed the server's validation
+    assert url.startswith("postgresql://") and "sslmode=require" in url
+    # Nothing per pod to keep: no claim, and nothing mounted where a SQLite outbox would go, on
+    # a read-only root filesystem (a pod without the URL fails at start-up, loudly).
+    pod = deployment["spec"]["template"]["spec"]
+    assert "volumeClaimTemplates" not in deployment["spec"]
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v or "ephemeral" in v]
+    mounted = [Path(m["mountPath"]) for m in container(deployment)["volumeMounts"]]
+    data_dir = settings.data_dir
+    assert not [
+        m for m in mounted if m == data_dir or m in data_dir.parents or data_dir in m.parents
+    ]
+    assert container(deployment)["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_statefulset_is_the_sqlite_mode_with_a_volume_per_pod(manifests):
+    statefulset = manifests["statefulset.yaml"]
+    secrets = manifests["secret.example.yaml"]["stringData"]
+    # No database: neither set here nor reaching the pods through envFrom under its own name.
+    names = {e["name"] for e in container(statefulset)["env"]}
+    assert "PHONEAGENT_DATABASE_URL" not in names | set(secrets)
+    settings = pod_settings(statefulset, secrets)
+    assert settings.database_url == ""
+    [claim] = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    mounts = {m["name"]: m["mountPath"] for m in container(statefulset)["volumeMounts"]}
+    assert Path(mounts[claim["metadata"]["name"]]) == settings.data_dir
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
