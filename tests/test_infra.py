@@ -21,8 +21,11 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import EXAMPLE_PERSONAS, PROJECT_ROOT, VALID_ENV
@@ -38,6 +41,8 @@ K8S = INFRA / "k8s"
 DOCKERFILE = INFRA / "Dockerfile"
 WORKLOADS = ["deployment.yaml", "statefulset.yaml"]
 MANIFESTS = sorted(p.name for p in K8S.glob("*.yaml"))
+COMPOSE = INFRA / "compose.yaml"
+ENV_EXAMPLE = INFRA / ".env.example"
 
 
 # --- a YAML-subset reader -----------------------------------------------------------------------
@@ -166,10 +171,16 @@ def manifests() -> dict[str, Any]:
     return {name: read_yaml(K8S / name) for name in MANIFESTS}
 
 
-def test_the_reader_agrees_with_pyyaml(manifests):
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return read_yaml(COMPOSE)
+
+
+def test_the_reader_agrees_with_pyyaml(manifests, compose):
     yaml = pytest.importorskip("yaml")
     for name, document in manifests.items():
         assert document == yaml.safe_load((K8S / name).read_text()), name
+    assert compose == yaml.safe_load(COMPOSE.read_text())
 
 
 # --- what the files declare -----------------------------------------------------------------
@@ -539,3 +550,277 @@ def test_kustomization_lists_every_manifest_but_the_secret_example(manifests):
         "secret.example.yaml",
         *(set(WORKLOADS) - resources),
     }
+
+
+# --- trying it locally: compose.yaml and its nginx --------------------------------------------
+
+# Compose's interpolation (compose-spec, "Interpolation"): ${VAR}, ${VAR:-default}, ${VAR-default},
+# ${VAR:?error}, ${VAR?error}.
+_INTERPOLATION = re.compile(
+    r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+)
+
+
+def interpolated(value: Any, environ: Mapping[str, str]) -> str:
+    """``value`` as Compose would pass it, with ``environ`` as the shell and .env."""
+
+    def one(match: re.Match) -> str:
+        name, op, arg = match["name"], match["op"] or "", match["arg"]
+        given = environ.get(name)
+        missing = given is None if op in ("-", "?") else not given
+        if missing and op.endswith("-"):
+            return arg
+        if missing and op.endswith("?"):
+            raise LookupError(f"{name} is required: {arg}")
+        return given or ""
+
+    text = str(value)
+    result = _INTERPOLATION.sub(one, text)
+    assert "$" not in result, text  # $$, an unbraced $VAR or a malformed ${…}: not expected here
+    return result
+
+
+def compose_variables(document: Any) -> dict[str, set[str]]:
+    """Every variable the compose file interpolates, with the operators it is used with."""
+    found: dict[str, set[str]] = {}
+    if isinstance(document, dict):
+        document = list(document.values())
+    if isinstance(document, list):
+        for item in document:
+            for name, ops in compose_variables(item).items():
+                found.setdefault(name, set()).update(ops)
+    elif isinstance(document, str):
+        for match in _INTERPOLATION.finditer(document):
+            found.setdefault(match["name"], set()).add(match["op"] or "")
+    return found
+
+
+def phoneagent_services(compose: dict) -> dict[str, dict]:
+    """The services built from infra/Dockerfile (paths relative to the compose file)."""
+
+    def built_from_the_image(service: dict) -> bool:
+        build = service.get("build")
+        return (
+            isinstance(build, dict)
+            and (INFRA / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE.resolve()
+        )
+
+    return {name: s for name, s in compose["services"].items() if built_from_the_image(s)}
+
+
+# What a filled-in infra/.env holds: the credentials (PUBLIC_URL has a default in the file).
+DOTENV = {name: value for name, value in VALID_ENV.items() if name != "PUBLIC_URL"}
+
+
+def instance_env(service: dict, environ: Mapping[str, str] = DOTENV) -> dict[str, str]:
+    assert isinstance(service["environment"], dict)  # the mapping form, not KEY=value lines
+    return {name: interpolated(value, environ) for name, value in service["environment"].items()}
+
+
+def instance_settings(service: dict) -> Settings:
+    """What the instance's server reads: the image's environment and the service's."""
+    return load_settings(dockerfile_env() | instance_env(service))
+
+
+def seconds(duration: str) -> float:
+    """A Compose or nginx duration: ``90s``, ``1m30s``, ``3600s``, ``15`` (nginx: seconds)."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    if duration.isdigit():
+        return float(duration)
+    parts = re.findall(r"(\d+)(ms|h|m|s)", duration)
+    assert "".join(n + u for n, u in parts) == duration, duration
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def service_by_image(compose: dict, prefix: str) -> tuple[str, dict]:
+    [found] = [
+        (n, s) for n, s in compose["services"].items() if s.get("image", "").startswith(prefix)
+    ]
+    return found
+
+
+def test_compose_runs_two_instances_of_the_image_on_one_postgresql(compose):
+    instances = phoneagent_services(compose)
+    assert len(instances) == 2, list(compose["services"])
+    first, second = instances.values()
+    assert first["environment"] == second["environment"]  # same settings, same database
+    postgres_name, postgres = service_by_image(compose, "postgres:")
+    assert postgres["image"] == "postgres:15"  # the version the tests run
+    for service in instances.values():
+        assert service["depends_on"][postgres_name] == {"condition": "service_healthy"}
+    for environ in (DOTENV, DOTENV | {"POSTGRES_PASSWORD": "a-password-of-ones-own"}):
+        database = {k: interpolated(v, environ) for k, v in postgres["environment"].items()}
+        url = urlsplit(instance_env(first, environ)["PHONEAGENT_DATABASE_URL"])
+        assert url.scheme == "postgresql"
+        assert (url.hostname, url.port) == (postgres_name, 5432)  # the service's name and port
+        assert (url.username, url.password) == (
+            database["POSTGRES_USER"],
+            database["POSTGRES_PASSWORD"],
+        )
+        assert url.path == "/" + database["POSTGRES_DB"]
+    # Calls in progress are recorded under the host name: two instances must not share one.
+    hostnames = [service.get("hostname") for service in instances.values()]
+    assert None not in hostnames and len(set(hostnames)) == len(hostnames)
+
+
+def test_compose_environment_is_what_the_server_reads(compose):
+    known = settings_read() | PENDING_SETTINGS
+    for service in phoneagent_services(compose).values():
+        env = service["environment"]
+        assert set(env) <= known, set(env) - known
+        settings = instance_settings(service)  # passes the server's validation
+        assert settings.database_url
+        # Credentials are never written here: each is required from .env or the shell.
+        for credential in set(CREDENTIALS) - {"PUBLIC_URL"}:
+            assert re.fullmatch(rf"\$\{{{credential}:\?[^}}]+\}}", env[credential]), credential
+        with pytest.raises(LookupError):
+            instance_env(service, {})
+        # The example personas, read-only, where the server looks for them.
+        [personas] = [
+            v for v in service["volumes"] if v.split(":")[1] == str(settings.personas_dir)
+        ]
+        source, _, mode = personas.split(":")
+        assert (INFRA / source).resolve() == EXAMPLE_PERSONAS.resolve() and mode == "ro"
+
+
+def test_compose_start_up_waits_for_healthy_dependencies(compose):
+    instances = phoneagent_services(compose)
+    _, postgres = service_by_image(compose, "postgres:")
+    check = postgres["healthcheck"]["test"]
+    assert check[:2] == ["CMD", "pg_isready"]
+    # Over TCP: during initialisation the image's temporary server listens on the socket only.
+    assert check[check.index("-h") + 1] == "127.0.0.1"
+    for service in instances.values():
+        settings = instance_settings(service)
+        [command] = [arg for arg in service["healthcheck"]["test"] if "http://" in arg]
+        port, path = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", command).groups()
+        assert int(port) == settings.port and path == "/readyz"
+        assert ("GET", path) in app_routes()
+        # A stopped instance drains, then flushes: Compose must not kill it before.
+        assert seconds(service["stop_grace_period"]) >= settings.drain_seconds + 30
+    _, lb = service_by_image(compose, "nginx:")
+    assert lb["depends_on"] == {name: {"condition": "service_healthy"} for name in instances}
+
+
+def test_env_example_lists_what_compose_needs_and_holds_no_secret(compose):
+    text = ENV_EXAMPLE.read_text()
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    given = dict(line.split("=", 1) for line in lines)
+    assert set(given.values()) == {""}  # names only: nothing real is ever committed
+    documented = set(given) | set(re.findall(r"^# ?([A-Z][A-Z0-9_]*)=", text, re.MULTILINE))
+    variables = compose_variables(compose)
+    required = {name for name, ops in variables.items() if ops & {"?", ":?"}}
+    assert required == set(given)
+    assert set(variables) <= documented, set(variables) - documented
+    assert ".env" in (PROJECT_ROOT / ".gitignore").read_text().splitlines()
+
+
+@dataclass
+class Directive:
+    name: str
+    args: list[str]
+    block: list[Directive] | None = None
+
+
+_NGINX_TOKEN = re.compile(r"""\s+|#[^\n]*|'([^']*)'|"([^"]*)"|([{};])|([^\s{};'"#]+)""")
+
+
+def read_nginx(text: str) -> list[Directive]:
+    """nginx's configuration syntax: directives, blocks, quotes, comments (no includes)."""
+    tokens: list[tuple[str, bool]] = []  # (text, is punctuation)
+    position = 0
+    while position < len(text):
+        match = _NGINX_TOKEN.match(text, position)
+        assert match, f"nginx syntax at {text[position : position + 40]!r}"
+        single, double, punct, word = match.groups()
+        if punct:
+            tokens.append((punct, True))
+        elif word is not None or single is not None or double is not None:
+            tokens.append((next(s for s in (word, single, double) if s is not None), False))
+        position = match.end()
+
+    def block(i: int, closing: bool) -> tuple[list[Directive], int]:
+        directives: list[Directive] = []
+        words: list[str] = []
+        while i < len(tokens):
+            token, punct = tokens[i]
+            i += 1
+            if punct and token == ";":
+                directives.append(Directive(words[0], words[1:]))
+                words = []
+            elif punct and token == "{":
+                inner, i = block(i, closing=True)
+                directives.append(Directive(words[0], words[1:], inner))
+                words = []
+            elif punct:  # "}"
+                assert closing and not words, "unbalanced }"
+                return directives, i
+            else:
+                words.append(token)
+        assert not closing and not words, "unterminated block or directive"
+        return directives, i
+
+    return block(0, closing=False)[0]
+
+
+def named(directives: list[Directive], name: str) -> list[Directive]:
+    return [d for d in directives if d.name == name]
+
+
+def test_compose_load_balancer_round_robins_and_passes_websocket_upgrades(compose):
+    instances = phoneagent_services(compose)
+    _, lb = service_by_image(compose, "nginx:")
+    # The official image includes conf.d/*.conf in its `http` block.
+    [mount] = [v for v in lb["volumes"] if v.split(":")[1] == "/etc/nginx/conf.d/default.conf"]
+    source, _, mode = mount.split(":")
+    assert mode == "ro"
+    http = read_nginx((INFRA / source).read_text())
+
+    # Round robin over both instances, by service name, on the port they listen on.
+    [upstream] = named(http, "upstream")
+    ports = {instance_settings(service).port for service in instances.values()}
+    servers = named(upstream.block, "server")
+    assert {s.args[0] for s in servers} == {
+        f"{name}:{port}" for name in instances for port in ports
+    }
+    balancing = {"ip_hash", "hash", "least_conn", "least_time", "random", "sticky"}
+    assert not balancing & {d.name for d in upstream.block}
+    if any("resolve" in s.args for s in servers):  # re-resolved names need both of these
+        assert named(upstream.block, "zone") and named(http, "resolver")
+
+    # Connection: upgrade when the client asks for one, close otherwise.
+    [upgrade] = [
+        d for d in named(http, "map") if d.args == ["$http_upgrade", "$connection_upgrade"]
+    ]
+    assert {(d.name, tuple(d.args)) for d in upgrade.block} == {
+        ("default", ("upgrade",)),
+        ("", ("close",)),
+    }
+
+    # Published on loopback, at the port of the instances' default PUBLIC_URL.
+    [server] = named(http, "server")
+    [listen] = named(server.block, "listen")
+    [published] = lb["ports"]
+    host_ip, host_port, container_port = published.split(":")
+    assert host_ip == "127.0.0.1" and listen.args == [container_port]
+    public_url = urlsplit(instance_settings(next(iter(instances.values()))).public_url)
+    assert (public_url.hostname, public_url.port) == ("localhost", int(host_port))
+
+    locations = {tuple(d.args): d.block for d in named(server.block, "location")}
+    assert ("/",) in locations  # webhooks
+    for block in locations.values():
+        # No URI part: the request URI passes as Twilio sent (and signed) it.
+        assert [d.args for d in named(block, "proxy_pass")] == [[f"http://{upstream.args[0]}"]]
+
+    # The media stream's route: HTTP/1.1 with the hop-by-hop upgrade headers set again.
+    assert ("GET", "/twilio/stream") in app_routes()
+    stream = locations[("=", "/twilio/stream")]
+    assert [d.args for d in named(stream, "proxy_http_version")] == [["1.1"]]
+    headers = {d.args[0].lower(): d.args[1] for d in named(stream, "proxy_set_header")}
+    assert headers["upgrade"] == "$http_upgrade"
+    assert headers["connection"] == "$connection_upgrade"
+    [read_timeout] = named(stream, "proxy_read_timeout")
+    longest_call = max(
+        p.max_call_seconds for p in load_directory(EXAMPLE_PERSONAS).personas.values()
+    )
+    assert seconds(read_timeout.args[0]) >= longest_call
