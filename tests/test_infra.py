@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -824,3 +825,51 @@ def test_compose_load_balancer_round_robins_and_passes_websocket_upgrades(compos
         p.max_call_seconds for p in load_directory(EXAMPLE_PERSONAS).personas.values()
     )
     assert seconds(read_timeout.args[0]) >= longest_call
+
+
+# --- the database set-up of infra/README.md ----------------------------------------------------
+
+
+async def test_the_readmes_database_set_up_lets_phoneagent_create_its_tables(postgres_url):
+    """The README's SQL, run as a superuser, gives a user that can migrate; so does its `GRANT`
+    for a database someone else owns. Without either, PostgreSQL 15 refuses the tables."""
+    import asyncpg
+    from conftest import _admin
+
+    from phoneagent.delivery.outbox import OutboxError
+    from phoneagent.delivery.pg_outbox import SCHEMA_VERSION, database_schema
+
+    readme = (INFRA / "README.md").read_text()
+    [sql] = re.findall(r"```sql\n(.*?)```", readme, re.DOTALL)
+    [grant] = re.findall(r"`(GRANT CREATE ON SCHEMA public TO phoneagent;)`", readme)
+    name, password = f"t_readme_{secrets.token_hex(4)}", secrets.token_hex(12)
+    other = f"{name}_other"
+
+    def ours(statement: str) -> str:
+        return re.sub(r"\bphoneagent\b", name, statement.replace("CHANGE-ME", password))
+
+    server = postgres_url.rsplit("/", 1)[0]  # postgresql://postgres@host:port
+    host = server.split("@", 1)[1]
+    try:
+        for statement in sql.split(";"):
+            if statement.strip():
+                _admin(postgres_url, ours(statement))
+        url = f"postgresql://{name}:{password}@{host}/{name}"
+        assert await database_schema(url, apply=True) == (SCHEMA_VERSION, SCHEMA_VERSION)
+
+        # A database the user does not own: only the README's GRANT lets it create the tables.
+        _admin(postgres_url, f'CREATE DATABASE "{other}"')
+        other_url = f"postgresql://{name}:{password}@{host}/{other}"
+        conn = await asyncpg.connect(f"{server}/{other}")
+        try:
+            if conn.get_server_version().major >= 15:
+                with pytest.raises(OutboxError, match="permission denied"):
+                    await database_schema(other_url, apply=True)
+            await conn.execute(ours(grant))
+        finally:
+            await conn.close()
+        assert await database_schema(other_url, apply=True) == (SCHEMA_VERSION, SCHEMA_VERSION)
+    finally:
+        for database in (name, other):
+            _admin(postgres_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        _admin(postgres_url, f'DROP ROLE IF EXISTS "{name}"')
