@@ -4,20 +4,29 @@ No Docker engine or cluster runs in the tests, so this checks what can drift sil
 metrics paths are routes of the app, every variable the files set is one the server reads, the
 manifests' settings pass the server's own validation, the grace period outlasts the drain, the
 image runs as the user the pods require, the personas in the ConfigMap load (from the layout a
-ConfigMap volume really has), and the Procfile and image commands parse with the CLI.
+ConfigMap volume really has), and the Procfile and image commands parse with the CLI. The two
+modes: the Deployment shares PostgreSQL through the Secret and keeps no volume, the StatefulSet
+keeps SQLite on a claim per pod, and the README's database set-up really lets phoneagent create
+its tables (on the tests' PostgreSQL). The local compose file: two instances of the image with one
+database and distinct host names, health-gated start-up, and an nginx that balances them round
+robin and passes WebSocket upgrades (its configuration read with a small nginx-syntax reader).
 
-The manifests are read with a small YAML-subset reader (stdlib only: PyYAML is not a project
-dependency). It refuses what it does not understand rather than guess; where PyYAML happens to
-be installed, a test checks the reader agrees with it.
+The manifests and the compose file are read with a small YAML-subset reader (stdlib only: PyYAML
+is not a project dependency). It refuses what it does not understand rather than guess; where
+PyYAML happens to be installed, a test checks the reader agrees with it.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import EXAMPLE_PERSONAS, PROJECT_ROOT, VALID_ENV
@@ -33,6 +42,8 @@ K8S = INFRA / "k8s"
 DOCKERFILE = INFRA / "Dockerfile"
 WORKLOADS = ["deployment.yaml", "statefulset.yaml"]
 MANIFESTS = sorted(p.name for p in K8S.glob("*.yaml"))
+COMPOSE = INFRA / "compose.yaml"
+ENV_EXAMPLE = INFRA / ".env.example"
 
 
 # --- a YAML-subset reader -----------------------------------------------------------------------
@@ -161,10 +172,16 @@ def manifests() -> dict[str, Any]:
     return {name: read_yaml(K8S / name) for name in MANIFESTS}
 
 
-def test_the_reader_agrees_with_pyyaml(manifests):
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return read_yaml(COMPOSE)
+
+
+def test_the_reader_agrees_with_pyyaml(manifests, compose):
     yaml = pytest.importorskip("yaml")
     for name, document in manifests.items():
         assert document == yaml.safe_load((K8S / name).read_text()), name
+    assert compose == yaml.safe_load(COMPOSE.read_text())
 
 
 # --- what the files declare -----------------------------------------------------------------
@@ -177,6 +194,22 @@ def container(workload: dict) -> dict:
 
 def plain_env(workload: dict) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container(workload)["env"] if "value" in e}
+
+
+def secret_env(workload: dict) -> dict[str, dict]:
+    """The variables a workload takes from a Secret by key: name -> its ``secretKeyRef``."""
+    return {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container(workload)["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
+def pod_settings(workload: dict, secrets: dict[str, str]) -> Settings:
+    """What the pod's server reads: the image's environment, the workload's, and the values of
+    its secret keys (from the example Secret), with well-formed credentials."""
+    from_secret = {name: secrets[ref["key"]] for name, ref in secret_env(workload).items()}
+    return load_settings(VALID_ENV | dockerfile_env() | plain_env(workload) | from_secret)
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -356,24 +389,70 @@ def test_environment_is_what_the_server_reads_and_passes_its_validation(
     manifests, deployed_personas, name
 ):
     main = container(manifests[name])
-    env = plain_env(manifests[name])
-    secrets = manifests["secret.example.yaml"]["stringData"]
+    names = [e["name"] for e in main["env"]]
+    secret = manifests["secret.example.yaml"]
+    secrets = secret["stringData"]
     known = settings_read() | PENDING_SETTINGS
-    assert set(env) <= known, set(env) - known
+    assert set(names) <= known, set(names) - known
+    assert len(names) == len(set(names))  # each set once: a later entry would win silently
+    # A key read by name must be in the Secret (else the pod does not start) and is required.
+    for ref in secret_env(manifests[name]).values():
+        assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secrets
+        assert not ref.get("optional", False)
+    # The other keys reach the pods as variables of the same name (envFrom): real settings, or
+    # a persona's webhook secret.
+    by_key = {ref["key"] for w in WORKLOADS for ref in secret_env(manifests[w]).values()}
     webhook_secrets = {p.webhook.secret_env for p in deployed_personas if p.webhook}
-    assert set(secrets) <= known | webhook_secrets, set(secrets) - known
+    assert set(secrets) - by_key <= known | webhook_secrets, set(secrets) - by_key - known
     # Every credential comes from somewhere: the pod's env or the secret.
-    assert set(CREDENTIALS) <= set(env) | set(secrets)
+    assert set(CREDENTIALS) <= set(names) | set(secrets)
     [source] = main["envFrom"]
-    assert source["secretRef"]["name"] == manifests["secret.example.yaml"]["metadata"]["name"]
+    assert source["secretRef"]["name"] == secret["metadata"]["name"]
     # The manifest's values, with well-formed credentials, are a valid configuration.
-    settings = load_settings(VALID_ENV | env)
+    settings = pod_settings(manifests[name], secrets)
     ports = container_ports(manifests[name])
     assert (settings.port, settings.metrics_port) == (ports["http"], ports["metrics"])
     assert settings.metrics_host == "0.0.0.0"  # the pod's address: Prometheus is another pod
     mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
     assert Path(mounts["personas"]) == settings.personas_dir
-    assert Path(mounts["data"]) == settings.data_dir
+
+
+def test_the_deployment_shares_postgresql_from_the_secret_and_keeps_no_volume(manifests):
+    deployment = manifests["deployment.yaml"]
+    secret = manifests["secret.example.yaml"]
+    # The database URL holds a password: from the Secret, by key, never a value in the manifest.
+    assert "PHONEAGENT_DATABASE_URL" not in plain_env(deployment)
+    ref = secret_env(deployment)["PHONEAGENT_DATABASE_URL"]
+    assert ref == {"name": secret["metadata"]["name"], "key": "database-url"}
+    url = secret["stringData"]["database-url"]
+    settings = pod_settings(deployment, secret["stringData"])
+    assert settings.database_url == url  # and it passed the server's validation
+    assert url.startswith("postgresql://") and "sslmode=require" in url
+    # Nothing per pod to keep: no claim, and nothing mounted where a SQLite outbox would go, on
+    # a read-only root filesystem (a pod without the URL fails at start-up, loudly).
+    pod = deployment["spec"]["template"]["spec"]
+    assert "volumeClaimTemplates" not in deployment["spec"]
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v or "ephemeral" in v]
+    mounted = [Path(m["mountPath"]) for m in container(deployment)["volumeMounts"]]
+    data_dir = settings.data_dir
+    assert not [
+        m for m in mounted if m == data_dir or m in data_dir.parents or data_dir in m.parents
+    ]
+    assert container(deployment)["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_statefulset_is_the_sqlite_mode_with_a_volume_per_pod(manifests):
+    statefulset = manifests["statefulset.yaml"]
+    secrets = manifests["secret.example.yaml"]["stringData"]
+    # No database: neither set here nor reaching the pods through envFrom under its own name.
+    names = {e["name"] for e in container(statefulset)["env"]}
+    assert "PHONEAGENT_DATABASE_URL" not in names | set(secrets)
+    settings = pod_settings(statefulset, secrets)
+    assert settings.database_url == ""
+    [claim] = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    mounts = {m["name"]: m["mountPath"] for m in container(statefulset)["volumeMounts"]}
+    assert Path(mounts[claim["metadata"]["name"]]) == settings.data_dir
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
@@ -472,3 +551,325 @@ def test_kustomization_lists_every_manifest_but_the_secret_example(manifests):
         "secret.example.yaml",
         *(set(WORKLOADS) - resources),
     }
+
+
+# --- trying it locally: compose.yaml and its nginx --------------------------------------------
+
+# Compose's interpolation (compose-spec, "Interpolation"): ${VAR}, ${VAR:-default}, ${VAR-default},
+# ${VAR:?error}, ${VAR?error}.
+_INTERPOLATION = re.compile(
+    r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+)
+
+
+def interpolated(value: Any, environ: Mapping[str, str]) -> str:
+    """``value`` as Compose would pass it, with ``environ`` as the shell and .env."""
+
+    def one(match: re.Match) -> str:
+        name, op, arg = match["name"], match["op"] or "", match["arg"]
+        given = environ.get(name)
+        missing = given is None if op in ("-", "?") else not given
+        if missing and op.endswith("-"):
+            return arg
+        if missing and op.endswith("?"):
+            raise LookupError(f"{name} is required: {arg}")
+        return given or ""
+
+    text = str(value)
+    result = _INTERPOLATION.sub(one, text)
+    assert "$" not in result, text  # $$, an unbraced $VAR or a malformed ${…}: not expected here
+    return result
+
+
+def compose_variables(document: Any) -> dict[str, set[str]]:
+    """Every variable the compose file interpolates, with the operators it is used with."""
+    found: dict[str, set[str]] = {}
+    if isinstance(document, dict):
+        document = list(document.values())
+    if isinstance(document, list):
+        for item in document:
+            for name, ops in compose_variables(item).items():
+                found.setdefault(name, set()).update(ops)
+    elif isinstance(document, str):
+        for match in _INTERPOLATION.finditer(document):
+            found.setdefault(match["name"], set()).add(match["op"] or "")
+    return found
+
+
+def phoneagent_services(compose: dict) -> dict[str, dict]:
+    """The services built from infra/Dockerfile (paths relative to the compose file)."""
+
+    def built_from_the_image(service: dict) -> bool:
+        build = service.get("build")
+        return (
+            isinstance(build, dict)
+            and (INFRA / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE.resolve()
+        )
+
+    return {name: s for name, s in compose["services"].items() if built_from_the_image(s)}
+
+
+# What a filled-in infra/.env holds: the credentials (PUBLIC_URL has a default in the file).
+DOTENV = {name: value for name, value in VALID_ENV.items() if name != "PUBLIC_URL"}
+
+
+def instance_env(service: dict, environ: Mapping[str, str] = DOTENV) -> dict[str, str]:
+    assert isinstance(service["environment"], dict)  # the mapping form, not KEY=value lines
+    return {name: interpolated(value, environ) for name, value in service["environment"].items()}
+
+
+def instance_settings(service: dict) -> Settings:
+    """What the instance's server reads: the image's environment and the service's."""
+    return load_settings(dockerfile_env() | instance_env(service))
+
+
+def seconds(duration: str) -> float:
+    """A Compose or nginx duration: ``90s``, ``1m30s``, ``3600s``, ``15`` (nginx: seconds)."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    if duration.isdigit():
+        return float(duration)
+    parts = re.findall(r"(\d+)(ms|h|m|s)", duration)
+    assert "".join(n + u for n, u in parts) == duration, duration
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def service_by_image(compose: dict, prefix: str) -> tuple[str, dict]:
+    [found] = [
+        (n, s) for n, s in compose["services"].items() if s.get("image", "").startswith(prefix)
+    ]
+    return found
+
+
+def test_compose_runs_two_instances_of_the_image_on_one_postgresql(compose):
+    instances = phoneagent_services(compose)
+    assert len(instances) == 2, list(compose["services"])
+    first, second = instances.values()
+    assert first["environment"] == second["environment"]  # same settings, same database
+    postgres_name, postgres = service_by_image(compose, "postgres:")
+    assert postgres["image"] == "postgres:15"  # the version the tests run
+    for service in instances.values():
+        assert service["depends_on"][postgres_name] == {"condition": "service_healthy"}
+    for environ in (DOTENV, DOTENV | {"POSTGRES_PASSWORD": "a-password-of-ones-own"}):
+        database = {k: interpolated(v, environ) for k, v in postgres["environment"].items()}
+        url = urlsplit(instance_env(first, environ)["PHONEAGENT_DATABASE_URL"])
+        assert url.scheme == "postgresql"
+        assert (url.hostname, url.port) == (postgres_name, 5432)  # the service's name and port
+        assert (url.username, url.password) == (
+            database["POSTGRES_USER"],
+            database["POSTGRES_PASSWORD"],
+        )
+        assert url.path == "/" + database["POSTGRES_DB"]
+    # Calls in progress are recorded under the host name: two instances must not share one.
+    hostnames = [service.get("hostname") for service in instances.values()]
+    assert None not in hostnames and len(set(hostnames)) == len(hostnames)
+
+
+def test_compose_environment_is_what_the_server_reads(compose):
+    known = settings_read() | PENDING_SETTINGS
+    for service in phoneagent_services(compose).values():
+        env = service["environment"]
+        assert set(env) <= known, set(env) - known
+        settings = instance_settings(service)  # passes the server's validation
+        assert settings.database_url
+        # Credentials are never written here: each is required from .env or the shell.
+        for credential in set(CREDENTIALS) - {"PUBLIC_URL"}:
+            assert re.fullmatch(rf"\$\{{{credential}:\?[^}}]+\}}", env[credential]), credential
+        with pytest.raises(LookupError):
+            instance_env(service, {})
+        # The example personas, read-only, where the server looks for them.
+        [personas] = [
+            v for v in service["volumes"] if v.split(":")[1] == str(settings.personas_dir)
+        ]
+        source, _, mode = personas.split(":")
+        assert (INFRA / source).resolve() == EXAMPLE_PERSONAS.resolve() and mode == "ro"
+
+
+def test_compose_start_up_waits_for_healthy_dependencies(compose):
+    instances = phoneagent_services(compose)
+    _, postgres = service_by_image(compose, "postgres:")
+    check = postgres["healthcheck"]["test"]
+    assert check[:2] == ["CMD", "pg_isready"]
+    # Over TCP: during initialisation the image's temporary server listens on the socket only.
+    assert check[check.index("-h") + 1] == "127.0.0.1"
+    for service in instances.values():
+        settings = instance_settings(service)
+        [command] = [arg for arg in service["healthcheck"]["test"] if "http://" in arg]
+        port, path = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", command).groups()
+        assert int(port) == settings.port and path == "/readyz"
+        assert ("GET", path) in app_routes()
+        # A stopped instance drains, then flushes: Compose must not kill it before.
+        assert seconds(service["stop_grace_period"]) >= settings.drain_seconds + 30
+    _, lb = service_by_image(compose, "nginx:")
+    assert lb["depends_on"] == {name: {"condition": "service_healthy"} for name in instances}
+
+
+def test_env_example_lists_what_compose_needs_and_holds_no_secret(compose):
+    text = ENV_EXAMPLE.read_text()
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    given = dict(line.split("=", 1) for line in lines)
+    assert set(given.values()) == {""}  # names only: nothing real is ever committed
+    documented = set(given) | set(re.findall(r"^# ?([A-Z][A-Z0-9_]*)=", text, re.MULTILINE))
+    variables = compose_variables(compose)
+    required = {name for name, ops in variables.items() if ops & {"?", ":?"}}
+    assert required == set(given)
+    assert set(variables) <= documented, set(variables) - documented
+    assert ".env" in (PROJECT_ROOT / ".gitignore").read_text().splitlines()
+
+
+@dataclass
+class Directive:
+    name: str
+    args: list[str]
+    block: list[Directive] | None = None
+
+
+_NGINX_TOKEN = re.compile(r"""\s+|#[^\n]*|'([^']*)'|"([^"]*)"|([{};])|([^\s{};'"#]+)""")
+
+
+def read_nginx(text: str) -> list[Directive]:
+    """nginx's configuration syntax: directives, blocks, quotes, comments (no includes)."""
+    tokens: list[tuple[str, bool]] = []  # (text, is punctuation)
+    position = 0
+    while position < len(text):
+        match = _NGINX_TOKEN.match(text, position)
+        assert match, f"nginx syntax at {text[position : position + 40]!r}"
+        single, double, punct, word = match.groups()
+        if punct:
+            tokens.append((punct, True))
+        elif word is not None or single is not None or double is not None:
+            tokens.append((next(s for s in (word, single, double) if s is not None), False))
+        position = match.end()
+
+    def block(i: int, closing: bool) -> tuple[list[Directive], int]:
+        directives: list[Directive] = []
+        words: list[str] = []
+        while i < len(tokens):
+            token, punct = tokens[i]
+            i += 1
+            if punct and token == ";":
+                directives.append(Directive(words[0], words[1:]))
+                words = []
+            elif punct and token == "{":
+                inner, i = block(i, closing=True)
+                directives.append(Directive(words[0], words[1:], inner))
+                words = []
+            elif punct:  # "}"
+                assert closing and not words, "unbalanced }"
+                return directives, i
+            else:
+                words.append(token)
+        assert not closing and not words, "unterminated block or directive"
+        return directives, i
+
+    return block(0, closing=False)[0]
+
+
+def named(directives: list[Directive], name: str) -> list[Directive]:
+    return [d for d in directives if d.name == name]
+
+
+def test_compose_load_balancer_round_robins_and_passes_websocket_upgrades(compose):
+    instances = phoneagent_services(compose)
+    _, lb = service_by_image(compose, "nginx:")
+    # The official image includes conf.d/*.conf in its `http` block.
+    [mount] = [v for v in lb["volumes"] if v.split(":")[1] == "/etc/nginx/conf.d/default.conf"]
+    source, _, mode = mount.split(":")
+    assert mode == "ro"
+    http = read_nginx((INFRA / source).read_text())
+
+    # Round robin over both instances, by service name, on the port they listen on.
+    [upstream] = named(http, "upstream")
+    ports = {instance_settings(service).port for service in instances.values()}
+    servers = named(upstream.block, "server")
+    assert {s.args[0] for s in servers} == {
+        f"{name}:{port}" for name in instances for port in ports
+    }
+    balancing = {"ip_hash", "hash", "least_conn", "least_time", "random", "sticky"}
+    assert not balancing & {d.name for d in upstream.block}
+    if any("resolve" in s.args for s in servers):  # re-resolved names need both of these
+        assert named(upstream.block, "zone") and named(http, "resolver")
+
+    # Connection: upgrade when the client asks for one, close otherwise.
+    [upgrade] = [
+        d for d in named(http, "map") if d.args == ["$http_upgrade", "$connection_upgrade"]
+    ]
+    assert {(d.name, tuple(d.args)) for d in upgrade.block} == {
+        ("default", ("upgrade",)),
+        ("", ("close",)),
+    }
+
+    # Published on loopback, at the port of the instances' default PUBLIC_URL.
+    [server] = named(http, "server")
+    [listen] = named(server.block, "listen")
+    [published] = lb["ports"]
+    host_ip, host_port, container_port = published.split(":")
+    assert host_ip == "127.0.0.1" and listen.args == [container_port]
+    public_url = urlsplit(instance_settings(next(iter(instances.values()))).public_url)
+    assert (public_url.hostname, public_url.port) == ("localhost", int(host_port))
+
+    locations = {tuple(d.args): d.block for d in named(server.block, "location")}
+    assert ("/",) in locations  # webhooks
+    for block in locations.values():
+        # No URI part: the request URI passes as Twilio sent (and signed) it.
+        assert [d.args for d in named(block, "proxy_pass")] == [[f"http://{upstream.args[0]}"]]
+
+    # The media stream's route: HTTP/1.1 with the hop-by-hop upgrade headers set again.
+    assert ("GET", "/twilio/stream") in app_routes()
+    stream = locations[("=", "/twilio/stream")]
+    assert [d.args for d in named(stream, "proxy_http_version")] == [["1.1"]]
+    headers = {d.args[0].lower(): d.args[1] for d in named(stream, "proxy_set_header")}
+    assert headers["upgrade"] == "$http_upgrade"
+    assert headers["connection"] == "$connection_upgrade"
+    [read_timeout] = named(stream, "proxy_read_timeout")
+    longest_call = max(
+        p.max_call_seconds for p in load_directory(EXAMPLE_PERSONAS).personas.values()
+    )
+    assert seconds(read_timeout.args[0]) >= longest_call
+
+
+# --- the database set-up of infra/README.md ----------------------------------------------------
+
+
+async def test_the_readmes_database_set_up_lets_phoneagent_create_its_tables(postgres_url):
+    """The README's SQL, run as a superuser, gives a user that can migrate; so does its `GRANT`
+    for a database someone else owns. Without either, PostgreSQL 15 refuses the tables."""
+    import asyncpg
+    from conftest import _admin
+
+    from phoneagent.delivery.outbox import OutboxError
+    from phoneagent.delivery.pg_outbox import SCHEMA_VERSION, database_schema
+
+    readme = (INFRA / "README.md").read_text()
+    [sql] = re.findall(r"```sql\n(.*?)```", readme, re.DOTALL)
+    [grant] = re.findall(r"`(GRANT CREATE ON SCHEMA public TO phoneagent;)`", readme)
+    name, password = f"t_readme_{secrets.token_hex(4)}", secrets.token_hex(12)
+    other = f"{name}_other"
+
+    def ours(statement: str) -> str:
+        return re.sub(r"\bphoneagent\b", name, statement.replace("CHANGE-ME", password))
+
+    server = postgres_url.rsplit("/", 1)[0]  # postgresql://postgres@host:port
+    host = server.split("@", 1)[1]
+    try:
+        for statement in sql.split(";"):
+            if statement.strip():
+                _admin(postgres_url, ours(statement))
+        url = f"postgresql://{name}:{password}@{host}/{name}"
+        assert await database_schema(url, apply=True) == (SCHEMA_VERSION, SCHEMA_VERSION)
+
+        # A database the user does not own: only the README's GRANT lets it create the tables.
+        _admin(postgres_url, f'CREATE DATABASE "{other}"')
+        other_url = f"postgresql://{name}:{password}@{host}/{other}"
+        conn = await asyncpg.connect(f"{server}/{other}")
+        try:
+            if conn.get_server_version().major >= 15:
+                with pytest.raises(OutboxError, match="permission denied"):
+                    await database_schema(other_url, apply=True)
+            await conn.execute(ours(grant))
+        finally:
+            await conn.close()
+        assert await database_schema(other_url, apply=True) == (SCHEMA_VERSION, SCHEMA_VERSION)
+    finally:
+        for database in (name, other):
+            _admin(postgres_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        _admin(postgres_url, f'DROP ROLE IF EXISTS "{name}"')
