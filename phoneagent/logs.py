@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import structlog
 
@@ -41,7 +41,23 @@ def secret_values(environ: Mapping[str, str] | None = None) -> set[str]:
         if _SECRET_NAME.search(name) and len(value.strip()) >= _SHORTEST_SECRET
         for form in (value, value.strip())
     }
+    # A URL may carry a password whatever its variable is called (PHONEAGENT_DATABASE_URL).
+    values |= {p for value in env.values() for p in _url_passwords(value)}
     return values | {spelling for value in values for spelling in _spellings(value)}
+
+
+def _url_passwords(value: str) -> set[str]:
+    """The passwords in ``value`` if it is a URL: its user info's, and a ``password=`` query
+    parameter's (libpq accepts both), as written and decoded."""
+    if "://" not in value:
+        return set()
+    try:
+        parts = urlsplit(value.strip())
+        found = [parts.password or ""]
+    except ValueError:
+        return set()
+    found += [v for k, v in parse_qsl(parts.query) if k.lower() == "password"]
+    return {form for p in found for form in (p, unquote(p)) if len(form) >= _SHORTEST_SECRET}
 
 
 def _spellings(secret: str) -> set[str]:

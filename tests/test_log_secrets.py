@@ -85,3 +85,18 @@ def test_secret_named_variables_are_secrets():
         "0123456789abcdef",
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
     }
+
+
+def test_passwords_in_urls_are_secrets_whatever_the_variable_is_called():
+    env = {
+        "PHONEAGENT_DATABASE_URL": "postgresql://phoneagent:s3cr%2Ft-pa55@db:5432/pa",
+        "OTHER_DSN": "postgresql://db/pa?sslmode=require&password=query-pa55word",
+        "PUBLIC_URL": "https://voice.example.com",
+        "SHORT_URL": "postgresql://u:pw@db/x",
+    }
+    secrets = secret_values(env)
+    for password in ("s3cr%2Ft-pa55", "s3cr/t-pa55", "query-pa55word"):
+        assert password in secrets
+    assert "pw" not in secrets
+    line = "connecting to postgresql://phoneagent:s3cr/t-pa55@db with password=query-pa55word"
+    assert "pa55" not in redact(line, secrets)
