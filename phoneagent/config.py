@@ -24,6 +24,7 @@ _HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 # A bearer token travels in a header: visible ASCII only; long enough not to be guessed.
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 MIN_METRICS_TOKEN_LENGTH = 16
+MIN_CONSOLE_PASSWORD_LENGTH = 12  # the console is on the public port: no short passwords
 
 # The credentials `phoneagent serve` cannot run without, with a hint of where each comes from.
 CREDENTIALS = {
@@ -74,6 +75,8 @@ class Settings:
     body_seconds: float = 10.0
     # Twilio requests still being read or checked (a stream until its `start` and token).
     max_unauthenticated: int = 64
+    # The web console's operator password, or its scrypt hash ("" = no console, see console/).
+    console_password: str = field(default="", repr=False)
 
     @property
     def public_ws_url(self) -> str:
@@ -175,6 +178,18 @@ def load_settings(
     max_unauthenticated = _parse_int(
         "PHONEAGENT_MAX_UNAUTHENTICATED", get, Settings.max_unauthenticated, 1, problems
     )
+    console_password = get("PHONEAGENT_CONSOLE_PASSWORD")
+    if console_password.startswith("scrypt$"):
+        if console_password.count("$") != 5:
+            problems.append(
+                "PHONEAGENT_CONSOLE_PASSWORD looks like a hash but is malformed: make one with "
+                "`phoneagent console hash-password`"
+            )
+    elif console_password and len(console_password) < MIN_CONSOLE_PASSWORD_LENGTH:
+        problems.append(
+            f"PHONEAGENT_CONSOLE_PASSWORD is too short: at least {MIN_CONSOLE_PASSWORD_LENGTH} "
+            "characters (or its hash, from `phoneagent console hash-password`)"
+        )
 
     if problems:
         raise ConfigError(problems)
@@ -202,6 +217,7 @@ def load_settings(
         header_seconds=header_seconds,
         body_seconds=body_seconds,
         max_unauthenticated=max_unauthenticated,
+        console_password=console_password,
     )
 
 

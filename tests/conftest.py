@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# The console's fixtures (a server with the console on, a headless Chromium).
+pytest_plugins = ["console_kit"]
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PERSONAS = PROJECT_ROOT / "personas"
 BROKEN_PERSONAS = PROJECT_ROOT / "tests" / "fixtures" / "personas_broken"

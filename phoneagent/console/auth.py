@@ -1,0 +1,146 @@
+"""Who may use the console: the operator password, session tokens, CSRF tokens, and the bound
+on sign-in attempts. No I/O: the web shell (``console/web.py``) moves the cookies.
+
+A session is a signed token, not a server-side record, so any instance sharing the settings
+accepts it (several instances behind one load balancer, no shared session store). The signing
+key is derived from the Twilio auth token (a secret every instance holds and a browser never
+sees) and the console password, so changing either signs every session out, and a stolen
+cookie gives no way to test password guesses offline.
+
+``PHONEAGENT_CONSOLE_PASSWORD`` is the password itself, or its scrypt hash
+(``scrypt$N$r$p$salt$hash``, from ``phoneagent console hash-password``) for operators who
+keep no plain password in their configuration.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+SESSION_SECONDS = 12 * 3600  # a working day; then sign in again
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # OWASP's minimum for scrypt; ~50 ms here
+_SESSION_VERSION = "v1"
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> str:
+    """The ``scrypt$N$r$p$salt$hash`` form of ``password``."""
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    digest = _scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    return "$".join(
+        ["scrypt", str(SCRYPT_N), str(SCRYPT_R), str(SCRYPT_P), _b64(salt), _b64(digest)]
+    )
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class ConsoleKeys:
+    """Checks the password and signs sessions, from the configured password (or hash) and the
+    Twilio auth token."""
+
+    def __init__(self, configured: str, server_secret: str) -> None:
+        if not configured:
+            raise ValueError("no console password: the console is off")
+        self._configured = configured
+        self._key = hmac.new(
+            server_secret.encode(), b"phoneagent console\x00" + configured.encode(), "sha256"
+        ).digest()
+
+    def password_matches(self, attempt: str) -> bool:
+        if self._configured.startswith("scrypt$"):
+            _, n, r, p, salt, expected = self._configured.split("$")
+            digest = _scrypt(attempt, _unb64(salt), int(n), int(r), int(p))
+            return hmac.compare_digest(digest, _unb64(expected))
+        # Digests of equal length: compare_digest then takes the same time whatever is typed.
+        return hmac.compare_digest(
+            hashlib.sha256(attempt.encode("utf-8", "surrogateescape")).digest(),
+            hashlib.sha256(self._configured.encode()).digest(),
+        )
+
+    def new_session(self, now: float) -> str:
+        """A session token valid for SESSION_SECONDS from ``now``."""
+        body = f"{_SESSION_VERSION}.{int(now) + SESSION_SECONDS}.{secrets.token_hex(12)}"
+        return f"{body}.{self._sign('session', body)}"
+
+    def session_valid(self, token: str | None, now: float) -> bool:
+        if not token or token.count(".") != 3:
+            return False
+        body, _, mac = token.rpartition(".")
+        version, expiry, _ = body.split(".")
+        if version != _SESSION_VERSION or not expiry.isdigit():
+            return False
+        expected = self._sign("session", body).encode()
+        given = mac.encode("utf-8", "surrogateescape")  # a cookie may hold anything
+        return hmac.compare_digest(given, expected) and now < int(expiry)
+
+    def csrf_token(self, session: str) -> str:
+        """The token a state-changing request of ``session`` must carry (a form field or the
+        ``X-CSRF-Token`` header): bound to the session, so another site cannot know it."""
+        return self._sign("csrf", session)
+
+    def csrf_valid(self, session: str, token: str | None) -> bool:
+        return bool(token) and hmac.compare_digest(
+            token.encode("utf-8", "surrogateescape"), self.csrf_token(session).encode()
+        )
+
+    def _sign(self, purpose: str, text: str) -> str:
+        mac = hmac.new(self._key, f"{purpose}\x00{text}".encode(), "sha256").digest()
+        return _b64(mac)
+
+
+@dataclass
+class AttemptLimiter:
+    """Sign-in failures allowed per client (``per_client`` in ``window`` seconds) and in all
+    (``overall``: guesses spread over many addresses). A client past its bound waits until its
+    oldest failure leaves the window; a success clears the client's failures."""
+
+    per_client: int = 5
+    overall: int = 50
+    window: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    _failures: dict[str, deque[float]] = field(default_factory=dict)
+    _all: deque[float] = field(default_factory=deque)
+
+    def wait_seconds(self, client: str) -> float:
+        """0 if ``client`` may try now; else how long until it may."""
+        now = self.clock()
+        self._forget(now)
+        waits = [0.0]
+        mine = self._failures.get(client)
+        if mine is not None and len(mine) >= self.per_client:
+            waits.append(mine[0] + self.window - now)
+        if len(self._all) >= self.overall:
+            waits.append(self._all[0] + self.window - now)
+        return max(waits)
+
+    def failed(self, client: str) -> None:
+        now = self.clock()
+        self._failures.setdefault(client, deque()).append(now)
+        self._all.append(now)
+
+    def succeeded(self, client: str) -> None:
+        self._failures.pop(client, None)
+
+    def _forget(self, now: float) -> None:
+        while self._all and self._all[0] <= now - self.window:
+            self._all.popleft()
+        for client in [c for c, times in self._failures.items() if times[-1] <= now - self.window]:
+            del self._failures[client]
+        for times in self._failures.values():
+            while times and times[0] <= now - self.window:
+                times.popleft()
