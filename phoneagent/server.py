@@ -20,7 +20,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from phoneagent.client_limits import handler_options, unauthenticated_limits
 from phoneagent.config import Settings
-from phoneagent.console.web import setup_console
+from phoneagent.console.pages import mount_console
 from phoneagent.delivery.outbox import Outbox
 from phoneagent.delivery.publisher import CallEventPublisher
 from phoneagent.delivery.stores import call_records, open_outbox, replay_guard
@@ -211,7 +211,7 @@ def create_app(
     app.router.add_post("/twilio/dial-status", dial_status)
     app.router.add_post("/twilio/stream-ended", stream_ended)
     app.router.add_get("/calls/{call_sid}", call_details)
-    setup_console(app, state)  # /console, when PHONEAGENT_CONSOLE_PASSWORD is set
+    mount_console(app, state)  # /console, when PHONEAGENT_CONSOLE_PASSWORD is set
 
     async def watch_personas(app: web.Application):
         task = asyncio.create_task(personas.watch(reload_interval))

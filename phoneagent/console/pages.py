@@ -1,11 +1,16 @@
-"""The console's sections: each module adds its routes here, and its entry in the navigation."""
+"""The console, mounted: the shell (``web``), then each section's routes and its entry in the
+navigation, in the navigation's order."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from phoneagent.console import lines
+from phoneagent.console.web import setup_console
+from phoneagent.state import ServerState
 
 
-def add_routes(app: web.Application) -> None:
-    lines.add_routes(app)
+def mount_console(app: web.Application, state: ServerState) -> None:
+    """``/console`` on ``app``, when ``PHONEAGENT_CONSOLE_PASSWORD`` is set."""
+    if setup_console(app, state):
+        lines.add_routes(app)

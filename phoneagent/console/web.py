@@ -68,9 +68,6 @@ def setup_console(app: web.Application, state: ServerState) -> bool:
     app.router.add_post(f"{PREFIX}/login", _login)
     app.router.add_post(f"{PREFIX}/logout", action(_logout))
     app.router.add_static(f"{PREFIX}/static", _static_dir())
-    from phoneagent.console import pages  # the sections register their routes
-
-    pages.add_routes(app)
     app.middlewares.append(_security_headers)
     log.info("console_enabled", path=PREFIX)
     return True
