@@ -45,10 +45,12 @@ def test_migrate_applies_only_the_pending_step(pg_database, monkeypatch, capsys)
     asyncio.run(migrated())
     previous = SCHEMA_VERSION - 1
     newest_tables = re.findall(r"CREATE TABLE (\w+)", MIGRATIONS[SCHEMA_VERSION])
-    assert newest_tables
-    sql(  # back to the schema of the previous release
+    newest_indexes = re.findall(r"CREATE INDEX (\w+)", MIGRATIONS[SCHEMA_VERSION])
+    assert newest_tables or newest_indexes
+    sql(  # back to the schema of the previous release (a table's indexes go with it)
         pg_database,
         "".join(f"DROP TABLE {table}; " for table in newest_tables)
+        + "".join(f"DROP INDEX IF EXISTS {index}; " for index in newest_indexes)
         + f"UPDATE phoneagent_schema SET version = {previous}; "
         f"DELETE FROM phoneagent_migrations WHERE version > {previous}",
     )

@@ -109,7 +109,9 @@ class Outbox(Protocol):
     ) -> list[OutboxItem]:
         """Claim up to ``limit`` pending items due at ``now``, oldest due first, for ``lease``
         seconds. ``room`` caps how many more each destination may take (``default_room`` for
-        destinations not in it; None: no cap), so one receiver cannot take every slot."""
+        destinations not in it; None: no cap), so one receiver cannot take every slot. A store
+        shared by several instances (PostgreSQL) also counts the deliveries in flight on the
+        others: there ``default_room`` is a destination's limit in total."""
         ...
 
     async def next_due_at(self, *, skip: Collection[str] = ()) -> float | None:

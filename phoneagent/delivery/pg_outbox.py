@@ -1,13 +1,16 @@
 """The shared outbox: the :class:`~phoneagent.delivery.outbox.Outbox` interface on PostgreSQL.
 
 Several instances open the same database (``PHONEAGENT_DATABASE_URL``) and any of them delivers
-any event. A claim is the SQLite outbox's lease, taken with ``SELECT … FOR UPDATE SKIP LOCKED``:
-two instances claiming at once lock disjoint rows rather than wait for each other, and the row's
+any event. A claim is the SQLite outbox's lease, taken with ``SELECT … FOR UPDATE SKIP LOCKED``
+(a row another transaction is writing is passed over, not waited for), and the row's
 ``next_attempt_at`` moves to the end of the lease with a fresh claim token, so a SIGKILLed
 instance's in-flight deliveries fall due again for the others when its lease runs out, and its
 late ``mark_*`` (if it was only slow) is ignored. ``Retry-After`` is the row's
-``next_attempt_at``, which every instance honours; per-receiver room is per worker, as with
-SQLite (each instance keeps at most ``per_destination`` requests open to one receiver).
+``next_attempt_at``, which every instance honours (for that event: the receiver's other events
+keep their own times). The per-receiver limit holds across instances: a claim counts each
+receiver's deliveries in flight on every instance (its rows under a live lease) and takes only
+what is left of ``per_destination``, under a lock that serialises claims (see
+:meth:`PostgresOutbox.claim_due`).
 
 Times are the callers' wall-clock seconds, as in SQLite: instances sharing a database need
 synchronised clocks (NTP), which a lease of a minute tolerates by a wide margin.
@@ -39,9 +42,14 @@ from phoneagent.delivery.status import DeliveryStatus
 __all__ = ["SCHEMA_VERSION", "PostgresOutbox", "database_schema", "migrate", "schema_version"]
 
 #: The schema this version reads and writes; ``MIGRATIONS[v]`` goes from v - 1 to v.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: ``pg_advisory_xact_lock`` key of the schema migration: any fixed 64-bit number of our own.
 MIGRATION_LOCK = 0x70686F6E65_01  # "phone", 1
+#: ``pg_advisory_xact_lock`` key that serialises the claims that count receivers' room.
+CLAIM_LOCK = 0x70686F6E65_02  # "phone", 2
+#: A claim transaction idle this long between its statements (its instance frozen: SIGSTOP, a
+#: paused VM) is ended by the server, which frees CLAIM_LOCK for the others. Milliseconds.
+CLAIM_IDLE_TIMEOUT_MS = 5000
 CONNECT_TIMEOUT = 5.0  # seconds: a database that does not answer at start-up is an error, soon
 COMMAND_TIMEOUT = 30.0  # seconds: a stuck query fails (and is retried) rather than hangs a worker
 POOL_SIZE = 6  # the worker claims and marks; the publisher enqueues; stream claims; webhooks
@@ -124,6 +132,13 @@ CREATE TABLE phoneagent_calls (
     updated_at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX phoneagent_calls_updated ON phoneagent_calls (updated_at);
+""",
+    # Claims count each receiver's deliveries in flight on every instance (claim_due), under a
+    # lock every claim waits for: the rows under a claim, a few per receiver, found without
+    # reading the pending rest (a receiver that is down can have thousands waiting to retry).
+    4: """
+CREATE INDEX phoneagent_outbox_claimed ON phoneagent_outbox (destination)
+    WHERE claim IS NOT NULL;
 """,
 }
 
@@ -293,33 +308,80 @@ class PostgresOutbox:
         room: Mapping[str, int] | None = None,
         default_room: int | None = None,
     ) -> list[OutboxItem]:
+        """As :meth:`Outbox.claim_due`, with the per-receiver limit counted across instances:
+        ``default_room`` (the worker's ``per_destination``) is how many deliveries one receiver
+        may have in flight on all instances together, so a receiver's room is ``default_room``
+        less its pending rows under a live claim (``claim`` set, lease not ended), whoever holds
+        them; ``room`` (the calling worker's own count) can only lower it. Receivers with no
+        room are left out of the search, so a busy receiver's backlog never hides the others'.
+
+        Claims that count room hold ``CLAIM_LOCK`` for their transaction: two instances
+        counting at the same moment would each see the last place free and both take it, so
+        the second waits for the first to commit, then counts (each statement of a READ
+        COMMITTED transaction sees what was committed before it started). One fixed key rather
+        than one per receiver: a claim learns its receivers only from the rows it reads, and
+        locks taken then, one by one in whatever order the rows come, could deadlock two
+        claimers; a claim is a few statements over a few milliseconds, so serialising them
+        costs little at the rate calls end (a claim takes every slot free at once). Enqueues
+        and marks never take the lock, and rows are still locked ``FOR UPDATE SKIP LOCKED``
+        against them. Without ``default_room`` there is no limit to keep, and no lock.
+        """
         if limit <= 0:
             return []
-        room = dict(room or {})
-        full = [d for d, n in room.items() if n <= 0]
-        # A few more candidates than slots: some may belong to a destination with no room.
-        fetch = limit * 4 if (room or default_room is not None) else limit
+        caps = dict(room or {})
+        capped = bool(caps) or default_room is not None
         claimed: list[OutboxItem] = []
-        async with self._connection() as conn, conn.transaction():
-            # SKIP LOCKED: rows another instance is claiming right now are left to it.
-            rows = await conn.fetch(
-                f"SELECT {_COLUMNS} FROM phoneagent_outbox WHERE status = '{_PENDING}' "
-                "AND next_attempt_at <= $1 AND NOT (destination = ANY($2::text[])) "
-                "ORDER BY next_attempt_at, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED",
-                now,
-                full,
-                fetch,
-            )
+        # READ COMMITTED whatever the database's default: the count must see the claims
+        # committed while this one waited for the lock, not a snapshot from before it.
+        async with self._connection() as conn, conn.transaction(isolation="read_committed"):
+            if default_room is not None:
+                # set_config(…, true) is SET LOCAL: this transaction only.
+                await conn.execute(
+                    "SELECT set_config('idle_in_transaction_session_timeout', $1, true), "
+                    "pg_advisory_xact_lock($2)",
+                    str(CLAIM_IDLE_TIMEOUT_MS),
+                    CLAIM_LOCK,
+                )
+                in_flight = await conn.fetch(
+                    "SELECT destination, COUNT(*) FROM phoneagent_outbox "
+                    f"WHERE status = '{_PENDING}' AND claim IS NOT NULL AND next_attempt_at > $1 "
+                    "GROUP BY destination",
+                    now,
+                )
+                for destination, n in in_flight:
+                    caps[destination] = min(caps.get(destination, default_room), default_room - n)
+            full = {d for d, n in caps.items() if n <= 0}
             taken: dict[str, int] = {}
-            for row in rows:
-                item = _item(row)
-                cap = room.get(item.destination, default_room)
-                if cap is not None and taken.get(item.destination, 0) >= cap:
-                    continue
-                taken[item.destination] = taken.get(item.destination, 0) + 1
-                claimed.append(item)
-                if len(claimed) >= limit:
-                    break
+            seen: list[str] = []  # read (so locked) by this transaction: SKIP LOCKED keeps them
+            while len(claimed) < limit:
+                # A few more candidates than slots: some may belong to a receiver with no room;
+                # a receiver that fills up is left out of the next round.
+                wanted = limit - len(claimed)
+                fetch = wanted * 4 if capped else wanted
+                # SKIP LOCKED: rows another instance is marking right now are left to it.
+                rows = await conn.fetch(
+                    f"SELECT {_COLUMNS} FROM phoneagent_outbox WHERE status = '{_PENDING}' "
+                    "AND next_attempt_at <= $1 AND NOT (destination = ANY($2::text[])) "
+                    "AND NOT (id = ANY($3::text[])) "
+                    "ORDER BY next_attempt_at, created_at, id LIMIT $4 FOR UPDATE SKIP LOCKED",
+                    now,
+                    list(full),
+                    seen,
+                    fetch,
+                )
+                for row in rows:
+                    item = _item(row)
+                    seen.append(item.id)
+                    cap = caps.get(item.destination, default_room)
+                    if cap is not None and taken.get(item.destination, 0) >= cap:
+                        full.add(item.destination)
+                        continue
+                    taken[item.destination] = taken.get(item.destination, 0) + 1
+                    claimed.append(item)
+                    if len(claimed) >= limit:
+                        break
+                if len(rows) < fetch:
+                    break  # nothing else is due
             if not claimed:
                 return []
             tokens = [secrets.token_hex(8) for _ in claimed]

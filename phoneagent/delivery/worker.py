@@ -3,6 +3,7 @@ webhook, following the retry rules of ``policy`` (the sender is ``sender``).
 
 - Deliveries run concurrently (``concurrency``), at most ``per_destination`` to one receiver
   (scheme, host and port), so a slow or hanging receiver holds a few slots, never all of them.
+  With a shared (PostgreSQL) outbox the limit is the receiver's in total, over all instances.
 - A claim on an event lasts ``lease`` seconds, longer than a request may take, so two workers
   (or a worker and a restart) never deliver the same event at once.
 
@@ -298,8 +299,10 @@ class DeliveryWorker:
         if due is None:
             return self.poll_interval
         delay = min(self.poll_interval, max(0.0, due - self.clock()))
-        # Something is due but nothing could be claimed (another process holds it): don't spin.
-        return delay if claimed or delay > 0 else min(self.poll_interval, 0.05)
+        # Something is due but nothing could be claimed: its receivers are at their limit with
+        # other instances' deliveries (a shared outbox), or another process holds it. Their
+        # progress shows at the next poll; our own deliveries finishing wake the loop sooner.
+        return delay if claimed or delay > 0 else self.poll_interval
 
     async def _wait(self, delay: float) -> None:
         if self._wake.is_set() or delay <= 0:
