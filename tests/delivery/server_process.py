@@ -10,7 +10,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -45,11 +45,14 @@ def personas_with_webhook(directory: Path, url: str) -> Path:
 
 class ServerProcess:
     """``phoneagent serve`` on a free loopback port; ``wrapper`` runs it inside another command
-    (``unshare …``). stderr (the JSON log) goes to ``log_path``."""
+    (``unshare …``); ``entry``: what Python runs instead of ``-m phoneagent.cli`` (a script that
+    adjusts the server first, then calls its ``main``); ``env``: more variables
+    (``PHONEAGENT_DATABASE_URL``…). stderr (the JSON log) goes to ``log_path``."""
 
     def __init__(
         self, *, personas: Path, data_dir: Path, model_url: str, log_path: Path,
-        wrapper: Sequence[str] = (),
+        wrapper: Sequence[str] = (), entry: Sequence[str] = ("-m", "phoneagent.cli"),
+        env: Mapping[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -61,13 +64,14 @@ class ServerProcess:
             "PHONEAGENT_DATA_DIR": str(data_dir), HOOK_SECRET_ENV: "whsec_c2VjcmV0",
             "LOG_FORMAT": "json", "LOG_LEVEL": "info", "PYTHONPATH": str(PROJECT_ROOT),
             "PHONEAGENT_METRICS_PORT": str(self.metrics_port),
-        }  # fmt: skip
+        } | dict(env or {})  # fmt: skip
         self.wrapper = list(wrapper)
+        self.entry = list(entry)
         self.log_path = log_path
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> ServerProcess:
-        command = [sys.executable, "-m", "phoneagent.cli", "serve", "--host", "127.0.0.1"]
+        command = [sys.executable, *self.entry, "serve", "--host", "127.0.0.1"]
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 *self.wrapper, *command, cwd=PROJECT_ROOT, env=self.env, stderr=log, stdout=log
