@@ -45,6 +45,8 @@ def test_migrate_applies_only_the_pending_step(pg_database, monkeypatch, capsys)
     sql(  # back to the schema of the previous release
         pg_database,
         "DROP TABLE phoneagent_stream_claims; DROP TABLE phoneagent_answered_webhooks; "
+        "DROP TABLE phoneagent_instances; "
+        "ALTER TABLE phoneagent_open_calls DROP COLUMN run_id, DROP COLUMN opened_at; "
         "UPDATE phoneagent_schema SET version = 1; "
         "DELETE FROM phoneagent_migrations WHERE version > 1",
     )
