@@ -27,9 +27,11 @@ asyncpg is the driver (see pyproject.toml): it has its own connection pool and n
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
@@ -57,6 +59,9 @@ SCHEMA_VERSION = 3
 MIGRATION_LOCK = 0x70686F6E65_01  # "phone", 1
 CONNECT_TIMEOUT = 5.0  # seconds: a database that does not answer at start-up is an error, soon
 COMMAND_TIMEOUT = 30.0  # seconds: a stuck query fails (and is retried) rather than hangs a worker
+#: A database that has not answered one of our requests for this long is reported (readiness)
+#: before the request times out: a database host that vanished answers nothing, not an error.
+STALL_SECONDS = 5.0
 POOL_SIZE = 6  # the worker claims and marks; the publisher enqueues; stream claims; webhooks
 #: Twilio ends a call after 4 hours: a call recorded by a release without heartbeats (no run)
 #: that was opened longer ago than this is over, whoever recorded it.
@@ -188,6 +193,9 @@ class PostgresOutbox:
         self.owner = owner
         self.run_id = secrets.token_hex(8)
         self._closed = False
+        # When each request now in progress began (monotonic): see `problem`.
+        self._in_flight: dict[int, float] = {}
+        self._requests = itertools.count()
 
     @classmethod
     async def open(
@@ -224,10 +232,23 @@ class PostgresOutbox:
         errors talking to the database come out as :class:`OutboxError`."""
         return self._connection()
 
+    @property
+    def problem(self) -> str | None:
+        """A request waiting on the database for longer than ``STALL_SECONDS`` (a connection or
+        an answer that does not come), named before it times out; else None."""
+        if not self._in_flight:
+            return None
+        waited = time.monotonic() - min(self._in_flight.values())
+        if waited < STALL_SECONDS:
+            return None
+        return f"the database {self.url} has not answered for {waited:.0f} s"
+
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
         if self._closed:
             raise OutboxError(f"the outbox in {self.url} is closed")
+        request = next(self._requests)
+        self._in_flight[request] = time.monotonic()
         try:
             async with self._pool.acquire() as conn:
                 yield conn
@@ -235,6 +256,8 @@ class PostgresOutbox:
             raise
         except _DATABASE_ERRORS as exc:
             raise OutboxError(f"the database {self.url}: {_reason(exc)}") from exc
+        finally:
+            del self._in_flight[request]
 
     # --- the interface --------------------------------------------------------------------
 

@@ -149,7 +149,8 @@ class CallEventPublisher:
 
     def problems(self) -> list[str]:
         """Why events cannot reach the outbox now (readiness); empty when they can."""
-        return [p for p in (self.worker.outbox_problem, self.spool.problem) if p]
+        problems = (self.worker.outbox.problem, self.worker.outbox_problem, self.spool.problem)
+        return [p for p in problems if p]
 
     async def call_started(self, persona: Persona, record: CallRecord) -> None:
         async with self._in_call_order(record.call_sid):

@@ -11,14 +11,22 @@ carry their expiry and are purged as claims go by (at most once a minute per ins
 The guard uses the outbox's pool (:meth:`PostgresOutbox.connection`) and its schema (migration
 step 2). This instance's own memory is checked first, with no await before it, so a replay on
 the same instance is refused without a round trip. While the database cannot be reached, the
-guard falls back to that memory (the defence of a single instance), logs it, and calls go on.
+guard falls back to that memory (the defence of a single instance), logs it, and calls go on
+without waiting on it: a round trip gets ``ROUND_TRIP_SECONDS`` (Twilio gives up on a webhook
+after 15 s, and a database host that vanished answers nothing, not an error), and after a
+failure, or while the outbox reports the database silent, the guard does not ask it again for
+``AWAY_SECONDS``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
 
 from phoneagent.delivery.outbox import OutboxError
 from phoneagent.delivery.pg_outbox import PostgresOutbox, _count
@@ -32,6 +40,10 @@ log = get_logger(__name__)
 #: How long a webhook's answer is kept: longer than any call (Twilio ends calls at 4 hours).
 ANSWER_SECONDS = 24 * 3600.0
 PURGE_EVERY = 60.0  # seconds between purges of expired rows, per instance
+#: One round trip's budget: a healthy database answers in milliseconds.
+ROUND_TRIP_SECONDS = 2.0
+#: After a failed round trip, memory alone for this long before the database is asked again.
+AWAY_SECONDS = 5.0
 
 
 class PostgresReplayGuard:
@@ -47,13 +59,15 @@ class PostgresReplayGuard:
         self._answer_seconds = answer_seconds
         self._local = MemoryReplayGuard(clock)
         self._next_purge = 0.0
+        self._away_until = 0.0  # monotonic: until then, the database is not asked
+        self._away = ""  # why
 
     async def claim_stream(self, token: str, expires_at: float) -> bool:
         # No await before this: a token already used on this instance is refused at once.
         if not self._local.claims.claim(token, expires_at):
             return False
         try:
-            async with self._db.connection() as conn:
+            async with self._shared() as conn:
                 await self._purge(conn)
                 result = await conn.execute(
                     "INSERT INTO phoneagent_stream_claims (token_hash, expires_at) "
@@ -71,7 +85,7 @@ class PostgresReplayGuard:
         if local is not None:
             return local
         try:
-            async with self._db.connection() as conn:
+            async with self._shared() as conn:
                 twiml = await conn.fetchval(
                     "SELECT twiml FROM phoneagent_answered_webhooks "
                     "WHERE key = $1 AND expires_at >= $2",
@@ -88,7 +102,7 @@ class PostgresReplayGuard:
     async def remember(self, key: str, twiml: str) -> tuple[str, bool]:
         now = self._clock()
         try:
-            async with self._db.connection() as conn:
+            async with self._shared() as conn:
                 # A row past its expiry is as good as absent: the new answer replaces it.
                 kept = await conn.fetchrow(
                     "INSERT INTO phoneagent_answered_webhooks (key, twiml, expires_at) "
@@ -114,6 +128,35 @@ class PostgresReplayGuard:
             self._local.answered.remember(key, twiml)
             return twiml, True
         return self._local.remember_now(key, twiml)
+
+    @contextlib.asynccontextmanager
+    async def _shared(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for one round trip within its budget; OutboxError at once while the
+        database is known to be away, or when the round trip fails or runs out of time."""
+        problem = self._db.problem
+        if problem is None and time.monotonic() < self._away_until:
+            problem = self._away
+        if problem is not None:
+            raise OutboxError(problem)
+        try:
+            async with asyncio.timeout(ROUND_TRIP_SECONDS) as budget, self._db.connection() as conn:
+                try:
+                    yield conn
+                except asyncio.CancelledError:
+                    if budget.expired():
+                        # Closed at once: handing back a connection with a query in flight
+                        # would wait for the database to answer its cancellation.
+                        conn.terminate()
+                    raise
+        except TimeoutError:
+            self._went_away(f"the database {self._db.url} did not answer in {ROUND_TRIP_SECONDS} s")
+            raise OutboxError(self._away) from None
+        except OutboxError as exc:
+            self._went_away(str(exc))
+            raise
+
+    def _went_away(self, why: str) -> None:
+        self._away, self._away_until = why, time.monotonic() + AWAY_SECONDS
 
     async def _purge(self, conn) -> None:
         now = self._clock()
