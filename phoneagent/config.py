@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+# An instance's name is shown in logs and kept in the shared database: visible ASCII, short.
+_INSTANCE_NAME = re.compile(r"[\x21-\x7e]{1,200}")
 # A bearer token travels in a header: visible ASCII only; long enough not to be guessed.
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 MIN_METRICS_TOKEN_LENGTH = 16
@@ -59,6 +62,8 @@ class Settings:
     data_dir: Path = Path("data")
     # PostgreSQL shared by every instance ("" = SQLite in data_dir). Holds a password: no repr.
     database_url: str = field(default="", repr=False)
+    # This instance in the shared database ("" = the host name): who holds a call in progress.
+    instance_name: str = ""
     log_format: str = "json"
     log_level: str = "info"
     drain_seconds: int = 600  # after SIGTERM, how long calls in progress may go on
@@ -141,6 +146,11 @@ def load_settings(
     database_url = get("PHONEAGENT_DATABASE_URL")
     if database_url:
         _check_database_url(database_url, problems)
+    instance_name = get("PHONEAGENT_INSTANCE_NAME")
+    if instance_name and not _INSTANCE_NAME.fullmatch(instance_name):
+        problems.append(
+            "PHONEAGENT_INSTANCE_NAME is malformed: at most 200 visible ASCII characters, no spaces"
+        )
 
     drain_seconds = _parse_int("PHONEAGENT_DRAIN_SECONDS", get, Settings.drain_seconds, 0, problems)
     max_calls = _parse_int("PHONEAGENT_MAX_CALLS", get, Settings.max_calls, 1, problems)
@@ -206,6 +216,7 @@ def load_settings(
         personas_dir=Path(get("PHONEAGENT_PERSONAS_DIR") or Settings.personas_dir),
         data_dir=Path(get("PHONEAGENT_DATA_DIR") or Settings.data_dir),
         database_url=database_url,
+        instance_name=instance_name or socket.gethostname(),
         log_format=log_format,
         log_level=log_level,
         drain_seconds=drain_seconds,

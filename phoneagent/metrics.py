@@ -141,8 +141,16 @@ class Metrics:
         )
         self.lost_calls_closed = Counter(
             "phoneagent_lost_calls_closed",
-            "Calls a previous run of this instance left open (killed mid-call), closed at "
-            "start-up with a call.ended of end reason server_lost.",
+            "Calls an instance lost (killed mid-call) that this one ended with a call.ended of "
+            "end reason server_lost: at start-up, those of its previous run (SQLite); on a "
+            "shared database, those of any instance whose heartbeat went stale.",
+            registry=r,
+        )
+        self.heartbeat_age = Gauge(
+            "phoneagent_instance_heartbeat_age_seconds",
+            "Seconds since this instance last recorded its heartbeat in the shared database "
+            "(PostgreSQL only; 0 otherwise). Past 60 the other instances take it for dead and "
+            "end its calls as server_lost: alert well before.",
             registry=r,
         )
         self.media_seconds = Histogram(

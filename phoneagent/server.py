@@ -23,7 +23,12 @@ from phoneagent.config import Settings
 from phoneagent.console.pages import mount_console
 from phoneagent.delivery.outbox import Outbox
 from phoneagent.delivery.publisher import CallEventPublisher
-from phoneagent.delivery.stores import call_records, open_outbox, replay_guard
+from phoneagent.delivery.stores import (
+    call_records,
+    instance_liveness,
+    open_outbox,
+    replay_guard,
+)
 from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.logs import get_logger
 from phoneagent.metrics import CONTENT_TYPE_LATEST
@@ -237,8 +242,16 @@ def create_app(
         )
         m.events_spooled.set_function(lambda: publisher.spool.held)
         m.outbox_ok.set_function(lambda: 0 if publisher.problems() else 1)
-        # Before the first call: a run killed mid-call left calls open; end each for its business.
-        m.lost_calls_closed.inc(await publisher.close_lost_calls(now=time.time()))
+        liveness = instance_liveness(publisher, on_adopted=m.lost_calls_closed.inc)
+        if liveness is None:
+            # Before the first call: a run killed mid-call left calls open; end each for its
+            # business.
+            m.lost_calls_closed.inc(await publisher.close_lost_calls(now=time.time()))
+        else:
+            # A shared database: this run is alive before its first call, and any instance's
+            # lost calls are adopted as their runs go silent (this one's previous run's too).
+            await liveness.start()
+            m.heartbeat_age.set_function(liveness.heartbeat_age)
         task = asyncio.create_task(worker.run())
         yield
         await asyncio.gather(*state.background)  # events of calls that just ended, committed
@@ -247,6 +260,8 @@ def create_app(
         await worker.flush(FLUSH_SECONDS)
         await worker.stop()
         await task
+        if liveness is not None:  # last: the calls it held are over, their events committed
+            await liveness.stop()
         await outbox.close()
 
     async def start_draining(app: web.Application) -> None:
@@ -297,7 +312,9 @@ async def build_app(
     ``PHONEAGENT_DATABASE_URL`` when set, else the file in ``PHONEAGENT_DATA_DIR``. An unusable
     outbox (a damaged file, a database that is down) raises OutboxError here, before the server
     accepts a call."""
-    outbox = await open_outbox(settings.data_dir, settings.database_url)
+    outbox = await open_outbox(
+        settings.data_dir, settings.database_url, instance_name=settings.instance_name
+    )
     return create_app(
         settings,
         personas,

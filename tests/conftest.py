@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -38,20 +39,45 @@ def postgres_url():
     """A ``postgresql://`` URL of a throwaway server the tests started (see postgres_cluster).
     No PostgreSQL here: the test is skipped, with the reason; in CI (``CI`` set) it fails, since
     a silent skip there would hide a broken install."""
-    from postgres_cluster import PostgresUnavailable, in_ci, postgres_cluster
+    from postgres_cluster import postgres_cluster
 
     cluster = postgres_cluster()
-    try:
+    with _postgres_or_skip():
         url = cluster.__enter__()
+    try:
+        yield url
+    finally:
+        cluster.__exit__(None, None, None)
+
+
+@pytest.fixture
+def stoppable_postgres():
+    """A throwaway server of the test's own, which it may stop and start again (the session's
+    server, which other tests' instances use, is left alone): a ``PostgresCluster``."""
+    from postgres_cluster import PostgresCluster
+
+    with _postgres_or_skip():
+        cluster = PostgresCluster()
+    try:
+        with _postgres_or_skip():
+            cluster.create()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@contextlib.contextmanager
+def _postgres_or_skip():
+    """No PostgreSQL here: skip the test, with the reason; in CI (``CI`` set) fail it."""
+    from postgres_cluster import PostgresUnavailable, in_ci
+
+    try:
+        yield
     except PostgresUnavailable as exc:
         message = f"PostgreSQL unavailable: {exc}"
         if in_ci(os.environ):
             pytest.fail(f"{message} (CI is set: the PostgreSQL tests must run in CI)")
         pytest.skip(message)
-    try:
-        yield url
-    finally:
-        cluster.__exit__(None, None, None)
 
 
 def _admin(url: str, sql: str) -> None:

@@ -1,5 +1,7 @@
 """A throwaway PostgreSQL server for the tests: ``initdb`` into a temporary directory, ``pg_ctl
-start`` on a free loopback port, stopped and removed at the end of the session.
+start`` on a free loopback port, stopped and removed at the end of the session. A test that needs
+the database to go away and come back under a running instance makes its own
+:class:`PostgresCluster` and stops and starts it (the session's server stays up for the others).
 
 PostgreSQL refuses to run as root (CI runs as root): then the cluster runs as the ``postgres``
 system user that Debian's package creates, through ``runuser``, in a directory it owns. Durability
@@ -13,6 +15,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -57,67 +60,128 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def postgres_cluster() -> Iterator[str]:
-    """Run a server for the duration of the block; yields a ``postgresql://`` URL of its
-    ``postgres`` database (superuser ``postgres``, trust authentication on loopback only)."""
-    bindir = find_bindir()
-    as_root = os.geteuid() == 0
-    prefix: list[str] = []
-    if as_root:
-        try:
-            server_user = pwd.getpwnam(SERVER_USER)
-        except KeyError:
-            raise PostgresUnavailable(
-                f"running as root and there is no {SERVER_USER!r} user to run PostgreSQL as "
-                "(the postgresql package creates it)"
-            ) from None
-        runuser = shutil.which("runuser")
-        if runuser is None:
-            raise PostgresUnavailable("running as root and runuser (util-linux) is missing")
-        prefix = [runuser, "-u", SERVER_USER, "--"]
-    # Directly under the system temp dir: pytest's own tmp dirs are private to root, and the
-    # server user must reach its data directory.
-    root = Path(tempfile.mkdtemp(prefix="phoneagent-pg-"))
-    data, sockets, log = root / "data", root / "sockets", root / "server.log"
-    sockets.mkdir()
-    if as_root:
-        for path in (root, sockets):
-            os.chown(path, server_user.pw_uid, server_user.pw_gid)
+class PostgresCluster:
+    """One throwaway server: :meth:`create` (initdb, then start on a free port), :meth:`stop`
+    and :meth:`start` again on the same port (a database that goes away and comes back, for a
+    running instance), :meth:`remove`. ``url`` is the ``postgresql://`` URL of its ``postgres``
+    database (superuser ``postgres``, trust authentication on loopback only)."""
 
-    def run(*args: str) -> None:
+    def __init__(self) -> None:
+        self.bindir = find_bindir()
+        self.as_root = os.geteuid() == 0
+        self.prefix: list[str] = []
+        if self.as_root:
+            try:
+                self.server_user = pwd.getpwnam(SERVER_USER)
+            except KeyError:
+                raise PostgresUnavailable(
+                    f"running as root and there is no {SERVER_USER!r} user to run PostgreSQL "
+                    "as (the postgresql package creates it)"
+                ) from None
+            runuser = shutil.which("runuser")
+            if runuser is None:
+                raise PostgresUnavailable("running as root and runuser (util-linux) is missing")
+            self.prefix = [runuser, "-u", SERVER_USER, "--"]
+        self.root: Path | None = None
+        self.port = 0
+        self.running = False
+        self._paused: list[int] = []
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def create(self) -> str:
+        """initdb and start; the URL."""
+        # Directly under the system temp dir: pytest's own tmp dirs are private to root, and
+        # the server user must reach its data directory.
+        self.root = Path(tempfile.mkdtemp(prefix="phoneagent-pg-"))
+        sockets = self.root / "sockets"
+        sockets.mkdir()
+        if self.as_root:
+            for path in (self.root, sockets):
+                os.chown(path, self.server_user.pw_uid, self.server_user.pw_gid)
+        self._run(str(self.bindir / "initdb"), "-D", str(self.root / "data"), "-U", "postgres",
+                  "-A", "trust", "-E", "UTF8", "--no-sync", "--no-instructions")  # fmt: skip
+        for attempt in range(3):  # a port found free may be taken before the server binds it
+            self.port = _free_port()
+            try:
+                self.start()
+            except PostgresUnavailable:
+                if attempt == 2:
+                    raise
+                continue
+            break
+        return self.url
+
+    def start(self) -> None:
+        """Start the server (again) on its port."""
+        assert self.root is not None
+        options = (
+            f"-p {self.port} -k {self.root / 'sockets'} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c max_connections=200"
+        )
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.root / "data"),
+                  "-l", str(self.root / "server.log"), "-o", options, "-w", "-t", "60",
+                  "start")  # fmt: skip
+        self.running = True
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: ``fast`` ends the sessions and shuts down cleanly, ``immediate``
+        as if it crashed."""
+        assert self.root is not None
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.root / "data"), "-m", mode,
+                  "-w", "stop")  # fmt: skip
+        self.running = False
+
+    def pause(self) -> None:
+        """Freeze the server and its sessions (SIGSTOP): a database host that vanished, which
+        answers nothing (connections hang) rather than refusing. :meth:`resume` thaws it."""
+        self._paused = self._processes()
+        for pid in self._paused:
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self._paused = []
+
+    def _processes(self) -> list[int]:
+        """The postmaster (first line of postmaster.pid) and the processes it forked."""
+        assert self.root is not None
+        postmaster = int((self.root / "data" / "postmaster.pid").read_text().split()[0])
+        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+        return [postmaster, *map(int, children)]
+
+    def remove(self) -> None:
+        self.resume()
+        if self.running:
+            with contextlib.suppress(PostgresUnavailable, subprocess.TimeoutExpired):
+                self.stop("immediate")
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _run(self, *args: str) -> None:
         result = subprocess.run(
-            [*prefix, *args], capture_output=True, text=True, timeout=120, check=False
+            [*self.prefix, *args], capture_output=True, text=True, timeout=120, check=False
         )
         if result.returncode != 0:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            log = self.root / "server.log" if self.root is not None else None
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
             raise PostgresUnavailable(
                 f"{Path(args[0]).name} failed ({result.returncode}): "
                 f"{(result.stderr or result.stdout).strip()[-2000:]}\n{tail}"
             )
 
-    started = False
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[str]:
+    """Run a server for the duration of the block; yields a ``postgresql://`` URL of its
+    ``postgres`` database (superuser ``postgres``, trust authentication on loopback only)."""
+    cluster = PostgresCluster()
     try:
-        run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-            "-E", "UTF8", "--no-sync", "--no-instructions")  # fmt: skip
-        for attempt in range(3):  # a port found free may be taken before the server binds it
-            port = _free_port()
-            options = (
-                f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-            )
-            try:
-                run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options,
-                    "-w", "-t", "60", "start")  # fmt: skip
-            except PostgresUnavailable:
-                if attempt == 2:
-                    raise
-                continue
-            started = True
-            break
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield cluster.create()
     finally:
-        if started:
-            with contextlib.suppress(PostgresUnavailable, subprocess.TimeoutExpired):
-                run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.remove()

@@ -46,11 +46,13 @@ def test_migrate_applies_only_the_pending_step(pg_database, monkeypatch, capsys)
     previous = SCHEMA_VERSION - 1
     newest_tables = re.findall(r"CREATE TABLE (\w+)", MIGRATIONS[SCHEMA_VERSION])
     newest_indexes = re.findall(r"CREATE INDEX (\w+)", MIGRATIONS[SCHEMA_VERSION])
-    assert newest_tables or newest_indexes
+    newest_columns = re.findall(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", MIGRATIONS[SCHEMA_VERSION])
+    assert newest_tables or newest_indexes or newest_columns
     sql(  # back to the schema of the previous release (a table's indexes go with it)
         pg_database,
         "".join(f"DROP TABLE {table}; " for table in newest_tables)
         + "".join(f"DROP INDEX IF EXISTS {index}; " for index in newest_indexes)
+        + "".join(f"ALTER TABLE {t} DROP COLUMN {c}; " for t, c in newest_columns)
         + f"UPDATE phoneagent_schema SET version = {previous}; "
         f"DELETE FROM phoneagent_migrations WHERE version > {previous}",
     )

@@ -1,3 +1,4 @@
+import socket
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,15 @@ def test_webhook_shared_key_is_optional_secret_and_checked(valid_env):
     assert "sharedsecret42" not in repr(settings) + str(settings)
     problems = problems_for(valid_env | {"TWILIO_WEBHOOK_SHARED_KEY": "shared secret42"})
     assert problems == ["TWILIO_WEBHOOK_SHARED_KEY is malformed: it contains whitespace"]
+
+
+def test_instance_name_defaults_to_the_host_name_and_is_checked(valid_env):
+    assert load_settings(valid_env).instance_name == socket.gethostname()
+    settings = load_settings(valid_env | {"PHONEAGENT_INSTANCE_NAME": " voice-7f9c-x2 "})
+    assert settings.instance_name == "voice-7f9c-x2"
+    for bad in ("voice 1", "x" * 201, "voix-é"):
+        [problem] = problems_for(valid_env | {"PHONEAGENT_INSTANCE_NAME": bad})
+        assert problem.startswith("PHONEAGENT_INSTANCE_NAME is malformed")
 
 
 def test_database_url_is_optional_checked_and_never_shown_with_its_password(valid_env):

@@ -172,6 +172,12 @@ class Outbox(Protocol):
         """Delete delivered items delivered before ``before``; how many went."""
         ...
 
+    @property
+    def problem(self) -> str | None:
+        """What is wrong with the store right now that no error has said yet (a database that
+        has stopped answering), for readiness; None when nothing is known to be."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -524,6 +530,10 @@ class SQLiteOutbox:
             (before,),
         )
         return cur.rowcount
+
+    @property
+    def problem(self) -> str | None:
+        return None  # a local file's failures are errors, which the worker and spool report
 
     async def close(self) -> None:
         if self._closed:

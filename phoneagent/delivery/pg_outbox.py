@@ -15,6 +15,12 @@ what is left of ``per_destination``, under a lock that serialises claims (see
 Times are the callers' wall-clock seconds, as in SQLite: instances sharing a database need
 synchronised clocks (NTP), which a lease of a minute tolerates by a wide margin.
 
+Calls in progress are recorded with the run of the instance that holds them (``run_id``, fresh at
+each start), and each run records that it is alive (``phoneagent_instances``, see
+``liveness.py``): a call whose run has gone silent was lost with it, and any instance adopts it
+(:meth:`PostgresOutbox.adopt_lost_calls`). Those times are the database's own clock, so no
+instance's clock can make another one look dead.
+
 The schema is versioned in ``phoneagent_schema`` and migrated when an outbox opens, under a
 transaction-scoped advisory lock: instances starting together migrate one after the other, and
 the second finds nothing to do.
@@ -24,12 +30,14 @@ asyncpg is the driver (see pyproject.toml): it has its own connection pool and n
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -39,10 +47,17 @@ from phoneagent.delivery.events import Event
 from phoneagent.delivery.outbox import OutboxError, OutboxItem, destination_of
 from phoneagent.delivery.status import DeliveryStatus
 
-__all__ = ["SCHEMA_VERSION", "PostgresOutbox", "database_schema", "migrate", "schema_version"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "LostCall",
+    "PostgresOutbox",
+    "database_schema",
+    "migrate",
+    "schema_version",
+]
 
 #: The schema this version reads and writes; ``MIGRATIONS[v]`` goes from v - 1 to v.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: ``pg_advisory_xact_lock`` key of the schema migration: any fixed 64-bit number of our own.
 MIGRATION_LOCK = 0x70686F6E65_01  # "phone", 1
 #: ``pg_advisory_xact_lock`` key that serialises the claims that count receivers' room.
@@ -52,7 +67,13 @@ CLAIM_LOCK = 0x70686F6E65_02  # "phone", 2
 CLAIM_IDLE_TIMEOUT_MS = 5000
 CONNECT_TIMEOUT = 5.0  # seconds: a database that does not answer at start-up is an error, soon
 COMMAND_TIMEOUT = 30.0  # seconds: a stuck query fails (and is retried) rather than hangs a worker
+#: A database that has not answered one of our requests for this long is reported (readiness)
+#: before the request times out: a database host that vanished answers nothing, not an error.
+STALL_SECONDS = 5.0
 POOL_SIZE = 6  # the worker claims and marks; the publisher enqueues; stream claims; webhooks
+#: Twilio ends a call after 4 hours: a call recorded by a release without heartbeats (no run)
+#: that was opened longer ago than this is over, whoever recorded it.
+LONGEST_CALL_SECONDS = 4 * 3600.0
 
 _PENDING, _DELIVERED, _FAILED = (
     DeliveryStatus.PENDING.value,
@@ -140,6 +161,22 @@ CREATE INDEX phoneagent_calls_updated ON phoneagent_calls (updated_at);
 CREATE INDEX phoneagent_outbox_claimed ON phoneagent_outbox (destination)
     WHERE claim IS NOT NULL;
 """,
+    # Instance liveness (delivery/liveness.py): each run of an instance refreshes its row; an
+    # open call carries its run, so a run gone silent (or gone: a clean stop deletes its row)
+    # left its calls lost, and any instance adopts them. Rows from before this step have no
+    # run (NULL): see adopt_lost_calls.
+    5: """
+CREATE TABLE phoneagent_instances (
+    run_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    last_seen TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX phoneagent_instances_owner ON phoneagent_instances (owner);
+ALTER TABLE phoneagent_open_calls ADD COLUMN run_id TEXT;
+ALTER TABLE phoneagent_open_calls ADD COLUMN opened_at TIMESTAMPTZ NOT NULL DEFAULT now();
+CREATE INDEX phoneagent_open_calls_run ON phoneagent_open_calls (run_id);
+""",
 }
 
 _BOOKKEEPING = """
@@ -166,20 +203,35 @@ _DATABASE_ERRORS = (
 )
 
 
+@dataclass(frozen=True)
+class LostCall:
+    """An open call adopted from a run that is gone (see ``adopt_lost_calls``)."""
+
+    call_sid: str
+    call: dict[str, Any]
+    turns: list[dict[str, Any]]
+    owner: str  # the instance that held it
+
+
 class PostgresOutbox:
     """The outbox in a PostgreSQL database shared by every instance.
 
     Open it with ``await PostgresOutbox.open(url)``; a database that cannot be reached, refuses
     the login or holds a newer schema raises :class:`OutboxError` there, naming the URL without
-    its password. ``owner`` names this instance's open calls (default: the host name, a pod's
-    name), so a restarted instance ends the calls its previous run left open and no others.
+    its password. ``owner`` names the instance (``PHONEAGENT_INSTANCE_NAME``, default: the host
+    name, a pod's name) and ``run_id`` this run of it: its open calls carry both, and they are
+    its own while the run's heartbeat is fresh (``heartbeat``, ``adopt_lost_calls``).
     """
 
     def __init__(self, pool: asyncpg.Pool, url: str, owner: str) -> None:
         self._pool = pool
         self.url = redact_database_url(url)  # for messages: never the password
         self.owner = owner
+        self.run_id = secrets.token_hex(8)
         self._closed = False
+        # When each request now in progress began (monotonic): see `problem`.
+        self._in_flight: dict[int, float] = {}
+        self._requests = itertools.count()
 
     @classmethod
     async def open(
@@ -216,10 +268,23 @@ class PostgresOutbox:
         errors talking to the database come out as :class:`OutboxError`."""
         return self._connection()
 
+    @property
+    def problem(self) -> str | None:
+        """A request waiting on the database for longer than ``STALL_SECONDS`` (a connection or
+        an answer that does not come), named before it times out; else None."""
+        if not self._in_flight:
+            return None
+        waited = time.monotonic() - min(self._in_flight.values())
+        if waited < STALL_SECONDS:
+            return None
+        return f"the database {self.url} has not answered for {waited:.0f} s"
+
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
         if self._closed:
             raise OutboxError(f"the outbox in {self.url} is closed")
+        request = next(self._requests)
+        self._in_flight[request] = time.monotonic()
         try:
             async with self._pool.acquire() as conn:
                 yield conn
@@ -227,6 +292,8 @@ class PostgresOutbox:
             raise
         except _DATABASE_ERRORS as exc:
             raise OutboxError(f"the database {self.url}: {_reason(exc)}") from exc
+        finally:
+            del self._in_flight[request]
 
     # --- the interface --------------------------------------------------------------------
 
@@ -267,11 +334,13 @@ class PostgresOutbox:
         # A call back from a transfer nobody answered starts again: a fresh record, now ours.
         async with self._connection() as conn:
             await conn.execute(
-                "INSERT INTO phoneagent_open_calls (call_sid, owner, call) VALUES ($1, $2, $3) "
-                "ON CONFLICT (call_sid) DO UPDATE SET owner = EXCLUDED.owner, "
-                "call = EXCLUDED.call, transcript = '[]'::jsonb, seq = DEFAULT",
+                "INSERT INTO phoneagent_open_calls (call_sid, owner, run_id, call) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (call_sid) DO UPDATE SET "
+                "owner = EXCLUDED.owner, run_id = EXCLUDED.run_id, call = EXCLUDED.call, "
+                "transcript = '[]'::jsonb, seq = DEFAULT, opened_at = DEFAULT",
                 call_sid,
                 self.owner,
+                self.run_id,
                 json.dumps(dict(call)),
             )
 
@@ -289,8 +358,9 @@ class PostgresOutbox:
             await conn.execute("DELETE FROM phoneagent_open_calls WHERE call_sid = $1", call_sid)
 
     async def open_calls(self) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
-        # Only this instance's: the others' open calls are alive on them (a shared record of
-        # calls, with liveness, is a later increment of issue 14).
+        # Only this instance name's. `phoneagent serve` does not end these at start-up on a
+        # shared database (another process may share the name): adopt_lost_calls decides by
+        # run and heartbeat instead.
         async with self._connection() as conn:
             rows = await conn.fetch(
                 "SELECT call_sid, call, transcript::text FROM phoneagent_open_calls "
@@ -298,6 +368,78 @@ class PostgresOutbox:
                 self.owner,
             )
         return [(r[0], json.loads(r[1]), json.loads(r[2])) for r in rows]
+
+    # --- liveness (delivery/liveness.py) ---------------------------------------------------
+
+    async def heartbeat(self) -> int:
+        """Record that this run is alive, now (the database's clock). Returns how many other
+        runs under this instance's name have been seen since this one started: another
+        process shares the name (a previous run of this instance stopped beating before)."""
+        async with self._connection() as conn, conn.transaction():
+            started = await conn.fetchval(
+                "INSERT INTO phoneagent_instances (run_id, owner) VALUES ($1, $2) "
+                "ON CONFLICT (run_id) DO UPDATE SET last_seen = now() "
+                "RETURNING started_at",
+                self.run_id,
+                self.owner,
+            )
+            return await conn.fetchval(
+                "SELECT count(*) FROM phoneagent_instances "
+                "WHERE owner = $1 AND run_id <> $2 AND last_seen > $3",
+                self.owner,
+                self.run_id,
+                started,
+            )
+
+    async def adopt_lost_calls(
+        self, *, stale_after: float, legacy_owner: str | None = None
+    ) -> list[LostCall]:
+        """Take over the open calls of the runs whose heartbeat is older than ``stale_after``
+        seconds, or gone: they are this run's from now on, so of two instances adopting at
+        once each call goes to exactly one, and an adopter that dies before ending them leaves
+        them to the next. Calls recorded with no run (by a release without heartbeats) are
+        adopted once older than the longest call, or at once when their owner is
+        ``legacy_owner`` (this instance starting again, as that release did). Runs that are
+        gone and hold no call any more are forgotten."""
+        async with self._connection() as conn, conn.transaction():
+            # The runs found dead now. The UPDATE below re-checks `run_id = ANY(dead)` on each
+            # row it locks, so a call another adopter took meanwhile (now its run's) is left.
+            dead = await conn.fetchval(
+                "SELECT coalesce(array_agg(DISTINCT c.run_id), '{}') "
+                "FROM phoneagent_open_calls c WHERE c.run_id IS NOT NULL AND c.run_id <> $1 "
+                "AND NOT EXISTS (SELECT 1 FROM phoneagent_instances i WHERE i.run_id = c.run_id "
+                "AND i.last_seen >= now() - make_interval(secs => $2))",
+                self.run_id,
+                stale_after,
+            )
+            rows = await conn.fetch(
+                "UPDATE phoneagent_open_calls AS c SET owner = $1, run_id = $2 "
+                "FROM phoneagent_open_calls AS was WHERE was.call_sid = c.call_sid AND "
+                "(c.run_id = ANY($3::text[]) OR (c.run_id IS NULL AND (c.owner = $4 OR "
+                "c.opened_at < now() - make_interval(secs => $5)))) "
+                "RETURNING c.call_sid, c.call, c.transcript::text, was.owner, c.seq",
+                self.owner,
+                self.run_id,
+                dead,
+                legacy_owner,
+                LONGEST_CALL_SECONDS,
+            )
+            await conn.execute(
+                "DELETE FROM phoneagent_instances i "
+                "WHERE i.last_seen < now() - make_interval(secs => $1) "
+                "AND NOT EXISTS (SELECT 1 FROM phoneagent_open_calls c WHERE c.run_id = i.run_id)",
+                stale_after,
+            )
+        rows = sorted(rows, key=lambda r: r[4])  # in the order the calls were opened
+        return [LostCall(r[0], json.loads(r[1]), json.loads(r[2]), r[3]) for r in rows]
+
+    async def forget_instance(self) -> None:
+        """This run stops (cleanly): delete its heartbeat, so any call it still holds (its end
+        could not be recorded) is adopted by the others at once rather than a minute later."""
+        async with self._connection() as conn:
+            await conn.execute("DELETE FROM phoneagent_instances WHERE run_id = $1", self.run_id)
+
+    # --- deliveries -----------------------------------------------------------------------
 
     async def claim_due(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator, Callable
 
 from phoneagent.call.actions import EndReason
@@ -42,6 +43,13 @@ EVENT_END_REASONS: dict[EndReason, str] = {
     EndReason.TWILIO_DISCONNECTED: "error",
     EndReason.MODEL_DISCONNECTED: "error",
 }
+
+
+def lost_call_event_id(call_sid: str, started_at: float) -> str:
+    """The id of a lost call's ``call.ended``: the same for every report of that call (the
+    call and when it started: a CallSid that comes back from a transfer is a later start)."""
+    digest = hashlib.sha256(f"server_lost\0{call_sid}\0{started_at!r}".encode()).hexdigest()
+    return "evt_" + digest[:24]  # the shape of new_event_id's
 
 
 def event_end_reason(recorded: str | None) -> str:
@@ -80,10 +88,11 @@ class CallEventPublisher:
         await self.worker.submit(event, url=url, secret_env=secret_env, closes_call=closes)
 
     # --- calls a killed run left open ----------------------------------------------------
-    # The outbox keeps each call in progress (who, when, the turns so far), so the next start
-    # can end the calls of a run that was killed mid-call: the business gets an end for every
-    # start. Per instance, like the outbox: instances sharing one file would close each
-    # other's live calls (the README forbids sharing it).
+    # The outbox keeps each call in progress (who, when, the turns so far), so the calls of a
+    # run that was killed mid-call can be ended: the business gets an end for every start.
+    # With SQLite the next start ends them (the file is the instance's own: instances sharing
+    # one would close each other's live calls, and the README forbids it); with a shared
+    # database any instance adopts them once their run's heartbeat is stale (liveness.py).
 
     async def call_turn(self, call_sid: str, turn: dict) -> None:
         """A transcript turn became final: keep it for a call.ended if this run dies."""
@@ -93,30 +102,40 @@ class CallEventPublisher:
     async def close_lost_calls(self, *, now: float) -> int:
         """At start-up, before any call: a call.ended ``server_lost`` for each call the last
         run left open, with what was recorded; how many."""
-        closed = 0
-        for call_sid, call, turns in await self.worker.outbox.open_calls():
-            started = float(call["started_at"])
-            # When it ended is unknown: the last moment it was seen alive (its last turn).
-            last_ms = max((int(t.get("end_ms", 0)) for t in turns), default=0)
-            if call.get("wants_ended"):
-                event = call_ended_event(
-                    call_sid=call_sid,
-                    persona_id=call["persona_id"],
-                    persona_name=call["persona_name"],
-                    from_number=call["from"],
-                    to_number=call["to"],
-                    mask_caller=bool(call["mask_caller"]),
-                    started_at=started,
-                    ended_at=min(max(started, started + last_ms / 1000), max(now, started)),
-                    end_reason="server_lost",
-                    transcript=turns,
-                )
-                await self.spool.submit(event, url=call["url"], secret_env=call["secret_env"])
-            else:
-                await self.worker.outbox.close_call(call_sid)
-            log.warning("lost_call_closed", call_sid=call_sid, turns=len(turns))
-            closed += 1
-        return closed
+        calls = await self.worker.outbox.open_calls()
+        for call_sid, call, turns in calls:
+            await self.end_lost_call(call_sid, call, turns, now=now)
+        return len(calls)
+
+    async def end_lost_call(
+        self, call_sid: str, call: dict, turns: list[dict], *, now: float, owner: str = ""
+    ) -> None:
+        """End one call its instance lost: a call.ended ``server_lost`` if its persona wants
+        one (the call's open record is closed with it), else just close the record."""
+        started = float(call["started_at"])
+        # When it ended is unknown: the last moment it was seen alive (its last turn).
+        last_ms = max((int(t.get("end_ms", 0)) for t in turns), default=0)
+        if call.get("wants_ended"):
+            event = call_ended_event(
+                call_sid=call_sid,
+                persona_id=call["persona_id"],
+                persona_name=call["persona_name"],
+                from_number=call["from"],
+                to_number=call["to"],
+                mask_caller=bool(call["mask_caller"]),
+                started_at=started,
+                ended_at=min(max(started, started + last_ms / 1000), max(now, started)),
+                end_reason="server_lost",
+                transcript=turns,
+                # One id per lost call, whoever reports it and however often: should two
+                # reports race (an adopter whose commit waited in memory), the outbox keeps one.
+                event_id=lost_call_event_id(call_sid, started),
+            )
+            await self.spool.submit(event, url=call["url"], secret_env=call["secret_env"])
+        else:
+            await self.worker.outbox.close_call(call_sid)
+        fields = {"lost_by": owner} if owner else {}
+        log.warning("lost_call_closed", call_sid=call_sid, turns=len(turns), **fields)
 
     async def _journal(self, method: str, *args) -> None:
         try:
@@ -130,7 +149,8 @@ class CallEventPublisher:
 
     def problems(self) -> list[str]:
         """Why events cannot reach the outbox now (readiness); empty when they can."""
-        return [p for p in (self.worker.outbox_problem, self.spool.problem) if p]
+        problems = (self.worker.outbox.problem, self.worker.outbox_problem, self.spool.problem)
+        return [p for p in problems if p]
 
     async def call_started(self, persona: Persona, record: CallRecord) -> None:
         async with self._in_call_order(record.call_sid):

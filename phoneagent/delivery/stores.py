@@ -4,24 +4,36 @@ that ``pg_outbox`` implements, and must not import it back.)"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from phoneagent.delivery.outbox import DEFAULT_BUSY_TIMEOUT, Outbox, SQLiteOutbox
+from phoneagent.delivery.publisher import CallEventPublisher
 from phoneagent.records.store import CallRecordStore
 from phoneagent.twilio.wire.replay import MemoryReplayGuard, ReplayGuard
 
-__all__ = ["call_records", "open_outbox", "replay_guard"]
+if TYPE_CHECKING:
+    from phoneagent.delivery.liveness import InstanceLiveness
+
+__all__ = ["call_records", "instance_liveness", "open_outbox", "replay_guard"]
 
 
 async def open_outbox(
-    data_dir: Path | str, database_url: str = "", *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+    data_dir: Path | str,
+    database_url: str = "",
+    *,
+    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    instance_name: str = "",
 ) -> Outbox:
     """The configured outbox: PostgreSQL when ``database_url`` (``PHONEAGENT_DATABASE_URL``) is
-    set, else the SQLite file of ``data_dir``. Raises ``OutboxError`` if it cannot be used."""
+    set, else the SQLite file of ``data_dir``. Raises ``OutboxError`` if it cannot be used.
+    ``instance_name`` (``PHONEAGENT_INSTANCE_NAME``; default: the host name) names this
+    instance in the shared database."""
     if database_url:
         from phoneagent.delivery.pg_outbox import PostgresOutbox  # asyncpg only when used
 
-        return await PostgresOutbox.open(database_url)
+        return await PostgresOutbox.open(database_url, owner=instance_name or None)
     return await SQLiteOutbox.in_data_dir(data_dir, busy_timeout=busy_timeout)
 
 
@@ -49,3 +61,18 @@ def call_records(outbox: Outbox) -> CallRecordStore | None:
         assert isinstance(outbox, PostgresOutbox)
         return PostgresCallRecords(outbox)
     return None
+
+
+def instance_liveness(
+    publisher: CallEventPublisher, *, on_adopted: Callable[[int], None] | None = None
+) -> InstanceLiveness | None:
+    """The heartbeat and the adoption of lost calls of an instance sharing a PostgreSQL
+    database; None with SQLite (its file is one instance's: the next start ends its calls)."""
+    outbox = publisher.worker.outbox
+    if type(outbox).__name__ != "PostgresOutbox":  # not imported: asyncpg only when used
+        return None
+    from phoneagent.delivery.liveness import InstanceLiveness
+    from phoneagent.delivery.pg_outbox import PostgresOutbox
+
+    assert isinstance(outbox, PostgresOutbox)
+    return InstanceLiveness(outbox, publisher, on_adopted=on_adopted)

@@ -47,6 +47,13 @@ log = get_logger("phoneagent.delivery.worker")  # not "__main__" under `python -
 DEFAULT_TIMEOUT = 15.0
 DEFAULT_CONCURRENCY = 32
 DEFAULT_PER_DESTINATION = 4
+#: An outbox that fails (a database away, a full disk) is tried again this often at most: the
+#: instance is unready until a round succeeds, so it must learn soon that the outbox is back.
+OUTBOX_RETRY_SECONDS = 5.0
+#: Any other failure of the loop (a bug) backs off further.
+MAX_BACKOFF_SECONDS = 60.0
+#: While the outbox keeps failing, one log line per this many seconds (and one when it is back).
+OUTBOX_LOG_EVERY = 60.0
 
 
 class DeliveryWorker:
@@ -159,6 +166,7 @@ class DeliveryWorker:
             timeout=self.timeout,
         )
         failures = 0
+        logged_at: float | None = None  # when the outbox's failure was last logged
         try:
             while not self._stopping:
                 self._wake.clear()
@@ -170,14 +178,24 @@ class DeliveryWorker:
                     if self.outbox_problem is not None:
                         log.warning("outbox_available_again")
                         self.outbox_problem = None
+                        logged_at = None
                 except Exception as exc:  # the worker must outlive any one bad moment
                     failures += 1
-                    delay = min(self.poll_interval * 2**failures, 60.0)
+                    delay = min(self.poll_interval * 2**failures, MAX_BACKOFF_SECONDS)
                     if isinstance(exc, OutboxError):
+                        delay = min(delay, OUTBOX_RETRY_SECONDS)
                         self.outbox_problem = str(exc)
                         if self.on_outbox_error is not None:
                             self.on_outbox_error()
-                        log.error("outbox_unavailable", error=str(exc), retry_in=round(delay, 1))
+                        now = self.clock()
+                        if logged_at is None or now - logged_at >= OUTBOX_LOG_EVERY:
+                            logged_at = now
+                            log.error(
+                                "outbox_unavailable",
+                                error=str(exc),
+                                failures=failures,
+                                retry_in=round(delay, 1),
+                            )
                     else:
                         log.exception("delivery_loop_failed", retry_in=round(delay, 1))
                 await self._wait(delay)

@@ -4,7 +4,8 @@ Each change is one upsert on ``phoneagent_calls`` that sets only what the change
 ``record.apply``, which this mirrors), so steps written by different instances (the voice
 webhook here, the stream there, a status callback anywhere) never overwrite each other, and a
 turn is appended to the transcript where it lies. The store uses the outbox's pool and schema
-(migration step 3), like the replay defences.
+(migration step 3), like the replay defences, and the same budget per round trip
+(``delivery/pg_round_trip.py``): a silent database never holds a webhook or a call.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncpg
 
 from phoneagent.delivery.outbox import OutboxError
 from phoneagent.delivery.pg_outbox import PostgresOutbox, _count
+from phoneagent.delivery.pg_round_trip import RoundTrips
 from phoneagent.records.record import (
     FINAL_STATUSES,
     Answered,
@@ -97,7 +99,7 @@ class PostgresCallRecords:
     """:class:`~phoneagent.records.store.CallRecordStore` on the shared database."""
 
     def __init__(self, outbox: PostgresOutbox) -> None:
-        self._db = outbox
+        self._db = RoundTrips(outbox)
 
     async def write(self, call_sid: str, change: Change, *, at: float) -> None:
         statement, values = _statement(change)

@@ -45,12 +45,14 @@ def personas_with_webhook(directory: Path, url: str) -> Path:
 
 class ServerProcess:
     """``phoneagent serve`` on a free loopback port; ``wrapper`` runs it inside another command
-    (``unshare …``); ``env`` adds to or overrides its environment. stderr (the JSON log) goes to
-    ``log_path``."""
+    (``unshare …``); ``entry``: what Python runs instead of ``-m phoneagent.cli`` (a script that
+    adjusts the server first, then calls its ``main``); ``env``: more variables
+    (``PHONEAGENT_DATABASE_URL``…). stderr (the JSON log) goes to ``log_path``."""
 
     def __init__(
         self, *, personas: Path, data_dir: Path, model_url: str, log_path: Path,
-        wrapper: Sequence[str] = (), env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (), entry: Sequence[str] = ("-m", "phoneagent.cli"),
+        env: Mapping[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -64,11 +66,12 @@ class ServerProcess:
             "PHONEAGENT_METRICS_PORT": str(self.metrics_port),
         } | dict(env or {})  # fmt: skip
         self.wrapper = list(wrapper)
+        self.entry = list(entry)
         self.log_path = log_path
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> ServerProcess:
-        command = [sys.executable, "-m", "phoneagent.cli", "serve", "--host", "127.0.0.1"]
+        command = [sys.executable, *self.entry, "serve", "--host", "127.0.0.1"]
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 *self.wrapper, *command, cwd=PROJECT_ROOT, env=self.env, stderr=log, stdout=log

@@ -20,7 +20,7 @@ from delivery_helpers import ENV, SECRET, SECRET_ENV, T0, FakeClock, ended_event
 
 from phoneagent.delivery.outbox import OutboxError
 from phoneagent.delivery.policy import DEFAULT_DELAYS, RetryPolicy, decide, parse_retry_after
-from phoneagent.delivery.worker import DeliveryWorker
+from phoneagent.delivery.worker import OUTBOX_RETRY_SECONDS, DeliveryWorker
 from phoneagent.testing.webhook_sink import WebhookSink
 
 FAST = RetryPolicy(delays=[0.02] * 8, jitter=0.0)
@@ -373,6 +373,37 @@ async def test_the_worker_outlives_outbox_errors(outbox):
         await worker.submit(ended_event(), url=sink.url("/"), secret_env=SECRET_ENV)
         await sink.wait_for(1, timeout=GUARD)
     assert flaky.failures == 0
+
+
+async def test_an_outbox_that_keeps_failing_is_tried_again_every_few_seconds(outbox):
+    # While it fails the instance is unready: once the database is back, it must be ready
+    # again within seconds, however long the outage was (not after a minute of backoff).
+    class Away:
+        def __init__(self, inner):
+            self.inner, self.failures = inner, 12
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        async def claim_due(self, **kwargs):
+            if self.failures:
+                self.failures -= 1
+                raise OutboxError("the database postgresql://…: ConnectionRefusedError")
+            return await self.inner.claim_due(**kwargs)
+
+    clock = FakeClock()
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await clock.sleep(seconds)
+
+    away = Away(outbox)
+    worker = DeliveryWorker(away, clock=clock, sleep=sleep, environ=ENV)
+    async with Running(worker):
+        await until(lambda: asyncio.sleep(0, away.failures == 0), "the outbox back")
+        await until(lambda: asyncio.sleep(0, worker.outbox_problem is None), "ready again")
+    assert max(waits[:12]) == OUTBOX_RETRY_SECONDS
 
 
 async def test_stop_before_the_run_task_starts_still_stops_it(outbox):

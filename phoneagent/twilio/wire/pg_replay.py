@@ -11,7 +11,11 @@ carry their expiry and are purged as claims go by (at most once a minute per ins
 The guard uses the outbox's pool (:meth:`PostgresOutbox.connection`) and its schema (migration
 step 2). This instance's own memory is checked first, with no await before it, so a replay on
 the same instance is refused without a round trip. While the database cannot be reached, the
-guard falls back to that memory (the defence of a single instance), logs it, and calls go on.
+guard falls back to that memory (the defence of a single instance), logs it, and calls go on
+without waiting on it: a round trip gets ``ROUND_TRIP_SECONDS`` (Twilio gives up on a webhook
+after 15 s, and a database host that vanished answers nothing, not an error), and after a
+failure, or while the outbox reports the database silent, the guard does not ask it again for
+``AWAY_SECONDS`` (``delivery/pg_round_trip.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Callable
 
 from phoneagent.delivery.outbox import OutboxError
 from phoneagent.delivery.pg_outbox import PostgresOutbox, _count
+from phoneagent.delivery.pg_round_trip import RoundTrips
 from phoneagent.logs import get_logger
 from phoneagent.twilio.wire.replay import MemoryReplayGuard
 
@@ -42,7 +47,7 @@ class PostgresReplayGuard:
         clock: Callable[[], float] = time.time,
         answer_seconds: float = ANSWER_SECONDS,
     ) -> None:
-        self._db = outbox
+        self._round_trips = RoundTrips(outbox)
         self._clock = clock
         self._answer_seconds = answer_seconds
         self._local = MemoryReplayGuard(clock)
@@ -53,7 +58,7 @@ class PostgresReplayGuard:
         if not self._local.claims.claim(token, expires_at):
             return False
         try:
-            async with self._db.connection() as conn:
+            async with self._round_trips.connection() as conn:
                 await self._purge(conn)
                 result = await conn.execute(
                     "INSERT INTO phoneagent_stream_claims (token_hash, expires_at) "
@@ -71,7 +76,7 @@ class PostgresReplayGuard:
         if local is not None:
             return local
         try:
-            async with self._db.connection() as conn:
+            async with self._round_trips.connection() as conn:
                 twiml = await conn.fetchval(
                     "SELECT twiml FROM phoneagent_answered_webhooks "
                     "WHERE key = $1 AND expires_at >= $2",
@@ -88,7 +93,7 @@ class PostgresReplayGuard:
     async def remember(self, key: str, twiml: str) -> tuple[str, bool]:
         now = self._clock()
         try:
-            async with self._db.connection() as conn:
+            async with self._round_trips.connection() as conn:
                 # A row past its expiry is as good as absent: the new answer replaces it.
                 kept = await conn.fetchrow(
                     "INSERT INTO phoneagent_answered_webhooks (key, twiml, expires_at) "
