@@ -67,8 +67,10 @@ def limits(persona: Persona) -> list[Limit]:
     return [
         Limit("Longest call", duration(persona.max_call_seconds), "max_call_seconds"),
         Limit(
-            "Silent caller asked, then hung up on",
-            f"after {duration(silence)}, then {duration(silence)} more" if silence else "off",
+            "Silent caller",
+            f"asked if still there after {duration(silence)}, hung up on {duration(silence)} later"
+            if silence
+            else "never hung up on",
             "silence_timeout_seconds",
         ),
         Limit("Pause that ends a turn", f"{persona.silence_duration_ms} ms", "silence_duration_ms"),
