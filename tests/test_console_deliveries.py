@@ -98,6 +98,7 @@ async def test_dead_letters_and_pending_events_per_receiver_and_redeliver(
     # One section per receiver, the one with dead letters first.
     receivers = re.findall(r'<h2 id="receiver-\d+">([^<]+)</h2>', text)
     assert receivers == [sink.base_url, down]
+    assert f'<p class="urls">To {sink.url("/hooks")}</p>' in text
     dead = event_row(text, refused)
     assert dead.startswith(f"{refused} call.started CA{'1' * 32} 1 HTTP 410 Gone")
     assert " UTC (" in dead and "Redeliver" in dead  # given up: when, and how long ago

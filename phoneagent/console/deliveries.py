@@ -62,6 +62,11 @@ class Receiver:
     pending: list[EventRow] = field(default_factory=list)
     failed: list[EventRow] = field(default_factory=list)
 
+    @property
+    def urls(self) -> list[str]:
+        """The webhook URLs at this receiver (lines may post to different paths of one host)."""
+        return sorted({row.url for row in self.failed + self.pending})
+
 
 async def deliveries_page(request: web.Request) -> web.Response:
     outbox = _outbox(request)
