@@ -9,6 +9,7 @@ import html
 import re
 import time
 
+import aiohttp
 import pytest
 from conftest import EXAMPLE_PERSONAS, free_port
 from console_kit import PASSWORD, console_settings
@@ -159,3 +160,21 @@ async def test_an_outbox_that_cannot_be_read_is_said_not_a_server_error(console_
     status, text = await signed_in_page(http)
     assert status == 503
     assert "The outbox cannot be read now" in text and "is closed" in text
+
+
+async def test_without_an_outbox_the_page_says_delivery_is_off(tmp_path):
+    settings = console_settings(EXAMPLE_PERSONAS, tmp_path / "data")
+    async with (
+        LocalStack(EXAMPLE_PERSONAS, settings=settings, webhooks=False) as stack,
+        aiohttp.ClientSession(
+            base_url=stack.base_url, cookie_jar=aiohttp.CookieJar(unsafe=True)
+        ) as http,
+    ):
+        status, text = await signed_in_page(http)
+        assert status == 200 and "Webhook delivery is off on this instance" in text
+        token = re.search(r'name="csrf" value="([^"]+)"', text).group(1)
+        async with http.post(
+            "/console/deliveries/redeliver", data={"csrf": token, "id": "evt_0"},
+            allow_redirects=False,
+        ) as response:  # fmt: skip
+            assert response.status == 409

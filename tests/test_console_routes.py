@@ -30,7 +30,10 @@ def console_routes(stack) -> list[tuple[str, str]]:
         path = info.get("path") or _filled(info)
         if not path.startswith(PREFIX) or path in OPEN:
             continue
-        found += [(route.method, path) for route in resource if route.method != "HEAD"]
+        for route in resource:
+            # A route for any method ("*") is tried as a read and as a change.
+            methods = ("GET", "POST") if route.method == "*" else (route.method,)
+            found += [(method, path) for method in methods if method != "HEAD"]
     return sorted(set(found))
 
 
