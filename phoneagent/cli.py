@@ -88,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(handler=cmd_db, apply=False)
 
+    console = commands.add_parser("console", help="the web console at /console")
+    console_commands = console.add_subparsers(title="console commands", required=True)
+    hash_password = console_commands.add_parser(
+        "hash-password",
+        help="print the scrypt hash of a console password, for PHONEAGENT_CONSOLE_PASSWORD "
+        "(asked for without echo; read from stdin when it is not a terminal)",
+    )
+    hash_password.set_defaults(handler=cmd_console_hash_password)
+
     personas = commands.add_parser("personas", help="work with persona files")
     persona_commands = personas.add_subparsers(title="persona commands", required=True)
     check = persona_commands.add_parser("check", help="validate persona files")
@@ -272,6 +281,43 @@ def cmd_db(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_console_hash_password(args: argparse.Namespace) -> int:
+    """Ask for the password twice without echo at a terminal; read one line of stdin otherwise
+    (``… | phoneagent console hash-password`` in a provisioning script). Only the hash goes to
+    stdout, so it can be captured; it is safe to store where a password is not."""
+    import getpass
+
+    from phoneagent.config import MIN_CONSOLE_PASSWORD_LENGTH
+    from phoneagent.console.auth import hash_password
+
+    if sys.stdin.isatty():
+        try:
+            password = getpass.getpass("Console password: ")
+            again = getpass.getpass("Again: ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return EXIT_INVALID
+        if password != again:
+            print("phoneagent: the two passwords differ; nothing printed", file=sys.stderr)
+            return EXIT_INVALID
+    else:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if len(password) < MIN_CONSOLE_PASSWORD_LENGTH:
+        print(
+            f"phoneagent: the password is too short: at least {MIN_CONSOLE_PASSWORD_LENGTH} "
+            "characters (the console is on the port the internet reaches)",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    print(hash_password(password))
+    print(
+        "phoneagent: set PHONEAGENT_CONSOLE_PASSWORD to the line above (single-quoted in a "
+        "shell: it contains $; $$ for each $ in a Compose file)",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
 def _config_errors(exc: ConfigError) -> int:
     for problem in exc.problems:
         print(f"phoneagent: configuration error: {problem}", file=sys.stderr)
@@ -286,17 +332,8 @@ def cmd_personas_check(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             return _config_errors(exc)
     report = check_directory(directory)
-    files = set(report.files)
-    for problem in report.problems:  # problems with the directory itself, not a file in it
-        if problem.file not in files:
-            print(f"ERROR {problem}")
-    for path in report.files:
-        problems = report.problems_for(path)
-        if problems:
-            for problem in problems:
-                print(f"ERROR {problem}")
-        else:
-            print(f"OK    {path}")
+    for line in report.lines():
+        print(line)
     if report.problems:
         print(f"{len(report.problems)} problem(s) in {directory}", file=sys.stderr)
         return EXIT_INVALID

@@ -89,3 +89,136 @@ async def http(console_stack):
         base_url=console_stack.base_url, cookie_jar=aiohttp.CookieJar(unsafe=True)
     ) as session:
         yield session
+
+
+def console_settings(personas_dir: Path, data_dir: Path, **overrides) -> Settings:
+    """Settings of a server with the console on, for a stack of a test's own (its personas, a
+    shared database: ``database_url=...``)."""
+    account_sid, auth_token = demo_credentials()
+    return Settings(
+        twilio_account_sid=account_sid,
+        twilio_auth_token=auth_token,
+        personas_dir=personas_dir,
+        data_dir=data_dir,
+        console_password=PASSWORD,
+        **overrides,
+    )
+
+
+# --- accessibility --------------------------------------------------------------------------
+
+# Roles a person operates: each needs a name a screen reader can say, and the keyboard's focus.
+_OPERABLE = {"button", "link", "textbox", "searchbox", "combobox", "listbox", "checkbox",
+             "radio", "switch", "slider", "spinbutton", "menuitem", "tab"}  # fmt: skip
+
+# What the accessibility tree does not say: the document's language, duplicate ids (labels and
+# aria references then point at the wrong element), heading levels that skip, and text colour
+# against its background (WCAG 2 AA: 4.5:1, 3:1 for large text).
+_DOM_CHECKS = """() => {
+  const problems = [];
+  if (!document.documentElement.lang) problems.push("<html> has no lang");
+  const seen = new Set();
+  for (const el of document.querySelectorAll("[id]")) {
+    if (seen.has(el.id)) problems.push(`id "${el.id}" is used twice`);
+    seen.add(el.id);
+  }
+  let previous = 0;
+  for (const h of document.querySelectorAll("h1, h2, h3, h4, h5, h6")) {
+    const level = Number(h.tagName[1]);
+    if (previous && level > previous + 1)
+      problems.push(`heading levels skip: h${previous} then h${level} "${h.textContent.trim()}"`);
+    previous = level;
+  }
+  const rgba = (text) => {
+    const m = text.match(/rgba?\\(([^)]+)\\)/);
+    if (!m) return null;
+    const [r, g, b, a] = m[1].split(/[ ,\\/]+/).filter(Boolean).map(Number);
+    return [r, g, b, a === undefined ? 1 : a];
+  };
+  const luminance = ([r, g, b]) => {
+    const c = [r, g, b].map((v) => {
+      v /= 255;
+      return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2];
+  };
+  const background = (el) => {
+    for (; el; el = el.parentElement) {
+      const bg = rgba(getComputedStyle(el).backgroundColor);
+      if (bg && bg[3] >= 1) return bg;
+    }
+    return [255, 255, 255, 1];
+  };
+  for (const el of document.body.querySelectorAll("*")) {
+    const text = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+    const style = getComputedStyle(el);
+    if (!text || style.visibility === "hidden" || !el.getClientRects().length) continue;
+    const fg = rgba(style.color), bg = background(el);
+    if (!fg) continue;
+    const [l1, l2] = [luminance(fg), luminance(bg)].sort((a, b) => b - a);
+    const ratio = (l1 + 0.05) / (l2 + 0.05);
+    const size = parseFloat(style.fontSize), bold = Number(style.fontWeight) >= 700;
+    const needed = size >= 24 || (bold && size >= 18.66) ? 3 : 4.5;
+    if (ratio < needed)
+      problems.push(`contrast ${ratio.toFixed(2)}:1 (needs ${needed}:1): ` +
+                    `"${el.textContent.trim().slice(0, 40)}"`);
+  }
+  return problems;
+}"""
+
+
+async def accessibility_problems(page) -> list[str]:
+    """What keeps the page from being used without sight or a mouse, from Chromium's own
+    accessibility tree (the names a screen reader says) and the DOM: operable elements without
+    a name or focus, not exactly one h1 and one main landmark, and the checks above."""
+    cdp = await page.context.new_cdp_session(page)
+    try:
+        nodes = (await cdp.send("Accessibility.getFullAXTree"))["nodes"]
+        problems: list[str] = []
+        h1 = mains = 0
+        for node in nodes:
+            if node.get("ignored"):
+                continue
+            role = node.get("role", {}).get("value", "")
+            name = str(node.get("name", {}).get("value", "")).strip()
+            props = {p["name"]: p["value"].get("value") for p in node.get("properties", [])}
+            if role == "heading" and props.get("level") == 1:
+                h1 += 1
+            mains += role == "main"
+            unnamed = (role in _OPERABLE or role in ("image", "img")) and not name
+            unfocusable = role in _OPERABLE and not props.get("focusable")
+            if unnamed or unfocusable:
+                html = await _outer_html(cdp, node.get("backendDOMNodeId"))
+                what = "no accessible name" if unnamed else "cannot take keyboard focus"
+                problems.append(f"{role} with {what}: {html}")
+        if h1 != 1:
+            problems.append(f"{h1} h1 headings: a page has exactly one")
+        if mains != 1:
+            problems.append(f"{mains} main landmarks: a page has exactly one")
+    finally:
+        await cdp.detach()
+    return problems + await page.evaluate(_DOM_CHECKS)
+
+
+async def _outer_html(cdp, backend_id: int | None) -> str:
+    if backend_id is None:
+        return "?"
+    html = (await cdp.send("DOM.getOuterHTML", {"backendNodeId": backend_id}))["outerHTML"]
+    return html[:120]
+
+
+async def check_accessibility(page) -> None:
+    """Fail the test, listing every problem, if the page has any (see accessibility_problems)."""
+    problems = await accessibility_problems(page)
+    assert not problems, f"{page.url}:\n" + "\n".join(problems)
+
+
+PHONE = {"width": 360, "height": 740}  # a small phone screen, in CSS pixels
+
+
+async def check_fits_phone(page) -> None:
+    """Fail if the page, shown on a small phone screen, scrolls sideways (something too wide to
+    read without it). The page is left at the phone's size: take phone screenshots after."""
+    await page.set_viewport_size(PHONE)
+    widths = await page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[1], f"{page.url} is {widths[0]} px wide on a {widths[1]} px phone"

@@ -261,6 +261,28 @@ def test_reload_refuses_an_invalid_change_and_keeps_serving(tmp_path, capsys):
     assert registry.current.personas["line"].name == "Fixed"
 
 
+def test_a_refused_reload_is_kept_as_personas_check_prints_it_until_a_reload_applies(tmp_path):
+    path = write(tmp_path, "line", persona_toml(name="Good"))
+    write(tmp_path, "other", persona_toml(name="Other", numbers=("+14155550101",)))
+    registry = PersonaRegistry(tmp_path, environ={})
+    assert registry.refused is None
+
+    path.write_text(persona_toml(name="Bad", extra='voise = "x"'))
+    bump_mtime(path)
+    assert registry.reload_if_changed() is False
+    refused = registry.refused
+    assert refused is not None and refused.at > 0
+    assert refused.report.lines() == [
+        f"ERROR {path}: voise: unknown key (check the spelling against the README)",
+        f"OK    {tmp_path / 'other.toml'}",
+    ]
+
+    path.write_text(persona_toml(name="Fixed"))
+    bump_mtime(path)
+    assert registry.reload_if_changed() is True
+    assert registry.refused is None
+
+
 def test_reload_refused_when_every_file_is_removed(tmp_path):
     path = write(tmp_path, "line", persona_toml())
     registry = PersonaRegistry(tmp_path, environ={})

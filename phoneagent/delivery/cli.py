@@ -18,7 +18,6 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from phoneagent.delivery.outbox import (
     DEFAULT_BUSY_TIMEOUT,
@@ -26,6 +25,7 @@ from phoneagent.delivery.outbox import (
     OutboxError,
     OutboxItem,
     SQLiteOutbox,
+    display_url,
 )
 from phoneagent.delivery.policy import RetryPolicy
 from phoneagent.delivery.status import DeliveryStatus
@@ -120,7 +120,7 @@ def cmd_events_redeliver(args: argparse.Namespace) -> int:
         print(f"phoneagent: outbox error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     for item in queued:
-        print(f"queued {item.id} ({item.type}) for {_display_url(item.url)}")
+        print(f"queued {item.id} ({item.type}) for {display_url(item.url)}")
     for item_id in missing:
         print(f"phoneagent: no event {item_id} in {_shown(path)}", file=sys.stderr)
     if queued:
@@ -214,7 +214,7 @@ def _row(item: OutboxItem) -> tuple[str, ...]:
         str(item.attempts),
         _time(item.created_at),
         when,
-        _display_url(item.url),
+        display_url(item.url),
         last,
     )
 
@@ -223,15 +223,6 @@ def _time(value: float | None) -> str:
     if value is None:
         return "-"
     return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _display_url(url: str) -> str:
-    # Query strings and user:password@ can carry tokens; this output ends up in tickets and chat.
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 # --- `python -m phoneagent.delivery.worker`: the worker on its own ----------------------------

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from phoneagent.delivery.events import Event
 from phoneagent.delivery.status import DeliveryStatus
@@ -45,6 +45,7 @@ __all__ = [
     "OutboxItem",
     "SQLiteOutbox",
     "destination_of",
+    "display_url",
 ]
 
 OUTBOX_FILENAME = "outbox.sqlite3"
@@ -188,6 +189,16 @@ def destination_of(url: str) -> str:
     host = (parts.hostname or "").lower()
     host = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{host}:{port}"
+
+
+def display_url(url: str) -> str:
+    """A webhook URL fit to show (``events`` commands, the console): without its query string
+    and ``user:password@``, which can carry tokens; this output ends up in tickets and chat."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 # DeliveryStatus values as SQL literals: the queries spell the statuses from the one enum.

@@ -26,7 +26,7 @@ from phoneagent.personas.model import (
 )
 from phoneagent.personas.numbers import normalise_number
 from phoneagent.personas.problems import PersonaError, Problem
-from phoneagent.personas.registry import PersonaRegistry
+from phoneagent.personas.registry import PersonaRegistry, RefusedReload
 from phoneagent.personas.validation import (
     DirectoryReport,
     check_directory,
@@ -55,6 +55,7 @@ __all__ = [
     "PersonaRegistry",
     "PersonaSet",
     "Problem",
+    "RefusedReload",
     "TransferTarget",
     "WebhookTarget",
     "check_directory",

@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from phoneagent.logs import get_logger
-from phoneagent.personas.validation import check_directory, load_directory, persona_files
+from phoneagent.personas.validation import (
+    DirectoryReport,
+    check_directory,
+    load_directory,
+    persona_files,
+)
 
-__all__ = ["PersonaRegistry"]
+__all__ = ["PersonaRegistry", "RefusedReload"]
 
 log = get_logger("phoneagent.personas")
+
+
+@dataclass(frozen=True)
+class RefusedReload:
+    """A reload that found problems, kept so the console can show the operator what to fix
+    (the log says it too, but nobody reads a log after saving a file)."""
+
+    at: float  # Unix seconds
+    report: DirectoryReport
 
 
 class PersonaRegistry:
@@ -27,6 +43,8 @@ class PersonaRegistry:
         self.environ = environ
         self._fingerprint = self._read_fingerprint()
         self.current = load_directory(directory, environ)
+        # The last reload's problems while they last: None once a reload applies a set again.
+        self.refused: RefusedReload | None = None
 
     def _read_fingerprint(self) -> tuple:
         try:
@@ -53,8 +71,10 @@ class PersonaRegistry:
             for problem in report.problems:
                 log.error("persona_reload_refused", problem=str(problem))
             log.warning("personas_unchanged", serving=sorted(self.current.personas))
+            self.refused = RefusedReload(time.time(), report)
             return False
         self.current = report.persona_set
+        self.refused = None
         log.info("personas_reloaded", personas=sorted(self.current.personas))
         return True
 

@@ -69,6 +69,17 @@ class DirectoryReport:
     def problems_for(self, path: Path) -> list[Problem]:
         return [p for p in self.problems if p.file == path]
 
+    def lines(self) -> list[str]:
+        """The report as ``phoneagent personas check`` prints it (and the console shows it):
+        problems with the directory itself first, then each file in name order, ``OK`` or one
+        ``ERROR file: field: reason`` line per problem."""
+        files = set(self.files)
+        lines = [f"ERROR {p}" for p in self.problems if p.file not in files]
+        for path in self.files:
+            problems = self.problems_for(path)
+            lines += [f"ERROR {p}" for p in problems] if problems else [f"OK    {path}"]
+        return lines
+
 
 def persona_files(directory: Path) -> list[Path]:
     # Hidden entries are skipped: Kubernetes ConfigMap volumes keep their data in '..data' dirs.

@@ -60,13 +60,15 @@ async def test_concurrent_claims_from_two_instances_never_take_the_same_event(tw
         got = []
         while batch := await box.claim_due(now=T0, limit=7, lease=60):
             got += batch
+            await asyncio.sleep(0)  # the others' turn
         return got
 
     claimed = await asyncio.gather(*(claim_all(box) for box in (a, b, a, b)))
     ids = [item.id for batch in claimed for item in batch]
     assert Counter(ids).most_common(1)[0][1] == 1  # no event claimed twice under one lease
     assert sorted(ids) == sorted(e.id for e in events)  # and every event claimed
-    assert all(batch for batch in claimed)  # both instances took part
+    # Both instances took part (not every claimer need: on a loaded machine one may be late).
+    assert (claimed[0] or claimed[2]) and (claimed[1] or claimed[3])
 
 
 async def test_an_expired_lease_is_taken_over_by_the_other_instance(two_instances):
