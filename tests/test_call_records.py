@@ -325,6 +325,24 @@ async def test_live_and_search_fall_back_to_this_instances_view_while_the_databa
     assert await calls.search(number="999") == []
 
 
+async def test_on_a_database_that_is_away_live_and_search_are_errors_the_facade_survives(
+    pg_database,
+):
+    outbox = await PostgresOutbox.open(pg_database)
+    store = PostgresCallRecords(outbox)
+    await outbox.close()  # as good as a database that went away
+    with pytest.raises(OutboxError):
+        await store.live(updated_since=0.0)
+    with pytest.raises(OutboxError):
+        await store.search(number="555")
+    calls = CallRecords(store)
+    started = StreamStarted(at=time.time(), persona="p", model_session="s", caller="+1555")
+    calls.local.apply_now(SID, started, at=time.time())  # this instance's view
+    assert [r.call_sid for r in await calls.live()] == [SID]
+    assert [r.call_sid for r in await calls.search(number="555")] == [SID]
+    assert "cannot be read" in calls.read_problem
+
+
 async def test_live_and_search_read_the_shared_store_when_it_answers():
     shared = MemoryCallRecords()  # another instance wrote the call there
     started = StreamStarted(at=time.time(), persona="p", model_session="s")
