@@ -314,7 +314,8 @@ async def test_a_live_calls_turns_arrive_as_they_finish_and_the_stream_ends_with
 
             await caller.hangup()
             ended = await events.next("ended")
-            assert ended["json"] == {"end_reason": "caller_hung_up", "end": "the caller hung up"}
+            assert ended["json"] == {"end_reason": "caller_hung_up", "end": "the caller hung up",
+                                     "transfer": ""}  # fmt: skip
             left = [e["event"] for e in await events.rest()]  # until the stream closes
             assert set(left) <= {"status"}
     assert len(state.turn_listeners) == 1  # the state's own: nothing of the console's is left
@@ -323,6 +324,33 @@ async def test_a_live_calls_turns_arrive_as_they_finish_and_the_stream_ends_with
     async with http.get(path, headers=SSE) as stream:  # an ended call's stream says so at once
         ended = await EventReader(stream).next("ended")
         assert ended["json"]["end_reason"] == "caller_hung_up"
+
+
+async def test_a_barge_in_and_a_transfer_are_streamed_as_they_happen(http, console_stack):
+    state = console_stack.state
+    await sign_in(http)
+    async with console_stack.caller(to=DENTAL) as caller:
+        await caller.dial()
+        await caller.connect()
+        caller.start_background_silence()
+        await eventually(lambda: caller.call_sid in state.active_calls)
+        async with http.get(f"/console/calls/{caller.call_sid}/events", headers=SSE) as stream:
+            events = EventReader(stream)
+            await caller.wait_until_heard_ms(300, timeout=30)
+            await caller.send_dtmf("0")  # the dental line's keypad: transfer to the front desk
+            cut = await events.next("turn")  # the greeting, cut where the caller was
+            assert cut["json"]["role"] == "agent" and cut["json"]["interrupted"] is True
+            statuses = []
+            while not statuses or statuses[-1]["barge_ins"] != 1:
+                statuses.append((await events.next("status"))["json"])
+            announcement = await events.next("turn")
+            assert "front desk" in announcement["json"]["text"].lower()
+            ended = await events.next("ended")
+            assert ended["json"]["end_reason"] == "transferred"
+            assert ended["json"]["transfer"] == "front_desk (+14155550111)"
+    page = await text_of(http, f"/console/calls/{caller.call_sid}")
+    assert "front_desk (+14155550111)" in page and "[keypad: 0]" in page
+    assert "interrupted: the caller talked over the agent" in page
 
 
 async def test_event_streams_are_bounded_per_session(http, console_stack, monkeypatch):

@@ -46,7 +46,8 @@ from phoneagent.state import STATE, ServerState
 
 log = get_logger(__name__)
 
-POLL_SECONDS = 1.0  # a followed record is read, and the call's state looked at, this often
+POLL_SECONDS = 1.0  # a call on another instance: its shared record is read this often
+STATE_SECONDS = 0.25  # a call here: its state and transfer are looked at this often (no I/O)
 KEEPALIVE_SECONDS = 15.0  # a comment line when nothing else was sent: proxies keep the stream
 QUEUED_TURNS = 200  # turns waiting for a slow page; past it, the oldest are dropped
 STREAMS_PER_SESSION = 8  # a browser holds about six connections to a host anyway
@@ -193,7 +194,10 @@ class _EventStream:
 
     async def ended(self, record: CallRecord | None) -> None:
         reason = record.end_reason if record is not None else None
-        await self.send("ended", {"end_reason": reason or "", "end": end_text(reason)})
+        transfer = transfer_text(record.transfer) if record is not None else ""
+        await self.send(
+            "ended", {"end_reason": reason or "", "end": end_text(reason), "transfer": transfer}
+        )
 
     async def tick(self, seconds: float) -> None:
         """A poll's interval went by: keep an idle stream open through proxies."""
@@ -246,7 +250,9 @@ class _TurnFeed:
 async def _follow_here(stream: _EventStream, state: ServerState, call_sid: str, after: int) -> None:
     """A call in progress on this instance: its turns as they become final."""
     record = state.calls.get(call_sid)
-    assert record is not None
+    if record is None:  # forgotten meanwhile (this instance keeps RECORDS_KEPT)
+        await stream.ended(None)
+        return
     # Registered and numbered with no await in between: every turn is either in the record
     # already (sent from there) or comes through the feed.
     feed = _TurnFeed(call_sid, first_index=len(record.transcript))
@@ -265,8 +271,8 @@ async def _follow_here(stream: _EventStream, state: ServerState, call_sid: str, 
             if shell is None:  # the call ended: its record says how
                 await stream.ended(state.calls.get(call_sid))
                 return
-            await feed.wait(POLL_SECONDS)
-            await stream.tick(POLL_SECONDS)
+            await feed.wait(STATE_SECONDS)
+            await stream.tick(STATE_SECONDS)
     finally:
         state.turn_listeners.remove(feed)
 

@@ -75,6 +75,7 @@
     clearInterval(timer);
     const ended = JSON.parse(event.data);
     setText("call-state", "ended");
+    setText("call-transfer", ended.transfer || "none");
     const link = document.createElement("a");
     link.href = window.location.pathname;
     link.textContent = "Show the whole call";
