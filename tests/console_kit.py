@@ -222,3 +222,54 @@ async def check_fits_phone(page) -> None:
     await page.set_viewport_size(PHONE)
     widths = await page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
     assert widths[0] <= widths[1], f"{page.url} is {widths[0]} px wide on a {widths[1]} px phone"
+
+
+# --- a console whose dental line sends its events to a webhook (Calls: delivered events) --------
+
+HOOK_SECRET_ENV = "PHONEAGENT_CONSOLE_TEST_HOOK_SECRET"
+
+
+def personas_with_webhook(directory: Path, url: str, *, mask_caller: bool = False) -> Path:
+    """A copy of the example personas, the dental one sending every event type to ``url``
+    (signed with the secret in ``HOOK_SECRET_ENV``), masking the caller if asked."""
+    shutil.copytree(EXAMPLE_PERSONAS, directory)
+    dental = directory / "bright-smile-dental.toml"
+    dental.write_text(
+        dental.read_text() + f'\n[webhook]\nurl = "{url}"\nsecret_env = "{HOOK_SECRET_ENV}"\n'
+        'events = ["call.started", "call.transferred", "call.ended"]\n'
+        f"mask_caller = {'true' if mask_caller else 'false'}\n"
+    )
+    return directory
+
+
+@pytest.fixture
+async def webhook_sink():
+    """A loopback webhook receiver answering 204 (phoneagent.testing.webhook_sink)."""
+    from phoneagent.testing.webhook_sink import WebhookSink
+
+    async with WebhookSink([204]) as sink:
+        yield sink
+
+
+@pytest.fixture
+async def hooked_console_stack(tmp_path, webhook_sink, monkeypatch):
+    """``console_stack`` whose dental line (masking its callers) delivers its events to
+    ``webhook_sink`` (``stack.sink``). A module uses it for ``page`` and ``http`` by defining
+    ``console_stack`` as this fixture."""
+    from phoneagent.delivery.signing import generate_secret
+
+    monkeypatch.setenv(HOOK_SECRET_ENV, generate_secret())
+    personas = personas_with_webhook(
+        tmp_path / "personas", webhook_sink.url("/hooks/calls"), mask_caller=True
+    )
+    account_sid, auth_token = demo_credentials()
+    settings = Settings(
+        twilio_account_sid=account_sid,
+        twilio_auth_token=auth_token,
+        personas_dir=personas,
+        data_dir=tmp_path / "data",
+        console_password=PASSWORD,
+    )
+    async with LocalStack(personas, settings=settings) as stack:
+        stack.sink = webhook_sink
+        yield stack

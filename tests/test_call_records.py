@@ -156,6 +156,82 @@ async def test_old_records_are_purged(stores):
     assert await store.get("CA" + "2" * 32) is not None
 
 
+def sid(n: int) -> str:
+    return f"CA{n:032x}"
+
+
+async def a_call(store, n, *, caller, persona="dental", started=None, ended=None, at=None):
+    """Call ``n``: answered, its stream started at ``started`` (None: never), ended at ``ended``
+    (None: still live), last changed at ``at``."""
+    at = at if at is not None else (ended or started or 0.0)
+    await store.write(sid(n), Answered(persona, caller, "+14155550100"), at=at)
+    if started is not None:
+        await store.write(sid(n), StreamStarted(at=started, persona=persona, model_session="s"),
+                          at=at)  # fmt: skip
+    if ended is not None:
+        await store.write(sid(n), StreamEnded(at=ended, end_reason="caller_hung_up",
+                                              transcript=[], stats={}), at=at)  # fmt: skip
+
+
+async def test_live_calls_are_started_not_ended_and_changed_recently(stores):
+    store = await stores()
+    await a_call(store, 1, caller="+14155550001", started=1000.0, at=1000.0)  # quiet for long
+    await a_call(store, 2, caller="+14155550002", started=5000.0, at=5050.0)
+    await a_call(store, 3, caller="+14155550003", started=5100.0, at=5100.0)
+    await a_call(store, 4, caller="+14155550004", started=5000.0, ended=5060.0)  # over
+    await a_call(store, 5, caller="+14155550005", at=5100.0)  # answered, no stream yet
+    live = await store.live(updated_since=4000.0)
+    assert [r.call_sid for r in live] == [sid(3), sid(2)]  # the latest started first
+    assert live[0].caller == "+14155550003" and live[0].status == "in-progress"
+    assert [r.call_sid for r in await store.live(1, updated_since=4000.0)] == [sid(3)]
+    assert len(await store.live(updated_since=0.0)) == 3
+
+
+async def test_recent_calls_are_searched_by_number_persona_and_time_newest_first(stores):
+    store = await stores()
+    await a_call(store, 1, caller="+14155550123", started=1000.0, ended=1100.0)
+    await a_call(store, 2, caller="+442071234567", started=2000.0, ended=2100.0, persona="luca")
+    await a_call(store, 3, caller="+14155550199", started=3000.0)  # live
+    await a_call(store, 4, caller="anonymous", at=2500.0)  # never streamed: its last change
+    found = await store.search()
+    assert [r.call_sid for r in found] == [sid(3), sid(4), sid(2), sid(1)]
+    assert [r.call_sid for r in await store.search(limit=2)] == [sid(3), sid(4)]
+    assert [r.call_sid for r in await store.search(number="555012")] == [sid(1)]
+    assert [r.call_sid for r in await store.search(number="+4420")] == [sid(2)]
+    assert [r.call_sid for r in await store.search(number="55501")] == [
+        sid(3),
+        sid(4),
+        sid(2),
+        sid(1),
+    ]
+    # The called number matches too: every call here was to the dental line.
+    assert len(await store.search(number="4155550100")) == 4
+    assert await store.search(number="%") == [] and await store.search(number="_") == []
+    assert [r.call_sid for r in await store.search(persona="luca")] == [sid(2)]
+    assert [r.call_sid for r in await store.search(since=2000.0, until=3000.0)] == [
+        sid(4),
+        sid(2),
+    ]
+    assert [r.call_sid for r in await store.search(number="0123", persona="luca")] == []
+    [whole] = await store.search(number="0123")
+    assert (whole.persona, whole.end_reason, whole.ended_at) == ("dental", "caller_hung_up", 1100)
+
+
+async def test_searches_use_the_index_of_the_call_time(pg_database):
+    outbox = await PostgresOutbox.open(pg_database)
+    try:
+        async with outbox.connection() as conn, conn.transaction():
+            await conn.execute("SET LOCAL enable_seqscan = off")  # a tiny table: force the choice
+            plan = await conn.fetch(
+                "EXPLAIN SELECT call_sid FROM phoneagent_calls WHERE "
+                "COALESCE(started_at, updated_at) >= 1 ORDER BY COALESCE(started_at, updated_at) "
+                "DESC LIMIT 50"
+            )
+    finally:
+        await outbox.close()
+    assert "phoneagent_calls_recent" in "\n".join(row[0] for row in plan)
+
+
 async def test_two_instances_writing_one_call_at_once_lose_nothing(pg_database):
     first_outbox = await PostgresOutbox.open(pg_database)
     second_outbox = await PostgresOutbox.open(pg_database)
@@ -231,6 +307,61 @@ async def test_a_read_falls_back_to_this_instances_view_while_the_database_is_aw
     calls = CallRecords(Away())
     calls.note(SID, Answered("p", "+1", "+2"))
     assert (await calls.fetch(SID)).persona == "p"
+
+
+async def test_live_and_search_fall_back_to_this_instances_view_while_the_database_is_away():
+    class Away(MemoryCallRecords):
+        async def live(self, limit=100, *, updated_since):
+            raise OutboxError("the database postgresql://u:***@db/x: ConnectionRefusedError")
+
+        async def search(self, *args, **kwargs):
+            raise OutboxError("the database postgresql://u:***@db/x: ConnectionRefusedError")
+
+    calls = CallRecords(Away())
+    calls.note(SID, StreamStarted(at=time.time(), persona="p", model_session="s", caller="+1555"))
+    assert [r.call_sid for r in await calls.live()] == [SID]
+    assert "cannot be read" in calls.read_problem and "***" in calls.read_problem
+    assert [r.call_sid for r in await calls.search(number="555")] == [SID]
+    assert await calls.search(number="999") == []
+
+
+async def test_on_a_database_that_is_away_live_and_search_are_errors_the_facade_survives(
+    pg_database,
+):
+    outbox = await PostgresOutbox.open(pg_database)
+    store = PostgresCallRecords(outbox)
+    await outbox.close()  # as good as a database that went away
+    with pytest.raises(OutboxError):
+        await store.live(updated_since=0.0)
+    with pytest.raises(OutboxError):
+        await store.search(number="555")
+    calls = CallRecords(store)
+    started = StreamStarted(at=time.time(), persona="p", model_session="s", caller="+1555")
+    calls.local.apply_now(SID, started, at=time.time())  # this instance's view
+    assert [r.call_sid for r in await calls.live()] == [SID]
+    assert [r.call_sid for r in await calls.search(number="555")] == [SID]
+    assert "cannot be read" in calls.read_problem
+
+
+async def test_live_and_search_read_the_shared_store_when_it_answers():
+    shared = MemoryCallRecords()  # another instance wrote the call there
+    started = StreamStarted(at=time.time(), persona="p", model_session="s")
+    await shared.write(SID, started, at=time.time())
+    calls = CallRecords(shared)
+    calls.read_problem = "stale"
+    assert [r.call_sid for r in await calls.live()] == [SID]
+    assert calls.read_problem is None
+    assert [r.call_sid for r in await calls.search(persona="p")] == [SID]
+    assert CallRecords().get(SID) is None and await CallRecords().live() == []
+
+
+async def test_a_call_quiet_for_an_hour_is_no_longer_live():
+    now = [10_000.0]
+    calls = CallRecords(clock=lambda: now[0])
+    calls.note(SID, StreamStarted(at=now[0], persona="p", model_session="s"))
+    assert len(await calls.live()) == 1
+    now[0] += 3601
+    assert await calls.live() == []
 
 
 async def test_closing_gives_up_on_writes_that_cannot_land(monkeypatch):

@@ -10,6 +10,7 @@ import asyncpg
 from conftest import free_port
 
 from phoneagent.cli import main
+from phoneagent.delivery.events import call_ended_event
 from phoneagent.delivery.pg_outbox import MIGRATIONS, SCHEMA_VERSION, PostgresOutbox
 
 
@@ -37,6 +38,18 @@ def test_a_fresh_database_is_behind_then_migrated(pg_database, monkeypatch, caps
     assert main(["db", "migrate"]) == 0  # nothing left to do: still fine
 
 
+def undo(step: str) -> str:
+    """SQL that takes a migration step back: what it created is dropped (indexes, added
+    columns, tables)."""
+    drops = [f"DROP INDEX IF EXISTS {name}; " for name in re.findall(r"CREATE INDEX (\w+)", step)]
+    drops += [
+        f"ALTER TABLE {table} DROP COLUMN {column}; "
+        for table, column in re.findall(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", step)
+    ]
+    drops += [f"DROP TABLE {table}; " for table in re.findall(r"CREATE TABLE (\w+)", step)]
+    return "".join(drops)
+
+
 def test_migrate_applies_only_the_pending_step(pg_database, monkeypatch, capsys):
     async def migrated() -> None:
         box = await PostgresOutbox.open(pg_database)  # as a server at start-up
@@ -44,16 +57,10 @@ def test_migrate_applies_only_the_pending_step(pg_database, monkeypatch, capsys)
 
     asyncio.run(migrated())
     previous = SCHEMA_VERSION - 1
-    newest_tables = re.findall(r"CREATE TABLE (\w+)", MIGRATIONS[SCHEMA_VERSION])
-    newest_indexes = re.findall(r"CREATE INDEX (\w+)", MIGRATIONS[SCHEMA_VERSION])
-    newest_columns = re.findall(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", MIGRATIONS[SCHEMA_VERSION])
-    assert newest_tables or newest_indexes or newest_columns
-    sql(  # back to the schema of the previous release (a table's indexes go with it)
+    assert undo(MIGRATIONS[SCHEMA_VERSION])
+    sql(  # back to the schema of the previous release
         pg_database,
-        "".join(f"DROP TABLE {table}; " for table in newest_tables)
-        + "".join(f"DROP INDEX IF EXISTS {index}; " for index in newest_indexes)
-        + "".join(f"ALTER TABLE {t} DROP COLUMN {c}; " for t, c in newest_columns)
-        + f"UPDATE phoneagent_schema SET version = {previous}; "
+        undo(MIGRATIONS[SCHEMA_VERSION]) + f"UPDATE phoneagent_schema SET version = {previous}; "
         f"DELETE FROM phoneagent_migrations WHERE version > {previous}",
     )
     monkeypatch.setenv("PHONEAGENT_DATABASE_URL", pg_database)
@@ -71,6 +78,41 @@ def test_migrate_applies_only_the_pending_step(pg_database, monkeypatch, capsys)
             await conn.close()
 
     assert asyncio.run(applied()) == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_events_queued_before_step_4_are_found_by_their_call_after_it(pg_database):
+    event = call_ended_event(
+        call_sid="CA" + "7" * 32, persona_id="p", persona_name="P", from_number="+1",
+        to_number="+2", started_at=1.0, ended_at=2.0, end_reason="caller_hung_up",
+        transcript=[{"role": "caller", "start_ms": 0, "end_ms": 1,
+                     "text": 'nul \x00, ü and "data":{"call_sid":"CA' + "9" * 32 + '"}'}],
+    )  # fmt: skip
+
+    async def run() -> list[str]:
+        box = await PostgresOutbox.open(pg_database)
+        await box.close()
+        conn = await asyncpg.connect(pg_database)
+        try:
+            await conn.execute(
+                undo(MIGRATIONS[6]) + "UPDATE phoneagent_schema SET version = 5; "
+                "DELETE FROM phoneagent_migrations WHERE version > 5"
+            )
+            await conn.execute(  # as version 5 queued it
+                "INSERT INTO phoneagent_outbox (id, type, url, destination, secret_env, body, "
+                "status, created_at, next_attempt_at) VALUES ($1, 'call.ended', 'https://a/', "
+                "'https://a:443', 'S', $2, 'pending', 1, 1)",
+                event.id,
+                event.body(),
+            )
+        finally:
+            await conn.close()
+        box = await PostgresOutbox.open(pg_database)  # migrates to the latest
+        try:
+            return [item.id for item in await box.for_call("CA" + "7" * 32)]
+        finally:
+            await box.close()
+
+    assert asyncio.run(run()) == [event.id]
 
 
 def test_a_newer_schema_is_reported(pg_database, monkeypatch, capsys):

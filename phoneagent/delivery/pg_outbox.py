@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 #: The schema this version reads and writes; ``MIGRATIONS[v]`` goes from v - 1 to v.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: ``pg_advisory_xact_lock`` key of the schema migration: any fixed 64-bit number of our own.
 MIGRATION_LOCK = 0x70686F6E65_01  # "phone", 1
 #: ``pg_advisory_xact_lock`` key that serialises the claims that count receivers' room.
@@ -176,6 +176,20 @@ CREATE INDEX phoneagent_instances_owner ON phoneagent_instances (owner);
 ALTER TABLE phoneagent_open_calls ADD COLUMN run_id TEXT;
 ALTER TABLE phoneagent_open_calls ADD COLUMN opened_at TIMESTAMPTZ NOT NULL DEFAULT now();
 CREATE INDEX phoneagent_open_calls_run ON phoneagent_open_calls (run_id);
+""",
+    # The console (console/calls.py): a call's events, by the call they are about (enqueue
+    # fills call_sid from the event's data), and recent calls newest first (records/postgres.py
+    # searches on this very expression). The events already queued are read with a regular
+    # expression, not as JSON: PostgreSQL's JSON functions refuse a body holding \u0000 (a
+    # transcript may), and a body is compact JSON whose data begins with call_sid (events.py);
+    # inside strings every quote is escaped, so only the envelope's own key can match.
+    6: """
+ALTER TABLE phoneagent_outbox ADD COLUMN call_sid TEXT;
+UPDATE phoneagent_outbox
+    SET call_sid = substring(encode(body, 'escape') FROM '"data":[{]"call_sid":"([^"]*)"');
+CREATE INDEX phoneagent_outbox_by_call ON phoneagent_outbox (call_sid, created_at)
+    WHERE call_sid IS NOT NULL;
+CREATE INDEX phoneagent_calls_recent ON phoneagent_calls ((COALESCE(started_at, updated_at)));
 """,
 }
 
@@ -317,10 +331,12 @@ class PostgresOutbox:
             now,
             now,
         )
+        call_sid = event.data.get("call_sid")
+        row += (call_sid if isinstance(call_sid, str) else None,)
         sql = (
             "INSERT INTO phoneagent_outbox (id, type, url, destination, secret_env, body, status,"
-            " created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-            " ON CONFLICT (id) DO NOTHING"
+            " created_at, next_attempt_at, call_sid)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING"
         )
         async with self._connection() as conn, conn.transaction():
             added = _count(await conn.execute(sql, *row)) == 1
@@ -620,6 +636,16 @@ class PostgresOutbox:
                 f"SELECT {_COLUMNS} FROM phoneagent_outbox "
                 "WHERE ($1::text IS NULL OR status = $1) ORDER BY created_at DESC, id LIMIT $2",
                 status,
+                limit,
+            )
+        return [_item(row) for row in rows]
+
+    async def for_call(self, call_sid: str, *, limit: int = 20) -> list[OutboxItem]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM phoneagent_outbox WHERE call_sid = $1 "
+                "ORDER BY created_at, id LIMIT $2",
+                call_sid,
                 limit,
             )
         return [_item(row) for row in rows]

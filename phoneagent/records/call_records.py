@@ -9,8 +9,9 @@ Every change is made at once to this instance's view (memory, read without await
 call path) and, with a shared store (PostgreSQL), written there too: in the background, in the
 order the call made its changes, retried while the database is away (the instance reports
 itself unready meanwhile) so nothing is lost when it returns. Reads that must see what other
-instances wrote (:meth:`CallRecords.fetch`) go to the shared store once this instance's own
-writes of the call are in, and fall back to this instance's view if the database is away.
+instances wrote (:meth:`CallRecords.fetch`, :meth:`CallRecords.live`, :meth:`CallRecords.search`)
+go to the shared store (``fetch`` once this instance's own writes of the call are in), and fall
+back to this instance's view if the database is away.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ RETRY_FIRST, RETRY_MAX = 0.25, 5.0  # seconds between attempts at a write the da
 MAX_PENDING = 10_000  # changes waiting for the database; past it, new ones are not shared
 OWN_WRITES_WAIT = 1.0  # seconds a read waits for this instance's writes of the call
 PURGE_EVERY = 3600.0  # seconds between purges of old records in the shared store
+# A call not ended whose record has not changed for this long is not live: its instance died
+# mid-call (a killed pod's calls are never ended). Live calls change at every finished turn,
+# and a quiet caller is asked whether they are still there (silence_timeout_seconds), so an
+# hour without a change leaves a wide margin for the quietest call.
+LIVE_QUIET_SECONDS = 3600.0
 
 
 @dataclass
@@ -65,6 +71,7 @@ class CallRecords:
         self._writes: set[asyncio.Task[None]] = set()
         self._failing: str | None = None
         self._next_purge = 0.0
+        self.read_problem: str | None = None  # why the last shared read fell back to this view
 
     # --- this instance's view (no await) ----------------------------------------------------
 
@@ -113,6 +120,46 @@ class CallRecords:
             log.warning("call_record_read_local", call_sid=call_sid, error=str(exc))
             return self.local.get_now(call_sid)
         return shared if shared is not None else self.local.get_now(call_sid)
+
+    async def live(self, limit: int = 100) -> list[CallRecord]:
+        """Calls in progress: on every instance with a shared store, else on this one."""
+        since = self._clock() - LIVE_QUIET_SECONDS
+        if self.shared is not None:
+            try:
+                found = await self.shared.live(limit, updated_since=since)
+            except OutboxError as exc:
+                self._read_failed("live", exc)
+            else:
+                self.read_problem = None
+                return found
+        return await self.local.live(limit, updated_since=since)
+
+    async def search(
+        self,
+        number: str | None = None,
+        persona: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 50,
+    ) -> list[CallRecord]:
+        """Recent calls, newest first (see ``CallRecordStore.search``): every instance's with a
+        shared store, else (or while the database is away) this instance's."""
+        query = {"number": number, "persona": persona, "since": since, "until": until}
+        if self.shared is not None:
+            try:
+                found = await self.shared.search(**query, limit=limit)
+            except OutboxError as exc:
+                self._read_failed("search", exc)
+            else:
+                self.read_problem = None
+                return found
+        return await self.local.search(**query, limit=limit)
+
+    def _read_failed(self, what: str, exc: OutboxError) -> None:
+        log.warning("call_records_read_local", read=what, error=str(exc))
+        self.read_problem = (
+            f"the shared database cannot be read ({exc}): this instance's calls only"
+        )
 
     @property
     def problem(self) -> str | None:

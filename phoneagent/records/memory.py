@@ -58,3 +58,42 @@ class MemoryCallRecords:
             self._records.pop(call_sid, None)
             del self._updated[call_sid]
         return len(old)
+
+    async def live(self, limit: int = 100, *, updated_since: float) -> list[CallRecord]:
+        found = [
+            record
+            for sid, record in self._records.items()
+            if record.started_at is not None
+            and record.ended_at is None
+            and self._updated.get(sid, 0.0) >= updated_since
+        ]
+        found.sort(key=lambda r: (r.started_at, r.call_sid), reverse=True)
+        return [copy.deepcopy(record) for record in found[:limit]]
+
+    async def search(
+        self,
+        number: str | None = None,
+        persona: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 50,
+    ) -> list[CallRecord]:
+        found = []
+        for sid, record in self._records.items():
+            when = self._time_of(sid, record)
+            if number and number not in record.caller and number not in record.called:
+                continue
+            if persona and record.persona != persona:
+                continue
+            if (since is not None and when < since) or (until is not None and when >= until):
+                continue
+            found.append((when, sid, record))
+        found.sort(key=lambda found: found[:2], reverse=True)
+        return [copy.deepcopy(record) for _, _, record in found[:limit]]
+
+    def _time_of(self, call_sid: str, record: CallRecord) -> float:
+        """When a call happened, for searches: its stream's start, else its last change (a call
+        that never reached the agent: busy, the model away)."""
+        if record.started_at is not None:
+            return record.started_at
+        return self._updated.get(call_sid, 0.0)

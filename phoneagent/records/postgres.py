@@ -4,8 +4,8 @@ Each change is one upsert on ``phoneagent_calls`` that sets only what the change
 ``record.apply``, which this mirrors), so steps written by different instances (the voice
 webhook here, the stream there, a status callback anywhere) never overwrite each other, and a
 turn is appended to the transcript where it lies. The store uses the outbox's pool and schema
-(migration step 3), like the replay defences, and the same budget per round trip
-(``delivery/pg_round_trip.py``): a silent database never holds a webhook or a call.
+(migration step 3; step 6 indexes the searches), like the replay defences, and the same budget
+per round trip (``delivery/pg_round_trip.py``): a silent database never holds a webhook or a call.
 """
 
 from __future__ import annotations
@@ -94,6 +94,25 @@ _COLUMNS = (
     "end_reason, transfer, transcript, twilio_events, stats"
 )
 
+# When a call happened, for searches: its stream's start, else its last change (a call that
+# never reached the agent). Spelled exactly as in the index of migration step 6, which serves
+# both the order and the date range.
+_CALL_TIME = "COALESCE(started_at, updated_at)"
+
+_LIVE = (
+    f"SELECT {_COLUMNS} FROM phoneagent_calls WHERE started_at IS NOT NULL AND ended_at IS NULL "
+    "AND updated_at >= $1 ORDER BY started_at DESC, call_sid DESC LIMIT $2"
+)
+# strpos, not LIKE: what the operator typed is matched as it is, never as a pattern.
+_SEARCH = (
+    f"SELECT {_COLUMNS} FROM phoneagent_calls "
+    "WHERE ($1::text IS NULL OR strpos(caller, $1) > 0 OR strpos(called, $1) > 0) "
+    "AND ($2::text IS NULL OR persona = $2) "
+    f"AND ($3::float8 IS NULL OR {_CALL_TIME} >= $3) "
+    f"AND ($4::float8 IS NULL OR {_CALL_TIME} < $4) "
+    f"ORDER BY {_CALL_TIME} DESC, call_sid DESC LIMIT $5"
+)
+
 
 class PostgresCallRecords:
     """:class:`~phoneagent.records.store.CallRecordStore` on the shared database."""
@@ -119,6 +138,23 @@ class PostgresCallRecords:
                 "DELETE FROM phoneagent_calls WHERE updated_at < $1", before
             )
         return _count(result)
+
+    async def live(self, limit: int = 100, *, updated_since: float) -> list[CallRecord]:
+        async with self._db.connection() as conn:
+            rows = await conn.fetch(_LIVE, updated_since, limit)
+        return [_record(row) for row in rows]
+
+    async def search(
+        self,
+        number: str | None = None,
+        persona: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 50,
+    ) -> list[CallRecord]:
+        async with self._db.connection() as conn:
+            rows = await conn.fetch(_SEARCH, number or None, persona or None, since, until, limit)
+        return [_record(row) for row in rows]
 
 
 def _statement(change: Change) -> tuple[str, tuple[Any, ...]]:

@@ -236,3 +236,59 @@ def test_destination_is_the_origin():
     assert destination_of("https://Hooks.Example/a?b=c") == "https://hooks.example:443"
     assert destination_of("http://127.0.0.1:8080/x") == "http://127.0.0.1:8080"
     assert destination_of("http://[::1]/x") == "http://[::1]:80"
+
+
+async def test_a_calls_items_are_found_by_its_call_sid_oldest_first(outbox):
+    from phoneagent.delivery.events import call_started_event
+
+    started = call_started_event(
+        call_sid=f"CA{7:032x}",
+        persona_id="bright-smile-dental",
+        persona_name="Bright Smile Dental front desk",
+        from_number="+14155550123",
+        to_number="+14155550100",
+        started_at=T0 - 95.5,
+    )
+    ended, other = ended_event(7), ended_event(8)
+    await outbox.enqueue(ended, url=URL_A, secret_env=SECRET_ENV, now=T0)
+    await outbox.enqueue(started, url=URL_A, secret_env=SECRET_ENV, now=T0 - 95)
+    await outbox.enqueue(other, url=URL_A, secret_env=SECRET_ENV, now=T0)
+    await outbox.enqueue(ended, url=URL_B, secret_env=SECRET_ENV, now=T0 + 1)  # a duplicate id
+    items = await outbox.for_call(f"CA{7:032x}")
+    assert [(i.id, i.type) for i in items] == [
+        (started.id, "call.started"),
+        (ended.id, "call.ended"),
+    ]
+    [claimed] = await outbox.claim_due(now=T0 - 90, limit=1, lease=30)
+    await outbox.mark_delivered(claimed.id, claimed.claim, now=T0 - 89, status=204)
+    assert [i.status for i in await outbox.for_call(f"CA{7:032x}")] == ["delivered", "pending"]
+    assert [i.id for i in await outbox.for_call(f"CA{7:032x}", limit=1)] == [started.id]
+    assert await outbox.for_call(f"CA{9:032x}") == []
+    assert await outbox.for_call("' OR 1=1 --") == []
+
+
+async def test_finding_a_calls_items_uses_an_index_and_a_body_that_is_not_json_is_kept(tmp_path):
+    # Every body is an Event's JSON; if one were not, enqueueing must not fail on the index.
+    from phoneagent.delivery.events import Event
+
+    box = await SQLiteOutbox.in_data_dir(tmp_path)
+    try:
+
+        class NotJson(Event):
+            def body(self) -> bytes:
+                return b"\xff not json"
+
+        odd = NotJson(id="evt_odd", type="call.ended", timestamp="2027-01-15T08:00:00.000Z")
+        assert await box.enqueue(odd, url=URL_A, secret_env=SECRET_ENV, now=T0)
+        assert await box.for_call("CA" + "0" * 32) == []
+    finally:
+        await box.close()
+    with sqlite3.connect(tmp_path / OUTBOX_FILENAME) as db:
+        from phoneagent.delivery.outbox import _CALL_OF_BODY
+
+        plan = db.execute(
+            f"EXPLAIN QUERY PLAN SELECT id FROM outbox WHERE {_CALL_OF_BODY} = ? "
+            "ORDER BY created_at, id",
+            ("CA" + "0" * 32,),
+        ).fetchall()
+    assert "outbox_by_call" in str(plan)
