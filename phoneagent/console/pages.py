@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from phoneagent.console import lines
+from phoneagent.console import lines, talk
 from phoneagent.console.web import setup_console
 from phoneagent.state import ServerState
 
@@ -14,3 +14,4 @@ def mount_console(app: web.Application, state: ServerState) -> None:
     """``/console`` on ``app``, when ``PHONEAGENT_CONSOLE_PASSWORD`` is set."""
     if setup_console(app, state):
         lines.add_routes(app)
+        talk.add_routes(app)
