@@ -166,6 +166,27 @@ async def greeted(caller: PageCaller) -> None:
 # --- who may call -----------------------------------------------------------------------------
 
 
+async def test_every_talk_route_needs_a_session(http):
+    async with http.get(
+        "/console/talk", headers={"Accept": "text/html"}, allow_redirects=False
+    ) as response:
+        assert response.status == 303
+        assert response.headers["Location"] == "/console/login?next=/console/talk"
+    async with http.get(f"/console/talk/persona/{DENTAL}") as response:
+        assert response.status == 401
+    async with http.post(f"/console/talk/check?persona={DENTAL}", data="x = 1") as response:
+        assert response.status == 401
+
+
+async def test_the_persona_file_is_where_a_draft_starts(http):
+    await sign_in(http)
+    async with http.get(f"/console/talk/persona/{DENTAL}") as response:
+        assert response.status == 200
+        assert await response.text() == (EXAMPLE_PERSONAS / f"{DENTAL}.toml").read_text()
+    async with http.get("/console/talk/persona/..%2Fpyproject") as response:
+        assert response.status == 404
+
+
 async def test_the_stream_needs_a_session_and_this_sites_origin(http, console_stack):
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await http.ws_connect(STREAM, headers={"Origin": console_stack.base_url})

@@ -220,6 +220,11 @@ async def talk_stream(request: web.Request) -> web.StreamResponse:
             await line.tell("refused", reason=reason, problems=problems)
             await ws.close()
             return ws
+        except Exception:
+            log.exception("console_call_open_failed")
+            await line.tell("refused", reason="the server failed to open the call", problems=[])
+            await ws.close()
+            return ws
         line.call = call
         await run_call(
             state,

@@ -112,7 +112,11 @@ function count(name) {
   status.dataset[name] = String(Number(status.dataset[name]) + 1);
 }
 
-function addLine(role, text, note) {
+// The transcript's lines by turn (role and start): a turn the caller interrupted comes again,
+// cut to what was heard, and replaces its line.
+const lines = new Map();
+
+function addLine(role, text, note, key) {
   const item = document.createElement("li");
   item.className = role;
   const who = document.createElement("span");
@@ -125,7 +129,10 @@ function addLine(role, text, note) {
     small.textContent = ` (${note})`;
     item.append(small);
   }
-  transcript.append(item);
+  const previous = key && lines.get(key);
+  if (previous) previous.replaceWith(item);
+  else transcript.append(item);
+  if (key) lines.set(key, item);
 }
 
 function toBase64(bytes) {
@@ -168,11 +175,16 @@ class BrowserCall {
           "(or on localhost), in a current browser.",
       );
     }
-    this.context = new AudioContext({ latencyHint: "interactive" });
-    await this.context.audioWorklet.addModule(section.dataset.worklet);
     this.microphone = await navigator.mediaDevices.getUserMedia({
       audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
     });
+    // At the microphone's own rate where the browser says it: some browsers cannot connect a
+    // microphone to a context running at another rate. The worklet resamples to 8 kHz.
+    const { sampleRate } = this.microphone.getAudioTracks()[0].getSettings();
+    const options = { latencyHint: "interactive" };
+    if (sampleRate) options.sampleRate = sampleRate;
+    this.context = new AudioContext(options);
+    await this.context.audioWorklet.addModule(section.dataset.worklet);
     await this.context.resume();
     this.player = new AudioWorkletNode(this.context, "talk-player", {
       numberOfInputs: 0,
@@ -269,7 +281,8 @@ class BrowserCall {
         break;
       case "console.turn": {
         const turn = message.turn;
-        addLine(turn.role, turn.text, turn.interrupted ? "interrupted" : "");
+        const note = turn.interrupted ? "interrupted" : "";
+        addLine(turn.role, turn.text, note, `${turn.role}@${turn.start_ms}`);
         break;
       }
       case "console.handoff":
@@ -299,6 +312,10 @@ class BrowserCall {
 
   hangUp() {
     if (this.ended) return;
+    if (!this.callSid) {
+      this.socket.close(); // not a call yet: nothing to stop
+      return;
+    }
     setStatus("Hanging up…");
     this.sendEvent("stop", { stop: { accountSid: this.accountSid, callSid: this.callSid } });
     setTimeout(() => this.socket && this.socket.close(), CLOSE_WAIT_MS);
@@ -309,7 +326,9 @@ class BrowserCall {
     this.ended = true;
     if (this.microphone) this.microphone.getTracks().forEach((track) => track.stop());
     if (this.context) this.context.close();
-    if (!this.refused) {
+    if (!this.callSid) {
+      setStatus("The server refused the call: sign in again, or reload the page.", "failed");
+    } else if (!this.refused) {
       const reason = END_REASONS[this.endReason] || "The call ended.";
       addLine("event", reason);
       setStatus(`Call over. ${reason}`, "ended");
@@ -342,6 +361,7 @@ startButton.addEventListener("click", async () => {
   personaSelect.disabled = true;
   useDraft.disabled = true;
   transcript.replaceChildren();
+  lines.clear();
   for (const name of ["framesReceived", "framesSent", "marksEchoed", "clears"]) {
     status.dataset[name] = "0";
   }
