@@ -312,6 +312,19 @@ async def test_console_calls_count_against_the_cap(http, console_stack):
     assert console_stack.model.sessions_opened == 1
 
 
+async def test_a_model_that_cannot_be_reached_is_said_and_frees_the_place(http, console_stack):
+    console_stack.model.fail_next_handshakes(10, status=503)
+    csrf = await sign_in(http)
+    async with page_call(http, csrf, console_stack.base_url) as caller:
+        await caller.wait_closed()
+    [refused] = caller.messages("console.refused")
+    assert refused["reason"].startswith("the model is unavailable: ")
+    state = console_stack.state
+    async with asyncio.timeout(5):  # the server's side ends just after the page's
+        while state.opening_calls or state.console_calls or state.active_calls:
+            await asyncio.sleep(0.01)
+
+
 # --- draft personas ---------------------------------------------------------------------------
 
 BROKEN_DRAFT = """

@@ -79,7 +79,7 @@ async def test_a_call_from_the_browser_microphone_hears_the_greeting_and_shows_t
     greeting = console_stack.state.persona(DENTAL).greeting
     greeting_s = len(synthesize(greeting, sample_rate=8000)) / 2 / 8000
     # The caller speaks once the greeting has been heard out (no barge-in in this test).
-    wav = fake_microphone_file(tmp_path / "caller.wav", lead_s=greeting_s + 2.0)
+    wav = fake_microphone_file(tmp_path / "caller.wav", lead_s=greeting_s + 4.0)
     async with chromium_with_microphone(wav) as browser:
         context = await browser.new_context(base_url=console_stack.base_url)
         page = await context.new_page()
@@ -123,7 +123,7 @@ async def test_talking_over_the_greeting_clears_the_pages_playback(console_stack
     when it arrives), so the server knows the caller has heard only the start of the greeting;
     its `clear` empties the page's playback and flushes the pending marks."""
     greeting = console_stack.state.persona(DENTAL).greeting
-    wav = fake_microphone_file(tmp_path / "caller.wav", lead_s=1.5)
+    wav = fake_microphone_file(tmp_path / "caller.wav", lead_s=2.5)
     async with chromium_with_microphone(wav) as browser:
         context = await browser.new_context(base_url=console_stack.base_url)
         page = await context.new_page()
