@@ -64,6 +64,10 @@ class ServerState:
 
     # Called with (call, turn) as each transcript turn becomes final: live transcript views.
     turn_listeners: list[TurnListener] = field(default_factory=list)
+    # CallSids of calls placed from the console ("talk to this persona", console/talk.py): a
+    # call like any other (counted against PHONEAGENT_MAX_CALLS, recorded, shown live) except
+    # that its events go to no webhook: an operator trying a persona is not a customer calling.
+    console_calls: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.turn_listeners.append(self._record_live_turn)
@@ -94,9 +98,14 @@ class ServerState:
         problems = self.publisher.problems() if self.publisher is not None else []
         return problems + ([self.calls.problem] if self.calls.problem else [])
 
+    def publishes(self, call_sid: str) -> bool:
+        """Whether the call's events go to its persona's webhook (console calls' do not)."""
+        return self.publisher is not None and call_sid not in self.console_calls
+
     def _record_live_turn(self, call: Call, turn: dict) -> None:
         self.calls.note(call.call_sid, TurnFinished(turn))
-        if self.publisher is not None:  # on disk too, for a call.ended if this run is killed
+        if self.publisher is not None and self.publishes(call.call_sid):
+            # On disk too, for a call.ended if this run is killed.
             self.spawn(self.publisher.call_turn(call.call_sid, dict(turn)))
 
     @property

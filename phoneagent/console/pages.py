@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from phoneagent.console import calls, deliveries, lines
+from phoneagent.console import calls, deliveries, lines, talk
 from phoneagent.console.web import setup_console
 from phoneagent.state import ServerState
 
@@ -16,3 +16,4 @@ def mount_console(app: web.Application, state: ServerState) -> None:
         lines.add_routes(app)
         calls.add_routes(app)
         deliveries.add_routes(app)
+        talk.add_routes(app)

@@ -30,9 +30,11 @@ from phoneagent.personas.registry import PersonaRegistry, RefusedReload
 from phoneagent.personas.validation import (
     DirectoryReport,
     check_directory,
+    check_draft,
     keypad_action,
     load_directory,
     parse_persona_file,
+    parse_persona_text,
     persona_files,
 )
 
@@ -59,9 +61,11 @@ __all__ = [
     "TransferTarget",
     "WebhookTarget",
     "check_directory",
+    "check_draft",
     "keypad_action",
     "load_directory",
     "normalise_number",
     "parse_persona_file",
+    "parse_persona_text",
     "persona_files",
 ]

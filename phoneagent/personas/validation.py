@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -42,9 +42,11 @@ from phoneagent.personas.table_reader import TomlTable
 __all__ = [
     "DirectoryReport",
     "check_directory",
+    "check_draft",
     "keypad_action",
     "load_directory",
     "parse_persona_file",
+    "parse_persona_text",
     "persona_files",
 ]
 
@@ -154,20 +156,50 @@ def parse_persona_file(
     path: Path, environ: Mapping[str, str]
 ) -> tuple[Persona | None, list[Problem]]:
     """Parse one file. Returns the persona (None if any problem) and every problem found."""
-    problems: list[Problem] = []
-    if not _PERSONA_ID.fullmatch(path.stem):
-        problems.append(
-            Problem(
-                path,
-                "",
-                "the file name is the persona id: use letters, digits, '.', '_' or '-' "
-                "(at most 64, starting with a letter or digit)",
-            )
-        )
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return None, [*problems, Problem(path, "", f"cannot be read: {exc}")]
+        return None, [*_file_name_problems(path), Problem(path, "", f"cannot be read: {exc}")]
+    return parse_persona_text(text, path, environ)
+
+
+def check_draft(
+    text: str, path: Path, deployed: Iterable[Persona], environ: Mapping[str, str]
+) -> tuple[Persona | None, list[Problem]]:
+    """A draft persona file, checked as ``personas check`` would check it saved at ``path``
+    next to the ``deployed`` personas (the one with its id replaced by it): the persona (None
+    if any problem) and every problem, worded as ``personas check`` words them. The console
+    checks a persona an operator is editing with it, before trying the draft in a call."""
+    draft, problems = parse_persona_text(text, path, environ)
+    if draft is None:
+        return None, problems
+    others = [p for p in deployed if p.id != draft.id and p.source is not None]
+    # In check's file order. The deployed set passed these checks: what they find is the draft's.
+    problems = _cross_file_problems(sorted([*others, draft], key=lambda p: p.source or path))
+    return (None if problems else draft), problems
+
+
+def _file_name_problems(path: Path) -> list[Problem]:
+    if _PERSONA_ID.fullmatch(path.stem):
+        return []
+    return [
+        Problem(
+            path,
+            "",
+            "the file name is the persona id: use letters, digits, '.', '_' or '-' "
+            "(at most 64, starting with a letter or digit)",
+        )
+    ]
+
+
+def parse_persona_text(
+    text: str, path: Path, environ: Mapping[str, str]
+) -> tuple[Persona | None, list[Problem]]:
+    """Parse a persona file's text, read from ``path`` (its name is the persona id): the
+    persona (None if any problem) and every problem found."""
+    problems: list[Problem] = _file_name_problems(path)
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         return None, [*problems, Problem(path, "", f"is not valid TOML: {exc}")]
     except RecursionError:

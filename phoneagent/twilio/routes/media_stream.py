@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
 from phoneagent.bridge import (
     CallShell,
+    Handoffs,
     StreamRefused,
+    TurnListener,
     TwilioLine,
     bind_call_context,
     read_start,
@@ -20,6 +22,7 @@ from phoneagent.call import Call, prompts
 from phoneagent.call.prompts import session_config
 from phoneagent.client_limits import SLOT
 from phoneagent.logs import get_logger
+from phoneagent.personas import Persona
 from phoneagent.realtime.connection import ModelSession, ModelUnavailable
 from phoneagent.records import StreamEnded, StreamStarted
 from phoneagent.state import STATE, ServerState
@@ -112,21 +115,46 @@ async def _open_checked_call(
     if persona is None:
         raise StreamRefused(f"persona {persona_id!r} is no longer configured")
     try:
+        return await open_model_call(
+            state,
+            start,
+            persona,
+            caller=start.custom_parameters.get(CALLER_PARAMETER, ""),
+            called=start.custom_parameters.get(CALLED_PARAMETER, ""),
+            resume=start.custom_parameters.get(RESUME_PARAMETER, ""),
+        )
+    except ModelUnavailable:
+        # Closing the stream makes Twilio ask `<Connect action>`, which answers the apology.
+        raise StreamRefused("the model is unavailable: the caller hears the apology") from None
+
+
+async def open_model_call(
+    state: ServerState,
+    start: Start,
+    persona: Persona,
+    *,
+    caller: str,
+    called: str,
+    resume: str = "",
+) -> tuple[Call, ModelSession]:
+    """The call's model session (the pre-warmed one, else one opened now, within the set-up
+    budget) and its ``Call``, its start recorded. Whoever placed the call has checked it: the
+    media stream (Twilio's token) or the console (talk to this persona). ``resume``: the call
+    comes back from a transfer nobody answered. Raises ModelUnavailable (logged, counted)."""
+    try:
         model = await state.prewarmer.claim(start.call_sid, session_config(persona))
     except ModelUnavailable as exc:
         log.error("model_unavailable", reason=str(exc), status=exc.status)
         state.metrics.model_failures.labels(str(exc.status or "none")).inc()
-        # Closing the stream makes Twilio ask `<Connect action>`, which answers the apology.
-        raise StreamRefused("the model is unavailable: the caller hears the apology") from None
-    resume = start.custom_parameters.get(RESUME_PARAMETER, "")
+        raise
     # Back from a transfer nobody answered: the conversation so far, whichever instance ran it.
     before = await state.calls.fetch(start.call_sid) if resume else None
     started = StreamStarted(
         at=time.time(),
         persona=persona.id,
         model_session=model.session_id,
-        caller=start.custom_parameters.get(CALLER_PARAMETER, ""),
-        called=start.custom_parameters.get(CALLED_PARAMETER, ""),
+        caller=caller,
+        called=called,
     )
     state.calls.note(start.call_sid, started)
     call = Call(
@@ -144,15 +172,27 @@ async def _open_checked_call(
     return call, model
 
 
-async def run_call(state: ServerState, line: TwilioLine, call: Call, model: ModelSession) -> None:
+async def run_call(
+    state: ServerState,
+    line: TwilioLine,
+    call: Call,
+    model: ModelSession,
+    *,
+    handoffs: Handoffs | None = None,
+    turn_listeners: Sequence[TurnListener] = (),
+) -> None:
+    """Run the call opened by ``open_call`` (or the console) to its end, and record it.
+    ``handoffs``: who performs transfers and hang-ups (default: Twilio's REST API);
+    ``turn_listeners``: called with each final turn, besides the server's own."""
     config = session_config(call.persona)
+    listeners = [*state.turn_listeners, *turn_listeners] if turn_listeners else state.turn_listeners
     try:
         shell = CallShell(
             line,
             model,
             call,
-            turn_listeners=state.turn_listeners,
-            handoffs=state.handoffs,
+            turn_listeners=listeners,
+            handoffs=handoffs or state.handoffs,
             metrics=state.metrics,
             open_model=lambda: state.prewarmer.open(config),
         )
@@ -160,7 +200,8 @@ async def run_call(state: ServerState, line: TwilioLine, call: Call, model: Mode
     finally:
         state.opening_calls.discard(call.call_sid)  # reserved by open_call until now
     log.info("call_started", model=model.model, model_session=model.session_id)
-    if state.publisher is not None:
+    publishes = state.publishes(call.call_sid)  # not a console call's events
+    if state.publisher is not None and publishes:
         state.spawn(state.publisher.call_started(call.persona, state.calls.open(call.call_sid)))
     try:
         await shell.run()
@@ -183,5 +224,5 @@ async def run_call(state: ServerState, line: TwilioLine, call: Call, model: Mode
             turns=len(record.transcript),
             barge_ins=call.stats.barge_ins,
         )
-        if state.publisher is not None:
+        if state.publisher is not None and publishes:
             state.spawn(state.publisher.call_ended(call.persona, record))
