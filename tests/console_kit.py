@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +17,13 @@ from phoneagent.config import Settings
 from phoneagent.testing.stack import LocalStack, demo_credentials
 
 PASSWORD = "correct horse battery staple"
-SCREENSHOTS = Path(__file__).parents[1] / "docs" / "console"
+# The README's screenshots, retaken when PHONEAGENT_UPDATE_SCREENSHOTS=1 (a plain test run leaves
+# the committed ones alone and writes its own to a temporary directory).
+SCREENSHOTS = (
+    Path(__file__).parents[1] / "docs" / "console"
+    if os.environ.get("PHONEAGENT_UPDATE_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / "phoneagent-console-screenshots"
+)
 
 
 def chromium_path() -> str | None:
@@ -77,7 +84,8 @@ async def sign_in(page, password: str = PASSWORD) -> None:
 
 
 async def screenshot(page, name: str) -> None:
-    """Keep a screenshot for the README's Console section (docs/console/NAME.png)."""
+    """Take a screenshot for the README's Console section (docs/console/NAME.png when
+    PHONEAGENT_UPDATE_SCREENSHOTS=1)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
 
