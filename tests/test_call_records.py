@@ -131,6 +131,15 @@ async def test_a_final_status_from_twilio_is_kept_and_a_returning_stream_is_live
     assert (await store.get(SID)).status == "no-answer"
 
 
+async def test_a_turn_finished_again_after_a_barge_in_replaces_the_one_recorded(stores):
+    store = await stores()
+    await store.write(SID, TurnFinished(TURN_1), at=1)
+    await store.write(SID, TurnFinished(TURN_2), at=2)
+    cut = dict(TURN_1, text="您好，这里", end_ms=900, interrupted=True)
+    await store.write(SID, TurnFinished(cut), at=3)
+    assert (await store.get(SID)).transcript == [cut, TURN_2]
+
+
 async def test_a_failed_transfer_is_cleared(stores):
     store = await stores()
     await store.write(SID, Transferred({"target": "t", "number": "+1"}), at=1)

@@ -59,10 +59,15 @@ _STREAM_STARTED = (
     "called = CASE WHEN EXCLUDED.called = '' THEN c.called ELSE EXCLUDED.called END, "
     f"status = CASE WHEN c.status IN ({_FINAL}) THEN c.status ELSE 'in-progress' END"
 )
+# A turn finished again (cut by a barge-in) replaces the one of the same role and start.
+_SAME_TURN = "e->'role' = $3::jsonb->'role' AND e->'start_ms' = $3::jsonb->'start_ms'"
 _TURN_FINISHED = (
     _UPSERT.format(columns=", transcript", values=", jsonb_build_array($3::jsonb)")
     + _ON_CONFLICT
-    + "transcript = c.transcript || jsonb_build_array($3::jsonb)"
+    + "transcript = CASE WHEN EXISTS (SELECT 1 FROM jsonb_array_elements(c.transcript) AS e "
+    f"WHERE {_SAME_TURN}) THEN (SELECT jsonb_agg(CASE WHEN {_SAME_TURN} THEN $3::jsonb "
+    "ELSE e END ORDER BY n) FROM jsonb_array_elements(c.transcript) WITH ORDINALITY AS t(e, n)) "
+    "ELSE c.transcript || jsonb_build_array($3::jsonb) END"
 )
 _TWILIO_REPORTED = (
     _UPSERT.format(

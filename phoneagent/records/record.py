@@ -60,6 +60,10 @@ class StreamStarted:
 
 @dataclass(frozen=True)
 class TurnFinished:
+    """A turn became final. An agent's turn the caller then interrupts becomes final again, cut
+    to what was heard (the call core's honest transcript): the same turn, by role and start,
+    replaces the one recorded."""
+
     turn: dict
 
 
@@ -105,7 +109,12 @@ def apply(record: CallRecord, change: Change) -> None:
             if record.status not in FINAL_STATUSES:
                 record.status = "in-progress"
         case TurnFinished():
-            record.transcript.append(dict(change.turn))
+            turn, key = dict(change.turn), _turn_key(change.turn)
+            same = [i for i, t in enumerate(record.transcript) if _turn_key(t) == key]
+            if same:
+                record.transcript[same[-1]] = turn
+            else:
+                record.transcript.append(turn)
         case TwilioReported():
             record.twilio_events.append(dict(change.event))
             if "CallStatus" in change.event:
@@ -118,3 +127,7 @@ def apply(record: CallRecord, change: Change) -> None:
             record.stats = dict(change.stats)
             if record.status == "in-progress":  # Twilio's call-status callback may say more
                 record.status = "completed"
+
+
+def _turn_key(turn: dict) -> tuple:
+    return turn.get("role"), turn.get("start_ms")
