@@ -32,10 +32,10 @@ def valid_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def postgres_url():
-    """A ``postgresql://`` URL of a throwaway server the tests started (see postgres_cluster).
-    No PostgreSQL here: the test is skipped, with the reason; in CI (``CI`` set) it fails, since
-    a silent skip there would hide a broken install."""
-    from postgres_cluster import PostgresUnavailable, in_ci, postgres_cluster
+    """A ``postgresql://`` URL of a throwaway server the tests started (see
+    ``phoneagent.testing.postgres_cluster``). No PostgreSQL here: the test is skipped, with the
+    reason; in CI (``CI`` set) it fails, since a silent skip there would hide a broken install."""
+    from phoneagent.testing.postgres_cluster import PostgresUnavailable, in_ci, postgres_cluster
 
     cluster = postgres_cluster()
     try:

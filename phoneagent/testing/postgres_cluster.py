@@ -1,9 +1,11 @@
-"""A throwaway PostgreSQL server for the tests: ``initdb`` into a temporary directory, ``pg_ctl
-start`` on a free loopback port, stopped and removed at the end of the session.
+"""A throwaway PostgreSQL server for the tests and benchmarks: ``initdb`` into a temporary
+directory, ``pg_ctl start`` on a free loopback port, stopped and removed at the end of the block.
 
 PostgreSQL refuses to run as root (CI runs as root): then the cluster runs as the ``postgres``
-system user that Debian's package creates, through ``runuser``, in a directory it owns. Durability
-is switched off (``fsync=off``): the cluster is discarded, and the tests are about behaviour.
+system user that Debian's package creates, through ``runuser``, in a directory it owns. For the
+tests durability is switched off (``fsync=off``): the cluster is discarded, and the tests are
+about behaviour. Benchmarks ask for ``durable=True``: PostgreSQL's defaults, an fsync of the WAL
+per commit, as a production server does.
 """
 
 from __future__ import annotations
@@ -58,9 +60,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def postgres_cluster() -> Iterator[str]:
+def postgres_cluster(*, durable: bool = False) -> Iterator[str]:
     """Run a server for the duration of the block; yields a ``postgresql://`` URL of its
-    ``postgres`` database (superuser ``postgres``, trust authentication on loopback only)."""
+    ``postgres`` database (superuser ``postgres``, trust authentication on loopback only).
+    ``durable``: keep PostgreSQL's default ``fsync``, ``synchronous_commit`` and
+    ``full_page_writes`` (each commit waits for its WAL to reach the disk) rather than turn them
+    off."""
     bindir = find_bindir()
     as_root = os.geteuid() == 0
     prefix: list[str] = []
@@ -102,10 +107,10 @@ def postgres_cluster() -> Iterator[str]:
             "-E", "UTF8", "--no-sync", "--no-instructions")  # fmt: skip
         for attempt in range(3):  # a port found free may be taken before the server binds it
             port = _free_port()
-            options = (
-                f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-            )
+            options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 "
+            options += "-c max_connections=200"
+            if not durable:
+                options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             try:
                 run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options,
                     "-w", "-t", "60", "start")  # fmt: skip
