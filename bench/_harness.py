@@ -110,6 +110,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (fields 14, 15)
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process *pid*, of its children alive now and of the children
+    it has waited for, from /proc: a server that forks a process per connection (PostgreSQL)
+    with all its connections, past and present. 0.0 for a process that has gone."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        # The process or a child of it (field 4, ppid): utime, stime, cutime, cstime (14–17).
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += sum(int(v) for v in fields[11:15]) / _CLOCK_TICKS
+    return total
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory (VmRSS) of process *pid*, from /proc."""
     with open(f"/proc/{pid}/status") as f:

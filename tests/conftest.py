@@ -36,10 +36,10 @@ def valid_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def postgres_url():
-    """A ``postgresql://`` URL of a throwaway server the tests started (see postgres_cluster).
-    No PostgreSQL here: the test is skipped, with the reason; in CI (``CI`` set) it fails, since
-    a silent skip there would hide a broken install."""
-    from postgres_cluster import postgres_cluster
+    """A ``postgresql://`` URL of a throwaway server the tests started (see
+    ``phoneagent.testing.postgres_cluster``). No PostgreSQL here: the test is skipped, with the
+    reason; in CI (``CI`` set) it fails, since a silent skip there would hide a broken install."""
+    from phoneagent.testing.postgres_cluster import postgres_cluster
 
     cluster = postgres_cluster()
     with _postgres_or_skip():
@@ -54,7 +54,7 @@ def postgres_url():
 def stoppable_postgres():
     """A throwaway server of the test's own, which it may stop and start again (the session's
     server, which other tests' instances use, is left alone): a ``PostgresCluster``."""
-    from postgres_cluster import PostgresCluster
+    from phoneagent.testing.postgres_cluster import PostgresCluster
 
     with _postgres_or_skip():
         cluster = PostgresCluster()
@@ -69,7 +69,7 @@ def stoppable_postgres():
 @contextlib.contextmanager
 def _postgres_or_skip():
     """No PostgreSQL here: skip the test, with the reason; in CI (``CI`` set) fail it."""
-    from postgres_cluster import PostgresUnavailable, in_ci
+    from phoneagent.testing.postgres_cluster import PostgresUnavailable, in_ci
 
     try:
         yield

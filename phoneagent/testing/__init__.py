@@ -11,4 +11,5 @@ Import what you need from its module; the usual entry points:
 - ``fake_twilio_api.FakeTwilioApi``: Twilio's REST Call resource (updates, hang-ups, faults).
 - ``webhook_sink.WebhookSink``: a webhook receiver with scripted answers.
 - ``stack.LocalStack``: phoneagent's server with the fakes, on 127.0.0.1.
+- ``postgres_cluster.postgres_cluster``: a throwaway PostgreSQL server in a temporary directory.
 """

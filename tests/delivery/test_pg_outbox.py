@@ -458,7 +458,7 @@ def test_serve_with_the_database_down_exits_2_naming_the_url_without_password(tm
 
 
 def test_ci_is_told_apart_so_an_unusable_postgresql_fails_there():
-    from postgres_cluster import in_ci
+    from phoneagent.testing.postgres_cluster import in_ci
 
     assert in_ci({"CI": "true"}) and in_ci({"CI": "1"})
     assert not in_ci({}) and not in_ci({"CI": "false"}) and not in_ci({"CI": ""})

@@ -1,11 +1,12 @@
-"""A throwaway PostgreSQL server for the tests: ``initdb`` into a temporary directory, ``pg_ctl
-start`` on a free loopback port, stopped and removed at the end of the session. A test that needs
-the database to go away and come back under a running instance makes its own
+"""A throwaway PostgreSQL server for the tests and benchmarks: ``initdb`` into a temporary
+directory, ``pg_ctl start`` on a free loopback port, stopped and removed at the end. A test that
+needs the database to go away and come back under a running instance makes its own
 :class:`PostgresCluster` and stops and starts it (the session's server stays up for the others).
 
 PostgreSQL refuses to run as root (CI runs as root): then the cluster runs as the ``postgres``
-system user that Debian's package creates, through ``runuser``, in a directory it owns. Durability
-is switched off (``fsync=off``): the cluster is discarded, and the tests are about behaviour.
+system user that Debian's package creates, through ``runuser``, in a directory it owns. For the
+tests durability is switched off (``fsync=off``): the cluster is discarded, and they are about
+behaviour; the benchmarks keep PostgreSQL's defaults (``durable=True``), as a deployment would.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class PostgresCluster:
     running instance), :meth:`remove`. ``url`` is the ``postgresql://`` URL of its ``postgres``
     database (superuser ``postgres``, trust authentication on loopback only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        self.durable = durable  # keep fsync, synchronous_commit and full_page_writes on
         self.bindir = find_bindir()
         self.as_root = os.geteuid() == 0
         self.prefix: list[str] = []
@@ -119,9 +121,10 @@ class PostgresCluster:
         assert self.root is not None
         options = (
             f"-p {self.port} -k {self.root / 'sockets'} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
             "-c max_connections=200"
         )
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.root / "data"),
                   "-l", str(self.root / "server.log"), "-o", options, "-w", "-t", "60",
                   "start")  # fmt: skip
@@ -177,10 +180,12 @@ class PostgresCluster:
 
 
 @contextlib.contextmanager
-def postgres_cluster() -> Iterator[str]:
+def postgres_cluster(*, durable: bool = False) -> Iterator[str]:
     """Run a server for the duration of the block; yields a ``postgresql://`` URL of its
-    ``postgres`` database (superuser ``postgres``, trust authentication on loopback only)."""
-    cluster = PostgresCluster()
+    ``postgres`` database (superuser ``postgres``, trust authentication on loopback only).
+    ``durable``: keep PostgreSQL's default ``fsync``, ``synchronous_commit`` and
+    ``full_page_writes`` (each commit waits for its WAL to reach the disk)."""
+    cluster = PostgresCluster(durable=durable)
     try:
         yield cluster.create()
     finally:
