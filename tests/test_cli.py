@@ -62,12 +62,12 @@ def test_personas_check_reports_every_broken_file():
     lines = result.stdout.splitlines()
     assert f"OK    {BROKEN_PERSONAS / 'claims-number.toml'}" in lines
     errors = [line for line in lines if line.startswith("ERROR ")]
-    assert len(errors) == 13
+    assert len(errors) == 14
     assert (
         f"ERROR {BROKEN_PERSONAS / 'unknown-key.toml'}: voise: "
         "unknown key (check the spelling against the README)"
     ) in errors
-    assert "13 problem(s)" in result.stderr
+    assert "14 problem(s)" in result.stderr
 
 
 def test_serve_names_each_missing_credential():

@@ -84,6 +84,9 @@ EXPECTED_PROBLEMS = {
     ],
     "not-toml.toml": [("", "is not valid TOML", "line 3")],
     "out-of-range.toml": [("vad_threshold", "must be between 0 and 5000, not 9000", "")],
+    "say-voice.toml": [
+        ("say_voice", "Polly.Joanna-Neural speaks en-US, not the persona's language", "zh-CN"),
+    ],
     "second-default.toml": [("default", "only one persona may be the default", "claims-number")],
     "unknown-key.toml": [("voise", "unknown key", "")],
     "wrong-type.toml": [("max_call_seconds", "must be an integer, not a string ('900')", "")],

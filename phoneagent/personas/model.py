@@ -99,6 +99,11 @@ class Persona:
     fallback_target: str = ""
     busy_message: str = DEFAULT_BUSY_MESSAGE
     apology: str = DEFAULT_APOLOGY
+    # How Twilio's <Say> speaks those two: its name for the persona's language ("cmn-CN" for
+    # "zh-CN") and a voice that speaks it (the persona's `say_voice`, else the language's
+    # default); see phoneagent/twilio/wire/say_voices.toml.
+    say_language: str = "en-US"
+    say_voice: str = "Polly.Joanna-Neural"
     webhook: WebhookTarget | None = None
     max_call_seconds: int = DEFAULT_MAX_CALL_SECONDS
     silence_timeout_seconds: int = DEFAULT_SILENCE_TIMEOUT_SECONDS
