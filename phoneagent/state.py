@@ -110,6 +110,7 @@ class ServerState:
         target: TransferTarget,
         outcome: str,
         error: str | None,
+        reason: str = "",
     ) -> None:
         """A transfer's outcome, for the persona's webhook (when this app publishes events)."""
         if self.publisher is not None:
@@ -122,6 +123,7 @@ class ServerState:
                     outcome=outcome,
                     at=time.time(),
                     error=error,
+                    reason=reason,
                 )
             )
 

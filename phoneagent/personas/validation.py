@@ -27,6 +27,8 @@ from phoneagent.personas.model import (
     DEFAULT_SILENCE_TIMEOUT_SECONDS,
     DEFAULT_VAD_THRESHOLD,
     KEYPAD_DIGITS,
+    MAX_TONE_CHARS,
+    SPEAKING_RATES,
     KeypadAction,
     KeypadHangUp,
     KeypadTransfer,
@@ -184,10 +186,8 @@ def parse_persona_file(
     numbers = _numbers(top)
     transfer = _transfer_targets(top)
     keypad = _keypad(top, transfer)
-    fallback_target = top.get("fallback_target", str, required=False, default="")
-    if fallback_target and fallback_target not in transfer:
-        names = ", ".join(transfer) or "none defined"
-        top.problem("fallback_target", f"{fallback_target!r} is not a transfer target ({names})")
+    fallback_target = _target_name(top, "fallback_target", transfer)
+    upset_caller_target = _target_name(top, "upset_caller_target", transfer)
     end_call = top.table("end_call", required=True)
     goodbye = end_call.text("goodbye") if end_call else None
     if end_call:
@@ -212,6 +212,9 @@ def parse_persona_file(
         apology=_said_by_twilio(top, "apology", DEFAULT_APOLOGY, language),
         say_language=say_language,
         say_voice=say_voice,
+        tone=_tone(top),
+        speaking_rate=_speaking_rate(top),
+        upset_caller_target=upset_caller_target,
         webhook=webhook,
         max_call_seconds=top.integer("max_call_seconds", DEFAULT_MAX_CALL_SECONDS, 30, 14400),
         silence_timeout_seconds=top.integer(
@@ -233,6 +236,37 @@ def parse_persona_file(
             Problem(path, "numbers", "list at least one number, or mark the persona default")
         )
     return (None if problems else persona), problems
+
+
+def _target_name(top: TomlTable, key: str, targets: Mapping[str, TransferTarget]) -> str:
+    """A key naming one of the persona's transfer targets (``fallback_target``…)."""
+    name = top.get(key, str, required=False, default="")
+    if name and name not in targets:
+        top.problem(
+            key, f"{name!r} is not a transfer target ({', '.join(targets) or 'none defined'})"
+        )
+    return name
+
+
+def _tone(top: TomlTable) -> str:
+    """How the agent sounds, in words: one line, at most MAX_TONE_CHARS characters (it is
+    repeated in every instruction the model gets, so it stays a direction, not a script)."""
+    if "tone" not in top.data:
+        return ""
+    tone = top.text("tone")
+    if "\n" in tone:
+        top.problem("tone", "must be one line: describe the voice, write the rest in instructions")
+    elif len(tone) > MAX_TONE_CHARS:
+        top.problem("tone", f"must be at most {MAX_TONE_CHARS} characters, not {len(tone)}")
+    return tone
+
+
+def _speaking_rate(top: TomlTable) -> str:
+    rate = top.get("speaking_rate", str, required=False, default="normal")
+    if rate not in SPEAKING_RATES:
+        top.problem("speaking_rate", f"{rate!r} is not one of {', '.join(SPEAKING_RATES)}")
+        return "normal"
+    return rate
 
 
 # How many voices a refusal lists (the data file has them all).
