@@ -35,6 +35,7 @@ def test_personas_check_passes_the_examples():
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == [
         f"OK    {EXAMPLE_PERSONAS / 'bright-smile-dental.toml'}",
+        f"OK    {EXAMPLE_PERSONAS / 'renxin-clinic.toml'}",
         f"OK    {EXAMPLE_PERSONAS / 'trattoria-luca.toml'}",
     ]
 
