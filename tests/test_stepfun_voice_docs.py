@@ -101,3 +101,12 @@ def test_every_speaking_rate_has_its_one_sentence():
 def test_the_model_is_documented_to_hear_how_the_caller_sounds():
     text = (FIXTURES / "realtime-2.5-capabilities.md").read_text(encoding="utf-8")
     assert "副语言感知" in text and "读懂语气中的迟疑与轻笑" in text
+
+
+def test_every_excerpt_names_its_page_and_is_listed_with_its_source():
+    readme = (FIXTURES / "README.md").read_text(encoding="utf-8")
+    excerpts = sorted(p for p in FIXTURES.glob("*.md") if p.name != "README.md")
+    assert len(excerpts) == 4
+    for path in excerpts:
+        assert f"`{path.name}`" in readme
+        assert path.read_text(encoding="utf-8").startswith("<!-- D-"), path.name
