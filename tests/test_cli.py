@@ -128,7 +128,7 @@ def test_serve_answers_health_and_readiness(server):
     assert get(base + "/healthz") == (200, '{"status": "ok"}')
     status, body = get(base + "/readyz")
     assert status == 200
-    assert '"personas": 2' in body
+    assert '"personas": 3' in body  # the three examples
     process.terminate()
     logs = process.communicate(timeout=10)[1]
     assert process.returncode == 0
