@@ -105,7 +105,7 @@ class Handoffs(Protocol):
     """Performs what the Call decides about the call itself (Twilio's REST API); each returns
     None when done, else a short reason for the log and the model."""
 
-    async def transfer(self, call: Call, target: TransferTarget) -> str | None: ...
+    async def transfer(self, call: Call, target: TransferTarget, reason: str) -> str | None: ...
 
     async def hang_up(self, call: Call) -> str | None: ...
 
@@ -262,8 +262,8 @@ class CallShell:
                 case TurnFinished(turn):
                     for listener in self.turn_listeners:
                         listener(self.call, turn)
-                case TransferCall(target):
-                    self._request(self._transfer(target))
+                case TransferCall(target, reason):
+                    self._request(self._transfer(target, reason))
                 case HangUpCall():
                     self._request(self._hang_up())
                 case RenewModelSession():
@@ -285,10 +285,10 @@ class CallShell:
         self._requests.add(task)
         task.add_done_callback(self._requests.discard)
 
-    async def _transfer(self, target: TransferTarget) -> None:
+    async def _transfer(self, target: TransferTarget, reason: str) -> None:
         error = "no Twilio API configured"
         if self.handoffs is not None:
-            error = await self.handoffs.transfer(self.call, target)
+            error = await self.handoffs.transfer(self.call, target, reason)
         await self.perform(self.call.on_transfer_result(error))
 
     async def _hang_up(self) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+import tomllib
 from pathlib import Path
 
 from phoneagent import __version__
@@ -46,16 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-serving", action="store_true", help="leave the server up for `simulate` calls"
     )
     demo.add_argument("--speed", type=float, default=1.0, help="call time per wall time")
+    demo.add_argument(
+        "--persona", metavar="ID", help="call this persona (default: the default persona)"
+    )
     demo.set_defaults(handler=cmd_demo)
 
     simulate = commands.add_parser("simulate", help="dial a running server as Twilio would")
     simulate.add_argument("--url", required=True, help="the server's base URL")
-    simulate.add_argument("--to", required=True, help="the number called (selects the persona)")
+    simulate.add_argument("--to", help="the number called (selects the persona)")
+    simulate.add_argument(
+        "--persona",
+        metavar="ID",
+        help="call this persona of $PHONEAGENT_PERSONAS_DIR: its first number (unless --to), "
+        "and a bundled recording in its language (unless --wav)",
+    )
     simulate.add_argument("--from", dest="from_", default="+14155550123", help="the caller")
     simulate.add_argument(
         "--wav",
         type=Path,
-        help="what the caller says: 8 kHz 16-bit mono WAV (default: a bundled booking request)",
+        help="what the caller says: 8 kHz 16-bit mono WAV (default: a bundled booking request, "
+        "in the persona's language with --persona)",
     )
     simulate.add_argument(
         "--out", type=Path, default=Path("caller-heard.wav"), help="where to write what was heard"
@@ -151,13 +162,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         settings = load_settings(require_credentials=False)
     except ConfigError as exc:
         return _config_errors(exc)
-    from phoneagent.demo import run_demo
+    from phoneagent.demo import UnknownPersona, run_demo
     from phoneagent.logs import configure_logging
 
     # The demo prints the conversation; only problems should interrupt it.
     configure_logging("console", "warning")
     try:
-        return asyncio.run(run_demo(settings, keep_serving=args.keep_serving, speed=args.speed))
+        return asyncio.run(
+            run_demo(
+                settings, keep_serving=args.keep_serving, speed=args.speed, persona_id=args.persona
+            )
+        )
+    except UnknownPersona as exc:
+        print(f"phoneagent: {exc} (in {settings.personas_dir})", file=sys.stderr)
+        return EXIT_CONFIG
     except PersonaError as exc:
         for problem in exc.problems:
             print(f"phoneagent: persona error: {problem}", file=sys.stderr)
@@ -180,16 +198,30 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if missing:
         return EXIT_CONFIG
     from phoneagent.simulate import SimulatedCall
-    from phoneagent.testing.wav import CALLER_BOOKING_WAV
+    from phoneagent.testing.wav import CALLER_BOOKING_WAV, caller_recording
 
+    to, wav = args.to, args.wav
+    if args.persona is not None:
+        line = _persona_line(args.persona)
+        if line is None:
+            return EXIT_CONFIG
+        number, language = line
+        to = to or number
+        wav = wav or caller_recording(language).wav
+    if not to:
+        print(
+            "phoneagent: simulate needs --to NUMBER, or --persona ID with a number",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     call = SimulatedCall(
         base_url=args.url.rstrip("/"),
         public_url=args.public_url,
         account_sid=account_sid,
         auth_token=auth_token,
-        to=args.to,
+        to=to,
         from_=args.from_,
-        wav=args.wav or CALLER_BOOKING_WAV,
+        wav=wav or CALLER_BOOKING_WAV,
         out=args.out,
         speed=args.speed,
     )
@@ -198,6 +230,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except (OSError, TimeoutError) as exc:
         print(f"phoneagent: simulate failed: {exc}", file=sys.stderr)
         return EXIT_INVALID
+
+
+def _persona_line(persona_id: str) -> tuple[str, str] | None:
+    """The first number and the language of the persona ``simulate --persona`` names, read
+    from its file in $PHONEAGENT_PERSONAS_DIR (the server's files: only these two keys are
+    needed, so a webhook secret this shell lacks does not matter); None after saying why not."""
+    directory = Path(os.environ.get("PHONEAGENT_PERSONAS_DIR", "./personas"))
+    path = directory / f"{persona_id}.toml"
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        print(f"phoneagent: persona {persona_id!r}: cannot read {path}: {exc}", file=sys.stderr)
+        return None
+    numbers, language = data.get("numbers") or [""], data.get("language", "")
+    if (
+        not isinstance(numbers, list)
+        or not isinstance(numbers[0], str)
+        or not isinstance(language, str)
+    ):
+        print(f"phoneagent: {path}: run `phoneagent personas check`", file=sys.stderr)
+        return None
+    return numbers[0], language
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -41,6 +41,7 @@ from phoneagent.audio import CallerToModel, pcm16_rms, pcm16_to_ulaw
 from phoneagent.audio.framing import FRAME_MS, ULAW_FRAME_BYTES, ULAW_SILENCE_FRAME
 from phoneagent.call import Call, ToModel
 from phoneagent.call.prompts import LANGUAGE_NAMES, session_config
+from phoneagent.call.text_units import spans
 from phoneagent.config import CREDENTIALS, ConfigError, Settings, is_local_host, load_settings
 from phoneagent.personas import Persona, PersonaError, load_directory
 from phoneagent.realtime.base import (
@@ -328,9 +329,10 @@ async def _check_greeting(
 
 
 def normalise(text: str) -> str:
-    """Case, punctuation and spacing aside, the words (any script)."""
-    kept = (" " if unicodedata.category(c)[0] in "PZ" else c for c in text.casefold())
-    return " ".join("".join(kept).split())
+    """Case, punctuation and spacing aside, the words, or the characters of a script written
+    without spaces: "您好 金龙餐厅" and "您好金龙餐厅。" read the same."""
+    kept = "".join(" " if unicodedata.category(c)[0] in "PZ" else c for c in text.casefold())
+    return " ".join(kept[start:end] for start, end in spans(kept))
 
 
 def question_for(language: str) -> tuple[str, Path]:

@@ -12,15 +12,21 @@ import json
 from dataclasses import dataclass
 
 from phoneagent.personas import KeypadHangUp, KeypadTransfer, Persona, TransferTarget
-from phoneagent.realtime.base import ToolSpec
 
+# The tools' names and arguments; what the model reads about them is in call/prompts.py.
 TRANSFER_TOOL = "transfer_call"
 END_CALL_TOOL = "end_call"
+TARGET_ARGUMENT = "target"
+REASON_ARGUMENT = "reason"
+# A reason is a few words for the business's records: a longer one is cut, so a model that
+# rambles cannot fill the call events.
+MAX_REASON_CHARS = 200
 
 
 @dataclass(frozen=True)
 class Transfer:
     target: TransferTarget
+    reason: str = ""  # why, as the model said it (how the caller sounded…), or the keypad digit
 
 
 @dataclass(frozen=True)
@@ -32,45 +38,6 @@ class HangUp:
 Handoff = Transfer | HangUp
 
 
-def tools_for(persona: Persona) -> tuple[ToolSpec, ...]:
-    """The tools declared to the model. English descriptions: StepFun's model was seen to call
-    tools only with English instructions and descriptions (reference section 5)."""
-    tools = []
-    if persona.transfer:
-        targets = "; ".join(f"{t.name}: {t.description}" for t in persona.transfer.values())
-        tools.append(
-            ToolSpec(
-                name=TRANSFER_TOOL,
-                description=(
-                    "Transfer the caller to a person. Use it when the caller asks for a person "
-                    f"or needs something only a person can do. Targets: {targets}"
-                ),
-                parameters={
-                    "type": "object",
-                    "properties": {
-                        "target": {"type": "string", "enum": list(persona.transfer)},
-                        "reason": {"type": "string", "description": "why, in a few words"},
-                    },
-                    "required": ["target"],
-                },
-            )
-        )
-    tools.append(
-        ToolSpec(
-            name=END_CALL_TOOL,
-            description=(
-                "End the call, once the caller has what they needed and said goodbye, or asks "
-                "to hang up. The goodbye is said for you: do not say it yourself."
-            ),
-            parameters={
-                "type": "object",
-                "properties": {"reason": {"type": "string", "description": "why, in a few words"}},
-            },
-        )
-    )
-    return tuple(tools)
-
-
 def handoff_from_tool(persona: Persona, name: str, arguments: str) -> Handoff | str:
     """The handoff a tool call asks for, or the error to send back to the model."""
     if name == END_CALL_TOOL:
@@ -78,15 +45,21 @@ def handoff_from_tool(persona: Persona, name: str, arguments: str) -> Handoff | 
     if name != TRANSFER_TOOL:
         return f"unknown tool {name!r}"
     try:
-        target_name = json.loads(arguments or "{}").get("target", "")
-    except (ValueError, AttributeError, RecursionError):
+        parsed = json.loads(arguments or "{}")
+    except (ValueError, RecursionError):
+        parsed = None
+    if not isinstance(parsed, dict):
         return "the arguments are not a JSON object"
+    target_name = parsed.get(TARGET_ARGUMENT, "")
     if not isinstance(target_name, str):
         return f"target must be a string, one of: {', '.join(persona.transfer)}"
     target = persona.transfer.get(target_name)
     if target is None:
         return f"unknown target {target_name!r}; choose one of: {', '.join(persona.transfer)}"
-    return Transfer(target)
+    reason = parsed.get(REASON_ARGUMENT) or ""
+    if not isinstance(reason, str):
+        return "reason must be a string: why, in a few words"
+    return Transfer(target, " ".join(reason.split())[:MAX_REASON_CHARS])
 
 
 def handoff_from_keypad(persona: Persona, digit: str) -> Handoff | None:
@@ -94,7 +67,7 @@ def handoff_from_keypad(persona: Persona, digit: str) -> Handoff | None:
     if isinstance(action, KeypadHangUp):
         return HangUp()
     if isinstance(action, KeypadTransfer):
-        return Transfer(action.target)
+        return Transfer(action.target, f"the caller pressed {digit}")
     return None
 
 

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import hmac
+import json
 import os
 import signal
 import time
@@ -119,7 +120,12 @@ async def call_details(request: web.Request) -> web.Response:
     record = await state.calls.fetch(call_sid)  # any instance's, with a shared database
     if record is None:
         return web.json_response({"error": f"no call {call_sid}"}, status=404)
-    return web.json_response(record.as_dict())
+    # UTF-8 as it is: a Chinese transcript reads as Chinese, not as \u escapes.
+    return web.json_response(record.as_dict(), dumps=_json_as_written)
+
+
+def _json_as_written(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 def has_bearer_token(request: web.Request, token: str) -> bool:

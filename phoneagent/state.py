@@ -119,6 +119,7 @@ class ServerState:
         target: TransferTarget,
         outcome: str,
         error: str | None,
+        reason: str = "",
     ) -> None:
         """A transfer's outcome, for the persona's webhook (when this app publishes events)."""
         if self.publisher is not None:
@@ -131,6 +132,7 @@ class ServerState:
                     outcome=outcome,
                     at=time.time(),
                     error=error,
+                    reason=reason,
                 )
             )
 

@@ -111,7 +111,7 @@ async def test_a_transfer_is_reported_and_ends_the_call_as_transferred(personas,
     dental = personas / "bright-smile-dental.toml"
     dental.write_text(dental.read_text().replace('"call.started", "call.ended"',
                                                  '"call.transferred", "call.ended"'))  # fmt: skip
-    transfer = CallTool("transfer_call", {"target": "front_desk"})
+    transfer = CallTool("transfer_call", {"target": "front_desk", "reason": "a billing question"})
     model = FakeRealtimeServer(speed=8.0, script=[transfer])
     async with LocalStack(personas, model=model) as stack:
         async with stack.caller(to=DENTAL, speed=4.0) as caller:
@@ -127,5 +127,10 @@ async def test_a_transfer_is_reported_and_ends_the_call_as_transferred(personas,
     assert transferred.json["data"]["target"] == "front_desk"
     assert transferred.json["data"]["target_number"] == "+14155550111"
     assert transferred.json["data"]["outcome"] == "accepted"
+    assert transferred.json["data"]["reason"] == "a billing question"  # as the model gave it
     assert ended.json["data"]["end_reason"] == "transferred"
-    assert ended.json["data"]["transfer"] == {"target": "front_desk", "number": "+14155550111"}
+    assert ended.json["data"]["transfer"] == {
+        "target": "front_desk",
+        "number": "+14155550111",
+        "reason": "a billing question",
+    }

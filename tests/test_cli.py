@@ -35,6 +35,7 @@ def test_personas_check_passes_the_examples():
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == [
         f"OK    {EXAMPLE_PERSONAS / 'bright-smile-dental.toml'}",
+        f"OK    {EXAMPLE_PERSONAS / 'renxin-clinic.toml'}",
         f"OK    {EXAMPLE_PERSONAS / 'trattoria-luca.toml'}",
     ]
 
@@ -62,12 +63,12 @@ def test_personas_check_reports_every_broken_file():
     lines = result.stdout.splitlines()
     assert f"OK    {BROKEN_PERSONAS / 'claims-number.toml'}" in lines
     errors = [line for line in lines if line.startswith("ERROR ")]
-    assert len(errors) == 13
+    assert len(errors) == 14
     assert (
         f"ERROR {BROKEN_PERSONAS / 'unknown-key.toml'}: voise: "
         "unknown key (check the spelling against the README)"
     ) in errors
-    assert "13 problem(s)" in result.stderr
+    assert "14 problem(s)" in result.stderr
 
 
 def test_serve_names_each_missing_credential():
@@ -127,7 +128,7 @@ def test_serve_answers_health_and_readiness(server):
     assert get(base + "/healthz") == (200, '{"status": "ok"}')
     status, body = get(base + "/readyz")
     assert status == 200
-    assert '"personas": 2' in body
+    assert '"personas": 3' in body  # the three examples
     process.terminate()
     logs = process.communicate(timeout=10)[1]
     assert process.returncode == 0

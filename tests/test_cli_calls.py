@@ -10,6 +10,7 @@ from conftest import PROJECT_ROOT, VALID_ENV, free_port
 
 from phoneagent.demo import CALLER_BOOKING_TEXT
 from phoneagent.testing.fake_model import FakeRealtimeServer
+from phoneagent.testing.wav import CALLER_RECORDINGS
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -107,3 +108,66 @@ async def test_simulate_names_missing_credentials():
     assert code == 2
     assert "TWILIO_ACCOUNT_SID is not set" in err
     assert "TWILIO_AUTH_TOKEN is not set" in err
+
+
+# --- a Mandarin line ----------------------------------------------------------------------------
+
+
+async def test_demo_calls_the_mandarin_persona_with_a_mandarin_caller(tmp_path):
+    code, out, err = await run(
+        "demo", "--persona", "renxin-clinic", "--speed", "4",
+        env=clean_env(PHONEAGENT_DATA_DIR=str(tmp_path)),
+    )  # fmt: skip
+    assert code == 0, out + err
+    assert "persona 'renxin-clinic' answers +14155550160" in out
+    assert "(caller plays caller_booking_zh.wav)" in out
+    agent = [line for line in out.splitlines() if "agent: " in line]
+    caller = [line for line in out.splitlines() if "caller: " in line]
+    assert "您好，这里是仁心家庭诊所，我是前台小林。" in agent[0]
+    assert caller[0].endswith(f"caller: {CALLER_RECORDINGS['zh'].text}")
+    assert agent[1].endswith("agent: 这里是内置的模拟模型，我听到您说的话了。")
+    assert wav_seconds(tmp_path / "demo-caller-heard.wav") > 10
+
+
+async def test_demo_names_the_personas_when_asked_for_an_unknown_one(tmp_path):
+    code, _, err = await run(
+        "demo", "--persona", "nobody", env=clean_env(PHONEAGENT_DATA_DIR=str(tmp_path))
+    )
+    assert code == 2
+    assert "no persona 'nobody'; the personas are: bright-smile-dental, renxin-clinic" in err
+
+
+async def test_simulate_calls_a_persona_by_id_in_its_language(served, tmp_path):
+    base, model = served
+    env = clean_env(
+        TWILIO_ACCOUNT_SID=VALID_ENV["TWILIO_ACCOUNT_SID"],
+        TWILIO_AUTH_TOKEN=VALID_ENV["TWILIO_AUTH_TOKEN"],
+        PHONEAGENT_PERSONAS_DIR=str(PROJECT_ROOT / "personas"),
+    )
+    args = (
+        "simulate",
+        "--url",
+        base,
+        "--persona",
+        "renxin-clinic",
+        "--out",
+        str(tmp_path / "h.wav"),
+    )
+    code, out, err = await run(*args, "--speed", "4", env=env)
+    assert code == 0, out + err
+    assert "calling +14155550160" in out  # the persona's number
+    assert "(caller plays caller_booking_zh.wav)" in out  # a caller speaking Mandarin
+    assert "agent: 您好，这里是仁心家庭诊所" in out
+    await model.wait_for(lambda: model.sessions_open == 0, 5)
+
+
+async def test_simulate_needs_a_number_or_a_persona(tmp_path):
+    env = clean_env(
+        TWILIO_ACCOUNT_SID=VALID_ENV["TWILIO_ACCOUNT_SID"],
+        TWILIO_AUTH_TOKEN=VALID_ENV["TWILIO_AUTH_TOKEN"],
+        PHONEAGENT_PERSONAS_DIR=str(tmp_path),
+    )
+    code, _, err = await run("simulate", "--url", "http://127.0.0.1:9", env=env)
+    assert (code, "simulate needs --to NUMBER, or --persona ID" in err) == (2, True)
+    code, _, err = await run("simulate", "--url", "http://127.0.0.1:9", "--persona", "x", env=env)
+    assert code == 2 and f"cannot read {tmp_path / 'x.toml'}" in err

@@ -32,6 +32,8 @@ language = "zh-CN"
 voice = "qingchunshaonv"
 greeting = "您好，金龙餐厅，请问有什么可以帮您？"
 instructions = "你是金龙餐厅的接待员，用普通话简短地回答。"
+busy_message = "抱歉，金龙餐厅的电话都在忙，请稍后再拨。"
+apology = "抱歉，我们的电话系统暂时出现故障。"
 
 [end_call]
 goodbye = "谢谢您的来电，再见！"

@@ -105,7 +105,7 @@ async def test_transfer_happens_only_after_the_announcement_was_heard(stack, mod
     assert [u.params.keys() & {"Twiml", "Status"} for u in stack.twilio_api.updates] == [{"Twiml"}]
     record = stack.state.calls.get(caller.call_sid)
     assert record.end_reason == "transferred"
-    assert record.transfer == {"target": "front_desk", "number": FRONT_DESK}
+    assert record.transfer == {"target": "front_desk", "number": FRONT_DESK, "reason": "billing"}
     assert record.transcript[-1]["text"] == announcement
     session = model.sessions[0]
     [output] = session.received_events("conversation.item.create")

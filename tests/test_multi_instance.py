@@ -169,7 +169,7 @@ async def test_a_call_moves_between_instances_and_both_know_it(pair):
     assert on_a == on_b
     assert on_a["end_reason"] == "caller_hung_up"
     assert on_a["caller"] == caller.from_ and on_a["called"] == DENTAL
-    assert on_a["transfer"] == {"target": "front_desk", "number": dialled(update)}
+    assert on_a["transfer"] == {"target": "front_desk", "number": dialled(update), "reason": None}
     texts = [turn["text"] for turn in on_a["transcript"]]
     assert greeting in texts[0]
     # The transcript of the whole call: B's turns (greeting, request, announcement), then A's.

@@ -48,7 +48,7 @@ def write(directory: Path, stem: str, text: str) -> Path:
 
 def test_example_personas_are_valid_and_complete():
     personas = load_directory(EXAMPLE_PERSONAS, environ={})
-    assert set(personas.personas) == {"bright-smile-dental", "trattoria-luca"}
+    assert set(personas.personas) == {"bright-smile-dental", "renxin-clinic", "trattoria-luca"}
     dental = personas.personas["bright-smile-dental"]
     assert dental.default
     assert dental.numbers == ("+14155550100",)
@@ -60,6 +60,14 @@ def test_example_personas_are_valid_and_complete():
     assert luca.vad_threshold == 1400
     assert luca.silence_duration_ms == DEFAULT_SILENCE_DURATION_MS
     assert luca.webhook is None
+    renxin = personas.personas["renxin-clinic"]
+    assert (renxin.language, renxin.say_language, renxin.say_voice) == (
+        "zh-CN", "cmn-CN", "Polly.Zhiyu-Neural"
+    )  # fmt: skip
+    assert renxin.voice == "qinhenvsheng"
+    assert renxin.greeting.startswith("您好，这里是仁心家庭诊所")
+    assert (renxin.speaking_rate, renxin.upset_caller_target) == ("slow", "patient_relations")
+    assert renxin.transfer["patient_relations"].announcement.startswith("我明白")
 
 
 # --- every validation rule, one broken fixture each -------------------------------------
@@ -84,6 +92,9 @@ EXPECTED_PROBLEMS = {
     ],
     "not-toml.toml": [("", "is not valid TOML", "line 3")],
     "out-of-range.toml": [("vad_threshold", "must be between 0 and 5000, not 9000", "")],
+    "say-voice.toml": [
+        ("say_voice", "Polly.Joanna-Neural speaks en-US, not the persona's language", "zh-CN"),
+    ],
     "second-default.toml": [("default", "only one persona may be the default", "claims-number")],
     "unknown-key.toml": [("voise", "unknown key", "")],
     "wrong-type.toml": [("max_call_seconds", "must be an integer, not a string ('900')", "")],

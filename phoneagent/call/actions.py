@@ -61,9 +61,11 @@ class TurnFinished:
 
 @dataclass(frozen=True)
 class TransferCall:
-    """Ask Twilio to dial ``target`` for this caller; answer with ``Call.on_transfer_result``."""
+    """Ask Twilio to dial ``target`` for this caller; answer with ``Call.on_transfer_result``.
+    ``reason``: why, as the model gave it (or the keypad digit), for the call's records."""
 
     target: TransferTarget
+    reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from phoneagent.call.announcement import Announcement, HandoffState
 from phoneagent.call.machine import Unexpected
 from phoneagent.call.model_link import ModelLink
 from phoneagent.call.playback import AgentItem, BargeInCandidate, CallStats, Playback
-from phoneagent.call.prompts import replay, say_verbatim, session_config, with_guidance
+from phoneagent.call.prompts import instructions_for, replay, say_verbatim, with_guidance
 from phoneagent.call.response import ModelResponse
 from phoneagent.call.transcript import Transcript, Turn, cut_turn
 from phoneagent.call.watchers import Keypad, Nudge, Silence, SilenceState, Tick, TimeLimit
@@ -188,7 +188,7 @@ class Call:
         self._caller = CallerAudio(self.model_input_rate)
         self._barge_in: BargeInCandidate | None = None
         self._playback = Playback(self.clock, self._unexpected, self.model_output_rate)
-        instructions = session_config(self.persona).instructions
+        instructions = instructions_for(self.persona)
         self._response = ModelResponse(instructions, self._unexpected)
         self._handoff = Announcement(self._unexpected)
         self._watchers = Watchers(self.persona, self._unexpected)
@@ -601,7 +601,7 @@ class Call:
         handoff = self._handoff.heard(self._playback.plays(self._handoff.response))
         if isinstance(handoff, Transfer):
             log.info("transferring", target=handoff.target.name)
-            return [TransferCall(handoff.target)]
+            return [TransferCall(handoff.target, handoff.reason)]
         if isinstance(handoff, HangUp):
             log.info("hanging_up", time_limit=handoff.time_limit, shutdown=handoff.shutdown)
             return [HangUpCall()]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from phoneagent.call.text_units import cut_units, unit_count
+
 
 @dataclass
 class Turn:
@@ -32,12 +34,12 @@ def transcript_of(turns: Iterable[Turn]) -> list[dict]:
 
 
 def cut_turn(turn: Turn, heard_ms: int, sent_ms: int) -> None:
-    """Keep the words the caller heard. The transcript has no word timings, so the cut is
-    proportional to the audio heard: good to a word or two at speaking pace."""
-    words = turn.text.split()
-    if sent_ms > 0 and words:
-        keep = round(len(words) * heard_ms / sent_ms)
-        turn.text = " ".join(words[:keep])
+    """Keep what the caller heard: the words, or the characters of a script written without
+    spaces (``text_units``), in the same proportion as the audio heard. The transcript has no
+    timings, so this is good to a unit or two at speaking pace."""
+    units = unit_count(turn.text)
+    if sent_ms > 0 and units:
+        turn.text = cut_units(turn.text, round(units * min(heard_ms, sent_ms) / sent_ms))
     turn.interrupted = True
 
 

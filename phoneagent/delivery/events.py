@@ -147,10 +147,13 @@ def call_transferred_event(
     outcome: str,
     at: Timestamp,
     error: str | None = None,
+    reason: str | None = None,
     mask_caller: bool = False,
     event_id: str | None = None,
 ) -> Event:
-    """``call.transferred``: the agent handed the call to a transfer target of the persona."""
+    """``call.transferred``: the agent handed the call to a transfer target of the persona.
+    ``reason``: why, as the model said it when it asked for the transfer ("caller sounds
+    distressed"), or the keypad digit the caller pressed; None when unknown."""
     if outcome not in TRANSFER_OUTCOMES:
         raise ValueError(f"outcome must be one of {', '.join(TRANSFER_OUTCOMES)}, not {outcome!r}")
     when = _utc(at, "at")
@@ -164,6 +167,7 @@ def call_transferred_event(
             "target_number": target_number,
             "outcome": outcome,
             "error": error,
+            "reason": reason or None,
         },
     )
 
@@ -181,6 +185,7 @@ def call_ended_event(
     transcript: Iterable[Mapping[str, Any]],
     transfer_target: str | None = None,
     transfer_number: str | None = None,
+    transfer_reason: str | None = None,
     mask_caller: bool = False,
     event_id: str | None = None,
 ) -> Event:
@@ -190,7 +195,8 @@ def call_ended_event(
     ``text``, ``start_ms`` and ``end_ms`` (offsets from the start of the call) and optionally
     ``interrupted`` (the caller talked over this agent turn; its text is what the caller heard).
     ``Call.transcript`` produces exactly this. ``transfer_target``/``transfer_number``: where
-    the call went, when ``end_reason`` is ``transferred``.
+    the call went, when ``end_reason`` is ``transferred``; ``transfer_reason``: why (see
+    :func:`call_transferred_event`).
     """
     if end_reason not in END_REASONS:
         raise ValueError(f"end_reason must be one of {', '.join(END_REASONS)}, not {end_reason!r}")
@@ -199,7 +205,7 @@ def call_ended_event(
     if ended < started:
         raise ValueError(f"ended_at ({_iso(ended)}) is before started_at ({_iso(started)})")
     transfer = (
-        {"target": transfer_target, "number": transfer_number}
+        {"target": transfer_target, "number": transfer_number, "reason": transfer_reason or None}
         if transfer_target is not None
         else None
     )

@@ -189,6 +189,7 @@ class CallEventPublisher:
         outcome: str,
         at: float,
         error: str | None = None,
+        reason: str = "",
     ) -> None:
         if not self._wants(persona, "call.transferred"):
             return
@@ -200,6 +201,7 @@ class CallEventPublisher:
                 outcome=outcome,
                 at=at,
                 error=error,
+                reason=reason,
             )
             await self._publish(persona, event)
 
@@ -226,6 +228,7 @@ class CallEventPublisher:
             transcript=record.transcript,
             transfer_target=record.transfer["target"] if record.transfer else None,
             transfer_number=record.transfer["number"] if record.transfer else None,
+            transfer_reason=record.transfer.get("reason") if record.transfer else None,
         )
         await self._publish(persona, event)
 

@@ -16,6 +16,8 @@ from phoneagent.personas.numbers import normalise_number
 
 __all__ = [
     "KEYPAD_DIGITS",
+    "MAX_TONE_CHARS",
+    "SPEAKING_RATES",
     "KeypadAction",
     "KeypadHangUp",
     "KeypadTransfer",
@@ -42,6 +44,13 @@ DEFAULT_BUSY_MESSAGE = (
     "Sorry, all our lines are busy right now. Please call again in a few minutes."
 )
 DEFAULT_APOLOGY = "Sorry, we are having technical trouble and cannot take your call right now."
+# How fast the agent speaks. StepFun's realtime session has no rate or tone setting: its
+# documents say the instructions steer the voice ("快声说", speak fast: D-REF, session.update,
+# `instructions`), so each rate becomes one sentence of the instructions (call/prompts.py).
+SPEAKING_RATES = ("slow", "normal", "fast")
+# The longest `tone`: StepAudio 2.5 TTS, whose expressiveness the realtime model inherits,
+# takes its whole-reply voice direction (`instruction`) in at most 200 characters.
+MAX_TONE_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,18 @@ class Persona:
     fallback_target: str = ""
     busy_message: str = DEFAULT_BUSY_MESSAGE
     apology: str = DEFAULT_APOLOGY
+    # How Twilio's <Say> speaks those two: its name for the persona's language ("cmn-CN" for
+    # "zh-CN") and a voice that speaks it (the persona's `say_voice`, else the language's
+    # default); see phoneagent/twilio/wire/say_voices.toml.
+    say_language: str = "en-US"
+    say_voice: str = "Polly.Joanna-Neural"
+    # How the agent sounds in every reply: a free description ("warm and calm, never rushed";
+    # "语气温柔，耐心"), and how fast it speaks; both go into the instructions (call/prompts.py).
+    tone: str = ""
+    speaking_rate: str = "normal"
+    # The transfer target for callers who sound angry, distressed or confused (the model hears
+    # it in their voice): the model is told to hand them to it ("" for none).
+    upset_caller_target: str = ""
     webhook: WebhookTarget | None = None
     max_call_seconds: int = DEFAULT_MAX_CALL_SECONDS
     silence_timeout_seconds: int = DEFAULT_SILENCE_TIMEOUT_SECONDS

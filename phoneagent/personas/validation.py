@@ -27,6 +27,8 @@ from phoneagent.personas.model import (
     DEFAULT_SILENCE_TIMEOUT_SECONDS,
     DEFAULT_VAD_THRESHOLD,
     KEYPAD_DIGITS,
+    MAX_TONE_CHARS,
+    SPEAKING_RATES,
     KeypadAction,
     KeypadHangUp,
     KeypadTransfer,
@@ -38,6 +40,7 @@ from phoneagent.personas.model import (
 from phoneagent.personas.numbers import E164, normalise_number
 from phoneagent.personas.problems import PersonaError, Problem
 from phoneagent.personas.table_reader import TomlTable
+from phoneagent.twilio.wire.say_voices import say_voices
 
 __all__ = [
     "DirectoryReport",
@@ -215,15 +218,15 @@ def parse_persona_text(
     numbers = _numbers(top)
     transfer = _transfer_targets(top)
     keypad = _keypad(top, transfer)
-    fallback_target = top.get("fallback_target", str, required=False, default="")
-    if fallback_target and fallback_target not in transfer:
-        names = ", ".join(transfer) or "none defined"
-        top.problem("fallback_target", f"{fallback_target!r} is not a transfer target ({names})")
+    fallback_target = _target_name(top, "fallback_target", transfer)
+    upset_caller_target = _target_name(top, "upset_caller_target", transfer)
     end_call = top.table("end_call", required=True)
     goodbye = end_call.text("goodbye") if end_call else None
     if end_call:
         end_call.finish()
     webhook = _webhook(top, environ)
+    language = top.text("language", pattern=_LANGUAGE, pattern_hint="a language tag like en-US")
+    say_language, say_voice = _say(top, language)
     persona = Persona(
         id=path.stem,
         name=top.text("name"),
@@ -231,14 +234,19 @@ def parse_persona_text(
         instructions=top.text("instructions"),
         greeting=top.text("greeting"),
         voice=top.text("voice"),
-        language=top.text("language", pattern=_LANGUAGE, pattern_hint="a language tag like en-US"),
+        language=language,
         goodbye=goodbye or "",
         default=top.boolean("default", False),
         transfer=transfer,
         keypad=keypad,
         fallback_target=fallback_target,
-        busy_message=top.get("busy_message", str, required=False, default=DEFAULT_BUSY_MESSAGE),
-        apology=top.get("apology", str, required=False, default=DEFAULT_APOLOGY),
+        busy_message=_said_by_twilio(top, "busy_message", DEFAULT_BUSY_MESSAGE, language),
+        apology=_said_by_twilio(top, "apology", DEFAULT_APOLOGY, language),
+        say_language=say_language,
+        say_voice=say_voice,
+        tone=_tone(top),
+        speaking_rate=_speaking_rate(top),
+        upset_caller_target=upset_caller_target,
         webhook=webhook,
         max_call_seconds=top.integer("max_call_seconds", DEFAULT_MAX_CALL_SECONDS, 30, 14400),
         silence_timeout_seconds=top.integer(
@@ -260,6 +268,98 @@ def parse_persona_text(
             Problem(path, "numbers", "list at least one number, or mark the persona default")
         )
     return (None if problems else persona), problems
+
+
+def _target_name(top: TomlTable, key: str, targets: Mapping[str, TransferTarget]) -> str:
+    """A key naming one of the persona's transfer targets (``fallback_target``…)."""
+    name = top.get(key, str, required=False, default="")
+    if name and name not in targets:
+        top.problem(
+            key, f"{name!r} is not a transfer target ({', '.join(targets) or 'none defined'})"
+        )
+    return name
+
+
+def _tone(top: TomlTable) -> str:
+    """How the agent sounds, in words: one line, at most MAX_TONE_CHARS characters (it is
+    repeated in every instruction the model gets, so it stays a direction, not a script)."""
+    if "tone" not in top.data:
+        return ""
+    tone = top.text("tone")
+    if "\n" in tone:
+        top.problem("tone", "must be one line: describe the voice, write the rest in instructions")
+    elif len(tone) > MAX_TONE_CHARS:
+        top.problem("tone", f"must be at most {MAX_TONE_CHARS} characters, not {len(tone)}")
+    return tone
+
+
+def _speaking_rate(top: TomlTable) -> str:
+    rate = top.get("speaking_rate", str, required=False, default="normal")
+    if rate not in SPEAKING_RATES:
+        top.problem("speaking_rate", f"{rate!r} is not one of {', '.join(SPEAKING_RATES)}")
+        return "normal"
+    return rate
+
+
+# How many voices a refusal lists (the data file has them all).
+_VOICES_SHOWN = 6
+
+
+def _say(top: TomlTable, language: str) -> tuple[str, str]:
+    """The ``<Say>`` language for the persona's language and the voice Twilio speaks it with:
+    ``say_voice`` if it speaks that language, else the language's default. Twilio fails a
+    ``<Say>`` whose voice does not speak its language, and the caller would hear nothing."""
+    table = say_voices()
+    voice = top.get("say_voice", str, required=False, default="").strip()
+    if not language or not _LANGUAGE.fullmatch(language):
+        return "", voice  # the language's own problem is reported
+    say_language = table.language_for(language)
+    if say_language is None:
+        top.problem(
+            "language",
+            f"Twilio's <Say> (which speaks busy_message and apology) has no voice for "
+            f"{language!r}: use a language it speaks, such as en-US or zh-CN "
+            f"(the list: phoneagent/twilio/wire/say_voices.toml)",
+        )
+        return "", voice
+    default = table.defaults[say_language]
+    if not voice:
+        return say_language, default
+    choices = [default, *(v for v in table.voices[say_language] if v != default)]
+    shown = ", ".join(choices[:_VOICES_SHOWN]) + (", …" if len(choices) > _VOICES_SHOWN else "")
+    spoken = table.languages_of(voice)
+    if not spoken:
+        top.problem(
+            "say_voice",
+            f"{voice!r} is not a voice Twilio's <Say> takes; for {language} ({say_language}): "
+            f"{shown} (all: phoneagent/twilio/wire/say_voices.toml)",
+        )
+    elif say_language not in spoken:
+        top.problem(
+            "say_voice",
+            f"{voice} speaks {', '.join(spoken)}, not the persona's language {language} "
+            f"(<Say> language {say_language}): Twilio would fail the <Say>; choose one of "
+            f"{shown} (all: phoneagent/twilio/wire/say_voices.toml)",
+        )
+    return say_language, voice
+
+
+def _said_by_twilio(top: TomlTable, key: str, default: str, language: str) -> str:
+    """``busy_message`` or ``apology``: the defaults are English, so a persona in another
+    language must write its own (a Mandarin voice reading English would help no caller)."""
+    if key not in top.data:
+        if _LANGUAGE.fullmatch(language) and language.lower().split("-")[0] != "en":
+            top.problem(
+                key,
+                f"is required when the language is not English ({language}): the default is "
+                f"English text, and Twilio would read it with a {language} voice",
+            )
+        return default
+    text = top.get(key, str, default=default)
+    if not text.strip():
+        top.problem(key, "must not be empty")
+        return default
+    return text.strip()
 
 
 def _numbers(top: TomlTable) -> tuple[str, ...]:

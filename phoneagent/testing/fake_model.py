@@ -1146,15 +1146,36 @@ def _decoded_length(b64: str) -> int:
     return len(b64) // 4 * 3 - b64.endswith("=") - b64.endswith("==")
 
 
+# Chinese and Japanese are written without spaces: their transcript deltas cannot wait for a
+# space, or a whole sentence would come as one delta with the first audio. Assumption (no
+# documented sample is in Chinese): a delta may end after any such character, as the
+# documented English sample ends mid-word ("Hello, how can I a", D-REF).
+_UNSPACED = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def _boundary(text: str, i: int) -> bool:
+    """True when a delta may end before ``text[i]``: at a space, or beside a character of a
+    script written without spaces."""
+    return (
+        i >= len(text)
+        or text[i] == " "
+        or bool(_UNSPACED.match(text[i]))
+        or (i > 0 and bool(_UNSPACED.match(text[i - 1])))
+    )
+
+
 def _words(text: str) -> list[str]:
-    """*text* split into word-sized deltas that join back to it exactly."""
-    return [word for word in text.replace(" ", " \0").split("\0") if word]
+    """*text* split into word-sized deltas (a Chinese character each) that join back to it
+    exactly."""
+    cuts = [i for i in range(1, len(text) + 1) if _boundary(text, i)]
+    return [text[a:b] for a, b in zip([0, *cuts], cuts, strict=False) if text[a:b]]
 
 
 def _word_end(text: str, position: int) -> int:
     """The end of the word at *position* (a cut there does not split a word)."""
-    space = text.find(" ", position)
-    return len(text) if space < 0 else space
+    while not _boundary(text, position):
+        position += 1
+    return position
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Speech for the test kit: turn text into pcm16 mono little-endian audio.
 
 The fake realtime model speaks its replies with this, and tests use it to play a caller. When
-``espeak-ng`` is installed the audio is real (robotic, but intelligible) speech; otherwise a
+``espeak-ng`` is installed the audio is real (robotic, but intelligible) speech, in Mandarin
+(``espeak-ng -v cmn``) for text with Chinese characters and in English otherwise; without it a
 clearly synthetic speech-like signal stands in, so ``phoneagent demo`` still works on a fresh
 laptop. :func:`synthesizer_name` says which one is in use.
 
@@ -13,24 +14,36 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 import shutil
 import subprocess
 import wave
 
 import numpy as np
 
-__all__ = ["synthesize", "synthesizer_name", "synthetic_speech"]
+__all__ = ["espeak_voice", "synthesize", "synthesizer_name", "synthetic_speech"]
 
 ESPEAK = "espeak-ng"
 ESPEAK_VOICE = "en-us"
+# Text with Chinese characters is read by espeak-ng's Mandarin voice, which reads the English
+# words in it with English rules (espeak-ng switches language per word).
+ESPEAK_MANDARIN = "cmn"
+_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 # Both engines are normalised to the same peak level so that VAD thresholds in tests do not
 # depend on the engine or its version. -4.4 dBFS is about espeak-ng's own level; its voiced
 # 20 ms windows then have an RMS of roughly 2000-6500.
 PEAK = 20_000
 
-# The fallback speaks at ~14 characters per second, about the pace of espeak-ng's default voice.
+# The fallback speaks at ~14 characters per second, about the pace of espeak-ng's default voice;
+# a Chinese character is a syllable, about three letters' time.
 CHARS_PER_SECOND = 14.0
+HAN_CHAR_WEIGHT = 3
+
+
+def espeak_voice(text: str) -> str:
+    """The espeak-ng voice for *text*: Mandarin when it has Chinese characters, else English."""
+    return ESPEAK_MANDARIN if _HAN.search(text) else ESPEAK_VOICE
 
 
 def synthesizer_name() -> str:
@@ -63,6 +76,8 @@ def synthetic_speech(text: str, sample_rate: int = 24_000) -> bytes:
     """
     if not text.strip():
         return b""
+    # A Chinese character stands for a syllable: it gets the time of a few letters.
+    text = "".join(c * HAN_CHAR_WEIGHT if _HAN.match(c) else c for c in text)
     duration = max(0.3, len(text) / CHARS_PER_SECOND)
     n = round(duration * sample_rate)
     t = np.arange(n) / sample_rate
@@ -105,7 +120,7 @@ def _espeak_path() -> str | None:
 def _espeak(text: str) -> tuple[np.ndarray, int]:
     """Render *text* with espeak-ng; returns (float samples, sample rate)."""
     wav = subprocess.run(
-        [ESPEAK, "--stdout", "-v", ESPEAK_VOICE, "--", text],
+        [ESPEAK, "--stdout", "-v", espeak_voice(text), "--", text],
         check=True,
         capture_output=True,
         timeout=60,

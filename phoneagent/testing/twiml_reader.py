@@ -36,6 +36,7 @@ class TwimlAnswer:
     parameters: dict[str, str] = field(default_factory=dict)
     connect_action: str | None = None
     says: list[str] = field(default_factory=list)
+    say_attributes: list[dict[str, str]] = field(default_factory=list)  # each <Say>'s voice, …
     dials: list[str] = field(default_factory=list)  # the numbers (or clients, SIP URIs) dialled
     hangup: bool = False
     problems: list[TwimlProblem] = field(default_factory=list)
@@ -82,6 +83,7 @@ def parse_twiml_answer(
         answer.verbs.append(verb.tag)
         if verb.tag == "Say":
             answer.says.append((verb.text or "").strip())
+            answer.say_attributes.append(dict(verb.attrib))
         elif verb.tag == "Hangup":
             answer.hangup = True
         elif verb.tag == "Dial":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 import wave
+from dataclasses import dataclass
 from pathlib import Path
 
 with warnings.catch_warnings():
@@ -13,10 +14,40 @@ with warnings.catch_warnings():
     import audioop
 
 
-__all__ = ["CALLER_BOOKING_WAV", "read_wav_mulaw", "write_mulaw_wav"]
+__all__ = [
+    "CALLER_BOOKING_WAV",
+    "CALLER_BOOKING_ZH_WAV",
+    "CALLER_RECORDINGS",
+    "CallerRecording",
+    "caller_recording",
+    "read_wav_mulaw",
+    "write_mulaw_wav",
+]
 
 #: The bundled recording of a caller asking to book a cleaning (see ``assets/README.md``).
 CALLER_BOOKING_WAV = Path(__file__).with_name("assets") / "caller_booking.wav"
+#: The same request in Mandarin, asking for a doctor of the Mandarin example persona.
+CALLER_BOOKING_ZH_WAV = Path(__file__).with_name("assets") / "caller_booking_zh.wav"
+
+
+@dataclass(frozen=True)
+class CallerRecording:
+    wav: Path
+    text: str  # what it says (the fake model cannot recognise speech: it is told)
+
+
+#: The bundled caller recordings by language (a tag's first part), from ``assets/README.md``.
+CALLER_RECORDINGS = {
+    "en": CallerRecording(
+        CALLER_BOOKING_WAV, "Hi, I'd like to book a cleaning for next Tuesday morning, please."
+    ),
+    "zh": CallerRecording(CALLER_BOOKING_ZH_WAV, "你好，我想预约下周二上午看王医生。"),
+}
+
+
+def caller_recording(language: str) -> CallerRecording:
+    """The bundled recording in ``language`` (a tag such as "zh-CN"), English if there is none."""
+    return CALLER_RECORDINGS.get(language.split("-")[0].lower(), CALLER_RECORDINGS["en"])
 
 
 def read_wav_mulaw(path: str | Path) -> bytes:

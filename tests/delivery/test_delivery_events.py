@@ -83,7 +83,12 @@ def test_transferred_end_reason_carries_the_target():
             end_reason="transferred", transfer_target="front_desk", transfer_number="+14155550111"
         ).body()
     )["data"]
-    assert data["transfer"] == {"target": "front_desk", "number": "+14155550111"}
+    assert data["transfer"] == {"target": "front_desk", "number": "+14155550111", "reason": None}
+    reasoned = ended_event(
+        end_reason="transferred", transfer_target="front_desk", transfer_number="+14155550111",
+        transfer_reason="来电者情绪激动",
+    )  # fmt: skip
+    assert json.loads(reasoned.body())["data"]["transfer"]["reason"] == "来电者情绪激动"
 
 
 def test_call_started_and_transferred():
@@ -105,6 +110,13 @@ def test_call_started_and_transferred():
     data = json.loads(moved.body())["data"]
     assert data["target"] == "front_desk" and data["outcome"] == "failed"
     assert data["error"] == "Twilio answered 404"
+    assert data["reason"] is None  # no reason given: schema 1's optional field, null
+    upset = call_transferred_event(
+        call_sid="CA1", from_number="+14155550123", to_number="+14155550100",
+        target="patient_relations", target_number="+14155550162", outcome="accepted",
+        reason="caller sounds distressed", at=T0, **PERSONA,
+    )  # fmt: skip
+    assert json.loads(upset.body())["data"]["reason"] == "caller sounds distressed"
     assert {started.type, moved.type, ended_event().type} == set(EVENT_TYPES)
 
 

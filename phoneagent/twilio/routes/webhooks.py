@@ -288,7 +288,9 @@ async def dial_status(request: web.Request) -> web.Response:
         return replayed_answer(state, key, call_sid, answer)
     target = persona.transfer.get(target_name)
     if target is not None:
-        state.publish_transfer(persona, record, target, "failed", outcome)
+        # Why the agent transferred, as recorded when it asked Twilio (on any instance).
+        reason = (record.transfer or {}).get("reason") or ""
+        state.publish_transfer(persona, record, target, "failed", outcome, reason)
     state.prewarmer.start(call_sid, session_config(persona))
     return twiml(answer)
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from twilio.twiml.voice_response import VoiceResponse
 
 from phoneagent.personas import Persona
+from phoneagent.twilio.wire.say_voices import say_voices
 
 PERSONA_PARAMETER = "persona"
 TOKEN_PARAMETER = "token"
@@ -32,10 +33,12 @@ def connect_stream_twiml(
 
 
 def say_then_hand_on_twiml(message: str, persona: Persona, called: str) -> str:
-    """Twilio says ``message`` in the persona's language, then dials the persona's fallback
-    target if it has one, else hangs up: a caller never sits in silence."""
+    """Twilio says ``message`` in the persona's language, with a voice that speaks it (both
+    checked when the persona was loaded: a voice that does not speak the language fails the
+    ``<Say>``), then dials the persona's fallback target if it has one, else hangs up: a caller
+    never sits in silence."""
     response = VoiceResponse()
-    response.say(message, language=persona.language)
+    response.say(message, language=persona.say_language, voice=persona.say_voice)
     target = persona.transfer.get(persona.fallback_target)
     if target is not None:
         response.dial(target.number, caller_id=target.caller_id or called or None,
@@ -60,9 +63,14 @@ def hangup_twiml() -> str:
     return str(response)
 
 
+# A number no persona answers has no language of its own: its apology is English.
+NO_PERSONA_LANGUAGE = "en-US"
+
+
 def apology_twiml(message: str) -> str:
     response = VoiceResponse()
-    response.say(message)
+    voice = say_voices().defaults[NO_PERSONA_LANGUAGE]
+    response.say(message, language=NO_PERSONA_LANGUAGE, voice=voice)
     response.hangup()
     return str(response)
 
