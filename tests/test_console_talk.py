@@ -274,12 +274,13 @@ async def test_a_transfer_is_shown_not_dialled(http, console_stack):
         "action": "transfer",
         "target": "front_desk",
         "number": "+14155550111",
+        "reason": None,  # the model gave none
     }
     assert caller.messages("console.ended")[-1]["reason"] == "transferred"
     assert console_stack.twilio_api.updates == []  # no REST request: nothing was dialled
     record = await recorded_end(console_stack.state, caller.call_sid)
     assert record.end_reason == "transferred"
-    assert record.transfer == {"target": "front_desk", "number": "+14155550111"}
+    assert record.transfer == {"target": "front_desk", "number": "+14155550111", "reason": None}
     announcement = console_stack.state.persona(DENTAL).transfer["front_desk"].announcement
     assert record.transcript[-1]["text"] == announcement
 

@@ -179,8 +179,8 @@ class ConsoleHandoffs:
     line: ConsoleLine
     calls: CallRecords
 
-    async def transfer(self, call: Call, target: TransferTarget) -> str | None:
-        transfer = {"target": target.name, "number": target.number}
+    async def transfer(self, call: Call, target: TransferTarget, reason: str = "") -> str | None:
+        transfer = {"target": target.name, "number": target.number, "reason": reason or None}
         self.calls.note(call.call_sid, Transferred(transfer))
         log.info("console_transfer_shown", target=target.name)
         await self.line.tell("handoff", action="transfer", **transfer)
