@@ -94,6 +94,11 @@ async def test_the_lines_page_shows_each_line_with_its_transfers_webhook_and_lim
     await expect(luca).to_contain_text("None: call events are not sent anywhere.")
     await expect(luca).to_contain_text("1400 (vad_threshold)")
     await expect(luca).to_contain_text("10 min (max_call_seconds)")
+    clinic = page.locator("#persona-renxin-clinic")  # the Mandarin line: tone, upset callers
+    await expect(clinic).to_contain_text("zh-CN")
+    await expect(clinic).to_contain_text("亲切、耐心、沉稳")
+    await expect(clinic).to_contain_text("to patient_relations, when the caller sounds angry")
+    await expect(clinic).to_contain_text("spoken by Twilio's Polly.Zhiyu-Neural")
     html = await page.content()
     assert SECRET not in html and URL_TOKEN not in html  # the secret's name only; no query
     await expect(page.locator("#reload-problems")).to_have_count(0)
