@@ -265,7 +265,9 @@ class Resampler:
         # The next chunk's history, and the pending partial group after it, to the front.
         self._pending = available - usable
         buffer[: history + self._pending] = buffer[usable : history + available]
-        return out.reshape(-1)[: usable * self._outputs_per_group // self._group]
+        count = usable * self._outputs_per_group // self._group
+        out = out.ravel()  # the product is contiguous: a view, no copy
+        return out if count == len(out) else out[:count]
 
     def flush(self) -> np.ndarray:
         """Drain the delayed tail of the stream (zeros pushed through), then `reset()`.
