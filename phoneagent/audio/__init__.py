@@ -14,7 +14,7 @@ from .framing import (
     ulaw_ms,
 )
 from .g711 import ULAW_SILENCE, pcm16_to_ulaw, ulaw_to_pcm16
-from .pcm import pcm16_rms, pcm16_to_samples, samples_to_pcm16
+from .pcm import pcm16_rms, pcm16_to_samples, pcm16_view, samples_to_pcm16
 from .pipeline import CallerToModel, ModelToCaller
 from .resample import FilterDesign, Resampler, design_filter
 
@@ -35,6 +35,7 @@ __all__ = [
     "pcm16_rms",
     "pcm16_to_samples",
     "pcm16_to_ulaw",
+    "pcm16_view",
     "samples_to_pcm16",
     "ulaw_ms",
     "ulaw_to_pcm16",

@@ -45,6 +45,8 @@ class UlawFramer:
 
     def push(self, ulaw: bytes) -> list[bytes]:
         """Add μ-law bytes; return every complete 20 ms frame now available, in order."""
+        if not self._buffer and len(ulaw) == ULAW_FRAME_BYTES:
+            return [bytes(ulaw)]  # the usual case at 20 ms deltas: nothing to cut or carry
         self._buffer += ulaw
         whole = len(self._buffer) - len(self._buffer) % ULAW_FRAME_BYTES
         if not whole:

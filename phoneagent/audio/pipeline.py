@@ -10,7 +10,7 @@ import numpy as np
 
 from .framing import ULAW_SAMPLE_RATE, UlawFramer
 from .g711 import pcm16_to_ulaw, ulaw_to_pcm16
-from .pcm import pcm16_to_samples, samples_to_pcm16
+from .pcm import pcm16_view, samples_to_pcm16
 from .resample import Resampler
 
 
@@ -33,7 +33,8 @@ class CallerToModel:
         """Convert the next chunk of caller audio."""
         if not ulaw:
             return b""
-        samples = pcm16_to_samples(ulaw_to_pcm16(ulaw))
+        # int16 straight into the resampler, which converts it as it copies it in.
+        samples = pcm16_view(ulaw_to_pcm16(ulaw))
         return samples_to_pcm16(self._resampler.process(samples))
 
     def reset(self) -> None:
@@ -68,7 +69,7 @@ class ModelToCaller:
             pcm, self._odd_byte = pcm[:-1], pcm[-1:]
         if not pcm:
             return []
-        return self._frame(self._resampler.process(pcm16_to_samples(pcm)))
+        return self._frame(self._resampler.process(pcm16_view(pcm)))
 
     def flush(self) -> list[bytes]:
         """End of a response: the remaining audio, as full frames then one short frame.

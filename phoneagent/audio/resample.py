@@ -35,7 +35,8 @@ MAX_DELAY_S = 0.005
 # 20 ms frame, and blocks this small keep the filter matrix small (see `_block_matrix`).
 _BLOCK_LOW_SAMPLES = 8
 # Rows per matrix product. numpy copies the overlapping rows before multiplying; slicing a long
-# chunk (a model delta of several seconds) bounds that copy to a few hundred kilobytes.
+# chunk (a model delta of several seconds) bounds that copy to a few hundred kilobytes, and the
+# resampler's buffer to one slice (6000 samples at 24 kHz).
 _MAX_ROWS_PER_PRODUCT = 250
 
 
@@ -157,14 +158,35 @@ class Resampler:
 
     The filter is linear-phase: the output is the band-limited input delayed by `delay_s`
     (3.25 ms for 8 ⇄ 16 kHz and 8 ⇄ 24 kHz, a whole number of 8 kHz samples). Samples are
-    floats in whatever scale you give them (pcm16 values stay pcm16 values; the passband gain
-    is 1).
+    numbers in whatever scale you give them (pcm16 values stay pcm16 values; the passband gain
+    is 1); the output is float64. Any real dtype goes in: an int16 array read straight from
+    pcm16 bytes is converted as it is copied in, with no separate conversion.
+
+    Why it is built this way (see bench/README.md for the measurements): at 20 ms frames the
+    arithmetic is ~25k multiply-adds per frame, a couple of microseconds in one BLAS call, and
+    every other numpy call costs a few tenths of a microsecond whatever its size. So a frame
+    is one matrix product and as few other calls as possible: the input is copied once into a
+    buffer that lives as long as the resampler, right after the history it needs; the rows
+    view over that buffer is reused while the chunk size stays the same; and the history (with
+    any pending partial group) moves to the front of the buffer with one copy.
     """
 
     def __init__(self, from_rate: int, to_rate: int) -> None:
-        self._design = design_filter(from_rate, to_rate)
-        self._history = np.zeros(self._design.history)
-        self._pending = np.zeros(0)
+        design = design_filter(from_rate, to_rate)
+        self._design = design
+        # Inputs are consumed in groups (1 sample upsampling, `factor` downsampling); a partial
+        # group at the end of a chunk stays pending in the buffer, right after the history.
+        self._group = 1 if design.upsampling else design.factor
+        self._outputs_per_group = design.factor if design.upsampling else 1
+        # Longer chunks are processed in slices of this many input samples (whole blocks), so
+        # the buffer stays small (tens of kilobytes) whatever the size of a model's delta.
+        self._max_slice = _MAX_ROWS_PER_PRODUCT * design.step
+        # Room for the history, a slice, a pending partial group and the zero padding of the
+        # last block.
+        self._buffer = np.zeros(design.history + self._max_slice + design.step + self._group)
+        self._pending = 0  # input samples after the history that wait for a full group
+        self._rows: np.ndarray | None = None  # strided view of the buffer, `_rows_blocks` rows
+        self._rows_blocks = 0
         self._idle = True
         self.reset()
 
@@ -196,50 +218,56 @@ class Resampler:
 
         Call it on barge-in, so the tail of an interrupted reply cannot ring into the next.
         """
-        self._history[:] = 0.0
         self._idle = True  # nothing fed since the last reset: flush() has nothing to drain
         # Downsampling: M - 1 zeros ahead of the first sample make input sample n * M close a
         # group, so output n comes out as soon as it arrives (ceil counts, not floor).
-        self._pending = np.zeros(0 if self._design.upsampling else self._design.factor - 1)
+        self._pending = self._group - 1
+        self._buffer[: self._design.history + self._pending] = 0.0
 
     def process(self, samples: np.ndarray) -> np.ndarray:
         """Resample the next chunk of the stream; returns float64 samples at `to_rate`."""
-        design = self._design
-        history, step = design.history, design.step
-        # Inputs are consumed in groups (1 sample upsampling, `factor` downsampling); a partial
-        # group at the end of the chunk stays pending.
-        group = 1 if design.upsampling else design.factor
         if len(samples):
             self._idle = False
-        pending = len(self._pending)
-        available = pending + len(samples)
-        usable = available - available % group
+        if len(samples) <= self._max_slice:
+            return self._process_slice(samples)
+        step = self._max_slice
+        return np.concatenate(
+            [self._process_slice(samples[i : i + step]) for i in range(0, len(samples), step)]
+        )
+
+    def _process_slice(self, samples: np.ndarray) -> np.ndarray:
+        design, buffer = self._design, self._buffer
+        history, step = design.history, design.step
+        start = history + self._pending
+        available = self._pending + len(samples)
+        # One copy in, converting the dtype on the way (int16 → float64 for pcm16 input).
+        buffer[start : history + available] = samples
+        usable = available - available % self._group
         if usable == 0:
-            self._pending = np.concatenate((self._pending, samples)).astype(np.float64)
+            self._pending = available
             return np.zeros(0)
 
-        # Row k of the product reads buffer[k * step : k * step + history + step].
+        # Row k of the product reads buffer[k * step : k * step + history + step]: the rows
+        # overlap, a strided view, built again only when the number of blocks changes.
         blocks = -(-usable // step)
-        buffer = np.empty(history + max(available, blocks * step))
-        buffer[:history] = self._history
-        if pending:
-            buffer[history : history + pending] = self._pending
-        buffer[history + pending : history + available] = samples
-        # Zeros pad the last block; the outputs they reach are past the usable ones, dropped.
-        buffer[history + available :] = 0.0
-        item = buffer.itemsize
-        rows = np.ndarray((blocks, history + step), buffer.dtype, buffer, 0, (step * item, item))
-        if blocks <= _MAX_ROWS_PER_PRODUCT:
-            out = np.dot(rows, design.matrix)
-        else:
-            out = np.empty((blocks, design.matrix.shape[1]))
-            for start in range(0, blocks, _MAX_ROWS_PER_PRODUCT):
-                end = start + _MAX_ROWS_PER_PRODUCT
-                np.dot(rows[start:end], design.matrix, out=out[start:end])
+        if blocks != self._rows_blocks:
+            item = buffer.itemsize
+            shape = (blocks, history + step)
+            self._rows = np.ndarray(shape, buffer.dtype, buffer, 0, (step * item, item))
+            self._rows_blocks = blocks
+        padded = blocks * step
+        if padded > available:
+            # Zeros pad the last block; the outputs they reach are past the usable ones,
+            # dropped. They overwrite nothing: the buffer past `available` holds no input.
+            buffer[history + available : history + padded] = 0.0
+        out = np.dot(self._rows, design.matrix)
 
-        self._history = buffer[usable : usable + history].copy()
-        self._pending = buffer[history + usable : history + available].copy()
-        return out.reshape(-1)[: usable * design.factor if design.upsampling else usable // group]
+        # The next chunk's history, and the pending partial group after it, to the front.
+        self._pending = available - usable
+        buffer[: history + self._pending] = buffer[usable : history + available]
+        count = usable * self._outputs_per_group // self._group
+        out = out.ravel()  # the product is contiguous: a view, no copy
+        return out if count == len(out) else out[:count]
 
     def flush(self) -> np.ndarray:
         """Drain the delayed tail of the stream (zeros pushed through), then `reset()`.

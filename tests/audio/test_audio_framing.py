@@ -59,3 +59,14 @@ def test_reset_drops_the_remainder():
     framer.reset()
     assert framer.buffered_bytes == 0
     assert framer.push(b"y" * 160) == [b"y" * 160]
+
+
+def test_a_whole_frame_after_a_remainder_is_not_taken_as_a_frame_of_its_own():
+    """The fast path (a 160-byte push on an empty buffer) must not skip a carried remainder."""
+    framer = UlawFramer()
+    assert framer.push(bytes([1]) * 100) == []
+    frames = framer.push(bytes([2]) * ULAW_FRAME_BYTES)
+    assert frames == [bytes([1]) * 100 + bytes([2]) * 60]
+    assert framer.push(bytes([3]) * ULAW_FRAME_BYTES) == [bytes([2]) * 100 + bytes([3]) * 60]
+    framer.reset()
+    assert framer.push(bytes([4]) * ULAW_FRAME_BYTES) == [bytes([4]) * ULAW_FRAME_BYTES]

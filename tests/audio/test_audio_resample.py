@@ -168,3 +168,37 @@ def test_unsupported_rates_are_refused(from_rate, to_rate):
 def test_filter_designs_are_computed_once_per_rate_pair():
     assert design_filter(8000, 24000) is design_filter(8000, 24000)
     assert Resampler(24000, 8000).design is Resampler(24000, 8000).design
+
+
+@pytest.mark.parametrize(("from_rate", "to_rate"), ALL)
+def test_int16_input_gives_the_float_result(from_rate, to_rate):
+    """The pipelines hand pcm16 straight in as int16; the resampler converts as it copies."""
+    rng = np.random.default_rng(7)
+    pcm = rng.integers(-32768, 32768, 3 * from_rate // 50 + 1).astype("<i2")
+    as_int, as_float = Resampler(from_rate, to_rate), Resampler(from_rate, to_rate)
+    for chunk in np.split(pcm, [1, from_rate // 50, 2 * from_rate // 50]):
+        np.testing.assert_array_equal(as_int.process(chunk), as_float.process(chunk.astype(float)))
+
+
+@pytest.mark.parametrize(("from_rate", "to_rate"), ALL)
+def test_outputs_are_not_reused_by_the_next_call(from_rate, to_rate):
+    """The resampler keeps one buffer for its input; what it returns must stay the caller's."""
+    rng = np.random.default_rng(8)
+    resampler = Resampler(from_rate, to_rate)
+    first = resampler.process(rng.normal(0, 3000, frame_samples(from_rate)))
+    kept = first.copy()
+    resampler.process(rng.normal(0, 3000, frame_samples(from_rate)))
+    np.testing.assert_array_equal(first, kept)
+
+
+@pytest.mark.parametrize(("from_rate", "to_rate"), ALL)
+def test_a_long_chunk_gives_the_frame_by_frame_result(from_rate, to_rate):
+    """A model delta of several seconds is processed in slices; nothing changes at their
+    edges, and the resampler's buffer stays one slice long."""
+    rng = np.random.default_rng(9)
+    signal = rng.normal(0, 3000, 5 * from_rate + 7)
+    whole = Resampler(from_rate, to_rate)
+    out = whole.process(signal)
+    framed = stream(Resampler(from_rate, to_rate), signal, frame_samples(from_rate))
+    np.testing.assert_allclose(out, framed, rtol=0, atol=1e-7)
+    assert whole._buffer.nbytes < 64_000
