@@ -360,7 +360,9 @@ class CallObserver:
         persona = dataclasses.replace(PERSONA, barge_in_min_speech_ms=guard_ms)
         self.call = Call(persona, stream_sid="MZfuzz", call_sid="CAfuzz", clock=self.clock)
         self.marks: list[str] = []  # every mark name sent, in order
-        self.sent_ms: Counter[str] = Counter()  # item id → ms of its audio sent
+        # item id → μ-law bytes of its audio sent (8 per ms; a message may end mid-ms, so the
+        # ms sent are the whole bytes' floor, not the sum of each message's)
+        self.sent_bytes: Counter[str] = Counter()
         self.cut_responses: set[str] = set()  # responses whose audio must never be sent again
         self.active_response: str | None = None  # mirrors the Call: started and not done
         self.next_timestamp_ms = 0
@@ -444,7 +446,7 @@ class CallObserver:
                     assert response_id not in self.cut_responses, (
                         f"audio of {item_id}, cut by an earlier clear, was sent after it"
                     )
-                    self.sent_ms[item_id] += len(actions[i - 1].payload) // 8
+                    self.sent_bytes[item_id] += len(actions[i - 1].payload)
                     self.marks.append(name)
                 case SendClear():
                     event("barge-in")
@@ -459,7 +461,7 @@ class CallObserver:
                         self.cut_responses.add(self.active_response)
                     self.active_response = None
                 case ToModel(TruncateItem(item_id, audio_end_ms)):
-                    assert 0 <= audio_end_ms <= self.sent_ms[item_id]
+                    assert 0 <= audio_end_ms <= self.sent_bytes[item_id] // 8
                     assert any(isinstance(a, SendClear) for a in actions[:i]), (
                         "a truncate only ever follows a clear"
                     )
