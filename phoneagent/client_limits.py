@@ -155,9 +155,12 @@ def unauthenticated_limits(
         if not request.path.startswith(TWILIO_PREFIX):
             # The console's sign-in form is read before any session exists: without the body
             # deadline a client sending half a form held its socket and handler for ever.
-            if request.path in UNAUTHENTICATED_FORMS and request.body_exists:
-                if (answer := await read_body(request)) is not None:
-                    return answer
+            if (
+                request.path in UNAUTHENTICATED_FORMS
+                and request.body_exists
+                and (answer := await read_body(request)) is not None
+            ):
+                return answer
             return await handler(request)
         if request.headers.get("Upgrade", "").lower() == "websocket":
             # A media stream counts until its `start` and token check out (it releases the
