@@ -156,6 +156,21 @@ async def test_text_with_nul_characters_is_kept_without_them(stores):
     assert kept["text"] in ("a\x00b", "a\ufffdb")  # memory keeps it; the database replaces it
 
 
+async def test_text_that_is_not_unicode_and_numbers_json_lacks_are_kept_as_near_as_can_be(stores):
+    # A lone surrogate (half an emoji, split across two model deltas) cannot be encoded for the
+    # database, and jsonb refuses NaN: neither may lose the call's end or block its record.
+    store = await stores()
+    turn = dict(TURN_1, text="a\ud83d" + "\ude00b\udcff")
+    ended = StreamEnded(at=2.0, end_reason="caller_hung_up", transcript=[turn],
+                        stats={"barge_in_reaction_ms": [float("nan"), 1.5]})  # fmt: skip
+    await store.write(SID, TurnFinished(turn), at=1)
+    await store.write(SID, ended, at=2)
+    record = await store.get(SID)
+    assert record.end_reason == "caller_hung_up"
+    assert record.transcript[0]["text"] in (turn["text"], "a\U0001f600b\ufffd")
+    assert record.stats["barge_in_reaction_ms"][1] == 1.5
+
+
 async def test_old_records_are_purged(stores):
     store = await stores()
     await store.write(SID, Answered("p", "+1", "+2"), at=100.0)
