@@ -171,6 +171,21 @@ async def test_text_that_is_not_unicode_and_numbers_json_lacks_are_kept_as_near_
     assert record.stats["barge_in_reaction_ms"][1] == 1.5
 
 
+async def test_replayed_status_callbacks_do_not_grow_a_record_without_bound(stores):
+    # Twilio's signature has no timestamp: one captured status callback can be sent again and
+    # again, each appended to the record (rewritten whole in PostgreSQL at every append).
+    from phoneagent.records.record import TWILIO_EVENTS_KEPT
+
+    store = await stores()
+    for n in range(TWILIO_EVENTS_KEPT + 30):
+        await store.write(SID, TwilioReported({"CallStatus": "ringing", "n": n}), at=n)
+    await store.write(SID, TwilioReported({"CallStatus": "completed"}), at=1000)
+    record = await store.get(SID)
+    assert len(record.twilio_events) == TWILIO_EVENTS_KEPT
+    assert record.twilio_events[-1] == {"CallStatus": "completed"}  # the latest are kept
+    assert record.status == "completed"
+
+
 async def test_old_records_are_purged(stores):
     store = await stores()
     await store.write(SID, Answered("p", "+1", "+2"), at=100.0)

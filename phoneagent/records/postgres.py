@@ -21,6 +21,7 @@ from phoneagent.delivery.pg_outbox import PostgresOutbox, _count
 from phoneagent.delivery.pg_round_trip import RoundTrips
 from phoneagent.records.record import (
     FINAL_STATUSES,
+    TWILIO_EVENTS_KEPT,
     Answered,
     CallRecord,
     Change,
@@ -76,7 +77,10 @@ _TWILIO_REPORTED = (
         values=", jsonb_build_array($3::jsonb), COALESCE($4, 'ringing')",
     )
     + _ON_CONFLICT
-    + "twilio_events = c.twilio_events || jsonb_build_array($3::jsonb), "
+    # The latest TWILIO_EVENTS_KEPT only: the oldest is dropped once the record holds that many.
+    + "twilio_events = CASE WHEN jsonb_array_length(c.twilio_events) >= "
+    f"{TWILIO_EVENTS_KEPT} THEN (c.twilio_events - 0) ELSE c.twilio_events END "
+    "|| jsonb_build_array($3::jsonb), "
     "status = COALESCE($4, c.status)"
 )
 _TRANSFERRED = (

@@ -67,6 +67,12 @@ class TurnFinished:
     turn: dict
 
 
+# Status callbacks kept per call, the latest. Twilio sends a handful per stream (call and
+# stream statuses); its signature has no timestamp, so a captured callback sent again and again
+# would otherwise grow the record (and its every read and rewrite) without bound.
+TWILIO_EVENTS_KEPT = 100
+
+
 @dataclass(frozen=True)
 class TwilioReported:
     """A status callback: kept as received; its CallStatus, if any, is the call's status."""
@@ -117,6 +123,7 @@ def apply(record: CallRecord, change: Change) -> None:
                 record.transcript.append(turn)
         case TwilioReported():
             record.twilio_events.append(dict(change.event))
+            del record.twilio_events[:-TWILIO_EVENTS_KEPT]  # the latest only (see the bound)
             if "CallStatus" in change.event:
                 record.status = change.event["CallStatus"]
         case Transferred():
