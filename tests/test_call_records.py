@@ -186,6 +186,19 @@ async def test_replayed_status_callbacks_do_not_grow_a_record_without_bound(stor
     assert record.status == "completed"
 
 
+async def test_odd_text_in_plain_columns_never_blocks_the_record(stores):
+    # PostgreSQL's text refuses NUL as jsonb does: a model's session id (from the model's own
+    # server) holding one made the change, and every later one of the call, fail for ever.
+    store = await stores()
+    await store.write(SID, StreamStarted(at=1.0, persona="p", model_session="s\x00x",
+                                         caller="+1\ud800"), at=1)  # fmt: skip
+    await store.write(SID, StreamEnded(at=2.0, end_reason="caller_hung_up", transcript=[],
+                                       stats={}), at=2)  # fmt: skip
+    record = await store.get(SID)
+    assert record.end_reason == "caller_hung_up"
+    assert record.model_session in ("s\x00x", "s\ufffdx")
+
+
 async def test_old_records_are_purged(stores):
     store = await stores()
     await store.write(SID, Answered("p", "+1", "+2"), at=100.0)

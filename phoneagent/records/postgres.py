@@ -132,8 +132,11 @@ class PostgresCallRecords:
 
     async def write(self, call_sid: str, change: Change, *, at: float) -> None:
         statement, values = _statement(change)
+        # Text columns refuse NUL and lone surrogates as jsonb does (a model's session id holding
+        # one failed the call's writes for ever): made storable as the JSON values are.
+        values = tuple(_jsonable(v) if isinstance(v, str) else v for v in values)
         async with self._db.connection() as conn:
-            await conn.execute(statement, call_sid, at, *values)
+            await conn.execute(statement, _jsonable(call_sid), at, *values)
 
     async def get(self, call_sid: str) -> CallRecord | None:
         async with self._db.connection() as conn:

@@ -9,7 +9,7 @@ record in memory, and the reference for the database's version.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 #: Twilio's CallStatus values after which the call is over: a late write from the call's own
@@ -102,6 +102,8 @@ Change = Answered | StreamStarted | TurnFinished | TwilioReported | Transferred 
 
 def apply(record: CallRecord, change: Change) -> None:
     """``change`` made to ``record``, in place."""
+    if isinstance(change, (Answered, StreamStarted)):  # texts from Twilio and the model's server
+        change = replace(change, **{k: well_formed(v) for k, v in asdict(change).items()})
     match change:
         case Answered():
             record.persona = record.persona or change.persona
