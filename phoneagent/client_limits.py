@@ -37,6 +37,9 @@ from phoneagent.logs import get_logger
 log = get_logger(__name__)
 
 TWILIO_PREFIX = "/twilio/"
+# Routes outside /twilio/ that read a body from a client not yet authenticated (the console's
+# sign-in): their bodies get the same deadline and bound as Twilio's webhooks.
+UNAUTHENTICATED_FORMS = frozenset({"/console/login"})
 # After an early answer (408, 413), how long aiohttp keeps reading what the client still sends
 # so the answer reaches it; aiohttp's default of 10 s would hold a stalled client that long.
 LINGER_SECONDS = 1.0
@@ -150,6 +153,14 @@ def unauthenticated_limits(
     @web.middleware
     async def limit_unauthenticated(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith(TWILIO_PREFIX):
+            # The console's sign-in form is read before any session exists: without the body
+            # deadline a client sending half a form held its socket and handler for ever.
+            if (
+                request.path in UNAUTHENTICATED_FORMS
+                and request.body_exists
+                and (answer := await read_body(request)) is not None
+            ):
+                return answer
             return await handler(request)
         if request.headers.get("Upgrade", "").lower() == "websocket":
             # A media stream counts until its `start` and token check out (it releases the

@@ -156,6 +156,49 @@ async def test_text_with_nul_characters_is_kept_without_them(stores):
     assert kept["text"] in ("a\x00b", "a\ufffdb")  # memory keeps it; the database replaces it
 
 
+async def test_text_that_is_not_unicode_and_numbers_json_lacks_are_kept_as_near_as_can_be(stores):
+    # A lone surrogate (half an emoji, split across two model deltas) cannot be encoded for the
+    # database, and jsonb refuses NaN: neither may lose the call's end or block its record.
+    store = await stores()
+    turn = dict(TURN_1, text="a\ud83d" + "\ude00b\udcff")
+    ended = StreamEnded(at=2.0, end_reason="caller_hung_up", transcript=[turn],
+                        stats={"barge_in_reaction_ms": [float("nan"), 1.5]})  # fmt: skip
+    await store.write(SID, TurnFinished(turn), at=1)
+    await store.write(SID, ended, at=2)
+    record = await store.get(SID)
+    assert record.end_reason == "caller_hung_up"
+    assert record.transcript[0]["text"] in (turn["text"], "a\U0001f600b\ufffd")
+    assert record.stats["barge_in_reaction_ms"][1] == 1.5
+
+
+async def test_replayed_status_callbacks_do_not_grow_a_record_without_bound(stores):
+    # Twilio's signature has no timestamp: one captured status callback can be sent again and
+    # again, each appended to the record (rewritten whole in PostgreSQL at every append).
+    from phoneagent.records.record import TWILIO_EVENTS_KEPT
+
+    store = await stores()
+    for n in range(TWILIO_EVENTS_KEPT + 30):
+        await store.write(SID, TwilioReported({"CallStatus": "ringing", "n": n}), at=n)
+    await store.write(SID, TwilioReported({"CallStatus": "completed"}), at=1000)
+    record = await store.get(SID)
+    assert len(record.twilio_events) == TWILIO_EVENTS_KEPT
+    assert record.twilio_events[-1] == {"CallStatus": "completed"}  # the latest are kept
+    assert record.status == "completed"
+
+
+async def test_odd_text_in_plain_columns_never_blocks_the_record(stores):
+    # PostgreSQL's text refuses NUL as jsonb does: a model's session id (from the model's own
+    # server) holding one made the change, and every later one of the call, fail for ever.
+    store = await stores()
+    await store.write(SID, StreamStarted(at=1.0, persona="p", model_session="s\x00x",
+                                         caller="+1\ud800"), at=1)  # fmt: skip
+    await store.write(SID, StreamEnded(at=2.0, end_reason="caller_hung_up", transcript=[],
+                                       stats={}), at=2)  # fmt: skip
+    record = await store.get(SID)
+    assert record.end_reason == "caller_hung_up"
+    assert record.model_session in ("s\x00x", "s\ufffdx")
+
+
 async def test_old_records_are_purged(stores):
     store = await stores()
     await store.write(SID, Answered("p", "+1", "+2"), at=100.0)

@@ -170,3 +170,27 @@ async def test_an_open_redirect_after_sign_in_is_not_possible(http):
             allow_redirects=False,
         ) as response:
             assert response.headers["Location"] == "/console/lines"
+
+
+def test_a_cookie_with_undecodable_bytes_in_its_body_is_not_a_session():
+    # aiohttp decodes headers with surrogateescape: a cookie's bytes that are not UTF-8 arrive
+    # as lone surrogates, anywhere in the token (not only in its signature).
+    keys = ConsoleKeys(PASSWORD, SERVER_SECRET)
+    for junk in ("v1.99999999999.\udcff.mac", "v1.99999999999.n\udcff.\udcff"):
+        assert not keys.session_valid(junk, now=1001.0)
+
+
+async def test_a_cookie_of_undecodable_bytes_gets_the_sign_in_page_not_a_500(console_stack):
+    import asyncio
+
+    port = int(console_stack.base_url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET /console/lines HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/html\r\n"
+        b"Cookie: phoneagent_console=v1.99999999999.\xff.x\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    async with asyncio.timeout(10):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 303 "), answer[:200]

@@ -461,3 +461,14 @@ def test_the_page_script_sets_outside_text_as_text_only():
     for name in ("call.js", "live.js"):
         script = (static / name).read_text()
         assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write", script)
+
+
+async def test_a_transcript_with_half_an_emoji_still_shows_its_call(http, console_stack):
+    # A model's text split mid-emoji across two deltas leaves lone surrogates: not encodable as
+    # UTF-8, they made the call's page (and GET /calls/SID) a 500.
+    state = console_stack.state
+    halves = [turn("agent", "Smile \ud83d"), turn("caller", "\ude00 ok", 2000)]
+    record_call(state, sid(77), turns=halves)
+    await sign_in(http)
+    page = await text_of(http, f"/console/calls/{sid(77)}")
+    assert "Smile \ufffd" in page and "\ufffd ok" in page

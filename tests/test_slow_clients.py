@@ -222,3 +222,22 @@ def test_settings_bound_the_deadlines_and_the_limit():
         "PHONEAGENT_HEADER_SECONDS",
         "PHONEAGENT_BODY_SECONDS",
     ]
+
+
+async def test_a_console_sign_in_body_that_stalls_is_answered_408_at_the_body_deadline(tmp_path):
+    # The sign-in form is the console's one route that reads a body without a session: a client
+    # sending half of it and then nothing must not hold its socket (and its handler) for ever.
+    async with stack_with(tmp_path, body_seconds=1, console_password="pw") as stack:
+        form = b"password=guess&next=%2Fconsole%2Flines"
+        reader, writer = await open_socket(stack)
+        writer.write(
+            b"POST /console/login HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            + f"Content-Length: {len(form)}\r\n\r\n".encode()
+            + form[: len(form) // 2]
+        )
+        await writer.drain()
+        answer = await read_until_closed(reader)
+        writer.close()
+        assert stack.state.unauthenticated.count == 0
+    assert answer.startswith(b"HTTP/1.1 408 ")

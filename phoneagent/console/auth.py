@@ -78,7 +78,9 @@ class ConsoleKeys:
         return f"{body}.{self._sign('session', body)}"
 
     def session_valid(self, token: str | None, now: float) -> bool:
-        if not token or token.count(".") != 3:
+        # A cookie may hold anything: bytes that are not UTF-8 arrive as lone surrogates, which
+        # signing the body would not encode (a 500 on every request with such a cookie).
+        if not token or token.count(".") != 3 or not token.isascii():
             return False
         body, _, mac = token.rpartition(".")
         version, expiry, _ = body.split(".")

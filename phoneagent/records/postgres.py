@@ -11,6 +11,7 @@ per round trip (``delivery/pg_round_trip.py``): a silent database never holds a 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import asyncpg
@@ -20,6 +21,7 @@ from phoneagent.delivery.pg_outbox import PostgresOutbox, _count
 from phoneagent.delivery.pg_round_trip import RoundTrips
 from phoneagent.records.record import (
     FINAL_STATUSES,
+    TWILIO_EVENTS_KEPT,
     Answered,
     CallRecord,
     Change,
@@ -75,7 +77,10 @@ _TWILIO_REPORTED = (
         values=", jsonb_build_array($3::jsonb), COALESCE($4, 'ringing')",
     )
     + _ON_CONFLICT
-    + "twilio_events = c.twilio_events || jsonb_build_array($3::jsonb), "
+    # The latest TWILIO_EVENTS_KEPT only: the oldest is dropped once the record holds that many.
+    + "twilio_events = CASE WHEN jsonb_array_length(c.twilio_events) >= "
+    f"{TWILIO_EVENTS_KEPT} THEN (c.twilio_events - 0) ELSE c.twilio_events END "
+    "|| jsonb_build_array($3::jsonb), "
     "status = COALESCE($4, c.status)"
 )
 _TRANSFERRED = (
@@ -127,8 +132,11 @@ class PostgresCallRecords:
 
     async def write(self, call_sid: str, change: Change, *, at: float) -> None:
         statement, values = _statement(change)
+        # Text columns refuse NUL and lone surrogates as jsonb does (a model's session id holding
+        # one failed the call's writes for ever): made storable as the JSON values are.
+        values = tuple(_jsonable(v) if isinstance(v, str) else v for v in values)
         async with self._db.connection() as conn:
-            await conn.execute(statement, call_sid, at, *values)
+            await conn.execute(statement, _jsonable(call_sid), at, *values)
 
     async def get(self, call_sid: str) -> CallRecord | None:
         async with self._db.connection() as conn:
@@ -195,16 +203,23 @@ def _statement(change: Change) -> tuple[str, tuple[Any, ...]]:
 def _json(value: Any) -> str:
     # PostgreSQL's jsonb refuses the NUL character, which a model's or a caller's text may hold:
     # it would make the write fail for ever. It is replaced, as an undecodable byte would be.
-    return json.dumps(_without_nul(value), ensure_ascii=False)
+    # So are lone surrogates (half an emoji split across two model deltas: not encodable as
+    # UTF-8, asyncpg's DataError) and NaN or infinities (not JSON): each such write failed for
+    # ever too, the call's later changes queued behind it, the instance unready meanwhile.
+    return json.dumps(_jsonable(value), ensure_ascii=False, allow_nan=False)
 
 
-def _without_nul(value: Any) -> Any:
+def _jsonable(value: Any) -> Any:
     if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
+        # A surrogate pair split across strings and joined is made whole; a lone one is U+FFFD.
+        text = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        return text.replace("\x00", "\ufffd")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, dict):
-        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+        return {_jsonable(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_without_nul(v) for v in value]
+        return [_jsonable(v) for v in value]
     return value
 
 

@@ -9,7 +9,8 @@ record in memory, and the reference for the database's version.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 #: Twilio's CallStatus values after which the call is over: a late write from the call's own
 #: path (a stream starting, a call ending) never turns them back into "in-progress".
@@ -67,6 +68,12 @@ class TurnFinished:
     turn: dict
 
 
+# Status callbacks kept per call, the latest. Twilio sends a handful per stream (call and
+# stream statuses); its signature has no timestamp, so a captured callback sent again and again
+# would otherwise grow the record (and its every read and rewrite) without bound.
+TWILIO_EVENTS_KEPT = 100
+
+
 @dataclass(frozen=True)
 class TwilioReported:
     """A status callback: kept as received; its CallStatus, if any, is the call's status."""
@@ -95,6 +102,8 @@ Change = Answered | StreamStarted | TurnFinished | TwilioReported | Transferred 
 
 def apply(record: CallRecord, change: Change) -> None:
     """``change`` made to ``record``, in place."""
+    if isinstance(change, (Answered, StreamStarted)):  # texts from Twilio and the model's server
+        change = replace(change, **{k: well_formed(v) for k, v in asdict(change).items()})
     match change:
         case Answered():
             record.persona = record.persona or change.persona
@@ -109,7 +118,7 @@ def apply(record: CallRecord, change: Change) -> None:
             if record.status not in FINAL_STATUSES:
                 record.status = "in-progress"
         case TurnFinished():
-            turn, key = dict(change.turn), _turn_key(change.turn)
+            turn, key = well_formed(dict(change.turn)), _turn_key(change.turn)
             same = [i for i, t in enumerate(record.transcript) if _turn_key(t) == key]
             if same:
                 record.transcript[same[-1]] = turn
@@ -117,16 +126,31 @@ def apply(record: CallRecord, change: Change) -> None:
                 record.transcript.append(turn)
         case TwilioReported():
             record.twilio_events.append(dict(change.event))
+            del record.twilio_events[:-TWILIO_EVENTS_KEPT]  # the latest only (see the bound)
             if "CallStatus" in change.event:
                 record.status = change.event["CallStatus"]
         case Transferred():
-            record.transfer = dict(change.transfer) if change.transfer is not None else None
+            transfer = change.transfer
+            record.transfer = well_formed(dict(transfer)) if transfer is not None else None
         case StreamEnded():
             record.ended_at, record.end_reason = change.at, change.end_reason
-            record.transcript = [dict(turn) for turn in change.transcript]
+            record.transcript = [well_formed(dict(turn)) for turn in change.transcript]
             record.stats = dict(change.stats)
             if record.status == "in-progress":  # Twilio's call-status callback may say more
                 record.status = "completed"
+
+
+def well_formed(value: Any) -> Any:
+    """``value`` with its texts made encodable: a model's text split mid-emoji across two
+    deltas holds lone surrogates, which no page, JSON answer or database takes as UTF-8 (a 500
+    on the call's page). A pair split and joined again is made whole; a lone half is U+FFFD."""
+    if isinstance(value, str):
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    if isinstance(value, dict):
+        return {well_formed(k): well_formed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [well_formed(v) for v in value]
+    return value
 
 
 def _turn_key(turn: dict) -> tuple:

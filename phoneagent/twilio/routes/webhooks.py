@@ -4,6 +4,7 @@ action after a transfer, and the call and stream status callbacks."""
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Mapping
 from urllib.parse import urlencode, urlsplit
 
@@ -242,17 +243,55 @@ async def end_reason_of(state: ServerState, call_sid: str) -> str | None:
     sockets), else the record. With a shared database the stream may have run on another
     instance, whose record of the end is written as its socket closes, just as Twilio asks this
     action: a record of a live stream is read again for up to END_REASON_WAIT seconds (a
-    stream that died with its instance stays live: the caller hears the apology then)."""
+    stream that died with its instance stays live: the caller hears the apology then).
+
+    The wait is bounded: a Twilio signature has no timestamp, so one captured action can be
+    sent again and again, each send a 2-second poll of the database. Requests for one call
+    share one poll, and at most ``end_reason_pollers`` calls are polled at once; past that a
+    request reads the record once and does not wait."""
     shell = state.active_calls.get(call_sid)
     if shell is not None and shell.call.end_reason is not None:
         return shell.call.end_reason.value
+    if state.calls.shared is None:
+        return _end_reason(await state.calls.fetch(call_sid))
+    polls = _END_REASON_POLLS.setdefault(state.calls, {})
+    poll = polls.get(call_sid)
+    if poll is None:
+        if len(polls) >= end_reason_pollers(state):
+            log.warning("end_reason_wait_skipped", call_sid=call_sid, polling=len(polls))
+            return _end_reason(await state.calls.fetch(call_sid))
+        poll = asyncio.ensure_future(_poll_end_reason(state, call_sid))
+        polls[call_sid] = poll
+        poll.add_done_callback(lambda _: polls.pop(call_sid, None))
+    # Shielded: a request that goes away does not cancel the poll the others wait on.
+    return await asyncio.shield(poll)
+
+
+# Polls in progress, by the CallRecords they read and CallSid (weak: an app's records go
+# with it).
+_END_REASON_POLLS: weakref.WeakKeyDictionary[object, dict[str, asyncio.Future[str | None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def end_reason_pollers(state: ServerState) -> int:
+    """Calls whose end may be polled at once: the calls an instance takes, twice (each ending
+    stream asks once), and never fewer than 16."""
+    return max(16, 2 * state.settings.max_calls)
+
+
+def _end_reason(record: CallRecord | None) -> str | None:
+    return record.end_reason if record is not None else None
+
+
+async def _poll_end_reason(state: ServerState, call_sid: str) -> str | None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + END_REASON_WAIT
     while True:
         record = await state.calls.fetch(call_sid)
         if record is None or record.end_reason is not None or record.started_at is None:
-            return record.end_reason if record is not None else None
-        if state.calls.shared is None or loop.time() >= deadline:
+            return _end_reason(record)
+        if loop.time() >= deadline:
             return None
         await asyncio.sleep(END_REASON_POLL)
 
