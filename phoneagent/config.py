@@ -27,6 +27,10 @@ _INSTANCE_NAME = re.compile(r"[\x21-\x7e]{1,200}")
 # A bearer token travels in a header: visible ASCII only; long enough not to be guessed.
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 MIN_METRICS_TOKEN_LENGTH = 16
+# `phoneagent console hash-password`'s form: scrypt$N$r$p$salt$hash (base64url, no padding).
+_SCRYPT_HASH = re.compile(
+    r"scrypt\$[0-9]{1,8}\$[0-9]{1,3}\$[0-9]{1,3}\$[A-Za-z0-9_-]{8,}\$[A-Za-z0-9_-]{16,}"
+)
 MIN_CONSOLE_PASSWORD_LENGTH = 12  # the console is on the public port: no short passwords
 
 # The credentials `phoneagent serve` cannot run without, with a hint of where each comes from.
@@ -190,7 +194,7 @@ def load_settings(
     )
     console_password = get("PHONEAGENT_CONSOLE_PASSWORD")
     if console_password.startswith("scrypt$"):
-        if console_password.count("$") != 5:
+        if not _SCRYPT_HASH.fullmatch(console_password):
             problems.append(
                 "PHONEAGENT_CONSOLE_PASSWORD looks like a hash but is malformed: make one with "
                 "`phoneagent console hash-password`"

@@ -64,7 +64,11 @@ def test_sign_in_attempts_are_bounded_per_client_and_overall():
 
 @pytest.mark.parametrize(
     ("value", "problem"),
-    [("tiny-pw1", "too short"), ("scrypt$1$2", "malformed")],
+    [
+        ("tiny-pw1", "too short"),
+        ("scrypt$1$2", "malformed"),
+        ("scrypt$N$8$1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA", "malformed"),
+    ],
 )
 def test_a_weak_or_malformed_console_password_is_a_configuration_error(valid_env, value, problem):
     with pytest.raises(ConfigError) as error:

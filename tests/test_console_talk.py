@@ -441,3 +441,26 @@ async def test_a_valid_draft_is_the_persona_of_the_call_and_publishes_no_event(
     outbox = console_stack.state.publisher.worker.outbox
     assert await outbox.list() == []
     assert await outbox.open_calls() == []
+
+
+async def test_a_webhook_token_in_the_persona_file_is_masked_on_the_page(tmp_path, monkeypatch):
+    from console_kit import HOOK_SECRET_ENV, console_settings, personas_with_webhook
+
+    from phoneagent.testing.stack import LocalStack
+
+    monkeypatch.setenv(HOOK_SECRET_ENV, "whsec_c2VjcmV0LXNpZ25pbmcta2V5LWZvci10ZXN0cw==")
+    hook = "https://hooks.example.com/in?token=TOPSECRET-0123456789"
+    personas = personas_with_webhook(tmp_path / "personas", hook)
+    settings = console_settings(personas, tmp_path / "data")
+    async with (
+        LocalStack(personas, settings=settings) as stack,
+        aiohttp.ClientSession(
+            base_url=stack.base_url, cookie_jar=aiohttp.CookieJar(unsafe=True)
+        ) as http,
+    ):
+        await sign_in(http)
+        async with http.get(f"/console/talk/persona/{DENTAL}") as response:
+            text = await response.text()
+    assert response.status == 200
+    assert "TOPSECRET" not in text
+    assert 'url = "https://hooks.example.com/in?***masked***"' in text

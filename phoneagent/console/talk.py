@@ -44,6 +44,7 @@ from aiohttp import web
 from phoneagent.bridge import StreamRefused, bind_call_context, read_start, unbind_call_context
 from phoneagent.call import Call
 from phoneagent.console.web import KEYS, PREFIX, action, add_section, page, render, session_of
+from phoneagent.delivery.outbox import display_url
 from phoneagent.logs import get_logger
 from phoneagent.personas import Persona, TransferTarget, check_draft
 from phoneagent.realtime.connection import ModelSession, ModelUnavailable
@@ -90,7 +91,9 @@ async def talk_page(request: web.Request) -> web.Response:
 
 
 async def persona_file(request: web.Request) -> web.Response:
-    """The persona's file as it is on disk now: where a draft starts from."""
+    """The persona's file as it is on disk now: where a draft starts from. A webhook URL's
+    query string and credentials (which can carry tokens) are shown masked: no secret reaches
+    a page, and a draft never sends webhooks anyway."""
     persona = request.app[STATE].persona(request.match_info["persona_id"])
     if persona is None or persona.source is None:
         return web.json_response({"error": "no such persona"}, status=404)
@@ -98,7 +101,13 @@ async def persona_file(request: web.Request) -> web.Response:
         text = persona.source.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return web.json_response({"error": f"the file cannot be read: {exc}"}, status=404)
+    if persona.webhook is not None and persona.webhook.url != display_url(persona.webhook.url):
+        text = text.replace(persona.webhook.url, display_url(persona.webhook.url) + MASKED)
     return web.Response(text=text, content_type="text/plain")
+
+
+#: What stands for a webhook URL's query string and credentials in a persona file shown.
+MASKED = "?***masked***"
 
 
 async def check_route(request: web.Request) -> web.Response:
