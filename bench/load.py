@@ -45,6 +45,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+from _callers import Callers
 from _harness import (
     DENTAL,
     LOAD_CPU,
@@ -61,7 +62,6 @@ from _harness import (
 )
 
 from phoneagent.logs import configure_logging
-from phoneagent.testing.caller import TwilioCaller
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.speech import synthesize
 from phoneagent.testing.stack import demo_credentials
@@ -154,29 +154,6 @@ async def _model_main(conn: Connection, greeting: str, lead_ms: float) -> None:
     conn.send(({sid: tuple(t) for sid, t in traces.items()}, lag))
 
 
-@dataclass
-class CallTrace:
-    """One call as the caller saw it."""
-
-    sent_t: array = field(default_factory=lambda: array("d"))  # inbound media written
-    sent_ts: array = field(default_factory=lambda: array("q"))  # … and its timestamp (ms)
-    recv_t: array = field(default_factory=lambda: array("d"))  # agent media read
-    recv_n: array = field(default_factory=lambda: array("q"))  # … and its μ-law bytes
-    marks: int = 0  # marks read in the window
-    echoes: int = 0  # mark echoes written in the window
-    clears: int = 0
-    violations: int = 0
-    ended_early: bool = False  # the server closed the stream before the hang-up
-
-    def record(self, kind: str, value: int, now=time.monotonic) -> None:
-        if kind == "sent":
-            self.sent_t.append(now())
-            self.sent_ts.append(value)
-        else:
-            self.recv_t.append(now())
-            self.recv_n.append(value)
-
-
 def callers_process(conn: Connection, cpus: list[int], base: str, sid: str, token: str,
                     mine: range, calls: int, ramp: float) -> None:  # fmt: skip
     _start_load_process(cpus)
@@ -186,53 +163,25 @@ def callers_process(conn: Connection, cpus: list[int], base: str, sid: str, toke
 async def _callers_main(
     conn: Connection, base: str, sid: str, token: str, mine: range, calls: int, ramp: float
 ) -> None:
-    """Calls number *mine* of *calls*, started over *ramp* seconds in all."""
-    connected: list[TwilioCaller] = []
+    """Calls number *mine* of *calls*, started over *ramp* seconds in all (bench/_callers.py)."""
     failures: list[str] = []
-    hang_up = asyncio.Event()
-    window: list[float] = []
-    traces: dict[str, CallTrace] = {}
+    async with Callers(base, sid, token, DENTAL) as callers:
+        pacing = asyncio.create_task(callers.tick())
 
-    async def one_call(index: int) -> None:
-        await asyncio.sleep(index * ramp / calls)
-        trace = CallTrace()
-        caller = TwilioCaller(base, account_sid=sid, auth_token=token, to=DENTAL, speed=1.0,
-                              record_frames=False, media_trace=trace.record)  # fmt: skip
-        async with caller:
+        async def one_call(index: int) -> None:
+            await asyncio.sleep(index * ramp / calls)
             try:
-                await caller.dial()
-                await caller.connect()
-                caller.start_background_silence()
-                connected.append(caller)
+                await callers.call()
             except Exception as exc:
                 failures.append(f"{type(exc).__name__}: {exc}")
-            if len(connected) + len(failures) == len(mine):
-                conn.send(("connected", len(connected), failures[:3]))
-            if not caller.started:
-                return
-            await hang_up.wait()
-            t0, t1 = window
-            trace.ended_early = caller.closed
-            trace.marks = sum(1 for r in caller.received if r.event == "mark" and t0 <= r.at <= t1)
-            trace.echoes = sum(1 for e in caller.mark_echoes if t0 <= e.at <= t1)
-            trace.clears = len(caller.clears)
-            trace.violations = len(caller.violations)
-            traces[caller.call_sid] = trace
-            await caller.hangup()
 
-    lag = array("d"), array("d")
-    watcher = asyncio.create_task(_watch_lag(*lag))
-    tasks = [asyncio.create_task(one_call(i)) for i in mine]
-    _, t0, t1 = await _next_command(conn)
-    window[:] = [t0, t1]
-    hang_up.set()
-    await asyncio.gather(*tasks)
-    watcher.cancel()
-    conn.send(({call_sid: _plain(t) for call_sid, t in traces.items()}, lag))
-
-
-def _plain(trace: CallTrace) -> dict[str, Any]:
-    return dict(trace.__dict__)
+        await asyncio.gather(*(one_call(i) for i in mine))
+        conn.send(("connected", len(callers.lines), failures[:3]))
+        await _next_command(conn)
+        pacing.cancel()
+        await callers.hang_up()
+        traces = {line.call_sid: line.trace() for line in callers.lines}
+    conn.send((traces, (callers.lag_t, callers.lag)))
 
 
 # --- one run: a server under N calls ---------------------------------------------------------
@@ -462,14 +411,13 @@ def analyse(server, calls, sessions, session_ids, t0, t1, problems) -> Run:
         counts["media to caller"] += int(np.count_nonzero(in_window))
         counts["agent audio ms"] += int(recv_n[in_window].sum()) / ULAW_BYTES_PER_MS
         counts["deltas"] += int(np.count_nonzero((out_t >= t0) & (out_t <= t1)))
-        counts["marks"] += call["marks"]
-        counts["mark echoes"] += call["echoes"]
+        mark_t, echo_t = np.frombuffer(call["mark_t"]), np.frombuffer(call["echo_t"])
+        counts["marks"] += int(np.count_nonzero((mark_t >= t0) & (mark_t <= t1)))
+        counts["mark echoes"] += int(np.count_nonzero((echo_t >= t0) & (echo_t <= t1)))
         if out_t[-1] < t1 - 0.2:  # deltas are at most 130 ms apart
             problems["the model's answer ended before the window's end"] += 1
         if call["clears"]:
             problems["Twilio `clear` received (unexpected barge-in)"] += 1
-        if call["violations"]:
-            problems["frames Twilio would refuse"] += 1
 
         # Playback as Twilio's buffer runs it: each frame plays from its arrival or from the end
         # of the one before, whichever is later. A frame arriving after the previous one has
