@@ -66,7 +66,9 @@ class Line:
 
     def __post_init__(self) -> None:
         self.prefix = '{"event": "media", "sequenceNumber": "'
-        self.middle = f'", "streamSid": "{self.stream_sid}", "media": {{"track": "inbound", "chunk": "'
+        self.middle = (
+            f'", "streamSid": "{self.stream_sid}", "media": {{"track": "inbound", "chunk": "'
+        )
         self.suffix = f'", "payload": "{SILENCE_B64}"}}}}'
 
     def media(self) -> str:
@@ -74,9 +76,7 @@ class Line:
         self.frames += 1
         seq, self.seq = self.seq, self.seq + 1
         ts = (self.frames - 1) * FRAME_MS
-        return (
-            f'{self.prefix}{seq}{self.middle}{self.frames}", "timestamp": "{ts}{self.suffix}'
-        )
+        return f'{self.prefix}{seq}{self.middle}{self.frames}", "timestamp": "{ts}{self.suffix}'
 
     def echo(self, name: str) -> str:
         seq, self.seq = self.seq, self.seq + 1

@@ -67,10 +67,11 @@ from phoneagent.testing.speech import synthesize
 from phoneagent.testing.stack import demo_credentials
 
 RELAY = Path(__file__).resolve().with_name("relay_server.py")
-SERVERS = ("phoneagent", "relay")
+PIPECAT = Path(__file__).resolve().with_name("pipecat_server.py")
+SERVERS = ("phoneagent", "pipecat", "relay")
 # What the model hears per μ-law byte from the caller: phoneagent appends pcm16 at 24 kHz (6
 # bytes per μ-law byte), the relay the μ-law itself.
-MODEL_BYTES_PER_ULAW_BYTE = {"phoneagent": 6, "relay": 1}
+MODEL_BYTES_PER_ULAW_BYTE = {"phoneagent": 6, "pipecat": 6, "relay": 1}
 # pcm16 24 kHz model audio per μ-law byte to the caller (the relay keeps one byte in six).
 PCM_BYTES_PER_ULAW_BYTE = 6
 ULAW_BYTES_PER_MS = 8
@@ -196,6 +197,7 @@ class Plan:
     lead_ms: float
     load_cpus: list[int] = field(default_factory=lambda: [LOAD_CPU])
     caller_processes: int = 1
+    pipecat_python: str = sys.executable
 
 
 @dataclass
@@ -296,7 +298,9 @@ async def run_server(server: str, plan: Plan, greeting: str, personas: Path) -> 
             process, base = await start_phoneagent(model_url, personas, sid, token, plan.calls)
         else:
             port = free_port()
-            argv = [sys.executable, str(RELAY), "--port", str(port), "--model-url", model_url,
+            python, script = (plan.pipecat_python, PIPECAT) if server == "pipecat" else (
+                sys.executable, RELAY)  # fmt: skip
+            argv = [python, str(script), "--port", str(port), "--model-url", model_url,
                     "--greeting", greeting]  # fmt: skip
             process, base = await start_process(argv, port), f"http://127.0.0.1:{port}"
         await asyncio.sleep(1.0)
@@ -453,6 +457,147 @@ def analyse(server, calls, sessions, session_ids, t0, t1, problems) -> Run:
         per_call_second=per_call_second,
         problems=problems,
     )
+
+
+# --- is the figure the server's? ------------------------------------------------------------
+
+MAX_LAG_MS = 5.0  # the load generator's event-loop lag p99 above which a figure is refused
+MAX_LOAD_SHARE = 0.85  # a load process's share of a core above which it is called saturated
+
+
+def generator_problem(run: Run, max_lag_ms: float = MAX_LAG_MS) -> str | None:
+    """Why the load generator (callers and fake model) may have shaped this run's figures, or
+    None: a load process's event loop lagging more than *max_lag_ms* (p99, over the window), a
+    load process using more than MAX_LOAD_SHARE of a core, or the load CPUs busy (whoever used
+    them) above SATURATED."""
+    for name, lag in run.load_lag_p99_ms.items():
+        if not lag <= max_lag_ms:
+            return f"{name}: event-loop lag p99 {lag:.1f} ms > {max_lag_ms:g} ms"
+    for name, seconds in run.load_cpu_s.items():
+        if seconds / run.window_s >= MAX_LOAD_SHARE:
+            return f"{name}: {seconds / run.window_s:.0%} of a core"
+    if run.load_share >= SATURATED:
+        return f"the load CPUs {run.load_share:.0%} busy"
+    return None
+
+
+def within_budget(run: Run) -> str | None:
+    """Why the server did not carry this run's calls within the latency budget, or None: p99
+    frame latency ≤ 20 ms each way, no underrun, every call connected and streaming in real
+    time."""
+    if run.problems:
+        return "; ".join(f"{n} calls: {p}" for p, n in run.problems.items())
+    if run.realtime < 0.98:
+        return f"only {run.realtime:.0%} of the audio got through"
+    inbound, outbound = p99s(run)
+    if max(inbound, outbound) > BUDGETS["p99_ms"]:
+        return f"p99 {inbound:.1f} / {outbound:.1f} ms"
+    if run.underruns:
+        return f"{run.underruns} underruns"
+    return None
+
+
+def p99s(run: Run) -> tuple[float, float]:
+    return float(np.percentile(run.inbound_ms, 99)), float(np.percentile(run.outbound_ms, 99))
+
+
+@dataclass
+class Capacity:
+    """The most calls one server carried within the budget, found by trying."""
+
+    server: str
+    found: int | None = None  # the most calls that passed (None: not even the first step)
+    failed: int | None = None  # the fewest that failed
+    run: Run | None = None  # the run at *found*
+    stopped: str | None = None  # why the search stopped short (the load generator)
+    steps: list[tuple[int, str]] = field(default_factory=list)  # calls → verdict
+
+
+async def find_capacity(server: str, plan: Plan, greeting: str, personas: Path,
+                        start: int, resolution: float, max_lag_ms: float) -> Capacity:  # fmt: skip
+    """Doubling from *start* calls until a step misses the budget, then bisection until the
+    bracket is narrower than *resolution* (a share of the calls). Each step is a fresh run of
+    *plan* (a short window). A step where the load generator lagged ends the search: what it
+    found so far is a lower bound, and says so."""
+    capacity = Capacity(server)
+    calls = start
+    while True:
+        print(f"  {server}: trying {calls} calls …", file=sys.stderr)
+        run = await run_server(server, dataclasses.replace(plan, calls=calls), greeting, personas)
+        problem = generator_problem(run, max_lag_ms)
+        if problem is not None:
+            capacity.steps.append((calls, f"generator saturated ({problem})"))
+            capacity.stopped = f"at {calls} calls the load generator saturated ({problem})"
+            return capacity
+        miss = within_budget(run)
+        capacity.steps.append((calls, miss or "within budget"))
+        if miss is None:
+            capacity.found, capacity.run = calls, run
+        else:
+            capacity.failed = calls
+        if capacity.failed is None:
+            calls *= 2
+        elif capacity.found is None:
+            if calls <= 1:
+                return capacity
+            calls = max(1, calls // 2)
+            if any(c == calls for c, _ in capacity.steps):
+                return capacity
+        else:
+            if capacity.failed - capacity.found <= max(1, resolution * capacity.found):
+                return capacity
+            calls = (capacity.found + capacity.failed) // 2
+
+
+def side_by_side(runs: list[Run], capacities: dict[str, Capacity], max_lag_ms: float) -> None:
+    """One line per server: the fixed-load figures, the found capacity, the ratios to the relay."""
+    relay = next((r for r in runs if r.server == "relay"), None)
+    relay_cap = capacities.get("relay")
+    refused = {r.server: generator_problem(r, max_lag_ms) for r in runs}
+
+    def ratio(value: float | None, base: float | None) -> str:
+        if value is None or base is None or not base or math.isnan(value) or math.isnan(base):
+            return "—"
+        return f"{value / base:.2f}×"
+
+    print(
+        "| server | calls | CPU per call-second (ms) | ÷ relay | calls per core (found) | "
+        "÷ relay | memory per call (MiB) | ÷ relay | caller → model p50 / p99 (ms) | "
+        "model → caller p50 / p99 (ms) | underruns |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    relay_ok = relay is not None and refused.get("relay") is None
+    for run in runs:
+        cap = capacities.get(run.server)
+        found = cap.found if cap is not None else None
+        base_found = relay_cap.found if relay_cap is not None else None
+        if cap is None:
+            found_cell = "not searched"
+        elif found is None:
+            found_cell = "none" if cap.stopped is None else "not found: generator saturated"
+        else:
+            found_cell = f"{found}" + (" (≥; generator saturated above)" if cap.stopped else "")
+        problem = refused[run.server]
+        if problem is not None:
+            print(
+                f"| {run.server} | {run.calls} | generator saturated: not reported ({problem}) "
+                f"| | {found_cell} | {ratio(found, base_found)} | | | | | |"
+            )
+            continue
+        cpu, mib = run.cpu_ms_per_call_second, run.mib_per_call
+        (i50, i99), (o50, o99) = (np.percentile(v, [50, 99]) for v in (run.inbound_ms,
+                                                                     run.outbound_ms))  # fmt: skip
+        print(
+            f"| {run.server} | {run.calls} | {cpu:.2f} | "
+            f"{ratio(cpu, relay.cpu_ms_per_call_second) if relay_ok else '—'} | {found_cell} | "
+            f"{ratio(found, base_found)} | {mib:.3f} | "
+            f"{ratio(mib, relay.mib_per_call) if relay_ok else '—'} | {i50:.2f} / {i99:.2f} | "
+            f"{o50:.2f} / {o99:.2f} | {run.underruns} |"
+        )
+    for cap in capacities.values():
+        steps = ", ".join(f"{calls}: {verdict}" for calls, verdict in cap.steps)
+        share = f"; the server used {cap.run.server_share:.0%} of its core there" if cap.run else ""
+        print(f"- {cap.server} search{share}: {steps}")
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -636,12 +781,34 @@ async def main() -> None:
         help=f"CPUs for the load (the server has CPU {SERVER_CPU})",
     )
     parser.add_argument("--caller-processes", type=int, default=1, help="split the callers")
+    parser.add_argument(
+        "--find",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="search each server's most calls within the budget (--no-find: skip)",
+    )
+    parser.add_argument("--find-start", type=int, default=25, help="the search's first step")
+    parser.add_argument("--find-seconds", type=float, default=10.0, help="each step's window")
+    parser.add_argument(
+        "--find-resolution", type=float, default=0.1, help="stop when the bracket is this narrow"
+    )
+    parser.add_argument(
+        "--max-lag-ms",
+        type=float,
+        default=MAX_LAG_MS,
+        help="refuse figures when a load process's event loop lagged more (p99)",
+    )
+    parser.add_argument(
+        "--pipecat-python",
+        default=os.environ.get("PIPECAT_PYTHON", sys.executable),
+        help="a Python with pipecat-ai (the bench extra): default $PIPECAT_PYTHON or this one",
+    )
     args = parser.parse_args()
     load_cpus = [int(cpu) for cpu in args.load_cpus.split(",")]
     if SERVER_CPU in load_cpus or max(load_cpus) >= (os.cpu_count() or 1):
         parser.error(f"--load-cpus: CPUs other than {SERVER_CPU}, below {os.cpu_count()}")
     plan = Plan(args.calls, args.seconds, args.warmup, args.ramp, args.lead_ms, load_cpus,
-                args.caller_processes)  # fmt: skip
+                args.caller_processes, args.pipecat_python)  # fmt: skip
     configure_logging("console", "warning")
     pin(0, load_cpus)
     # Every call hears agent audio until the hang-up, even if the calls take long to connect.
@@ -650,11 +817,24 @@ async def main() -> None:
     if args.latency_calls:
         plans.append(("phoneagent", dataclasses.replace(plan, calls=args.latency_calls)))
     runs = []
+    capacities: dict[str, Capacity] = {}
+    step = dataclasses.replace(plan, seconds=args.find_seconds, warmup=3.0, ramp=5.0)
     with tempfile.TemporaryDirectory() as tmp:
         personas = bench_personas(Path(tmp), greeting=greeting)
         for server, run_plan in plans:
             print(f"{server}, {run_plan.calls} calls …", file=sys.stderr)
             runs.append(await run_server(server, run_plan, greeting, personas))
+        if args.find:
+            for server in args.servers.split(","):
+                print(f"{server}: searching the most calls within the budget …", file=sys.stderr)
+                capacities[server] = await find_capacity(server, step, greeting, personas,
+                    args.find_start, args.find_resolution, args.max_lag_ms)  # fmt: skip
+    print(
+        f"\nSide by side ({plan.calls} calls, {plan.seconds:.0f} s window; calls per core found "
+        f"by search, {args.find_seconds:.0f} s per step; a figure measured while the load "
+        f"generator lagged more than {args.max_lag_ms:g} ms p99 is not reported):\n"
+    )
+    side_by_side(runs, capacities, args.max_lag_ms)
     report(runs, plan)
 
 
