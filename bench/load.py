@@ -463,6 +463,7 @@ def analyse(server, calls, sessions, session_ids, t0, t1, problems) -> Run:
 
 MAX_LAG_MS = 5.0  # the load generator's event-loop lag p99 above which a figure is refused
 MAX_LOAD_SHARE = 0.85  # a load process's share of a core above which it is called saturated
+MAX_OTHERS_SHARE = 0.1  # other processes' share of the server's core that voids a run
 
 
 def generator_problem(run: Run, max_lag_ms: float = MAX_LAG_MS) -> str | None:
@@ -472,12 +473,15 @@ def generator_problem(run: Run, max_lag_ms: float = MAX_LAG_MS) -> str | None:
     them) above SATURATED."""
     for name, lag in run.load_lag_p99_ms.items():
         if not lag <= max_lag_ms:
-            return f"{name}: event-loop lag p99 {lag:.1f} ms > {max_lag_ms:g} ms"
+            return f"generator saturated: {name}'s event-loop lag p99 {lag:.1f} ms > {max_lag_ms:g}"
     for name, seconds in run.load_cpu_s.items():
         if seconds / run.window_s >= MAX_LOAD_SHARE:
-            return f"{name}: {seconds / run.window_s:.0%} of a core"
+            return f"generator saturated: {name} used {seconds / run.window_s:.0%} of a core"
     if run.load_share >= SATURATED:
-        return f"the load CPUs {run.load_share:.0%} busy"
+        return f"generator saturated: the load CPUs {run.load_share:.0%} busy"
+    others = run.server_core_busy - run.server_share
+    if others >= MAX_OTHERS_SHARE:
+        return f"machine busy: other processes took {others:.0%} of the server's core"
     return None
 
 
@@ -526,8 +530,8 @@ async def find_capacity(server: str, plan: Plan, greeting: str, personas: Path,
         run = await run_server(server, dataclasses.replace(plan, calls=calls), greeting, personas)
         problem = generator_problem(run, max_lag_ms)
         if problem is not None:
-            capacity.steps.append((calls, f"generator saturated ({problem})"))
-            capacity.stopped = f"at {calls} calls the load generator saturated ({problem})"
+            capacity.steps.append((calls, problem))
+            capacity.stopped = f"at {calls} calls: {problem}"
             return capacity
         miss = within_budget(run)
         capacity.steps.append((calls, miss or "within budget"))
@@ -574,13 +578,14 @@ def side_by_side(runs: list[Run], capacities: dict[str, Capacity], max_lag_ms: f
         if cap is None:
             found_cell = "not searched"
         elif found is None:
-            found_cell = "none" if cap.stopped is None else "not found: generator saturated"
+            found_cell = "none" if cap.stopped is None else "not found: not reported"
         else:
-            found_cell = f"{found}" + (" (≥; generator saturated above)" if cap.stopped else "")
+            found_cell = f"≥ {found} (search stopped)" if cap.stopped else f"{found}"
         problem = refused[run.server]
         if problem is not None:
+            label, _, detail = problem.partition(": ")
             print(
-                f"| {run.server} | {run.calls} | generator saturated: not reported ({problem}) "
+                f"| {run.server} | {run.calls} | {label}: not reported ({detail}) "
                 f"| | {found_cell} | {ratio(found, base_found)} | | | | | |"
             )
             continue
