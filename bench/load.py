@@ -43,6 +43,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+# This checkout's phoneagent, not an installed copy elsewhere (an editable install of another
+# checkout would otherwise serve the callers and the fake model; the spawned load processes
+# inherit this path, and the server runs with this directory as its working directory).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import aiohttp
 import numpy as np
 from _callers import Callers
