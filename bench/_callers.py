@@ -9,9 +9,10 @@ string concatenations — no JSON encoder, no base64, no numpy on the sending si
 
 - the frame's payload (160 bytes of μ-law silence) is base64-encoded once; each `media` message
   is the call's pre-built prefix and suffix around its sequence number, chunk and timestamp;
-- one pacing task (`Callers.tick`) wakes every 20 ms against absolute deadlines and writes the
-  due frame of every call in progress, then the mark echoes that have come due; there is no
-  per-call timer and no `wait_for`;
+- one pacing task (`Callers.tick`) wakes every 5 ms against absolute deadlines and writes the
+  due frame of a quarter of the calls (each call's frames 20 ms apart, the calls spread over
+  the 20 ms as real calls are), then the mark echoes that have come due; there is no per-call
+  timer and no `wait_for`;
 - a server `media` message is not decoded: its audio length comes from its base64 length;
   other messages (`mark`, `clear`) are parsed as JSON.
 
@@ -38,6 +39,7 @@ from phoneagent.testing.twilio_signing import Signature, signature_headers
 
 FRAME_S = 0.020
 FRAME_MS = 20
+SLOTS = 4  # the pacing task wakes every 5 ms, for a quarter of the calls each time
 ULAW_BYTES_PER_S = 8000
 SILENCE_B64 = base64.b64encode(b"\xff" * 160).decode("ascii")
 
@@ -98,6 +100,7 @@ class Callers:
     def __init__(self, base: str, account_sid: str, auth_token: str, to: str) -> None:
         self.base, self.account_sid, self.auth_token, self.to = base, account_sid, auth_token, to
         self.lines: list[Line] = []
+        self.slots: list[list[Line]] = [[] for _ in range(SLOTS)]
         self.due: list[tuple[float, int, Line, str]] = []  # mark echoes: (due, n, line, name)
         self.lag_t, self.lag = array("d"), array("d")  # pacing wake-ups: when, how late (s)
         self._n = 0
@@ -143,18 +146,24 @@ class Callers:
         }
         await ws.send_str('{"event": "connected", "protocol": "Call", "version": "1.0.0"}')
         await ws.send_str(json.dumps(start))
+        self.slots[len(self.lines) % SLOTS].append(line)
         self.lines.append(line)
         self._readers.append(asyncio.create_task(self._read(line)))
         return line
 
     async def tick(self) -> None:
-        """Every 20 ms, against absolute deadlines: one frame to every call, then the mark
-        echoes that are due. A wake-up later than a whole frame does not send two frames: the
-        lag is recorded, and Twilio would not burst either."""
+        """Every 20 ms / SLOTS, against absolute deadlines: one frame to every call of the slot
+        that is due, then the mark echoes that are due. Each call has a slot (round robin), so
+        it gets one frame every 20 ms while the calls' frames are spread over the 20 ms, as
+        real calls' are (their streams start at unrelated moments): all calls' frames in one
+        burst would queue in the server, and in the fake model, and measure that queue. A
+        wake-up later than a whole frame does not send two frames: the lag is recorded, and
+        Twilio would not burst either."""
         deadline = time.monotonic()
         now_ = time.monotonic
+        slot = 0
         while True:
-            deadline += FRAME_S
+            deadline += FRAME_S / SLOTS
             delay = deadline - now_()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -163,7 +172,7 @@ class Callers:
             self.lag.append(now - deadline)
             if now - deadline > FRAME_S:
                 deadline = now  # fell behind by a frame or more: start again from now
-            for line in self.lines:
+            for line in self.slots[slot]:
                 if line.closed:
                     continue
                 line.sent_t.append(now_())
@@ -172,6 +181,7 @@ class Callers:
                     await line.ws.send_str(line.media())
                 except ConnectionError:
                     line.closed = True
+            slot = (slot + 1) % SLOTS
             due = self.due
             while due and due[0][0] <= now:
                 _, _, line, name = heapq.heappop(due)

@@ -776,9 +776,9 @@ def long_answer(seconds: float) -> str:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=200, help="concurrent calls")
+    parser.add_argument("--calls", type=int, default=50, help="concurrent calls")
     parser.add_argument(
-        "--latency-calls", type=int, default=50, help="calls of the last run (0: no such run)"
+        "--latency-calls", type=int, default=0, help="calls of an extra phoneagent run (0: none)"
     )
     parser.add_argument("--seconds", type=float, default=30.0, help="measured window")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds after the ramp")
