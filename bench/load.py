@@ -522,18 +522,33 @@ class Capacity:
     steps: list[tuple[int, str]] = field(default_factory=list)  # calls → verdict
 
 
-async def find_capacity(server: str, plan: Plan, greeting: str, personas: Path,
-                        start: int, resolution: float, max_lag_ms: float) -> Capacity:  # fmt: skip
+async def find_capacity(
+    server: str,
+    plan: Plan,
+    greeting: str,
+    personas: Path,
+    start: int,
+    resolution: float,
+    max_lag_ms: float,
+    retries: int,
+) -> Capacity:
     """Doubling from *start* calls until a step misses the budget, then bisection until the
     bracket is narrower than *resolution* (a share of the calls). Each step is a fresh run of
-    *plan* (a short window). A step where the load generator lagged ends the search: what it
-    found so far is a lower bound, and says so."""
+    *plan* (a short window). A step where the load generator lagged (or the machine was busy)
+    is tried again up to *retries* times, then ends the search: what it found so far is a lower
+    bound, and says so."""
     capacity = Capacity(server)
     calls = start
     while True:
-        print(f"  {server}: trying {calls} calls …", file=sys.stderr)
-        run = await run_server(server, dataclasses.replace(plan, calls=calls), greeting, personas)
-        problem = generator_problem(run, max_lag_ms)
+        for attempt in range(1 + retries):  # a neighbour's burst passes: try the step again
+            print(f"  {server}: trying {calls} calls …", file=sys.stderr)
+            step = dataclasses.replace(plan, calls=calls)
+            run = await run_server(server, step, greeting, personas)
+            problem = generator_problem(run, max_lag_ms)
+            if problem is None:
+                break
+            if attempt < retries:
+                capacity.steps.append((calls, f"{problem}; tried again"))
         if problem is not None:
             capacity.steps.append((calls, problem))
             capacity.stopped = f"at {calls} calls: {problem}"
@@ -799,6 +814,7 @@ async def main() -> None:
     )
     parser.add_argument("--find-start", type=int, default=25, help="the search's first step")
     parser.add_argument("--find-seconds", type=float, default=10.0, help="each step's window")
+    parser.add_argument("--find-retries", type=int, default=1, help="tries again of a refused step")
     parser.add_argument(
         "--find-resolution", type=float, default=0.1, help="stop when the bracket is this narrow"
     )
@@ -838,7 +854,8 @@ async def main() -> None:
             for server in args.servers.split(","):
                 print(f"{server}: searching the most calls within the budget …", file=sys.stderr)
                 capacities[server] = await find_capacity(server, step, greeting, personas,
-                    args.find_start, args.find_resolution, args.max_lag_ms)  # fmt: skip
+                    args.find_start, args.find_resolution, args.max_lag_ms,
+                    args.find_retries)  # fmt: skip
     print(
         f"\nSide by side ({plan.calls} calls, {plan.seconds:.0f} s window; calls per core found "
         f"by search, {args.find_seconds:.0f} s per step; a figure measured while the load "
