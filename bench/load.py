@@ -535,10 +535,10 @@ async def find_capacity(
     """Doubling from *start* calls until a step misses the budget, then bisection until the
     bracket is narrower than *resolution* (a share of the calls). Each step is a fresh run of
     *plan* (a short window). A step where the load generator lagged (or the machine was busy)
-    is tried again up to *retries* times, then ends the search: what it found so far is a lower
-    bound, and says so."""
+    is tried again up to *retries* times; if refused still, it bounds the search like a miss,
+    and a result bounded by it is a lower bound, and says so."""
     capacity = Capacity(server)
-    calls = start
+    calls, refused, refusal = start, None, ""
     while True:
         for attempt in range(1 + retries):  # a neighbour's burst passes: try the step again
             print(f"  {server}: trying {calls} calls …", file=sys.stderr)
@@ -551,26 +551,29 @@ async def find_capacity(
                 capacity.steps.append((calls, f"{problem}; tried again"))
         if problem is not None:
             capacity.steps.append((calls, problem))
-            capacity.stopped = f"at {calls} calls: {problem}"
-            return capacity
-        miss = within_budget(run)
-        capacity.steps.append((calls, miss or "within budget"))
-        if miss is None:
+            if refused is None or calls < refused:
+                refused, refusal = calls, f"at {calls} calls: {problem}"
+        elif (miss := within_budget(run)) is None:
+            capacity.steps.append((calls, "within budget"))
             capacity.found, capacity.run = calls, run
         else:
-            capacity.failed = calls
-        if capacity.failed is None:
+            capacity.steps.append((calls, miss))
+            capacity.failed = min(calls, capacity.failed or calls)
+        bounds = [n for n in (capacity.failed, refused) if n is not None]
+        if not bounds:
             calls *= 2
-        elif capacity.found is None:
-            if calls <= 1:
+            continue
+        upper = min(bounds)
+        # The search stopped short of the server's limit when a refused step bounds it.
+        capacity.stopped = refusal if upper == refused else None
+        if capacity.found is None:
+            calls = upper // 2
+            if calls < 1 or any(c == calls for c, _ in capacity.steps):
                 return capacity
-            calls = max(1, calls // 2)
-            if any(c == calls for c, _ in capacity.steps):
-                return capacity
+        elif upper - capacity.found <= max(1, resolution * capacity.found):
+            return capacity
         else:
-            if capacity.failed - capacity.found <= max(1, resolution * capacity.found):
-                return capacity
-            calls = (capacity.found + capacity.failed) // 2
+            calls = (capacity.found + upper) // 2
 
 
 def side_by_side(runs: list[Run], capacities: dict[str, Capacity], max_lag_ms: float) -> None:
