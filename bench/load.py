@@ -1,27 +1,33 @@
-"""Load: N concurrent calls in real time through phoneagent, and through a pure relay, in one run.
+"""Load: N concurrent calls in real time through phoneagent, Pipecat and a pure relay, in one run.
 
-For each server in turn — `phoneagent serve`, then `bench/relay_server.py` (no transcoding, no
-marks, as Twilio's sample) — the server runs as its own process pinned to CPU 0, and the load
-runs on CPU 1 in two processes: the N scripted Twilio callers, and the fake StepFun model. Every
+For each server in turn — `phoneagent serve`, `bench/pipecat_server.py` (Pipecat as its Twilio
+dial-in example builds it, with its OpenAI realtime service) and `bench/relay_server.py` (no
+transcoding, no marks, as Twilio's sample) — the server runs as its own process pinned to CPU
+0, and the load runs on CPU 1 in two processes: the load generator (`bench/_callers.py`: N
+Twilio media streams paced by one task, pre-built messages), and the fake StepFun model. Every
 call is full duplex for its whole length: the caller's line sends 20 ms frames of silence in
 real time (Twilio streams the caller's side continuously), and the model speaks one long answer
 paced at real time, keeping `--lead-ms` ahead of playback, so the caller hears agent audio all
 the time. Calls start over `--ramp` seconds; after `--warmup` seconds more, a window of
-`--seconds` is measured with all N calls in progress. A last run puts `--latency-calls` calls
-through phoneagent: a load one core of load generator drives without lagging, for latency
-figures that are the server's. Per run:
+`--seconds` is measured with all N calls in progress. Per run:
 
 - server CPU time (/proc/PID/stat) over the window ÷ (N × window);
 - server memory (VmRSS) with N calls minus before the first call, ÷ N;
 - frame latency each way: caller → model, from the caller writing a `media` frame to the fake
   model reading the append that completes that audio; model → caller, from the model writing an
   audio delta to the caller reading the `media` frame that delta completes. Audio positions are
-  matched by byte counts (both servers keep every sample, in order); the clock is the machine's
-  monotonic clock, shared by the load processes;
+  matched by byte counts (every server keeps every sample, in order); the clock is the
+  machine's monotonic clock, shared by the load processes;
 - underruns: see bench/README.md.
 
-    python bench/load.py [--calls 200] [--latency-calls 50] [--seconds 30] [--warmup 5]
-        [--ramp 10] [--lead-ms 100] [--load-cpus 1] [--caller-processes 1]
+A run's figures are not reported when the load generator lagged (its event loops' lag p99 over
+`--max-lag-ms`, or a load process near a full core) or other processes took the server's core.
+Then, unless `--no-find`, a search per server for the most calls within the budget (p99 ≤ 20 ms
+each way, no underrun): calls per core, found by trying, not extrapolated.
+
+    python bench/load.py [--calls 50] [--seconds 30] [--warmup 5] [--ramp 10] [--no-find]
+        [--find-start 25] [--find-seconds 10] [--max-lag-ms 5] [--servers phoneagent,pipecat,relay]
+        [--pipecat-python PATH] [--lead-ms 100] [--load-cpus 1] [--caller-processes 1]
 """
 
 from __future__ import annotations
