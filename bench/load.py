@@ -234,6 +234,7 @@ class Run:
     per_call_second: dict[str, float]  # messages of each kind per call-second
     problems: Counter[str]  # what went wrong → in how many calls
     connect_s: float = math.nan  # from the first call's start to the last one streaming
+    load_lag_max_ms: dict[str, float] = field(default_factory=dict)
     load_cpus: int = 1
 
     @property
@@ -370,14 +371,15 @@ async def run_server(server: str, plan: Plan, greeting: str, personas: Path) -> 
     run.server_cpu_busy_s = busy1[SERVER_CPU] - busy0[SERVER_CPU]
     run.rss_idle, run.rss_loaded = rss_idle, rss_loaded
     run.load_lag_p99_ms = {name: _lag_p99(lag, t0, t1) for name, lag in lags.items()}
+    run.load_lag_max_ms = {name: _lag_p99(lag, t0, t1, 100) for name, lag in lags.items()}
     run.load_cpus = len(plan.load_cpus)
     return run
 
 
-def _lag_p99(lag: tuple[array, array], t0: float, t1: float) -> float:
+def _lag_p99(lag: tuple[array, array], t0: float, t1: float, percentile: float = 99) -> float:
     times, lags = np.frombuffer(lag[0]), np.frombuffer(lag[1])
     inside = lags[(times >= t0) & (times <= t1)]
-    return float(np.percentile(inside, 99) * 1000) if inside.size else math.nan
+    return float(np.percentile(inside, percentile) * 1000) if inside.size else math.nan
 
 
 # --- analysis --------------------------------------------------------------------------------
@@ -479,12 +481,16 @@ MAX_OTHERS_SHARE = 0.1  # other processes' share of the server's core that voids
 
 def generator_problem(run: Run, max_lag_ms: float = MAX_LAG_MS) -> str | None:
     """Why the load generator (callers and fake model) may have shaped this run's figures, or
-    None: a load process's event loop lagging more than *max_lag_ms* (p99, over the window), a
-    load process using more than MAX_LOAD_SHARE of a core, or the load CPUs busy (whoever used
+    None: a load process's event loop lagging more than *max_lag_ms* (p99, over the window) or
+    once more than the latency budget (a stall: the machine's or the generator's), a load
+    process using more than MAX_LOAD_SHARE of a core, or the load CPUs busy (whoever used
     them) above SATURATED."""
     for name, lag in run.load_lag_p99_ms.items():
         if not lag <= max_lag_ms:
             return f"generator saturated: {name}'s event-loop lag p99 {lag:.1f} ms > {max_lag_ms:g}"
+    for name, lag in run.load_lag_max_ms.items():
+        if not lag <= BUDGETS["p99_ms"]:  # one stall this long is in the latency figures
+            return f"generator stalled: {name}'s event loop once {lag:.0f} ms late"
     for name, seconds in run.load_cpu_s.items():
         if seconds / run.window_s >= MAX_LOAD_SHARE:
             return f"generator saturated: {name} used {seconds / run.window_s:.0%} of a core"
@@ -599,6 +605,15 @@ def side_by_side(runs: list[Run], capacities: dict[str, Capacity], max_lag_ms: f
             return "—"
         return f"{value / base:.2f}×"
 
+    def found_ratio(cap: Capacity | None) -> str:
+        """Found calls over the relay's; a bound when either is a lower bound."""
+        if cap is None or relay_cap is None or cap.found is None or relay_cap.found is None:
+            return "—"
+        if cap.stopped and relay_cap.stopped:
+            return "—"
+        prefix = "≥ " if cap.stopped else "≤ " if relay_cap.stopped else ""
+        return prefix + ratio(cap.found, relay_cap.found)
+
     print(
         "| server | calls | CPU per call-second (ms) | ÷ relay | calls per core (found) | "
         "÷ relay | memory per call (MiB) | ÷ relay | caller → model p50 / p99 (ms) | "
@@ -609,7 +624,6 @@ def side_by_side(runs: list[Run], capacities: dict[str, Capacity], max_lag_ms: f
     for run in runs:
         cap = capacities.get(run.server)
         found = cap.found if cap is not None else None
-        base_found = relay_cap.found if relay_cap is not None else None
         if cap is None:
             found_cell = "not searched"
         elif found is None:
@@ -625,7 +639,7 @@ def side_by_side(runs: list[Run], capacities: dict[str, Capacity], max_lag_ms: f
             label, _, detail = problem.partition(": ")
             print(
                 f"| {run.server} | {run.calls} | {label}: not reported ({detail}) "
-                f"| | {found_cell} | {ratio(found, base_found)} | | | | | |"
+                f"| | {found_cell} | {found_ratio(cap)} | | | | | |"
             )
             continue
         cpu, mib = run.cpu_ms_per_call_second, run.mib_per_call
@@ -634,7 +648,7 @@ def side_by_side(runs: list[Run], capacities: dict[str, Capacity], max_lag_ms: f
         print(
             f"| {run.server} | {run.calls} | {cpu:.2f} | "
             f"{ratio(cpu, relay.cpu_ms_per_call_second) if relay_ok else '—'} | {found_cell} | "
-            f"{ratio(found, base_found)} | {mib:.3f} | "
+            f"{found_ratio(cap)} | {mib:.3f} | "
             f"{ratio(mib, relay.mib_per_call) if relay_ok else '—'} | {i50:.2f} / {i99:.2f} | "
             f"{o50:.2f} / {o99:.2f} | {run.underruns} |"
         )
