@@ -90,6 +90,8 @@ async def start_phoneagent(
         "PHONEAGENT_PERSONAS_DIR": str(personas),
         "PHONEAGENT_MAX_CALLS": str(max_calls),
         "LOG_LEVEL": "warning",
+        # This checkout's phoneagent, wherever the benchmark is started from.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     argv = [sys.executable, "-m", "phoneagent.cli", "serve", "--host", "127.0.0.1"]
     process = await start_process(argv, port, env, cpu)

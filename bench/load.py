@@ -1,27 +1,33 @@
-"""Load: N concurrent calls in real time through phoneagent, and through a pure relay, in one run.
+"""Load: N concurrent calls in real time through phoneagent, Pipecat and a pure relay, in one run.
 
-For each server in turn — `phoneagent serve`, then `bench/relay_server.py` (no transcoding, no
-marks, as Twilio's sample) — the server runs as its own process pinned to CPU 0, and the load
-runs on CPU 1 in two processes: the N scripted Twilio callers, and the fake StepFun model. Every
+For each server in turn — `phoneagent serve`, `bench/pipecat_server.py` (Pipecat as its Twilio
+dial-in example builds it, with its OpenAI realtime service) and `bench/relay_server.py` (no
+transcoding, no marks, as Twilio's sample) — the server runs as its own process pinned to CPU
+0, and the load runs on CPU 1 in two processes: the load generator (`bench/_callers.py`: N
+Twilio media streams paced by one task, pre-built messages), and the fake StepFun model. Every
 call is full duplex for its whole length: the caller's line sends 20 ms frames of silence in
 real time (Twilio streams the caller's side continuously), and the model speaks one long answer
 paced at real time, keeping `--lead-ms` ahead of playback, so the caller hears agent audio all
 the time. Calls start over `--ramp` seconds; after `--warmup` seconds more, a window of
-`--seconds` is measured with all N calls in progress. A last run puts `--latency-calls` calls
-through phoneagent: a load one core of load generator drives without lagging, for latency
-figures that are the server's. Per run:
+`--seconds` is measured with all N calls in progress. Per run:
 
 - server CPU time (/proc/PID/stat) over the window ÷ (N × window);
 - server memory (VmRSS) with N calls minus before the first call, ÷ N;
 - frame latency each way: caller → model, from the caller writing a `media` frame to the fake
   model reading the append that completes that audio; model → caller, from the model writing an
   audio delta to the caller reading the `media` frame that delta completes. Audio positions are
-  matched by byte counts (both servers keep every sample, in order); the clock is the machine's
-  monotonic clock, shared by the load processes;
+  matched by byte counts (every server keeps every sample, in order); the clock is the
+  machine's monotonic clock, shared by the load processes;
 - underruns: see bench/README.md.
 
-    python bench/load.py [--calls 200] [--latency-calls 50] [--seconds 30] [--warmup 5]
-        [--ramp 10] [--lead-ms 100] [--load-cpus 1] [--caller-processes 1]
+A run's figures are not reported when the load generator lagged (its event loops' lag p99 over
+`--max-lag-ms`, or a load process near a full core) or other processes took the server's core.
+Then, unless `--no-find`, a search per server for the most calls within the budget (p99 ≤ 20 ms
+each way, no underrun): calls per core, found by trying, not extrapolated.
+
+    python bench/load.py [--calls 50] [--seconds 30] [--warmup 5] [--ramp 10] [--no-find]
+        [--find-start 25] [--find-seconds 10] [--max-lag-ms 5] [--servers phoneagent,pipecat,relay]
+        [--pipecat-python PATH] [--lead-ms 100] [--load-cpus 1] [--caller-processes 1]
 """
 
 from __future__ import annotations
@@ -43,8 +49,14 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+# This checkout's phoneagent, not an installed copy elsewhere (an editable install of another
+# checkout would otherwise serve the callers and the fake model; the spawned load processes
+# inherit this path, and the server runs with this directory as its working directory).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import aiohttp
 import numpy as np
+from _callers import Callers
 from _harness import (
     DENTAL,
     LOAD_CPU,
@@ -61,16 +73,16 @@ from _harness import (
 )
 
 from phoneagent.logs import configure_logging
-from phoneagent.testing.caller import TwilioCaller
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.speech import synthesize
 from phoneagent.testing.stack import demo_credentials
 
 RELAY = Path(__file__).resolve().with_name("relay_server.py")
-SERVERS = ("phoneagent", "relay")
+PIPECAT = Path(__file__).resolve().with_name("pipecat_server.py")
+SERVERS = ("phoneagent", "pipecat", "relay")
 # What the model hears per μ-law byte from the caller: phoneagent appends pcm16 at 24 kHz (6
 # bytes per μ-law byte), the relay the μ-law itself.
-MODEL_BYTES_PER_ULAW_BYTE = {"phoneagent": 6, "relay": 1}
+MODEL_BYTES_PER_ULAW_BYTE = {"phoneagent": 6, "pipecat": 6, "relay": 1}
 # pcm16 24 kHz model audio per μ-law byte to the caller (the relay keeps one byte in six).
 PCM_BYTES_PER_ULAW_BYTE = 6
 ULAW_BYTES_PER_MS = 8
@@ -154,29 +166,6 @@ async def _model_main(conn: Connection, greeting: str, lead_ms: float) -> None:
     conn.send(({sid: tuple(t) for sid, t in traces.items()}, lag))
 
 
-@dataclass
-class CallTrace:
-    """One call as the caller saw it."""
-
-    sent_t: array = field(default_factory=lambda: array("d"))  # inbound media written
-    sent_ts: array = field(default_factory=lambda: array("q"))  # … and its timestamp (ms)
-    recv_t: array = field(default_factory=lambda: array("d"))  # agent media read
-    recv_n: array = field(default_factory=lambda: array("q"))  # … and its μ-law bytes
-    marks: int = 0  # marks read in the window
-    echoes: int = 0  # mark echoes written in the window
-    clears: int = 0
-    violations: int = 0
-    ended_early: bool = False  # the server closed the stream before the hang-up
-
-    def record(self, kind: str, value: int, now=time.monotonic) -> None:
-        if kind == "sent":
-            self.sent_t.append(now())
-            self.sent_ts.append(value)
-        else:
-            self.recv_t.append(now())
-            self.recv_n.append(value)
-
-
 def callers_process(conn: Connection, cpus: list[int], base: str, sid: str, token: str,
                     mine: range, calls: int, ramp: float) -> None:  # fmt: skip
     _start_load_process(cpus)
@@ -186,53 +175,25 @@ def callers_process(conn: Connection, cpus: list[int], base: str, sid: str, toke
 async def _callers_main(
     conn: Connection, base: str, sid: str, token: str, mine: range, calls: int, ramp: float
 ) -> None:
-    """Calls number *mine* of *calls*, started over *ramp* seconds in all."""
-    connected: list[TwilioCaller] = []
+    """Calls number *mine* of *calls*, started over *ramp* seconds in all (bench/_callers.py)."""
     failures: list[str] = []
-    hang_up = asyncio.Event()
-    window: list[float] = []
-    traces: dict[str, CallTrace] = {}
+    async with Callers(base, sid, token, DENTAL) as callers:
+        pacing = asyncio.create_task(callers.tick())
 
-    async def one_call(index: int) -> None:
-        await asyncio.sleep(index * ramp / calls)
-        trace = CallTrace()
-        caller = TwilioCaller(base, account_sid=sid, auth_token=token, to=DENTAL, speed=1.0,
-                              record_frames=False, media_trace=trace.record)  # fmt: skip
-        async with caller:
+        async def one_call(index: int) -> None:
+            await asyncio.sleep(index * ramp / calls)
             try:
-                await caller.dial()
-                await caller.connect()
-                caller.start_background_silence()
-                connected.append(caller)
+                await callers.call()
             except Exception as exc:
                 failures.append(f"{type(exc).__name__}: {exc}")
-            if len(connected) + len(failures) == len(mine):
-                conn.send(("connected", len(connected), failures[:3]))
-            if not caller.started:
-                return
-            await hang_up.wait()
-            t0, t1 = window
-            trace.ended_early = caller.closed
-            trace.marks = sum(1 for r in caller.received if r.event == "mark" and t0 <= r.at <= t1)
-            trace.echoes = sum(1 for e in caller.mark_echoes if t0 <= e.at <= t1)
-            trace.clears = len(caller.clears)
-            trace.violations = len(caller.violations)
-            traces[caller.call_sid] = trace
-            await caller.hangup()
 
-    lag = array("d"), array("d")
-    watcher = asyncio.create_task(_watch_lag(*lag))
-    tasks = [asyncio.create_task(one_call(i)) for i in mine]
-    _, t0, t1 = await _next_command(conn)
-    window[:] = [t0, t1]
-    hang_up.set()
-    await asyncio.gather(*tasks)
-    watcher.cancel()
-    conn.send(({call_sid: _plain(t) for call_sid, t in traces.items()}, lag))
-
-
-def _plain(trace: CallTrace) -> dict[str, Any]:
-    return dict(trace.__dict__)
+        await asyncio.gather(*(one_call(i) for i in mine))
+        conn.send(("connected", len(callers.lines), failures[:3]))
+        await _next_command(conn)
+        pacing.cancel()
+        await callers.hang_up()
+        traces = {line.call_sid: line.trace() for line in callers.lines}
+    conn.send((traces, (callers.lag_t, callers.lag)))
 
 
 # --- one run: a server under N calls ---------------------------------------------------------
@@ -247,6 +208,7 @@ class Plan:
     lead_ms: float
     load_cpus: list[int] = field(default_factory=lambda: [LOAD_CPU])
     caller_processes: int = 1
+    pipecat_python: str = sys.executable
 
 
 @dataclass
@@ -272,6 +234,7 @@ class Run:
     per_call_second: dict[str, float]  # messages of each kind per call-second
     problems: Counter[str]  # what went wrong → in how many calls
     connect_s: float = math.nan  # from the first call's start to the last one streaming
+    load_lag_max_ms: dict[str, float] = field(default_factory=dict)
     load_cpus: int = 1
 
     @property
@@ -347,7 +310,9 @@ async def run_server(server: str, plan: Plan, greeting: str, personas: Path) -> 
             process, base = await start_phoneagent(model_url, personas, sid, token, plan.calls)
         else:
             port = free_port()
-            argv = [sys.executable, str(RELAY), "--port", str(port), "--model-url", model_url,
+            python, script = (plan.pipecat_python, PIPECAT) if server == "pipecat" else (
+                sys.executable, RELAY)  # fmt: skip
+            argv = [python, str(script), "--port", str(port), "--model-url", model_url,
                     "--greeting", greeting]  # fmt: skip
             process, base = await start_process(argv, port), f"http://127.0.0.1:{port}"
         await asyncio.sleep(1.0)
@@ -406,14 +371,15 @@ async def run_server(server: str, plan: Plan, greeting: str, personas: Path) -> 
     run.server_cpu_busy_s = busy1[SERVER_CPU] - busy0[SERVER_CPU]
     run.rss_idle, run.rss_loaded = rss_idle, rss_loaded
     run.load_lag_p99_ms = {name: _lag_p99(lag, t0, t1) for name, lag in lags.items()}
+    run.load_lag_max_ms = {name: _lag_p99(lag, t0, t1, 100) for name, lag in lags.items()}
     run.load_cpus = len(plan.load_cpus)
     return run
 
 
-def _lag_p99(lag: tuple[array, array], t0: float, t1: float) -> float:
+def _lag_p99(lag: tuple[array, array], t0: float, t1: float, percentile: float = 99) -> float:
     times, lags = np.frombuffer(lag[0]), np.frombuffer(lag[1])
     inside = lags[(times >= t0) & (times <= t1)]
-    return float(np.percentile(inside, 99) * 1000) if inside.size else math.nan
+    return float(np.percentile(inside, percentile) * 1000) if inside.size else math.nan
 
 
 # --- analysis --------------------------------------------------------------------------------
@@ -462,14 +428,13 @@ def analyse(server, calls, sessions, session_ids, t0, t1, problems) -> Run:
         counts["media to caller"] += int(np.count_nonzero(in_window))
         counts["agent audio ms"] += int(recv_n[in_window].sum()) / ULAW_BYTES_PER_MS
         counts["deltas"] += int(np.count_nonzero((out_t >= t0) & (out_t <= t1)))
-        counts["marks"] += call["marks"]
-        counts["mark echoes"] += call["echoes"]
+        mark_t, echo_t = np.frombuffer(call["mark_t"]), np.frombuffer(call["echo_t"])
+        counts["marks"] += int(np.count_nonzero((mark_t >= t0) & (mark_t <= t1)))
+        counts["mark echoes"] += int(np.count_nonzero((echo_t >= t0) & (echo_t <= t1)))
         if out_t[-1] < t1 - 0.2:  # deltas are at most 130 ms apart
             problems["the model's answer ended before the window's end"] += 1
         if call["clears"]:
             problems["Twilio `clear` received (unexpected barge-in)"] += 1
-        if call["violations"]:
-            problems["frames Twilio would refuse"] += 1
 
         # Playback as Twilio's buffer runs it: each frame plays from its arrival or from the end
         # of the one before, whichever is later. A frame arriving after the previous one has
@@ -505,6 +470,195 @@ def analyse(server, calls, sessions, session_ids, t0, t1, problems) -> Run:
         per_call_second=per_call_second,
         problems=problems,
     )
+
+
+# --- is the figure the server's? ------------------------------------------------------------
+
+MAX_LAG_MS = 5.0  # the load generator's event-loop lag p99 above which a figure is refused
+MAX_LOAD_SHARE = 0.85  # a load process's share of a core above which it is called saturated
+MAX_OTHERS_SHARE = 0.1  # other processes' share of the server's core that voids a run
+
+
+def generator_problem(run: Run, max_lag_ms: float = MAX_LAG_MS) -> str | None:
+    """Why the load generator (callers and fake model) may have shaped this run's figures, or
+    None: a load process's event loop lagging more than *max_lag_ms* (p99, over the window) or
+    once more than the latency budget (a stall: the machine's or the generator's), a load
+    process using more than MAX_LOAD_SHARE of a core, or the load CPUs busy (whoever used
+    them) above SATURATED."""
+    for name, lag in run.load_lag_p99_ms.items():
+        if not lag <= max_lag_ms:
+            return f"generator saturated: {name}'s event-loop lag p99 {lag:.1f} ms > {max_lag_ms:g}"
+    for name, lag in run.load_lag_max_ms.items():
+        if not lag <= BUDGETS["p99_ms"]:  # one stall this long is in the latency figures
+            return f"generator stalled: {name}'s event loop once {lag:.0f} ms late"
+    for name, seconds in run.load_cpu_s.items():
+        if seconds / run.window_s >= MAX_LOAD_SHARE:
+            return f"generator saturated: {name} used {seconds / run.window_s:.0%} of a core"
+    if run.load_share >= SATURATED:
+        return f"generator saturated: the load CPUs {run.load_share:.0%} busy"
+    others = run.server_core_busy - run.server_share
+    if others >= MAX_OTHERS_SHARE:
+        return f"machine busy: other processes took {others:.0%} of the server's core"
+    return None
+
+
+def within_budget(run: Run, latency: bool = True) -> str | None:
+    """Why the server did not carry this run's calls within the latency budget, or None: p99
+    frame latency ≤ 20 ms each way, no underrun, every call connected and streaming in real
+    time. With *latency* False, only the last: every call connected and in real time, the
+    server below SATURATED of its core."""
+    if run.problems:
+        return "; ".join(f"{n} calls: {p}" for p, n in run.problems.items())
+    if run.realtime < 0.98:
+        return f"only {run.realtime:.0%} of the audio got through"
+    if not latency:
+        share = run.server_share
+        return f"the server used {share:.0%} of its core" if share >= SATURATED else None
+    inbound, outbound = p99s(run)
+    if max(inbound, outbound) > BUDGETS["p99_ms"]:
+        return f"p99 {inbound:.1f} / {outbound:.1f} ms"
+    if run.underruns:
+        return f"{run.underruns} underruns"
+    return None
+
+
+def p99s(run: Run) -> tuple[float, float]:
+    return float(np.percentile(run.inbound_ms, 99)), float(np.percentile(run.outbound_ms, 99))
+
+
+@dataclass
+class Capacity:
+    """The most calls one server carried within the budget, found by trying."""
+
+    server: str
+    found: int | None = None  # the most calls that passed (None: not even the first step)
+    failed: int | None = None  # the fewest that failed
+    run: Run | None = None  # the run at *found*
+    stopped: str | None = None  # why the search stopped short (the load generator)
+    steps: list[tuple[int, str]] = field(default_factory=list)  # calls → verdict
+    realtime: Capacity | None = None  # when none is within budget: the most in real time
+
+
+async def find_capacity(
+    server: str,
+    plan: Plan,
+    greeting: str,
+    personas: Path,
+    start: int,
+    resolution: float,
+    max_lag_ms: float,
+    retries: int,
+    latency: bool = True,
+) -> Capacity:
+    """Doubling from *start* calls until a step misses the budget, then bisection until the
+    bracket is narrower than *resolution* (a share of the calls). Each step is a fresh run of
+    *plan* (a short window). A step where the load generator lagged (or the machine was busy)
+    is tried again up to *retries* times; if refused still, it bounds the search like a miss,
+    and a result bounded by it is a lower bound, and says so."""
+    capacity = Capacity(server)
+    calls, refused, refusal = start, None, ""
+    while True:
+        for attempt in range(1 + retries):  # a neighbour's burst passes: try the step again
+            print(f"  {server}: trying {calls} calls …", file=sys.stderr)
+            step = dataclasses.replace(plan, calls=calls)
+            run = await run_server(server, step, greeting, personas)
+            problem = generator_problem(run, max_lag_ms)
+            if problem is None:
+                break
+            if attempt < retries:
+                capacity.steps.append((calls, f"{problem}; tried again"))
+        if problem is not None:
+            capacity.steps.append((calls, problem))
+            if refused is None or calls < refused:
+                refused, refusal = calls, f"at {calls} calls: {problem}"
+        elif (miss := within_budget(run, latency)) is None:
+            capacity.steps.append((calls, "within budget"))
+            capacity.found, capacity.run = calls, run
+        else:
+            capacity.steps.append((calls, miss))
+            capacity.failed = min(calls, capacity.failed or calls)
+        bounds = [n for n in (capacity.failed, refused) if n is not None]
+        if not bounds:
+            calls *= 2
+            continue
+        upper = min(bounds)
+        # The search stopped short of the server's limit when a refused step bounds it.
+        capacity.stopped = refusal if upper == refused else None
+        if capacity.found is None:
+            calls = upper // 2
+            if calls < 1 or any(c == calls for c, _ in capacity.steps):
+                return capacity
+        elif upper - capacity.found <= max(1, resolution * capacity.found):
+            return capacity
+        else:
+            calls = (capacity.found + upper) // 2
+
+
+def side_by_side(runs: list[Run], capacities: dict[str, Capacity], max_lag_ms: float) -> None:
+    """One line per server: the fixed-load figures, the found capacity, the ratios to the relay."""
+    relay = next((r for r in runs if r.server == "relay"), None)
+    relay_cap = capacities.get("relay")
+    refused = {r.server: generator_problem(r, max_lag_ms) for r in runs}
+
+    def ratio(value: float | None, base: float | None) -> str:
+        if value is None or base is None or not base or math.isnan(value) or math.isnan(base):
+            return "—"
+        return f"{value / base:.2f}×"
+
+    def found_ratio(cap: Capacity | None) -> str:
+        """Found calls over the relay's; a bound when either is a lower bound."""
+        if cap is None or relay_cap is None or cap.found is None or relay_cap.found is None:
+            return "—"
+        if cap.stopped and relay_cap.stopped:
+            return "—"
+        prefix = "≥ " if cap.stopped else "≤ " if relay_cap.stopped else ""
+        return prefix + ratio(cap.found, relay_cap.found)
+
+    print(
+        "| server | calls | CPU per call-second (ms) | ÷ relay | calls per core (found) | "
+        "÷ relay | memory per call (MiB) | ÷ relay | caller → model p50 / p99 (ms) | "
+        "model → caller p50 / p99 (ms) | underruns |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    relay_ok = relay is not None and refused.get("relay") is None
+    for run in runs:
+        cap = capacities.get(run.server)
+        found = cap.found if cap is not None else None
+        if cap is None:
+            found_cell = "not searched"
+        elif found is None:
+            found_cell = "none" if cap.stopped is None else "not found: not reported"
+        else:
+            found_cell = f"≥ {found} (search stopped)" if cap.stopped else f"{found}"
+        if cap is not None and found is None and cap.realtime is not None:
+            rt = cap.realtime
+            calls_rt = "none" if rt.found is None else f"{'≥ ' if rt.stopped else ''}{rt.found}"
+            found_cell = f"none within budget; {calls_rt} in real time"
+        problem = refused[run.server]
+        if problem is not None:
+            label, _, detail = problem.partition(": ")
+            print(
+                f"| {run.server} | {run.calls} | {label}: not reported ({detail}) "
+                f"| | {found_cell} | {found_ratio(cap)} | | | | | |"
+            )
+            continue
+        cpu, mib = run.cpu_ms_per_call_second, run.mib_per_call
+        (i50, i99), (o50, o99) = (np.percentile(v, [50, 99]) for v in (run.inbound_ms,
+                                                                     run.outbound_ms))  # fmt: skip
+        print(
+            f"| {run.server} | {run.calls} | {cpu:.2f} | "
+            f"{ratio(cpu, relay.cpu_ms_per_call_second) if relay_ok else '—'} | {found_cell} | "
+            f"{found_ratio(cap)} | {mib:.3f} | "
+            f"{ratio(mib, relay.mib_per_call) if relay_ok else '—'} | {i50:.2f} / {i99:.2f} | "
+            f"{o50:.2f} / {o99:.2f} | {run.underruns} |"
+        )
+    for cap in capacities.values():
+        for kind, c in (("", cap), (" (real time only)", cap.realtime)):
+            if c is None:
+                continue
+            steps = ", ".join(f"{calls}: {verdict}" for calls, verdict in c.steps)
+            share = f"; the server used {c.run.server_share:.0%} of its core there" if c.run else ""
+            print(f"- {cap.server} search{kind}{share}: {steps}")
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -673,9 +827,9 @@ def long_answer(seconds: float) -> str:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=200, help="concurrent calls")
+    parser.add_argument("--calls", type=int, default=50, help="concurrent calls")
     parser.add_argument(
-        "--latency-calls", type=int, default=50, help="calls of the last run (0: no such run)"
+        "--latency-calls", type=int, default=0, help="calls of an extra phoneagent run (0: none)"
     )
     parser.add_argument("--seconds", type=float, default=30.0, help="measured window")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds after the ramp")
@@ -688,12 +842,35 @@ async def main() -> None:
         help=f"CPUs for the load (the server has CPU {SERVER_CPU})",
     )
     parser.add_argument("--caller-processes", type=int, default=1, help="split the callers")
+    parser.add_argument(
+        "--find",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="search each server's most calls within the budget (--no-find: skip)",
+    )
+    parser.add_argument("--find-start", type=int, default=25, help="the search's first step")
+    parser.add_argument("--find-seconds", type=float, default=10.0, help="each step's window")
+    parser.add_argument("--find-retries", type=int, default=1, help="tries again of a refused step")
+    parser.add_argument(
+        "--find-resolution", type=float, default=0.1, help="stop when the bracket is this narrow"
+    )
+    parser.add_argument(
+        "--max-lag-ms",
+        type=float,
+        default=MAX_LAG_MS,
+        help="refuse figures when a load process's event loop lagged more (p99)",
+    )
+    parser.add_argument(
+        "--pipecat-python",
+        default=os.environ.get("PIPECAT_PYTHON", sys.executable),
+        help="a Python with pipecat-ai (the bench extra): default $PIPECAT_PYTHON or this one",
+    )
     args = parser.parse_args()
     load_cpus = [int(cpu) for cpu in args.load_cpus.split(",")]
     if SERVER_CPU in load_cpus or max(load_cpus) >= (os.cpu_count() or 1):
         parser.error(f"--load-cpus: CPUs other than {SERVER_CPU}, below {os.cpu_count()}")
     plan = Plan(args.calls, args.seconds, args.warmup, args.ramp, args.lead_ms, load_cpus,
-                args.caller_processes)  # fmt: skip
+                args.caller_processes, args.pipecat_python)  # fmt: skip
     configure_logging("console", "warning")
     pin(0, load_cpus)
     # Every call hears agent audio until the hang-up, even if the calls take long to connect.
@@ -702,11 +879,31 @@ async def main() -> None:
     if args.latency_calls:
         plans.append(("phoneagent", dataclasses.replace(plan, calls=args.latency_calls)))
     runs = []
+    capacities: dict[str, Capacity] = {}
+    step = dataclasses.replace(plan, seconds=args.find_seconds, warmup=3.0, ramp=5.0)
     with tempfile.TemporaryDirectory() as tmp:
         personas = bench_personas(Path(tmp), greeting=greeting)
         for server, run_plan in plans:
             print(f"{server}, {run_plan.calls} calls …", file=sys.stderr)
             runs.append(await run_server(server, run_plan, greeting, personas))
+        if args.find:
+            for server in args.servers.split(","):
+                print(f"{server}: searching the most calls within the budget …", file=sys.stderr)
+                capacities[server] = await find_capacity(server, step, greeting, personas,
+                    args.find_start, args.find_resolution, args.max_lag_ms,
+                    args.find_retries)  # fmt: skip
+                cap = capacities[server]
+                if cap.found is None and cap.stopped is None:
+                    print(f"{server}: none within budget; the most in real time …", file=sys.stderr)
+                    cap.realtime = await find_capacity(server, step, greeting, personas,
+                        args.find_start, args.find_resolution, args.max_lag_ms,
+                        args.find_retries, latency=False)  # fmt: skip
+    print(
+        f"\nSide by side ({plan.calls} calls, {plan.seconds:.0f} s window; calls per core found "
+        f"by search, {args.find_seconds:.0f} s per step; a figure measured while the load "
+        f"generator lagged more than {args.max_lag_ms:g} ms p99 is not reported):\n"
+    )
+    side_by_side(runs, capacities, args.max_lag_ms)
     report(runs, plan)
 
 

@@ -463,6 +463,24 @@ def test_energy_vad_is_independent_of_chunking():
     assert run(FRAME) == run(333) == run(len(audio)) == expected
 
 
+def test_energy_vad_skips_numpy_on_silence_with_the_same_result():
+    """Windows of bytes 0x00/0xFF only (samples in ±256) take the fast path; a speech start
+    and stop around them, and a threshold below 256, give what the numpy path gives."""
+    quiet = bytes([0x00, 0xFF, 0xFF, 0x00]) * (100 * BYTES_PER_MS // 4)
+    audio = quiet + tone(300) + quiet + quiet
+
+    def run(threshold: int, chunk: int) -> list[VadEvent]:
+        vad = EnergyVad(
+            energy_awakeness_threshold=threshold, prefix_padding_ms=0, silence_duration_ms=100
+        )
+        return [e for i in range(0, len(audio), chunk) for e in vad.feed(audio[i : i + chunk])]
+
+    expected = [VadEvent("started", 100 * BYTES_PER_MS), VadEvent("stopped", 500 * BYTES_PER_MS)]
+    assert run(2500, FRAME) == run(2500, 333) == expected
+    # Below 256 the fast path is off: the 0x00FF/0xFF00 samples (255, -256) are loud.
+    assert run(100, FRAME)[0] == VadEvent("started", 0)
+
+
 # -- manual turns, items ------------------------------------------------------------------------
 
 
