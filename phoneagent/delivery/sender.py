@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import NamedTuple
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
@@ -71,7 +72,9 @@ class WebhookSender:
         except TimeoutError:
             return Answer(None, f"no answer within {self.timeout:g} s", None)
         except (aiohttp.ClientError, OSError) as exc:
-            return Answer(None, f"{type(exc).__name__}: {exc}", None)
+            # Some errors print the URL whole (NonHttpUrlClientError, InvalidUrlClientError):
+            # the error is stored, listed and shown in the console, so its token goes.
+            return Answer(None, without_url_secrets(f"{type(exc).__name__}: {exc}", item.url), None)
 
     async def close(self) -> None:
         """Close the HTTP session if this sender made it (a later post makes a new one)."""
@@ -88,6 +91,19 @@ class WebhookSender:
                 trust_env=True,
             )
         return self._session
+
+
+def without_url_secrets(text: str, url: str) -> str:
+    """``text`` without ``url``'s query string and password (which can carry tokens), as
+    written or decoded."""
+    try:
+        parts = urlsplit(url)
+        secrets = [parts.query, parts.password or ""]
+    except ValueError:
+        return text.replace(url, "***")
+    for secret in sorted({s for p in secrets for s in (p, unquote(p)) if s}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _snippet(raw: bytes) -> str | None:

@@ -425,3 +425,29 @@ def test_worker_settings_are_checked():
 def test_payload_round_trips_through_json():
     event = ended_event()
     assert json.loads(event.body())["id"] == event.id
+
+
+async def test_an_error_naming_the_url_keeps_its_token_out_of_the_outbox():
+    # NonHttpUrlClientError and InvalidUrlClientError print the URL whole; the error is stored,
+    # listed by `events list` and shown in the console.
+    from phoneagent.delivery.outbox import OutboxItem
+    from phoneagent.delivery.sender import WebhookSender, without_url_secrets
+    from phoneagent.delivery.status import DeliveryStatus
+
+    url = "ftp://user:pa55-word-secret@hooks.example.com/in?token=TOPSECRET12345"
+    event = ended_event()
+    item = OutboxItem(
+        event.id, event.type, url, "ftp://hooks.example.com", SECRET_ENV, event.body(),
+        DeliveryStatus.PENDING, 0, T0, T0, None, None, None, None, None,
+    )  # fmt: skip
+    sender = WebhookSender(timeout=2.0, concurrency=1, environ=ENV)
+    try:
+        answer = await sender.post(item, now=T0)
+    finally:
+        await sender.close()
+    assert answer.status is None and answer.error
+    assert "TOPSECRET" not in answer.error and "pa55" not in answer.error
+    assert "hooks.example.com/in?***" in answer.error
+    assert without_url_secrets("see x?a=%41%42%43secret", "https://x/?a=%41%42%43secret") == (
+        "see x?***"
+    )
