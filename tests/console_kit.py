@@ -4,6 +4,7 @@ fixtures they use from here."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -44,9 +45,10 @@ async def console_stack(tmp_path):
         yield stack
 
 
-@pytest.fixture
-async def browser():
-    """A headless Chromium with a fake microphone and camera allowed without asking."""
+@contextlib.asynccontextmanager
+async def launched_chromium(*extra_args: str):
+    """A headless Debian Chromium with a fake microphone and camera allowed without asking;
+    ``extra_args`` add to its command line (a recording for the microphone…)."""
     from playwright.async_api import async_playwright
 
     path = chromium_path()
@@ -61,12 +63,20 @@ async def browser():
                 "--no-sandbox",  # CI runs as root, where Chromium's sandbox cannot start
                 "--use-fake-ui-for-media-stream",
                 "--use-fake-device-for-media-stream",
+                *extra_args,
             ],
         )
         try:
             yield browser
         finally:
             await browser.close()
+
+
+@pytest.fixture
+async def browser():
+    """A headless Chromium (see launched_chromium)."""
+    async with launched_chromium() as browser:
+        yield browser
 
 
 @pytest.fixture

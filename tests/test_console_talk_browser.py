@@ -5,14 +5,13 @@ page's own audio code (μ-law, the resampler) checked against Python's."""
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
-from console_kit import chromium_path, screenshot, sign_in
+from console_kit import launched_chromium, screenshot, sign_in
 from playwright.async_api import expect
 
 from phoneagent.testing.speech import synthesize
@@ -45,28 +44,11 @@ def fake_microphone_file(path: Path, lead_s: float) -> Path:
 @contextlib.asynccontextmanager
 async def chromium_with_microphone(wav: Path):
     """A headless Chromium whose microphone plays ``wav`` once, then silence."""
-    from playwright.async_api import async_playwright
-
-    path = chromium_path()
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
-        pytest.skip("chromium is not installed")
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=path,
-            args=[
-                "--no-sandbox",
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={wav}%noloop",
-                "--autoplay-policy=no-user-gesture-required",
-            ],
-        )
-        try:
-            yield browser
-        finally:
-            await browser.close()
+    async with launched_chromium(
+        f"--use-file-for-fake-audio-capture={wav}%noloop",
+        "--autoplay-policy=no-user-gesture-required",
+    ) as browser:
+        yield browser
 
 
 def counter(page, name: str):

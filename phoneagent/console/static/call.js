@@ -12,13 +12,7 @@
   const durationCell = document.getElementById("call-duration");
   const offset = Number(call.dataset.now) - Date.now() / 1000;
 
-  function duration(seconds) {
-    const whole = Math.max(0, Math.floor(seconds));
-    const hours = Math.floor(whole / 3600);
-    const minutes = Math.floor((whole % 3600) / 60);
-    const secs = String(whole % 60).padStart(2, "0");
-    return hours ? `${hours}:${String(minutes).padStart(2, "0")}:${secs}` : `${minutes}:${secs}`;
-  }
+  const duration = window.consoleDuration; // duration.js
 
   const timer = setInterval(() => {
     const started = Number(durationCell.dataset.started);

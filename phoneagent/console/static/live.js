@@ -11,13 +11,7 @@
   // The server's clock minus this browser's: durations count from the server's start times.
   let offset = Number(table.dataset.now) - Date.now() / 1000;
 
-  function duration(seconds) {
-    const whole = Math.max(0, Math.floor(seconds));
-    const hours = Math.floor(whole / 3600);
-    const minutes = Math.floor((whole % 3600) / 60);
-    const secs = String(whole % 60).padStart(2, "0");
-    return hours ? `${hours}:${String(minutes).padStart(2, "0")}:${secs}` : `${minutes}:${secs}`;
-  }
+  const duration = window.consoleDuration; // duration.js
 
   function tick() {
     const now = Date.now() / 1000 + offset;
