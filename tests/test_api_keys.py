@@ -232,3 +232,28 @@ async def test_a_revocation_holds_at_once_on_every_instance(pg_database, tmp_pat
     finally:
         for stack in stacks:
             await stack.close()
+
+
+async def test_a_key_store_that_cannot_be_read_answers_503_not_401(tmp_path: Path):
+    account_sid, auth_token = demo_credentials()
+    data = tmp_path / "data"
+    (data / KEYS_FILENAME).mkdir(parents=True)  # where the file should be: SQLite cannot open it
+    settings = Settings(
+        twilio_account_sid=account_sid,
+        twilio_auth_token=auth_token,
+        personas_dir=EXAMPLE_PERSONAS,
+        data_dir=data,
+    )
+    _, text = new_key("x", [], now=T0)
+    async with LocalStack(EXAMPLE_PERSONAS, settings=settings) as stack:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                f"{stack.base_url}/api/v1/calls", headers={"Authorization": f"Bearer {text}"}
+            ) as response,
+        ):
+            assert response.status == 503
+            assert response.headers["Retry-After"] == "5"
+            error = (await response.json())["error"]
+        assert error["code"] == "store_unavailable"
+        assert str(data) not in error["message"]  # the operator's log names the file, not this

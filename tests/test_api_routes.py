@@ -5,7 +5,9 @@ one error shape; ``POST /calls`` hands what it validated to the app's outbound d
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import time
 from typing import Any
 
@@ -17,6 +19,7 @@ from api_kit import CALL_SID, OTHER_CALL_SID, api_routes, bearer, error_of, make
 from phoneagent.api.errors import ApiError
 from phoneagent.api.keys import hash_key
 from phoneagent.api.routes import API_KEYS, FAILURES_PER_CLIENT, OUTBOUND, PREFIX
+from phoneagent.logs import REDACTED, configure_logging
 from phoneagent.personas import Persona
 from phoneagent.records import Answered, StreamStarted
 
@@ -404,3 +407,32 @@ async def test_the_key_store_holds_only_the_keys_hash(api_stack):
     data = b"".join(path.read_bytes() for path in files)
     assert text.encode() not in data and text[16:].encode() not in data
     assert hash_key(text).encode() in data
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+async def test_no_log_line_at_any_level_holds_a_key(api_stack, client, log_format):
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    configure_logging(log_format, "debug", secrets=())
+    root.handlers[0].setStream(stream)
+    try:
+        good = await make_key(api_stack)
+        revoked = await make_key(api_stack)
+        await api_stack._runner.app[API_KEYS].revoke(revoked[3:15], at=time.time())
+        wrong = good[:-1] + ("1" if good[-1] == "0" else "0")
+        for text in (good, revoked, wrong):
+            # In the header, and (a client's mistake) in the URL's path and query too.
+            for url in (f"{PREFIX}/personas?key={text}", f"{PREFIX}/calls/{text}"):
+                async with client.get(url, headers=bearer(text)) as response:
+                    assert response.status in (200, 401, 404)
+        logger = structlog.get_logger("phoneagent.test")
+        logger.info("a_key_in_a_field", note=f"key is {good}")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    output = stream.getvalue()
+    assert "api_key_refused" in output and "http_request" in output
+    for text in (good, revoked, wrong):
+        assert text[16:] not in output
+    assert f"key is {good[:16]}{REDACTED}" in output  # the id stays: it names the key
