@@ -399,6 +399,10 @@ async def test_failed_attempts_from_one_address_are_limited(api_stack, client):
     # The document stays open.
     async with client.get(f"{PREFIX}/openapi.json") as response:
         assert response.status == 200
+    async with client.get(api_stack.metrics_url) as response:
+        scrape = await response.text()
+    assert f'phoneagent_http_refused_total{{reason="api_key"}} {FAILURES_PER_CLIENT}.0' in scrape
+    assert 'phoneagent_http_refused_total{reason="api_key_limit"} 2.0' in scrape
 
 
 async def test_the_key_store_holds_only_the_keys_hash(api_stack):

@@ -154,6 +154,7 @@ async def _authenticate(request: web.Request) -> ApiKey:
     limiter, client = request.app[_LIMITER], request.remote or "?"
     wait = limiter.wait_seconds(client)
     if wait > 0:
+        request.app[STATE].metrics.http_refused.labels("api_key_limit").inc()
         log.warning("api_auth_limited", remote=client)
         seconds = str(int(wait) + 1)
         raise ApiError(429, "too_many_requests",
@@ -185,6 +186,7 @@ async def _authenticate(request: web.Request) -> ApiKey:
 def _refuse(request: web.Request, reason: str, key_id: str | None = None) -> Any:
     client = request.remote or "?"
     request.app[_LIMITER].failed(client)
+    request.app[STATE].metrics.http_refused.labels("api_key").inc()
     log.warning("api_key_refused", reason=reason, key_id=key_id, remote=client,
                 path=request.path)  # fmt: skip
     raise ApiError(401, "unauthorized",
