@@ -6,7 +6,7 @@ calls and lines), authenticated with API keys.
   database), read at every request so a revocation holds at once on every instance.
 - ``errors``: the one error shape every API answer uses, and ``ApiError`` (which an outbound
   dialer raises to refuse a call).
-- ``requests``: validation of what a client sends. No I/O.
+- ``validation``: the checks of what a client sends. No I/O.
 - ``routes``: the routes, their authentication and the limit on failed attempts;
   ``mount_api`` and the app's ``OUTBOUND_DIALER``.
 - ``cli``: ``phoneagent keys create|list|revoke``.

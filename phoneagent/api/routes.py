@@ -20,14 +20,14 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from aiohttp import web
 
 from phoneagent.api.errors import CODES, ApiError, error_response
 from phoneagent.api.key_store import ApiKeyStore
 from phoneagent.api.keys import ApiKey, key_id_of
-from phoneagent.api.requests import invalid, outbound_request, search_limit
+from phoneagent.api.validation import invalid, outbound_request, search_limit
 from phoneagent.console.auth import AttemptLimiter
 from phoneagent.console.call_views import CALL_SID
 from phoneagent.console.calls import SearchForm
@@ -183,7 +183,7 @@ async def _authenticate(request: web.Request) -> ApiKey:
     return key
 
 
-def _refuse(request: web.Request, reason: str, key_id: str | None = None) -> Any:
+def _refuse(request: web.Request, reason: str, key_id: str | None = None) -> NoReturn:
     client = request.remote or "?"
     request.app[_LIMITER].failed(client)
     request.app[STATE].metrics.http_refused.labels("api_key").inc()
@@ -194,11 +194,11 @@ def _refuse(request: web.Request, reason: str, key_id: str | None = None) -> Any
                    headers={"WWW-Authenticate": 'Bearer realm="phoneagent-api"'})  # fmt: skip
 
 
-def _may_use(request: web.Request, persona_id: str, field: str = "persona") -> None:
+def _may_use(request: web.Request, persona_id: str) -> None:
     if not request[_KEY].allows(persona_id):
         log.warning("api_persona_forbidden", key_id=request[_KEY].id, persona=persona_id)
-        raise ApiError(403, "forbidden", f"this API key may not use the persona {persona_id!r}",
-                       field)  # fmt: skip
+        message = f"this API key may not use the persona {persona_id!r}"
+        raise ApiError(403, "forbidden", message, "persona")
 
 
 def _json(value: Any, status: int = 200) -> web.Response:
@@ -274,7 +274,8 @@ async def list_calls(request: web.Request) -> web.Response:
     found = []
     for persona in chosen:
         found += await calls.search(**(form.filters | {"persona": persona}), limit=limit)
-    found.sort(key=lambda r: (r.started_at or 0.0, r.call_sid), reverse=True)
+    if len(chosen) > 1:  # each search is newest first; together, by when each call started
+        found.sort(key=lambda r: (r.started_at or 0.0, r.call_sid), reverse=True)
     return _json({"calls": [call_summary(r) for r in found[:limit]]})
 
 
