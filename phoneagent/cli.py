@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 from phoneagent import __version__
+from phoneagent.api.cli import add_keys_commands
 from phoneagent.config import ConfigError, load_settings
 from phoneagent.delivery.cli import add_events_commands
 from phoneagent.delivery.outbox import OutboxError
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(handler=cmd_doctor)
 
     add_events_commands(commands)
+    add_keys_commands(commands)
 
     db = commands.add_parser("db", help="the shared PostgreSQL database: schema status, migrate")
     db_commands = db.add_subparsers(title="database commands", required=True)

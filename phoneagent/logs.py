@@ -24,6 +24,9 @@ _HEADER_CREDENTIAL = re.compile(
     r"(?i)\b(authorization|proxy-authorization|x-twilio-signature|cookie|set-cookie)"
     r"((?:\\?['\"])?\s*[:=,]\s*(?:\\?['\"])?)(?:(?:bearer|basic|digest)\s+)?[^\s'\",\\]+"
 )
+# The HTTP API's keys (api/keys.py), wherever one turns up (a client that put its key in a URL):
+# the id stays, it names the key; the secret goes.
+_API_KEY = re.compile(r"(pa_[0-9a-f]{12}_)[0-9a-f]{64}")
 # Environment variables whose values are secrets by their name (API keys, tokens, the webhook
 # signing secrets personas name in `secret_env`): their values never reach a log line.
 _SECRET_NAME = re.compile(r"(?i)(secret|token|key|password|credential)")
@@ -67,6 +70,7 @@ def _spellings(secret: str) -> set[str]:
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` without credential headers and without any of ``secrets``."""
     text = _HEADER_CREDENTIAL.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    text = _API_KEY.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
     for secret in sorted(secrets, key=len, reverse=True):  # longest first: no partial leftovers
         text = text.replace(secret, REDACTED)
     return text

@@ -89,7 +89,8 @@ class Metrics:
         self.http_refused = Counter(
             "phoneagent_http_refused",
             "Requests refused before authentication, by reason: `unauthenticated_limit` (503, "
-            "PHONEAGENT_MAX_UNAUTHENTICATED reached), `body_timeout` (408, body too slow).",
+            "PHONEAGENT_MAX_UNAUTHENTICATED reached), `body_timeout` (408, body too slow), "
+            "`api_key` (401, no valid API key), `api_key_limit` (429, too many failed API keys).",
             ["reason"],
             registry=r,
         )

@@ -19,6 +19,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from phoneagent.api.key_store import api_key_store
+from phoneagent.api.routes import mount_api
 from phoneagent.client_limits import handler_options, unauthenticated_limits
 from phoneagent.config import Settings
 from phoneagent.console.pages import mount_console
@@ -180,7 +182,8 @@ def create_app(
     and answered webhooks are kept (default: this instance's memory); ``shared_records``: where
     call records are shared (default: nowhere, each instance its own). ``metrics_listener``: (host,
     port) where the app serves ``/metrics`` while it runs (port 0: any free port, see
-    ``state.metrics_address``); the app itself never serves it."""
+    ``state.metrics_address``); the app itself never serves it. The keys of ``/api/v1`` are in
+    the outbox's database when it is PostgreSQL, else in ``PHONEAGENT_DATA_DIR``."""
     connector = connector or ModelConnector(
         url=settings.stepfun_realtime_url,
         api_key=settings.stepfun_api_key,
@@ -223,6 +226,7 @@ def create_app(
     app.router.add_post("/twilio/stream-ended", stream_ended)
     app.router.add_get("/calls/{call_sid}", call_details)
     mount_console(app, state)  # /console, when PHONEAGENT_CONSOLE_PASSWORD is set
+    mount_api(app, api_key_store(outbox, settings.data_dir))  # /api/v1
 
     async def watch_personas(app: web.Application):
         task = asyncio.create_task(personas.watch(reload_interval))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-# The console's fixtures (a server with the console on, a headless Chromium).
-pytest_plugins = ["console_kit"]
+# The console's fixtures (a server with the console on, a headless Chromium), and the API's.
+pytest_plugins = ["console_kit", "api_kit"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PERSONAS = PROJECT_ROOT / "personas"
