@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from phoneagent.business_tools import BusinessToolClient
 from phoneagent.client_limits import handler_options, unauthenticated_limits
 from phoneagent.config import Settings
 from phoneagent.console.pages import mount_console
@@ -212,6 +213,7 @@ def create_app(
         count_transfer=lambda outcome: state.metrics.transfers.labels(outcome).inc(),
         public_url=lambda: state.settings.public_url,
     )
+    tool_client = state.business_tools = BusinessToolClient(os.environ)
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -232,6 +234,7 @@ def create_app(
             await task
         await state.prewarmer.close()
         await rest.close()
+        await tool_client.close()
 
     async def deliver_webhooks(app: web.Application):
         assert outbox is not None
