@@ -26,7 +26,7 @@ MAX_CALLS_PER_RESPONSE = 3
 MAX_CALLS_PER_CALL = 20
 # The shell's request is bounded by the tool's timeout; past it by this much, the call stops
 # waiting for the shell (which should never happen) and tells the model there was no answer.
-ANSWER_GRACE_MS = 2000
+ANSWER_GRACE_MS = 5000
 
 # Outcomes: the `outcome` label of phoneagent_tool_calls_total and of the call's record.
 OK = "ok"
