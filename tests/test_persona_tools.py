@@ -269,3 +269,15 @@ def test_the_example_trattoria_declares_a_tool():
     assert tool.name == "check_availability"
     assert tool.url.startswith("http://localhost:")
     assert tool.parameters["required"] == ["date", "time", "guests"]
+
+
+def test_the_readmes_complete_persona_file_is_valid(tmp_path):
+    """The README shows every key, tools included: it must pass ``personas check``."""
+    readme = (EXAMPLE_PERSONAS.parent / "README.md").read_text()
+    block = readme.split("```toml\n# personas/bright-smile-dental.toml\n", 1)[1].split("```")[0]
+    (tmp_path / "bright-smile-dental.toml").write_text(block)
+    environ = {"BRIGHT_SMILE_WEBHOOK_SECRET": "s", "BRIGHT_SMILE_TOOLS_SECRET": "t"}
+    report = check_directory(tmp_path, environ)
+    assert report.problems == []
+    [tool] = report.persona_set.personas["bright-smile-dental"].tools
+    assert (tool.name, tool.secret_env) == ("check_appointment", "BRIGHT_SMILE_TOOLS_SECRET")
