@@ -268,3 +268,15 @@ def test_a_pending_call_holds_off_the_session_renewal(call, clock):
 
 def renewals(actions):
     return [a for a in actions if isinstance(a, RenewModelSession)]
+
+
+def test_an_answer_while_the_model_is_reconnecting_goes_to_the_next_session(call):
+    tool_response(call, ("c1", TOOL, ARGS))
+    call.on_model_dropped()
+    actions = call.on_tool_answer("c1", answer())
+    assert [a for a in actions if isinstance(a, ToModel)] == []  # no session to take it
+    assert of_type(actions, ToolCallFinished) == [ToolCallFinished(TOOL, "ok", 120)]
+    back = call.on_model_reconnected()
+    [note] = [n for n in commands(back, AddTextItem) if TOOL in n.text]
+    assert '{"free": true}' in note.text
+    assert commands(back, CreateResponse)  # and the model answers with it

@@ -46,7 +46,7 @@ from phoneagent.call.actions import (
 )
 from phoneagent.call.announcement import Announcement, HandoffState
 from phoneagent.call.machine import Unexpected
-from phoneagent.call.model_link import ModelLink
+from phoneagent.call.model_link import LinkState, ModelLink
 from phoneagent.call.playback import AgentItem, BargeInCandidate, CallStats, Playback
 from phoneagent.call.prompts import instructions_for, replay, say_verbatim, with_guidance
 from phoneagent.call.response import ModelResponse
@@ -329,6 +329,8 @@ class Call:
             actions += self._respond(say_verbatim(self.persona, sentence))
         elif was_answering:
             actions += self._respond(with_guidance(self.persona, prompts.FINISH_CUT_ANSWER))
+        for pending, output in self._tools.take_held():  # answers that came while it was away
+            actions += self._tell_tool_answer(pending, output)
         return actions
 
     def on_model_closed(self) -> list[Action]:
@@ -655,13 +657,21 @@ class Call:
         level("business_tool_answered", tool=name, outcome=answer.outcome,
               duration_ms=answer.duration_ms, status=answer.status)  # fmt: skip
         finished = self._tool_finished(name, answer.outcome, answer.duration_ms)
+        if self._link.state is LinkState.RECONNECTING:
+            # Nothing reaches the model now: the session that comes next is told.
+            self._tools.held.append((pending, answer.output))
+            return [finished]
+        return [finished, *self._tell_tool_answer(pending, answer.output)]
+
+    def _tell_tool_answer(self, pending: PendingToolCall, output: str) -> list[Action]:
         if pending.session == self._tools.session:
-            tell: list[Action] = [ToModel(ToolOutput(pending.call_id, answer.output))]
+            tell: list[Action] = [ToModel(ToolOutput(pending.call_id, output))]
         else:  # a new model session never saw the call: its call_id means nothing there
-            tell = [ToModel(AddTextItem("system", prompts.tool_answer_note(name, answer.output)))]
+            note = prompts.tool_answer_note(pending.tool.name, output)
+            tell = [ToModel(AddTextItem("system", note))]
         if self.state is CallState.ACTIVE and not self._tools.waiting_in(self._tools.session):
             tell.append(ToModel(CreateResponse()))
-        return [finished, *self._response.after_asked(tell)]
+        return self._response.after_asked(tell)
 
     def _tool_finished(self, tool: str, outcome: str, duration_ms: int | None) -> ToolCallFinished:
         self.stats.tool_calls.append({"tool": tool, "outcome": outcome, "duration_ms": duration_ms})

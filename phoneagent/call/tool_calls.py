@@ -74,6 +74,9 @@ class BusinessToolCalls:
     pending: dict[str, PendingToolCall] = field(default_factory=dict)  # by call_id
     made: int = 0  # calls sent to the business in this call
     session: int = 0  # which model session is the current one (a new one: +1)
+    # Answers that came while the model session was being reopened: (call, output), for the
+    # session that comes next.
+    held: list[tuple[PendingToolCall, str]] = field(default_factory=list)
 
     @classmethod
     def of(cls, tools: tuple[BusinessTool, ...]) -> BusinessToolCalls:
@@ -94,6 +97,10 @@ class BusinessToolCalls:
         self.made += 1
         self.pending[call_id] = PendingToolCall(call_id, tool, now, self.session)
         return parsed
+
+    def take_held(self) -> list[tuple[PendingToolCall, str]]:
+        held, self.held = self.held, []
+        return held
 
     def answered(self, call_id: str) -> PendingToolCall | None:
         return self.pending.pop(call_id, None)
