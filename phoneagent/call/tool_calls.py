@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from phoneagent.personas import BusinessTool
+from phoneagent.personas.tool_validation import fits_type, json_type_of
 
 # Limits that hold whatever the model does.
 MAX_CALLS_PER_RESPONSE = 3
@@ -138,16 +139,6 @@ class BusinessToolCalls:
         return late
 
 
-_JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,),
-    "number": (int, float),
-    "integer": (int,),
-    "boolean": (bool,),
-    "array": (list,),
-    "object": (dict,),
-}
-
-
 def check_arguments(tool: BusinessTool, arguments: str) -> dict[str, Any] | str:
     """The model's arguments as a JSON object, or why they cannot be sent: not a JSON object,
     a required argument missing, or a declared argument of the wrong JSON type, or not one of
@@ -167,8 +158,7 @@ def check_arguments(tool: BusinessTool, arguments: str) -> dict[str, Any] | str:
         if schema is None:
             continue
         kind = schema.get("type")
-        types = _JSON_TYPES.get(kind, (object,))
-        if not isinstance(value, types) or (kind != "boolean" and isinstance(value, bool)):
+        if not fits_type(json_type_of(value), kind):
             return f"{name} must be of type {kind}"
         if "enum" in schema and value not in schema["enum"]:
             return f"{name} must be one of {', '.join(map(str, schema['enum']))}"

@@ -31,11 +31,14 @@ __all__ = [
     "MAX_SCHEMA_BYTES",
     "MAX_TOOLS",
     "business_tools",
+    "fits_type",
+    "json_type_of",
 ]
 
 # Function names as OpenAI-style function calling takes them (letters, digits, '_'), starting
 # with a letter so that no name reads as a number or a flag.
 TOOL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+TOOL_NAME_HINT = "a tool name: letters, digits and '_', starting with a letter, at most 64"
 PROPERTY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 MAX_TOOLS = 16
 MAX_DESCRIPTION_CHARS = 1024
@@ -82,17 +85,13 @@ def business_tools(
 def _tool(
     entry: TomlTable, environ: Mapping[str, str], language: str, webhook: WebhookTarget | None
 ) -> BusinessTool:
-    name = entry.text("name", pattern=TOOL_NAME, pattern_hint=(
-        "a tool name: letters, digits and '_', starting with a letter, at most 64"
-    ))  # fmt: skip
+    name = entry.text("name", pattern=TOOL_NAME, pattern_hint=TOOL_NAME_HINT)
     if name in BUILT_IN_TOOLS:
         entry.problem("name", f"{name} is a tool phoneagent gives the model itself: choose another")
     description = entry.text("description")
     if len(description) > MAX_DESCRIPTION_CHARS:
-        entry.problem(
-            "description", f"must be at most {MAX_DESCRIPTION_CHARS} characters, not "
-            f"{len(description)}"
-        )  # fmt: skip
+        limit = f"must be at most {MAX_DESCRIPTION_CHARS} characters, not {len(description)}"
+        entry.problem("description", limit)
     timeout_ms = entry.integer("timeout_ms", DEFAULT_TOOL_TIMEOUT_MS, *TIMEOUT_RANGE_MS)
     filler_after_ms = entry.integer(
         "filler_after_ms", DEFAULT_TOOL_FILLER_AFTER_MS, *FILLER_AFTER_RANGE_MS
@@ -193,14 +192,18 @@ def _property_schema(entry: TomlTable, where: str, schema: Any, depth: int) -> N
         enum = schema["enum"]
         if not isinstance(enum, list) or not enum:
             entry.problem(f"{where}.enum", "must be a non-empty list of the allowed values")
-        elif not all(json_type_of(v) == kind or (kind == "number" and json_type_of(v) ==
-                                                  "integer") for v in enum):  # fmt: skip
+        elif not all(fits_type(json_type_of(value), kind) for value in enum):
             entry.problem(f"{where}.enum", f"every value must be of type {kind}")
     if kind == "array":
         if "items" in schema:
             _property_schema(entry, f"{where}.items", schema["items"], depth + 1)
     elif kind == "object":
         _object_schema(entry, where, schema, depth)
+
+
+def fits_type(value_type: str, kind: str) -> bool:
+    """A value of JSON type ``value_type`` is of schema type ``kind`` (an integer is a number)."""
+    return value_type == kind or (kind == "number" and value_type == "integer")
 
 
 def json_type_of(value: Any) -> str:
