@@ -76,11 +76,11 @@ def tool_using_model(shape: str = "full", arguments: dict | str = ARGUMENTS) -> 
         if context.verbatim is not None:  # the greeting, the filler
             return Say(context.verbatim)
         items = context.conversation
-        outputs = [i for i in items if i["type"] == "function_call_output"]
+        called = [i for i in items if i["type"] == "function_call"]
         if items and items[-1]["type"] == "function_call_output":
             answer = json.loads(items[-1]["output"])
             return Say(APOLOGY if "error" in answer else f"Good news: {answer['say']}")
-        if context.trigger == "vad" and not outputs:
+        if context.trigger == "vad" and not called:
             return CallTool(TOOL, arguments)
         return Say("Anything else?")
 
@@ -213,6 +213,40 @@ async def test_a_slow_tool_gets_the_filler_first_then_the_answer(tmp_path, secre
     assert position[id(filler_create)] < position[id(output)]
     after_output = [e["type"] for e in session.received[position[id(output)] + 1 :]]
     assert after_output[0] == "response.create"
+
+
+async def test_a_caller_who_talks_while_the_tool_works_still_gets_the_answer(tmp_path, secret):
+    model = tool_using_model()
+    slow = ToolReply({"say": "a table is free at nine"}, delay=2.5)
+    async with ToolEndpoint([slow], secret=secret) as biz:
+        stack = await stack_for(tmp_path, model, biz.url("/t"), filler_after_ms=15000)
+        try:
+            caller = stack.caller(to=LINE, speed=SPEED)
+            async with caller:
+                await caller.dial()
+                await caller.connect()
+                caller.start_background_silence()
+                await caller.wait_until_quiet(300, timeout=30)
+                await caller.play(speech("Do you have a table for two on Friday at eight?"))
+                await biz.wait_for(1, timeout=30)  # the business is thinking
+                await caller.play(speech("Oh, and do you have parking?"))
+                session = model.sessions[0]
+                await model.wait_for(lambda: function_outputs(session), 30)
+                await model.wait_for(
+                    lambda: any(
+                        "Good news" in e.get("transcript", "")
+                        for e in session.sent_events("response.audio_transcript.done")
+                    ),
+                    30,
+                )
+                await caller.wait_until_quiet(400, timeout=30)
+                await caller.hangup()
+            lines = agent_lines(stack, caller)
+        finally:
+            await stack.close()
+
+    # The caller's question in between was answered, then the tool's answer was said.
+    assert lines[-2:] == ["Anything else?", "Good news: a table is free at nine"]
 
 
 def closed_port() -> int:
