@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import EXAMPLE_PERSONAS
+from test_cli import phoneagent
 
 from phoneagent.call.prompts import BUSINESS_TOOL_RULES, instructions_for, session_config
 from phoneagent.personas import BusinessTool, check_directory, load_directory
@@ -281,3 +282,15 @@ def test_the_readmes_complete_persona_file_is_valid(tmp_path):
     assert report.problems == []
     [tool] = report.persona_set.personas["bright-smile-dental"].tools
     assert (tool.name, tool.secret_env) == ("check_appointment", "BRIGHT_SMILE_TOOLS_SECRET")
+
+
+def test_personas_check_prints_a_tool_problem_with_file_field_and_reason(tmp_path):
+    bad = tmp_path / "trattoria-luca.toml"
+    text = (EXAMPLE_PERSONAS / "trattoria-luca.toml").read_text()
+    bad.write_text(text.replace('type = "integer"', 'type = "int"'))
+    result = phoneagent("personas", "check", str(tmp_path))
+    assert result.returncode == 1
+    assert (
+        f"ERROR {bad}: tools[0].parameters.properties.guests.type: must be one of string, "
+        "number, integer, boolean, array, object, not 'int'"
+    ) in result.stdout.splitlines()
