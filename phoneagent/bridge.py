@@ -21,6 +21,7 @@ import structlog
 
 from phoneagent.call import (
     Action,
+    AskBusinessTool,
     Call,
     EndCall,
     HangUpCall,
@@ -30,13 +31,16 @@ from phoneagent.call import (
     SendMark,
     SendMedia,
     ToModel,
+    ToolAnswer,
+    ToolCallFinished,
     TransferCall,
     TurnFinished,
 )
+from phoneagent.call.tool_calls import UNREACHABLE, error_output
 from phoneagent.call.watchers import Tick
 from phoneagent.logs import get_logger
 from phoneagent.metrics import Metrics
-from phoneagent.personas import TransferTarget
+from phoneagent.personas import BusinessTool, TransferTarget
 from phoneagent.realtime.base import ModelCommand, ModelEvent, ModelUnavailable
 from phoneagent.twilio.wire.stream import (
     Media,
@@ -114,6 +118,15 @@ class Handoffs(Protocol):
     async def hang_up(self, call: Call) -> str | None: ...
 
 
+class BusinessTools(Protocol):
+    """Asks the business a persona tool call (business_tools.py); always answers, within the
+    tool's timeout: the answer, or an error for the model."""
+
+    async def ask(
+        self, call_sid: str, persona: str, tool: BusinessTool, arguments: dict
+    ) -> ToolAnswer: ...
+
+
 @dataclass
 class CallShell:
     line: TwilioLine
@@ -121,6 +134,7 @@ class CallShell:
     call: Call
     turn_listeners: Sequence[TurnListener] = ()
     handoffs: Handoffs | None = None
+    business_tools: BusinessTools | None = None
     metrics: Metrics | None = None
     # Opens a new, configured model session for this call (reconnect, 30-minute renewal).
     open_model: Callable[[], Awaitable[ModelChannel]] | None = None
@@ -274,6 +288,11 @@ class CallShell:
                     self._request(self._transfer(target, reason))
                 case HangUpCall():
                     self._request(self._hang_up())
+                case AskBusinessTool(call_id, tool, arguments):
+                    self._request(self._ask_business(call_id, tool, arguments))
+                case ToolCallFinished(tool, outcome, duration_ms):
+                    if self.metrics is not None:
+                        self.metrics.record_tool_call(outcome, duration_ms)
                 case RenewModelSession():
                     if self.open_model is not None:
                         self._request(self._renew())
@@ -304,6 +323,15 @@ class CallShell:
         if self.handoffs is not None:
             error = await self.handoffs.hang_up(self.call)
         await self.perform(self.call.on_hang_up_result(error))
+
+    async def _ask_business(self, call_id: str, tool: BusinessTool, arguments: dict) -> None:
+        if self.business_tools is None:
+            answer = ToolAnswer(error_output("the tool is not available"), UNREACHABLE, 0)
+        else:
+            answer = await self.business_tools.ask(
+                self.call.call_sid, self.call.persona.id, tool, arguments
+            )
+        await self.perform(self.call.on_tool_answer(call_id, answer))
 
     async def _to_twilio(self, text: str) -> None:
         try:

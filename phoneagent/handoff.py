@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from phoneagent.personas import KeypadHangUp, KeypadTransfer, Persona, TransferTarget
 
-# The tools' names and arguments; what the model reads about them is in call/prompts.py.
-TRANSFER_TOOL = "transfer_call"
-END_CALL_TOOL = "end_call"
+# The built-in tools' names live with the personas, whose own tools must not take them.
+from phoneagent.personas.model import END_CALL_TOOL, TRANSFER_TOOL
+
+# The tools' arguments; what the model reads about them is in call/prompts.py.
 TARGET_ARGUMENT = "target"
 REASON_ARGUMENT = "reason"
 # A reason is a few words for the business's records: a longer one is cut, so a model that

@@ -18,6 +18,9 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 FRAME_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2)
 REACTION_BUCKETS = (2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 FIRST_AUDIO_BUCKETS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+# A tool answer past the filler (1.5 s by default) is one the caller waits for; 15 s: the most
+# a tool's timeout_ms allows.
+TOOL_CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 15.0)
 
 
 class Metrics:
@@ -73,6 +76,20 @@ class Metrics:
             "phoneagent_calls_apologised",
             "Streams that ended with the caller still on the line and the agent unable to go on: "
             "Twilio was answered with the persona's apology and fallback.",
+            registry=r,
+        )
+        self.tool_calls = Counter(
+            "phoneagent_tool_calls",
+            "Persona tool calls, by outcome: ok, timeout, unreachable, http_error, bad_answer, "
+            "not_signed (answered with an error, no request), invalid_arguments and too_many "
+            "(refused to the model without asking the business).",
+            ["outcome"],
+            registry=r,
+        )
+        self.tool_call_duration = Histogram(
+            "phoneagent_tool_call_seconds",
+            "From a persona tool call's request to the business's answer (or its failure).",
+            buckets=TOOL_CALL_BUCKETS,
             registry=r,
         )
         self.transfers = Counter(
@@ -164,6 +181,12 @@ class Metrics:
         )
         self.inbound_media = self.media_seconds.labels("caller_to_model")
         self.outbound_media = self.media_seconds.labels("model_to_caller")
+
+    def record_tool_call(self, outcome: str, duration_ms: int | None) -> None:
+        """One persona tool call; ``duration_ms`` None: refused, no request was made."""
+        self.tool_calls.labels(outcome).inc()
+        if duration_ms is not None:
+            self.tool_call_duration.observe(duration_ms / 1000)
 
     def record_call_end(self, end_reason: str, stats: dict) -> None:
         self.calls.labels(end_reason).inc()

@@ -21,6 +21,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from phoneagent.api.key_store import api_key_store
 from phoneagent.api.routes import mount_api
+from phoneagent.business_tools import BusinessToolClient
 from phoneagent.client_limits import handler_options, unauthenticated_limits
 from phoneagent.config import Settings
 from phoneagent.console.pages import mount_console
@@ -215,6 +216,7 @@ def create_app(
         count_transfer=lambda outcome: state.metrics.transfers.labels(outcome).inc(),
         public_url=lambda: state.settings.public_url,
     )
+    tool_client = state.business_tools = BusinessToolClient(os.environ)
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -236,6 +238,7 @@ def create_app(
             await task
         await state.prewarmer.close()
         await rest.close()
+        await tool_client.close()
 
     async def deliver_webhooks(app: web.Application):
         assert outbox is not None

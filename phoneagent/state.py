@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from phoneagent.bridge import CallShell, Handoffs, TurnListener
+from phoneagent.bridge import BusinessTools, CallShell, Handoffs, TurnListener
 from phoneagent.call import Call
 from phoneagent.client_limits import UnauthenticatedGate
 from phoneagent.config import Settings
@@ -48,6 +48,7 @@ class ServerState:
     clock: Callable[[], float] = time.monotonic  # calls' clock: tests run calls faster
     publisher: CallEventPublisher | None = None  # None: no webhook delivery (no outbox)
     handoffs: Handoffs | None = None  # Twilio's REST API (twilio/rest/handoffs.py), set by the app
+    business_tools: BusinessTools | None = None  # persona tools' requests (business_tools.py)
     metrics: Metrics = field(init=False)
     # Twilio requests not yet authenticated (client_limits.py).
     unauthenticated: UnauthenticatedGate = field(init=False)

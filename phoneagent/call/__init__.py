@@ -2,13 +2,15 @@
 
 Imported by the shells as ``from phoneagent.call import Call, SendMedia, ...``; the modules:
 ``call`` (the composition and what every event means), ``playback``, ``response``,
-``announcement`` (the handoff), ``watchers`` (driven by ``Tick``), ``model_link`` (renewal and
-reconnection), ``actions``, ``transcript``, ``prompts`` (every sentence the model is told) and
-``machine`` (the transition-table helper). No module here does I/O.
+``announcement`` (the handoff), ``tool_calls`` (the persona's own tools), ``watchers`` (driven
+by ``Tick``), ``model_link`` (renewal and reconnection), ``actions``, ``transcript``,
+``prompts`` (every sentence the model is told) and ``machine`` (the transition-table helper).
+No module here does I/O.
 """
 
 from phoneagent.call.actions import (
     Action,
+    AskBusinessTool,
     EndCall,
     EndReason,
     HangUpCall,
@@ -18,17 +20,20 @@ from phoneagent.call.actions import (
     SendMark,
     SendMedia,
     ToModel,
+    ToolCallFinished,
     TransferCall,
     TurnFinished,
 )
 from phoneagent.call.call import STOP_MEANS, Call, CallState
 from phoneagent.call.playback import FRAMES_PER_MESSAGE
+from phoneagent.call.tool_calls import ToolAnswer
 from phoneagent.call.watchers import Tick
 
 __all__ = [
     "FRAMES_PER_MESSAGE",
     "STOP_MEANS",
     "Action",
+    "AskBusinessTool",
     "Call",
     "CallState",
     "EndCall",
@@ -41,6 +46,8 @@ __all__ = [
     "SendMedia",
     "Tick",
     "ToModel",
+    "ToolAnswer",
+    "ToolCallFinished",
     "TransferCall",
     "TurnFinished",
 ]

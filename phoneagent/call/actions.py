@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from phoneagent.personas import TransferTarget
+from phoneagent.personas import BusinessTool, TransferTarget
 from phoneagent.realtime.base import ModelCommand
 
 
@@ -87,6 +87,25 @@ class ReconnectModel:
     after_s: float
 
 
+@dataclass(frozen=True)
+class AskBusinessTool:
+    """POST the model's ``arguments`` to the persona tool's URL (signed, within its timeout);
+    answer with ``Call.on_tool_answer(call_id, ToolAnswer)``, always, whatever happened."""
+
+    call_id: str
+    tool: BusinessTool
+    arguments: dict
+
+
+@dataclass(frozen=True)
+class ToolCallFinished:
+    """A persona tool call is over (answered, failed or refused): for the metrics."""
+
+    tool: str
+    outcome: str  # call/tool_calls.py OUTCOMES
+    duration_ms: int | None  # None: refused, the business was not asked
+
+
 Action = (
     SendMedia
     | SendMark
@@ -98,4 +117,6 @@ Action = (
     | HangUpCall
     | RenewModelSession
     | ReconnectModel
+    | AskBusinessTool
+    | ToolCallFinished
 )

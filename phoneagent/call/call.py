@@ -8,6 +8,7 @@ each with its states and transitions in one table:
 - ``Playback``: agent audio framed into messages and marks; what the caller has heard.
 - ``ModelResponse``: idle / generating / cancelling; commands deferred to its end; tool calls.
 - ``Announcement``: the sentence before a handoff, then the handoff (transfer or hang-up).
+- ``BusinessToolCalls``: the persona's own tools: calls in flight, the filler, the limits.
 - watchers (``TimeLimit``, ``Silence``, ``Nudge``, ``Keypad``), driven by ``Tick``.
 - ``ModelLink``: renewal and reconnection of the model session.
 
@@ -32,21 +33,30 @@ from phoneagent.audio import (
 from phoneagent.call import prompts
 from phoneagent.call.actions import (
     Action,
+    AskBusinessTool,
     EndCall,
     EndReason,
     HangUpCall,
     RenewModelSession,
     SendClear,
     ToModel,
+    ToolCallFinished,
     TransferCall,
     TurnFinished,
 )
 from phoneagent.call.announcement import Announcement, HandoffState
 from phoneagent.call.machine import Unexpected
-from phoneagent.call.model_link import ModelLink
+from phoneagent.call.model_link import LinkState, ModelLink
 from phoneagent.call.playback import AgentItem, BargeInCandidate, CallStats, Playback
 from phoneagent.call.prompts import instructions_for, replay, say_verbatim, with_guidance
 from phoneagent.call.response import ModelResponse
+from phoneagent.call.tool_calls import (
+    TIMEOUT,
+    BusinessToolCalls,
+    PendingToolCall,
+    ToolAnswer,
+    error_output,
+)
 from phoneagent.call.transcript import Transcript, Turn, cut_turn
 from phoneagent.call.watchers import Keypad, Nudge, Silence, SilenceState, Tick, TimeLimit
 from phoneagent.handoff import (
@@ -58,7 +68,7 @@ from phoneagent.handoff import (
     sentence_for,
 )
 from phoneagent.logs import get_logger
-from phoneagent.personas import Persona
+from phoneagent.personas import BusinessTool, Persona
 from phoneagent.realtime.base import (
     AddTextItem,
     AgentTranscriptDelta,
@@ -193,6 +203,7 @@ class Call:
         self._handoff = Announcement(self._unexpected)
         self._watchers = Watchers(self.persona, self._unexpected)
         self._link = ModelLink(self._started_at, self._unexpected)
+        self._tools = BusinessToolCalls.of(self.persona.tools)
 
     @property
     def state(self) -> CallState:
@@ -264,6 +275,14 @@ class Call:
             log.warning("hang_up_failed", error=error)
         return self._end(self._handoff.hang_up_reason)
 
+    def on_tool_answer(self, call_id: str, answer: ToolAnswer) -> list[Action]:
+        """The business answered a persona tool call (or the request failed): the model gets
+        the answer, and answers the caller with it."""
+        pending = self._tools.answered(call_id)
+        if self.ended or pending is None:
+            return []  # the call is over, or the answer came after the call gave up on it
+        return self._link.outbound(self._give_tool_answer(pending, answer))
+
     def on_clear_sent(self, reaction_ms: float) -> None:
         """The shell sent a barge-in's `clear` this long after the event that caused it."""
         self.stats.barge_in_reaction_ms.append(reaction_ms)
@@ -299,6 +318,7 @@ class Call:
         if self.ended:
             return []
         held = self._link.switched(self.clock())
+        self._tools.session += 1  # tool calls in flight belong to the old session
         actions = self._flush_item()  # what the old session generated still plays
         was_answering = self._response.new_session()
         actions += [ToModel(item) for item in replay(self.transcript)]
@@ -309,6 +329,8 @@ class Call:
             actions += self._respond(say_verbatim(self.persona, sentence))
         elif was_answering:
             actions += self._respond(with_guidance(self.persona, prompts.FINISH_CUT_ANSWER))
+        for pending, output in self._tools.take_held():  # answers that came while it was away
+            actions += self._tell_tool_answer(pending, output)
         return actions
 
     def on_model_closed(self) -> list[Action]:
@@ -432,6 +454,7 @@ class Call:
             actions += self._watch_time_limit(ms)
             actions += self._watch_stalls(ms)
         actions += self._watch_model(tick.now)
+        actions += self._watch_tools(tick.now)
         if ms is not None:
             actions += self._watch_silence(ms)
             if (digits := self._watchers.keypad.on_tick(ms)) is not None:
@@ -485,6 +508,7 @@ class Call:
             and not self._playback.playing
             and self._barge_in is None
             and not self._watchers.nudge.waiting
+            and not self._tools.pending  # a new session could not take their answers
             and self.state is CallState.ACTIVE
         )
         if self._link.renewal_due(now, quiet):
@@ -497,6 +521,7 @@ class Call:
             or self._barge_in is not None
             or not self._response.idle
             or self._watchers.nudge.waiting
+            or bool(self._tools.pending)  # the caller waits for the business's answer
             or self.state is not CallState.ACTIVE
         )
         match self._watchers.silence.on_tick(ms, occupied):
@@ -573,10 +598,19 @@ class Call:
 
     def _answer_tool_calls(self, response_id: str) -> list[Action]:
         actions: list[Action] = []
+        asked = refused = 0  # calls of this response sent to the business, and refused
         for tool_call in self._response.tools.of(response_id):
             output = ToModel(ToolOutput(tool_call.call_id, prompts.TOOL_INTERRUPTED))
             if self._response.discarded(response_id) or self.state is not CallState.ACTIVE:
                 actions.append(output)  # the caller's new turn gets the model's next answer
+                continue
+            if (tool := self._tools.tools.get(tool_call.name)) is not None:
+                ask = self._ask_business(tool_call.call_id, tool, tool_call.arguments, asked)
+                if isinstance(ask[0], AskBusinessTool):
+                    asked += 1
+                else:
+                    refused += 1
+                actions += ask
                 continue
             request = handoff_from_tool(self.persona, tool_call.name, tool_call.arguments)
             if isinstance(request, str):
@@ -589,6 +623,80 @@ class Call:
             log.info("tool_call", tool=tool_call.name, arguments=tool_call.arguments)
             actions.append(ToModel(ToolOutput(tool_call.call_id, prompts.TOOL_ACCEPTED)))
             actions += self._announce(request)
+        if refused and not self._tools.waiting_in(self._tools.session):
+            # The model answers the refusal now; with calls in flight, with their answers.
+            actions.append(ToModel(CreateResponse()))
+        return actions
+
+    # --- the persona's own tools: the business answers ------------------------------------
+
+    def _ask_business(
+        self, call_id: str, tool: BusinessTool, arguments: str, asked: int
+    ) -> list[Action]:
+        """Ask the business, or refuse the call to the model (its arguments, the limits). The
+        arguments' values are never logged: they are what the caller said (names, dates of
+        birth, numbers); their names are."""
+        sent = self._tools.ask(call_id, tool, arguments, self.clock(), asked)
+        if isinstance(sent, dict):
+            log.info("business_tool_asked", tool=tool.name, arguments=sorted(sent))
+            return [AskBusinessTool(call_id, tool, sent)]
+        outcome, reason = sent
+        log.warning("business_tool_refused", tool=tool.name, outcome=outcome, reason=reason)
+        return [
+            ToModel(ToolOutput(call_id, error_output(reason))),
+            self._tool_finished(tool.name, outcome, None),
+        ]
+
+    def _give_tool_answer(self, pending: PendingToolCall, answer: ToolAnswer) -> list[Action]:
+        """The answer to the model, once it is idle (after the filler, if it is being said),
+        then a response, unless other calls are still in flight (their answers bring it) or
+        the call is being handed on. A barge-in meanwhile changes nothing: the model still needs
+        the answer, and says it after what the caller asked in between."""
+        name = pending.tool.name
+        level = log.info if answer.outcome == "ok" else log.warning
+        level("business_tool_answered", tool=name, outcome=answer.outcome,
+              duration_ms=answer.duration_ms, status=answer.status)  # fmt: skip
+        finished = self._tool_finished(name, answer.outcome, answer.duration_ms)
+        if self._link.state is LinkState.RECONNECTING:
+            # Nothing reaches the model now: the session that comes next is told.
+            self._tools.held.append((pending, answer.output))
+            return [finished]
+        return [finished, *self._tell_tool_answer(pending, answer.output)]
+
+    def _tell_tool_answer(self, pending: PendingToolCall, output: str) -> list[Action]:
+        if pending.session == self._tools.session:
+            tell: list[Action] = [ToModel(ToolOutput(pending.call_id, output))]
+        else:  # a new model session never saw the call: its call_id means nothing there
+            note = prompts.tool_answer_note(pending.tool.name, output)
+            tell = [ToModel(AddTextItem("system", note))]
+        if self.state is CallState.ACTIVE and not self._tools.waiting_in(self._tools.session):
+            tell.append(ToModel(CreateResponse()))
+        return self._response.after_asked(tell)
+
+    def _tool_finished(self, tool: str, outcome: str, duration_ms: int | None) -> ToolCallFinished:
+        self.stats.tool_calls.append({"tool": tool, "outcome": outcome, "duration_ms": duration_ms})
+        return ToolCallFinished(tool, outcome, duration_ms)
+
+    def _watch_tools(self, now: float) -> list[Action]:
+        """Calls the shell never answered are given up on; a slow answer gets the filler, said
+        the way every fixed sentence is (say_verbatim: the model's own voice, one response like
+        any other), when the line is quiet: not over the agent, nor over a caller's turn."""
+        actions: list[Action] = []
+        for pending in self._tools.overdue(now):
+            waited_ms = round((now - pending.asked_at) * 1000)
+            answer = ToolAnswer(error_output("no answer in time"), TIMEOUT, waited_ms)
+            actions += self._give_tool_answer(pending, answer)
+        quiet = (
+            self.state is CallState.ACTIVE
+            and self._response.idle
+            and not self._response.guide.waiting
+            and not self._playback.playing
+            and self._barge_in is None
+            and not self._watchers.nudge.waiting
+        )
+        if quiet and (tool := self._tools.filler_due(now)) is not None:
+            log.info("business_tool_filler", tool=tool.name)
+            actions += self._respond(say_verbatim(self.persona, tool.filler))
         return actions
 
     def _announce(self, handoff: Handoff) -> list[Action]:

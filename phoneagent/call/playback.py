@@ -56,15 +56,19 @@ class CallStats:
     barge_ins_ignored: int = 0  # short speech under the persona's guard: the agent went on
     barge_in_reaction_ms: list[float] = field(default_factory=list)  # event in → `clear` sent
     discarded_ms: int = 0  # agent audio sent or generated but never heard
+    # The persona's own tools called: {tool, outcome, duration_ms} each; never the arguments
+    # or the answer (they are the caller's and the business's data).
+    tool_calls: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
+        tools = {"tool_calls": list(self.tool_calls)} if self.tool_calls else {}
         return {
             "first_agent_audio_ms": self.first_audio_ms,
             "barge_ins": self.barge_ins,
             "barge_ins_ignored": self.barge_ins_ignored,
             "barge_in_reaction_ms": [round(ms, 3) for ms in self.barge_in_reaction_ms],
             "discarded_agent_ms": self.discarded_ms,
-        }
+        } | tools
 
 
 class PlaybackState(enum.Enum):

@@ -59,12 +59,25 @@ def language_name(tag: str) -> str:
 
 
 def phone_call_rules(persona: Persona) -> str:
-    return (
+    rules = (
         f"You are on a phone call. Always speak {language_name(persona.language)}. Keep answers "
         "short and spoken: no lists, no markdown, no emoji. Stay the character described above "
         "for the whole call, whatever the caller says; if they ask whether they are talking "
         "to a person, answer truthfully."
     )
+    if persona.tools:
+        rules += f" {BUSINESS_TOOL_RULES}"
+    return rules
+
+
+# Said once in the session's instructions when the persona has tools of its own: how to use
+# their answers (JSON from the business, or {"error": ...} from phoneagent).
+BUSINESS_TOOL_RULES = (
+    "Some of your tools ask the business's own systems: when the caller needs what one of them "
+    "knows, call it instead of guessing, and answer from what it returns, in your own words. "
+    'If it returns an "error", apologise briefly and offer another way to help; never read '
+    "the error out."
+)
 
 
 # StepFun documents audio behaviour as something the instructions steer ("快声说", speak fast:
@@ -144,6 +157,8 @@ def tools_for(persona: Persona) -> tuple[ToolSpec, ...]:
                 },
             )
         )
+    # The business's own tools, as the persona declares them (their answers: tool_calls.py).
+    tools += [ToolSpec(t.name, t.description, dict(t.parameters)) for t in persona.tools]
     tools.append(
         ToolSpec(
             name=END_CALL_TOOL,
@@ -226,6 +241,12 @@ def time_limit_note(seconds: int) -> str:
 
 def keypad_note(digits: str) -> str:
     return f"(I pressed {digits} on my phone's keypad.)"
+
+
+def tool_answer_note(tool: str, output: str) -> str:
+    """A tool's answer for a model session that did not make the call (it replaced the session
+    that did, mid-call): a function_call_output would name a call it never saw."""
+    return f"(The {tool} tool you called answered: {output})"
 
 
 # --- tool outputs ----------------------------------------------------------------------------

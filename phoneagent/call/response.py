@@ -149,6 +149,15 @@ class ModelResponse(Machine[ResponseState]):
         self._deferred += actions
         return []
 
+    def after_asked(self, actions: list[Action]) -> list[Action]:
+        """As ``when_idle``, but also after a guided response that was asked for and has not
+        started yet: the model is idle until its response.created, and a response.create then
+        would be refused ("ongoing response already exists")."""
+        if self.guide.waiting:
+            self._deferred += actions
+            return []
+        return self.when_idle(actions)
+
     def release(self, *, even_if_busy: bool = False) -> list[Action]:
         """What waited, once the model is idle (or at once, after a stalled response)."""
         if not self._deferred or not (self.idle or even_if_busy):
@@ -270,6 +279,11 @@ class Guide:
         self._instructions = instructions  # the persona's own
         self._pending = False  # such a response was asked for and has not started
         self._response: str | None = None  # it started: restore when it is done
+
+    @property
+    def waiting(self) -> bool:
+        """Such a response was asked for and has not started."""
+        return self._pending
 
     def respond(self, instructions: str) -> list[Action]:
         self._pending = True

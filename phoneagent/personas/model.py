@@ -18,6 +18,7 @@ __all__ = [
     "KEYPAD_DIGITS",
     "MAX_TONE_CHARS",
     "SPEAKING_RATES",
+    "BusinessTool",
     "KeypadAction",
     "KeypadHangUp",
     "KeypadTransfer",
@@ -90,6 +91,35 @@ class WebhookTarget:
     mask_caller: bool = False  # send the caller's number as +*******0123
 
 
+# The tools phoneagent itself gives the model (handoff.py): no persona tool may take their names.
+TRANSFER_TOOL = "transfer_call"
+END_CALL_TOOL = "end_call"
+BUILT_IN_TOOLS = (TRANSFER_TOOL, END_CALL_TOOL)
+
+# A persona tool (``[[tools]]``): how long phoneagent waits for the business's answer, and how
+# long the caller waits in silence before the agent says the filler sentence.
+DEFAULT_TOOL_TIMEOUT_MS = 5000
+DEFAULT_TOOL_FILLER_AFTER_MS = 1500
+DEFAULT_TOOL_FILLER = "One moment, let me check that."
+
+
+@dataclass(frozen=True)
+class BusinessTool:
+    """A tool the model may call that reaches the business: phoneagent POSTs the arguments to
+    ``url`` (signed like the call events) and gives the answer back to the model
+    (call/tool_calls.py decides, business_tools.py asks)."""
+
+    name: str
+    description: str
+    parameters: Mapping  # a JSON-schema object (validated: personas/tool_validation.py)
+    url: str
+    timeout_ms: int = DEFAULT_TOOL_TIMEOUT_MS
+    filler: str = DEFAULT_TOOL_FILLER  # said when the answer is slower than filler_after_ms
+    filler_after_ms: int = DEFAULT_TOOL_FILLER_AFTER_MS
+    # The *name* of the environment variable holding the signing secret ("": unsigned).
+    secret_env: str = ""
+
+
 @dataclass(frozen=True)
 class Persona:
     id: str
@@ -121,6 +151,7 @@ class Persona:
     # it in their voice): the model is told to hand them to it ("" for none).
     upset_caller_target: str = ""
     webhook: WebhookTarget | None = None
+    tools: tuple[BusinessTool, ...] = ()  # the business's own tools, in file order
     max_call_seconds: int = DEFAULT_MAX_CALL_SECONDS
     silence_timeout_seconds: int = DEFAULT_SILENCE_TIMEOUT_SECONDS
     silence_duration_ms: int = DEFAULT_SILENCE_DURATION_MS

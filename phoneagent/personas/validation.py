@@ -13,9 +13,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from phoneagent.config import is_local_host
 from phoneagent.delivery.events import DEFAULT_WEBHOOK_EVENTS, EVENT_TYPES
 from phoneagent.personas.model import (
     DEFAULT_APOLOGY,
@@ -39,7 +37,9 @@ from phoneagent.personas.model import (
 )
 from phoneagent.personas.numbers import E164, normalise_number
 from phoneagent.personas.problems import PersonaError, Problem
+from phoneagent.personas.rules import LANGUAGE, english_default_text, post_url, secret_env
 from phoneagent.personas.table_reader import TomlTable
+from phoneagent.personas.tool_validation import business_tools
 from phoneagent.twilio.wire.say_voices import say_voices
 
 __all__ = [
@@ -55,8 +55,7 @@ __all__ = [
 
 _PERSONA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _TARGET_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
-_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
-_LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
+_LANGUAGE = LANGUAGE
 
 # How a persona file writes a keypad action (``[keypad]``): parsed once, here, into a KeypadAction.
 KEYPAD_END_CALL = "end_call"
@@ -248,6 +247,7 @@ def parse_persona_text(
         speaking_rate=_speaking_rate(top),
         upset_caller_target=upset_caller_target,
         webhook=webhook,
+        tools=business_tools(top, environ, language, webhook),
         max_call_seconds=top.integer("max_call_seconds", DEFAULT_MAX_CALL_SECONDS, 30, 14400),
         silence_timeout_seconds=top.integer(
             "silence_timeout_seconds", DEFAULT_SILENCE_TIMEOUT_SECONDS, 0, 600
@@ -345,21 +345,10 @@ def _say(top: TomlTable, language: str) -> tuple[str, str]:
 
 
 def _said_by_twilio(top: TomlTable, key: str, default: str, language: str) -> str:
-    """``busy_message`` or ``apology``: the defaults are English, so a persona in another
-    language must write its own (a Mandarin voice reading English would help no caller)."""
-    if key not in top.data:
-        if _LANGUAGE.fullmatch(language) and language.lower().split("-")[0] != "en":
-            top.problem(
-                key,
-                f"is required when the language is not English ({language}): the default is "
-                f"English text, and Twilio would read it with a {language} voice",
-            )
-        return default
-    text = top.get(key, str, default=default)
-    if not text.strip():
-        top.problem(key, "must not be empty")
-        return default
-    return text.strip()
+    """``busy_message`` or ``apology``: the defaults are English (see ``english_default_text``)."""
+    return english_default_text(
+        top, key, default, language, f"Twilio would read it with a {language} voice"
+    )
 
 
 def _numbers(top: TomlTable) -> tuple[str, ...]:
@@ -443,24 +432,12 @@ def _webhook(top: TomlTable, environ: Mapping[str, str]) -> WebhookTarget | None
     section = top.table("webhook", required=False)
     if section is None:
         return None
-    url = section.text("url")
-    if url:
-        parts = urlsplit(url)
-        if parts.scheme not in ("https", "http") or not parts.hostname:
-            section.problem("url", f"{url!r} is not an absolute https:// URL")
-        elif parts.scheme == "http" and not is_local_host(parts.hostname):
-            section.problem("url", "must use https:// (http is allowed for localhost only)")
-    secret_env = section.text(
-        "secret_env", pattern=_ENV_NAME, pattern_hint="an environment variable name"
-    )
-    if secret_env and _ENV_NAME.fullmatch(secret_env) and not environ.get(secret_env, "").strip():
-        section.problem(
-            "secret_env", f"environment variable {secret_env} (the signing secret) is not set"
-        )
+    url = post_url(section)
+    secret = secret_env(section, environ)
     events = _webhook_events(section)
     mask_caller = section.boolean("mask_caller", False)
     section.finish()
-    return WebhookTarget(url=url, secret_env=secret_env, events=events, mask_caller=mask_caller)
+    return WebhookTarget(url=url, secret_env=secret, events=events, mask_caller=mask_caller)
 
 
 def _webhook_events(section: TomlTable) -> tuple[str, ...]:

@@ -10,6 +10,8 @@ Import what you need from its module; the usual entry points:
 - ``fake_model.FakeRealtimeServer``: a protocol-faithful fake of StepFun's realtime API.
 - ``fake_twilio_api.FakeTwilioApi``: Twilio's REST Call resource (updates, hang-ups, faults).
 - ``webhook_sink.WebhookSink``: a webhook receiver with scripted answers.
+- ``tool_endpoint.ToolEndpoint``: a business's tool endpoint (persona tools) with scripted
+  JSON answers, delays and faults, checking the signature.
 - ``stack.LocalStack``: phoneagent's server with the fakes, on 127.0.0.1.
 - ``postgres_cluster.postgres_cluster``: a throwaway PostgreSQL server in a temporary directory.
 """

@@ -193,6 +193,7 @@ async def run_call(
             call,
             turn_listeners=listeners,
             handoffs=handoffs or state.handoffs,
+            business_tools=state.business_tools,
             metrics=state.metrics,
             open_model=lambda: state.prewarmer.open(config),
         )
