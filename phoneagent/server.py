@@ -232,6 +232,7 @@ def create_app(
             await task
         await state.prewarmer.close()
         await rest.close()
+        await state.lookups.close()
 
     async def deliver_webhooks(app: web.Application):
         assert outbox is not None

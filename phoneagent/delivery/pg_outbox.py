@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 #: The schema this version reads and writes; ``MIGRATIONS[v]`` goes from v - 1 to v.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: ``pg_advisory_xact_lock`` key of the schema migration: any fixed 64-bit number of our own.
 MIGRATION_LOCK = 0x70686F6E65_01  # "phone", 1
 #: ``pg_advisory_xact_lock`` key that serialises the claims that count receivers' room.
@@ -190,6 +190,15 @@ UPDATE phoneagent_outbox
 CREATE INDEX phoneagent_outbox_by_call ON phoneagent_outbox (call_sid, created_at)
     WHERE call_sid IS NOT NULL;
 CREATE INDEX phoneagent_calls_recent ON phoneagent_calls ((COALESCE(started_at, updated_at)));
+""",
+    # A call's context (call/context.py): its direction ('' until the webhook that connects its
+    # stream writes it), its variables' values and the business's metadata. Every call before
+    # this step was answered: inbound.
+    7: """
+ALTER TABLE phoneagent_calls ADD COLUMN direction TEXT NOT NULL DEFAULT '';
+ALTER TABLE phoneagent_calls ADD COLUMN variables JSONB NOT NULL DEFAULT '{}'::jsonb;
+ALTER TABLE phoneagent_calls ADD COLUMN metadata JSONB NOT NULL DEFAULT '{}'::jsonb;
+UPDATE phoneagent_calls SET direction = 'inbound';
 """,
 }
 

@@ -7,6 +7,7 @@ problem is refused as a whole, so a half-edited directory never serves half its 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -21,17 +22,20 @@ from phoneagent.personas.model import (
     DEFAULT_APOLOGY,
     DEFAULT_BARGE_IN_MIN_SPEECH_MS,
     DEFAULT_BUSY_MESSAGE,
+    DEFAULT_LOOKUP_TIMEOUT_MS,
     DEFAULT_MAX_CALL_SECONDS,
     DEFAULT_PREFIX_PADDING_MS,
     DEFAULT_SILENCE_DURATION_MS,
     DEFAULT_SILENCE_TIMEOUT_SECONDS,
     DEFAULT_VAD_THRESHOLD,
     KEYPAD_DIGITS,
+    MAX_LOOKUP_TIMEOUT_MS,
     MAX_TONE_CHARS,
     SPEAKING_RATES,
     KeypadAction,
     KeypadHangUp,
     KeypadTransfer,
+    Lookup,
     Persona,
     PersonaSet,
     TransferTarget,
@@ -40,6 +44,13 @@ from phoneagent.personas.model import (
 from phoneagent.personas.numbers import E164, normalise_number
 from phoneagent.personas.problems import PersonaError, Problem
 from phoneagent.personas.table_reader import TomlTable
+from phoneagent.personas.variables import (
+    MAX_VALUE_CHARS,
+    VARIABLE_NAME,
+    Variable,
+    is_one_line,
+    templated,
+)
 from phoneagent.twilio.wire.say_voices import say_voices
 
 __all__ = [
@@ -225,6 +236,8 @@ def parse_persona_text(
     if end_call:
         end_call.finish()
     webhook = _webhook(top, environ)
+    variables = _variables(top)
+    lookup = _lookup(top, environ)
     language = top.text("language", pattern=_LANGUAGE, pattern_hint="a language tag like en-US")
     say_language, say_voice = _say(top, language)
     persona = Persona(
@@ -260,6 +273,8 @@ def parse_persona_text(
         barge_in_min_speech_ms=top.integer(
             "barge_in_min_speech_ms", DEFAULT_BARGE_IN_MIN_SPEECH_MS, 0, 3000
         ),
+        variables=variables,
+        lookup=lookup,
         source=path,
     )
     top.finish()
@@ -267,7 +282,77 @@ def parse_persona_text(
         problems.append(
             Problem(path, "numbers", "list at least one number, or mark the persona default")
         )
+    persona = _with_templates(persona, problems)
     return (None if problems else persona), problems
+
+
+def _with_templates(persona: Persona, problems: list[Problem]) -> Persona:
+    """The persona's texts checked against its variables, filled with the defaults, and their
+    templates kept for each call (personas/variables.py)."""
+    assert persona.source is not None
+    ready, templates, text_problems = templated(persona, persona.variables)
+    problems += [Problem(persona.source, where, reason) for where, reason in text_problems]
+    if persona.numbers or persona.default:
+        # The caller is on the line: an inbound call is answered, lookup or not, and a required
+        # variable would have no value when the lookup fails.
+        problems += [
+            Problem(
+                persona.source,
+                f"variables.{v.name}",
+                "needs a default: this persona answers calls (it has numbers or is the "
+                "default), and an inbound call is answered with the defaults when no lookup "
+                "gives a value (required variables are for personas that only call out)",
+            )
+            for v in persona.variables.values()
+            if v.required
+        ]
+    return dataclasses.replace(ready, templates=templates)
+
+
+def _variables(top: TomlTable) -> dict[str, Variable]:
+    """``[variables]``: each ``name = { default = "…" }`` or ``name = { required = true }``,
+    with an optional ``description``."""
+    section = top.table("variables", required=False)
+    if section is None:
+        return {}
+    variables = {}
+    for name in list(section.data):
+        if not VARIABLE_NAME.fullmatch(name):
+            section.problem(
+                name, "variable names use letters, digits and '_' (at most 64, not a digit first)"
+            )
+        entry = section.table(name, required=True)
+        if entry is None:
+            continue
+        default = entry.get("default", str, required=False)
+        required = entry.boolean("required", False)
+        description = entry.get("description", str, required=False, default="").strip()
+        if default is not None and required:
+            entry.problem("required", "a variable with a default is not required: keep one")
+        elif default is None and not required and "default" not in entry.data:
+            entry.problem("default", 'give a default (default = "…") or mark it required = true')
+        elif default is not None and len(default) > MAX_VALUE_CHARS:
+            entry.problem("default", f"must be at most {MAX_VALUE_CHARS} characters")
+        elif default is not None and not is_one_line(default):
+            entry.problem("default", "must be one line of text")
+        entry.finish()
+        variables[name] = Variable(name, None if required else (default or ""), description)
+    section.finish()
+    return variables
+
+
+def _lookup(top: TomlTable, environ: Mapping[str, str]) -> Lookup | None:
+    """``[lookup]``: where an inbound call's variables come from (phoneagent/lookup.py)."""
+    section = top.table("lookup", required=False)
+    if section is None:
+        return None
+    url = _https_url(section)
+    secret_env = _secret_env(section, environ)
+    timeout_ms = section.integer(
+        "timeout_ms", DEFAULT_LOOKUP_TIMEOUT_MS, 100, MAX_LOOKUP_TIMEOUT_MS
+    )
+    section.finish()
+    return Lookup(url=url, secret_env=secret_env, timeout_ms=timeout_ms)
 
 
 def _target_name(top: TomlTable, key: str, targets: Mapping[str, TransferTarget]) -> str:
@@ -443,6 +528,16 @@ def _webhook(top: TomlTable, environ: Mapping[str, str]) -> WebhookTarget | None
     section = top.table("webhook", required=False)
     if section is None:
         return None
+    url = _https_url(section)
+    secret_env = _secret_env(section, environ)
+    events = _webhook_events(section)
+    mask_caller = section.boolean("mask_caller", False)
+    section.finish()
+    return WebhookTarget(url=url, secret_env=secret_env, events=events, mask_caller=mask_caller)
+
+
+def _https_url(section: TomlTable) -> str:
+    """A section's ``url``, where phoneagent POSTs: https (http for localhost only)."""
     url = section.text("url")
     if url:
         parts = urlsplit(url)
@@ -450,6 +545,11 @@ def _webhook(top: TomlTable, environ: Mapping[str, str]) -> WebhookTarget | None
             section.problem("url", f"{url!r} is not an absolute https:// URL")
         elif parts.scheme == "http" and not is_local_host(parts.hostname):
             section.problem("url", "must use https:// (http is allowed for localhost only)")
+    return url
+
+
+def _secret_env(section: TomlTable, environ: Mapping[str, str]) -> str:
+    """A section's ``secret_env``: the name of a set environment variable (the signing secret)."""
     secret_env = section.text(
         "secret_env", pattern=_ENV_NAME, pattern_hint="an environment variable name"
     )
@@ -457,10 +557,7 @@ def _webhook(top: TomlTable, environ: Mapping[str, str]) -> WebhookTarget | None
         section.problem(
             "secret_env", f"environment variable {secret_env} (the signing secret) is not set"
         )
-    events = _webhook_events(section)
-    mask_caller = section.boolean("mask_caller", False)
-    section.finish()
-    return WebhookTarget(url=url, secret_env=secret_env, events=events, mask_caller=mask_caller)
+    return secret_env
 
 
 def _webhook_events(section: TomlTable) -> tuple[str, ...]:
