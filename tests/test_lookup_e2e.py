@@ -206,7 +206,8 @@ async def test_values_are_never_read_as_placeholders_or_format_fields(tmp_path, 
     async with LookupServer(LOOKUP_SECRET, answer={"variables": hostile}) as lookups:
         record, _, _, _, _ = await run_call(tmp_path, lookups, sink)
     # The name is said as given, braces and all; a value of two lines is refused (its default).
-    assert greeting_of(record) == "Hello {appointment} {0.__class__} {{x}}, calling about your visit?"
+    said = "Hello {appointment} {0.__class__} {{x}}, calling about your visit?"
+    assert greeting_of(record) == said
 
 
 async def test_the_events_of_a_call_without_a_lookup_say_inbound_with_the_defaults(tmp_path, sink):
@@ -226,12 +227,12 @@ async def test_a_replayed_voice_webhook_does_not_ask_the_lookup_again(tmp_path, 
         (personas / "reminders.toml").write_text(
             persona_text(lookups.url("/lookup"), sink.url("/hooks")), encoding="utf-8"
         )
-        async with LocalStack(personas, model=FakeRealtimeServer(speed=None)) as stack:
-            async with stack.caller(to=LINE, from_=CALLER) as caller:
-                first = await caller.dial()
-                again = await caller.dial()
-                assert first.ok and again.ok
-                assert again.parameters == first.parameters
+        stack = LocalStack(personas, model=FakeRealtimeServer(speed=None))
+        async with stack, stack.caller(to=LINE, from_=CALLER) as caller:
+            first = await caller.dial()
+            again = await caller.dial()
+            assert first.ok and again.ok
+            assert again.parameters == first.parameters
     assert len(lookups.received) == 1
 
 

@@ -72,9 +72,9 @@ class LookupServer(LoopbackServer):
             parsed = json.loads(body)
         except ValueError:
             parsed = None
+        at = time.monotonic()
         self.received.append(
-            LookupRequest(dict(request.headers), body, parsed, not problem, problem,
-                          time.monotonic())  # fmt: skip
+            LookupRequest(dict(request.headers), body, parsed, not problem, problem, at)
         )
         if self.delay:
             await asyncio.sleep(self.delay)
