@@ -20,6 +20,7 @@ from typing import Any
 from phoneagent.delivery.events import DIRECTIONS
 from phoneagent.personas import Persona
 from phoneagent.personas.variables import defaults_of, fill_persona
+from phoneagent.records import Answered
 
 __all__ = [
     "DIRECTIONS",
@@ -61,6 +62,11 @@ class CallContext:
         if record is None or record.direction not in DIRECTIONS:
             return None
         return cls(record.direction, dict(record.variables), dict(record.metadata))
+
+    def answered(self, persona_id: str, caller: str, called: str) -> Answered:
+        """The change that writes this context into the call's record (with who called)."""
+        return Answered(persona_id, caller, called, self.direction,
+                        dict(self.variables), dict(self.metadata))  # fmt: skip
 
     def persona(self, persona: Persona) -> Persona:
         """``persona`` as this call has it: its texts filled with the call's values."""

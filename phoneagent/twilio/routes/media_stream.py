@@ -145,8 +145,13 @@ async def open_model_call(
     # The call's context and, back from a transfer nobody answered, the conversation so far:
     # recorded by whichever instance answered the webhook or ran the call.
     before = await state.calls.fetch(start.call_sid)
-    if CallContext.of_record(before) is None and start.call_sid not in state.console_calls:
+    context = CallContext.of_record(before)
+    if context is None and start.call_sid not in state.console_calls:
         log.warning("call_context_unknown", reason="no context in the call's record: defaults")
+    known_here = state.calls.get(start.call_sid)
+    if context is not None and (known_here is None or not known_here.direction):
+        # Answered on another instance: this one's view of the call (its events) gets it too.
+        state.calls.note(start.call_sid, context.answered(persona.id, caller, called))
     persona = persona_for_call(persona, before)
     try:
         model = await state.prewarmer.claim(start.call_sid, session_config(persona))

@@ -183,11 +183,7 @@ async def start_agent_stream(
     given out (within ``CallRecords.written``'s wait): the stream may reach another instance,
     which reads it from there (``media_stream.open_model_call``). The first answer pre-warms
     the model session with the persona's texts filled with the call's values."""
-    answered = Answered(
-        persona.id, caller, called, context.direction,
-        dict(context.variables), dict(context.metadata),
-    )  # fmt: skip
-    record = state.calls.note(call_sid, answered)
+    record = state.calls.note(call_sid, context.answered(persona.id, caller, called))
     shared, (answer, first) = await asyncio.gather(
         state.calls.written(call_sid),
         state.replay.remember(key, agent_twiml(state, persona, record)),
