@@ -17,12 +17,12 @@ from phoneagent.call.context import MAX_METADATA_BYTES, CallContext, metadata_pr
 from phoneagent.delivery.events import call_ended_event, call_started_event
 from phoneagent.lookup import LookupFailed, read_answer
 from phoneagent.personas import KeypadTransfer, load_directory, parse_persona_text
+from phoneagent.personas.filled import fill_persona
 from phoneagent.personas.variables import (
     MAX_VALUE_CHARS,
     MissingVariables,
     TemplateError,
     Variable,
-    fill_persona,
     parse_template,
     resolve,
     value_problem,

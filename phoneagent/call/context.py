@@ -6,7 +6,7 @@ that, the defaults; an outbound call's from the request that placed it. The voic
 whatever starts the stream) writes it into the call's record
 (``twilio.routes.webhooks.start_agent_stream``), which every instance shares, and the media
 stream reads it back from there: the two may run on different instances. The record, the call
-events and the persona's filled texts (``personas.variables.fill_persona``) all take it from
+events and the persona's filled texts (``personas.filled.fill_persona``) all take it from
 this one value.
 """
 
@@ -19,7 +19,8 @@ from typing import Any
 
 from phoneagent.delivery.events import DIRECTIONS
 from phoneagent.personas import Persona
-from phoneagent.personas.variables import defaults_of, fill_persona
+from phoneagent.personas.filled import fill_persona
+from phoneagent.personas.variables import defaults_of
 from phoneagent.records import Answered
 
 __all__ = [

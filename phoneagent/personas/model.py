@@ -147,7 +147,7 @@ class Persona:
     barge_in_min_speech_ms: int = DEFAULT_BARGE_IN_MIN_SPEECH_MS
     # Per-call variables (``[variables]``, personas/variables.py): the texts above hold the
     # defaults filled in; ``templates`` keeps, by field, each text that uses a variable, to be
-    # filled with a call's own values (``variables.fill_persona``).
+    # filled with a call's own values (``filled.fill_persona``).
     variables: Mapping[str, Variable] = field(default_factory=dict)
     templates: Mapping[str, Template] = field(default_factory=dict)
     lookup: Lookup | None = None

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from phoneagent.config import is_local_host
 from phoneagent.delivery.events import DEFAULT_WEBHOOK_EVENTS, EVENT_TYPES
+from phoneagent.personas.filled import templated
 from phoneagent.personas.model import (
     DEFAULT_APOLOGY,
     DEFAULT_BARGE_IN_MIN_SPEECH_MS,
@@ -44,13 +45,7 @@ from phoneagent.personas.model import (
 from phoneagent.personas.numbers import E164, normalise_number
 from phoneagent.personas.problems import PersonaError, Problem
 from phoneagent.personas.table_reader import TomlTable
-from phoneagent.personas.variables import (
-    MAX_VALUE_CHARS,
-    VARIABLE_NAME,
-    Variable,
-    is_one_line,
-    templated,
-)
+from phoneagent.personas.variables import MAX_VALUE_CHARS, VARIABLE_NAME, Variable, is_one_line
 from phoneagent.twilio.wire.say_voices import say_voices
 
 __all__ = [

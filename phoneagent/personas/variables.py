@@ -8,19 +8,15 @@ is the whole substitution: no ``str.format`` (whose ``{x.__class__}`` reaches in
 a value is never parsed again, so braces a caller's record holds stay braces. No I/O.
 
 Values come from outside (a business's lookup answer, an API request): :func:`value_problem`
-says what is wrong with one, in words fit for a log line or an API error.
+says what is wrong with one, in words fit for a log line or an API error. A persona's own
+texts are checked and filled with these in ``filled``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the persona model holds these variables and templates: no import cycle
-    from phoneagent.personas.model import Persona
 
 __all__ = [
     "MAX_VALUE_CHARS",
@@ -30,10 +26,8 @@ __all__ = [
     "TemplateError",
     "Variable",
     "defaults_of",
-    "fill_persona",
     "is_one_line",
     "parse_template",
-    "persona_texts",
     "resolve",
     "value_problem",
 ]
@@ -177,77 +171,3 @@ def resolve(declared: Mapping[str, Variable], given: Mapping[str, str]) -> dict[
     if missing:
         raise MissingVariables(missing)
     return values
-
-
-# --- a persona's texts ------------------------------------------------------------------------
-# Every text a persona speaks or gives the model, by the field a persona file writes it in. A
-# new persona text joins here (and in ``_with_texts``): it is then checked and filled like these.
-_TOP_TEXTS = ("instructions", "greeting", "goodbye", "busy_message", "apology", "tone")
-_TARGET_TEXTS = ("description", "announcement")
-
-
-def persona_texts(persona: Persona) -> Iterator[tuple[str, str]]:
-    """(field, text) for each of the persona's texts, fields named as in its file."""
-    for key in _TOP_TEXTS:
-        yield key, getattr(persona, key)
-    for name, target in persona.transfer.items():
-        for key in _TARGET_TEXTS:
-            yield f"transfer.{name}.{key}", getattr(target, key)
-
-
-def fill_persona(persona: Persona, values: Mapping[str, str]) -> Persona:
-    """``persona`` with its texts filled with ``values`` (a call's, from :func:`resolve`)."""
-    if not persona.templates:
-        return persona
-    texts = {field: t.fill(values) for field, t in persona.templates.items()}
-    return _with_texts(persona, texts)
-
-
-def _with_texts(persona: Persona, texts: Mapping[str, str]) -> Persona:
-    """``persona`` with the texts named by field replaced (fields as :func:`persona_texts`)."""
-    top = {k: v for k, v in texts.items() if k in _TOP_TEXTS}
-    targets = dict(persona.transfer)
-    for field, text in texts.items():
-        if field.startswith("transfer."):
-            _, name, key = field.split(".")
-            targets[name] = dataclasses.replace(targets[name], **{key: text})
-    from phoneagent.personas.model import KeypadTransfer
-
-    # A digit that transfers names the target with its words: the filled one.
-    keypad = {
-        digit: KeypadTransfer(targets[action.target.name])
-        if isinstance(action, KeypadTransfer)
-        else action
-        for digit, action in persona.keypad.items()
-    }
-    return dataclasses.replace(persona, **top, transfer=targets, keypad=keypad)
-
-
-def templated(
-    persona: Persona, declared: Mapping[str, Variable]
-) -> tuple[Persona, dict[str, Template], list[tuple[str, str]]]:
-    """A persona just read from its file (texts as written), made ready: its texts filled with
-    the defaults (a required variable shows as ``{name}``: such a persona only makes outbound
-    calls, which give it), the templates of the texts that use variables kept for each call,
-    and the problems found: (persona, templates, [(field, reason)])."""
-    problems: list[tuple[str, str]] = []
-    templates: dict[str, Template] = {}
-    finals: dict[str, str] = {}
-    defaults = defaults_of(declared)
-    for field, text in persona_texts(persona):
-        try:
-            template = parse_template(text)
-        except TemplateError as exc:
-            problems.append((field, str(exc)))
-            continue
-        for name in dict.fromkeys(template.names):
-            if name not in declared:
-                reason = (
-                    f"uses {{{name}}}, which [variables] does not declare "
-                    "(declare it, or write a literal brace as {{ or }})"
-                )
-                problems.append((field, reason))
-        if template.names:
-            templates[field] = template
-        finals[field] = template.fill(defaults)
-    return _with_texts(persona, finals), templates, problems
