@@ -10,8 +10,8 @@ ring: the whole exchange gets the persona's ``timeout_ms`` and no more, and anyt
 answer in time (no answer, an error status, a body that is not JSON or is too large) leaves the
 call with its persona's defaults, logged and counted (``phoneagent_lookup_failures_total``).
 Each answered value is checked (declared, a string of one line, not too long); one that fails
-is dropped, logged by name (never by value: it is the business's data about a person), and its
-default is used.
+is dropped, logged by name (``lookup_values_dropped``; never by value: it is the business's
+data about a person), and its default is used.
 """
 
 from __future__ import annotations
@@ -125,9 +125,10 @@ class CallerLookups:
         except LookupFailed as exc:
             failure = exc
         else:
-            for field, reason in dropped:
-                log.warning("lookup_value_dropped", call_sid=call_sid, persona=persona.id,
-                            field=field, reason=reason)  # fmt: skip
+            if dropped:  # one line, whatever the answer holds (a hostile one: thousands)
+                first = [f"{field}: {reason}" for field, reason in dropped[:5]]
+                log.warning("lookup_values_dropped", call_sid=call_sid, persona=persona.id,
+                            count=len(dropped), first=first)  # fmt: skip
             log.info("lookup_answered", call_sid=call_sid, persona=persona.id,
                      variables=sorted(context.variables), ms=_ms_since(started))  # fmt: skip
             return context

@@ -184,21 +184,28 @@ async def test_a_lookup_that_cannot_be_reached_falls_back(tmp_path, sink):
     assert 'phoneagent_lookup_failures_total{reason="unreachable"} 1.0' in metrics
 
 
-async def test_values_that_are_not_right_are_dropped_and_the_rest_is_used(tmp_path, sink):
+async def test_values_that_are_not_right_are_dropped_and_the_rest_is_used(tmp_path, sink, capsys):
     answer = {
         "variables": {
             "name": "Dana",
             "appointment": 42,  # not a string: its default
-            "balance": "$120",  # not declared
+            "balance": "$120 overdue",  # not declared
             "__class__": "x",
+            **{f"extra_{n}": "secret-ish value" for n in range(1500)},  # a hostile flood
         },
         "metadata": ["not", "an", "object"],
     }
     async with LookupServer(LOOKUP_SECRET, answer=answer) as lookups:
-        record, _, _, _, _ = await run_call(tmp_path, lookups, sink)
+        record, _, _, _, metrics = await run_call(tmp_path, lookups, sink)
     assert greeting_of(record) == "Hello Dana, calling about your visit?"
     assert record.variables == {"name": "Dana", "appointment": "your visit"}
     assert record.metadata == {}
+    assert "phoneagent_lookup_failures_total{" not in metrics  # an answer, if a poor one
+    # One log line says what was dropped, by name, never by value.
+    logged = capsys.readouterr().out
+    [line] = [line for line in logged.splitlines() if "lookup_values_dropped" in line]
+    assert "count=1504" in line and "variables.appointment: must be a string" in line
+    assert "$120" not in logged and "secret-ish" not in logged
 
 
 async def test_values_are_never_read_as_placeholders_or_format_fields(tmp_path, sink):

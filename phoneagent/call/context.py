@@ -71,7 +71,9 @@ class CallContext:
 
     def persona(self, persona: Persona) -> Persona:
         """``persona`` as this call has it: its texts filled with the call's values."""
-        return fill_persona(persona, self.variables)
+        # The defaults first: a variable declared since the call's values were taken (a
+        # persona reloaded between the webhook and the stream) has its default.
+        return fill_persona(persona, defaults_of(persona.variables) | dict(self.variables))
 
 
 def metadata_problem(metadata: object) -> str | None:

@@ -130,7 +130,7 @@ def value_problem(name: str, value: object, declared: Mapping[str, Variable]) ->
     strings of one line, at most MAX_VALUE_CHARS characters, for declared variables only."""
     if name not in declared:
         known = ", ".join(declared) or "none"
-        return f"{name!r} is not a declared variable of this persona (declared: {known})"
+        return f"{name[:64]!r} is not a declared variable of this persona (declared: {known})"
     if not isinstance(value, str):
         return f"must be a string, not {_json_kind(value)}"
     if len(value) > MAX_VALUE_CHARS:
