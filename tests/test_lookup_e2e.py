@@ -262,3 +262,22 @@ async def test_the_lookup_and_the_webhook_answer_concurrent_calls_in_time(tmp_pa
     assert took < TIMEOUT_MS / 1000 + MARGIN
     assert len(lookups.received) == 4
     assert json.loads(lookups.received[0].body)["to"] == LINE
+
+
+async def test_a_lookup_whose_secret_went_away_is_not_sent_unsigned(tmp_path, sink, monkeypatch):
+    personas = tmp_path / "personas"
+    personas.mkdir()
+    async with LookupServer(LOOKUP_SECRET, answer={"variables": DANA}) as lookups:
+        (personas / "reminders.toml").write_text(
+            persona_text(lookups.url("/lookup"), sink.url("/hooks")), encoding="utf-8"
+        )
+        stack = LocalStack(personas, model=FakeRealtimeServer(speed=None))
+        async with stack, stack.caller(to=LINE, from_=CALLER) as caller:
+            monkeypatch.setenv("TEST_LOOKUP_SECRET", " ")  # emptied after the persona loaded
+            assert (await caller.dial()).ok
+            record = stack.state.calls.get(caller.call_sid)
+            assert record.variables == {"name": "there", "appointment": "your visit"}
+            async with aiohttp.ClientSession() as http, http.get(stack.metrics_url) as response:
+                metrics = await response.text()
+    assert lookups.received == []
+    assert 'phoneagent_lookup_failures_total{reason="unsigned"} 1.0' in metrics
