@@ -105,9 +105,10 @@ class CallRecords:
     async def written(self, call_sid: str, timeout: float = OWN_WRITES_WAIT) -> bool:
         """Wait (at most ``timeout`` seconds) until this instance's changes to the call are in
         the shared store, so another instance reads them: True once they are (or there is no
-        shared store), False when they are still on their way."""
+        shared store), False when they are still on their way. No wait while the store refuses
+        writes: a database that is away holds no call."""
         queue = self._queues.get(call_sid)
-        if queue is not None:
+        if queue is not None and self._failing is None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await queue.drained.wait()
