@@ -66,6 +66,14 @@ class Metrics:
             "token, a second stream for a call, a persona no longer configured.",
             registry=r,
         )
+        self.lookup_failures = Counter(
+            "phoneagent_lookup_failures",
+            "Inbound calls whose persona lookup gave nothing usable in time, by reason "
+            "(timeout, unreachable, status, too_large, not_json, unsigned): answered with the "
+            "persona's defaults.",
+            ["reason"],
+            registry=r,
+        )
         self.webhook_replays = Counter(
             "phoneagent_twilio_webhook_replays",
             "Voice or <Dial> action webhooks seen again for the same call: answered as before, "

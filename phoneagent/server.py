@@ -239,6 +239,7 @@ def create_app(
         await state.prewarmer.close()
         await rest.close()
         await tool_client.close()
+        await state.lookups.close()
 
     async def deliver_webhooks(app: web.Application):
         assert outbox is not None

@@ -16,6 +16,7 @@ from phoneagent.call import Call
 from phoneagent.client_limits import UnauthenticatedGate
 from phoneagent.config import Settings
 from phoneagent.delivery.publisher import CallEventPublisher
+from phoneagent.lookup import CallerLookups
 from phoneagent.metrics import Metrics
 from phoneagent.personas import Persona, PersonaRegistry, TransferTarget
 from phoneagent.realtime.connection import Prewarmer
@@ -50,6 +51,8 @@ class ServerState:
     handoffs: Handoffs | None = None  # Twilio's REST API (twilio/rest/handoffs.py), set by the app
     business_tools: BusinessTools | None = None  # persona tools' requests (business_tools.py)
     metrics: Metrics = field(init=False)
+    # Personas' lookups, asked before an inbound call is answered (lookup.py).
+    lookups: CallerLookups = field(init=False)
     # Twilio requests not yet authenticated (client_limits.py).
     unauthenticated: UnauthenticatedGate = field(init=False)
     # Where the metrics listener listens, once it does: (host, port).
@@ -76,6 +79,9 @@ class ServerState:
         self.metrics = Metrics(
             active_calls=lambda: len(self.active_calls),
             unauthenticated=lambda: self.unauthenticated.count,
+        )
+        self.lookups = CallerLookups(
+            on_failure=lambda reason: self.metrics.lookup_failures.labels(reason).inc()
         )
 
     def persona(self, persona_id: str) -> Persona | None:

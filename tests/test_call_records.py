@@ -429,3 +429,44 @@ async def test_without_a_shared_store_records_stay_in_this_instances_memory():
     calls.note(SID, Answered("p", "+1", "+2"))
     assert calls.pending == 0
     assert (await calls.fetch(SID)).caller == "+1"
+
+
+async def test_a_calls_context_is_written_once_and_read_back(stores):
+    # The webhook that connects the stream writes the context; a replay, or a transfer's
+    # return (which knows no context), leaves it as it is.
+    store = await stores()
+    context = ("inbound", {"name": "Dana", "when": "Thursday's {cleaning}"}, {"crm": [7, None]})
+    await store.write(SID, StreamStarted(at=1.0, persona="p", model_session="s"), at=1)
+    await store.write(SID, Answered("p", "+1", "+2", *context), at=2)
+    await store.write(SID, Answered("p", "+1", "+2", "outbound", {"name": "Eve"}, {}), at=3)
+    await store.write(SID, Answered("p", "+1", "+2"), at=4)
+    record = await store.get(SID)
+    assert (record.direction, record.variables, record.metadata) == context
+    assert record == expected(
+        StreamStarted(at=1.0, persona="p", model_session="s"), Answered("p", "+1", "+2", *context)
+    )
+    # A record that never got a context (a console call) says so: no direction.
+    await store.write("CA" + "2" * 32, Answered("p", "+1", "+2"), at=5)
+    assert (await store.get("CA" + "2" * 32)).direction == ""
+
+
+async def test_written_waits_for_this_instances_changes_but_not_on_a_database_that_is_away(
+    monkeypatch,
+):
+    # The voice webhook waits for the call's context to be shared before it answers (the
+    # stream may reach another instance), but never on a database that refuses writes.
+    shared = FlakyStore(failures=0)
+    calls = CallRecords(shared)
+    calls.note(SID, Answered("p", "+1", "+2", "inbound", {"name": "Dana"}, {}))
+    assert await calls.written(SID)
+    assert (await shared.get(SID)).variables == {"name": "Dana"}
+
+    monkeypatch.setattr("phoneagent.records.call_records.RETRY_FIRST", 5.0)
+    away = CallRecords(FlakyStore(failures=1000))
+    away.note(SID, Answered("p", "+1", "+2", "inbound", {"name": "Dana"}, {}))
+    await asyncio.sleep(0.01)  # the first write refused: the store is failing
+    began = time.monotonic()
+    assert not await away.written(SID)
+    assert time.monotonic() - began < 0.1
+    await away.close(0.01)
+    assert await CallRecords().written(SID)  # no shared store: nothing to wait for

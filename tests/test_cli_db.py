@@ -94,6 +94,7 @@ def test_events_queued_before_step_4_are_found_by_their_call_after_it(pg_databas
         conn = await asyncpg.connect(pg_database)
         try:
             await conn.execute(
+                # Every step after 5 taken back, the latest first.
                 "".join(undo(MIGRATIONS[v]) for v in range(SCHEMA_VERSION, 5, -1))
                 + "UPDATE phoneagent_schema SET version = 5; "
                 "DELETE FROM phoneagent_migrations WHERE version > 5"

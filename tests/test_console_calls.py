@@ -472,3 +472,18 @@ async def test_a_transcript_with_half_an_emoji_still_shows_its_call(http, consol
     await sign_in(http)
     page = await text_of(http, f"/console/calls/{sid(77)}")
     assert "Smile \ufffd" in page and "\ufffd ok" in page
+
+
+async def test_a_calls_page_shows_its_direction_variables_and_metadata_as_text(http, console_stack):
+    state = console_stack.state
+    record_call(state, sid(12))
+    context = Answered("bright-smile-dental", "+1", "+2", "inbound",
+                       {"caller_name": "<i>Dana</i>", "appointment": "Thursday"},
+                       {"crm": "</code><script>x()</script>"})  # fmt: skip
+    state.calls.note(sid(12), context)  # as the webhook writes it
+    await sign_in(http)
+    page = await text_of(http, f"/console/calls/{sid(12)}")
+    assert 'id="call-direction">inbound<' in page
+    assert "<code>appointment</code> Thursday; <code>caller_name</code> &lt;i&gt;Dana" in page
+    assert "<script>x()" not in page and "<i>Dana" not in page
+    assert 'id="call-metadata"><code>{' in page

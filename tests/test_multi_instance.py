@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import signal
 import sys
-import tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -25,15 +25,18 @@ from server_process import (
     AUTH_TOKEN,
     DENTAL,
     GUARD,
+    HOOK_SECRET_ENV,
     ServerProcess,
     personas_with_webhook,
 )
 
 from phoneagent.audio import pcm16_to_ulaw
+from phoneagent.personas import load_directory
 from phoneagent.personas.model import DEFAULT_APOLOGY
 from phoneagent.testing.caller import TwilioCaller
 from phoneagent.testing.fake_model import CallTool, FakeRealtimeServer
 from phoneagent.testing.fake_twilio_api import FakeTwilioApi
+from phoneagent.testing.lookup_server import LookupServer
 from phoneagent.testing.speech import synthesize
 from phoneagent.testing.webhook_sink import WebhookSink
 
@@ -55,13 +58,21 @@ class Pair:
         return caller
 
 
-@pytest.fixture
-async def pair(tmp_path, pg_database):
+@contextlib.asynccontextmanager
+async def started_pair(tmp_path, pg_database, *, lookup_url: str = "", env=None):
+    """Two instances on one database, a webhook sink for the dental persona's events, and
+    (``lookup_url``) the dental persona asking that lookup who calls."""
     model = FakeRealtimeServer(api_key=API_KEY, speed=8.0)
     twilio_api = FakeTwilioApi(ACCOUNT_SID, AUTH_TOKEN)
     async with WebhookSink() as sink, model:
         await twilio_api.start()
         personas = personas_with_webhook(tmp_path / "personas", sink.url("/hooks"))
+        if lookup_url:
+            dental = personas / "bright-smile-dental.toml"
+            dental.write_text(
+                dental.read_text()
+                + f'\n[lookup]\nurl = "{lookup_url}"\nsecret_env = "{HOOK_SECRET_ENV}"\n'
+            )
         env = {
             "PUBLIC_URL": PUBLIC_URL,
             "PHONEAGENT_DATABASE_URL": pg_database,
@@ -84,6 +95,12 @@ async def pair(tmp_path, pg_database):
         finally:
             await asyncio.gather(a.stop(), b.stop())
             await twilio_api.stop()
+
+
+@pytest.fixture
+async def pair(tmp_path, pg_database):
+    async with started_pair(tmp_path, pg_database) as pair:
+        yield pair
 
 
 async def call_record(server: ServerProcess, call_sid: str) -> tuple[int, dict]:
@@ -133,9 +150,7 @@ async def test_a_call_moves_between_instances_and_both_know_it(pair):
             for e in session.received_events("session.update")
         )
     ]
-    greeting = tomllib.loads((EXAMPLE_PERSONAS / "bright-smile-dental.toml").read_text())[
-        "greeting"
-    ]
+    greeting = load_directory(EXAMPLE_PERSONAS, environ={}).personas["bright-smile-dental"].greeting
     history = [e["item"] for e in second.received_events("conversation.item.create")]
     assert history[0]["role"] == "assistant"
     assert greeting in history[0]["content"][0]["text"]
@@ -269,3 +284,47 @@ async def test_a_call_whose_instance_died_gets_the_apology_from_the_other(pair):
         after = await caller.wait_call_over(timeout=GUARD)
     # B's record says the stream is live, and stays so: after a short wait, the apology.
     assert after is not None and after.says == [DEFAULT_APOLOGY]  # the persona sets none
+
+
+async def test_the_context_looked_up_on_one_instance_is_the_streams_on_the_other(
+    tmp_path, pg_database
+):
+    # The webhook reaches A, which asks the lookup; the stream reaches B, which has never seen
+    # the call: the greeting it says, the record and the events carry what A looked up.
+    answer = {"variables": {"caller_name": "Dana", "appointment": "Thursday, a cleaning"},
+              "metadata": {"patient_id": "p-1042"}}  # fmt: skip
+    async with (
+        LookupServer("whsec_c2VjcmV0", answer=answer) as lookups,
+        started_pair(tmp_path, pg_database, lookup_url=lookups.url("/lookup")) as pair,
+    ):
+        caller = pair.caller(pair.a)
+        async with caller:
+            assert (await caller.dial()).ok  # the voice webhook: instance A
+            caller.base_url = pair.b.base  # the stream: instance B
+            await caller.connect()
+            caller.start_background_silence()
+            await caller.wait_until_heard_ms(500, timeout=GUARD)
+            await caller.wait_until_quiet(300, timeout=GUARD)
+            await caller.hangup()
+        [request] = lookups.received
+        assert request.verified, request.problem
+
+        async with asyncio.timeout(GUARD):
+            while True:
+                status, record = await call_record(pair.a, caller.call_sid)
+                if status == 200 and record["end_reason"] is not None:
+                    break
+                await asyncio.sleep(0.1)
+        assert record["transcript"][0]["text"].endswith("Hello Dana, how can I help you today?")
+        assert record["direction"] == "inbound"
+        assert record["variables"] == answer["variables"]
+        assert record["metadata"] == answer["metadata"]
+        events = await pair.sink.wait_for(2, timeout=GUARD)
+        for event in events:
+            assert event.json["data"]["variables"] == answer["variables"]
+            assert event.json["data"]["metadata"] == answer["metadata"]
+        # Every model session was told the caller's name: B's, and the one A pre-warmed.
+        assert pair.model.sessions
+        for session in pair.model.sessions:
+            update = session.received_events("session.update")[0]
+            assert "their first name is Dana" in update["session"]["instructions"]

@@ -41,7 +41,7 @@ def test_the_persona_comes_first_then_the_rules_the_voice_and_the_listening(styl
     text = instructions_for(styled)
     persona, rules, voice, listen = text.split("\n\n")[-4:]
     assert text.startswith(styled.instructions.strip())
-    assert persona.endswith("offer the front desk staff.")  # the persona's own last paragraph
+    assert persona.endswith("next appointment is: none on file.")  # its last paragraph, filled
     assert rules == (
         "You are on a phone call. Always speak English. Keep answers short and spoken: no "
         "lists, no markdown, no emoji. Stay the character described above for the whole call, "

@@ -26,6 +26,7 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_WEBHOOK_EVENTS",
+    "DIRECTIONS",
     "END_REASONS",
     "EVENT_TYPES",
     "SCHEMA_VERSION",
@@ -57,6 +58,8 @@ END_REASONS = (
 #: (the call stayed with the agent or ended; ``error`` says why).
 TRANSFER_OUTCOMES = ("accepted", "failed")
 ROLES = ("caller", "agent")
+#: A call's direction (call/context.py): answered, or placed by the business.
+DIRECTIONS = ("inbound", "outbound")
 
 _E164 = re.compile(r"\+[1-9]\d{6,14}")
 # What Twilio sends in From when the caller withheld their number: nothing to mask.
@@ -121,15 +124,19 @@ def call_started_event(
     started_at: Timestamp,
     mask_caller: bool = False,
     event_id: str | None = None,
+    **context: Any,
 ) -> Event:
-    """``call.started``: the media stream is connected and the persona is answering."""
+    """``call.started``: the media stream is connected and the persona is answering.
+    ``context`` (each builder's): the call's ``direction``, ``variables`` and ``metadata``."""
     started = _utc(started_at, "started_at")
     return Event(
         id=event_id or new_event_id(),
         type=CALL_STARTED,
         timestamp=_iso(started),
         data={
-            **_call_fields(call_sid, persona_id, persona_name, from_number, to_number, mask_caller),
+            **_call_fields(
+                call_sid, persona_id, persona_name, from_number, to_number, mask_caller, **context
+            ),
             "started_at": _iso(started),
         },
     )
@@ -150,6 +157,7 @@ def call_transferred_event(
     reason: str | None = None,
     mask_caller: bool = False,
     event_id: str | None = None,
+    **context: Any,
 ) -> Event:
     """``call.transferred``: the agent handed the call to a transfer target of the persona.
     ``reason``: why, as the model said it when it asked for the transfer ("caller sounds
@@ -162,7 +170,9 @@ def call_transferred_event(
         type=CALL_TRANSFERRED,
         timestamp=_iso(when),
         data={
-            **_call_fields(call_sid, persona_id, persona_name, from_number, to_number, mask_caller),
+            **_call_fields(
+                call_sid, persona_id, persona_name, from_number, to_number, mask_caller, **context
+            ),
             "target": target,
             "target_number": target_number,
             "outcome": outcome,
@@ -188,6 +198,7 @@ def call_ended_event(
     transfer_reason: str | None = None,
     mask_caller: bool = False,
     event_id: str | None = None,
+    **context: Any,
 ) -> Event:
     """``call.ended``, with the transcript.
 
@@ -214,7 +225,9 @@ def call_ended_event(
         type=CALL_ENDED,
         timestamp=_iso(ended),
         data={
-            **_call_fields(call_sid, persona_id, persona_name, from_number, to_number, mask_caller),
+            **_call_fields(
+                call_sid, persona_id, persona_name, from_number, to_number, mask_caller, **context
+            ),
             "started_at": _iso(started),
             "ended_at": _iso(ended),
             "duration_seconds": round((ended - started).total_seconds(), 3),
@@ -232,13 +245,25 @@ def _call_fields(
     from_number: str,
     to_number: str,
     mask_caller: bool,
+    *,
+    direction: str = "inbound",
+    variables: Mapping[str, str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The fields every event has. ``call_sid`` stays first: the outbox finds an event's call
+    by the body's start (pg_outbox, migration step 6). ``direction``, ``variables`` and
+    ``metadata``: the call's context (call/context.py), metadata as the business gave it."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
     return {
         "call_sid": call_sid,
         "persona": {"id": persona_id, "name": persona_name},
         "from": mask_number(from_number) if mask_caller else from_number,
         "from_masked": mask_caller,
         "to": to_number,
+        "direction": direction,
+        "variables": dict(variables or {}),
+        "metadata": dict(metadata or {}),
     }
 
 

@@ -191,9 +191,15 @@ CREATE INDEX phoneagent_outbox_by_call ON phoneagent_outbox (call_sid, created_a
     WHERE call_sid IS NOT NULL;
 CREATE INDEX phoneagent_calls_recent ON phoneagent_calls ((COALESCE(started_at, updated_at)));
 """,
-    # Reserved for the outbound calls' step of the same release (another branch): a step that
-    # changes nothing, so this branch's databases migrate; the merge puts the real one here.
-    7: "SELECT 1;",
+    # A call's context (call/context.py): its direction ('' until the webhook that connects its
+    # stream writes it), its variables' values and the business's metadata. Every call before
+    # this step was answered: inbound.
+    7: """
+ALTER TABLE phoneagent_calls ADD COLUMN direction TEXT NOT NULL DEFAULT '';
+ALTER TABLE phoneagent_calls ADD COLUMN variables JSONB NOT NULL DEFAULT '{}'::jsonb;
+ALTER TABLE phoneagent_calls ADD COLUMN metadata JSONB NOT NULL DEFAULT '{}'::jsonb;
+UPDATE phoneagent_calls SET direction = 'inbound';
+""",
     # API keys (api/key_store.py): only their SHA-256, never their text; `personas` lists the
     # persona ids a key may use (empty: every persona). Read by id at every API request.
     8: """

@@ -123,6 +123,10 @@ class CallEventPublisher:
                 from_number=call["from"],
                 to_number=call["to"],
                 mask_caller=bool(call["mask_caller"]),
+                # Recorded by this release on: a call opened by an earlier one was answered.
+                direction=call.get("direction") or "inbound",
+                variables=call.get("variables") or {},
+                metadata=call.get("metadata") or {},
                 started_at=started,
                 ended_at=min(max(started, started + last_ms / 1000), max(now, started)),
                 end_reason="server_lost",
@@ -246,6 +250,10 @@ class CallEventPublisher:
             "from_number": record.caller,
             "to_number": record.called,
             "mask_caller": persona.webhook.mask_caller,
+            # A record without a context is a call answered before one was known: inbound.
+            "direction": record.direction or "inbound",
+            "variables": record.variables,
+            "metadata": record.metadata,
         }
 
     async def _publish(self, persona: Persona, event: Event) -> None:

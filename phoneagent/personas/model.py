@@ -13,6 +13,7 @@ from pathlib import Path
 
 from phoneagent.delivery.events import DEFAULT_WEBHOOK_EVENTS
 from phoneagent.personas.numbers import normalise_number
+from phoneagent.personas.variables import Template, Variable
 
 __all__ = [
     "KEYPAD_DIGITS",
@@ -22,6 +23,7 @@ __all__ = [
     "KeypadAction",
     "KeypadHangUp",
     "KeypadTransfer",
+    "Lookup",
     "Persona",
     "PersonaSet",
     "TransferTarget",
@@ -120,6 +122,22 @@ class BusinessTool:
     secret_env: str = ""
 
 
+# How long phoneagent waits for a persona's lookup (``[lookup]``) before it answers with the
+# defaults: the caller hears ringing meanwhile, so it stays short.
+DEFAULT_LOOKUP_TIMEOUT_MS = 1500
+MAX_LOOKUP_TIMEOUT_MS = 3000
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Where an inbound call's variables come from before it is answered: phoneagent POSTs the
+    caller's number there, signed like the call events (phoneagent/lookup.py)."""
+
+    url: str
+    secret_env: str  # the *name* of the environment variable holding the signing secret
+    timeout_ms: int = DEFAULT_LOOKUP_TIMEOUT_MS
+
+
 @dataclass(frozen=True)
 class Persona:
     id: str
@@ -158,6 +176,12 @@ class Persona:
     prefix_padding_ms: int = DEFAULT_PREFIX_PADDING_MS
     vad_threshold: int = DEFAULT_VAD_THRESHOLD
     barge_in_min_speech_ms: int = DEFAULT_BARGE_IN_MIN_SPEECH_MS
+    # Per-call variables (``[variables]``, personas/variables.py): the texts above hold the
+    # defaults filled in; ``templates`` keeps, by field, each text that uses a variable, to be
+    # filled with a call's own values (``filled.fill_persona``).
+    variables: Mapping[str, Variable] = field(default_factory=dict)
+    templates: Mapping[str, Template] = field(default_factory=dict)
+    lookup: Lookup | None = None
     source: Path | None = None
 
 

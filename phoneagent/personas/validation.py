@@ -7,6 +7,7 @@ problem is refused as a whole, so a half-edited directory never serves half its 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -15,21 +16,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phoneagent.delivery.events import DEFAULT_WEBHOOK_EVENTS, EVENT_TYPES
+from phoneagent.personas.filled import templated
 from phoneagent.personas.model import (
     DEFAULT_APOLOGY,
     DEFAULT_BARGE_IN_MIN_SPEECH_MS,
     DEFAULT_BUSY_MESSAGE,
+    DEFAULT_LOOKUP_TIMEOUT_MS,
     DEFAULT_MAX_CALL_SECONDS,
     DEFAULT_PREFIX_PADDING_MS,
     DEFAULT_SILENCE_DURATION_MS,
     DEFAULT_SILENCE_TIMEOUT_SECONDS,
     DEFAULT_VAD_THRESHOLD,
     KEYPAD_DIGITS,
+    MAX_LOOKUP_TIMEOUT_MS,
     MAX_TONE_CHARS,
     SPEAKING_RATES,
     KeypadAction,
     KeypadHangUp,
     KeypadTransfer,
+    Lookup,
     Persona,
     PersonaSet,
     TransferTarget,
@@ -40,6 +45,7 @@ from phoneagent.personas.problems import PersonaError, Problem
 from phoneagent.personas.rules import LANGUAGE, english_default_text, post_url, secret_env
 from phoneagent.personas.table_reader import TomlTable
 from phoneagent.personas.tool_validation import business_tools
+from phoneagent.personas.variables import MAX_VALUE_CHARS, VARIABLE_NAME, Variable, is_one_line
 from phoneagent.twilio.wire.say_voices import say_voices
 
 __all__ = [
@@ -224,6 +230,8 @@ def parse_persona_text(
     if end_call:
         end_call.finish()
     webhook = _webhook(top, environ)
+    variables = _variables(top)
+    lookup = _lookup(top, environ)
     language = top.text("language", pattern=_LANGUAGE, pattern_hint="a language tag like en-US")
     say_language, say_voice = _say(top, language)
     persona = Persona(
@@ -260,6 +268,8 @@ def parse_persona_text(
         barge_in_min_speech_ms=top.integer(
             "barge_in_min_speech_ms", DEFAULT_BARGE_IN_MIN_SPEECH_MS, 0, 3000
         ),
+        variables=variables,
+        lookup=lookup,
         source=path,
     )
     top.finish()
@@ -267,7 +277,77 @@ def parse_persona_text(
         problems.append(
             Problem(path, "numbers", "list at least one number, or mark the persona default")
         )
+    persona = _with_templates(persona, problems)
     return (None if problems else persona), problems
+
+
+def _with_templates(persona: Persona, problems: list[Problem]) -> Persona:
+    """The persona's texts checked against its variables, filled with the defaults, and their
+    templates kept for each call (personas/variables.py)."""
+    assert persona.source is not None
+    ready, templates, text_problems = templated(persona, persona.variables)
+    problems += [Problem(persona.source, where, reason) for where, reason in text_problems]
+    if persona.numbers or persona.default:
+        # The caller is on the line: an inbound call is answered, lookup or not, and a required
+        # variable would have no value when the lookup fails.
+        problems += [
+            Problem(
+                persona.source,
+                f"variables.{v.name}",
+                "needs a default: this persona answers calls (it has numbers or is the "
+                "default), and an inbound call is answered with the defaults when no lookup "
+                "gives a value (required variables are for personas that only call out)",
+            )
+            for v in persona.variables.values()
+            if v.required
+        ]
+    return dataclasses.replace(ready, templates=templates)
+
+
+def _variables(top: TomlTable) -> dict[str, Variable]:
+    """``[variables]``: each ``name = { default = "…" }`` or ``name = { required = true }``,
+    with an optional ``description``."""
+    section = top.table("variables", required=False)
+    if section is None:
+        return {}
+    variables = {}
+    for name in list(section.data):
+        if not VARIABLE_NAME.fullmatch(name):
+            section.problem(
+                name, "variable names use letters, digits and '_' (at most 64, not a digit first)"
+            )
+        entry = section.table(name, required=True)
+        if entry is None:
+            continue
+        default = entry.get("default", str, required=False)
+        required = entry.boolean("required", False)
+        description = entry.get("description", str, required=False, default="").strip()
+        if default is not None and required:
+            entry.problem("required", "a variable with a default is not required: keep one")
+        elif default is None and not required and "default" not in entry.data:
+            entry.problem("default", 'give a default (default = "…") or mark it required = true')
+        elif default is not None and len(default) > MAX_VALUE_CHARS:
+            entry.problem("default", f"must be at most {MAX_VALUE_CHARS} characters")
+        elif default is not None and not is_one_line(default):
+            entry.problem("default", "must be one line of text")
+        entry.finish()
+        variables[name] = Variable(name, None if required else (default or ""), description)
+    section.finish()
+    return variables
+
+
+def _lookup(top: TomlTable, environ: Mapping[str, str]) -> Lookup | None:
+    """``[lookup]``: where an inbound call's variables come from (phoneagent/lookup.py)."""
+    section = top.table("lookup", required=False)
+    if section is None:
+        return None
+    url = post_url(section)
+    secret = secret_env(section, environ)
+    timeout_ms = section.integer(
+        "timeout_ms", DEFAULT_LOOKUP_TIMEOUT_MS, 100, MAX_LOOKUP_TIMEOUT_MS
+    )
+    section.finish()
+    return Lookup(url=url, secret_env=secret, timeout_ms=timeout_ms)
 
 
 def _target_name(top: TomlTable, key: str, targets: Mapping[str, TransferTarget]) -> str:

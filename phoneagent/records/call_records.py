@@ -102,6 +102,18 @@ class CallRecords:
                 task.add_done_callback(self._writes.discard)
         return record
 
+    async def written(self, call_sid: str, timeout: float = OWN_WRITES_WAIT) -> bool:
+        """Wait (at most ``timeout`` seconds) until this instance's changes to the call are in
+        the shared store, so another instance reads them: True once they are (or there is no
+        shared store), False when they are still on their way. No wait while the store refuses
+        writes: a database that is away holds no call."""
+        queue = self._queues.get(call_sid)
+        if queue is not None and self._failing is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await queue.drained.wait()
+        return call_sid not in self._queues
+
     # --- what every instance sees -------------------------------------------------------------
 
     async def fetch(self, call_sid: str) -> CallRecord | None:
@@ -109,11 +121,7 @@ class CallRecords:
         else as this instance knows it."""
         if self.shared is None:
             return self.local.get_now(call_sid)
-        queue = self._queues.get(call_sid)
-        if queue is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(OWN_WRITES_WAIT):
-                    await queue.drained.wait()
+        await self.written(call_sid)
         try:
             shared = await self.shared.get(call_sid)
         except OutboxError as exc:

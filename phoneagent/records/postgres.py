@@ -4,8 +4,9 @@ Each change is one upsert on ``phoneagent_calls`` that sets only what the change
 ``record.apply``, which this mirrors), so steps written by different instances (the voice
 webhook here, the stream there, a status callback anywhere) never overwrite each other, and a
 turn is appended to the transcript where it lies. The store uses the outbox's pool and schema
-(migration step 3; step 6 indexes the searches), like the replay defences, and the same budget
-per round trip (``delivery/pg_round_trip.py``): a silent database never holds a webhook or a call.
+(migration step 3; step 6 indexes the searches, step 7 adds the call's context), like the
+replay defences, and the same budget per round trip (``delivery/pg_round_trip.py``): a silent
+database never holds a webhook or a call.
 """
 
 from __future__ import annotations
@@ -42,12 +43,20 @@ _UPSERT = (
 )
 _ON_CONFLICT = "ON CONFLICT (call_sid) DO UPDATE SET updated_at = EXCLUDED.updated_at, "
 
+# The context is set as a whole, once: by the first webhook that gives a direction.
+_CONTEXT_UNSET = "c.direction = '' AND EXCLUDED.direction <> ''"
 _ANSWERED = (
-    _UPSERT.format(columns=", persona, caller, called", values=", $3, $4, $5")
+    _UPSERT.format(
+        columns=", persona, caller, called, direction, variables, metadata",
+        values=", $3, $4, $5, $6, $7::jsonb, $8::jsonb",
+    )
     + _ON_CONFLICT
     + "persona = CASE WHEN c.persona = '' THEN EXCLUDED.persona ELSE c.persona END, "
     "caller = CASE WHEN c.caller = '' THEN EXCLUDED.caller ELSE c.caller END, "
-    "called = CASE WHEN c.called = '' THEN EXCLUDED.called ELSE c.called END"
+    "called = CASE WHEN c.called = '' THEN EXCLUDED.called ELSE c.called END, "
+    f"direction = CASE WHEN {_CONTEXT_UNSET} THEN EXCLUDED.direction ELSE c.direction END, "
+    f"variables = CASE WHEN {_CONTEXT_UNSET} THEN EXCLUDED.variables ELSE c.variables END, "
+    f"metadata = CASE WHEN {_CONTEXT_UNSET} THEN EXCLUDED.metadata ELSE c.metadata END"
 )
 _STREAM_STARTED = (
     _UPSERT.format(
@@ -101,7 +110,7 @@ _STREAM_ENDED = (
 
 _COLUMNS = (
     "call_sid, persona, model_session, caller, called, status, started_at, ended_at, "
-    "end_reason, transfer, transcript, twilio_events, stats"
+    "end_reason, transfer, transcript, twilio_events, stats, direction, variables, metadata"
 )
 
 # When a call happened, for searches: its stream's start, else its last change (a call that
@@ -173,7 +182,14 @@ class PostgresCallRecords:
 def _statement(change: Change) -> tuple[str, tuple[Any, ...]]:
     match change:
         case Answered():
-            return _ANSWERED, (change.persona, change.caller, change.called)
+            return _ANSWERED, (
+                change.persona,
+                change.caller,
+                change.called,
+                change.direction,
+                _json(change.variables),
+                _json(change.metadata),
+            )
         case StreamStarted():
             return _STREAM_STARTED, (
                 change.at,
@@ -225,7 +241,7 @@ def _jsonable(value: Any) -> Any:
 
 def _record(row: asyncpg.Record) -> CallRecord:
     values = dict(row)
-    for column in ("transfer", "transcript", "twilio_events", "stats"):
+    for column in ("transfer", "transcript", "twilio_events", "stats", "variables", "metadata"):
         if values[column] is not None:
             values[column] = json.loads(values[column])
     return CallRecord(**values)

@@ -32,6 +32,11 @@ class CallRecord:
     transcript: list[dict] = field(default_factory=list)  # finished turns, whole call once ended
     twilio_events: list[dict] = field(default_factory=list)  # status callbacks, as received
     stats: dict = field(default_factory=dict)  # barge-ins, reaction times, first audio (at end)
+    # The call's context (call/context.py), written once by whoever connected the stream:
+    # "inbound" or "outbound" ("" until then), its variables' values, the business's metadata.
+    direction: str = ""
+    variables: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -40,11 +45,16 @@ class CallRecord:
 @dataclass(frozen=True)
 class Answered:
     """A webhook named the call's persona and numbers: each fills what is not known yet (the
-    stream, which knows better, may have come first on another instance)."""
+    stream, which knows better, may have come first on another instance). With a
+    ``direction``, it also carries the call's context (``variables``, ``metadata``), set as a
+    whole the first time only: a replayed webhook or a transfer's return changes nothing."""
 
     persona: str = ""
     caller: str = ""
     called: str = ""
+    direction: str = ""
+    variables: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,9 @@ def apply(record: CallRecord, change: Change) -> None:
             record.persona = record.persona or change.persona
             record.caller = record.caller or change.caller
             record.called = record.called or change.called
+            if change.direction and not record.direction:
+                record.direction = change.direction
+                record.variables, record.metadata = change.variables, change.metadata
         case StreamStarted():
             record.started_at = change.at
             record.ended_at = record.end_reason = None

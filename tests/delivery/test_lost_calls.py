@@ -74,6 +74,11 @@ async def test_a_call_cut_by_sigkill_is_ended_as_server_lost_on_the_next_start(t
     assert data_["persona"] == started.json["data"]["persona"]
     assert (data_["from"], data_["to"]) == (started.json["data"]["from"], DENTAL)
     assert data_["started_at"] == started.json["data"]["started_at"]
+    # The call's context, as recorded when it started (no lookup: the persona's defaults).
+    assert data_["direction"] == "inbound"
+    assert data_["variables"] == {"caller_name": "there", "appointment": "none on file"}
+    for key in ("direction", "variables", "metadata"):
+        assert data_[key] == started.json["data"][key]
     assert data_["ended_at"] >= data_["started_at"]
     assert [t["text"] for t in data_["transcript"]][: len(turns)] == [t["text"] for t in turns]
     assert data_["transcript"] and data_["transcript"][0]["role"] == "agent"

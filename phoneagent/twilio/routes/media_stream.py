@@ -19,6 +19,7 @@ from phoneagent.bridge import (
     unbind_call_context,
 )
 from phoneagent.call import Call, prompts
+from phoneagent.call.context import CallContext
 from phoneagent.call.prompts import session_config
 from phoneagent.client_limits import SLOT
 from phoneagent.logs import get_logger
@@ -27,7 +28,7 @@ from phoneagent.realtime.connection import ModelSession, ModelUnavailable
 from phoneagent.records import StreamEnded, StreamStarted
 from phoneagent.state import STATE, ServerState
 from phoneagent.twilio.routes.twilio_line import AiohttpTwilioLine
-from phoneagent.twilio.routes.webhooks import invalid_signature, twilio_signed
+from phoneagent.twilio.routes.webhooks import invalid_signature, persona_for_call, twilio_signed
 from phoneagent.twilio.wire.stream import Start
 from phoneagent.twilio.wire.twiml import (
     CALLED_PARAMETER,
@@ -141,14 +142,23 @@ async def open_model_call(
     budget) and its ``Call``, its start recorded. Whoever placed the call has checked it: the
     media stream (Twilio's token) or the console (talk to this persona). ``resume``: the call
     comes back from a transfer nobody answered. Raises ModelUnavailable (logged, counted)."""
+    # The call's context and, back from a transfer nobody answered, the conversation so far:
+    # recorded by whichever instance answered the webhook or ran the call.
+    before = await state.calls.fetch(start.call_sid)
+    context = CallContext.of_record(before)
+    if context is None and start.call_sid not in state.console_calls:
+        log.warning("call_context_unknown", reason="no context in the call's record: defaults")
+    known_here = state.calls.get(start.call_sid)
+    if context is not None and (known_here is None or not known_here.direction):
+        # Answered on another instance: this one's view of the call (its events) gets it too.
+        state.calls.note(start.call_sid, context.answered(persona.id, caller, called))
+    persona = persona_for_call(persona, before)
     try:
         model = await state.prewarmer.claim(start.call_sid, session_config(persona))
     except ModelUnavailable as exc:
         log.error("model_unavailable", reason=str(exc), status=exc.status)
         state.metrics.model_failures.labels(str(exc.status or "none")).inc()
         raise
-    # Back from a transfer nobody answered: the conversation so far, whichever instance ran it.
-    before = await state.calls.fetch(start.call_sid) if resume else None
     started = StreamStarted(
         at=time.time(),
         persona=persona.id,

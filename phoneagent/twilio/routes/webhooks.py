@@ -12,6 +12,7 @@ from aiohttp import web
 from twilio.request_validator import SIGNATURE_HEADER, SIGNATURE_SETTINGS_HEADER
 
 from phoneagent.call import EndReason
+from phoneagent.call.context import CallContext
 from phoneagent.call.prompts import session_config
 from phoneagent.config import Settings
 from phoneagent.logs import get_logger
@@ -149,13 +150,56 @@ async def answer_call(
     call_over = known is not None and known.ended_at is not None
     if (replayed := await replay_answer(state, key, call_sid, call_over=call_over)) is not None:
         return replayed
-    record = state.calls.note(call_sid, Answered(persona.id, form.get("From", ""), called))
-    answer, first = await state.replay.remember(key, agent_twiml(state, persona, record))
+    caller = form.get("From", "")
+    # Before the answer: the caller hears it ring, for the lookup's timeout at most.
+    context = await state.lookups.context_for(
+        persona, call_sid=call_sid, caller=caller, called=called
+    )
+    answer, first = await start_agent_stream(
+        state, key, persona, call_sid, caller=caller, called=called, context=context
+    )
     if not first:  # the same request, answered meanwhile here or on another instance
         return replayed_answer(state, key, call_sid, answer)
-    state.prewarmer.start(call_sid, session_config(persona))
     log.info("call_incoming", call_sid=call_sid, persona=persona.id, to=called)
     return twiml(answer)
+
+
+async def start_agent_stream(
+    state: ServerState,
+    key: str,
+    persona: Persona,
+    call_sid: str,
+    *,
+    caller: str,
+    called: str,
+    context: CallContext,
+) -> tuple[str, bool]:
+    """Connect a call to the agent with its ``context``: the TwiML of a media stream with a
+    fresh stream token, kept as the answer to the request named ``key`` (the first answer
+    wins), and whether it is this one: (TwiML, first). Inbound calls come here from the voice
+    webhook, outbound calls from whatever Twilio asks once the callee answers.
+
+    The context goes into the call's record, and is in the shared store before the TwiML is
+    given out (within ``CallRecords.written``'s wait): the stream may reach another instance,
+    which reads it from there (``media_stream.open_model_call``). The first answer pre-warms
+    the model session with the persona's texts filled with the call's values."""
+    record = state.calls.note(call_sid, context.answered(persona.id, caller, called))
+    shared, (answer, first) = await asyncio.gather(
+        state.calls.written(call_sid),
+        state.replay.remember(key, agent_twiml(state, persona, record)),
+    )
+    if not shared:
+        log.warning("call_context_not_shared", call_sid=call_sid, persona=persona.id)
+    if first:
+        state.prewarmer.start(call_sid, session_config(persona_for_call(persona, record)))
+    return answer, first
+
+
+def persona_for_call(persona: Persona, record: CallRecord | None) -> Persona:
+    """``persona`` as the call recorded in ``record`` has it: filled with the call's values,
+    or with the defaults (as loaded) when no context was recorded."""
+    context = CallContext.of_record(record)
+    return context.persona(persona) if context is not None else persona
 
 
 async def replay_answer(
@@ -330,7 +374,9 @@ async def dial_status(request: web.Request) -> web.Response:
         # Why the agent transferred, as recorded when it asked Twilio (on any instance).
         reason = (record.transfer or {}).get("reason") or ""
         state.publish_transfer(persona, record, target, "failed", outcome, reason)
-    state.prewarmer.start(call_sid, session_config(persona))
+    # The call comes back with its own values (recorded by the webhook, on any instance).
+    known = await state.calls.fetch(call_sid)
+    state.prewarmer.start(call_sid, session_config(persona_for_call(persona, known)))
     return twiml(answer)
 
 
