@@ -13,6 +13,7 @@ from phoneagent import __version__
 from phoneagent.config import ConfigError, load_settings
 from phoneagent.delivery.cli import add_events_commands
 from phoneagent.delivery.outbox import OutboxError
+from phoneagent.outbound.cli import add_call_command
 from phoneagent.personas import PersonaError, PersonaRegistry, check_directory
 
 EXIT_OK, EXIT_INVALID, EXIT_CONFIG = 0, 1, 2
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(handler=cmd_doctor)
 
     add_events_commands(commands)
+    add_call_command(commands)
 
     db = commands.add_parser("db", help="the shared PostgreSQL database: schema status, migrate")
     db_commands = db.add_subparsers(title="database commands", required=True)

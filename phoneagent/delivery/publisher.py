@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from phoneagent.call.actions import EndReason
 from phoneagent.delivery.events import (
     CALL_ENDED,
+    OUTBOUND_END_REASONS,
     Event,
     call_ended_event,
     call_started_event,
@@ -53,7 +54,10 @@ def lost_call_event_id(call_sid: str, started_at: float) -> str:
 
 
 def event_end_reason(recorded: str | None) -> str:
-    """The schema's end_reason for a record's (an ``EndReason`` value, or None)."""
+    """The schema's end_reason for a record's (an ``EndReason`` value, an outbound call's
+    reason without the agent — ``busy``, ``voicemail``… — or None)."""
+    if recorded in OUTBOUND_END_REASONS:
+        return recorded
     try:
         return EVENT_END_REASONS[EndReason(recorded)]
     except ValueError:

@@ -426,6 +426,24 @@ class TwilioCaller:
         )
         return self.answer
 
+    async def pick_up(
+        self,
+        url: str,
+        answered_by: str | None = None,
+        *,
+        signature: Signature | str = Signature.VALID,
+    ) -> TwimlAnswer:
+        """An outbound call (placed through the Calls API) was answered: Twilio requests its
+        ``Url`` as it requests a voice webhook, with ``Direction=outbound-api`` (``From`` is the
+        business's number, ``To`` the callee's) and, with answering machine detection,
+        ``AnsweredBy``. The TwiML answer becomes :attr:`answer`."""
+        params = self.webhook_params("in-progress") | {"Direction": "outbound-api"}
+        if answered_by is not None:
+            params["AnsweredBy"] = answered_by
+        status, content_type, body = await self.post_to(url, params, signature)
+        self.answer = parse_twiml_answer(status, content_type, body, request_url=url)
+        return self.answer
+
     async def post_signed(
         self,
         path: str,

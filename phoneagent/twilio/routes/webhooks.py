@@ -22,6 +22,7 @@ from phoneagent.twilio.wire.signature import SHARED_KEY_MISSING, signature_probl
 from phoneagent.twilio.wire.twiml import (
     CALLED_PARAMETER,
     CALLER_PARAMETER,
+    DIRECTION_PARAMETER,
     PERSONA_PARAMETER,
     RESUME_PARAMETER,
     TOKEN_PARAMETER,
@@ -177,11 +178,19 @@ def replayed_answer(
     return twiml(answered if answered is not None else hangup_twiml())
 
 
-def agent_twiml(state: ServerState, persona: Persona, record: CallRecord, resume: str = "") -> str:
+def agent_twiml(
+    state: ServerState,
+    persona: Persona,
+    record: CallRecord,
+    resume: str = "",
+    *,
+    direction: str = "",
+) -> str:
     """TwiML connecting the call to a media stream with ``persona`` (with a fresh stream
     token). Whoever answers with it opens the model session then (pre-warm: the stream claims
     it on `start`), once the answer is kept as the request's first (``ReplayGuard.remember``).
-    ``resume`` marks a call coming back to the agent."""
+    ``resume`` marks a call coming back to the agent; ``direction`` "outbound" a call the
+    persona placed (the agent opens with the persona's outbound greeting)."""
     parameters = {
         PERSONA_PARAMETER: persona.id,
         TOKEN_PARAMETER: state.stream_token.issue(record.call_sid, persona.id),
@@ -191,6 +200,8 @@ def agent_twiml(state: ServerState, persona: Persona, record: CallRecord, resume
     }
     if resume:
         parameters[RESUME_PARAMETER] = resume
+    if direction:
+        parameters[DIRECTION_PARAMETER] = direction
     public_url = state.settings.public_url
     status_url = f"{public_url}/twilio/stream-status"
     # Any instance may get the action: it carries the persona; Twilio adds CallSid, From, To.
