@@ -11,7 +11,7 @@ import pytest
 from conftest import EXAMPLE_PERSONAS
 
 from phoneagent.delivery.signing import verify
-from phoneagent.outbound.dialer import ANSWER_PATH, STATUS_PATH
+from phoneagent.outbound.context import ANSWER_PATH, STATUS_PATH
 from phoneagent.outbound.routes import DIALER
 from phoneagent.outbound.rules import OutboundRefused
 from phoneagent.testing.fake_model import FakeRealtimeServer

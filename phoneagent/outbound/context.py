@@ -18,6 +18,9 @@ from phoneagent.records import CallRecord
 OUTBOUND = "outbound"
 #: The ``path`` of the record's entry for a call we placed (not a URL Twilio requested).
 PLACED = "outbound:placed"
+#: Where Twilio asks about a placed call: when the callee answers, and as the call progresses.
+ANSWER_PATH = "/twilio/outbound/answer"
+STATUS_PATH = "/twilio/outbound/status"
 
 
 @dataclass(frozen=True)
@@ -67,3 +70,23 @@ def answered_by(record: CallRecord | None) -> str:
         if entry.get("AnsweredBy"):
             return str(entry["AnsweredBy"])
     return ""
+
+
+def placed_for(record: CallRecord | None, persona_id: str) -> bool:
+    """Whether Twilio's answer request for ``persona_id`` is about a call placed for it: its
+    record says so, or there is none (placed by another process without a shared database:
+    the persona comes from the answer URL, which Twilio signed), or it holds only Twilio's
+    progress callbacks of a placed call. An inbound call's record, or another persona's
+    placement, is not."""
+    if record is None:
+        return True
+    context = placed_context(record)
+    if context is not None:
+        return context.persona == persona_id
+    events = record.twilio_events
+    return (
+        record.started_at is None
+        and record.persona in ("", persona_id)
+        and bool(events)
+        and all(entry.get("path") == STATUS_PATH for entry in events)
+    )

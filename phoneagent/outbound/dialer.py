@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 
 from phoneagent.logs import get_logger
 from phoneagent.outbound import rules
-from phoneagent.outbound.context import OUTBOUND, OutboundContext
+from phoneagent.outbound.context import ANSWER_PATH, OUTBOUND, STATUS_PATH, OutboundContext
 from phoneagent.outbound.rules import OutboundRefused
 from phoneagent.personas import Persona
 from phoneagent.records import Answered, CallRecords, TwilioReported
@@ -26,8 +26,6 @@ from phoneagent.twilio.rest.calls import CallUpdateFailed, TwilioCalls
 
 log = get_logger(__name__)
 
-ANSWER_PATH = "/twilio/outbound/answer"
-STATUS_PATH = "/twilio/outbound/status"
 # Twilio's call progress events, all of them: the record follows the call, and busy / no-answer
 # / failed / canceled arrive with `completed` (StatusCallbackEvent, Calls create).
 STATUS_EVENTS = ["initiated", "ringing", "answered", "completed"]

@@ -12,8 +12,15 @@ from aiohttp import web
 from phoneagent.call.prompts import session_config
 from phoneagent.logs import get_logger
 from phoneagent.outbound import rules
-from phoneagent.outbound.context import OUTBOUND, answered_by, placed_context
-from phoneagent.outbound.dialer import ANSWER_PATH, STATUS_PATH, Dialer
+from phoneagent.outbound.context import (
+    ANSWER_PATH,
+    OUTBOUND,
+    STATUS_PATH,
+    answered_by,
+    placed_context,
+    placed_for,
+)
+from phoneagent.outbound.dialer import Dialer
 from phoneagent.records import Answered, StreamEnded, TwilioReported
 from phoneagent.state import STATE, ServerState
 from phoneagent.twilio.routes.webhooks import (
@@ -54,15 +61,14 @@ async def outbound_answer(request: web.Request) -> web.Response:
     persona_id = request.query.get("persona", "")
     persona = state.persona(persona_id)
     record = await state.calls.fetch(call_sid)
-    context = placed_context(record)
     if persona is None or persona.outbound is None:
         log.warning("outbound_answer_unknown_persona", call_sid=call_sid, persona=persona_id[:100])
         return twiml(hangup_twiml())
-    if record is not None and (context is None or context.persona != persona.id):
+    if not placed_for(record, persona.id):
         # A call we know, but did not place for this persona: not ours to talk in.
         log.warning("outbound_answer_not_placed", call_sid=call_sid, persona=persona.id)
         return twiml(hangup_twiml())
-    if context is None:  # placed by another process without a shared database (the CLI)
+    if placed_context(record) is None:  # placed by a process without the shared database
         log.info("outbound_call_not_recorded", call_sid=call_sid, persona=persona.id)
     who = form.get("AnsweredBy", "")
     event = {f: form[f] for f in STATUS_FIELDS if f in form} | {"path": request.path}
