@@ -3,6 +3,7 @@ create) → the callee answers (Twilio requests the answer URL, signed, with Ans
 media stream with the persona's outbound greeting, or the voicemail message; calls nobody
 answered reported as signed ``call.ended`` events to the persona's webhook."""
 
+import json
 import shutil
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -296,3 +297,18 @@ async def test_a_replayed_answer_gets_the_same_twiml_and_starts_nothing_new(stac
         again = await callee.pick_up(stack.twilio_api.calls[call["call_sid"]].url, "human")
         assert again.body == first
     assert model.sessions_opened == 1
+
+
+async def test_mask_caller_masks_the_person_called(personas, sink):
+    """For a call the persona placed, the person on the line is `to`: that is the number masked
+    (`from` is the persona's own)."""
+    dental = personas / f"{PERSONA}.toml"
+    dental.write_text(dental.read_text() + "mask_caller = true\n")
+    async with LocalStack(personas, model=FakeRealtimeServer(speed=None)) as stack:
+        stack.twilio_api.add_number(DENTAL)
+        dialer(stack).now = lambda: MONDAY_10AM
+        call = await place(stack)
+        await stack.twilio_api.finish(call["call_sid"], "no-answer")
+        (event,) = await ended_events(sink, 1)
+    assert (event["data"]["from"], event["data"]["to"]) == (DENTAL, "+*******0177")
+    assert CALLEE not in json.dumps(event)

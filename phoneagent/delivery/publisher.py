@@ -20,11 +20,13 @@ from phoneagent.delivery.events import (
     call_ended_event,
     call_started_event,
     call_transferred_event,
+    mask_number,
 )
 from phoneagent.delivery.outbox import OutboxError
 from phoneagent.delivery.spool import EventSpool
 from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.logs import get_logger
+from phoneagent.outbound.context import is_outbound
 from phoneagent.personas import Persona
 from phoneagent.records import CallRecord
 
@@ -162,17 +164,18 @@ class CallEventPublisher:
 
     async def _call_started(self, persona: Persona, record: CallRecord) -> None:
         if persona.webhook is not None:
+            fields = self._call_fields(persona, record)
             await self._journal(
                 "open_call",
                 record.call_sid,
                 {
-                    **self._call_fields(persona, record),
+                    **fields,
                     "url": persona.webhook.url,
                     "secret_env": persona.webhook.secret_env,
                     "wants_ended": self._wants(persona, CALL_ENDED),
                     "started_at": record.started_at or 0.0,
                     "from": record.caller,
-                    "to": record.called,
+                    "to": fields["to_number"],  # an outbound callee's masked, as the events
                 },
             )
         if self._wants(persona, "call.started"):
@@ -243,13 +246,17 @@ class CallEventPublisher:
     @staticmethod
     def _call_fields(persona: Persona, record: CallRecord) -> dict:
         assert persona.webhook is not None
+        mask, to_number = persona.webhook.mask_caller, record.called
+        if mask and is_outbound(record):
+            # The person on the line is the one called: `from` is the persona's own number.
+            mask, to_number = False, mask_number(record.called)
         return {
             "call_sid": record.call_sid,
             "persona_id": persona.id,
             "persona_name": persona.name,
             "from_number": record.caller,
-            "to_number": record.called,
-            "mask_caller": persona.webhook.mask_caller,
+            "to_number": to_number,
+            "mask_caller": mask,
         }
 
     async def _publish(self, persona: Persona, event: Event) -> None:

@@ -90,3 +90,9 @@ def placed_for(record: CallRecord | None, persona_id: str) -> bool:
         and bool(events)
         and all(entry.get("path") == STATUS_PATH for entry in events)
     )
+
+
+def is_outbound(record: CallRecord) -> bool:
+    """A call a persona placed: recorded so, or reported by Twilio at our outbound URLs."""
+    return any(entry.get("path") in (PLACED, ANSWER_PATH, STATUS_PATH)
+               for entry in record.twilio_events)  # fmt: skip
