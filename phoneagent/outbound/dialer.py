@@ -81,6 +81,9 @@ class Dialer:
         context = OutboundContext(persona, to, caller_id, variables, metadata)
         self._calls.note(call_sid, Answered(persona, caller_id, to))
         self._calls.note(call_sid, TwilioReported(context.placed_entry(call["status"] or "")))
+        # Returns once the record is where every instance counts it (a shared database: the
+        # write is awaited, for a second at most; a database that is away is logged there).
+        await self._calls.fetch(call_sid)
         log.info("outbound_call_placed", call_sid=call_sid, persona=persona, to=to)
         return {
             "call_sid": call_sid,
