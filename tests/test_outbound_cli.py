@@ -82,6 +82,7 @@ async def test_the_cli_places_a_call_the_server_then_answers(stack, personas):
         assert callee.answer.parameters["direction"] == "outbound"
         await callee.connect()
         callee.start_background_silence()
+        await callee.wait_until_heard_ms(1000, timeout=20)  # the greeting has started
         await callee.wait_until_quiet(400, timeout=20)
         await callee.hangup()
     await stack.model.wait_for(lambda: stack.model.sessions_open == 0, 5)

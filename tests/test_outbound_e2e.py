@@ -119,6 +119,7 @@ async def test_a_person_answers_and_hears_the_outbound_greeting(stack, model, si
         assert answer.parameters["direction"] == "outbound"
         await callee.connect()
         callee.start_background_silence()
+        await callee.wait_until_heard_ms(1000, timeout=20)  # the greeting has started
         await callee.wait_until_quiet(400, timeout=20)
         assert callee.heard_ms() > 1000  # the greeting was spoken and heard
         await callee.hangup()
