@@ -5,17 +5,21 @@ answered reported as signed ``call.ended`` events to the persona's webhook."""
 
 import json
 import shutil
+import xml.etree.ElementTree as ET
 from datetime import datetime
+from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import EXAMPLE_PERSONAS
 
+from phoneagent.audio import pcm16_to_ulaw
 from phoneagent.delivery.signing import verify
 from phoneagent.outbound.context import ANSWER_PATH, STATUS_PATH
 from phoneagent.outbound.routes import DIALER
 from phoneagent.outbound.rules import OutboundRefused
-from phoneagent.testing.fake_model import FakeRealtimeServer
+from phoneagent.testing.fake_model import CallTool, FakeRealtimeServer
+from phoneagent.testing.speech import synthesize
 from phoneagent.testing.stack import LocalStack
 from phoneagent.testing.twilio_signing import Signature
 from phoneagent.testing.webhook_sink import WebhookSink
@@ -313,3 +317,22 @@ async def test_mask_caller_masks_the_person_called(personas, sink):
         (event,) = await ended_events(sink, 1)
     assert (event["data"]["from"], event["data"]["to"]) == (DENTAL, "+*******0177")
     assert CALLEE not in json.dumps(event)
+
+
+async def test_a_transfer_during_an_outbound_call_shows_the_personas_number(stack, model):
+    """The person called asks for a human: the <Dial> shows the persona's own number (the
+    call's From), not the callee's (Twilio refuses a caller ID the account does not own)."""
+    model.script = (CallTool("transfer_call", {"target": "front_desk"}),)
+    call = await place(stack)
+    async with await stack.twilio_api.answer(call["call_sid"], "human", speed=4.0) as callee:
+        await callee.connect()
+        callee.start_background_silence()
+        await callee.wait_until_heard_ms(1000, timeout=20)
+        await callee.wait_until_quiet(400, timeout=20)
+        await callee.play(pcm16_to_ulaw(synthesize("Can I talk to a person?", sample_rate=8000)))
+        [update] = await stack.twilio_api.wait_for_updates(1, timeout=30)
+        await callee.wait_closed(timeout=10)
+    dial = ET.fromstring(update.params["Twiml"]).find("Dial")
+    assert dial.text == "+14155550111"
+    assert dial.get("callerId") == DENTAL
+    assert parse_qs(urlsplit(dial.get("action")).query)["to"] == [CALLEE]

@@ -96,3 +96,9 @@ def is_outbound(record: CallRecord) -> bool:
     """A call a persona placed: recorded so, or reported by Twilio at our outbound URLs."""
     return any(entry.get("path") in (PLACED, ANSWER_PATH, STATUS_PATH)
                for entry in record.twilio_events)  # fmt: skip
+
+
+def business_line(record: CallRecord) -> str:
+    """The persona's own number on the call: the number called for an inbound call, the caller
+    ID for one it placed (a transfer shows it to the target; Twilio takes no other)."""
+    return record.caller if is_outbound(record) else record.called

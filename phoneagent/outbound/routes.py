@@ -14,14 +14,15 @@ from phoneagent.logs import get_logger
 from phoneagent.outbound import rules
 from phoneagent.outbound.context import (
     ANSWER_PATH,
-    OUTBOUND,
     STATUS_PATH,
+    OutboundContext,
     answered_by,
     placed_context,
     placed_for,
 )
 from phoneagent.outbound.dialer import Dialer
-from phoneagent.records import Answered, StreamEnded, TwilioReported
+from phoneagent.personas import Persona
+from phoneagent.records import Answered, CallRecord, StreamEnded, TwilioReported
 from phoneagent.state import STATE, ServerState
 from phoneagent.twilio.routes.webhooks import (
     agent_twiml,
@@ -68,8 +69,10 @@ async def outbound_answer(request: web.Request) -> web.Response:
         # A call we know, but did not place for this persona: not ours to talk in.
         log.warning("outbound_answer_not_placed", call_sid=call_sid, persona=persona.id)
         return twiml(hangup_twiml())
-    if placed_context(record) is None:  # placed by a process without the shared database
+    context = placed_context(record)
+    if context is None:  # placed by a process without the shared database: persona only
         log.info("outbound_call_not_recorded", call_sid=call_sid, persona=persona.id)
+        context = OutboundContext(persona.id, form.get("To", ""), form.get("From", ""))
     who = form.get("AnsweredBy", "")
     event = {f: form[f] for f in STATUS_FIELDS if f in form} | {"path": request.path}
     record = state.calls.note(call_sid, TwilioReported(event))
@@ -77,7 +80,6 @@ async def outbound_answer(request: web.Request) -> web.Response:
     kind = rules.answer_for(who)
     log.info("outbound_answered", call_sid=call_sid, persona=persona.id, answered_by=who or None,
              answer=kind.value)  # fmt: skip
-    connects = False
     if kind is rules.Answer.VOICEMAIL and persona.outbound.voicemail_message:
         answer = say_then_hang_up_twiml(persona.outbound.voicemail_message, persona)
     elif kind is not rules.Answer.AGENT:
@@ -86,14 +88,32 @@ async def outbound_answer(request: web.Request) -> web.Response:
         log.warning("outbound_answer_no_capacity", call_sid=call_sid, draining=state.draining)
         answer = say_then_hang_up_twiml(persona.apology, persona)
     else:
-        # The context (variables, metadata) travels with the record; the stream is told the
-        # call is outbound, so the agent opens with the outbound greeting.
-        answer, connects = agent_twiml(state, persona, record, direction=OUTBOUND), True
+        state.answering += 1  # no await since the capacity check: the place is held from here
+        try:
+            return await _connect(state, key, call_sid, persona, record, context)
+        finally:
+            state.answering -= 1
     kept, first = await state.replay.remember(key, answer)
     if not first:
         return replayed_answer(state, key, call_sid, kept)
-    if connects:
-        state.prewarmer.start(call_sid, session_config(persona))
+    return twiml(answer)
+
+
+async def _connect(
+    state: ServerState,
+    key: str,
+    call_sid: str,
+    persona: Persona,
+    record: CallRecord,
+    context: OutboundContext,
+) -> web.Response:
+    """The agent takes the call: a media stream told that the call is outbound (the agent
+    opens with the outbound greeting), with the model session pre-warmed meanwhile."""
+    answer, first = await state.replay.remember(key, agent_twiml(state, persona, record,
+                                                                 context=context))  # fmt: skip
+    if not first:
+        return replayed_answer(state, key, call_sid, answer)
+    state.prewarmer.start(call_sid, session_config(persona))
     return twiml(answer)
 
 

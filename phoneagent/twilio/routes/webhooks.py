@@ -15,6 +15,7 @@ from phoneagent.call import EndReason
 from phoneagent.call.prompts import session_config
 from phoneagent.config import Settings
 from phoneagent.logs import get_logger
+from phoneagent.outbound.context import OutboundContext
 from phoneagent.personas import Persona
 from phoneagent.records import Answered, CallRecord, TwilioReported
 from phoneagent.state import STATE, ServerState
@@ -184,13 +185,14 @@ def agent_twiml(
     record: CallRecord,
     resume: str = "",
     *,
-    direction: str = "",
+    context: OutboundContext | None = None,
 ) -> str:
     """TwiML connecting the call to a media stream with ``persona`` (with a fresh stream
     token). Whoever answers with it opens the model session then (pre-warm: the stream claims
     it on `start`), once the answer is kept as the request's first (``ReplayGuard.remember``).
-    ``resume`` marks a call coming back to the agent; ``direction`` "outbound" a call the
-    persona placed (the agent opens with the persona's outbound greeting)."""
+    ``resume`` marks a call coming back to the agent; ``context``, a call the persona placed
+    (the stream is told its direction: the agent opens with the persona's outbound greeting;
+    its variables and metadata are here for the stream to come)."""
     parameters = {
         PERSONA_PARAMETER: persona.id,
         TOKEN_PARAMETER: state.stream_token.issue(record.call_sid, persona.id),
@@ -200,8 +202,8 @@ def agent_twiml(
     }
     if resume:
         parameters[RESUME_PARAMETER] = resume
-    if direction:
-        parameters[DIRECTION_PARAMETER] = direction
+    if context is not None:
+        parameters[DIRECTION_PARAMETER] = context.direction
     public_url = state.settings.public_url
     status_url = f"{public_url}/twilio/stream-status"
     # Any instance may get the action: it carries the persona; Twilio adds CallSid, From, To.
@@ -231,7 +233,9 @@ async def stream_ended(request: web.Request) -> web.Response:
     state.metrics.calls_apologised.inc()
     if persona is None:
         return twiml(apology_twiml(NO_PERSONA_APOLOGY))
-    return twiml(say_then_hand_on_twiml(persona.apology, persona, form.get("To", "")))
+    # The persona's own number (for the fallback's caller ID): `From` on a call it placed.
+    line = form.get("From" if form.get("Direction") == "outbound-api" else "To", "")
+    return twiml(say_then_hand_on_twiml(persona.apology, persona, line))
 
 
 END_REASON_WAIT = 2.0  # seconds: see end_reason_of
