@@ -336,3 +336,23 @@ async def test_a_transfer_during_an_outbound_call_shows_the_personas_number(stac
     assert dial.text == "+14155550111"
     assert dial.get("callerId") == DENTAL
     assert parse_qs(urlsplit(dial.get("action")).query)["to"] == [CALLEE]
+
+
+async def test_an_outbound_call_the_agent_cannot_take_gets_the_apology_from_the_personas_line(
+    personas,
+):
+    """The model cannot be reached: the person called hears the apology, then the fallback
+    target is dialled showing the persona's number (the call's From)."""
+    model = FakeRealtimeServer(handshake_delay=3.0)  # the upgrade is never answered in time
+    async with LocalStack(personas, model=model) as stack:
+        stack.state.prewarmer.connector.open_timeout = 0.3
+        stack.twilio_api.add_number(DENTAL)
+        dialer(stack).now = lambda: MONDAY_10AM
+        call = await place(stack)
+        async with await stack.twilio_api.answer(call["call_sid"], "human", speed=0) as callee:
+            await callee.connect()
+            after = await callee.wait_call_over(timeout=10)
+        assert after is not None and after.ok, after
+        assert after.says == [stack.state.persona(PERSONA).apology]
+        dial = ET.fromstring(after.body).find("Dial")
+        assert (dial.text, dial.get("callerId")) == ("+14155550111", DENTAL)
