@@ -130,3 +130,32 @@ def test_which_records_an_answer_may_belong_to():
         progress, TwilioReported({"StreamEvent": "stream-started", "path": "/twilio/stream-status"})
     )
     assert not placed_for(progress, "line")
+
+
+def test_variables_and_metadata_are_bounded():
+    from phoneagent.outbound.rules import check_request
+    from phoneagent.personas import Persona
+
+    persona = Persona(
+        id="line", name="Line", numbers=("+14155550100",), instructions="x", greeting="Hi",
+        voice="v", language="en-US", goodbye="Bye", outbound=OutboundSettings(greeting="Hi",
+        from_number="+14155550100"),
+    )  # fmt: skip
+    ok = ("line", persona, "+14155550177", None)
+    check_request(*ok, {"name": "Dana"}, {"booking": {"id": 42}})
+    cases = [
+        ({"name": 3}, {}, "invalid_variables", "variables.name"),
+        ({"name": "x" * 1001}, {}, "invalid_variables", "variables.name"),
+        ({f"v{i}": "x" for i in range(51)}, {}, "invalid_variables", "variables"),
+        ({}, {"x": "y" * 5000}, "invalid_metadata", "metadata"),
+        ({}, {"x": float("nan")}, "invalid_metadata", "metadata"),
+        ({}, {"x": object()}, "invalid_metadata", "metadata"),
+        ({}, ["not", "an", "object"], "invalid_metadata", "metadata"),
+    ]
+    for variables, metadata, code, field in cases:
+        with pytest.raises(OutboundRefused) as refused:
+            check_request(*ok, variables, metadata)
+        assert (refused.value.code, refused.value.field, refused.value.status) == (code, field, 422)
+    with pytest.raises(OutboundRefused) as refused:
+        check_request("line", persona, "+14155550100", None, {})
+    assert (refused.value.code, refused.value.field) == ("invalid_number", "to")

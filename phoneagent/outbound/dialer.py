@@ -66,7 +66,7 @@ class Dialer:
         "outbound"), or OutboundRefused with a code, a message and the field at fault."""
         variables, metadata = dict(variables or {}), dict(metadata or {})
         found = self._persona(persona)
-        outbound = rules.check_request(persona, found, to, from_, variables)
+        outbound = rules.check_request(persona, found, to, from_, variables, metadata)
         assert found is not None
         rules.check_calling_hours(persona, outbound, self.now())
         caller_id = from_ or outbound.from_number
@@ -84,7 +84,8 @@ class Dialer:
         # Returns once the record is where every instance counts it (a shared database: the
         # write is awaited, for a second at most; a database that is away is logged there).
         await self._calls.fetch(call_sid)
-        log.info("outbound_call_placed", call_sid=call_sid, persona=persona, to=to)
+        # Not the number called: a person's number stays out of the logs, as callers' do.
+        log.info("outbound_call_placed", call_sid=call_sid, persona=persona)
         return {
             "call_sid": call_sid,
             "status": call["status"] or "queued",

@@ -5,9 +5,11 @@ reported. The dialer and the routes (the shells) ask here and do what they are t
 from __future__ import annotations
 
 import enum
+import json
 import time
 from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from phoneagent.outbound.context import placed_context
@@ -46,6 +48,7 @@ def check_request(
     to: str,
     from_: str | None,
     variables: Mapping[str, str],
+    metadata: Mapping[str, Any] | None = None,
 ) -> OutboundSettings:
     """The persona's outbound settings if the request is well formed; else OutboundRefused."""
     if persona is None:
@@ -68,7 +71,23 @@ def check_request(
     if to == (from_ or persona.outbound.from_number):
         raise OutboundRefused("invalid_number", "'to' is the caller ID itself", field="to")
     _check_variables(variables)
+    _check_metadata(metadata if metadata is not None else {})
     return persona.outbound
+
+
+def _check_metadata(metadata: Mapping[str, Any]) -> None:
+    """Metadata is the caller's own, kept with the call record: a JSON object, bounded."""
+    try:
+        size = len(json.dumps(metadata, ensure_ascii=False, allow_nan=False))
+    except (TypeError, ValueError):
+        size = -1
+    if not isinstance(metadata, Mapping) or size < 0:
+        raise OutboundRefused("invalid_metadata", "metadata is a JSON object", field="metadata")
+    if size > MAX_METADATA_CHARS:
+        raise OutboundRefused(
+            "invalid_metadata", f"metadata is at most {MAX_METADATA_CHARS} characters of JSON",
+            field="metadata",
+        )  # fmt: skip
 
 
 def _check_variables(variables: Mapping[str, str]) -> None:
