@@ -356,3 +356,12 @@ async def test_an_outbound_call_the_agent_cannot_take_gets_the_apology_from_the_
         assert after.says == [stack.state.persona(PERSONA).apology]
         dial = ET.fromstring(after.body).find("Dial")
         assert (dial.text, dial.get("callerId")) == ("+14155550111", DENTAL)
+
+
+async def test_variables_and_metadata_of_the_wrong_shape_are_refused(stack):
+    for fields, field in (({"variables": ["a"]}, "variables"), ({"metadata": ["a"]}, "metadata"),
+                          ({"variables": {"a": 1}}, "variables.a")):  # fmt: skip
+        with pytest.raises(OutboundRefused) as refused:
+            await place(stack, **fields)
+        assert refused.value.field == field
+    assert stack.twilio_api.created == []

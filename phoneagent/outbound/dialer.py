@@ -64,10 +64,12 @@ class Dialer:
     ) -> dict[str, Any]:
         """Place the call: its fields (call_sid, status "queued", to, from, persona, direction
         "outbound"), or OutboundRefused with a code, a message and the field at fault."""
-        variables, metadata = dict(variables or {}), dict(metadata or {})
         found = self._persona(persona)
+        variables = {} if variables is None else variables
+        metadata = {} if metadata is None else metadata
         outbound = rules.check_request(persona, found, to, from_, variables, metadata)
         assert found is not None
+        variables, metadata = dict(variables), dict(metadata)  # checked: mappings
         rules.check_calling_hours(persona, outbound, self.now())
         caller_id = from_ or outbound.from_number
         self._placing[persona] = self._placing.get(persona, 0) + 1  # before the first await
