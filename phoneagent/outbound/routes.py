@@ -129,17 +129,21 @@ async def outbound_status(request: web.Request) -> web.Response:
     log.info(
         "outbound_status", call_sid=call_sid, **{k: v for k, v in event.items() if k != "path"}
     )
-    record = await state.calls.fetch(call_sid)
-    if record is None or placed_context(record) is None:
-        # Twilio signed it, so it is our account's call; still recorded, never reported.
+    known = await state.calls.fetch(call_sid)  # every instance's view: a stream ran elsewhere?
+    if known is None or placed_context(known) is None:
+        # Twilio signed it, so our account placed the call: a process without the shared
+        # database did (`phoneagent call`), or its record is gone. Reported for the persona
+        # of the callback's URL, which Twilio signed too.
         log.warning("outbound_status_unknown_call", call_sid=call_sid)
     state.calls.note(call_sid, Answered(request.query.get("persona", ""), form.get("From", ""),
                                         form.get("To", "")))  # fmt: skip
     record = state.calls.note(call_sid, TwilioReported(event))
+    views = [r for r in (known, record) if r is not None]
+    talked = next((r for r in views if r.started_at is not None), record)
     reason = rules.end_reason_without_agent(
-        event.get("CallStatus", ""), record, event.get("AnsweredBy") or answered_by(record)
+        event.get("CallStatus", ""), talked, event.get("AnsweredBy") or answered_by(record)
     )
-    if reason and record.ended_at is None:
+    if reason and all(r.ended_at is None for r in views):
         await _report_end(state, request, call_sid, reason)
     return web.Response(status=204)
 
