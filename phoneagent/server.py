@@ -221,6 +221,7 @@ def create_app(
         calls=state.calls,
         rest=rest,
         public_url=lambda: state.settings.public_url,
+        count=lambda outcome: state.metrics.outbound_calls.labels(outcome).inc(),
     )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -10,6 +10,7 @@ from datetime import datetime
 from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo
 
+import aiohttp
 import pytest
 from conftest import EXAMPLE_PERSONAS
 
@@ -219,6 +220,11 @@ async def test_over_the_concurrency_limit_is_refused_until_a_call_ends(stack):
     await stack.twilio_api.finish(placed[0]["call_sid"], "busy")
     again = await place(stack, to="+14155550209")
     assert again["status"] == "queued"
+    async with aiohttp.ClientSession() as http, http.get(stack.metrics_url) as response:
+        metrics = await response.text()
+    assert 'phoneagent_outbound_calls_total{outcome="placed"} 4.0' in metrics
+    assert 'phoneagent_outbound_calls_total{outcome="too_many_calls"} 1.0' in metrics
+    assert 'phoneagent_outbound_calls_total{outcome="busy"} 1.0' in metrics
 
 
 async def test_requests_twilio_cannot_place_are_refused_naming_the_field(stack):

@@ -45,12 +45,14 @@ class Dialer:
         rest: TwilioCalls,
         public_url: Callable[[], str],
         now: Callable[[], datetime] = rules.now_utc,
+        count: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         self._persona = persona
         self._calls = calls
         self._rest = rest
         self._public_url = public_url
         self.now = now  # the calling hours are checked at this time (tests set it)
+        self._count = count  # each call asked for: "placed", or the refusal's code (metrics)
         self._placing: dict[str, int] = {}  # by persona: Twilio asked, not yet answered
 
     async def place(
@@ -64,6 +66,24 @@ class Dialer:
     ) -> dict[str, Any]:
         """Place the call: its fields (call_sid, status "queued", to, from, persona, direction
         "outbound"), or OutboundRefused with a code, a message and the field at fault."""
+        try:
+            call = await self._place(to, persona, from_, variables, metadata)
+        except OutboundRefused as refused:
+            log.info("outbound_call_refused", persona=persona[:100], code=refused.code,
+                     field=refused.field)  # fmt: skip
+            self._count(refused.code)
+            raise
+        self._count("placed")
+        return call
+
+    async def _place(
+        self,
+        to: str,
+        persona: str,
+        from_: str | None,
+        variables: Mapping[str, str] | None,
+        metadata: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
         found = self._persona(persona)
         variables = {} if variables is None else variables
         metadata = {} if metadata is None else metadata

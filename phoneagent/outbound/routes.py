@@ -157,5 +157,6 @@ async def _report_end(state: ServerState, request: web.Request, call_sid: str, r
     record = state.calls.note(call_sid, StreamEnded(time.time(), reason, [], {}))
     persona = state.persona(request.query.get("persona", "") or record.persona)
     log.info("outbound_call_ended", call_sid=call_sid, end_reason=reason)
+    state.metrics.outbound_calls.labels(reason).inc()
     if persona is not None and state.publisher is not None and state.publishes(call_sid):
         state.spawn(state.publisher.call_ended(persona, record))
