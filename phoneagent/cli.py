@@ -137,9 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         registry = PersonaRegistry(settings.personas_dir)
     except PersonaError as exc:
-        for problem in exc.problems:
-            print(f"phoneagent: persona error: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _persona_errors(exc)
     port = args.port or settings.port
     if port == settings.metrics_port:
         print(
@@ -377,6 +375,12 @@ def cmd_console_hash_password(args: argparse.Namespace) -> int:
 def _config_errors(exc: ConfigError) -> int:
     for problem in exc.problems:
         print(f"phoneagent: configuration error: {problem}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _persona_errors(exc: PersonaError) -> int:
+    for problem in exc.problems:
+        print(f"phoneagent: persona error: {problem}", file=sys.stderr)
     return EXIT_CONFIG
 
 

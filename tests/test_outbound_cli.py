@@ -5,30 +5,22 @@ server the call's answer reaches greets the callee with the outbound greeting.""
 import asyncio
 import os
 import re
-import shutil
 import sys
 
 import pytest
-from conftest import EXAMPLE_PERSONAS, PROJECT_ROOT
+from conftest import PROJECT_ROOT
+from outbound_kit import DENTAL, PERSONA, personas_calling_any_time
 
 from phoneagent.outbound.context import ANSWER_PATH
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.stack import LocalStack
 
-DENTAL = "+14155550100"
 CALLEE = "+14155550177"
-PERSONA = "bright-smile-dental"
 
 
 @pytest.fixture
 def personas(tmp_path):
-    """The example personas, the dental one calling at any time (the CLI reads the clock)."""
-    directory = tmp_path / "personas"
-    shutil.copytree(EXAMPLE_PERSONAS, directory)
-    dental = directory / f"{PERSONA}.toml"
-    text = re.sub(r"(?m)^(calling_hours|days) = .*$", "", dental.read_text())
-    dental.write_text(text)
-    return directory
+    return personas_calling_any_time(tmp_path / "personas")
 
 
 @pytest.fixture

@@ -4,30 +4,21 @@ counts the servers' calls too."""
 
 import asyncio
 import os
-import re
-import shutil
 import sys
 
 import pytest
-from conftest import EXAMPLE_PERSONAS, PROJECT_ROOT
+from conftest import PROJECT_ROOT
+from outbound_kit import DENTAL, PERSONA, personas_calling_any_time
 
 from phoneagent.config import Settings
 from phoneagent.outbound.routes import DIALER
 from phoneagent.outbound.rules import OutboundRefused
 from phoneagent.testing.stack import LocalStack, demo_credentials
 
-DENTAL = "+14155550100"
-PERSONA = "bright-smile-dental"
-
 
 @pytest.fixture
 def personas(tmp_path):
-    """The example personas, the dental one (3 calls at most) calling at any time."""
-    directory = tmp_path / "personas"
-    shutil.copytree(EXAMPLE_PERSONAS, directory)
-    dental = directory / f"{PERSONA}.toml"
-    dental.write_text(re.sub(r"(?m)^(calling_hours|days) = .*$", "", dental.read_text()))
-    return directory
+    return personas_calling_any_time(tmp_path / "personas")
 
 
 @pytest.fixture

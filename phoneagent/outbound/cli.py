@@ -48,12 +48,12 @@ def cmd_call(args: argparse.Namespace) -> int:
     from phoneagent.personas import PersonaError, load_directory
 
     configure_logging("console", "error")  # the SID alone on stdout; refusals said below
+    from phoneagent.cli import _config_errors, _persona_errors
+
     try:
         settings = load_settings(require_credentials=False)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"phoneagent: configuration error: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _config_errors(exc)
     missing = [name for name in NEEDED if not _setting(settings, name)]
     for name in missing:
         print(f"phoneagent: configuration error: {name} is not set: {CREDENTIALS[name]}",
@@ -70,9 +70,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     try:
         personas = load_directory(settings.personas_dir)
     except PersonaError as exc:
-        for problem in exc.problems:
-            print(f"phoneagent: persona error: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _persona_errors(exc)
     try:
         call = asyncio.run(_place(settings, personas.personas.get, args, variables))
     except OutboundRefused as exc:

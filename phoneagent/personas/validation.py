@@ -469,18 +469,26 @@ def _webhook(top: TomlTable, environ: Mapping[str, str]) -> WebhookTarget | None
 
 
 def _webhook_events(section: TomlTable) -> tuple[str, ...]:
-    raw = section.get("events", list, required=False, default=list(DEFAULT_WEBHOOK_EVENTS))
-    if "events" in section.data and not raw:
-        section.problem("events", f"list at least one of {', '.join(EVENT_TYPES)}")
-    events: list[str] = []
+    return tuple(_chosen(section, "events", EVENT_TYPES, DEFAULT_WEBHOOK_EVENTS))
+
+
+def _chosen(
+    section: TomlTable, key: str, allowed: tuple[str, ...], default: tuple[str, ...]
+) -> list[str]:
+    """A list of some of ``allowed`` (webhook events, weekdays): not empty when given, each
+    known and listed once; in the order written."""
+    raw = section.get(key, list, required=False, default=list(default))
+    if key in section.data and not raw:
+        section.problem(key, f"list at least one of {', '.join(allowed)}")
+    chosen: list[str] = []
     for i, value in enumerate(raw):
-        if value not in EVENT_TYPES:
-            section.problem(f"events[{i}]", f"{value!r} is not one of {', '.join(EVENT_TYPES)}")
-        elif value in events:
-            section.problem(f"events[{i}]", f"{value} is listed twice")
+        if value not in allowed:
+            section.problem(f"{key}[{i}]", f"{value!r} is not one of {', '.join(allowed)}")
+        elif value in chosen:
+            section.problem(f"{key}[{i}]", f"{value} is listed twice")
         else:
-            events.append(value)
-    return tuple(events)
+            chosen.append(value)
+    return chosen
 
 
 _CALLING_HOURS = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)")
@@ -537,17 +545,7 @@ def _calling_hours(section: TomlTable) -> tuple[int, int] | None:
 
 
 def _days(section: TomlTable) -> tuple[str, ...]:
-    raw = section.get("days", list, required=False, default=list(WEEKDAYS))
-    if "days" in section.data and not raw:
-        section.problem("days", f"list at least one of {', '.join(WEEKDAYS)}")
-    days: list[str] = []
-    for i, value in enumerate(raw):
-        if value not in WEEKDAYS:
-            section.problem(f"days[{i}]", f"{value!r} is not one of {', '.join(WEEKDAYS)}")
-        elif value in days:
-            section.problem(f"days[{i}]", f"{value} is listed twice")
-        else:
-            days.append(value)
+    days = _chosen(section, "days", WEEKDAYS, WEEKDAYS)
     return tuple(d for d in WEEKDAYS if d in days)
 
 
