@@ -4,6 +4,7 @@ media stream with the persona's outbound greeting, or the voicemail message; cal
 answered reported as signed ``call.ended`` events to the persona's webhook."""
 
 import json
+import re
 import shutil
 import xml.etree.ElementTree as ET
 from datetime import datetime
@@ -371,3 +372,19 @@ async def test_variables_and_metadata_of_the_wrong_shape_are_refused(stack):
             await place(stack, **fields)
         assert refused.value.field == field
     assert stack.twilio_api.created == []
+
+
+async def test_without_a_voicemail_message_a_machine_is_hung_up_on(personas, sink):
+    dental = personas / f"{PERSONA}.toml"
+    text = dental.read_text()
+    dental.write_text(re.sub(r"(?m)^voicemail_message = .*$", "", text))
+    async with LocalStack(personas, model=FakeRealtimeServer(speed=None)) as stack:
+        stack.twilio_api.add_number(DENTAL)
+        dialer(stack).now = lambda: MONDAY_10AM
+        call = await place(stack)
+        (created,) = stack.twilio_api.created
+        assert created.params["MachineDetection"] == "Enable"  # no beep to wait for
+        async with await stack.twilio_api.answer(call["call_sid"], "machine_start") as callee:
+            assert callee.answer.verbs == ["Hangup"]
+        (event,) = await ended_events(sink, 1)
+        assert event["data"]["end_reason"] == "voicemail"
