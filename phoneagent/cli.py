@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(handler=cmd_doctor)
 
     add_events_commands(commands)
-    add_call_command(commands)
+    add_call_command(commands, config_errors=_config_errors, persona_errors=_persona_errors)
 
     db = commands.add_parser("db", help="the shared PostgreSQL database: schema status, migrate")
     db_commands = db.add_subparsers(title="database commands", required=True)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from phoneagent.config import CREDENTIALS, ConfigError, Settings, load_settings
@@ -23,7 +25,14 @@ RECORD_FLUSH_SECONDS = 5.0
 NEEDED = ("PUBLIC_URL", "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN")
 
 
-def add_call_command(commands: Any) -> None:
+def add_call_command(
+    commands: Any,
+    *,
+    config_errors: Callable[[ConfigError], int],
+    persona_errors: Callable[[Exception], int],
+) -> None:
+    """``call`` among ``commands``; configuration and persona problems are printed (and their
+    exit status chosen) by the command line's own ``config_errors`` and ``persona_errors``."""
     call = commands.add_parser(
         "call", help="place an outbound call: a persona (with an [outbound] section) calls a number"
     )
@@ -37,10 +46,16 @@ def add_call_command(commands: Any) -> None:
         "--var", action="append", default=[], metavar="NAME=VALUE",
         help="a variable of the call (repeat for more)",
     )  # fmt: skip
-    call.set_defaults(handler=cmd_call)
+    call.set_defaults(handler=partial(cmd_call, config_errors=config_errors,
+                                      persona_errors=persona_errors))  # fmt: skip
 
 
-def cmd_call(args: argparse.Namespace) -> int:
+def cmd_call(
+    args: argparse.Namespace,
+    *,
+    config_errors: Callable[[ConfigError], int],
+    persona_errors: Callable[[Exception], int],
+) -> int:
     # Imported here so the other commands stay quick.
     from phoneagent.delivery.outbox import OutboxError
     from phoneagent.logs import configure_logging
@@ -48,18 +63,14 @@ def cmd_call(args: argparse.Namespace) -> int:
     from phoneagent.personas import PersonaError, load_directory
 
     configure_logging("console", "error")  # the SID alone on stdout; refusals said below
-    from phoneagent.cli import _config_errors, _persona_errors
-
     try:
         settings = load_settings(require_credentials=False)
     except ConfigError as exc:
-        return _config_errors(exc)
-    missing = [name for name in NEEDED if not _setting(settings, name)]
-    for name in missing:
-        print(f"phoneagent: configuration error: {name} is not set: {CREDENTIALS[name]}",
-              file=sys.stderr)  # fmt: skip
+        return config_errors(exc)
+    missing = [f"{name} is not set: {CREDENTIALS[name]}" for name in NEEDED
+               if not _setting(settings, name)]  # fmt: skip
     if missing:
-        return EXIT_CONFIG
+        return config_errors(ConfigError(missing))
     variables: dict[str, str] = {}
     for item in args.var:
         name, sep, value = item.partition("=")
@@ -70,7 +81,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     try:
         personas = load_directory(settings.personas_dir)
     except PersonaError as exc:
-        return _persona_errors(exc)
+        return persona_errors(exc)
     try:
         call = asyncio.run(_place(settings, personas.personas.get, args, variables))
     except OutboundRefused as exc:
