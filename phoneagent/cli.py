@@ -14,6 +14,7 @@ from phoneagent.api.cli import add_keys_commands
 from phoneagent.config import ConfigError, load_settings
 from phoneagent.delivery.cli import add_events_commands
 from phoneagent.delivery.outbox import OutboxError
+from phoneagent.outbound.cli import add_call_command
 from phoneagent.personas import PersonaError, PersonaRegistry, check_directory
 
 EXIT_OK, EXIT_INVALID, EXIT_CONFIG = 0, 1, 2
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_events_commands(commands)
     add_keys_commands(commands)
+    add_call_command(commands, config_errors=_config_errors, persona_errors=_persona_errors)
 
     db = commands.add_parser("db", help="the shared PostgreSQL database: schema status, migrate")
     db_commands = db.add_subparsers(title="database commands", required=True)
@@ -137,9 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         registry = PersonaRegistry(settings.personas_dir)
     except PersonaError as exc:
-        for problem in exc.problems:
-            print(f"phoneagent: persona error: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _persona_errors(exc)
     port = args.port or settings.port
     if port == settings.metrics_port:
         print(
@@ -377,6 +377,12 @@ def cmd_console_hash_password(args: argparse.Namespace) -> int:
 def _config_errors(exc: ConfigError) -> int:
     for problem in exc.problems:
         print(f"phoneagent: configuration error: {problem}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _persona_errors(exc: PersonaError) -> int:
+    for problem in exc.problems:
+        print(f"phoneagent: persona error: {problem}", file=sys.stderr)
     return EXIT_CONFIG
 
 

@@ -104,6 +104,13 @@ class Metrics:
             "phoneagent_transfers", "Transfers asked of Twilio, by outcome.", ["outcome"],
             registry=r,
         )  # fmt: skip
+        self.outbound_calls = Counter(
+            "phoneagent_outbound_calls",
+            "Outbound calls asked for: `placed`, or the refusal's code (`outside_calling_hours`, "
+            "`too_many_calls`, `twilio_refused`, ...); and how those nobody talked in ended.",
+            ["outcome"],
+            registry=r,
+        )
         self.unauthenticated = Gauge(
             "phoneagent_unauthenticated_requests",
             "Twilio requests waiting on their client before authentication now: a webhook "

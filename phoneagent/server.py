@@ -36,6 +36,9 @@ from phoneagent.delivery.stores import (
 from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.logs import get_logger
 from phoneagent.metrics import CONTENT_TYPE_LATEST
+from phoneagent.outbound.dialer import Dialer
+from phoneagent.outbound.routes import DIALER
+from phoneagent.outbound.routes import add_routes as add_outbound_routes
 from phoneagent.personas import PersonaRegistry
 from phoneagent.realtime.connection import ModelConnector, Prewarmer
 from phoneagent.records import CallRecords
@@ -218,6 +221,13 @@ def create_app(
     )
     tool_client = state.business_tools = BusinessToolClient(os.environ)
     app[STATE] = state
+    app[DIALER] = Dialer(
+        persona=state.persona,
+        calls=state.calls,
+        rest=rest,
+        public_url=lambda: state.settings.public_url,
+        count=lambda outcome: state.metrics.outbound_calls.labels(outcome).inc(),
+    )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/twilio/voice", voice_webhook)
@@ -227,6 +237,7 @@ def create_app(
     app.router.add_post("/twilio/dial-status", dial_status)
     app.router.add_post("/twilio/stream-ended", stream_ended)
     app.router.add_get("/calls/{call_sid}", call_details)
+    add_outbound_routes(app)  # the answer and status callbacks of calls the personas place
     mount_console(app, state)  # /console, when PHONEAGENT_CONSOLE_PASSWORD is set
     mount_api(app, api_key_store(outbox, settings.data_dir))  # /api/v1
 

@@ -24,6 +24,8 @@ CORE = (
     "phoneagent.realtime.stepfun",
     "phoneagent.twilio.wire",
     "phoneagent.handoff",
+    "phoneagent.outbound.rules",  # outbound calls' decisions
+    "phoneagent.outbound.context",
 )
 # What the core must never reach: socket libraries, and the shells' modules.
 FORBIDDEN_LIBRARIES = ("aiohttp", "websockets")

@@ -168,7 +168,7 @@ def test_no_machine_holds_more_than_about_ten_attributes():
 
     persona = load_directory(EXAMPLE_PERSONAS, environ={}).personas["bright-smile-dental"]
     call = Call(persona, stream_sid="MZ1", call_sid="CA1")
-    config = {"persona", "stream_sid", "call_sid", "clock", "history", "opening",
+    config = {"persona", "stream_sid", "call_sid", "clock", "history", "opening", "greeting",
               "model_input_rate", "model_output_rate"}  # fmt: skip
     objects = [call, call._playback, call._response, call._handoff, call._link, call._tools]
     objects += vars(call._watchers).values()

@@ -185,6 +185,9 @@ class Call:
     # what the agent should say first instead of the greeting.
     history: tuple[dict, ...] = ()
     opening: str | None = None
+    # What the agent says first, word for word, instead of the persona's greeting: a call the
+    # persona placed opens with its outbound greeting.
+    greeting: str = ""
     end_reason: EndReason | None = None
     # The pcm16 rates of the model session's audio, in and out (the dialect says them).
     model_input_rate: int = 24000
@@ -232,7 +235,8 @@ class Call:
         actions: list[Action] = [ToModel(item) for item in replay(self.history)]
         if self.opening:
             return actions + self._respond(with_guidance(self.persona, self.opening))
-        return actions + self._respond(say_verbatim(self.persona, self.persona.greeting))
+        greeting = self.greeting or self.persona.greeting
+        return actions + self._respond(say_verbatim(self.persona, greeting))
 
     def on_twilio(self, event: TwilioEvent) -> list[Action]:
         return self._link.outbound(self._dispatch(event))

@@ -29,6 +29,7 @@ __all__ = [
     "DIRECTIONS",
     "END_REASONS",
     "EVENT_TYPES",
+    "OUTBOUND_END_REASONS",
     "SCHEMA_VERSION",
     "TRANSFER_OUTCOMES",
     "Event",
@@ -50,9 +51,13 @@ DEFAULT_WEBHOOK_EVENTS = (CALL_ENDED,)
 
 #: Why a call ended, as ``call.ended`` reports it. ``server_lost``: the instance running the
 #: call stopped without ending it (killed, crashed, power lost); the next start reports it.
+#: How an outbound call the agent never talked in ends: Twilio's CallStatus ``busy``,
+#: ``no-answer``, ``failed``, ``canceled``; ``voicemail`` (an answering machine took the
+#: persona's voicemail message, or was hung up on) or ``fax``.
+OUTBOUND_END_REASONS = ("busy", "no_answer", "failed", "canceled", "voicemail", "fax")
 END_REASONS = (
     "caller_hung_up", "agent_hung_up", "transferred", "error", "time_limit", "server_lost",
-    "server_shutdown",
+    "server_shutdown", *OUTBOUND_END_REASONS,
 )  # fmt: skip
 #: ``accepted``: Twilio took the transfer and is dialling the target; ``failed``: it refused
 #: (the call stayed with the agent or ended; ``error`` says why).

@@ -15,15 +15,18 @@ from collections.abc import AsyncIterator, Callable
 from phoneagent.call.actions import EndReason
 from phoneagent.delivery.events import (
     CALL_ENDED,
+    OUTBOUND_END_REASONS,
     Event,
     call_ended_event,
     call_started_event,
     call_transferred_event,
+    mask_number,
 )
 from phoneagent.delivery.outbox import OutboxError
 from phoneagent.delivery.spool import EventSpool
 from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.logs import get_logger
+from phoneagent.outbound.context import is_outbound
 from phoneagent.personas import Persona
 from phoneagent.records import CallRecord
 
@@ -53,7 +56,10 @@ def lost_call_event_id(call_sid: str, started_at: float) -> str:
 
 
 def event_end_reason(recorded: str | None) -> str:
-    """The schema's end_reason for a record's (an ``EndReason`` value, or None)."""
+    """The schema's end_reason for a record's (an ``EndReason`` value, an outbound call's
+    reason without the agent — ``busy``, ``voicemail``… — or None)."""
+    if recorded in OUTBOUND_END_REASONS:
+        return recorded
     try:
         return EVENT_END_REASONS[EndReason(recorded)]
     except ValueError:
@@ -162,17 +168,18 @@ class CallEventPublisher:
 
     async def _call_started(self, persona: Persona, record: CallRecord) -> None:
         if persona.webhook is not None:
+            fields = self._call_fields(persona, record)
             await self._journal(
                 "open_call",
                 record.call_sid,
                 {
-                    **self._call_fields(persona, record),
+                    **fields,
                     "url": persona.webhook.url,
                     "secret_env": persona.webhook.secret_env,
                     "wants_ended": self._wants(persona, CALL_ENDED),
                     "started_at": record.started_at or 0.0,
                     "from": record.caller,
-                    "to": record.called,
+                    "to": fields["to_number"],  # an outbound callee's masked, as the events
                 },
             )
         if self._wants(persona, "call.started"):
@@ -243,13 +250,17 @@ class CallEventPublisher:
     @staticmethod
     def _call_fields(persona: Persona, record: CallRecord) -> dict:
         assert persona.webhook is not None
+        mask, to_number = persona.webhook.mask_caller, record.called
+        if mask and is_outbound(record):
+            # The person on the line is the one called: `from` is the persona's own number.
+            mask, to_number = False, mask_number(record.called)
         return {
             "call_sid": record.call_sid,
             "persona_id": persona.id,
             "persona_name": persona.name,
             "from_number": record.caller,
-            "to_number": record.called,
-            "mask_caller": persona.webhook.mask_caller,
+            "to_number": to_number,
+            "mask_caller": mask,
             # A record without a context is a call answered before one was known: inbound.
             "direction": record.direction or "inbound",
             "variables": record.variables,

@@ -24,6 +24,7 @@ __all__ = [
     "KeypadHangUp",
     "KeypadTransfer",
     "Lookup",
+    "OutboundSettings",
     "Persona",
     "PersonaSet",
     "TransferTarget",
@@ -138,6 +139,27 @@ class Lookup:
     timeout_ms: int = DEFAULT_LOOKUP_TIMEOUT_MS
 
 
+#: Days as ``[outbound] days`` writes them, Monday first (``datetime.weekday()`` order).
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+DEFAULT_OUTBOUND_CONCURRENCY = 2
+
+
+@dataclass(frozen=True)
+class OutboundSettings:
+    """``[outbound]``: how the persona places calls (phoneagent/outbound/). Without the section
+    a persona only answers."""
+
+    greeting: str  # what the agent says first when a person answers
+    voicemail_message: str = ""  # said by Twilio's <Say> to an answering machine; "": hang up
+    from_number: str = ""  # the caller ID; "": the persona's first number
+    max_concurrent_calls: int = DEFAULT_OUTBOUND_CONCURRENCY  # placed and not yet ended
+    # When calls may be placed, in ``timezone``: minutes after midnight [start, end), and days.
+    # None: at any time of the listed days.
+    calling_hours: tuple[int, int] | None = None
+    days: tuple[str, ...] = WEEKDAYS
+    timezone: str = "UTC"
+
+
 @dataclass(frozen=True)
 class Persona:
     id: str
@@ -170,6 +192,7 @@ class Persona:
     upset_caller_target: str = ""
     webhook: WebhookTarget | None = None
     tools: tuple[BusinessTool, ...] = ()  # the business's own tools, in file order
+    outbound: OutboundSettings | None = None
     max_call_seconds: int = DEFAULT_MAX_CALL_SECONDS
     silence_timeout_seconds: int = DEFAULT_SILENCE_TIMEOUT_SECONDS
     silence_duration_ms: int = DEFAULT_SILENCE_DURATION_MS

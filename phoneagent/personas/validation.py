@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import tomllib
+import zoneinfo
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from phoneagent.personas.model import (
     DEFAULT_BUSY_MESSAGE,
     DEFAULT_LOOKUP_TIMEOUT_MS,
     DEFAULT_MAX_CALL_SECONDS,
+    DEFAULT_OUTBOUND_CONCURRENCY,
     DEFAULT_PREFIX_PADDING_MS,
     DEFAULT_SILENCE_DURATION_MS,
     DEFAULT_SILENCE_TIMEOUT_SECONDS,
@@ -31,10 +33,12 @@ from phoneagent.personas.model import (
     MAX_LOOKUP_TIMEOUT_MS,
     MAX_TONE_CHARS,
     SPEAKING_RATES,
+    WEEKDAYS,
     KeypadAction,
     KeypadHangUp,
     KeypadTransfer,
     Lookup,
+    OutboundSettings,
     Persona,
     PersonaSet,
     TransferTarget,
@@ -256,6 +260,7 @@ def parse_persona_text(
         upset_caller_target=upset_caller_target,
         webhook=webhook,
         tools=business_tools(top, environ, language, webhook),
+        outbound=_outbound(top, numbers),
         max_call_seconds=top.integer("max_call_seconds", DEFAULT_MAX_CALL_SECONDS, 30, 14400),
         silence_timeout_seconds=top.integer(
             "silence_timeout_seconds", DEFAULT_SILENCE_TIMEOUT_SECONDS, 0, 600
@@ -521,15 +526,91 @@ def _webhook(top: TomlTable, environ: Mapping[str, str]) -> WebhookTarget | None
 
 
 def _webhook_events(section: TomlTable) -> tuple[str, ...]:
-    raw = section.get("events", list, required=False, default=list(DEFAULT_WEBHOOK_EVENTS))
-    if "events" in section.data and not raw:
-        section.problem("events", f"list at least one of {', '.join(EVENT_TYPES)}")
-    events: list[str] = []
+    return tuple(_chosen(section, "events", EVENT_TYPES, DEFAULT_WEBHOOK_EVENTS))
+
+
+def _chosen(
+    section: TomlTable, key: str, allowed: tuple[str, ...], default: tuple[str, ...]
+) -> list[str]:
+    """A list of some of ``allowed`` (webhook events, weekdays): not empty when given, each
+    known and listed once; in the order written."""
+    raw = section.get(key, list, required=False, default=list(default))
+    if key in section.data and not raw:
+        section.problem(key, f"list at least one of {', '.join(allowed)}")
+    chosen: list[str] = []
     for i, value in enumerate(raw):
-        if value not in EVENT_TYPES:
-            section.problem(f"events[{i}]", f"{value!r} is not one of {', '.join(EVENT_TYPES)}")
-        elif value in events:
-            section.problem(f"events[{i}]", f"{value} is listed twice")
+        if value not in allowed:
+            section.problem(f"{key}[{i}]", f"{value!r} is not one of {', '.join(allowed)}")
+        elif value in chosen:
+            section.problem(f"{key}[{i}]", f"{value} is listed twice")
         else:
-            events.append(value)
-    return tuple(events)
+            chosen.append(value)
+    return chosen
+
+
+_CALLING_HOURS = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)")
+MAX_OUTBOUND_CONCURRENCY = 1000
+
+
+def _outbound(top: TomlTable, numbers: tuple[str, ...]) -> OutboundSettings | None:
+    """``[outbound]``: the greeting a callee hears first, and when and how often the persona
+    may call (phoneagent/outbound/)."""
+    section = top.table("outbound", required=False)
+    if section is None:
+        return None
+    greeting = section.text("greeting")
+    voicemail = section.get("voicemail_message", str, required=False, default="")
+    if "voicemail_message" in section.data and isinstance(voicemail, str) and not voicemail.strip():
+        section.problem("voicemail_message", "must not be empty (leave it out to hang up instead)")
+    from_number = section.get("from", str, required=False, default="")
+    if from_number and not E164.fullmatch(from_number):
+        section.problem("from", f"{from_number!r} is not an E.164 number (+, country code, number)")
+    elif not from_number and not numbers:
+        section.problem("from", "is required when the persona lists no numbers (the caller ID)")
+    settings = OutboundSettings(
+        greeting=greeting,
+        voicemail_message=voicemail.strip(),
+        from_number=from_number or (numbers[0] if numbers else ""),
+        max_concurrent_calls=section.integer(
+            "max_concurrent_calls", DEFAULT_OUTBOUND_CONCURRENCY, 1, MAX_OUTBOUND_CONCURRENCY
+        ),
+        calling_hours=_calling_hours(section),
+        days=_days(section),
+        timezone=_timezone(section),
+    )
+    section.finish()
+    return settings
+
+
+def _calling_hours(section: TomlTable) -> tuple[int, int] | None:
+    text = section.get("calling_hours", str, required=False, default="")
+    if not text:
+        return None
+    match = _CALLING_HOURS.fullmatch(text.strip())
+    if match is None:
+        section.problem("calling_hours", f'{text!r} is not a range like "09:00-18:00" (24-hour)')
+        return None
+    start_h, start_m, end_h, end_m = (int(part) for part in match.groups())
+    start, end = start_h * 60 + start_m, end_h * 60 + end_m
+    if end > 24 * 60 or start >= end:
+        section.problem(
+            "calling_hours",
+            f"{text!r} must start before it ends, within one day (00:00-24:00)",
+        )
+        return None
+    return start, end
+
+
+def _days(section: TomlTable) -> tuple[str, ...]:
+    days = _chosen(section, "days", WEEKDAYS, WEEKDAYS)
+    return tuple(d for d in WEEKDAYS if d in days)
+
+
+def _timezone(section: TomlTable) -> str:
+    name = section.get("timezone", str, required=False, default="UTC")
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        section.problem("timezone", f'{name!r} is not an IANA time zone like "Europe/Berlin"')
+        return "UTC"
+    return name

@@ -303,6 +303,9 @@ class TwilioCaller:
         self.to = to
         self.from_ = from_
         self.call_sid = call_sid or new_sid("CA")
+        # Twilio's Direction: "outbound-api" once the call is one placed through the API that was
+        # picked up (:meth:`pick_up`); every later request of the call says so.
+        self.direction = "inbound"
         self.stream_sid = new_sid("MZ")
         self.speed = speed or 0.0
         self.voice_path = voice_path
@@ -395,7 +398,7 @@ class TwilioCaller:
             "CallerCountry": "US",
             "CallerState": "CA",
             "CallerZip": "94107",
-            "Direction": "inbound",
+            "Direction": self.direction,
             "From": self.from_,
             "FromCity": "SAN FRANCISCO",
             "FromCountry": "US",
@@ -424,6 +427,25 @@ class TwilioCaller:
         self.answer = parse_twiml_answer(
             status, content_type, body, request_url=self.public_url + self.voice_path
         )
+        return self.answer
+
+    async def pick_up(
+        self,
+        url: str,
+        answered_by: str | None = None,
+        *,
+        signature: Signature | str = Signature.VALID,
+    ) -> TwimlAnswer:
+        """An outbound call (placed through the Calls API) was answered: Twilio requests its
+        ``Url`` as it requests a voice webhook, with ``Direction=outbound-api`` (``From`` is the
+        business's number, ``To`` the callee's) and, with answering machine detection,
+        ``AnsweredBy``. The TwiML answer becomes :attr:`answer`."""
+        self.direction = "outbound-api"
+        params = self.webhook_params("in-progress")
+        if answered_by is not None:
+            params["AnsweredBy"] = answered_by
+        status, content_type, body = await self.post_to(url, params, signature)
+        self.answer = parse_twiml_answer(status, content_type, body, request_url=url)
         return self.answer
 
     async def post_signed(

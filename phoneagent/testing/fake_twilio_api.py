@@ -1,4 +1,5 @@
-"""A fake Twilio REST API on loopback: the Call resource's fetch and update (reference §5.1).
+"""A fake Twilio REST API on loopback: the Call resource's create, fetch and update (reference
+§5.1; create: https://www.twilio.com/docs/voice/api/call-resource#create-a-call-resource).
 
 It answers what ``twilio.rest.Client`` sends for ``client.calls(sid).update(...)`` and
 ``.fetch()`` — ``POST``/``GET /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}.json`` with HTTP
@@ -36,10 +37,29 @@ What Twilio does that the fake reproduces
   stream and close it (§5.1, §7): :meth:`FakeTwilioApi.attach` wires a :class:`TwilioCaller` so
   that it does exactly that.
 
+Calls create (outbound calls), from Twilio's Call resource and Answering Machine Detection docs:
+
+* ``To`` and ``From`` are required (21201 "No 'To' number is specified", 21213 "No 'From'
+  number is specified"), and one of ``Url``, ``Twiml`` or ``ApplicationSid``; a phone number is
+  E.164 (21211 Invalid 'To' Phone Number, 21212 Invalid 'From' Phone Number); ``From`` must be
+  a number on the account or a verified caller ID (21210). ``MachineDetection`` is ``Enable``
+  or ``DetectMessageEnd``; ``StatusCallbackEvent`` values are ``initiated``, ``ringing``,
+  ``answered``, ``completed``. The answer is 201 with the call resource, ``status`` "queued",
+  ``direction`` "outbound-api" (tests/fixtures/twilio/call-create-response.json: Twilio's
+  documented sample).
+* Test controls play the far end: :meth:`FakeTwilioApi.answer` (the callee picks up: the
+  progress callbacks, then the ``Url`` requested, signed, with ``AnsweredBy`` when detection is
+  on; a :class:`TwilioCaller` is returned to open the stream if the TwiML says so),
+  :meth:`FakeTwilioApi.finish` (the call ends: busy, no-answer, failed, canceled or completed,
+  with its signed status callback).
+
 Assumptions where the docs are silent (change them if a live call says otherwise): ``Twiml``
 with ``Url`` answers 400 with code 21200 (the Calls-resource catch-all); TwiML that does not
 parse answers 400 with 12100; an unknown ``Status`` value answers 400 with 20001; a path naming
-another account answers 404 (20404).
+another account answers 404 (20404). Calls create without ``Url``, ``Twiml`` or
+``ApplicationSid``, or with a ``Url`` that is not absolute http(s), answers 400 with 21205
+(Invalid URL); an unknown ``MachineDetection`` or ``StatusCallbackEvent`` value answers 400 with
+21200.
 """
 
 from __future__ import annotations
@@ -58,9 +78,12 @@ from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from phoneagent.testing.twilio_sids import new_sid
+from phoneagent.testing.twilio_signing import Signature, signature_headers
 from phoneagent.testing.webhook_sink import LoopbackServer, wait_for_count
 
 if TYPE_CHECKING:
@@ -71,6 +94,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CALL_NOT_IN_PROGRESS",
     "ApiRequest",
+    "CallCreate",
     "CallUpdate",
     "FakeCall",
     "FakeNumber",
@@ -113,6 +137,39 @@ RELATIVE_ACTION = TwilioApiError(
     "Action Callback URL must be an absolute URL when using TwiML to update in-progress calls",
 )
 INTERNAL_ERROR = TwilioApiError(500, 20500, "Internal Server Error")
+NO_TO = TwilioApiError(400, 21201, "No 'To' number is specified")
+NO_FROM = TwilioApiError(400, 21213, "No 'From' number is specified")
+INVALID_TO = TwilioApiError(400, 21211, "Invalid 'To' Phone Number")
+INVALID_FROM = TwilioApiError(400, 21212, "Invalid 'From' Phone Number")
+FROM_NOT_VERIFIED = TwilioApiError(
+    400, 21210, "The source phone number provided, From, is not yet verified for your account"
+)
+INVALID_URL = TwilioApiError(400, 21205, "Url parameter is required and must be a valid URL")
+MACHINE_DETECTION = ("Enable", "DetectMessageEnd")
+STATUS_CALLBACK_EVENTS = ("initiated", "ringing", "answered", "completed")
+# What a Calls create may dial besides a phone number (Call resource: To).
+_NON_PHONE = ("sip:", "client:")
+_E164 = re.compile(r"\+[1-9]\d{1,14}")
+
+
+def _endpoint(number: str) -> bool:
+    return number.startswith(_NON_PHONE) or _E164.fullmatch(number) is not None
+
+
+async def _post_signed(
+    auth_token: str, url: str, params: dict[str, str], session: aiohttp.ClientSession | None
+) -> int:
+    """POST a form to our server as Twilio does, signed with the account's auth token."""
+    headers = {"User-Agent": "TwilioProxy/1.1", **signature_headers(Signature.VALID, auth_token,
+                                                                    url, params)}  # fmt: skip
+    own = session is None
+    http = session or aiohttp.ClientSession()
+    try:
+        async with http.post(URL(url, encoded=True), data=params, headers=headers) as response:
+            return response.status
+    finally:
+        if own:
+            await http.close()
 
 
 def _not_found(path: str) -> TwilioApiError:
@@ -135,6 +192,12 @@ class FakeCall:
     direction: str = "inbound"
     twiml: str | None = None  # the TwiML now running, after an update
     url: str | None = None
+    # Calls create: where Twilio reports the call's progress, which events, and its detection.
+    status_callback: str | None = None
+    status_callback_events: tuple[str, ...] = ("completed",)
+    machine_detection: str | None = None
+    answered_by: str | None = None
+    sequence: int = 0  # SequenceNumber of the status callbacks sent
     date_created: datetime = field(default_factory=lambda: datetime.now(UTC))
     end_time: datetime | None = None
 
@@ -170,7 +233,7 @@ class FakeCall:
             "price": None,
             "price_unit": "USD",
             "direction": self.direction,
-            "answered_by": None,
+            "answered_by": self.answered_by,
             "api_version": API_VERSION,
             "forwarded_from": None,
             "group_sid": None,
@@ -180,7 +243,16 @@ class FakeCall:
             "uri": uri + ".json",
             "subresource_uris": {
                 name: f"{uri}/{name.title().replace('_', '')}.json"
-                for name in ("notifications", "recordings", "payments", "events", "siprec")
+                for name in (
+                    "notifications",
+                    "recordings",
+                    "payments",
+                    "events",
+                    "siprec",
+                    "streams",
+                    "user_defined_message_subscriptions",
+                    "user_defined_messages",
+                )
             },
         }
 
@@ -204,6 +276,22 @@ class CallUpdate:
         """True when Twilio would stop the call's media stream because of this update (§5.1)."""
         replaces_twiml = "Twiml" in self.params or "Url" in self.params
         return self.ok and (replaces_twiml or self.params.get("Status") == "completed")
+
+
+@dataclass(frozen=True)
+class CallCreate:
+    """One Calls create request (its form, ``StatusCallbackEvent`` as the list it repeats),
+    and how the fake answered it."""
+
+    params: dict[str, str]
+    status_callback_events: list[str]
+    at: float
+    status: int
+    error_code: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 201
 
 
 @dataclass(frozen=True)
@@ -261,6 +349,11 @@ class FakeTwilioApi(LoopbackServer):
         self.account_status = "active"
         self.account_type = "Full"
         self.numbers: dict[str, FakeNumber] = {}
+        # Calls create: every request, the verified caller IDs, the status callbacks sent
+        # (call sid, event, CallStatus, the HTTP status our server answered).
+        self.created: list[CallCreate] = []
+        self.verified_caller_ids: set[str] = set()
+        self.callbacks: list[tuple[str, str, str, int]] = []
 
     # -- test controls ------------------------------------------------------------------------
 
@@ -275,6 +368,105 @@ class FakeTwilioApi(LoopbackServer):
         number = FakeNumber(phone_number=phone_number, account_sid=self.account_sid, **fields)
         self.numbers[phone_number] = number
         return number
+
+    def verify_caller_id(self, number: str) -> None:
+        """A number the account verified as an outgoing caller ID (Calls create's From)."""
+        self.verified_caller_ids.add(number)
+
+    async def wait_for_created(self, count: int = 1, timeout: float = 10.0) -> list[CallCreate]:
+        """Wait until ``count`` Calls create requests were answered; return them all."""
+        await wait_for_count(self.created, count, self._changed, timeout, "calls created")
+        return self.created
+
+    async def answer(
+        self,
+        call_sid: str,
+        answered_by: str = "human",
+        *,
+        session: aiohttp.ClientSession | None = None,
+        **caller_options: Any,
+    ) -> TwilioCaller:
+        """The callee of a created call picks up: Twilio reports ``ringing`` and ``answered``
+        (if asked), then requests the call's ``Url`` (signed, ``AnsweredBy`` when detection is
+        on). The returned caller holds the TwiML answer (:attr:`TwilioCaller.answer`); if it
+        is ``<Connect><Stream>``, ``await caller.connect()`` opens the stream as the callee.
+        Any other answer is run to its end: the call completes, with its status callback."""
+        from phoneagent.testing.caller import TwilioCaller
+
+        call = self._call(call_sid)
+        if call.url is None:
+            raise ValueError("the call was created without a Url: nothing to request")
+        await self._progress(call, "ringing", "ringing", session)
+        call.status = "in-progress"
+        call.answered_by = answered_by if call.machine_detection else None
+        await self._progress(call, "in-progress", "answered", session)
+        public = urlsplit(call.url)
+        caller = TwilioCaller(
+            f"{public.scheme}://{public.netloc}",
+            account_sid=self.account_sid,
+            auth_token=self.auth_token,
+            to=call.to,
+            from_=call.from_,
+            call_sid=call.sid,
+            session=session,
+            **caller_options,
+        )
+        self.attach(caller)
+        answer = await caller.pick_up(call.url, call.answered_by)
+        if answer.stream_url is None:  # <Say>, <Hangup>: the call ends once it has run
+            await self.finish(call_sid, "completed", session=session)
+        return caller
+
+    async def finish(
+        self,
+        call_sid: str,
+        status: str = "completed",
+        *,
+        session: aiohttp.ClientSession | None = None,
+    ) -> int | None:
+        """The call ends on Twilio's side with ``status`` (``busy``, ``no-answer``, ``failed``,
+        ``canceled`` or ``completed``): its ``completed`` status callback is sent, signed, as
+        Twilio does for each of them. Returns the callback's HTTP status (None: none asked)."""
+        if status not in ENDED_STATUSES:
+            raise ValueError(f"not a final CallStatus: {status}")
+        call = self._call(call_sid)
+        call.end(status)
+        return await self._progress(call, status, "completed", session)
+
+    async def _progress(
+        self,
+        call: FakeCall,
+        call_status: str,
+        event: str,
+        session: aiohttp.ClientSession | None,
+    ) -> int | None:
+        """The status callback of ``event`` (if the call asked for it) with ``call_status``."""
+        if call.status_callback is None or event not in call.status_callback_events:
+            return None
+        params = {
+            "AccountSid": self.account_sid,
+            "ApiVersion": API_VERSION,
+            "CallSid": call.sid,
+            "CallStatus": call_status,
+            "Called": call.to,
+            "Caller": call.from_,
+            "Direction": call.direction,
+            "From": call.from_,
+            "To": call.to,
+            "CallbackSource": "call-progress-events",
+            "SequenceNumber": str(call.sequence),
+            "Timestamp": format_datetime(datetime.now(UTC)),
+        }
+        call.sequence += 1
+        if event == "completed":
+            params["CallDuration"] = str(
+                int(((call.end_time or datetime.now(UTC)) - call.date_created).total_seconds())
+            )
+        if call.answered_by:
+            params["AnsweredBy"] = call.answered_by
+        status = await _post_signed(self.auth_token, call.status_callback, params, session)
+        self.callbacks.append((call.sid, event, call_status, status))
+        return status
 
     def end_call(self, call_sid: str, status: str = "completed") -> None:
         """The call ended on Twilio's side (caller hung up): later updates get 21220."""
@@ -353,6 +545,7 @@ class FakeTwilioApi(LoopbackServer):
         path = f"/{API_VERSION}/Accounts/{{account_sid}}/Calls/{{call_sid}}.json"
         app.router.add_get(path, self._fetch)
         app.router.add_post(path, self._update)
+        app.router.add_post(f"/{API_VERSION}/Accounts/{{account_sid}}/Calls.json", self._create)
         _add_account_routes(app, self)
         return app
 
@@ -379,6 +572,63 @@ class FakeTwilioApi(LoopbackServer):
             self._changed.notify_all()
         self._run_hooks(update)
         return self._answer(request, status, error.body() if error else call.resource())
+
+    async def _create(self, request: web.Request) -> web.Response:
+        params = await request.post()
+        error = await self._precheck(request)
+        call = None
+        if error is None:
+            call, error = self._place(params)
+        status = error.status if error else 201
+        self.created.append(CallCreate({k: str(v) for k, v in params.items()},
+                                       params.getall("StatusCallbackEvent", []),
+                                       time.monotonic(), status, error and error.code))  # fmt: skip
+        async with self._changed:
+            self._changed.notify_all()
+        return self._answer(request, status, error.body() if error else call.resource())
+
+    def _place(self, params: Any) -> tuple[FakeCall | None, TwilioApiError | None]:
+        """Validate a Calls create as Twilio does, then queue the call."""
+        to, from_ = params.get("To", ""), params.get("From", "")
+        url, twiml = params.get("Url"), params.get("Twiml")
+        if not to:
+            return None, NO_TO
+        if not from_:
+            return None, NO_FROM
+        if not _endpoint(to):
+            return None, INVALID_TO
+        if not _endpoint(from_):
+            return None, INVALID_FROM
+        if from_ not in self.numbers and from_ not in self.verified_caller_ids:
+            return None, FROM_NOT_VERIFIED
+        if url is None and twiml is None and params.get("ApplicationSid") is None:
+            return None, INVALID_URL
+        if url is not None and twiml is not None:
+            return None, TWIML_AND_URL
+        if url is not None and (urlsplit(url).scheme not in ("http", "https") or
+                                not urlsplit(url).netloc):  # fmt: skip
+            return None, INVALID_URL
+        if twiml is not None and (error := _check_inline_twiml(twiml)) is not None:
+            return None, error
+        detection = params.get("MachineDetection")
+        if detection is not None and detection not in MACHINE_DETECTION:
+            return None, TwilioApiError(400, 21200, f"Invalid MachineDetection: {detection}")
+        events = params.getall("StatusCallbackEvent", [])
+        unknown = [e for e in events if e not in STATUS_CALLBACK_EVENTS]
+        if unknown:
+            return None, TwilioApiError(400, 21200, f"Invalid StatusCallbackEvent: {unknown[0]}")
+        call = self.add_call(
+            to=to,
+            from_=from_,
+            status="queued",
+            direction="outbound-api",
+            url=url,
+            twiml=twiml,
+            status_callback=params.get("StatusCallback"),
+            status_callback_events=tuple(events) or ("completed",),
+            machine_detection=detection,
+        )
+        return call, None
 
     async def _precheck(self, request: web.Request) -> TwilioApiError | None:
         """Injected faults, then basic auth, then the account in the path."""

@@ -1,4 +1,5 @@
-"""Twilio's REST API for a live call: hand it to a person (new TwiML) or hang it up.
+"""Twilio's REST API for calls: place one (outbound calls), hand a live one to a person (new
+TwiML) or hang it up.
 
 Through the ``twilio`` library's async client, pointed at ``TWILIO_API_BASE_URL``. Every request
 has our own time limit: the library's ``timeout`` option does not reach aiohttp (twilio 9.13).
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import warnings
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import aiohttp
 from twilio.base.exceptions import TwilioRestException
@@ -18,6 +21,7 @@ from twilio.rest import Client
 from phoneagent.logs import get_logger
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 REQUEST_SECONDS = 10.0
 # "Call is not in-progress. Cannot redirect." — the call already ended: a hang-up is done.
@@ -43,14 +47,24 @@ class TwilioCalls:
     def __post_init__(self) -> None:
         self._client: Client | None = None
 
-    def _calls(self, call_sid: str):
+    def _api(self) -> Client:
         if self._client is None:
             # A session per request: transfers and hang-ups are rare, and a pooled connection
             # would sit idle between them (and outlive calls in leak checks).
             http = AsyncTwilioHttpClient(pool_connections=False)
             self._client = Client(self.account_sid, self.auth_token, http_client=http)
             self._client.api.base_url = self.base_url  # read on every request
-        return self._client.calls(call_sid)
+        return self._client
+
+    def _calls(self, call_sid: str):
+        return self._api().calls(call_sid)
+
+    async def create(self, **params) -> dict[str, str | None]:
+        """Place a call (Calls create; ``params`` as ``CallList.create`` names them): the new
+        call's sid, status, to, from and direction as Twilio answered them."""
+        call = await self._request(self._api().calls.create_async(**params))
+        return {"sid": call.sid, "status": call.status, "to": call.to, "from": call._from,
+                "direction": call.direction}  # fmt: skip
 
     async def redirect(self, call_sid: str, twiml: str) -> None:
         """Replace the call's TwiML (Twilio then stops our media stream)."""
@@ -66,12 +80,15 @@ class TwilioCalls:
             log.info("twilio_call_already_ended", call_sid=call_sid)
 
     async def _update(self, call_sid: str, **params: str) -> None:
+        await self._request(self._calls(call_sid).update_async(**params))
+
+    async def _request(self, request: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self.timeout):
                 with warnings.catch_warnings():
                     # twilio's async client still uses aiohttp.BasicAuth, deprecated in 3.14.
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    await self._calls(call_sid).update_async(**params)
+                    return await request
         except TwilioRestException as exc:
             raise CallUpdateFailed(exc.msg, status=exc.status, code=exc.code) from None
         except TimeoutError:

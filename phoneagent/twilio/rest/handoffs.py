@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 
 from phoneagent.call import Call
 from phoneagent.logs import get_logger
+from phoneagent.outbound.context import business_line
 from phoneagent.personas import Persona, TransferTarget
 from phoneagent.records import CallRecord, CallRecords, Transferred
 from phoneagent.twilio.rest.calls import CallUpdateFailed, TwilioCalls
@@ -52,7 +53,7 @@ class TwilioHandoffs:
         )  # fmt: skip
         twiml_text = dial_twiml(
             target.number,
-            caller_id=target.caller_id or record.called,
+            caller_id=target.caller_id or business_line(record),
             ring_seconds=target.ring_seconds,
             action_url=f"{self.public_url()}/twilio/dial-status?{query}",
         )

@@ -33,6 +33,7 @@ from phoneagent.twilio.wire.stream import Start
 from phoneagent.twilio.wire.twiml import (
     CALLED_PARAMETER,
     CALLER_PARAMETER,
+    DIRECTION_PARAMETER,
     PERSONA_PARAMETER,
     RESUME_PARAMETER,
     TOKEN_PARAMETER,
@@ -123,10 +124,19 @@ async def _open_checked_call(
             caller=start.custom_parameters.get(CALLER_PARAMETER, ""),
             called=start.custom_parameters.get(CALLED_PARAMETER, ""),
             resume=start.custom_parameters.get(RESUME_PARAMETER, ""),
+            greeting=opening_greeting(persona, start.custom_parameters.get(DIRECTION_PARAMETER)),
         )
     except ModelUnavailable:
         # Closing the stream makes Twilio ask `<Connect action>`, which answers the apology.
         raise StreamRefused("the model is unavailable: the caller hears the apology") from None
+
+
+def opening_greeting(persona: Persona, direction: str | None) -> str:
+    """The first words of a call: a call the persona placed opens with its outbound greeting
+    ("" : the persona's own)."""
+    if direction == "outbound" and persona.outbound is not None:
+        return persona.outbound.greeting
+    return ""
 
 
 async def open_model_call(
@@ -137,6 +147,7 @@ async def open_model_call(
     caller: str,
     called: str,
     resume: str = "",
+    greeting: str = "",
 ) -> tuple[Call, ModelSession]:
     """The call's model session (the pre-warmed one, else one opened now, within the set-up
     budget) and its ``Call``, its start recorded. Whoever placed the call has checked it: the
@@ -174,6 +185,7 @@ async def open_model_call(
         clock=state.clock,
         model_input_rate=model.dialect.input_rate,
         model_output_rate=model.dialect.output_rate,
+        greeting=greeting,
     )
     if resume:  # the agent picks the call up again
         target, _, outcome = resume.partition(":")

@@ -16,6 +16,7 @@ from phoneagent.call.context import CallContext
 from phoneagent.call.prompts import session_config
 from phoneagent.config import Settings
 from phoneagent.logs import get_logger
+from phoneagent.outbound.context import OutboundContext
 from phoneagent.personas import Persona
 from phoneagent.records import Answered, CallRecord, TwilioReported
 from phoneagent.state import STATE, ServerState
@@ -23,6 +24,7 @@ from phoneagent.twilio.wire.signature import SHARED_KEY_MISSING, signature_probl
 from phoneagent.twilio.wire.twiml import (
     CALLED_PARAMETER,
     CALLER_PARAMETER,
+    DIRECTION_PARAMETER,
     PERSONA_PARAMETER,
     RESUME_PARAMETER,
     TOKEN_PARAMETER,
@@ -221,11 +223,20 @@ def replayed_answer(
     return twiml(answered if answered is not None else hangup_twiml())
 
 
-def agent_twiml(state: ServerState, persona: Persona, record: CallRecord, resume: str = "") -> str:
+def agent_twiml(
+    state: ServerState,
+    persona: Persona,
+    record: CallRecord,
+    resume: str = "",
+    *,
+    context: OutboundContext | None = None,
+) -> str:
     """TwiML connecting the call to a media stream with ``persona`` (with a fresh stream
     token). Whoever answers with it opens the model session then (pre-warm: the stream claims
     it on `start`), once the answer is kept as the request's first (``ReplayGuard.remember``).
-    ``resume`` marks a call coming back to the agent."""
+    ``resume`` marks a call coming back to the agent; ``context``, a call the persona placed
+    (the stream is told its direction: the agent opens with the persona's outbound greeting;
+    its variables and metadata are here for the stream to come)."""
     parameters = {
         PERSONA_PARAMETER: persona.id,
         TOKEN_PARAMETER: state.stream_token.issue(record.call_sid, persona.id),
@@ -235,6 +246,8 @@ def agent_twiml(state: ServerState, persona: Persona, record: CallRecord, resume
     }
     if resume:
         parameters[RESUME_PARAMETER] = resume
+    if context is not None:
+        parameters[DIRECTION_PARAMETER] = context.direction
     public_url = state.settings.public_url
     status_url = f"{public_url}/twilio/stream-status"
     # Any instance may get the action: it carries the persona; Twilio adds CallSid, From, To.
@@ -264,7 +277,9 @@ async def stream_ended(request: web.Request) -> web.Response:
     state.metrics.calls_apologised.inc()
     if persona is None:
         return twiml(apology_twiml(NO_PERSONA_APOLOGY))
-    return twiml(say_then_hand_on_twiml(persona.apology, persona, form.get("To", "")))
+    # The persona's own number (for the fallback's caller ID): `From` on a call it placed.
+    line = form.get("From" if form.get("Direction") == "outbound-api" else "To", "")
+    return twiml(say_then_hand_on_twiml(persona.apology, persona, line))
 
 
 END_REASON_WAIT = 2.0  # seconds: see end_reason_of

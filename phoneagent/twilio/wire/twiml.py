@@ -15,6 +15,7 @@ TOKEN_PARAMETER = "token"
 CALLER_PARAMETER = "from"
 CALLED_PARAMETER = "to"
 RESUME_PARAMETER = "resume"  # "<target>:<DialCallStatus>": back from an unanswered transfer
+DIRECTION_PARAMETER = "direction"  # "outbound": a call the persona placed (its own greeting)
 
 
 def connect_stream_twiml(
@@ -49,6 +50,15 @@ def say_then_hand_on_twiml(message: str, persona: Persona, called: str) -> str:
 
 def busy_twiml(persona: Persona, called: str) -> str:
     return say_then_hand_on_twiml(persona.busy_message, persona, called)
+
+
+def say_then_hang_up_twiml(message: str, persona: Persona) -> str:
+    """``message`` said by Twilio in the persona's language and ``<Say>`` voice, then a hang-up
+    (an outbound call's voicemail message: nobody is there to be handed on)."""
+    response = VoiceResponse()
+    response.say(message, language=persona.say_language, voice=persona.say_voice)
+    response.hangup()
+    return str(response)
 
 
 def redirect_twiml(url: str) -> str:

@@ -1,0 +1,162 @@
+"""Twilio's requests about the calls we placed: the callee answered (``AnsweredBy`` from
+answering machine detection decides between the agent and the voicemail message), and the
+call's progress (a call nobody answered is reported in ``call.ended``). Both are signed by
+Twilio and checked exactly as the inbound webhooks are."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from phoneagent.call.prompts import session_config
+from phoneagent.logs import get_logger
+from phoneagent.outbound import rules
+from phoneagent.outbound.context import (
+    ANSWER_PATH,
+    STATUS_PATH,
+    OutboundContext,
+    answered_by,
+    placed_context,
+    placed_for,
+)
+from phoneagent.outbound.dialer import Dialer
+from phoneagent.personas import Persona
+from phoneagent.records import Answered, CallRecord, StreamEnded, TwilioReported
+from phoneagent.state import STATE, ServerState
+from phoneagent.twilio.routes.webhooks import (
+    agent_twiml,
+    invalid_signature,
+    replay_answer,
+    replayed_answer,
+    signed_form,
+    twiml,
+)
+from phoneagent.twilio.wire.twiml import hangup_twiml, say_then_hang_up_twiml
+
+log = get_logger(__name__)
+
+DIALER = web.AppKey("dialer", Dialer)
+
+# What the status callback keeps of Twilio's fields (StatusCallback, Calls create).
+STATUS_FIELDS = ("CallStatus", "CallDuration", "AnsweredBy", "SipResponseCode", "Timestamp",
+                 "SequenceNumber", "ErrorCode")  # fmt: skip
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post(ANSWER_PATH, outbound_answer)
+    app.router.add_post(STATUS_PATH, outbound_status)
+
+
+async def outbound_answer(request: web.Request) -> web.Response:
+    """The callee picked up (Url of Calls create): the agent for a person (or when detection
+    cannot tell), the voicemail message or a hang-up for a machine, a hang-up for a fax."""
+    state = request.app[STATE]
+    form = await signed_form(request)
+    if form is None:
+        return invalid_signature()
+    call_sid = form.get("CallSid", "")
+    key = f"outbound-answer:{call_sid}"
+    if (replayed := await replay_answer(state, key, call_sid)) is not None:
+        return replayed
+    persona_id = request.query.get("persona", "")
+    persona = state.persona(persona_id)
+    record = await state.calls.fetch(call_sid)
+    if persona is None or persona.outbound is None:
+        log.warning("outbound_answer_unknown_persona", call_sid=call_sid, persona=persona_id[:100])
+        return twiml(hangup_twiml())
+    if not placed_for(record, persona.id):
+        # A call we know, but did not place for this persona: not ours to talk in.
+        log.warning("outbound_answer_not_placed", call_sid=call_sid, persona=persona.id)
+        return twiml(hangup_twiml())
+    context = placed_context(record)
+    if context is None:  # placed by a process without the shared database: persona only
+        log.info("outbound_call_not_recorded", call_sid=call_sid, persona=persona.id)
+        context = OutboundContext(persona.id, form.get("To", ""), form.get("From", ""))
+    who = form.get("AnsweredBy", "")
+    event = {f: form[f] for f in STATUS_FIELDS if f in form} | {"path": request.path}
+    record = state.calls.note(call_sid, TwilioReported(event))
+    state.calls.note(call_sid, Answered(persona.id, form.get("From", ""), form.get("To", "")))
+    kind = rules.answer_for(who)
+    log.info("outbound_answered", call_sid=call_sid, persona=persona.id, answered_by=who or None,
+             answer=kind.value)  # fmt: skip
+    if kind is rules.Answer.VOICEMAIL and persona.outbound.voicemail_message:
+        answer = say_then_hang_up_twiml(persona.outbound.voicemail_message, persona)
+    elif kind is not rules.Answer.AGENT:
+        answer = hangup_twiml()
+    elif state.draining or state.at_capacity():
+        log.warning("outbound_answer_no_capacity", call_sid=call_sid, draining=state.draining)
+        answer = say_then_hang_up_twiml(persona.apology, persona)
+    else:
+        state.answering += 1  # no await since the capacity check: the place is held from here
+        try:
+            return await _connect(state, key, call_sid, persona, record, context)
+        finally:
+            state.answering -= 1
+    kept, first = await state.replay.remember(key, answer)
+    if not first:
+        return replayed_answer(state, key, call_sid, kept)
+    return twiml(answer)
+
+
+async def _connect(
+    state: ServerState,
+    key: str,
+    call_sid: str,
+    persona: Persona,
+    record: CallRecord,
+    context: OutboundContext,
+) -> web.Response:
+    """The agent takes the call: a media stream told that the call is outbound (the agent
+    opens with the outbound greeting), with the model session pre-warmed meanwhile."""
+    answer, first = await state.replay.remember(key, agent_twiml(state, persona, record,
+                                                                 context=context))  # fmt: skip
+    if not first:
+        return replayed_answer(state, key, call_sid, answer)
+    state.prewarmer.start(call_sid, session_config(persona))
+    return twiml(answer)
+
+
+async def outbound_status(request: web.Request) -> web.Response:
+    """A placed call's progress (StatusCallback): recorded; once over without the agent
+    (busy, no answer, failed, canceled, a machine or a fax), reported in ``call.ended``."""
+    state = request.app[STATE]
+    form = await signed_form(request)
+    if form is None:
+        return invalid_signature()
+    call_sid = form.get("CallSid", "")
+    event = {f: form[f] for f in STATUS_FIELDS if f in form} | {"path": request.path}
+    log.info(
+        "outbound_status", call_sid=call_sid, **{k: v for k, v in event.items() if k != "path"}
+    )
+    known = await state.calls.fetch(call_sid)  # every instance's view: a stream ran elsewhere?
+    if known is None or placed_context(known) is None:
+        # Twilio signed it, so our account placed the call: a process without the shared
+        # database did (`phoneagent call`), or its record is gone. Reported for the persona
+        # of the callback's URL, which Twilio signed too.
+        log.warning("outbound_status_unknown_call", call_sid=call_sid)
+    state.calls.note(call_sid, Answered(request.query.get("persona", ""), form.get("From", ""),
+                                        form.get("To", "")))  # fmt: skip
+    record = state.calls.note(call_sid, TwilioReported(event))
+    views = [r for r in (known, record) if r is not None]
+    talked = next((r for r in views if r.started_at is not None), record)
+    reason = rules.end_reason_without_agent(
+        event.get("CallStatus", ""), talked, event.get("AnsweredBy") or answered_by(record)
+    )
+    if reason and all(r.ended_at is None for r in views):
+        await _report_end(state, request, call_sid, reason)
+    return web.Response(status=204)
+
+
+async def _report_end(state: ServerState, request: web.Request, call_sid: str, reason: str) -> None:
+    key = f"outbound-end:{call_sid}"
+    _, first = await state.replay.remember(key, reason)
+    if not first:  # a replayed callback, or another instance reported it
+        return
+    # No stream ran: the end is recorded as a stream's would be, with no turns.
+    record = state.calls.note(call_sid, StreamEnded(time.time(), reason, [], {}))
+    persona = state.persona(request.query.get("persona", "") or record.persona)
+    log.info("outbound_call_ended", call_sid=call_sid, end_reason=reason)
+    state.metrics.outbound_calls.labels(reason).inc()
+    if persona is not None and state.publisher is not None and state.publishes(call_sid):
+        state.spawn(state.publisher.call_ended(persona, record))

@@ -1,0 +1,201 @@
+"""The decisions of outbound calls, free of I/O: whether a call may be placed now, what
+Twilio's answering machine detection means for the call, and how a call nobody answered is
+reported. The dialer and the routes (the shells) ask here and do what they are told."""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from phoneagent.outbound.context import placed_context
+from phoneagent.personas import OutboundSettings, Persona
+from phoneagent.personas.model import WEEKDAYS
+from phoneagent.personas.numbers import E164
+from phoneagent.records import CallRecord
+from phoneagent.records.record import FINAL_STATUSES
+
+# How long a placed call counts against its persona's limit if Twilio never says it ended (a
+# lost status callback): the ring time Twilio allows (60 s by default) and the longest call.
+RING_SECONDS = 60
+MAX_VARIABLES = 50
+MAX_VARIABLE_CHARS = 1000
+MAX_METADATA_CHARS = 4000
+
+
+class OutboundRefused(Exception):
+    """A call that is not placed: ``code`` for machines, ``message`` for people, the request
+    ``field`` at fault (None: the request as a whole), and the HTTP status an API answers."""
+
+    def __init__(self, code: str, message: str, *, field: str | None = None, status: int = 422):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.status = status
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"code": self.code, "message": self.message, "field": self.field}
+
+
+def check_request(
+    persona_id: str,
+    persona: Persona | None,
+    to: str,
+    from_: str | None,
+    variables: Mapping[str, str],
+    metadata: Mapping[str, Any] | None = None,
+) -> OutboundSettings:
+    """The persona's outbound settings if the request is well formed; else OutboundRefused."""
+    if persona is None:
+        raise OutboundRefused("unknown_persona", f"no persona {persona_id!r}", field="persona")
+    if persona.outbound is None:
+        raise OutboundRefused(
+            "persona_not_outbound",
+            f"persona {persona_id!r} has no [outbound] section: it only answers calls",
+            field="persona",
+        )
+    if not isinstance(to, str) or not E164.fullmatch(to):
+        raise OutboundRefused(
+            "invalid_number", "'to' is not an E.164 number (+, country code, number)", field="to"
+        )
+    if from_ is not None and (not isinstance(from_, str) or not E164.fullmatch(from_)):
+        raise OutboundRefused(
+            "invalid_number", "'from' is not an E.164 number (+, country code, number)",
+            field="from",
+        )  # fmt: skip
+    if to == (from_ or persona.outbound.from_number):
+        raise OutboundRefused("invalid_number", "'to' is the caller ID itself", field="to")
+    _check_variables(variables)
+    _check_metadata(metadata if metadata is not None else {})
+    return persona.outbound
+
+
+def _check_metadata(metadata: Mapping[str, Any]) -> None:
+    """Metadata is the caller's own, kept with the call record: a JSON object, bounded."""
+    try:
+        size = len(json.dumps(metadata, ensure_ascii=False, allow_nan=False))
+    except (TypeError, ValueError):
+        size = -1
+    if not isinstance(metadata, Mapping) or size < 0:
+        raise OutboundRefused("invalid_metadata", "metadata is a JSON object", field="metadata")
+    if size > MAX_METADATA_CHARS:
+        raise OutboundRefused(
+            "invalid_metadata", f"metadata is at most {MAX_METADATA_CHARS} characters of JSON",
+            field="metadata",
+        )  # fmt: skip
+
+
+def _check_variables(variables: Mapping[str, str]) -> None:
+    if not isinstance(variables, Mapping) or len(variables) > MAX_VARIABLES:
+        raise OutboundRefused(
+            "invalid_variables", f"at most {MAX_VARIABLES} variables, names to texts",
+            field="variables",
+        )  # fmt: skip
+    for name, value in variables.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise OutboundRefused(
+                "invalid_variables", "variables are names to texts", field=f"variables.{name}"
+            )
+        if len(value) > MAX_VARIABLE_CHARS:
+            raise OutboundRefused(
+                "invalid_variables", f"at most {MAX_VARIABLE_CHARS} characters",
+                field=f"variables.{name}",
+            )  # fmt: skip
+
+
+def check_calling_hours(persona_id: str, outbound: OutboundSettings, now: datetime) -> None:
+    """OutboundRefused (409) when ``now`` (aware) is outside the persona's calling hours, in
+    its time zone."""
+    local = now.astimezone(ZoneInfo(outbound.timezone))
+    day = WEEKDAYS[local.weekday()]
+    minute = local.hour * 60 + local.minute
+    hours = outbound.calling_hours
+    if day in outbound.days and (hours is None or hours[0] <= minute < hours[1]):
+        return
+    window = f"{_hhmm(hours[0])}-{_hhmm(hours[1])}" if hours else "any time"
+    raise OutboundRefused(
+        "outside_calling_hours",
+        f"persona {persona_id!r} calls {', '.join(outbound.days)} {window} "
+        f"({outbound.timezone}); it is {day} {local:%H:%M} there",
+        status=409,
+    )
+
+
+def _hhmm(minutes: int) -> str:
+    return f"{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def check_concurrency(persona_id: str, outbound: OutboundSettings, active: int) -> None:
+    """OutboundRefused (429) when the persona already has its limit of calls under way."""
+    if active >= outbound.max_concurrent_calls:
+        raise OutboundRefused(
+            "too_many_calls",
+            f"persona {persona_id!r} already has {active} outbound calls under way "
+            f"(max_concurrent_calls = {outbound.max_concurrent_calls}); try again when one ends",
+            status=429,
+        )
+
+
+def counting_window(persona: Persona) -> float:
+    """Seconds a placed call may count as under way at most (see RING_SECONDS)."""
+    return RING_SECONDS + persona.max_call_seconds
+
+
+def under_way(record: CallRecord) -> bool:
+    """A call we placed that has not ended (as far as its record knows)."""
+    return (
+        placed_context(record) is not None
+        and record.status not in FINAL_STATUSES
+        and record.ended_at is None
+    )
+
+
+def machine_detection(outbound: OutboundSettings) -> str:
+    """Twilio's ``MachineDetection``: with a voicemail message to leave, wait for the end of the
+    machine's greeting (the beep) so the message is recorded whole; else tell at once."""
+    return "DetectMessageEnd" if outbound.voicemail_message else "Enable"
+
+
+class Answer(enum.Enum):
+    AGENT = "agent"  # a person (or nobody could tell): the agent talks
+    VOICEMAIL = "voicemail"  # an answering machine: the voicemail message, or hang up
+    HANG_UP = "hang_up"  # a fax machine
+
+
+def answer_for(answered_by: str) -> Answer:
+    """What Twilio's ``AnsweredBy`` means: ``human`` and ``unknown`` (and no detection at all)
+    get the agent, ``machine_start`` / ``machine_end_beep`` / ``machine_end_silence`` /
+    ``machine_end_other`` the voicemail message, ``fax`` a hang-up."""
+    if answered_by.startswith("machine_"):
+        return Answer.VOICEMAIL
+    if answered_by == "fax":
+        return Answer.HANG_UP
+    return Answer.AGENT
+
+
+#: Twilio's CallStatus of a call that never reached anyone, as ``call.ended`` reports it.
+UNANSWERED = {"busy": "busy", "no-answer": "no_answer", "failed": "failed", "canceled": "canceled"}
+
+
+def end_reason_without_agent(call_status: str, record: CallRecord | None, answered: str) -> str:
+    """How a placed call that ended without a media stream ends, by its last CallStatus and
+    who answered; "" when the call is not over, or the stream reports its own end."""
+    if call_status in UNANSWERED:
+        return UNANSWERED[call_status]
+    if call_status != "completed" or (record is not None and record.started_at is not None):
+        return ""
+    kind = answer_for(answered)
+    if kind is Answer.VOICEMAIL:
+        return "voicemail"
+    if kind is Answer.HANG_UP:
+        return "fax"
+    return ""  # a person answered but the stream never started: the stream's path reported it
+
+
+def now_utc() -> datetime:
+    return datetime.fromtimestamp(time.time()).astimezone()

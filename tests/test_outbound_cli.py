@@ -1,0 +1,115 @@
+"""``phoneagent call``: places the call through Twilio's REST API (the fake, on loopback) with
+the server's configuration, prints the SID; refusals are clear, with a non-zero exit. The
+server the call's answer reaches greets the callee with the outbound greeting."""
+
+import asyncio
+import os
+import re
+import sys
+
+import pytest
+from conftest import PROJECT_ROOT
+from outbound_kit import DENTAL, PERSONA, personas_calling_any_time
+
+from phoneagent.outbound.context import ANSWER_PATH
+from phoneagent.testing.fake_model import FakeRealtimeServer
+from phoneagent.testing.stack import LocalStack
+
+CALLEE = "+14155550177"
+
+
+@pytest.fixture
+def personas(tmp_path):
+    return personas_calling_any_time(tmp_path / "personas")
+
+
+@pytest.fixture
+async def stack(personas):
+    model = FakeRealtimeServer(speed=None, script=["Great."])
+    async with LocalStack(personas, model=model) as stack:
+        stack.twilio_api.add_number(DENTAL)
+        yield stack
+
+
+def environment(stack, personas, **more):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "PHONEAGENT_"))}
+    return (
+        env
+        | {
+            "PUBLIC_URL": stack.settings.public_url,
+            "TWILIO_ACCOUNT_SID": stack.settings.twilio_account_sid,
+            "TWILIO_AUTH_TOKEN": stack.settings.twilio_auth_token,
+            "TWILIO_API_BASE_URL": stack.twilio_api.base_url,
+            "PHONEAGENT_PERSONAS_DIR": str(personas),
+            "PYTHONPATH": str(PROJECT_ROOT),
+        }
+        | more
+    )
+
+
+async def phoneagent_call(env, *args):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "phoneagent.cli", "call", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_the_cli_places_a_call_the_server_then_answers(stack, personas):
+    env = environment(stack, personas)
+    code, out, err = await phoneagent_call(
+        env, "--to", CALLEE, "--persona", PERSONA, "--var", "name=Dana"
+    )
+    assert code == 0, err
+    call_sid = out.strip()
+    assert re.fullmatch(r"CA[0-9a-f]{32}", call_sid)
+    (created,) = stack.twilio_api.created
+    assert (created.params["To"], created.params["From"]) == (CALLEE, DENTAL)
+    assert created.params["Url"] == f"{stack.settings.public_url}{ANSWER_PATH}?persona={PERSONA}"
+    assert stack.settings.twilio_auth_token not in out + err
+    # The server never saw the call (no shared database): it answers by the signed URL's
+    # persona, with the outbound greeting.
+    async with await stack.twilio_api.answer(call_sid, "human", speed=4.0) as callee:
+        assert callee.answer.parameters["direction"] == "outbound"
+        await callee.connect()
+        callee.start_background_silence()
+        await callee.wait_until_heard_ms(1000, timeout=20)  # the greeting has started
+        await callee.wait_until_quiet(400, timeout=20)
+        await callee.hangup()
+    await stack.model.wait_for(lambda: stack.model.sessions_open == 0, 5)
+    record = stack.state.calls.get(call_sid)
+    outbound = stack.state.persona(PERSONA).outbound
+    assert record.transcript[0]["text"] == outbound.greeting
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--to", "415 555 0177", "--persona", PERSONA],
+         "call refused: invalid_number [to]: 'to' is not an E.164 number"),
+        (["--to", CALLEE, "--persona", "nobody"], "call refused: unknown_persona [persona]"),
+        (["--to", CALLEE, "--persona", "trattoria-luca"],
+         "call refused: persona_not_outbound [persona]"),
+        (["--to", CALLEE, "--persona", PERSONA, "--from", "+14155550999"],
+         "call refused: twilio_refused [from]: Twilio refused the call (error 21210)"),
+    ],
+)  # fmt: skip
+async def test_refusals_are_clear_with_exit_1(stack, personas, args, message):
+    code, out, err = await phoneagent_call(environment(stack, personas), *args)
+    assert (code, out) == (1, "")
+    assert message in err
+    assert stack.settings.twilio_auth_token not in err
+
+
+async def test_missing_configuration_and_bad_variables_exit_2(stack, personas):
+    env = environment(stack, personas)
+    del env["TWILIO_AUTH_TOKEN"]
+    code, _, err = await phoneagent_call(env, "--to", CALLEE, "--persona", PERSONA)
+    assert code == 2
+    assert "TWILIO_AUTH_TOKEN is not set" in err
+    env = environment(stack, personas)
+    code, _, err = await phoneagent_call(env, "--to", CALLEE, "--persona", PERSONA, "--var", "x")
+    assert code == 2
+    assert "--var 'x' is not NAME=VALUE" in err
+    assert stack.twilio_api.created == []

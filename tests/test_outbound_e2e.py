@@ -1,0 +1,390 @@
+"""Outbound calls end to end over real sockets: the dialer → the fake Twilio REST API (Calls
+create) → the callee answers (Twilio requests the answer URL, signed, with AnsweredBy) → the
+media stream with the persona's outbound greeting, or the voicemail message; calls nobody
+answered reported as signed ``call.ended`` events to the persona's webhook."""
+
+import json
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from datetime import datetime
+from urllib.parse import parse_qs, urlsplit
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import pytest
+from conftest import EXAMPLE_PERSONAS
+
+from phoneagent.audio import pcm16_to_ulaw
+from phoneagent.delivery.signing import verify
+from phoneagent.outbound.context import ANSWER_PATH, STATUS_PATH
+from phoneagent.outbound.routes import DIALER
+from phoneagent.outbound.rules import OutboundRefused
+from phoneagent.testing.fake_model import CallTool, FakeRealtimeServer
+from phoneagent.testing.speech import synthesize
+from phoneagent.testing.stack import LocalStack
+from phoneagent.testing.twilio_signing import Signature
+from phoneagent.testing.webhook_sink import WebhookSink
+
+DENTAL = "+14155550100"
+CALLEE = "+14155550177"
+PERSONA = "bright-smile-dental"
+HOOK_SECRET = "whsec_b3V0Ym91bmQtdGVzdA=="
+# A Monday at 10:00 in the dental clinic's time zone: inside its calling hours.
+MONDAY_10AM = datetime(2026, 12, 7, 10, 0, tzinfo=ZoneInfo("America/Los_Angeles"))
+
+
+@pytest.fixture
+async def sink():
+    async with WebhookSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def personas(tmp_path, sink, monkeypatch):
+    """The example personas, the dental one sending call.ended to the sink."""
+    monkeypatch.setenv("OUTBOUND_HOOK_SECRET", HOOK_SECRET)
+    directory = tmp_path / "personas"
+    shutil.copytree(EXAMPLE_PERSONAS, directory)
+    dental = directory / f"{PERSONA}.toml"
+    dental.write_text(
+        dental.read_text()
+        + f'\n[webhook]\nurl = "{sink.url("/hooks")}"\nsecret_env = "OUTBOUND_HOOK_SECRET"\n'
+    )
+    return directory
+
+
+@pytest.fixture
+async def model():
+    return FakeRealtimeServer(speed=None, script=["Great, see you Thursday."])
+
+
+@pytest.fixture
+async def stack(personas, model):
+    async with LocalStack(personas, model=model) as stack:
+        stack.twilio_api.add_number(DENTAL)  # the caller ID is on the account
+        dialer(stack).now = lambda: MONDAY_10AM
+        yield stack
+
+
+def dialer(stack):
+    return stack._runner.app[DIALER]
+
+
+def outbound_greeting(stack):
+    return stack.state.persona(PERSONA).outbound.greeting
+
+
+async def place(stack, **fields):
+    request = {"to": CALLEE, "persona": PERSONA, "from_": None, "variables": {}, "metadata": {}}
+    return await dialer(stack).place(**(request | fields))
+
+
+async def ended_events(sink, count):
+    """The first ``count`` events the sink received, each checked against its signature."""
+    received = await sink.wait_for(count, timeout=15)
+    for request in received:
+        verify(request.body, request.headers, HOOK_SECRET)
+    return [r.json for r in received]
+
+
+# --- placing the call ----------------------------------------------------------------------
+
+
+async def test_a_placed_call_reaches_twilio_with_the_right_params(stack):
+    call = await place(stack, variables={"name": "Dana"}, metadata={"booking": 42})
+    assert call["call_sid"].startswith("CA") and len(call["call_sid"]) == 34
+    assert {k: v for k, v in call.items() if k != "call_sid"} == {
+        "status": "queued", "to": CALLEE, "from": DENTAL, "persona": PERSONA,
+        "direction": "outbound",
+    }  # fmt: skip
+    (created,) = await stack.twilio_api.wait_for_created(1)
+    assert created.ok
+    base = stack.settings.public_url
+    assert created.params["To"] == CALLEE
+    assert created.params["From"] == DENTAL  # the persona's first number
+    assert created.params["Url"] == f"{base}{ANSWER_PATH}?persona={PERSONA}"
+    assert created.params["Method"] == "POST"
+    assert created.params["StatusCallback"] == f"{base}{STATUS_PATH}?persona={PERSONA}"
+    assert created.status_callback_events == ["initiated", "ringing", "answered", "completed"]
+    # The persona leaves a voicemail message: detection waits for the machine's beep.
+    assert created.params["MachineDetection"] == "DetectMessageEnd"
+    fake_call = stack.twilio_api.calls[call["call_sid"]]
+    assert (fake_call.status, fake_call.direction) == ("queued", "outbound-api")
+    record = stack.state.calls.get(call["call_sid"])
+    assert (record.persona, record.caller, record.called) == (PERSONA, DENTAL, CALLEE)
+
+
+async def test_a_person_answers_and_hears_the_outbound_greeting(stack, model, sink):
+    call = await place(stack)
+    async with await stack.twilio_api.answer(call["call_sid"], "human", speed=4.0) as callee:
+        answer = callee.answer
+        assert answer.ok, answer.problems
+        assert answer.stream_url == stack.settings.stream_url
+        assert answer.parameters["persona"] == PERSONA
+        assert answer.parameters["direction"] == "outbound"
+        await callee.connect()
+        callee.start_background_silence()
+        await callee.wait_until_heard_ms(1000, timeout=20)  # the greeting has started
+        await callee.wait_until_quiet(400, timeout=20)
+        assert callee.heard_ms() > 1000  # the greeting was spoken and heard
+        await callee.hangup()
+    await model.wait_for(lambda: model.sessions_open == 0, 5)
+    record = stack.state.calls.get(call["call_sid"])
+    assert record.end_reason == "caller_hung_up"
+    # Word for word: the outbound greeting, not the one inbound callers hear.
+    assert record.transcript[0]["role"] == "agent"
+    assert record.transcript[0]["text"] == outbound_greeting(stack)
+    assert outbound_greeting(stack) != stack.state.persona(PERSONA).greeting
+    await stack.twilio_api.finish(call["call_sid"], "completed")
+    (event,) = await ended_events(sink, 1)
+    assert (event["type"], event["data"]["end_reason"]) == ("call.ended", "caller_hung_up")
+    assert (event["data"]["from"], event["data"]["to"]) == (DENTAL, CALLEE)
+
+
+async def test_an_answering_machine_gets_the_voicemail_message(stack, model, sink):
+    call = await place(stack)
+    callee = await stack.twilio_api.answer(call["call_sid"], "machine_end_beep")
+    async with callee:
+        answer = callee.answer
+        assert answer.ok, answer.problems
+        persona = stack.state.persona(PERSONA)
+        assert answer.says == [persona.outbound.voicemail_message]
+        assert answer.say_attributes[0]["voice"] == persona.say_voice
+        assert answer.hangup and answer.stream_url is None
+    assert model.sessions_opened == 0  # no model session for a machine
+    (event,) = await ended_events(sink, 1)
+    assert event["type"] == "call.ended"
+    assert event["data"]["end_reason"] == "voicemail"
+    assert event["data"]["transcript"] == []
+    record = stack.state.calls.get(call["call_sid"])
+    assert (record.end_reason, record.status) == ("voicemail", "completed")
+
+
+async def test_a_fax_is_hung_up_on(stack, sink):
+    call = await place(stack)
+    async with await stack.twilio_api.answer(call["call_sid"], "fax") as callee:
+        assert callee.answer.verbs == ["Hangup"]
+    (event,) = await ended_events(sink, 1)
+    assert event["data"]["end_reason"] == "fax"
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [("no-answer", "no_answer"), ("busy", "busy"), ("failed", "failed"), ("canceled", "canceled")],
+)
+async def test_a_call_nobody_answered_is_reported_once(stack, sink, status, reason):
+    call = await place(stack)
+    assert await stack.twilio_api.finish(call["call_sid"], status) == 204
+    (event,) = await ended_events(sink, 1)
+    assert event["type"] == "call.ended"
+    data = event["data"]
+    assert (data["call_sid"], data["end_reason"], data["transcript"]) == (
+        call["call_sid"], reason, []
+    )  # fmt: skip
+    assert (data["from"], data["to"], data["persona"]["id"]) == (DENTAL, CALLEE, PERSONA)
+    record = stack.state.calls.get(call["call_sid"])
+    assert (record.status, record.end_reason) == (status, reason)
+    # Twilio's signature has no timestamp: the same callback again reports nothing more.
+    fake_call = stack.twilio_api.calls[call["call_sid"]]
+    fake_call.sequence = 1
+    assert await stack.twilio_api._progress(fake_call, status, "completed", None) == 204
+    await stack.twilio_api.settle()
+    assert len(sink.received) == 1
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+
+async def test_outside_calling_hours_is_refused_before_twilio_is_asked(stack):
+    dialer(stack).now = lambda: datetime(
+        2026, 12, 7, 20, 30, tzinfo=ZoneInfo("America/Los_Angeles")
+    )
+    with pytest.raises(OutboundRefused) as refused:
+        await place(stack)
+    assert (refused.value.code, refused.value.status) == ("outside_calling_hours", 409)
+    assert "09:00-18:00 (America/Los_Angeles); it is mon 20:30 there" in refused.value.message
+    dialer(stack).now = lambda: datetime(2026, 12, 12, 10, 0, tzinfo=ZoneInfo("Europe/Berlin"))
+    with pytest.raises(OutboundRefused) as refused:  # a Saturday, in Los Angeles too
+        await place(stack)
+    assert "it is sat 01:00 there" in refused.value.message
+    assert stack.twilio_api.created == []
+
+
+async def test_over_the_concurrency_limit_is_refused_until_a_call_ends(stack):
+    placed = [await place(stack, to=f"+1415555020{i}") for i in range(3)]  # the limit: 3
+    with pytest.raises(OutboundRefused) as refused:
+        await place(stack, to="+14155550209")
+    assert (refused.value.code, refused.value.status) == ("too_many_calls", 429)
+    assert "already has 3 outbound calls under way" in refused.value.message
+    assert len(stack.twilio_api.created) == 3
+    await stack.twilio_api.finish(placed[0]["call_sid"], "busy")
+    again = await place(stack, to="+14155550209")
+    assert again["status"] == "queued"
+    async with aiohttp.ClientSession() as http, http.get(stack.metrics_url) as response:
+        metrics = await response.text()
+    assert 'phoneagent_outbound_calls_total{outcome="placed"} 4.0' in metrics
+    assert 'phoneagent_outbound_calls_total{outcome="too_many_calls"} 1.0' in metrics
+    assert 'phoneagent_outbound_calls_total{outcome="busy"} 1.0' in metrics
+
+
+async def test_requests_twilio_cannot_place_are_refused_naming_the_field(stack):
+    with pytest.raises(OutboundRefused) as refused:
+        await place(stack, persona="nobody")
+    assert (refused.value.code, refused.value.field) == ("unknown_persona", "persona")
+    with pytest.raises(OutboundRefused) as refused:
+        await place(stack, persona="trattoria-luca")
+    assert (refused.value.code, refused.value.field) == ("persona_not_outbound", "persona")
+    with pytest.raises(OutboundRefused) as refused:
+        await place(stack, to="0041 79 123 45 67")
+    assert (refused.value.code, refused.value.field, refused.value.status) == (
+        "invalid_number", "to", 422
+    )  # fmt: skip
+    with pytest.raises(OutboundRefused) as refused:
+        await place(stack, from_="+1 415")
+    assert refused.value.field == "from"
+    assert stack.twilio_api.created == []
+    # Twilio's own refusal: its code and message, never a credential.
+    with pytest.raises(OutboundRefused) as refused:
+        await place(stack, from_="+14155550999")  # not a number of the account
+    assert (refused.value.code, refused.value.field, refused.value.status) == (
+        "twilio_refused", "from", 422
+    )  # fmt: skip
+    assert "21210" in refused.value.message
+    assert stack.settings.twilio_auth_token not in refused.value.message
+    stack.twilio_api.fail_next(status=503, code=20503, message="Service Unavailable")
+    with pytest.raises(OutboundRefused) as refused:
+        await place(stack)
+    assert (refused.value.code, refused.value.field, refused.value.status) == (
+        "twilio_refused", None, 502
+    )  # fmt: skip
+
+
+# --- hostile input -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signature", [Signature.MISSING, Signature.WRONG])
+async def test_unsigned_or_forged_answer_and_status_are_refused(stack, model, sink, signature):
+    call = await place(stack)
+    base = stack.settings.public_url
+    async with stack.caller(to=CALLEE, from_=DENTAL, call_sid=call["call_sid"]) as forger:
+        answer = await forger.pick_up(f"{base}{ANSWER_PATH}?persona={PERSONA}", "human",
+                                      signature=signature)  # fmt: skip
+        assert answer.status == 403
+        params = forger.webhook_params("busy")
+        status, _, _ = await forger.post_to(f"{base}{STATUS_PATH}?persona={PERSONA}", params,
+                                            signature)  # fmt: skip
+        assert status == 403
+    assert model.sessions_opened == 0
+    record = stack.state.calls.get(call["call_sid"])
+    assert record.status == "queued" and record.end_reason is None
+    assert sink.received == []
+
+
+async def test_answers_for_calls_we_did_not_place_hang_up(stack, model):
+    base = stack.settings.public_url
+    # A persona that does not exist, and one that does not call out.
+    for persona in ("nobody", "trattoria-luca"):
+        async with stack.caller(to=CALLEE, from_=DENTAL) as stranger:
+            answer = await stranger.pick_up(f"{base}{ANSWER_PATH}?persona={persona}", "human")
+            assert answer.verbs == ["Hangup"]
+    # An inbound call's SID: known, but not placed by us.
+    async with stack.caller(to=DENTAL) as inbound:
+        assert (await inbound.dial()).stream_url is not None
+        answer = await inbound.pick_up(f"{base}{ANSWER_PATH}?persona={PERSONA}", "human")
+        assert answer.verbs == ["Hangup"]
+    # A call placed for one persona cannot be answered as another's.
+    call = await place(stack)
+    async with stack.caller(to=CALLEE, from_=DENTAL, call_sid=call["call_sid"]) as callee:
+        url = f"{base}{ANSWER_PATH}?persona=renxin-clinic"
+        assert (await callee.pick_up(url, "human")).verbs == ["Hangup"]
+    assert model.sessions_opened == 1  # the inbound call's pre-warm only
+
+
+async def test_a_replayed_answer_gets_the_same_twiml_and_starts_nothing_new(stack, model):
+    call = await place(stack)
+    callee = await stack.twilio_api.answer(call["call_sid"], "human")
+    async with callee:
+        first = callee.answer.body
+        again = await callee.pick_up(stack.twilio_api.calls[call["call_sid"]].url, "human")
+        assert again.body == first
+    assert model.sessions_opened == 1
+
+
+async def test_mask_caller_masks_the_person_called(personas, sink):
+    """For a call the persona placed, the person on the line is `to`: that is the number masked
+    (`from` is the persona's own)."""
+    dental = personas / f"{PERSONA}.toml"
+    dental.write_text(dental.read_text() + "mask_caller = true\n")
+    async with LocalStack(personas, model=FakeRealtimeServer(speed=None)) as stack:
+        stack.twilio_api.add_number(DENTAL)
+        dialer(stack).now = lambda: MONDAY_10AM
+        call = await place(stack)
+        await stack.twilio_api.finish(call["call_sid"], "no-answer")
+        (event,) = await ended_events(sink, 1)
+    assert (event["data"]["from"], event["data"]["to"]) == (DENTAL, "+*******0177")
+    assert CALLEE not in json.dumps(event)
+
+
+async def test_a_transfer_during_an_outbound_call_shows_the_personas_number(stack, model):
+    """The person called asks for a human: the <Dial> shows the persona's own number (the
+    call's From), not the callee's (Twilio refuses a caller ID the account does not own)."""
+    model.script = (CallTool("transfer_call", {"target": "front_desk"}),)
+    call = await place(stack)
+    async with await stack.twilio_api.answer(call["call_sid"], "human", speed=4.0) as callee:
+        await callee.connect()
+        callee.start_background_silence()
+        await callee.wait_until_heard_ms(1000, timeout=20)
+        await callee.wait_until_quiet(400, timeout=20)
+        await callee.play(pcm16_to_ulaw(synthesize("Can I talk to a person?", sample_rate=8000)))
+        [update] = await stack.twilio_api.wait_for_updates(1, timeout=30)
+        await callee.wait_closed(timeout=10)
+    dial = ET.fromstring(update.params["Twiml"]).find("Dial")
+    assert dial.text == "+14155550111"
+    assert dial.get("callerId") == DENTAL
+    assert parse_qs(urlsplit(dial.get("action")).query)["to"] == [CALLEE]
+
+
+async def test_an_outbound_call_the_agent_cannot_take_gets_the_apology_from_the_personas_line(
+    personas,
+):
+    """The model cannot be reached: the person called hears the apology, then the fallback
+    target is dialled showing the persona's number (the call's From)."""
+    model = FakeRealtimeServer(handshake_delay=3.0)  # the upgrade is never answered in time
+    async with LocalStack(personas, model=model) as stack:
+        stack.state.prewarmer.connector.open_timeout = 0.3
+        stack.twilio_api.add_number(DENTAL)
+        dialer(stack).now = lambda: MONDAY_10AM
+        call = await place(stack)
+        async with await stack.twilio_api.answer(call["call_sid"], "human", speed=0) as callee:
+            await callee.connect()
+            after = await callee.wait_call_over(timeout=10)
+        assert after is not None and after.ok, after
+        assert after.says == [stack.state.persona(PERSONA).apology]
+        dial = ET.fromstring(after.body).find("Dial")
+        assert (dial.text, dial.get("callerId")) == ("+14155550111", DENTAL)
+
+
+async def test_variables_and_metadata_of_the_wrong_shape_are_refused(stack):
+    for fields, field in (({"variables": ["a"]}, "variables"), ({"metadata": ["a"]}, "metadata"),
+                          ({"variables": {"a": 1}}, "variables.a")):  # fmt: skip
+        with pytest.raises(OutboundRefused) as refused:
+            await place(stack, **fields)
+        assert refused.value.field == field
+    assert stack.twilio_api.created == []
+
+
+async def test_without_a_voicemail_message_a_machine_is_hung_up_on(personas, sink):
+    dental = personas / f"{PERSONA}.toml"
+    text = dental.read_text()
+    dental.write_text(re.sub(r"(?m)^voicemail_message = .*$", "", text))
+    async with LocalStack(personas, model=FakeRealtimeServer(speed=None)) as stack:
+        stack.twilio_api.add_number(DENTAL)
+        dialer(stack).now = lambda: MONDAY_10AM
+        call = await place(stack)
+        (created,) = stack.twilio_api.created
+        assert created.params["MachineDetection"] == "Enable"  # no beep to wait for
+        async with await stack.twilio_api.answer(call["call_sid"], "machine_start") as callee:
+            assert callee.answer.verbs == ["Hangup"]
+        (event,) = await ended_events(sink, 1)
+        assert event["data"]["end_reason"] == "voicemail"

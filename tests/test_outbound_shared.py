@@ -1,0 +1,89 @@
+"""The outbound concurrency limit across instances: two servers sharing one PostgreSQL database
+count each other's calls placed and not yet ended, and ``phoneagent call`` with the database
+counts the servers' calls too."""
+
+import asyncio
+import os
+import sys
+
+import pytest
+from conftest import PROJECT_ROOT
+from outbound_kit import DENTAL, PERSONA, personas_calling_any_time
+
+from phoneagent.config import Settings
+from phoneagent.outbound.routes import DIALER
+from phoneagent.outbound.rules import OutboundRefused
+from phoneagent.testing.stack import LocalStack, demo_credentials
+
+
+@pytest.fixture
+def personas(tmp_path):
+    return personas_calling_any_time(tmp_path / "personas")
+
+
+@pytest.fixture
+async def pair(tmp_path, personas, pg_database):
+    account_sid, auth_token = demo_credentials()
+    stacks = []
+    for name in ("a", "b"):
+        settings = Settings(
+            twilio_account_sid=account_sid, twilio_auth_token=auth_token,
+            personas_dir=personas, data_dir=tmp_path / name, database_url=pg_database,
+        )  # fmt: skip
+        (tmp_path / name).mkdir()
+        stack = LocalStack(personas, settings=settings, webhooks=True)
+        await stack.start()
+        stack.twilio_api.add_number(DENTAL)
+        stacks.append(stack)
+    try:
+        yield stacks
+    finally:
+        for stack in stacks:
+            await stack.close()
+
+
+async def place(stack, to):
+    dialer = stack._runner.app[DIALER]
+    return await dialer.place(to=to, persona=PERSONA, from_=None, variables={}, metadata={})
+
+
+async def test_instances_count_each_others_calls(pair):
+    a, b = pair
+    first = await place(a, "+14155550201")
+    await place(a, "+14155550202")
+    await place(b, "+14155550203")
+    for stack in (a, b):
+        with pytest.raises(OutboundRefused) as refused:
+            await place(stack, "+14155550204")
+        assert (refused.value.code, refused.value.status) == ("too_many_calls", 429)
+    # One of A's calls ends busy (Twilio tells A): B sees a free place through the database.
+    assert await a.twilio_api.finish(first["call_sid"], "busy") == 204
+    await a.state.calls.close(5)  # A's record of the end is in the database
+    again = await place(b, "+14155550204")
+    assert again["status"] == "queued"
+
+
+async def test_the_cli_with_the_database_counts_the_servers_calls(pair, personas):
+    a, _ = pair
+    for i in range(3):
+        await place(a, f"+1415555021{i}")
+    await a.state.calls.close(5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "PHONEAGENT_"))}
+    env |= {
+        "PUBLIC_URL": a.settings.public_url,
+        "TWILIO_ACCOUNT_SID": a.settings.twilio_account_sid,
+        "TWILIO_AUTH_TOKEN": a.settings.twilio_auth_token,
+        "TWILIO_API_BASE_URL": a.twilio_api.base_url,
+        "PHONEAGENT_PERSONAS_DIR": str(personas),
+        "PHONEAGENT_DATABASE_URL": a.settings.database_url,
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "phoneagent.cli", "call", "--to", "+14155550219",
+        "--persona", PERSONA, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 1, err
+    assert "call refused: too_many_calls" in err.decode()
+    assert len(a.twilio_api.created) == 3
