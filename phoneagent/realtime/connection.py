@@ -65,9 +65,7 @@ class ModelConnectionLost(ConnectionError):
 class ModelSession:
     """One open, configured realtime session (the shell's ``ModelChannel``)."""
 
-    def __init__(
-        self, ws: ClientWebSocketResponse, dialect: Dialect, model: str, session_id: str
-    ):
+    def __init__(self, ws: ClientWebSocketResponse, dialect: Dialect, model: str, session_id: str):
         self._ws = ws
         self.dialect = dialect
         self.model = model
