@@ -193,7 +193,11 @@ async def test_the_server_closes_the_model_http_session_when_it_stops():
             "http://w:3128",
         ),
         ("ws://127.0.0.1:9/v1/realtime", {"http_proxy": "http://p:3128"}, "http://p:3128"),
-        ("ws://127.0.0.1:9/v1/realtime", {"ws_proxy": "http://w:1", "http_proxy": "http://p:2"}, "http://w:1"),  # fmt: skip
+        (
+            "ws://127.0.0.1:9/v1/realtime",
+            {"ws_proxy": "http://w:1", "http_proxy": "http://p:2"},
+            "http://w:1",
+        ),
         (
             "wss://api.stepfun.com/v1/realtime",
             {"https_proxy": "http://p:3128", "no_proxy": ".stepfun.com"},
