@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import pytest
+from aiohttp import web
 from conftest import EXAMPLE_PERSONAS
 
 from phoneagent.realtime import connection
@@ -118,6 +119,33 @@ async def test_a_model_that_ignores_our_close_is_cut_after_close_seconds(fake, m
     await session.close()
     assert asyncio.get_running_loop().time() - started < 1
     assert session.closed
+    await connector.close()
+
+
+async def test_a_set_up_cancelled_cuts_the_connection_at_once(aiohttp_server):
+    """The set-up budget ran out (Prewarmer.claim cancels the open): the connection is cut, not
+    closed with a handshake the silent model would never answer (nor left open)."""
+    gone = asyncio.Event()
+
+    async def silent_model(request):  # upgrades, then says nothing: no session.created
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        try:
+            async for _ in ws:
+                pass
+        finally:  # the handler may also be cancelled when the connection is lost
+            gone.set()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", silent_model)
+    server = await aiohttp_server(app)
+    connector = ModelConnector(str(server.make_url("/v1/realtime")), "k", "stepaudio-2.5-realtime")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await connector.open(CONFIG)
+    async with asyncio.timeout(0.5):  # well within CLOSE_SECONDS
+        await gone.wait()
     await connector.close()
 
 
