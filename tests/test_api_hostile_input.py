@@ -1,0 +1,116 @@
+"""The API against hostile and odd input, through real HTTP on loopback: numbers in digits no
+telephone network dials, JSON that Python reads but nothing downstream can carry, and the key
+store's file as others on the machine see it."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+from api_kit import bearer, error_of, make_key
+from test_api_routes import VALID, RecordingDialer
+
+from phoneagent.api.routes import OUTBOUND, PREFIX
+from phoneagent.api.validation import MAX_METADATA_DEPTH
+
+JSON_TYPE = {"Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        "+１４１５５５５０１９９",  # fullwidth digits: str.isdigit() and \d take them
+        "+٤١٥٥٥٥٠١٩٩",  # Arabic-Indic digits
+        "+1415555０199",  # one fullwidth digit among ASCII ones
+    ],
+    ids=["fullwidth", "arabic-indic", "one-fullwidth"],
+)
+async def test_a_number_in_digits_that_are_not_ascii_is_refused(api_stack, client, number):
+    api_stack._runner.app[OUTBOUND].dialer = dialer = RecordingDialer()
+    key = await make_key(api_stack)
+    for field in ("to", "from"):
+        body = VALID | {field: number}
+        async with client.post(f"{PREFIX}/calls", headers=bearer(key), json=body) as response:
+            assert response.status == 422
+            assert (await error_of(response))["field"] == field
+    assert dialer.placed == []
+
+
+@pytest.mark.parametrize(
+    "limit", ["１０", "²", "٣", "00000000000000000001"], ids=["fw", "sup", "ar", "long"]
+)
+async def test_a_search_limit_in_other_digits_is_a_422_not_a_500(api_stack, client, limit):
+    key = await make_key(api_stack)
+    async with client.get(f"{PREFIX}/calls", params={"limit": limit},
+                          headers=bearer(key)) as response:  # fmt: skip
+        assert response.status == 422
+        assert (await error_of(response))["field"] == "limit"
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b'{"to": "+14155550199", "persona": "trattoria-luca", "metadata": {"n": 1e999}}',
+         "too large a number"),
+        (b'{"to": "+14155550199", "persona": "trattoria-luca", "metadata": {"n": -1e400}}',
+         "too large a number"),
+        (b'{"to": "+14155550199", "persona": "trattoria-luca", "to": "+14155550100"}',
+         "'to' is given twice"),
+        (b'{"to": "+14155550199", "persona": "trattoria-luca", "metadata": {"a": 1, "a": 2}}',
+         "'a' is given twice"),
+        (b'{"to": "+14155550199", "persona": "trattoria-luca", "variables": {"x": "\\ud800"}}',
+         "lone surrogate"),
+    ],
+    ids=["deep", "inf", "minus-inf", "twice", "twice-inside", "surrogate"],
+)  # fmt: skip
+async def test_json_that_nothing_downstream_could_carry_is_a_400(api_stack, client, body, says):
+    api_stack._runner.app[OUTBOUND].dialer = dialer = RecordingDialer()
+    key = await make_key(api_stack)
+    async with client.post(f"{PREFIX}/calls", data=body,
+                           headers=bearer(key) | JSON_TYPE) as response:  # fmt: skip
+        assert response.status == 400
+        error = await error_of(response)
+    assert error["code"] == "invalid_json" and says in error["message"], error
+    assert dialer.placed == []
+
+
+async def test_metadata_nested_deeper_than_the_bound_is_refused(api_stack, client):
+    api_stack._runner.app[OUTBOUND].dialer = dialer = RecordingDialer()
+    key = await make_key(api_stack)
+
+    def nested(levels: int) -> dict:
+        value: dict = {}
+        for _ in range(levels - 1):
+            value = {"a": value}
+        return value
+
+    deep = VALID | {"metadata": nested(MAX_METADATA_DEPTH + 1)}
+    async with client.post(f"{PREFIX}/calls", headers=bearer(key), json=deep) as response:
+        assert response.status == 422
+        assert (await error_of(response))["field"] == "metadata"
+    # [[[[…]]]] fits in 4 KiB a thousand levels deep: refused too, without a recursion.
+    arrays = b'{"to": "+14155550199", "persona": "trattoria-luca", "metadata": {"a": '
+    arrays += b"[" * 900 + b"]" * 900 + b"}}"
+    async with client.post(f"{PREFIX}/calls", data=arrays,
+                           headers=bearer(key) | JSON_TYPE) as response:  # fmt: skip
+        assert response.status == 422
+        assert (await error_of(response))["field"] == "metadata"
+    assert dialer.placed == []
+    fits = VALID | {"metadata": nested(MAX_METADATA_DEPTH)}
+    async with client.post(f"{PREFIX}/calls", headers=bearer(key), json=fits) as response:
+        assert response.status == 201
+    assert dialer.placed[0]["metadata"] == fits["metadata"]
+
+
+async def test_the_key_store_file_is_the_owners_alone(api_stack):
+    before = os.umask(0o022)  # a common umask: files readable by everyone
+    try:
+        await make_key(api_stack)
+    finally:
+        os.umask(before)
+    files = sorted(api_stack.settings.data_dir.glob("api_keys.sqlite3*"))
+    assert files, "no key store file"
+    for path in files:  # the database, its -wal and -shm files
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
