@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from phoneagent import __version__
+from phoneagent import __version__, strict_json
 from phoneagent.call.tool_calls import (
     BAD_ANSWER,
     HTTP_ERROR,
@@ -106,9 +106,9 @@ class BusinessToolClient:
         if raw is None:
             log.warning("business_tool_answer_too_large", tool=tool.name, limit=MAX_ANSWER_BYTES)
             return _answer(started, error_output("the answer was too large"), BAD_ANSWER, status)
-        try:
-            answer = json.loads(raw)
-        except (ValueError, RecursionError):
+        try:  # strictly: NaN or half a character in the output would break the model's socket
+            answer = strict_json.loads(raw)
+        except ValueError:
             log.warning("business_tool_answer_not_json", tool=tool.name, bytes=len(raw))
             return _answer(started, error_output("the answer was not JSON"), BAD_ANSWER, status)
         output = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))

@@ -89,6 +89,13 @@ async def test_a_secret_gone_from_the_environment_sends_nothing(client):
         (ToolReply(b"[" * 30_000 + b"]" * 30_000), "bad_answer", "the answer was not JSON"),
         (ToolReply({"x": "y" * MAX_ANSWER_BYTES}), "bad_answer", "the answer was too large"),
         (ToolReply({"late": True}, delay=1.0), "timeout", "no answer in time"),
+        # JSON Python reads but the model's socket could not carry on (NaN is no JSON; half a
+        # character has no UTF-8) or that reads two ways (a key given twice).
+        (ToolReply(b'{"price": NaN}'), "bad_answer", "the answer was not JSON"),
+        (ToolReply(b'{"price": 1e999}'), "bad_answer", "the answer was not JSON"),
+        (ToolReply(b'{"name": "\\ud800"}'), "bad_answer", "the answer was not JSON"),
+        (ToolReply(b'{"free": true, "free": false}'), "bad_answer", "the answer was not JSON"),
+        (ToolReply(b"\xff\xfe\xfd"), "bad_answer", "the answer was not JSON"),
     ],
 )
 async def test_every_failure_is_a_short_error(client, reply, outcome, error):

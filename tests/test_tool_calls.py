@@ -24,6 +24,7 @@ from phoneagent.call.tool_calls import (
     ANSWER_GRACE_MS,
     MAX_CALLS_PER_CALL,
     MAX_CALLS_PER_RESPONSE,
+    MAX_REFUSALS_PER_CALL,
     check_arguments,
 )
 from phoneagent.call.watchers import Tick
@@ -35,6 +36,7 @@ from phoneagent.realtime.base import (
     ResponseDone,
     ResponseStarted,
     SpeechStarted,
+    SpeechStopped,
     ToolCall,
     ToolOutput,
     UpdateInstructions,
@@ -128,6 +130,11 @@ def test_arguments_that_do_not_fit_are_refused_without_asking(call):
         ('{"date": 11, "time": "20:00", "guests": 2}', "date must be of type string"),
         ('{"date": "x", "time": "20:00", "guests": true}', "guests must be of type integer"),
         ('{"date": "x", "time": "20:00", "guests": 2.5}', "guests must be of type integer"),
+        # Python reads these, the business's JSON parser would not (or not the same way).
+        ('{"date": "x", "time": "20:00", "guests": 2, "n": NaN}', "not valid JSON"),
+        ('{"date": "x", "time": "20:00", "guests": 2, "n": 1e999}', "not valid JSON"),
+        ('{"date": "x", "time": "20:00", "guests": 2, "n": "\\ud800"}', "not valid JSON"),
+        ('{"date": "x", "time": "20:00", "guests": 2, "guests": 9}', "not valid JSON"),
     ],
 )
 def test_check_arguments(persona, arguments, problem):
@@ -280,3 +287,34 @@ def test_an_answer_while_the_model_is_reconnecting_goes_to_the_next_session(call
     [note] = [n for n in commands(back, AddTextItem) if TOOL in n.text]
     assert '{"free": true}' in note.text
     assert commands(back, CreateResponse)  # and the model answers with it
+
+
+def test_a_model_that_keeps_calling_wrong_is_not_asked_to_go_on_without_end(call):
+    """Each refusal asks the model for a response, in which it may call wrong again: past the
+    bound, the refusal is still told but asks for nothing, and the loop stops."""
+    for i in range(MAX_REFUSALS_PER_CALL):
+        actions = tool_response(call, (f"bad{i}", TOOL, "{"), response_id=f"resp{i}")
+        assert commands(actions, CreateResponse) == [CreateResponse()], i
+    actions = tool_response(call, ("bad_last", TOOL, "{"), response_id="resp_last")
+    [output] = commands(actions, ToolOutput)
+    assert json.loads(output.output) == {"error": "invalid arguments: not valid JSON"}
+    assert commands(actions, CreateResponse) == []
+    assert of_type(actions, ToolCallFinished)[0].outcome == "invalid_arguments"
+    # A good call still goes to the business, and its answer gets its response.
+    actions = tool_response(call, ("good", TOOL, ARGS), response_id="resp_good")
+    assert len(of_type(actions, AskBusinessTool)) == 1
+    assert commands(call.on_tool_answer("good", answer()), CreateResponse) == [CreateResponse()]
+
+
+def test_the_filler_waits_while_the_caller_is_speaking(call, persona, clock):
+    tool = persona.tools[0]
+    tool_response(call, ("c1", TOOL, ARGS))
+    call.on_model(SpeechStarted("user_2", 0))  # the agent is silent: no barge-in, just talk
+    clock.advance(tool.filler_after_ms + 500)
+    assert commands(call.on_tick(Tick(None, clock())), CreateResponse) == []
+    call.on_model(SpeechStopped("user_2", 1500))
+    call.on_model(ResponseStarted("reply"))  # the model answers the turn (server VAD)...
+    call.on_model(ResponseDone("reply", "completed"))
+    filler = call.on_tick(Tick(None, clock()))  # ...and the caller still waits: the filler
+    [update] = commands(filler, UpdateInstructions)
+    assert update.instructions.endswith(f"{VERBATIM_PROMPT}{tool.filler}")

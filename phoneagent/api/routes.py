@@ -24,6 +24,7 @@ from typing import Any, NoReturn, Protocol
 
 from aiohttp import web
 
+from phoneagent import strict_json
 from phoneagent.api.errors import CODES, ApiError, error_response
 from phoneagent.api.key_store import ApiKeyStore
 from phoneagent.api.keys import ApiKey, key_id_of
@@ -307,37 +308,6 @@ async def _json_body(request: web.Request) -> Any:
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
     raw = await request.read()
     try:
-        body = json.loads(raw, parse_constant=_not_json, parse_float=_finite,
-                          object_pairs_hook=_once_each)  # fmt: skip
-    except RecursionError:  # [[[[…: Python's parser gives up near 1000 levels
-        raise ApiError(400, "invalid_json", "the body is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
+        return strict_json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError too
         raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
-    try:  # "\ud800" parses to a lone surrogate: no UTF-8 for Twilio, the records, the events
-        json.dumps(body, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        raise ApiError(400, "invalid_json", "the body holds a \\u escape of half a "
-                       "character (a lone surrogate)") from None  # fmt: skip
-    return body
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not JSON")
-
-
-def _finite(text: str) -> float:
-    """1e999 is JSON, but Python reads it as inf, which JSON cannot carry on (the events)."""
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"{text} is too large a number")
-    return value
-
-
-def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """An object that names a key twice is refused: parsers disagree on which value counts, and
-    a proxy that checks the first while we use the last is a way around it."""
-    found = dict(pairs)
-    if len(found) < len(pairs):
-        twice = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
-        raise ValueError(f"the key {twice!r} is given twice")
-    return found
