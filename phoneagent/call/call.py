@@ -197,8 +197,6 @@ class Call:
         self._transcript = Transcript()
         self._caller = CallerAudio(self.model_input_rate)
         self._barge_in: BargeInCandidate | None = None
-        # The caller's utterance under way (speech_started, no speech_stopped yet): its item.
-        self._caller_speaking: str | None = None
         self._playback = Playback(self.clock, self._unexpected, self.model_output_rate)
         instructions = instructions_for(self.persona)
         self._response = ModelResponse(instructions, self._unexpected)
@@ -320,7 +318,7 @@ class Call:
         if self.ended:
             return []
         held = self._link.switched(self.clock())
-        self._caller_speaking = None  # the old session's speech_stopped will never come
+        self._transcript.speaking = None  # the old session's speech_stopped will never come
         self._tools.session += 1  # tool calls in flight belong to the old session
         actions = self._flush_item()  # what the old session generated still plays
         was_answering = self._response.new_session()
@@ -415,8 +413,8 @@ class Call:
         turn = self._caller_turn(event.item_id)
         turn.end_ms = self._now_ms()
         self._watchers.nudge.turn_ended(self.clock())
-        if self._caller_speaking == event.item_id:
-            self._caller_speaking = None
+        if self._transcript.speaking == event.item_id:
+            self._transcript.speaking = None
         if self._barge_in is not None and self._barge_in.caller_item_id == event.item_id:
             log.info("barge_in_ignored", loud_ms=self._barge_in.loud_ms)
             self.stats.barge_ins_ignored += 1
@@ -703,7 +701,7 @@ class Call:
             and not self._response.guide.waiting
             and not self._playback.playing
             and self._barge_in is None
-            and self._caller_speaking is None  # "one moment" over the caller's words: no
+            and self._transcript.speaking is None  # "one moment" over the caller's words: no
             and not self._watchers.nudge.waiting
         )
         if quiet and (tool := self._tools.filler_due(now)) is not None:
@@ -752,7 +750,7 @@ class Call:
 
     def _on_speech_started(self, event: SpeechStarted) -> list[Action]:
         self._caller_turn(event.item_id)
-        self._caller_speaking = event.item_id
+        self._transcript.speaking = event.item_id
         self._watchers.silence.caller_spoke()  # the caller is there
         if not self._agent_speaking or self.state in STOP_MEANS:
             return []
