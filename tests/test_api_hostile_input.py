@@ -114,3 +114,18 @@ async def test_the_key_store_file_is_the_owners_alone(api_stack):
     assert files, "no key store file"
     for path in files:  # the database, its -wal and -shm files
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+@pytest.mark.parametrize(
+    "persona", ["x" * 60_000, "trattoria-luca\nforged log line", "../trattoria-luca"],
+    ids=["huge", "newline", "path"],
+)  # fmt: skip
+async def test_a_persona_that_is_no_id_is_a_422_that_does_not_echo_it(api_stack, client, persona):
+    api_stack._runner.app[OUTBOUND].dialer = dialer = RecordingDialer()
+    limited = await make_key(api_stack, "bright-smile-dental")  # would get the 403 naming it
+    body = VALID | {"persona": persona}
+    async with client.post(f"{PREFIX}/calls", headers=bearer(limited), json=body) as response:
+        assert response.status == 422
+        error = await error_of(response)
+    assert error["field"] == "persona" and persona not in error["message"]
+    assert dialer.placed == []

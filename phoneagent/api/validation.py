@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from phoneagent.api.errors import ApiError
+from phoneagent.api.keys import PERSONA_ID
 from phoneagent.personas.numbers import E164
 
 __all__ = ["OutboundRequest", "outbound_request", "search_limit"]
@@ -57,8 +58,9 @@ def outbound_request(body: Any) -> OutboundRequest:
     persona = body.get("persona")
     if persona is None:
         raise invalid("persona", "required: the id of the persona that calls (GET /personas)")
-    if not isinstance(persona, str) or not persona:
-        raise invalid("persona", "must be a persona's id, a non-empty string")
+    # Its shape first: the id is logged and echoed in a 403 or 422, a megabyte or a newline not.
+    if not isinstance(persona, str) or not PERSONA_ID.fullmatch(persona):
+        raise invalid("persona", "must be a persona's id (its file's name without .toml)")
     return OutboundRequest(
         to=to or "",
         persona=persona,
