@@ -8,8 +8,8 @@ import os
 import stat
 
 import pytest
-from api_kit import bearer, error_of, make_key
-from test_api_routes import VALID, RecordingDialer
+from api_kit import CALL_SID, bearer, error_of, make_key
+from test_api_routes import VALID, RecordingDialer, record_calls
 
 from phoneagent.api.routes import OUTBOUND, PREFIX
 from phoneagent.api.validation import MAX_METADATA_DEPTH
@@ -129,3 +129,12 @@ async def test_a_persona_that_is_no_id_is_a_422_that_does_not_echo_it(api_stack,
         error = await error_of(response)
     assert error["field"] == "persona" and persona not in error["message"]
     assert dialer.placed == []
+
+
+async def test_a_call_of_another_persona_does_not_tell_a_limited_key_its_persona(api_stack, client):
+    record_calls(api_stack)  # CALL_SID is bright-smile-dental's
+    limited = await make_key(api_stack, "trattoria-luca")
+    async with client.get(f"{PREFIX}/calls/{CALL_SID}", headers=bearer(limited)) as response:
+        assert response.status == 403
+        text = await response.text()
+    assert "bright-smile-dental" not in text and "+1415555" not in text
