@@ -125,6 +125,9 @@ class BusinessToolClient:
                 headers={"User-Agent": f"phoneagent/{__version__} (tools)"},
                 # Honour HTTPS_PROXY / NO_PROXY, as the call events do (an egress proxy).
                 trust_env=True,
+                # No cookies: one session serves every call, and a cookie the business set in
+                # an answer about one caller must not come back with another caller's request.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
