@@ -138,3 +138,27 @@ async def test_a_call_of_another_persona_does_not_tell_a_limited_key_its_persona
         assert response.status == 403
         text = await response.text()
     assert "bright-smile-dental" not in text and "+1415555" not in text
+
+
+async def test_authorization_variants_and_no_cors(api_stack, client):
+    key = await make_key(api_stack)
+    for header, status in [
+        (f"bearer {key}", 200),  # the scheme is case-insensitive (RFC 9110)
+        (f"Bearer   {key}  ", 200),
+        (f"Bearer {key.upper()}", 401),
+        (f"Bearer {key} {key}", 401),
+        (f"Basic {key}", 401),
+    ]:
+        async with client.get(f"{PREFIX}/personas", headers={"Authorization": header}) as r:
+            assert r.status == status, header
+    # No CORS: a web page elsewhere cannot read the API with a key it got hold of.
+    origin = {"Origin": "https://evil.example"}
+    async with client.options(
+        f"{PREFIX}/calls",
+        headers=origin | {"Access-Control-Request-Method": "POST",
+                          "Access-Control-Request-Headers": "authorization"},
+    ) as response:  # fmt: skip
+        assert not any(h.lower().startswith("access-control-") for h in response.headers)
+    async with client.get(f"{PREFIX}/personas", headers=origin | bearer(key)) as response:
+        assert response.status == 200
+        assert not any(h.lower().startswith("access-control-") for h in response.headers)
