@@ -46,8 +46,9 @@ def _finite(text: str) -> float:
 
 
 def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    found = dict(pairs)
-    if len(found) < len(pairs):
-        twice = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
-        raise ValueError(f"the key {twice!r} is given twice")
+    found: dict[str, Any] = {}
+    for key, value in pairs:  # one pass: a body may hold thousands of keys
+        if key in found:
+            raise ValueError(f"the key {key!r} is given twice")
+        found[key] = value
     return found

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import pytest
 from api_kit import CALL_SID, bearer, error_of, make_key
@@ -162,3 +163,16 @@ async def test_authorization_variants_and_no_cors(api_stack, client):
     async with client.get(f"{PREFIX}/personas", headers=origin | bearer(key)) as response:
         assert response.status == 200
         assert not any(h.lower().startswith("access-control-") for h in response.headers)
+
+
+async def test_a_key_given_twice_among_thousands_is_found_in_one_pass(api_stack, client):
+    key = await make_key(api_stack)
+    many = ",".join(f'"k{i}":1' for i in range(6000))
+    body = f'{{"metadata": {{{many}, "k0": 2}}}}'.encode()
+    assert len(body) < 64 * 1024
+    started = time.monotonic()
+    async with client.post(f"{PREFIX}/calls", data=body,
+                           headers=bearer(key) | JSON_TYPE) as response:  # fmt: skip
+        assert response.status == 400
+        assert "'k0' is given twice" in (await error_of(response))["message"]
+    assert time.monotonic() - started < 0.3  # a quadratic search took seconds of the loop
