@@ -29,6 +29,7 @@ from phoneagent.call.tool_calls import (
 )
 from phoneagent.call.watchers import Tick
 from phoneagent.personas import KeypadTransfer, load_directory
+from phoneagent.personas.model import TRANSFER_TOOL
 from phoneagent.realtime.base import (
     AddTextItem,
     AudioDelta,
@@ -318,3 +319,19 @@ def test_the_filler_waits_while_the_caller_is_speaking(call, persona, clock):
     filler = call.on_tick(Tick(None, clock()))  # ...and the caller still waits: the filler
     [update] = commands(filler, UpdateInstructions)
     assert update.instructions.endswith(f"{VERBATIM_PROMPT}{tool.filler}")
+
+
+def test_a_model_that_keeps_asking_for_a_transfer_to_nowhere_stops_looping_too(call):
+    nowhere = '{"target": "the moon"}'
+    # Two refusals of one response ask for one response, not one each (the second
+    # response.create would be refused: a response is already under way).
+    actions = tool_response(call, ("t0", TRANSFER_TOOL, nowhere), ("t1", "no_such_tool", "{}"))
+    assert len(commands(actions, ToolOutput)) == 2
+    assert commands(actions, CreateResponse) == [CreateResponse()]
+    for i in range(2, MAX_REFUSALS_PER_CALL):
+        actions = tool_response(call, (f"t{i}", TRANSFER_TOOL, nowhere), response_id=f"r{i}")
+        assert commands(actions, CreateResponse) == [CreateResponse()], i
+    actions = tool_response(call, ("t_last", TRANSFER_TOOL, nowhere), response_id="r_last")
+    [output] = commands(actions, ToolOutput)
+    assert "unknown target" in output.output
+    assert commands(actions, CreateResponse) == []

@@ -621,7 +621,8 @@ class Call:
                 actions.append(
                     ToModel(ToolOutput(tool_call.call_id, prompts.tool_refused(request)))
                 )
-                actions.append(ToModel(CreateResponse()))
+                self._tools.count_refusal()  # a transfer to nowhere loops as well
+                refused += 1
                 continue
             log.info("tool_call", tool=tool_call.name, arguments=tool_call.arguments)
             actions.append(ToModel(ToolOutput(tool_call.call_id, prompts.TOOL_ACCEPTED)))

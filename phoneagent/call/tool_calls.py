@@ -78,7 +78,7 @@ class BusinessToolCalls:
     tools: dict[str, BusinessTool]
     pending: dict[str, PendingToolCall] = field(default_factory=dict)  # by call_id
     made: int = 0  # calls sent to the business in this call
-    refused: int = 0  # calls refused to the model in this call
+    refused: int = 0  # tool calls refused to the model in this call, built-in tools' too
     session: int = 0  # which model session is the current one (a new one: +1)
     # Answers that came while the model session was being reopened: (call, output), for the
     # session that comes next.
@@ -95,7 +95,7 @@ class BusinessToolCalls:
         ``in_response``: calls of the same response already sent."""
         checked = self._checked(tool, arguments, in_response)
         if isinstance(checked, tuple):
-            self.refused += 1
+            self.count_refusal()
             return checked
         self.made += 1
         self.pending[call_id] = PendingToolCall(call_id, tool, now, self.session)
@@ -112,6 +112,10 @@ class BusinessToolCalls:
         if isinstance(parsed, str):
             return INVALID_ARGUMENTS, f"invalid arguments: {parsed}"
         return parsed
+
+    def count_refusal(self) -> None:
+        """A tool call of the model refused: these, or any other (a transfer to no target)."""
+        self.refused += 1
 
     @property
     def answers_refusals(self) -> bool:
