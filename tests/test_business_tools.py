@@ -16,6 +16,7 @@ from aiohttp import web
 from phoneagent.business_tools import MAX_ANSWER_BYTES, BusinessToolClient
 from phoneagent.delivery.signing import generate_secret, verify
 from phoneagent.personas import BusinessTool
+from phoneagent.testing.cookie_setter import CookieSetter
 from phoneagent.testing.tool_endpoint import ToolEndpoint, ToolReply
 from phoneagent.testing.webhook_sink import LoopbackServer
 
@@ -163,31 +164,9 @@ async def test_an_unreachable_system_names_no_url_or_secret(client):
         assert secret not in logged
 
 
-class SettingCookies(LoopbackServer):
-    """Sets a session cookie in every answer, and notes the Cookie header of each request."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cookies: list[str | None] = []
-
-    def build_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/t", self.answer)
-        return app
-
-    async def answer(self, request: web.Request) -> web.Response:
-        self.cookies.append(request.headers.get("Cookie"))
-        body = await request.json()
-        response = web.json_response({"ok": True})
-        response.set_cookie("session", body["call_sid"], path="/")
-        return response
-
-
 async def test_a_cookie_of_one_calls_answer_never_goes_with_another_calls_request(client):
-    async with SettingCookies() as server:
-        # By name: aiohttp's cookie jar keeps no cookie of a bare IP address.
-        url = server.url("/t").replace("127.0.0.1", "localhost")
+    async with CookieSetter() as server:
         for call_sid in ("CA_first_caller", "CA_second_caller"):
-            answer = await client.ask(call_sid, "shop", tool(url), {})
+            answer = await client.ask(call_sid, "shop", tool(server.named_url("/t")), {})
             assert answer.outcome == "ok"
     assert server.cookies == [None, None]
