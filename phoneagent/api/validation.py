@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from phoneagent.api.errors import ApiError
+from phoneagent.api.keys import PERSONA_ID
 from phoneagent.personas.numbers import E164
 
 __all__ = ["OutboundRequest", "outbound_request", "search_limit"]
@@ -22,8 +23,12 @@ MAX_VARIABLES = 50
 MAX_VARIABLE_CHARS = 1000  # a value: a name, a date, an address; not a document
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 MAX_METADATA_BYTES = 4096  # serialized as compact UTF-8 JSON
+# Nesting of the metadata: 4 KiB of "[[[[" would be 2000 levels, and each event that carries the
+# metadata (and each store that writes it) would hit Python's recursion limit serializing it.
+MAX_METADATA_DEPTH = 16
 CALL_FIELDS = ("to", "persona", "from", "variables", "metadata")
 DEFAULT_SEARCH_LIMIT, MAX_SEARCH_LIMIT = 50, 200
+WHOLE_NUMBER = re.compile(r"[0-9]{1,4}")
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,9 @@ def outbound_request(body: Any) -> OutboundRequest:
     persona = body.get("persona")
     if persona is None:
         raise invalid("persona", "required: the id of the persona that calls (GET /personas)")
-    if not isinstance(persona, str) or not persona:
-        raise invalid("persona", "must be a persona's id, a non-empty string")
+    # Its shape first: the id is logged and echoed in a 403 or 422, a megabyte or a newline not.
+    if not isinstance(persona, str) or not PERSONA_ID.fullmatch(persona):
+        raise invalid("persona", "must be a persona's id (its file's name without .toml)")
     return OutboundRequest(
         to=to or "",
         persona=persona,
@@ -100,6 +106,8 @@ def _metadata(value: Any) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise invalid("metadata", "must be a JSON object")
+    if _deeper_than(value, MAX_METADATA_DEPTH):
+        raise invalid("metadata", f"at most {MAX_METADATA_DEPTH} levels of objects and arrays")
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     size = len(text.encode("utf-8", "replace"))  # "replace": a lone surrogate is one byte more
     if size > MAX_METADATA_BYTES:
@@ -107,11 +115,24 @@ def _metadata(value: Any) -> dict[str, Any]:
     return value
 
 
+def _deeper_than(value: Any, limit: int) -> bool:
+    """More than ``limit`` levels of objects and arrays in a parsed JSON value. Level by level,
+    not recursively: the value may be as deep as the parser allowed."""
+    level, depth = [value], 0
+    while level := [v for v in level if isinstance(v, (dict, list))]:
+        depth += 1
+        if depth > limit:
+            return True
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v)]
+    return False
+
+
 def search_limit(query: Mapping[str, str]) -> int:
     """The ``limit`` of ``GET /api/v1/calls``."""
     text = query.get("limit")
     if text is None:
         return DEFAULT_SEARCH_LIMIT
-    if not text.isdigit() or not 1 <= int(text) <= MAX_SEARCH_LIMIT:
+    # Not str.isdigit(): it takes '１０' (int reads it) and '²' (int refuses it).
+    if not WHOLE_NUMBER.fullmatch(text) or not 1 <= int(text) <= MAX_SEARCH_LIMIT:
         raise invalid("limit", f"a whole number from 1 to {MAX_SEARCH_LIMIT}")
     return int(text)
