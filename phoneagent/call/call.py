@@ -58,7 +58,15 @@ from phoneagent.call.tool_calls import (
     error_output,
 )
 from phoneagent.call.transcript import Transcript, Turn, cut_turn
-from phoneagent.call.watchers import Keypad, Nudge, Silence, SilenceState, Tick, TimeLimit
+from phoneagent.call.watchers import (
+    Cadence,
+    Keypad,
+    Nudge,
+    Silence,
+    SilenceState,
+    Tick,
+    TimeLimit,
+)
 from phoneagent.handoff import (
     Handoff,
     HangUp,
@@ -442,7 +450,8 @@ class Call:
 
     def _on_caller_audio(self, media: Media) -> list[Action]:
         audio = self._caller.receive(media)
-        actions = self._watch(Tick(media.timestamp_ms, self.clock()))
+        ms, now = media.timestamp_ms, self.clock()
+        actions = self._watch(Tick(ms, now)) if self._watchers.cadence.due(ms, now) else []
         if not audio:
             return actions
         pcm = self._caller.to_model(audio)
@@ -825,3 +834,4 @@ class Watchers:
         self.silence = Silence(persona.silence_timeout_seconds, unexpected)
         self.nudge = Nudge(unexpected)
         self.keypad = Keypad(unexpected)
+        self.cadence = Cadence()
