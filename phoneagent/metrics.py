@@ -189,7 +189,7 @@ class Metrics:
         self.media_seconds = Histogram(
             "phoneagent_media_processing_seconds",
             "Server work per media message (transcode, JSON, socket write), by direction: a "
-            "caller's 20 ms frame, or an agent message of up to 200 ms.",
+            "caller's 20 ms frame (one in ten, sampled), or an agent message of up to 200 ms.",
             ["direction"],
             buckets=FRAME_BUCKETS,
             registry=r,
