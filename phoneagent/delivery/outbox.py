@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import sqlite3
 from collections.abc import Callable, Collection, Mapping
@@ -309,6 +310,12 @@ class SQLiteOutbox:
             ) from None
         db: sqlite3.Connection | None = None
         try:
+            # Owner only: events hold transcripts and callers' numbers. SQLite gives its -wal and
+            # -shm files the same mode.
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+            except OSError as exc:
+                raise sqlite3.OperationalError(f"unable to open: {exc.strerror}") from None
             db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":

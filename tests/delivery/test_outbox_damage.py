@@ -133,3 +133,20 @@ async def test_damage_while_running_makes_the_instance_unready_and_is_counted(tm
             other.close()
     finally:
         await runner.cleanup()
+
+
+async def test_a_new_outbox_is_readable_by_its_owner_only(tmp_path):
+    """Events hold transcripts and callers' numbers: the file and its WAL are not the world's."""
+    path = await write_outbox(tmp_path, 1)
+    box = await SQLiteOutbox.in_data_dir(tmp_path)
+    try:
+        for name in (path, path.with_name(path.name + "-wal")):
+            assert name.stat().st_mode & 0o777 == 0o600, name
+    finally:
+        await box.close()
+
+
+async def test_an_outbox_path_that_cannot_be_opened_is_refused_with_what_to_do(tmp_path):
+    (tmp_path / OUTBOX_FILENAME).mkdir()  # what even root cannot open as a file
+    with pytest.raises(OutboxError, match="cannot open .* for writing"):
+        await SQLiteOutbox.in_data_dir(tmp_path)
