@@ -289,9 +289,9 @@ async def test_a_valid_call_goes_to_the_outbound_dialer(api_stack, client):
     key = await make_key(api_stack)
     body = {
         "to": "+14155550199",
-        "persona": "trattoria-luca",
-        "from": "+14155550143",
-        "variables": {"first_name": "Dana", "day": "giovedì"},
+        "persona": "bright-smile-dental",
+        "from": "+14155550100",
+        "variables": {"caller_name": "Dana", "appointment": "giovedì"},
         "metadata": {"crm_id": 42, "tags": ["vip"], "blob": "x" * 3900},
     }
     async with client.post(f"{PREFIX}/calls", headers=bearer(key), json=body) as response:
@@ -300,11 +300,11 @@ async def test_a_valid_call_goes_to_the_outbound_dialer(api_stack, client):
             "call_sid": "CA" + "9" * 32,
             "status": "queued",
             "to": "+14155550199",
-            "persona": "trattoria-luca",
+            "persona": "bright-smile-dental",
         }
     [placed] = dialer.placed
-    assert isinstance(placed["persona"], Persona) and placed["persona"].id == "trattoria-luca"
-    assert placed["to"] == "+14155550199" and placed["from_"] == "+14155550143"
+    assert isinstance(placed["persona"], Persona) and placed["persona"].id == "bright-smile-dental"
+    assert placed["to"] == "+14155550199" and placed["from_"] == "+14155550100"
     assert placed["variables"] == body["variables"]
     assert placed["metadata"] == body["metadata"]
     # from, variables and metadata are optional.

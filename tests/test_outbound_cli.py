@@ -87,12 +87,12 @@ async def test_the_cli_places_a_call_the_server_then_answers(stack, personas):
     ("args", "message"),
     [
         (["--to", "415 555 0177", "--persona", PERSONA],
-         "call refused: invalid_number [to]: 'to' is not an E.164 number"),
-        (["--to", CALLEE, "--persona", "nobody"], "call refused: unknown_persona [persona]"),
+         "call refused: invalid_request [to]: 'to' is not an E.164 number"),
+        (["--to", CALLEE, "--persona", "nobody"], "call refused: invalid_request [persona]: no persona"),
         (["--to", CALLEE, "--persona", "trattoria-luca"],
-         "call refused: persona_not_outbound [persona]"),
+         "call refused: invalid_request [persona]: persona 'trattoria-luca' has no [outbound]"),
         (["--to", CALLEE, "--persona", PERSONA, "--from", "+14155550999"],
-         "call refused: twilio_refused [from]: Twilio refused the call (error 21210)"),
+         "call refused: invalid_request [from]: Twilio refused the call (error 21210)"),
     ],
 )  # fmt: skip
 async def test_refusals_are_clear_with_exit_1(stack, personas, args, message):

@@ -28,6 +28,8 @@ from phoneagent.api.errors import CODES, ApiError, error_response
 from phoneagent.api.key_store import ApiKeyStore
 from phoneagent.api.keys import ApiKey, key_id_of
 from phoneagent.api.validation import invalid, outbound_request, search_limit
+from phoneagent.call.context import OUTBOUND as OUTBOUND_DIRECTION
+from phoneagent.call.context import ContextProblem, given_context
 from phoneagent.console.auth import AttemptLimiter
 from phoneagent.console.call_views import CALL_SID
 from phoneagent.console.calls import SearchForm
@@ -287,6 +289,10 @@ async def place_call(request: web.Request) -> web.Response:
     persona = state.persona(call.persona)
     if persona is None:
         raise invalid("persona", f"no persona {call.persona!r} (GET /api/v1/personas lists them)")
+    try:  # the one check of a call's variables and metadata, the dialer's too
+        given_context(persona, OUTBOUND_DIRECTION, call.variables, call.metadata)
+    except ContextProblem as problem:
+        raise invalid(problem.field, problem.reason) from None
     dialer = request.app[OUTBOUND].dialer
     if dialer is None:
         raise ApiError(503, "outbound_unavailable", "this server does not place outbound calls")

@@ -20,7 +20,7 @@ from typing import Any
 from phoneagent.delivery.events import DIRECTIONS
 from phoneagent.personas import Persona
 from phoneagent.personas.filled import fill_persona
-from phoneagent.personas.variables import defaults_of
+from phoneagent.personas.variables import MissingVariables, defaults_of, resolve, value_problem
 from phoneagent.records import Answered
 
 __all__ = [
@@ -29,10 +29,14 @@ __all__ = [
     "MAX_METADATA_BYTES",
     "OUTBOUND",
     "CallContext",
+    "ContextProblem",
+    "given_context",
     "metadata_problem",
 ]
 
 INBOUND, OUTBOUND = DIRECTIONS  # as the call events name them
+#: The most variables a call may be given: far above what a persona declares.
+MAX_VARIABLES = 50
 #: The largest metadata a call carries, as compact JSON: ids and flags for the business's own
 #: systems (a CRM id, a campaign), carried in the record and in every event, not a document.
 MAX_METADATA_BYTES = 4096
@@ -89,3 +93,39 @@ def metadata_problem(metadata: object) -> str | None:
     if size > MAX_METADATA_BYTES:
         return f"must be at most {MAX_METADATA_BYTES} bytes as JSON, not {size}"
     return None
+
+
+class ContextProblem(ValueError):
+    """A call's given context that cannot be used: ``field`` names the input at fault
+    (``variables.NAME``, ``variables``, ``metadata``), ``reason`` says why."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+def given_context(
+    persona: Persona, direction: str, variables: object, metadata: object
+) -> CallContext:
+    """The context of a call whose variables and metadata were given from outside (an API
+    request, ``phoneagent call --var``): each value checked against the persona's declared
+    variables (:func:`value_problem`), the defaults added, every required variable given, the
+    metadata checked (:func:`metadata_problem`). The one check of a given context; raises
+    ContextProblem naming the first field at fault."""
+    if not isinstance(variables, Mapping):
+        raise ContextProblem("variables", "must be an object of names to string values")
+    if len(variables) > MAX_VARIABLES:
+        raise ContextProblem("variables", f"at most {MAX_VARIABLES} variables")
+    for name, value in variables.items():
+        if problem := value_problem(str(name), value, persona.variables):
+            raise ContextProblem(f"variables.{str(name)[:64]}", problem)
+    try:
+        values = resolve(persona.variables, variables)
+    except MissingVariables as missing:
+        raise ContextProblem(
+            f"variables.{missing.names[0]}", "required by the persona: give it a value"
+        ) from None
+    if problem := metadata_problem(metadata):
+        raise ContextProblem("metadata", problem)
+    assert isinstance(metadata, dict)
+    return CallContext(direction, values, dict(metadata))
