@@ -244,13 +244,13 @@ async def test_every_search_error_names_its_parameter(api_stack, client, query, 
     assert error["message"].startswith(f"{field}: ")
 
 
-VALID = {"to": "+14155550199", "persona": "trattoria-luca"}
+VALID = {"to": "+14155550199", "persona": "bright-smile-dental"}  # it calls out
 
 
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"persona": "trattoria-luca"}, "to"),
+        ({"persona": "bright-smile-dental"}, "to"),
         (VALID | {"to": "4155550199"}, "to"),
         (VALID | {"to": "+1 415 555 0199"}, "to"),
         (VALID | {"to": "+0155550199"}, "to"),
@@ -262,10 +262,12 @@ VALID = {"to": "+14155550199", "persona": "trattoria-luca"}
         (VALID | {"from": "+1"}, "from"),
         (VALID | {"from": "caller"}, "from"),
         (VALID | {"variables": ["Dana"]}, "variables"),
-        (VALID | {"variables": {"first_name": 3}}, "variables.first_name"),
+        (VALID | {"variables": {"caller_name": 3}}, "variables.caller_name"),
+        (VALID | {"variables": {"caller_name": "Dana\r\nX-Injected: 1"}}, "variables.caller_name"),
+        (VALID | {"variables": {"first_name": "Dana"}}, "variables.first_name"),  # undeclared
         (VALID | {"variables": {"first name": "Dana"}}, "variables.first name"),
         (VALID | {"variables": {"9lives": "x"}}, "variables.9lives"),
-        (VALID | {"variables": {"note": "x" * 1001}}, "variables.note"),
+        (VALID | {"variables": {"caller_name": "x" * 501}}, "variables.caller_name"),
         (VALID | {"variables": {f"v{i}": "x" for i in range(51)}}, "variables"),
         (VALID | {"metadata": "order 7"}, "metadata"),
         (VALID | {"metadata": [1, 2]}, "metadata"),

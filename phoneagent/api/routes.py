@@ -289,8 +289,11 @@ async def place_call(request: web.Request) -> web.Response:
     persona = state.persona(call.persona)
     if persona is None:
         raise invalid("persona", f"no persona {call.persona!r} (GET /api/v1/personas lists them)")
-    try:  # the one check of a call's variables and metadata, the dialer's too
-        given_context(persona, OUTBOUND_DIRECTION, call.variables, call.metadata)
+    # The one check of a call's variables and metadata (the dialer's too), here before the
+    # dialer is looked for. A persona without [outbound] is the dialer's to refuse, by name.
+    try:
+        if persona.outbound is not None:
+            given_context(persona, OUTBOUND_DIRECTION, call.variables, call.metadata)
     except ContextProblem as problem:
         raise invalid(problem.field, problem.reason) from None
     dialer = request.app[OUTBOUND].dialer
@@ -300,8 +303,8 @@ async def place_call(request: web.Request) -> web.Response:
         to=call.to,
         persona=persona,
         from_=call.from_,
-        variables=dict(call.variables),
-        metadata=dict(call.metadata),
+        variables=call.variables,
+        metadata=call.metadata,
     )
     log.info("api_call_placed", key_id=request[_KEY].id, persona=persona.id,
              call_sid=created.get("call_sid"))  # fmt: skip
