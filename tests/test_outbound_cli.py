@@ -140,7 +140,8 @@ async def test_through_the_servers_api_the_variables_reach_the_greeting(stack, p
     [
         (["--to", "415 555 0177", "--persona", PERSONA],
          "call refused: invalid_request [to]: 'to' is not an E.164 number"),
-        (["--to", CALLEE, "--persona", "nobody"], "call refused: invalid_request [persona]: no persona"),
+        (["--to", CALLEE, "--persona", "nobody"],
+         "call refused: invalid_request [persona]: no persona"),
         (["--to", CALLEE, "--persona", "trattoria-luca"],
          "call refused: invalid_request [persona]: persona 'trattoria-luca' has no [outbound]"),
         (["--to", CALLEE, "--persona", PERSONA, "--from", "+14155550999"],
