@@ -169,7 +169,9 @@ async def test_personas_lists_the_lines_without_secrets(api_stack, client):
         assert response.status == 200
         assert response.headers["Cache-Control"] == "no-store"
         personas = (await response.json())["personas"]
-    assert [p["id"] for p in personas] == ["bright-smile-dental", "renxin-clinic", "trattoria-luca"]
+    assert [p["id"] for p in personas] == [
+        "bright-smile-dental", "bright-smile-reminders", "renxin-clinic", "trattoria-luca"
+    ]  # fmt: skip
     dental = personas[0]
     assert dental == {
         "id": "bright-smile-dental",
