@@ -1,4 +1,5 @@
-"""What the outbound tests share: the example personas, the dental one calling at any time."""
+"""What the outbound tests share: the example personas, the dental one calling at any time, and
+its call events sent to a test's webhook sink."""
 
 import re
 import shutil
@@ -17,3 +18,13 @@ def personas_calling_any_time(directory: Path) -> Path:
     dental = directory / f"{PERSONA}.toml"
     dental.write_text(re.sub(r"(?m)^(calling_hours|days) = .*$", "", dental.read_text()))
     return directory
+
+
+HOOK_SECRET = "whsec_b3V0Ym91bmQtdGVzdA=="
+
+
+def send_events_to(persona_file: Path, url: str) -> None:
+    """The persona in ``persona_file`` sends its call events to ``url``, signed with
+    HOOK_SECRET (in $OUTBOUND_HOOK_SECRET: the test sets it)."""
+    webhook = f'\n[webhook]\nurl = "{url}"\nsecret_env = "OUTBOUND_HOOK_SECRET"\n'
+    persona_file.write_text(persona_file.read_text() + webhook)

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import pytest
 from api_kit import bearer, error_of
-from outbound_kit import DENTAL, PERSONA, personas_calling_any_time
+from outbound_kit import DENTAL, HOOK_SECRET, PERSONA, personas_calling_any_time, send_events_to
 
 from phoneagent.api.keys import new_key
 from phoneagent.api.routes import API_KEYS, PREFIX
@@ -27,7 +27,6 @@ from phoneagent.testing.stack import LocalStack
 from phoneagent.testing.webhook_sink import WebhookSink
 
 CALLEE = "+14155550177"
-HOOK_SECRET = "whsec_b3V0Ym91bmQtYXBpLXRlc3Q="
 REMINDERS = "dental-reminders"
 # A persona that only calls out: a required variable, no numbers, its own caller ID.
 REMINDERS_TOML = f"""\
@@ -47,10 +46,6 @@ goodbye = "Goodbye!"
 [outbound]
 greeting = "Hi {{first_name}}, a reminder of your cleaning on {{day}}."
 from = "{DENTAL}"
-
-[webhook]
-url = "%s"
-secret_env = "OUTBOUND_HOOK_SECRET"
 """
 MONDAY_10AM = datetime(2026, 12, 7, 10, 0, tzinfo=ZoneInfo("America/Los_Angeles"))
 
@@ -65,10 +60,9 @@ async def sink():
 def personas(tmp_path, sink, monkeypatch):
     monkeypatch.setenv("OUTBOUND_HOOK_SECRET", HOOK_SECRET)
     directory = personas_calling_any_time(tmp_path / "personas")
-    dental = directory / f"{PERSONA}.toml"
-    hook = f'\n[webhook]\nurl = "{sink.url("/hooks")}"\nsecret_env = "OUTBOUND_HOOK_SECRET"\n'
-    dental.write_text(dental.read_text() + hook)
-    (directory / f"{REMINDERS}.toml").write_text(REMINDERS_TOML % sink.url("/hooks"))
+    send_events_to(directory / f"{PERSONA}.toml", sink.url("/hooks"))
+    (directory / f"{REMINDERS}.toml").write_text(REMINDERS_TOML)
+    send_events_to(directory / f"{REMINDERS}.toml", sink.url("/hooks"))
     return directory
 
 

@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import pytest
 from conftest import EXAMPLE_PERSONAS
+from outbound_kit import HOOK_SECRET, send_events_to
 
 from phoneagent.audio import pcm16_to_ulaw
 from phoneagent.delivery.signing import verify
@@ -29,7 +30,6 @@ from phoneagent.testing.webhook_sink import WebhookSink
 DENTAL = "+14155550100"
 CALLEE = "+14155550177"
 PERSONA = "bright-smile-dental"
-HOOK_SECRET = "whsec_b3V0Ym91bmQtdGVzdA=="
 # A Monday at 10:00 in the dental clinic's time zone: inside its calling hours.
 MONDAY_10AM = datetime(2026, 12, 7, 10, 0, tzinfo=ZoneInfo("America/Los_Angeles"))
 
@@ -46,11 +46,7 @@ def personas(tmp_path, sink, monkeypatch):
     monkeypatch.setenv("OUTBOUND_HOOK_SECRET", HOOK_SECRET)
     directory = tmp_path / "personas"
     shutil.copytree(EXAMPLE_PERSONAS, directory)
-    dental = directory / f"{PERSONA}.toml"
-    dental.write_text(
-        dental.read_text()
-        + f'\n[webhook]\nurl = "{sink.url("/hooks")}"\nsecret_env = "OUTBOUND_HOOK_SECRET"\n'
-    )
+    send_events_to(directory / f"{PERSONA}.toml", sink.url("/hooks"))
     return directory
 
 
