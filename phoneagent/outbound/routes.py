@@ -62,7 +62,7 @@ async def outbound_answer(request: web.Request) -> web.Response:
         # A call we know, but did not place for this persona: not ours to talk in.
         log.warning("outbound_answer_not_placed", call_sid=call_sid, persona=persona.id)
         return twiml(hangup_twiml())
-    context = placed_context(record, persona)
+    context = placed_context(record, persona, call_sid)
     event = {f: form[f] for f in STATUS_FIELDS if f in form} | {"path": request.path}
     state.calls.note(call_sid, TwilioReported(event))
     # The callee is ``To`` of Twilio's request, the persona's caller ID ``From``.
@@ -98,7 +98,7 @@ async def outbound_answer(request: web.Request) -> web.Response:
     return twiml(answer)
 
 
-def placed_context(record: CallRecord | None, persona: Persona) -> CallContext:
+def placed_context(record: CallRecord | None, persona: Persona, call_sid: str) -> CallContext:
     """The context the dialer recorded with the call; for a call placed by a process without
     the shared database (``phoneagent call`` without PHONEAGENT_DATABASE_URL), an outbound
     call with the persona's defaults (that command refuses to place a call whose values
@@ -106,7 +106,7 @@ def placed_context(record: CallRecord | None, persona: Persona) -> CallContext:
     context = CallContext.of_record(record)
     if context is not None and context.direction == OUTBOUND:
         return context
-    log.info("outbound_call_not_recorded", persona=persona.id)
+    log.info("outbound_call_not_recorded", call_sid=call_sid, persona=persona.id)
     return CallContext.defaults(persona, OUTBOUND)
 
 
