@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from phoneagent import __version__
+from phoneagent import __version__, strict_json
 from phoneagent.call.tool_calls import (
     BAD_ANSWER,
     HTTP_ERROR,
@@ -106,9 +106,9 @@ class BusinessToolClient:
         if raw is None:
             log.warning("business_tool_answer_too_large", tool=tool.name, limit=MAX_ANSWER_BYTES)
             return _answer(started, error_output("the answer was too large"), BAD_ANSWER, status)
-        try:
-            answer = json.loads(raw)
-        except (ValueError, RecursionError):
+        try:  # strictly: NaN or half a character in the output would break the model's socket
+            answer = strict_json.loads(raw)
+        except ValueError:
             log.warning("business_tool_answer_not_json", tool=tool.name, bytes=len(raw))
             return _answer(started, error_output("the answer was not JSON"), BAD_ANSWER, status)
         output = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
@@ -125,6 +125,9 @@ class BusinessToolClient:
                 headers={"User-Agent": f"phoneagent/{__version__} (tools)"},
                 # Honour HTTPS_PROXY / NO_PROXY, as the call events do (an egress proxy).
                 trust_env=True,
+                # No cookies: one session serves every call, and a cookie the business set in
+                # an answer about one caller must not come back with another caller's request.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 

@@ -16,6 +16,7 @@ from aiohttp import web
 from phoneagent.business_tools import MAX_ANSWER_BYTES, BusinessToolClient
 from phoneagent.delivery.signing import generate_secret, verify
 from phoneagent.personas import BusinessTool
+from phoneagent.testing.cookie_setter import CookieSetter
 from phoneagent.testing.tool_endpoint import ToolEndpoint, ToolReply
 from phoneagent.testing.webhook_sink import LoopbackServer
 
@@ -89,6 +90,13 @@ async def test_a_secret_gone_from_the_environment_sends_nothing(client):
         (ToolReply(b"[" * 30_000 + b"]" * 30_000), "bad_answer", "the answer was not JSON"),
         (ToolReply({"x": "y" * MAX_ANSWER_BYTES}), "bad_answer", "the answer was too large"),
         (ToolReply({"late": True}, delay=1.0), "timeout", "no answer in time"),
+        # JSON Python reads but the model's socket could not carry on (NaN is no JSON; half a
+        # character has no UTF-8) or that reads two ways (a key given twice).
+        (ToolReply(b'{"price": NaN}'), "bad_answer", "the answer was not JSON"),
+        (ToolReply(b'{"price": 1e999}'), "bad_answer", "the answer was not JSON"),
+        (ToolReply(b'{"name": "\\ud800"}'), "bad_answer", "the answer was not JSON"),
+        (ToolReply(b'{"free": true, "free": false}'), "bad_answer", "the answer was not JSON"),
+        (ToolReply(b"\xff\xfe\xfd"), "bad_answer", "the answer was not JSON"),
     ],
 )
 async def test_every_failure_is_a_short_error(client, reply, outcome, error):
@@ -154,3 +162,11 @@ async def test_an_unreachable_system_names_no_url_or_secret(client):
     assert "business_tool_unreachable" in logged
     for secret in ("hunter2", "s3cr3t-token", "Dana"):
         assert secret not in logged
+
+
+async def test_a_cookie_of_one_calls_answer_never_goes_with_another_calls_request(client):
+    async with CookieSetter() as server:
+        for call_sid in ("CA_first_caller", "CA_second_caller"):
+            answer = await client.ask(call_sid, "shop", tool(server.named_url("/t")), {})
+            assert answer.outcome == "ok"
+    assert server.cookies == [None, None]

@@ -516,8 +516,10 @@ def test_session_renewal_waits_for_a_quiet_moment(call, clock):
     assert of_type(call.on_twilio(Media(0, b"\xff" * 160)), RenewModelSession) == []  # playing
     for mark in of_type(actions, SendMark):
         call.on_twilio(Mark(mark.name))
-    assert of_type(call.on_twilio(Media(20, b"\xff" * 160)), RenewModelSession)
-    assert of_type(call.on_twilio(Media(40, b"\xff" * 160)), RenewModelSession) == []  # once
+    # The watchers run on the first frame of each 100 ms of stream time (watchers.Cadence).
+    assert of_type(call.on_twilio(Media(20, b"\xff" * 160)), RenewModelSession) == []
+    assert of_type(call.on_twilio(Media(100, b"\xff" * 160)), RenewModelSession)
+    assert of_type(call.on_twilio(Media(200, b"\xff" * 160)), RenewModelSession) == []  # once
     replay = call.on_model_reconnected()
     assert model_commands(replay, AddTextItem) == [AddTextItem("assistant", "Hello there.")]
     assert model_commands(replay, CreateResponse) == []  # nothing was being said
@@ -546,7 +548,8 @@ def test_a_silent_caller_is_asked_then_the_agent_says_goodbye(call, persona):
     call.on_model(ResponseStarted("ask"))
     call.on_model(ResponseDone("ask", "completed"))
     actions = []
-    for t in range(20_020, 40_041, 20):
+    # 20 s after the ask, on the first frame of that 100 ms (watchers.Cadence)
+    for t in range(20_020, 40_101, 20):
         actions += call.on_twilio(Media(t, b"\xff" * 160))
     [goodbye] = model_commands(actions, CreateResponse)
     assert persona.goodbye in goodbye.instructions

@@ -24,10 +24,12 @@ from phoneagent.call.tool_calls import (
     ANSWER_GRACE_MS,
     MAX_CALLS_PER_CALL,
     MAX_CALLS_PER_RESPONSE,
+    MAX_REFUSALS_PER_CALL,
     check_arguments,
 )
 from phoneagent.call.watchers import Tick
 from phoneagent.personas import KeypadTransfer, load_directory
+from phoneagent.personas.model import TRANSFER_TOOL
 from phoneagent.realtime.base import (
     AddTextItem,
     AudioDelta,
@@ -35,6 +37,7 @@ from phoneagent.realtime.base import (
     ResponseDone,
     ResponseStarted,
     SpeechStarted,
+    SpeechStopped,
     ToolCall,
     ToolOutput,
     UpdateInstructions,
@@ -128,6 +131,11 @@ def test_arguments_that_do_not_fit_are_refused_without_asking(call):
         ('{"date": 11, "time": "20:00", "guests": 2}', "date must be of type string"),
         ('{"date": "x", "time": "20:00", "guests": true}', "guests must be of type integer"),
         ('{"date": "x", "time": "20:00", "guests": 2.5}', "guests must be of type integer"),
+        # Python reads these, the business's JSON parser would not (or not the same way).
+        ('{"date": "x", "time": "20:00", "guests": 2, "n": NaN}', "not valid JSON"),
+        ('{"date": "x", "time": "20:00", "guests": 2, "n": 1e999}', "not valid JSON"),
+        ('{"date": "x", "time": "20:00", "guests": 2, "n": "\\ud800"}', "not valid JSON"),
+        ('{"date": "x", "time": "20:00", "guests": 2, "guests": 9}', "not valid JSON"),
     ],
 )
 def test_check_arguments(persona, arguments, problem):
@@ -280,3 +288,50 @@ def test_an_answer_while_the_model_is_reconnecting_goes_to_the_next_session(call
     [note] = [n for n in commands(back, AddTextItem) if TOOL in n.text]
     assert '{"free": true}' in note.text
     assert commands(back, CreateResponse)  # and the model answers with it
+
+
+def test_a_model_that_keeps_calling_wrong_is_not_asked_to_go_on_without_end(call):
+    """Each refusal asks the model for a response, in which it may call wrong again: past the
+    bound, the refusal is still told but asks for nothing, and the loop stops."""
+    for i in range(MAX_REFUSALS_PER_CALL):
+        actions = tool_response(call, (f"bad{i}", TOOL, "{"), response_id=f"resp{i}")
+        assert commands(actions, CreateResponse) == [CreateResponse()], i
+    actions = tool_response(call, ("bad_last", TOOL, "{"), response_id="resp_last")
+    [output] = commands(actions, ToolOutput)
+    assert json.loads(output.output) == {"error": "invalid arguments: not valid JSON"}
+    assert commands(actions, CreateResponse) == []
+    assert of_type(actions, ToolCallFinished)[0].outcome == "invalid_arguments"
+    # A good call still goes to the business, and its answer gets its response.
+    actions = tool_response(call, ("good", TOOL, ARGS), response_id="resp_good")
+    assert len(of_type(actions, AskBusinessTool)) == 1
+    assert commands(call.on_tool_answer("good", answer()), CreateResponse) == [CreateResponse()]
+
+
+def test_the_filler_waits_while_the_caller_is_speaking(call, persona, clock):
+    tool = persona.tools[0]
+    tool_response(call, ("c1", TOOL, ARGS))
+    call.on_model(SpeechStarted("user_2", 0))  # the agent is silent: no barge-in, just talk
+    clock.advance(tool.filler_after_ms + 500)
+    assert commands(call.on_tick(Tick(None, clock())), CreateResponse) == []
+    call.on_model(SpeechStopped("user_2", 1500))
+    call.on_model(ResponseStarted("reply"))  # the model answers the turn (server VAD)...
+    call.on_model(ResponseDone("reply", "completed"))
+    filler = call.on_tick(Tick(None, clock()))  # ...and the caller still waits: the filler
+    [update] = commands(filler, UpdateInstructions)
+    assert update.instructions.endswith(f"{VERBATIM_PROMPT}{tool.filler}")
+
+
+def test_a_model_that_keeps_asking_for_a_transfer_to_nowhere_stops_looping_too(call):
+    nowhere = '{"target": "the moon"}'
+    # Two refusals of one response ask for one response, not one each (the second
+    # response.create would be refused: a response is already under way).
+    actions = tool_response(call, ("t0", TRANSFER_TOOL, nowhere), ("t1", "no_such_tool", "{}"))
+    assert len(commands(actions, ToolOutput)) == 2
+    assert commands(actions, CreateResponse) == [CreateResponse()]
+    for i in range(2, MAX_REFUSALS_PER_CALL):
+        actions = tool_response(call, (f"t{i}", TRANSFER_TOOL, nowhere), response_id=f"r{i}")
+        assert commands(actions, CreateResponse) == [CreateResponse()], i
+    actions = tool_response(call, ("t_last", TRANSFER_TOOL, nowhere), response_id="r_last")
+    [output] = commands(actions, ToolOutput)
+    assert "unknown target" in output.output
+    assert commands(actions, CreateResponse) == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -126,6 +127,9 @@ class SQLiteApiKeys:
         if self._db is None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                # Owner only: the hashes are no secrets, but who may call which line is nobody
+                # else's to read or write. SQLite gives its -wal and -shm files the same mode.
+                os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
                 db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
                 db.execute("PRAGMA journal_mode=WAL")  # the CLI writes while servers read
                 version = db.execute("PRAGMA user_version").fetchone()[0]

@@ -24,6 +24,7 @@ from typing import Any, NoReturn, Protocol
 
 from aiohttp import web
 
+from phoneagent import strict_json
 from phoneagent.api.errors import CODES, ApiError, error_response
 from phoneagent.api.key_store import ApiKeyStore
 from phoneagent.api.keys import ApiKey, key_id_of
@@ -196,11 +197,14 @@ def _refuse(request: web.Request, reason: str, key_id: str | None = None) -> NoR
                    headers={"WWW-Authenticate": 'Bearer realm="phoneagent-api"'})  # fmt: skip
 
 
-def _may_use(request: web.Request, persona_id: str) -> None:
+def _may_use(request: web.Request, persona_id: str, *, named_by_client: bool = True) -> None:
+    """403 unless the key may use the persona. The message names it only if the client did:
+    a call's persona is not for a key limited to others to learn (its persona list hides it)."""
     if not request[_KEY].allows(persona_id):
         log.warning("api_persona_forbidden", key_id=request[_KEY].id, persona=persona_id)
-        message = f"this API key may not use the persona {persona_id!r}"
-        raise ApiError(403, "forbidden", message, "persona")
+        which = repr(persona_id) if named_by_client else "of this call"
+        raise ApiError(403, "forbidden", f"this API key may not use the persona {which}",
+                       "persona")  # fmt: skip
 
 
 def _json(value: Any, status: int = 200) -> web.Response:
@@ -243,7 +247,7 @@ async def get_call(request: web.Request) -> web.Response:
     )
     if record is None:
         raise ApiError(404, "not_found", f"no call {call_sid}")
-    _may_use(request, record.persona)
+    _may_use(request, record.persona, named_by_client=False)
     return _json(record.as_dict())
 
 
@@ -316,10 +320,6 @@ async def _json_body(request: web.Request) -> Any:
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
     raw = await request.read()
     try:
-        return json.loads(raw, parse_constant=_not_json)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return strict_json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError too
         raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not JSON")

@@ -7,17 +7,20 @@ is expected.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from phoneagent.api.errors import ApiError
+from phoneagent.api.keys import PERSONA_ID
 from phoneagent.personas.numbers import E164
 
 __all__ = ["OutboundRequest", "outbound_request", "search_limit"]
 
 CALL_FIELDS = ("to", "persona", "from", "variables", "metadata")
 DEFAULT_SEARCH_LIMIT, MAX_SEARCH_LIMIT = 50, 200
+WHOLE_NUMBER = re.compile(r"[0-9]{1,4}")
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,9 @@ def outbound_request(body: Any) -> OutboundRequest:
     persona = body.get("persona")
     if persona is None:
         raise invalid("persona", "required: the id of the persona that calls (GET /personas)")
-    if not isinstance(persona, str) or not persona:
-        raise invalid("persona", "must be a persona's id, a non-empty string")
+    # Its shape first: the id is logged and echoed in a 403 or 422, a megabyte or a newline not.
+    if not isinstance(persona, str) or not PERSONA_ID.fullmatch(persona):
+        raise invalid("persona", "must be a persona's id (its file's name without .toml)")
     return OutboundRequest(
         to=to or "",
         persona=persona,
@@ -77,6 +81,7 @@ def search_limit(query: Mapping[str, str]) -> int:
     text = query.get("limit")
     if text is None:
         return DEFAULT_SEARCH_LIMIT
-    if not text.isdigit() or not 1 <= int(text) <= MAX_SEARCH_LIMIT:
+    # Not str.isdigit(): it takes '１０' (int reads it) and '²' (int refuses it).
+    if not WHOLE_NUMBER.fullmatch(text) or not 1 <= int(text) <= MAX_SEARCH_LIMIT:
         raise invalid("limit", f"a whole number from 1 to {MAX_SEARCH_LIMIT}")
     return int(text)

@@ -58,7 +58,15 @@ from phoneagent.call.tool_calls import (
     error_output,
 )
 from phoneagent.call.transcript import Transcript, Turn, cut_turn
-from phoneagent.call.watchers import Keypad, Nudge, Silence, SilenceState, Tick, TimeLimit
+from phoneagent.call.watchers import (
+    Cadence,
+    Keypad,
+    Nudge,
+    Silence,
+    SilenceState,
+    Tick,
+    TimeLimit,
+)
 from phoneagent.handoff import (
     Handoff,
     HangUp,
@@ -322,6 +330,7 @@ class Call:
         if self.ended:
             return []
         held = self._link.switched(self.clock())
+        self._transcript.speaking = None  # the old session's speech_stopped will never come
         self._tools.session += 1  # tool calls in flight belong to the old session
         actions = self._flush_item()  # what the old session generated still plays
         was_answering = self._response.new_session()
@@ -416,6 +425,8 @@ class Call:
         turn = self._caller_turn(event.item_id)
         turn.end_ms = self._now_ms()
         self._watchers.nudge.turn_ended(self.clock())
+        if self._transcript.speaking == event.item_id:
+            self._transcript.speaking = None
         if self._barge_in is not None and self._barge_in.caller_item_id == event.item_id:
             log.info("barge_in_ignored", loud_ms=self._barge_in.loud_ms)
             self.stats.barge_ins_ignored += 1
@@ -439,7 +450,8 @@ class Call:
 
     def _on_caller_audio(self, media: Media) -> list[Action]:
         audio = self._caller.receive(media)
-        actions = self._watch(Tick(media.timestamp_ms, self.clock()))
+        ms, now = media.timestamp_ms, self.clock()
+        actions = self._watch(Tick(ms, now)) if self._watchers.cadence.due(ms, now) else []
         if not audio:
             return actions
         pcm = self._caller.to_model(audio)
@@ -622,13 +634,20 @@ class Call:
                 actions.append(
                     ToModel(ToolOutput(tool_call.call_id, prompts.tool_refused(request)))
                 )
-                actions.append(ToModel(CreateResponse()))
+                self._tools.count_refusal()  # a transfer to nowhere loops as well
+                refused += 1
                 continue
             log.info("tool_call", tool=tool_call.name, arguments=tool_call.arguments)
             actions.append(ToModel(ToolOutput(tool_call.call_id, prompts.TOOL_ACCEPTED)))
             actions += self._announce(request)
-        if refused and not self._tools.waiting_in(self._tools.session):
-            # The model answers the refusal now; with calls in flight, with their answers.
+        if (
+            refused
+            and self._tools.answers_refusals
+            and not self._tools.waiting_in(self._tools.session)
+        ):
+            # The model answers the refusal now; with calls in flight, with their answers. Past
+            # MAX_REFUSALS_PER_CALL, not: a model that keeps calling wrong would loop on its
+            # own (refusal, response, call, refusal…); it speaks again when the caller does.
             actions.append(ToModel(CreateResponse()))
         return actions
 
@@ -696,6 +715,7 @@ class Call:
             and not self._response.guide.waiting
             and not self._playback.playing
             and self._barge_in is None
+            and self._transcript.speaking is None  # "one moment" over the caller's words: no
             and not self._watchers.nudge.waiting
         )
         if quiet and (tool := self._tools.filler_due(now)) is not None:
@@ -744,6 +764,7 @@ class Call:
 
     def _on_speech_started(self, event: SpeechStarted) -> list[Action]:
         self._caller_turn(event.item_id)
+        self._transcript.speaking = event.item_id
         self._watchers.silence.caller_spoke()  # the caller is there
         if not self._agent_speaking or self.state in STOP_MEANS:
             return []
@@ -813,3 +834,4 @@ class Watchers:
         self.silence = Silence(persona.silence_timeout_seconds, unexpected)
         self.nudge = Nudge(unexpected)
         self.keypad = Keypad(unexpected)
+        self.cadence = Cadence()

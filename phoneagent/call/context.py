@@ -40,6 +40,9 @@ MAX_VARIABLES = 50
 #: The largest metadata a call carries, as compact JSON: ids and flags for the business's own
 #: systems (a CRM id, a campaign), carried in the record and in every event, not a document.
 MAX_METADATA_BYTES = 4096
+# Nesting of the metadata: 4 KiB of "[[[[" would be 2000 levels, and each event that carries the
+# metadata (and each store that writes it) would hit Python's recursion limit serializing it.
+MAX_METADATA_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -82,9 +85,11 @@ class CallContext:
 
 def metadata_problem(metadata: object) -> str | None:
     """What is wrong with a call's metadata (None: nothing): a JSON object of at most
-    MAX_METADATA_BYTES bytes."""
+    MAX_METADATA_BYTES bytes, at most MAX_METADATA_DEPTH levels deep."""
     if not isinstance(metadata, dict):
         return "must be a JSON object"
+    if _deeper_than(metadata, MAX_METADATA_DEPTH):
+        return f"must be at most {MAX_METADATA_DEPTH} levels of objects and arrays"
     try:
         text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         size = len(text.encode("utf-8", "surrogatepass"))
@@ -93,6 +98,18 @@ def metadata_problem(metadata: object) -> str | None:
     if size > MAX_METADATA_BYTES:
         return f"must be at most {MAX_METADATA_BYTES} bytes as JSON, not {size}"
     return None
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """More than ``limit`` levels of objects and arrays in a parsed JSON value. Level by level,
+    not recursively: the value may be as deep as the parser allowed."""
+    level, depth = [value], 0
+    while level := [v for v in level if isinstance(v, (dict, list))]:
+        depth += 1
+        if depth > limit:
+            return True
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v)]
+    return False
 
 
 class ContextProblem(ValueError):

@@ -19,12 +19,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from phoneagent import strict_json
 from phoneagent.personas import BusinessTool
 from phoneagent.personas.tool_validation import fits_type, json_type_of
 
 # Limits that hold whatever the model does.
 MAX_CALLS_PER_RESPONSE = 3
 MAX_CALLS_PER_CALL = 20
+# Refusals (invalid arguments, over a limit) after which a refusal no longer asks the model for
+# a response: each one would, and a model that keeps calling wrong would loop without end.
+MAX_REFUSALS_PER_CALL = 10
 # The shell's request is bounded by the tool's timeout; past it by this much, the call stops
 # waiting for the shell (which should never happen) and tells the model there was no answer.
 ANSWER_GRACE_MS = 5000
@@ -74,6 +78,7 @@ class BusinessToolCalls:
     tools: dict[str, BusinessTool]
     pending: dict[str, PendingToolCall] = field(default_factory=dict)  # by call_id
     made: int = 0  # calls sent to the business in this call
+    refused: int = 0  # tool calls refused to the model in this call, built-in tools' too
     session: int = 0  # which model session is the current one (a new one: +1)
     # Answers that came while the model session was being reopened: (call, output), for the
     # session that comes next.
@@ -88,6 +93,17 @@ class BusinessToolCalls:
     ) -> dict[str, Any] | tuple[str, str]:
         """The arguments to send for a call (now pending), or (outcome, error) to tell the model.
         ``in_response``: calls of the same response already sent."""
+        checked = self._checked(tool, arguments, in_response)
+        if isinstance(checked, tuple):
+            self.count_refusal()
+            return checked
+        self.made += 1
+        self.pending[call_id] = PendingToolCall(call_id, tool, now, self.session)
+        return checked
+
+    def _checked(
+        self, tool: BusinessTool, arguments: str, in_response: int
+    ) -> dict[str, Any] | tuple[str, str]:
         if in_response >= MAX_CALLS_PER_RESPONSE:
             return TOO_MANY, f"at most {MAX_CALLS_PER_RESPONSE} tool calls at a time"
         if self.made >= MAX_CALLS_PER_CALL:
@@ -95,9 +111,16 @@ class BusinessToolCalls:
         parsed = check_arguments(tool, arguments)
         if isinstance(parsed, str):
             return INVALID_ARGUMENTS, f"invalid arguments: {parsed}"
-        self.made += 1
-        self.pending[call_id] = PendingToolCall(call_id, tool, now, self.session)
         return parsed
+
+    def count_refusal(self) -> None:
+        """A tool call of the model refused: these, or any other (a transfer to no target)."""
+        self.refused += 1
+
+    @property
+    def answers_refusals(self) -> bool:
+        """Whether a refusal still asks the model for a response (MAX_REFUSALS_PER_CALL)."""
+        return self.refused <= MAX_REFUSALS_PER_CALL
 
     def take_held(self) -> list[tuple[PendingToolCall, str]]:
         held, self.held = self.held, []
@@ -143,9 +166,9 @@ def check_arguments(tool: BusinessTool, arguments: str) -> dict[str, Any] | str:
     """The model's arguments as a JSON object, or why they cannot be sent: not a JSON object,
     a required argument missing, or a declared argument of the wrong JSON type, or not one of
     its ``enum`` values. Deeper checks are the business's (it gets what the model wrote)."""
-    try:
-        parsed = json.loads(arguments or "{}")
-    except (ValueError, RecursionError):
+    try:  # strictly: NaN, 1e999 or half a character would reach the business as no JSON
+        parsed = strict_json.loads(arguments or "{}")
+    except ValueError:
         return "not valid JSON"
     if not isinstance(parsed, dict):
         return "not a JSON object"

@@ -49,6 +49,8 @@ class Transcript:
     def __init__(self) -> None:
         self.turns: list[Turn] = []
         self._caller: dict[str, Turn] = {}
+        # The caller's utterance under way (speech_started, no speech_stopped yet): its item.
+        self.speaking: str | None = None
 
     def caller_turn(self, item_id: str, now_ms: int) -> Turn:
         turn = self._caller.get(item_id)

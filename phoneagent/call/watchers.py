@@ -196,3 +196,25 @@ class Keypad(Machine[KeypadState]):
         self._fire("passed")
         digits, self._digits = self._digits, ""
         return digits
+
+
+# Caller frames (every 20 ms) drive the watchers, whose rules are in seconds: the first frame of
+# each 100 ms of stream time is enough (a rule on a whole 100 ms still fires on its very frame),
+# and the per-frame work is the server's hottest path (bench/README.md). A clock that moved on
+# without the stream (Twilio's timestamps stalled) is watched as well.
+WATCH_EVERY_MS = 100
+
+
+class Cadence:
+    """Which caller frames run the watchers: the first of each WATCH_EVERY_MS."""
+
+    def __init__(self) -> None:
+        self._slot = -1  # the 100 ms of stream time last watched
+        self._at = float("-inf")  # the clock then
+
+    def due(self, stream_ms: int, now: float) -> bool:
+        slot = stream_ms // WATCH_EVERY_MS
+        if slot == self._slot and now - self._at < WATCH_EVERY_MS / 1000:
+            return False
+        self._slot, self._at = slot, now
+        return True

@@ -89,6 +89,9 @@ class WebhookSender:
                 headers={"User-Agent": f"phoneagent/{__version__} (webhooks)"},
                 # Honour HTTPS_PROXY / NO_PROXY: the spec suggests an egress proxy against SSRF.
                 trust_env=True,
+                # No cookies: one session sends every call's events, and a cookie a receiver
+                # set answering one call's event must not come back with another call's.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 

@@ -6,8 +6,9 @@ import re
 
 __all__ = ["E164", "normalise_number"]
 
-# E.164: '+', a country code that does not start with 0, at most 15 digits in all.
-E164 = re.compile(r"\+[1-9]\d{6,14}")
+# E.164: '+', a country code that does not start with 0, at most 15 digits in all. ASCII digits
+# only: ``\d`` also takes '１' or '٣', which no telephone network dials.
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 # Characters people write inside phone numbers that carry no meaning.
 _NUMBER_PUNCTUATION = re.compile(r"[\s().\-/]")
 

@@ -12,6 +12,8 @@ Import what you need from its module; the usual entry points:
 - ``webhook_sink.WebhookSink``: a webhook receiver with scripted answers.
 - ``tool_endpoint.ToolEndpoint``: a business's tool endpoint (persona tools) with scripted
   JSON answers, delays and faults, checking the signature.
+- ``cookie_setter.CookieSetter``: a receiver that sets a cookie in every answer and notes
+  the cookies it is sent back.
 - ``stack.LocalStack``: phoneagent's server with the fakes, on 127.0.0.1.
 - ``postgres_cluster.postgres_cluster``: a throwaway PostgreSQL server in a temporary directory.
 """
