@@ -87,3 +87,33 @@ async def test_the_cli_with_the_database_counts_the_servers_calls(pair, personas
     assert process.returncode == 1, err
     assert "call refused: too_many_calls" in err.decode()
     assert len(a.twilio_api.created) == 3
+
+
+async def test_the_cli_with_the_database_gives_the_server_the_calls_variables(pair, personas):
+    """`phoneagent call --var` asks Twilio itself; the server that answers learns the
+    variables from the call's record in the shared database."""
+    a, _ = pair
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "PHONEAGENT_"))}
+    env |= {
+        "PUBLIC_URL": a.settings.public_url,
+        "TWILIO_ACCOUNT_SID": a.settings.twilio_account_sid,
+        "TWILIO_AUTH_TOKEN": a.settings.twilio_auth_token,
+        "TWILIO_API_BASE_URL": a.twilio_api.base_url,
+        "PHONEAGENT_PERSONAS_DIR": str(personas),
+        "PHONEAGENT_DATABASE_URL": a.settings.database_url,
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "phoneagent.cli", "call", "--to", "+14155550219",
+        "--persona", PERSONA, "--var", "caller_name=Dana", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err
+    call_sid = out.decode().strip()
+    async with await a.twilio_api.answer(call_sid, "machine_end_beep") as callee:
+        assert callee.answer.ok, callee.answer.problems
+        (said,) = callee.answer.says
+    assert said.startswith("Hello Dana, this is Bright Smile Dental")
+    record = await a.state.calls.fetch(call_sid)
+    assert (record.direction, record.variables["caller_name"]) == ("outbound", "Dana")
