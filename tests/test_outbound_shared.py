@@ -1,6 +1,7 @@
-"""The outbound concurrency limit across instances: two servers sharing one PostgreSQL database
-count each other's calls placed and not yet ended, and ``phoneagent call`` with the database
-counts the servers' calls too."""
+"""Outbound calls across instances: two servers sharing one PostgreSQL database count each
+other's calls placed and not yet ended, ``phoneagent call`` with the database counts the
+servers' calls too and gives them its variables, and a call's context recorded by one instance
+is what another reports."""
 
 import asyncio
 import os
@@ -8,17 +9,27 @@ import sys
 
 import pytest
 from conftest import PROJECT_ROOT
-from outbound_kit import DENTAL, PERSONA, personas_calling_any_time
+from outbound_kit import DENTAL, HOOK_SECRET, PERSONA, personas_calling_any_time, send_events_to
 
 from phoneagent.config import Settings
 from phoneagent.outbound.routes import DIALER
 from phoneagent.outbound.rules import OutboundRefused
 from phoneagent.testing.stack import LocalStack, demo_credentials
+from phoneagent.testing.webhook_sink import WebhookSink
 
 
 @pytest.fixture
-def personas(tmp_path):
-    return personas_calling_any_time(tmp_path / "personas")
+async def sink():
+    async with WebhookSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def personas(tmp_path, sink, monkeypatch):
+    monkeypatch.setenv("OUTBOUND_HOOK_SECRET", HOOK_SECRET)
+    directory = personas_calling_any_time(tmp_path / "personas")
+    send_events_to(directory / f"{PERSONA}.toml", sink.url("/hooks"))
+    return directory
 
 
 @pytest.fixture
@@ -117,3 +128,24 @@ async def test_the_cli_with_the_database_gives_the_server_the_calls_variables(pa
     assert said.startswith("Hello Dana, this is Bright Smile Dental")
     record = await a.state.calls.fetch(call_sid)
     assert (record.direction, record.variables["caller_name"]) == ("outbound", "Dana")
+
+
+async def test_a_call_placed_on_one_instance_is_reported_with_its_context_by_another(pair, sink):
+    """The status callback of a call A placed reaches B (a load balancer's choice): B's
+    ``call.ended`` carries the variables and metadata A recorded, not the defaults."""
+    a, b = pair
+    call = await a._runner.app[DIALER].place(
+        to="+14155550231", persona=PERSONA, from_=None,
+        variables={"caller_name": "Dana"}, metadata={"crm": 7},
+    )  # fmt: skip
+    await a.state.calls.close(5)  # A's record (its context) is in the database
+    fake_call = a.twilio_api.calls[call["call_sid"]]
+    fake_call.status_callback = fake_call.status_callback.replace(
+        a.settings.public_url, b.settings.public_url
+    )
+    assert await a.twilio_api.finish(call["call_sid"], "no-answer") == 204
+    (request,) = await sink.wait_for(1, timeout=15)
+    data = request.json["data"]
+    assert (data["end_reason"], data["direction"]) == ("no_answer", "outbound")
+    assert data["variables"] == {"caller_name": "Dana", "appointment": "none on file"}
+    assert data["metadata"] == {"crm": 7}

@@ -123,18 +123,19 @@ async def outbound_status(request: web.Request) -> web.Response:
         "outbound_status", call_sid=call_sid, **{k: v for k, v in event.items() if k != "path"}
     )
     known = await state.calls.fetch(call_sid)  # every instance's view: a stream ran elsewhere?
-    if known is None or known.direction != OUTBOUND:
-        # Twilio signed it, so our account placed the call: a process without the shared
-        # database did (`phoneagent call`), or its record is gone. Reported for the persona
-        # of the callback's URL, which Twilio signed too.
-        log.warning("outbound_status_unknown_call", call_sid=call_sid)
     persona_id = request.query.get("persona", "")
     persona = state.persona(persona_id)
-    # A call the dialer recorded keeps its context (the first one written stays); one it did
-    # not is reported as outbound with the persona's defaults.
-    fallback = CallContext.defaults(persona, OUTBOUND) if persona else CallContext(OUTBOUND)
-    state.calls.note(call_sid, fallback.answered(persona_id, form.get("From", ""),
-                                                 form.get("To", "")))  # fmt: skip
+    context = CallContext.of_record(known)
+    if context is None or context.direction != OUTBOUND:
+        # Twilio signed it, so our account placed the call: a process without the shared
+        # database did (`phoneagent call`), or its record is gone. Reported for the persona
+        # of the callback's URL, which Twilio signed too, as outbound with its defaults.
+        log.warning("outbound_status_unknown_call", call_sid=call_sid)
+        context = CallContext.defaults(persona, OUTBOUND) if persona else CallContext(OUTBOUND)
+    # This instance's view gets the context recorded when the call was placed (maybe by
+    # another instance): the events it sends carry the call's own values.
+    state.calls.note(call_sid, context.answered(persona_id, form.get("From", ""),
+                                                form.get("To", "")))  # fmt: skip
     record = state.calls.note(call_sid, TwilioReported(event))
     views = [r for r in (known, record) if r is not None]
     talked = next((r for r in views if r.started_at is not None), record)
