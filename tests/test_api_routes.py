@@ -421,6 +421,7 @@ async def test_the_key_store_holds_only_the_keys_hash(api_stack):
 async def test_no_log_line_at_any_level_holds_a_key(api_stack, client, log_format):
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    structlog_config = structlog.get_config()  # restored: later tests read the default's output
     stream = io.StringIO()
     configure_logging(log_format, "debug", secrets=())
     root.handlers[0].setStream(stream)
@@ -439,6 +440,7 @@ async def test_no_log_line_at_any_level_holds_a_key(api_stack, client, log_forma
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+        structlog.configure(**structlog_config)
     output = stream.getvalue()
     assert "api_key_refused" in output and "http_request" in output
     for text in (good, revoked, wrong):
