@@ -4,6 +4,7 @@ its call events sent to a test's webhook sink."""
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from conftest import EXAMPLE_PERSONAS
 
@@ -28,3 +29,18 @@ def send_events_to(persona_file: Path, url: str) -> None:
     HOOK_SECRET (in $OUTBOUND_HOOK_SECRET: the test sets it)."""
     webhook = f'\n[webhook]\nurl = "{url}"\nsecret_env = "OUTBOUND_HOOK_SECRET"\n'
     persona_file.write_text(persona_file.read_text() + webhook)
+
+
+def personas_sending_events(
+    directory: Path, url: str, monkeypatch: Any, *, any_time: bool = True
+) -> Path:
+    """The example personas in ``directory`` (the dental one calling at any time unless
+    ``any_time`` is False), the dental one sending its call events to ``url``, signed with
+    HOOK_SECRET (set in the environment with ``monkeypatch``)."""
+    monkeypatch.setenv("OUTBOUND_HOOK_SECRET", HOOK_SECRET)
+    if any_time:
+        personas_calling_any_time(directory)
+    else:
+        shutil.copytree(EXAMPLE_PERSONAS, directory)
+    send_events_to(directory / f"{PERSONA}.toml", url)
+    return directory

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import pytest
 from api_kit import bearer, error_of
-from outbound_kit import DENTAL, HOOK_SECRET, PERSONA, personas_calling_any_time, send_events_to
+from outbound_kit import DENTAL, HOOK_SECRET, PERSONA, personas_sending_events, send_events_to
 
 from phoneagent.api.keys import new_key
 from phoneagent.api.routes import API_KEYS, PREFIX
@@ -58,9 +58,7 @@ async def sink():
 
 @pytest.fixture
 def personas(tmp_path, sink, monkeypatch):
-    monkeypatch.setenv("OUTBOUND_HOOK_SECRET", HOOK_SECRET)
-    directory = personas_calling_any_time(tmp_path / "personas")
-    send_events_to(directory / f"{PERSONA}.toml", sink.url("/hooks"))
+    directory = personas_sending_events(tmp_path / "personas", sink.url("/hooks"), monkeypatch)
     (directory / f"{REMINDERS}.toml").write_text(REMINDERS_TOML)
     send_events_to(directory / f"{REMINDERS}.toml", sink.url("/hooks"))
     return directory

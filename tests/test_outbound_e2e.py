@@ -5,7 +5,6 @@ answered reported as signed ``call.ended`` events to the persona's webhook."""
 
 import json
 import re
-import shutil
 import xml.etree.ElementTree as ET
 from datetime import datetime
 from urllib.parse import parse_qs, urlsplit
@@ -13,8 +12,7 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
-from conftest import EXAMPLE_PERSONAS
-from outbound_kit import HOOK_SECRET, send_events_to
+from outbound_kit import DENTAL, HOOK_SECRET, PERSONA, personas_sending_events
 
 from phoneagent.audio import pcm16_to_ulaw
 from phoneagent.delivery.signing import verify
@@ -27,9 +25,7 @@ from phoneagent.testing.stack import LocalStack
 from phoneagent.testing.twilio_signing import Signature
 from phoneagent.testing.webhook_sink import WebhookSink
 
-DENTAL = "+14155550100"
 CALLEE = "+14155550177"
-PERSONA = "bright-smile-dental"
 # A Monday at 10:00 in the dental clinic's time zone: inside its calling hours.
 MONDAY_10AM = datetime(2026, 12, 7, 10, 0, tzinfo=ZoneInfo("America/Los_Angeles"))
 
@@ -43,11 +39,9 @@ async def sink():
 @pytest.fixture
 def personas(tmp_path, sink, monkeypatch):
     """The example personas, the dental one sending call.ended to the sink."""
-    monkeypatch.setenv("OUTBOUND_HOOK_SECRET", HOOK_SECRET)
-    directory = tmp_path / "personas"
-    shutil.copytree(EXAMPLE_PERSONAS, directory)
-    send_events_to(directory / f"{PERSONA}.toml", sink.url("/hooks"))
-    return directory
+    return personas_sending_events(
+        tmp_path / "personas", sink.url("/hooks"), monkeypatch, any_time=False
+    )
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from conftest import PROJECT_ROOT
-from outbound_kit import DENTAL, HOOK_SECRET, PERSONA, personas_calling_any_time, send_events_to
+from outbound_kit import DENTAL, PERSONA, personas_sending_events
 
 from phoneagent.config import Settings
 from phoneagent.outbound.routes import DIALER
@@ -26,10 +26,7 @@ async def sink():
 
 @pytest.fixture
 def personas(tmp_path, sink, monkeypatch):
-    monkeypatch.setenv("OUTBOUND_HOOK_SECRET", HOOK_SECRET)
-    directory = personas_calling_any_time(tmp_path / "personas")
-    send_events_to(directory / f"{PERSONA}.toml", sink.url("/hooks"))
-    return directory
+    return personas_sending_events(tmp_path / "personas", sink.url("/hooks"), monkeypatch)
 
 
 @pytest.fixture
@@ -51,6 +48,27 @@ async def pair(tmp_path, personas, pg_database):
     finally:
         for stack in stacks:
             await stack.close()
+
+
+async def phoneagent_call(stack, personas, *args):
+    """`phoneagent call` with ``stack``'s configuration and its database: (exit, out, err)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "PHONEAGENT_"))}
+    env |= {
+        "PUBLIC_URL": stack.settings.public_url,
+        "TWILIO_ACCOUNT_SID": stack.settings.twilio_account_sid,
+        "TWILIO_AUTH_TOKEN": stack.settings.twilio_auth_token,
+        "TWILIO_API_BASE_URL": stack.twilio_api.base_url,
+        "PHONEAGENT_PERSONAS_DIR": str(personas),
+        "PHONEAGENT_DATABASE_URL": stack.settings.database_url,
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "phoneagent.cli", "call", "--to", "+14155550219",
+        "--persona", PERSONA, *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode, out.decode(), err.decode()
 
 
 async def place(stack, to):
@@ -79,24 +97,9 @@ async def test_the_cli_with_the_database_counts_the_servers_calls(pair, personas
     for i in range(3):
         await place(a, f"+1415555021{i}")
     await a.state.calls.close(5)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "PHONEAGENT_"))}
-    env |= {
-        "PUBLIC_URL": a.settings.public_url,
-        "TWILIO_ACCOUNT_SID": a.settings.twilio_account_sid,
-        "TWILIO_AUTH_TOKEN": a.settings.twilio_auth_token,
-        "TWILIO_API_BASE_URL": a.twilio_api.base_url,
-        "PHONEAGENT_PERSONAS_DIR": str(personas),
-        "PHONEAGENT_DATABASE_URL": a.settings.database_url,
-        "PYTHONPATH": str(PROJECT_ROOT),
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "phoneagent.cli", "call", "--to", "+14155550219",
-        "--persona", PERSONA, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 1, err
-    assert "call refused: too_many_calls" in err.decode()
+    code, _, err = await phoneagent_call(a, personas)
+    assert code == 1, err
+    assert "call refused: too_many_calls" in err
     assert len(a.twilio_api.created) == 3
 
 
@@ -104,24 +107,9 @@ async def test_the_cli_with_the_database_gives_the_server_the_calls_variables(pa
     """`phoneagent call --var` asks Twilio itself; the server that answers learns the
     variables from the call's record in the shared database."""
     a, _ = pair
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "PHONEAGENT_"))}
-    env |= {
-        "PUBLIC_URL": a.settings.public_url,
-        "TWILIO_ACCOUNT_SID": a.settings.twilio_account_sid,
-        "TWILIO_AUTH_TOKEN": a.settings.twilio_auth_token,
-        "TWILIO_API_BASE_URL": a.twilio_api.base_url,
-        "PHONEAGENT_PERSONAS_DIR": str(personas),
-        "PHONEAGENT_DATABASE_URL": a.settings.database_url,
-        "PYTHONPATH": str(PROJECT_ROOT),
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "phoneagent.cli", "call", "--to", "+14155550219",
-        "--persona", PERSONA, "--var", "caller_name=Dana", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err
-    call_sid = out.decode().strip()
+    code, out, err = await phoneagent_call(a, personas, "--var", "caller_name=Dana")
+    assert code == 0, err
+    call_sid = out.strip()
     async with await a.twilio_api.answer(call_sid, "machine_end_beep") as callee:
         assert callee.answer.ok, callee.answer.problems
         (said,) = callee.answer.says
