@@ -32,13 +32,19 @@ class UnknownPersona(LookupError):
 
 
 def chosen_persona(personas: PersonaSet, persona_id: str | None) -> Persona:
-    """The persona the demo calls: ``persona_id``, else the default, else the first."""
+    """The persona the demo calls: ``persona_id``, else the default, else the first that
+    answers calls (the demo is an inbound call: a persona that only calls out takes none)."""
+    answering = {i: p for i, p in personas.personas.items() if p.numbers or p.default}
     if persona_id is None:
-        return personas.default or next(iter(personas.personas.values()))
-    persona = personas.personas.get(persona_id)
+        return personas.default or next(iter(answering.values()))
+    persona = answering.get(persona_id)
     if persona is None:
+        why = "only places calls (phoneagent call)" if persona_id in personas.personas else ""
         raise UnknownPersona(
-            f"no persona {persona_id!r}; the personas are: {', '.join(sorted(personas.personas))}"
+            f"persona {persona_id!r} {why}; the demo calls one that answers: "
+            f"{', '.join(sorted(answering))}"
+            if why
+            else f"no persona {persona_id!r}; the personas are: {', '.join(sorted(answering))}"
         )
     return persona
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from phoneagent.api.key_store import api_key_store
-from phoneagent.api.routes import mount_api
+from phoneagent.api.routes import OUTBOUND, mount_api
 from phoneagent.business_tools import BusinessToolClient
 from phoneagent.client_limits import handler_options, unauthenticated_limits
 from phoneagent.config import Settings
@@ -36,7 +36,7 @@ from phoneagent.delivery.stores import (
 from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.logs import get_logger
 from phoneagent.metrics import CONTENT_TYPE_LATEST
-from phoneagent.outbound.dialer import Dialer
+from phoneagent.outbound.dialer import ApiDialer, Dialer
 from phoneagent.outbound.routes import DIALER
 from phoneagent.outbound.routes import add_routes as add_outbound_routes
 from phoneagent.personas import PersonaRegistry
@@ -221,7 +221,7 @@ def create_app(
     )
     tool_client = state.business_tools = BusinessToolClient(os.environ)
     app[STATE] = state
-    app[DIALER] = Dialer(
+    app[DIALER] = dialer = Dialer(
         persona=state.persona,
         calls=state.calls,
         rest=rest,
@@ -240,6 +240,7 @@ def create_app(
     add_outbound_routes(app)  # the answer and status callbacks of calls the personas place
     mount_console(app, state)  # /console, when PHONEAGENT_CONSOLE_PASSWORD is set
     mount_api(app, api_key_store(outbox, settings.data_dir))  # /api/v1
+    app[OUTBOUND].dialer = ApiDialer(dialer)  # POST /api/v1/calls places calls with it
 
     async def watch_personas(app: web.Application):
         task = asyncio.create_task(personas.watch(reload_interval))

@@ -13,7 +13,7 @@ from api_kit import CALL_SID, bearer, error_of, make_key
 from test_api_routes import VALID, RecordingDialer, record_calls
 
 from phoneagent.api.routes import OUTBOUND, PREFIX
-from phoneagent.api.validation import MAX_METADATA_DEPTH
+from phoneagent.call.context import MAX_METADATA_DEPTH
 
 JSON_TYPE = {"Content-Type": "application/json"}
 
@@ -92,7 +92,7 @@ async def test_metadata_nested_deeper_than_the_bound_is_refused(api_stack, clien
         assert response.status == 422
         assert (await error_of(response))["field"] == "metadata"
     # [[[[…]]]] fits in 4 KiB a thousand levels deep: refused too, without a recursion.
-    arrays = b'{"to": "+14155550199", "persona": "trattoria-luca", "metadata": {"a": '
+    arrays = b'{"to": "+14155550199", "persona": "bright-smile-dental", "metadata": {"a": '
     arrays += b"[" * 900 + b"]" * 900 + b"}}"
     async with client.post(f"{PREFIX}/calls", data=arrays,
                            headers=bearer(key) | JSON_TYPE) as response:  # fmt: skip

@@ -91,7 +91,8 @@ async def test_real_answers_match_the_documents_schemas(api_stack, client):
             return {"call_sid": "CA" + "5" * 32, "status": "queued"}
 
     api_stack._runner.app[OUTBOUND].dialer = Dialer()
-    body = {"to": "+14155550199", "persona": "trattoria-luca", "variables": {"a": "b"}}
+    body = {"to": "+14155550199", "persona": "bright-smile-dental",
+            "variables": {"caller_name": "Dana"}}  # fmt: skip
     schema_check("CallRequest", body)
     async with client.post(PREFIX + "/calls", headers=bearer(key), json=body) as response:
         assert response.status == 201

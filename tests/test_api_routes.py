@@ -169,7 +169,9 @@ async def test_personas_lists_the_lines_without_secrets(api_stack, client):
         assert response.status == 200
         assert response.headers["Cache-Control"] == "no-store"
         personas = (await response.json())["personas"]
-    assert [p["id"] for p in personas] == ["bright-smile-dental", "renxin-clinic", "trattoria-luca"]
+    assert [p["id"] for p in personas] == [
+        "bright-smile-dental", "bright-smile-reminders", "renxin-clinic", "trattoria-luca"
+    ]  # fmt: skip
     dental = personas[0]
     assert dental == {
         "id": "bright-smile-dental",
@@ -244,13 +246,13 @@ async def test_every_search_error_names_its_parameter(api_stack, client, query, 
     assert error["message"].startswith(f"{field}: ")
 
 
-VALID = {"to": "+14155550199", "persona": "trattoria-luca"}
+VALID = {"to": "+14155550199", "persona": "bright-smile-dental"}  # it calls out
 
 
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"persona": "trattoria-luca"}, "to"),
+        ({"persona": "bright-smile-dental"}, "to"),
         (VALID | {"to": "4155550199"}, "to"),
         (VALID | {"to": "+1 415 555 0199"}, "to"),
         (VALID | {"to": "+0155550199"}, "to"),
@@ -262,10 +264,12 @@ VALID = {"to": "+14155550199", "persona": "trattoria-luca"}
         (VALID | {"from": "+1"}, "from"),
         (VALID | {"from": "caller"}, "from"),
         (VALID | {"variables": ["Dana"]}, "variables"),
-        (VALID | {"variables": {"first_name": 3}}, "variables.first_name"),
+        (VALID | {"variables": {"caller_name": 3}}, "variables.caller_name"),
+        (VALID | {"variables": {"caller_name": "Dana\r\nX-Injected: 1"}}, "variables.caller_name"),
+        (VALID | {"variables": {"first_name": "Dana"}}, "variables.first_name"),  # undeclared
         (VALID | {"variables": {"first name": "Dana"}}, "variables.first name"),
         (VALID | {"variables": {"9lives": "x"}}, "variables.9lives"),
-        (VALID | {"variables": {"note": "x" * 1001}}, "variables.note"),
+        (VALID | {"variables": {"caller_name": "x" * 501}}, "variables.caller_name"),
         (VALID | {"variables": {f"v{i}": "x" for i in range(51)}}, "variables"),
         (VALID | {"metadata": "order 7"}, "metadata"),
         (VALID | {"metadata": [1, 2]}, "metadata"),
@@ -289,9 +293,9 @@ async def test_a_valid_call_goes_to_the_outbound_dialer(api_stack, client):
     key = await make_key(api_stack)
     body = {
         "to": "+14155550199",
-        "persona": "trattoria-luca",
-        "from": "+14155550143",
-        "variables": {"first_name": "Dana", "day": "giovedì"},
+        "persona": "bright-smile-dental",
+        "from": "+14155550100",
+        "variables": {"caller_name": "Dana", "appointment": "giovedì"},
         "metadata": {"crm_id": 42, "tags": ["vip"], "blob": "x" * 3900},
     }
     async with client.post(f"{PREFIX}/calls", headers=bearer(key), json=body) as response:
@@ -300,11 +304,11 @@ async def test_a_valid_call_goes_to_the_outbound_dialer(api_stack, client):
             "call_sid": "CA" + "9" * 32,
             "status": "queued",
             "to": "+14155550199",
-            "persona": "trattoria-luca",
+            "persona": "bright-smile-dental",
         }
     [placed] = dialer.placed
-    assert isinstance(placed["persona"], Persona) and placed["persona"].id == "trattoria-luca"
-    assert placed["to"] == "+14155550199" and placed["from_"] == "+14155550143"
+    assert isinstance(placed["persona"], Persona) and placed["persona"].id == "bright-smile-dental"
+    assert placed["to"] == "+14155550199" and placed["from_"] == "+14155550100"
     assert placed["variables"] == body["variables"]
     assert placed["metadata"] == body["metadata"]
     # from, variables and metadata are optional.
@@ -417,6 +421,7 @@ async def test_the_key_store_holds_only_the_keys_hash(api_stack):
 async def test_no_log_line_at_any_level_holds_a_key(api_stack, client, log_format):
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    structlog_config = structlog.get_config()  # restored: later tests read the default's output
     stream = io.StringIO()
     configure_logging(log_format, "debug", secrets=())
     root.handlers[0].setStream(stream)
@@ -435,6 +440,7 @@ async def test_no_log_line_at_any_level_holds_a_key(api_stack, client, log_forma
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+        structlog.configure(**structlog_config)
     output = stream.getvalue()
     assert "api_key_refused" in output and "http_request" in output
     for text in (good, revoked, wrong):

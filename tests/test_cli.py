@@ -35,6 +35,7 @@ def test_personas_check_passes_the_examples():
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == [
         f"OK    {EXAMPLE_PERSONAS / 'bright-smile-dental.toml'}",
+        f"OK    {EXAMPLE_PERSONAS / 'bright-smile-reminders.toml'}",
         f"OK    {EXAMPLE_PERSONAS / 'renxin-clinic.toml'}",
         f"OK    {EXAMPLE_PERSONAS / 'trattoria-luca.toml'}",
     ]
@@ -128,7 +129,7 @@ def test_serve_answers_health_and_readiness(server):
     assert get(base + "/healthz") == (200, '{"status": "ok"}')
     status, body = get(base + "/readyz")
     assert status == 200
-    assert '"personas": 3' in body  # the three examples
+    assert '"personas": 4' in body  # the four examples
     process.terminate()
     logs = process.communicate(timeout=10)[1]
     assert process.returncode == 0

@@ -135,6 +135,13 @@ async def test_demo_names_the_personas_when_asked_for_an_unknown_one(tmp_path):
     )
     assert code == 2
     assert "no persona 'nobody'; the personas are: bright-smile-dental, renxin-clinic" in err
+    # A persona that only calls out answers no call: the demo (an inbound call) says so.
+    code, _, err = await run(
+        "demo", "--persona", "bright-smile-reminders",
+        env=clean_env(PHONEAGENT_DATA_DIR=str(tmp_path)),
+    )  # fmt: skip
+    assert code == 2
+    assert "persona 'bright-smile-reminders' only places calls (phoneagent call)" in err
 
 
 async def test_simulate_calls_a_persona_by_id_in_its_language(served, tmp_path):

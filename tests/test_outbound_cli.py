@@ -1,16 +1,20 @@
 """``phoneagent call``: places the call through Twilio's REST API (the fake, on loopback) with
-the server's configuration, prints the SID; refusals are clear, with a non-zero exit. The
-server the call's answer reaches greets the callee with the outbound greeting."""
+the server's configuration, or through the running server's API (``--server``), prints the
+SID; refusals are clear, with a non-zero exit. The server the call's answer reaches greets the
+callee with the outbound greeting, filled with the call's ``--var`` values."""
 
 import asyncio
 import os
 import re
 import sys
+import time
 
 import pytest
 from conftest import PROJECT_ROOT
 from outbound_kit import DENTAL, PERSONA, personas_calling_any_time
 
+from phoneagent.api.keys import new_key
+from phoneagent.api.routes import API_KEYS
 from phoneagent.outbound.context import ANSWER_PATH
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.stack import LocalStack
@@ -58,9 +62,7 @@ async def phoneagent_call(env, *args):
 
 async def test_the_cli_places_a_call_the_server_then_answers(stack, personas):
     env = environment(stack, personas)
-    code, out, err = await phoneagent_call(
-        env, "--to", CALLEE, "--persona", PERSONA, "--var", "name=Dana"
-    )
+    code, out, err = await phoneagent_call(env, "--to", CALLEE, "--persona", PERSONA)
     assert code == 0, err
     call_sid = out.strip()
     assert re.fullmatch(r"CA[0-9a-f]{32}", call_sid)
@@ -69,9 +71,8 @@ async def test_the_cli_places_a_call_the_server_then_answers(stack, personas):
     assert created.params["Url"] == f"{stack.settings.public_url}{ANSWER_PATH}?persona={PERSONA}"
     assert stack.settings.twilio_auth_token not in out + err
     # The server never saw the call (no shared database): it answers by the signed URL's
-    # persona, with the outbound greeting.
+    # persona, with the outbound greeting filled with the defaults.
     async with await stack.twilio_api.answer(call_sid, "human", speed=4.0) as callee:
-        assert callee.answer.parameters["direction"] == "outbound"
         await callee.connect()
         callee.start_background_silence()
         await callee.wait_until_heard_ms(1000, timeout=20)  # the greeting has started
@@ -79,20 +80,72 @@ async def test_the_cli_places_a_call_the_server_then_answers(stack, personas):
         await callee.hangup()
     await stack.model.wait_for(lambda: stack.model.sessions_open == 0, 5)
     record = stack.state.calls.get(call_sid)
-    outbound = stack.state.persona(PERSONA).outbound
-    assert record.transcript[0]["text"] == outbound.greeting
+    assert record.transcript[0]["text"].startswith("Hello there, this is Maya")
+    assert (record.direction, dict(record.variables)) == (
+        "outbound",
+        {"caller_name": "there", "appointment": "none on file"},
+    )
+
+
+async def test_variables_without_a_database_are_refused_not_lost(stack, personas):
+    env = environment(stack, personas)
+    code, out, err = await phoneagent_call(
+        env, "--to", CALLEE, "--persona", PERSONA, "--var", "caller_name=Dana"
+    )
+    assert (code, out) == (2, "")
+    assert "PHONEAGENT_DATABASE_URL is not set" in err and "--server" in err
+    assert stack.twilio_api.created == []
+
+
+async def test_through_the_servers_api_the_variables_reach_the_greeting(stack, personas):
+    key, text = new_key("cli", (), now=time.time())
+    await stack._runner.app[API_KEYS].add(key)
+    # No Twilio credentials here: the server places the call.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "PHONEAGENT_"))}
+    env |= {"PHONEAGENT_API_KEY": text, "PYTHONPATH": str(PROJECT_ROOT)}
+    code, out, err = await phoneagent_call(
+        env, "--server", stack.base_url, "--to", CALLEE, "--persona", PERSONA,
+        "--var", "caller_name=Dana",
+    )  # fmt: skip
+    assert code == 0, err
+    call_sid = out.strip()
+    assert text not in out + err
+    (created,) = stack.twilio_api.created
+    assert created.params["To"] == CALLEE
+    async with await stack.twilio_api.answer(call_sid, "human", speed=4.0) as callee:
+        await callee.connect()
+        callee.start_background_silence()
+        await callee.wait_until_heard_ms(1000, timeout=20)
+        await callee.wait_until_quiet(400, timeout=20)
+        await callee.hangup()
+    await stack.model.wait_for(lambda: stack.model.sessions_open == 0, 5)
+    record = stack.state.calls.get(call_sid)
+    assert record.transcript[0]["text"].startswith("Hello Dana, this is Maya")
+    assert record.variables["caller_name"] == "Dana"
+    # A refusal is the API's, said as such; a wrong key is configuration (2).
+    code, _, err = await phoneagent_call(
+        env, "--server", stack.base_url, "--to", CALLEE, "--persona", PERSONA,
+        "--var", "nickname=D",
+    )  # fmt: skip
+    assert code == 1 and "call refused: invalid_request: variables.nickname: " in err
+    env["PHONEAGENT_API_KEY"] = text + "x"
+    code, _, err = await phoneagent_call(env, "--server", stack.base_url, "--to", CALLEE,
+                                         "--persona", PERSONA)  # fmt: skip
+    assert code == 2 and "call refused: unauthorized" in err
+    assert len(stack.twilio_api.created) == 1
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--to", "415 555 0177", "--persona", PERSONA],
-         "call refused: invalid_number [to]: 'to' is not an E.164 number"),
-        (["--to", CALLEE, "--persona", "nobody"], "call refused: unknown_persona [persona]"),
+         "call refused: invalid_request [to]: 'to' is not an E.164 number"),
+        (["--to", CALLEE, "--persona", "nobody"],
+         "call refused: invalid_request [persona]: no persona"),
         (["--to", CALLEE, "--persona", "trattoria-luca"],
-         "call refused: persona_not_outbound [persona]"),
+         "call refused: invalid_request [persona]: persona 'trattoria-luca' has no [outbound]"),
         (["--to", CALLEE, "--persona", PERSONA, "--from", "+14155550999"],
-         "call refused: twilio_refused [from]: Twilio refused the call (error 21210)"),
+         "call refused: invalid_request [from]: Twilio refused the call (error 21210)"),
     ],
 )  # fmt: skip
 async def test_refusals_are_clear_with_exit_1(stack, personas, args, message):

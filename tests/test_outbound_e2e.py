@@ -5,7 +5,6 @@ answered reported as signed ``call.ended`` events to the persona's webhook."""
 
 import json
 import re
-import shutil
 import xml.etree.ElementTree as ET
 from datetime import datetime
 from urllib.parse import parse_qs, urlsplit
@@ -13,7 +12,7 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
-from conftest import EXAMPLE_PERSONAS
+from outbound_kit import DENTAL, HOOK_SECRET, PERSONA, personas_sending_events
 
 from phoneagent.audio import pcm16_to_ulaw
 from phoneagent.delivery.signing import verify
@@ -26,10 +25,7 @@ from phoneagent.testing.stack import LocalStack
 from phoneagent.testing.twilio_signing import Signature
 from phoneagent.testing.webhook_sink import WebhookSink
 
-DENTAL = "+14155550100"
 CALLEE = "+14155550177"
-PERSONA = "bright-smile-dental"
-HOOK_SECRET = "whsec_b3V0Ym91bmQtdGVzdA=="
 # A Monday at 10:00 in the dental clinic's time zone: inside its calling hours.
 MONDAY_10AM = datetime(2026, 12, 7, 10, 0, tzinfo=ZoneInfo("America/Los_Angeles"))
 
@@ -43,15 +39,9 @@ async def sink():
 @pytest.fixture
 def personas(tmp_path, sink, monkeypatch):
     """The example personas, the dental one sending call.ended to the sink."""
-    monkeypatch.setenv("OUTBOUND_HOOK_SECRET", HOOK_SECRET)
-    directory = tmp_path / "personas"
-    shutil.copytree(EXAMPLE_PERSONAS, directory)
-    dental = directory / f"{PERSONA}.toml"
-    dental.write_text(
-        dental.read_text()
-        + f'\n[webhook]\nurl = "{sink.url("/hooks")}"\nsecret_env = "OUTBOUND_HOOK_SECRET"\n'
+    return personas_sending_events(
+        tmp_path / "personas", sink.url("/hooks"), monkeypatch, any_time=False
     )
-    return directory
 
 
 @pytest.fixture
@@ -92,7 +82,7 @@ async def ended_events(sink, count):
 
 
 async def test_a_placed_call_reaches_twilio_with_the_right_params(stack):
-    call = await place(stack, variables={"name": "Dana"}, metadata={"booking": 42})
+    call = await place(stack, variables={"caller_name": "Dana"}, metadata={"booking": 42})
     assert call["call_sid"].startswith("CA") and len(call["call_sid"]) == 34
     assert {k: v for k, v in call.items() if k != "call_sid"} == {
         "status": "queued", "to": CALLEE, "from": DENTAL, "persona": PERSONA,
@@ -122,7 +112,6 @@ async def test_a_person_answers_and_hears_the_outbound_greeting(stack, model, si
         assert answer.ok, answer.problems
         assert answer.stream_url == stack.settings.stream_url
         assert answer.parameters["persona"] == PERSONA
-        assert answer.parameters["direction"] == "outbound"
         await callee.connect()
         callee.start_background_silence()
         await callee.wait_until_heard_ms(1000, timeout=20)  # the greeting has started
@@ -231,14 +220,14 @@ async def test_over_the_concurrency_limit_is_refused_until_a_call_ends(stack):
 async def test_requests_twilio_cannot_place_are_refused_naming_the_field(stack):
     with pytest.raises(OutboundRefused) as refused:
         await place(stack, persona="nobody")
-    assert (refused.value.code, refused.value.field) == ("unknown_persona", "persona")
+    assert (refused.value.code, refused.value.field) == ("invalid_request", "persona")
     with pytest.raises(OutboundRefused) as refused:
         await place(stack, persona="trattoria-luca")
-    assert (refused.value.code, refused.value.field) == ("persona_not_outbound", "persona")
+    assert (refused.value.code, refused.value.field) == ("invalid_request", "persona")
     with pytest.raises(OutboundRefused) as refused:
         await place(stack, to="0041 79 123 45 67")
     assert (refused.value.code, refused.value.field, refused.value.status) == (
-        "invalid_number", "to", 422
+        "invalid_request", "to", 422
     )  # fmt: skip
     with pytest.raises(OutboundRefused) as refused:
         await place(stack, from_="+1 415")
@@ -248,7 +237,7 @@ async def test_requests_twilio_cannot_place_are_refused_naming_the_field(stack):
     with pytest.raises(OutboundRefused) as refused:
         await place(stack, from_="+14155550999")  # not a number of the account
     assert (refused.value.code, refused.value.field, refused.value.status) == (
-        "twilio_refused", "from", 422
+        "invalid_request", "from", 422
     )  # fmt: skip
     assert "21210" in refused.value.message
     assert stack.settings.twilio_auth_token not in refused.value.message

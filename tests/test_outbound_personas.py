@@ -37,8 +37,10 @@ def test_the_example_persona_calls_out():
     dental = load_directory(EXAMPLE_PERSONAS, environ={}).personas["bright-smile-dental"]
     outbound = dental.outbound
     assert outbound is not None
-    assert outbound.greeting.startswith("Hello, this is Maya from Bright Smile Dental")
-    assert outbound.voicemail_message.startswith("Hello, this is Bright Smile Dental")
+    # As loaded: filled with the defaults; each call fills them with its own values.
+    assert outbound.greeting.startswith("Hello there, this is Maya from Bright Smile Dental")
+    assert outbound.voicemail_message.startswith("Hello there, this is Bright Smile Dental")
+    assert set(dental.templates) >= {"outbound.greeting", "outbound.voicemail_message"}
     assert outbound.from_number == "+14155550100"  # its first number
     assert outbound.max_concurrent_calls == 3
     assert outbound.calling_hours == (9 * 60, 18 * 60)

@@ -7,7 +7,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from phoneagent.outbound.context import OutboundContext, placed_for
+from phoneagent.call.context import CallContext
+from phoneagent.outbound.context import PLACED, placed_for
 from phoneagent.outbound.rules import (
     Answer,
     OutboundRefused,
@@ -90,8 +91,9 @@ def test_machine_detection_waits_for_the_beep_only_to_leave_a_message():
 
 def placed(status="queued") -> CallRecord:
     record = CallRecord("CA1", persona="line")
-    context = OutboundContext("line", "+14155550177", "+14155550100")
-    apply(record, TwilioReported(context.placed_entry(status)))
+    # As the dialer records a call it placed: its context, then Twilio's answer.
+    apply(record, CallContext("outbound").answered("line", "+14155550100", "+14155550177"))
+    apply(record, TwilioReported({"path": PLACED, "CallStatus": status}))
     return record
 
 
@@ -132,30 +134,40 @@ def test_which_records_an_answer_may_belong_to():
     assert not placed_for(progress, "line")
 
 
-def test_variables_and_metadata_are_bounded():
+def test_variables_and_metadata_are_checked_against_the_persona():
     from phoneagent.outbound.rules import check_request
     from phoneagent.personas import Persona
+    from phoneagent.personas.variables import Variable
 
     persona = Persona(
         id="line", name="Line", numbers=("+14155550100",), instructions="x", greeting="Hi",
         voice="v", language="en-US", goodbye="Bye", outbound=OutboundSettings(greeting="Hi",
         from_number="+14155550100"),
+        variables={"name": Variable("name"), "day": Variable("day", "soon")},
     )  # fmt: skip
     ok = ("line", persona, "+14155550177", None)
-    check_request(*ok, {"name": "Dana"}, {"booking": {"id": 42}})
+    _, context = check_request(*ok, {"name": "Dana"}, {"booking": {"id": 42}})
+    assert context == CallContext(
+        "outbound", {"name": "Dana", "day": "soon"}, {"booking": {"id": 42}}
+    )
+    code = "invalid_request"
     cases = [
-        ({"name": 3}, {}, "invalid_variables", "variables.name"),
-        ({"name": "x" * 1001}, {}, "invalid_variables", "variables.name"),
-        ({f"v{i}": "x" for i in range(51)}, {}, "invalid_variables", "variables"),
-        ({}, {"x": "y" * 5000}, "invalid_metadata", "metadata"),
-        ({}, {"x": float("nan")}, "invalid_metadata", "metadata"),
-        ({}, {"x": object()}, "invalid_metadata", "metadata"),
-        ({}, ["not", "an", "object"], "invalid_metadata", "metadata"),
+        ({"name": 3}, {}, code, "variables.name"),
+        ({"name": "x" * 501}, {}, code, "variables.name"),
+        ({"name": "two\nlines"}, {}, code, "variables.name"),
+        ({"name": "Dana", "nickname": "D"}, {}, code, "variables.nickname"),  # undeclared
+        ({"day": "Monday"}, {}, code, "variables.name"),  # required, missing
+        ({f"v{i}": "x" for i in range(51)}, {}, code, "variables"),
+        (["Dana"], {}, code, "variables"),
+        ({"name": "Dana"}, {"x": "y" * 5000}, code, "metadata"),
+        ({"name": "Dana"}, {"x": float("nan")}, code, "metadata"),
+        ({"name": "Dana"}, {"x": object()}, code, "metadata"),
+        ({"name": "Dana"}, ["not", "an", "object"], code, "metadata"),
     ]
     for variables, metadata, code, field in cases:
         with pytest.raises(OutboundRefused) as refused:
             check_request(*ok, variables, metadata)
         assert (refused.value.code, refused.value.field, refused.value.status) == (code, field, 422)
     with pytest.raises(OutboundRefused) as refused:
-        check_request("line", persona, "+14155550100", None, {})
-    assert (refused.value.code, refused.value.field) == ("invalid_number", "to")
+        check_request("line", persona, "+14155550100", None, {"name": "Dana"}, {})
+    assert (refused.value.code, refused.value.field) == ("invalid_request", "to")

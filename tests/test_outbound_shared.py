@@ -1,6 +1,7 @@
-"""The outbound concurrency limit across instances: two servers sharing one PostgreSQL database
-count each other's calls placed and not yet ended, and ``phoneagent call`` with the database
-counts the servers' calls too."""
+"""Outbound calls across instances: two servers sharing one PostgreSQL database count each
+other's calls placed and not yet ended, ``phoneagent call`` with the database counts the
+servers' calls too and gives them its variables, and a call's context recorded by one instance
+is what another reports."""
 
 import asyncio
 import os
@@ -8,17 +9,24 @@ import sys
 
 import pytest
 from conftest import PROJECT_ROOT
-from outbound_kit import DENTAL, PERSONA, personas_calling_any_time
+from outbound_kit import DENTAL, PERSONA, personas_sending_events
 
 from phoneagent.config import Settings
 from phoneagent.outbound.routes import DIALER
 from phoneagent.outbound.rules import OutboundRefused
 from phoneagent.testing.stack import LocalStack, demo_credentials
+from phoneagent.testing.webhook_sink import WebhookSink
 
 
 @pytest.fixture
-def personas(tmp_path):
-    return personas_calling_any_time(tmp_path / "personas")
+async def sink():
+    async with WebhookSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def personas(tmp_path, sink, monkeypatch):
+    return personas_sending_events(tmp_path / "personas", sink.url("/hooks"), monkeypatch)
 
 
 @pytest.fixture
@@ -40,6 +48,27 @@ async def pair(tmp_path, personas, pg_database):
     finally:
         for stack in stacks:
             await stack.close()
+
+
+async def phoneagent_call(stack, personas, *args):
+    """`phoneagent call` with ``stack``'s configuration and its database: (exit, out, err)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "PHONEAGENT_"))}
+    env |= {
+        "PUBLIC_URL": stack.settings.public_url,
+        "TWILIO_ACCOUNT_SID": stack.settings.twilio_account_sid,
+        "TWILIO_AUTH_TOKEN": stack.settings.twilio_auth_token,
+        "TWILIO_API_BASE_URL": stack.twilio_api.base_url,
+        "PHONEAGENT_PERSONAS_DIR": str(personas),
+        "PHONEAGENT_DATABASE_URL": stack.settings.database_url,
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "phoneagent.cli", "call", "--to", "+14155550219",
+        "--persona", PERSONA, *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode, out.decode(), err.decode()
 
 
 async def place(stack, to):
@@ -68,22 +97,43 @@ async def test_the_cli_with_the_database_counts_the_servers_calls(pair, personas
     for i in range(3):
         await place(a, f"+1415555021{i}")
     await a.state.calls.close(5)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "PHONEAGENT_"))}
-    env |= {
-        "PUBLIC_URL": a.settings.public_url,
-        "TWILIO_ACCOUNT_SID": a.settings.twilio_account_sid,
-        "TWILIO_AUTH_TOKEN": a.settings.twilio_auth_token,
-        "TWILIO_API_BASE_URL": a.twilio_api.base_url,
-        "PHONEAGENT_PERSONAS_DIR": str(personas),
-        "PHONEAGENT_DATABASE_URL": a.settings.database_url,
-        "PYTHONPATH": str(PROJECT_ROOT),
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "phoneagent.cli", "call", "--to", "+14155550219",
-        "--persona", PERSONA, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 1, err
-    assert "call refused: too_many_calls" in err.decode()
+    code, _, err = await phoneagent_call(a, personas)
+    assert code == 1, err
+    assert "call refused: too_many_calls" in err
     assert len(a.twilio_api.created) == 3
+
+
+async def test_the_cli_with_the_database_gives_the_server_the_calls_variables(pair, personas):
+    """`phoneagent call --var` asks Twilio itself; the server that answers learns the
+    variables from the call's record in the shared database."""
+    a, _ = pair
+    code, out, err = await phoneagent_call(a, personas, "--var", "caller_name=Dana")
+    assert code == 0, err
+    call_sid = out.strip()
+    async with await a.twilio_api.answer(call_sid, "machine_end_beep") as callee:
+        assert callee.answer.ok, callee.answer.problems
+        (said,) = callee.answer.says
+    assert said.startswith("Hello Dana, this is Bright Smile Dental")
+    record = await a.state.calls.fetch(call_sid)
+    assert (record.direction, record.variables["caller_name"]) == ("outbound", "Dana")
+
+
+async def test_a_call_placed_on_one_instance_is_reported_with_its_context_by_another(pair, sink):
+    """The status callback of a call A placed reaches B (a load balancer's choice): B's
+    ``call.ended`` carries the variables and metadata A recorded, not the defaults."""
+    a, b = pair
+    call = await a._runner.app[DIALER].place(
+        to="+14155550231", persona=PERSONA, from_=None,
+        variables={"caller_name": "Dana"}, metadata={"crm": 7},
+    )  # fmt: skip
+    await a.state.calls.close(5)  # A's record (its context) is in the database
+    fake_call = a.twilio_api.calls[call["call_sid"]]
+    fake_call.status_callback = fake_call.status_callback.replace(
+        a.settings.public_url, b.settings.public_url
+    )
+    assert await a.twilio_api.finish(call["call_sid"], "no-answer") == 204
+    (request,) = await sink.wait_for(1, timeout=15)
+    data = request.json["data"]
+    assert (data["end_reason"], data["direction"]) == ("no_answer", "outbound")
+    assert data["variables"] == {"caller_name": "Dana", "appointment": "none on file"}
+    assert data["metadata"] == {"crm": 7}

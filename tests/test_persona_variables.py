@@ -212,7 +212,28 @@ def test_a_required_variable_is_allowed_on_a_persona_that_only_calls_out():
     # (an outbound call's request) is the only kind it has.
     text = persona_toml("[variables]\nname = { required = true }\n", numbers=False)
     found = problems_of(text)
-    assert found == ["numbers: list at least one number, or mark the persona default"]
+    assert found == [
+        "numbers: list at least one number, or mark the persona default, or give it an "
+        "[outbound] section (a persona that only calls out)"
+    ]
+    outbound = '[outbound]\ngreeting = "Hi {name}"\nfrom = "+14155550100"\n'
+    assert problems_of(text + outbound) == []
+
+
+@pytest.mark.parametrize("key", ["greeting", "voicemail_message"])
+def test_the_outbound_texts_are_checked_and_filled_like_the_others(key):
+    texts = {"greeting": "Hi", "voicemail_message": "Call us"} | {key: "Hi {nickname}"}
+    outbound = "[outbound]\n" + "".join(f'{k} = "{v}"\n' for k, v in texts.items())
+    text = persona_toml('[variables]\nname = { default = "there" }\n', greeting="Hi {name}")
+    assert problems_of(text + outbound) == [
+        f"outbound.{key}: uses {{nickname}}, which [variables] does not declare "
+        "(declare it, or write a literal brace as {{ or }})"
+    ]
+    persona, problems = parse(text + outbound.replace("{nickname}", "{name}"))
+    assert problems == []
+    assert getattr(persona.outbound, key) == "Hi there"  # as loaded: the defaults
+    filled = CallContext("outbound", {"name": "Dana"}).persona(persona)
+    assert getattr(filled.outbound, key) == "Hi Dana"
 
 
 LOOKUP = NAME + '[lookup]\nurl = "https://crm.example.com/lookup"\nsecret_env = "LOOKUP_SECRET"\n'
@@ -266,7 +287,7 @@ def test_a_lookup_on_localhost_may_use_http_as_webhooks_may():
 def test_personas_check_prints_variable_problems_with_file_field_and_reason(tmp_path):
     bad = tmp_path / "line.toml"
     text = (EXAMPLE_PERSONAS / "bright-smile-dental.toml").read_text()
-    bad.write_text(text.replace("Hello {caller_name}", "Hello {caller.name}"))
+    bad.write_text(text.replace("Hello {caller_name}", "Hello {caller.name}", 1))
     env = {k: v for k, v in os.environ.items() if k not in VALID_ENV}
     result = subprocess.run(
         [sys.executable, "-m", "phoneagent.cli", "personas", "check", str(tmp_path)],

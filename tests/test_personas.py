@@ -48,7 +48,12 @@ def write(directory: Path, stem: str, text: str) -> Path:
 
 def test_example_personas_are_valid_and_complete():
     personas = load_directory(EXAMPLE_PERSONAS, environ={})
-    assert set(personas.personas) == {"bright-smile-dental", "renxin-clinic", "trattoria-luca"}
+    assert set(personas.personas) == {
+        "bright-smile-dental",
+        "bright-smile-reminders",
+        "renxin-clinic",
+        "trattoria-luca",
+    }
     dental = personas.personas["bright-smile-dental"]
     assert dental.default
     assert dental.numbers == ("+14155550100",)

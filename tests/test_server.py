@@ -50,7 +50,7 @@ async def test_healthz(client):
 async def test_readyz_when_personas_loaded(client):
     response = await client.get("/readyz")
     assert response.status == 200
-    assert await response.json() == {"status": "ready", "draining": False, "personas": 3}
+    assert await response.json() == {"status": "ready", "draining": False, "personas": 4}
 
 
 async def test_readyz_turns_503_when_draining(client):

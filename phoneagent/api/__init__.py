@@ -8,7 +8,8 @@ calls and lines), authenticated with API keys.
   dialer raises to refuse a call).
 - ``validation``: the checks of what a client sends. No I/O.
 - ``routes``: the routes, their authentication and the limit on failed attempts;
-  ``mount_api`` and the app's ``OUTBOUND_DIALER``.
+  ``mount_api``, and the app's ``OUTBOUND`` holder, where the server puts its outbound
+  dialer (``outbound.dialer.ApiDialer``).
 - ``cli``: ``phoneagent keys create|list|revoke``.
 - ``openapi.json``: the API's description, served at ``/api/v1/openapi.json``.
 

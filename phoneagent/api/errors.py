@@ -28,9 +28,12 @@ CODES: Mapping[str, int] = {
     "method_not_allowed": 405,
     "payload_too_large": 413,
     "unsupported_media_type": 415,  # a body that is not application/json
+    "outside_calling_hours": 409,  # the persona does not call now (its calling hours)
     "invalid_request": 422,  # a value that is wrong: ``field`` names it
     "too_many_requests": 429,  # too many failed attempts from this address: see Retry-After
+    "too_many_calls": 429,  # the persona has its limit of outbound calls under way
     "internal_error": 500,
+    "twilio_refused": 502,  # Twilio refused to place the call (not for a number: that is 422)
     "outbound_unavailable": 503,  # no outbound dialer on this server, or it cannot dial now
     "store_unavailable": 503,  # the key store or the database cannot be read now
 }

@@ -29,6 +29,8 @@ from phoneagent.api.errors import CODES, ApiError, error_response
 from phoneagent.api.key_store import ApiKeyStore
 from phoneagent.api.keys import ApiKey, key_id_of
 from phoneagent.api.validation import invalid, outbound_request, search_limit
+from phoneagent.call.context import OUTBOUND as OUTBOUND_DIRECTION
+from phoneagent.call.context import ContextProblem, given_context
 from phoneagent.console.auth import AttemptLimiter
 from phoneagent.console.call_views import CALL_SID
 from phoneagent.console.calls import SearchForm
@@ -291,6 +293,13 @@ async def place_call(request: web.Request) -> web.Response:
     persona = state.persona(call.persona)
     if persona is None:
         raise invalid("persona", f"no persona {call.persona!r} (GET /api/v1/personas lists them)")
+    # The one check of a call's variables and metadata (the dialer's too), here before the
+    # dialer is looked for. A persona without [outbound] is the dialer's to refuse, by name.
+    try:
+        if persona.outbound is not None:
+            given_context(persona, OUTBOUND_DIRECTION, call.variables, call.metadata)
+    except ContextProblem as problem:
+        raise invalid(problem.field, problem.reason) from None
     dialer = request.app[OUTBOUND].dialer
     if dialer is None:
         raise ApiError(503, "outbound_unavailable", "this server does not place outbound calls")
@@ -298,8 +307,8 @@ async def place_call(request: web.Request) -> web.Response:
         to=call.to,
         persona=persona,
         from_=call.from_,
-        variables=dict(call.variables),
-        metadata=dict(call.metadata),
+        variables=call.variables,
+        metadata=call.metadata,
     )
     log.info("api_call_placed", key_id=request[_KEY].id, persona=persona.id,
              call_sid=created.get("call_sid"))  # fmt: skip

@@ -1,11 +1,16 @@
-"""``phoneagent call``: a persona calls a number, from the command line (the dialer, as the
-server's API uses it). Prints the new call's SID.
+"""``phoneagent call``: a persona calls a number, from the command line. Prints the new call's
+SID.
 
-The server answers the call when the callee picks up, so PUBLIC_URL and the Twilio credentials
-are the server's. With ``PHONEAGENT_DATABASE_URL`` the call is recorded in the shared database:
-the servers then know its variables and count it against the persona's concurrency limit;
-without it, this command counts only itself (0 calls) and the server knows the call by its
-persona alone (from the answer URL Twilio signs).
+Two ways, one result. With ``--server URL`` (and the key in ``PHONEAGENT_API_KEY``) the
+running server places the call through its own API (``POST /api/v1/calls``): it records the
+call's context and counts it, database or not. Without it, this command asks Twilio itself
+with the dialer the server uses; the server answers the call when the callee picks up, so
+PUBLIC_URL and the Twilio credentials are the server's. The call's variables then reach the
+server only through the shared database (``PHONEAGENT_DATABASE_URL``), which also counts the
+call against the persona's concurrency limit. Without a database the server knows the call by
+its persona alone (from the answer URL Twilio signs) and fills its texts with the defaults: a
+call with ``--var``, or for a persona with required variables, is refused rather than placed
+with values nobody would hear.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ def add_call_command(
         "--var", action="append", default=[], metavar="NAME=VALUE",
         help="a variable of the call (repeat for more)",
     )  # fmt: skip
+    call.add_argument(
+        "--server", metavar="URL", help="place the call through this running server's API "
+        "(https://…, its API key in $PHONEAGENT_API_KEY) instead of asking Twilio here",
+    )  # fmt: skip
     call.set_defaults(handler=partial(cmd_call, config_errors=config_errors,
                                       persona_errors=persona_errors))  # fmt: skip
 
@@ -63,6 +72,15 @@ def cmd_call(
     from phoneagent.personas import PersonaError, load_directory
 
     configure_logging("console", "error")  # the SID alone on stdout; refusals said below
+    variables: dict[str, str] = {}
+    for item in args.var:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            print(f"phoneagent: --var {item!r} is not NAME=VALUE", file=sys.stderr)
+            return EXIT_CONFIG
+        variables[name.strip()] = value
+    if args.server:
+        return _call_through_api(args, variables)
     try:
         settings = load_settings(require_credentials=False)
     except ConfigError as exc:
@@ -71,17 +89,23 @@ def cmd_call(
                if not _setting(settings, name)]  # fmt: skip
     if missing:
         return config_errors(ConfigError(missing))
-    variables: dict[str, str] = {}
-    for item in args.var:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            print(f"phoneagent: --var {item!r} is not NAME=VALUE", file=sys.stderr)
-            return EXIT_CONFIG
-        variables[name.strip()] = value
     try:
         personas = load_directory(settings.personas_dir)
     except PersonaError as exc:
         return persona_errors(exc)
+    persona = personas.personas.get(args.persona)
+    if (
+        not settings.database_url
+        and persona is not None
+        and (variables or any(v.required for v in persona.variables.values()))
+    ):
+        print(
+            "phoneagent: call not placed: the server learns a call's variables from the shared "
+            "database, and PHONEAGENT_DATABASE_URL is not set; set it (as the server has it), "
+            "or place the call through the server: --server URL with PHONEAGENT_API_KEY",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     try:
         call = asyncio.run(_place(settings, personas.personas.get, args, variables))
     except OutboundRefused as exc:
@@ -131,3 +155,50 @@ async def _place(settings: Settings, persona, args: argparse.Namespace, variable
         await records.close(RECORD_FLUSH_SECONDS)
         if outbox is not None:
             await outbox.close()
+
+
+def _call_through_api(args: argparse.Namespace, variables: dict[str, str]) -> int:
+    """``POST /api/v1/calls`` on the running server: it checks, places and records the call."""
+    import os
+
+    import aiohttp
+
+    key = os.environ.get("PHONEAGENT_API_KEY", "")
+    if not key:
+        print("phoneagent: PHONEAGENT_API_KEY is not set: the key of the server's API "
+              "(phoneagent keys create)", file=sys.stderr)  # fmt: skip
+        return EXIT_CONFIG
+    body: dict[str, Any] = {"to": args.to, "persona": args.persona, "variables": variables}
+    if args.from_:
+        body["from"] = args.from_
+    try:
+        status, answer = asyncio.run(_post_call(args.server.rstrip("/"), key, body))
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        print(f"phoneagent: the server at {args.server} could not be reached: "
+              f"{type(exc).__name__}", file=sys.stderr)  # fmt: skip
+        return EXIT_CONFIG
+    if status == 201 and isinstance(answer.get("call_sid"), str):
+        print(answer["call_sid"])
+        return EXIT_OK
+    error = answer.get("error") if isinstance(answer.get("error"), dict) else {}
+    code, message = error.get("code", f"HTTP {status}"), error.get("message", "")
+    print(f"phoneagent: call refused: {code}: {message}", file=sys.stderr)
+    # A refusal of the call itself is 1, as when this command asks Twilio; the key, the
+    # server or the URL being wrong is configuration: 2.
+    return EXIT_CONFIG if status in (401, 403, 404, 405) or status >= 500 else EXIT_INVALID
+
+
+async def _post_call(server: str, key: str, body: dict[str, Any]) -> tuple[int, dict]:
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {key}"}
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.post(f"{server}/api/v1/calls", json=body, headers=headers) as response,
+    ):
+        try:
+            answer = await response.json(content_type=None)
+        except ValueError:
+            answer = {}
+        return response.status, answer if isinstance(answer, dict) else {}

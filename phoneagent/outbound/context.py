@@ -1,65 +1,20 @@
-"""What travels with a placed call from the dialer to its media stream: the persona, that it is
-outbound, and the caller's ``variables`` and ``metadata`` (plain values; per-call context for
-inbound and outbound calls will replace this carrier).
-
-It is kept in the call record, as the first entry of ``twilio_events`` (what Twilio answered to
-the Calls create, with our own fields), so the instance Twilio asks when the callee answers —
-any instance, with a shared database — finds it. No I/O here.
+"""What a call record says about a call a persona placed. The call's context (direction
+"outbound", its variables and metadata: ``call.context.CallContext``) is written into the
+record when the dialer places the call, so the instance Twilio asks when the callee answers —
+any instance, with a shared database — finds it; Twilio's answer to the Calls create is the
+first of its ``twilio_events`` (``PLACED``). No I/O here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
-
+from phoneagent.call.context import OUTBOUND
 from phoneagent.records import CallRecord
 
-OUTBOUND = "outbound"
 #: The ``path`` of the record's entry for a call we placed (not a URL Twilio requested).
 PLACED = "outbound:placed"
 #: Where Twilio asks about a placed call: when the callee answers, and as the call progresses.
 ANSWER_PATH = "/twilio/outbound/answer"
 STATUS_PATH = "/twilio/outbound/status"
-
-
-@dataclass(frozen=True)
-class OutboundContext:
-    persona: str
-    to: str
-    from_: str
-    variables: Mapping[str, str] = field(default_factory=dict)
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    direction: str = OUTBOUND
-
-    def placed_entry(self, call_status: str) -> dict[str, Any]:
-        """The record's entry for the placed call (``TwilioReported``)."""
-        return {
-            "path": PLACED,
-            "CallStatus": call_status,
-            "direction": self.direction,
-            "persona": self.persona,
-            "to": self.to,
-            "from": self.from_,
-            "variables": dict(self.variables),
-            "metadata": dict(self.metadata),
-        }
-
-
-def placed_context(record: CallRecord | None) -> OutboundContext | None:
-    """The context of a call we placed, from its record; None for any other call."""
-    if record is None:
-        return None
-    for entry in record.twilio_events:
-        if entry.get("path") == PLACED:
-            return OutboundContext(
-                persona=str(entry.get("persona", "")),
-                to=str(entry.get("to", "")),
-                from_=str(entry.get("from", "")),
-                variables=dict(entry.get("variables") or {}),
-                metadata=dict(entry.get("metadata") or {}),
-            )
-    return None
 
 
 def answered_by(record: CallRecord | None) -> str:
@@ -80,9 +35,8 @@ def placed_for(record: CallRecord | None, persona_id: str) -> bool:
     placement, is not."""
     if record is None:
         return True
-    context = placed_context(record)
-    if context is not None:
-        return context.persona == persona_id
+    if record.direction == OUTBOUND:
+        return record.persona == persona_id
     events = record.twilio_events
     return (
         record.started_at is None
@@ -94,8 +48,10 @@ def placed_for(record: CallRecord | None, persona_id: str) -> bool:
 
 def is_outbound(record: CallRecord) -> bool:
     """A call a persona placed: recorded so, or reported by Twilio at our outbound URLs."""
-    return any(entry.get("path") in (PLACED, ANSWER_PATH, STATUS_PATH)
-               for entry in record.twilio_events)  # fmt: skip
+    paths = (PLACED, ANSWER_PATH, STATUS_PATH)
+    return record.direction == OUTBOUND or any(
+        entry.get("path") in paths for entry in record.twilio_events
+    )
 
 
 def business_line(record: CallRecord) -> str:

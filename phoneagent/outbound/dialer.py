@@ -16,12 +16,14 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
+from phoneagent.api.errors import ApiError
+from phoneagent.call.context import OUTBOUND
 from phoneagent.logs import get_logger
 from phoneagent.outbound import rules
-from phoneagent.outbound.context import ANSWER_PATH, OUTBOUND, STATUS_PATH, OutboundContext
+from phoneagent.outbound.context import ANSWER_PATH, PLACED, STATUS_PATH
 from phoneagent.outbound.rules import OutboundRefused
 from phoneagent.personas import Persona
-from phoneagent.records import Answered, CallRecords, TwilioReported
+from phoneagent.records import CallRecords, TwilioReported
 from phoneagent.twilio.rest.calls import CallUpdateFailed, TwilioCalls
 
 log = get_logger(__name__)
@@ -87,9 +89,8 @@ class Dialer:
         found = self._persona(persona)
         variables = {} if variables is None else variables
         metadata = {} if metadata is None else metadata
-        outbound = rules.check_request(persona, found, to, from_, variables, metadata)
+        outbound, context = rules.check_request(persona, found, to, from_, variables, metadata)
         assert found is not None
-        variables, metadata = dict(variables), dict(metadata)  # checked: mappings
         rules.check_calling_hours(persona, outbound, self.now())
         caller_id = from_ or outbound.from_number
         self._placing[persona] = self._placing.get(persona, 0) + 1  # before the first await
@@ -100,9 +101,11 @@ class Dialer:
         finally:
             self._placing[persona] -= 1
         call_sid = str(call["sid"])
-        context = OutboundContext(persona, to, caller_id, variables, metadata)
-        self._calls.note(call_sid, Answered(persona, caller_id, to))
-        self._calls.note(call_sid, TwilioReported(context.placed_entry(call["status"] or "")))
+        # The call's context goes into its record now, with Twilio's answer: the callee may
+        # answer on any instance, which reads it there (``routes.outbound_answer``).
+        self._calls.note(call_sid, context.answered(persona, caller_id, to))
+        placed = {"path": PLACED, "CallStatus": call["status"] or ""}
+        self._calls.note(call_sid, TwilioReported(placed))
         # Returns once the record is where every instance counts it (a shared database: the
         # write is awaited, for a second at most; a database that is away is logged there).
         await self._calls.fetch(call_sid)
@@ -151,9 +154,34 @@ class Dialer:
                         status=exc.status, reason=str(exc))  # fmt: skip
             field = "to" if exc.code in TO_ERRORS else "from" if exc.code in FROM_ERRORS else None
             code = f" {exc.code}" if exc.code else ""
-            raise OutboundRefused(
-                "twilio_refused",
-                f"Twilio refused the call (error{code}): {exc}",
-                field=field,
-                status=422 if field else 502,
-            ) from None
+            message = f"Twilio refused the call (error{code}): {exc}"
+            if field:  # a number Twilio will not call, or not from: the request's fault
+                raise rules.invalid(field, message) from None
+            raise OutboundRefused("twilio_refused", message, status=502) from None
+
+
+class ApiDialer:
+    """The dialer as ``POST /api/v1/calls`` uses it (``api.routes.OutboundDialer``): the
+    persona the route found, and a refusal answered as an API error with the same code,
+    status and field (the codes are the API's: ``api/errors.py``)."""
+
+    def __init__(self, dialer: Dialer) -> None:
+        self.dialer = dialer
+
+    async def place(
+        self,
+        *,
+        to: str,
+        persona: Persona,
+        from_: str | None,
+        variables: dict[str, str],
+        metadata: dict[str, Any],
+    ) -> dict[str, Any]:
+        try:
+            return await self.dialer.place(
+                to=to, persona=persona.id, from_=from_, variables=variables, metadata=metadata
+            )
+        except OutboundRefused as refused:
+            where = f"{refused.field}: " if refused.field else ""
+            raise ApiError(refused.status, refused.code, where + refused.message,
+                           refused.field) from None  # fmt: skip

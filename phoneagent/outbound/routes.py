@@ -9,27 +9,20 @@ import time
 
 from aiohttp import web
 
-from phoneagent.call.prompts import session_config
+from phoneagent.call.context import OUTBOUND, CallContext
 from phoneagent.logs import get_logger
 from phoneagent.outbound import rules
-from phoneagent.outbound.context import (
-    ANSWER_PATH,
-    STATUS_PATH,
-    OutboundContext,
-    answered_by,
-    placed_context,
-    placed_for,
-)
+from phoneagent.outbound.context import ANSWER_PATH, STATUS_PATH, answered_by, placed_for
 from phoneagent.outbound.dialer import Dialer
 from phoneagent.personas import Persona
-from phoneagent.records import Answered, CallRecord, StreamEnded, TwilioReported
+from phoneagent.records import CallRecord, StreamEnded, TwilioReported
 from phoneagent.state import STATE, ServerState
 from phoneagent.twilio.routes.webhooks import (
-    agent_twiml,
     invalid_signature,
     replay_answer,
     replayed_answer,
     signed_form,
+    start_agent_stream,
     twiml,
 )
 from phoneagent.twilio.wire.twiml import hangup_twiml, say_then_hang_up_twiml
@@ -69,19 +62,20 @@ async def outbound_answer(request: web.Request) -> web.Response:
         # A call we know, but did not place for this persona: not ours to talk in.
         log.warning("outbound_answer_not_placed", call_sid=call_sid, persona=persona.id)
         return twiml(hangup_twiml())
-    context = placed_context(record)
-    if context is None:  # placed by a process without the shared database: persona only
-        log.info("outbound_call_not_recorded", call_sid=call_sid, persona=persona.id)
-        context = OutboundContext(persona.id, form.get("To", ""), form.get("From", ""))
-    who = form.get("AnsweredBy", "")
+    context = placed_context(record, persona, call_sid)
     event = {f: form[f] for f in STATUS_FIELDS if f in form} | {"path": request.path}
-    record = state.calls.note(call_sid, TwilioReported(event))
-    state.calls.note(call_sid, Answered(persona.id, form.get("From", ""), form.get("To", "")))
+    state.calls.note(call_sid, TwilioReported(event))
+    # The callee is ``To`` of Twilio's request, the persona's caller ID ``From``.
+    caller, called = form.get("From", ""), form.get("To", "")
+    state.calls.note(call_sid, context.answered(persona.id, caller, called))
+    who = form.get("AnsweredBy", "")
     kind = rules.answer_for(who)
     log.info("outbound_answered", call_sid=call_sid, persona=persona.id, answered_by=who or None,
              answer=kind.value)  # fmt: skip
-    if kind is rules.Answer.VOICEMAIL and persona.outbound.voicemail_message:
-        answer = say_then_hang_up_twiml(persona.outbound.voicemail_message, persona)
+    # The voicemail message, like every text of the call, is filled with its variables.
+    message = context.persona(persona).outbound.voicemail_message  # type: ignore[union-attr]
+    if kind is rules.Answer.VOICEMAIL and message:
+        answer = say_then_hang_up_twiml(message, persona)
     elif kind is not rules.Answer.AGENT:
         answer = hangup_twiml()
     elif state.draining or state.at_capacity():
@@ -90,31 +84,30 @@ async def outbound_answer(request: web.Request) -> web.Response:
     else:
         state.answering += 1  # no await since the capacity check: the place is held from here
         try:
-            return await _connect(state, key, call_sid, persona, record, context)
+            # Exactly as an inbound call: the context in the record, a token-bound stream,
+            # the model pre-warmed with the persona filled with the call's values.
+            answer, first = await start_agent_stream(
+                state, key, persona, call_sid, caller=caller, called=called, context=context
+            )
         finally:
             state.answering -= 1
+        return twiml(answer) if first else replayed_answer(state, key, call_sid, answer)
     kept, first = await state.replay.remember(key, answer)
     if not first:
         return replayed_answer(state, key, call_sid, kept)
     return twiml(answer)
 
 
-async def _connect(
-    state: ServerState,
-    key: str,
-    call_sid: str,
-    persona: Persona,
-    record: CallRecord,
-    context: OutboundContext,
-) -> web.Response:
-    """The agent takes the call: a media stream told that the call is outbound (the agent
-    opens with the outbound greeting), with the model session pre-warmed meanwhile."""
-    answer, first = await state.replay.remember(key, agent_twiml(state, persona, record,
-                                                                 context=context))  # fmt: skip
-    if not first:
-        return replayed_answer(state, key, call_sid, answer)
-    state.prewarmer.start(call_sid, session_config(persona))
-    return twiml(answer)
+def placed_context(record: CallRecord | None, persona: Persona, call_sid: str) -> CallContext:
+    """The context the dialer recorded with the call; for a call placed by a process without
+    the shared database (``phoneagent call`` without PHONEAGENT_DATABASE_URL), an outbound
+    call with the persona's defaults (that command refuses to place a call whose values
+    would be lost so)."""
+    context = CallContext.of_record(record)
+    if context is not None and context.direction == OUTBOUND:
+        return context
+    log.info("outbound_call_not_recorded", call_sid=call_sid, persona=persona.id)
+    return CallContext.defaults(persona, OUTBOUND)
 
 
 async def outbound_status(request: web.Request) -> web.Response:
@@ -130,13 +123,19 @@ async def outbound_status(request: web.Request) -> web.Response:
         "outbound_status", call_sid=call_sid, **{k: v for k, v in event.items() if k != "path"}
     )
     known = await state.calls.fetch(call_sid)  # every instance's view: a stream ran elsewhere?
-    if known is None or placed_context(known) is None:
+    persona_id = request.query.get("persona", "")
+    persona = state.persona(persona_id)
+    context = CallContext.of_record(known)
+    if context is None or context.direction != OUTBOUND:
         # Twilio signed it, so our account placed the call: a process without the shared
         # database did (`phoneagent call`), or its record is gone. Reported for the persona
-        # of the callback's URL, which Twilio signed too.
+        # of the callback's URL, which Twilio signed too, as outbound with its defaults.
         log.warning("outbound_status_unknown_call", call_sid=call_sid)
-    state.calls.note(call_sid, Answered(request.query.get("persona", ""), form.get("From", ""),
-                                        form.get("To", "")))  # fmt: skip
+        context = CallContext.defaults(persona, OUTBOUND) if persona else CallContext(OUTBOUND)
+    # This instance's view gets the context recorded when the call was placed (maybe by
+    # another instance): the events it sends carry the call's own values.
+    state.calls.note(call_sid, context.answered(persona_id, form.get("From", ""),
+                                                form.get("To", "")))  # fmt: skip
     record = state.calls.note(call_sid, TwilioReported(event))
     views = [r for r in (known, record) if r is not None]
     talked = next((r for r in views if r.started_at is not None), record)

@@ -5,14 +5,11 @@ reported. The dialer and the routes (the shells) ask here and do what they are t
 from __future__ import annotations
 
 import enum
-import json
 import time
-from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
 from zoneinfo import ZoneInfo
 
-from phoneagent.outbound.context import placed_context
+from phoneagent.call.context import OUTBOUND, CallContext, ContextProblem, given_context
 from phoneagent.personas import OutboundSettings, Persona
 from phoneagent.personas.model import WEEKDAYS
 from phoneagent.personas.numbers import E164
@@ -22,16 +19,18 @@ from phoneagent.records.record import FINAL_STATUSES
 # How long a placed call counts against its persona's limit if Twilio never says it ended (a
 # lost status callback): the ring time Twilio allows (60 s by default) and the longest call.
 RING_SECONDS = 60
-MAX_VARIABLES = 50
-MAX_VARIABLE_CHARS = 1000
-MAX_METADATA_CHARS = 4000
 
 
 class OutboundRefused(Exception):
     """A call that is not placed: ``code`` for machines, ``message`` for people, the request
-    ``field`` at fault (None: the request as a whole), and the HTTP status an API answers."""
+    ``field`` at fault (None: the request as a whole), and the HTTP status an API answers.
+    The codes are the API's (``api/errors.py``): ``invalid_request`` (422) for a value that is
+    wrong, with its field; ``outside_calling_hours`` (409), ``too_many_calls`` (429) and
+    ``twilio_refused`` (502) for a request that is right but cannot be placed now."""
 
-    def __init__(self, code: str, message: str, *, field: str | None = None, status: int = 422):
+    def __init__(
+        self, code: str, message: str, *, field: str | None = None, status: int = 422
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -42,70 +41,40 @@ class OutboundRefused(Exception):
         return {"code": self.code, "message": self.message, "field": self.field}
 
 
+def invalid(field: str, message: str) -> OutboundRefused:
+    return OutboundRefused(INVALID, message, field=field)
+
+
+INVALID = "invalid_request"
+
+
 def check_request(
     persona_id: str,
     persona: Persona | None,
     to: str,
     from_: str | None,
-    variables: Mapping[str, str],
-    metadata: Mapping[str, Any] | None = None,
-) -> OutboundSettings:
-    """The persona's outbound settings if the request is well formed; else OutboundRefused."""
+    variables: object,
+    metadata: object,
+) -> tuple[OutboundSettings, CallContext]:
+    """The persona's outbound settings and the call's context (its variables resolved with
+    the persona's defaults) if the request is well formed; else OutboundRefused."""
     if persona is None:
-        raise OutboundRefused("unknown_persona", f"no persona {persona_id!r}", field="persona")
+        raise invalid("persona", f"no persona {persona_id!r}")
     if persona.outbound is None:
-        raise OutboundRefused(
-            "persona_not_outbound",
-            f"persona {persona_id!r} has no [outbound] section: it only answers calls",
-            field="persona",
+        raise invalid(
+            "persona", f"persona {persona_id!r} has no [outbound] section: it only answers calls"
         )
     if not isinstance(to, str) or not E164.fullmatch(to):
-        raise OutboundRefused(
-            "invalid_number", "'to' is not an E.164 number (+, country code, number)", field="to"
-        )
+        raise invalid("to", "'to' is not an E.164 number (+, country code, number)")
     if from_ is not None and (not isinstance(from_, str) or not E164.fullmatch(from_)):
-        raise OutboundRefused(
-            "invalid_number", "'from' is not an E.164 number (+, country code, number)",
-            field="from",
-        )  # fmt: skip
+        raise invalid("from", "'from' is not an E.164 number (+, country code, number)")
     if to == (from_ or persona.outbound.from_number):
-        raise OutboundRefused("invalid_number", "'to' is the caller ID itself", field="to")
-    _check_variables(variables)
-    _check_metadata(metadata if metadata is not None else {})
-    return persona.outbound
-
-
-def _check_metadata(metadata: Mapping[str, Any]) -> None:
-    """Metadata is the caller's own, kept with the call record: a JSON object, bounded."""
+        raise invalid("to", "'to' is the caller ID itself")
     try:
-        size = len(json.dumps(metadata, ensure_ascii=False, allow_nan=False))
-    except (TypeError, ValueError):
-        size = -1
-    if not isinstance(metadata, Mapping) or size < 0:
-        raise OutboundRefused("invalid_metadata", "metadata is a JSON object", field="metadata")
-    if size > MAX_METADATA_CHARS:
-        raise OutboundRefused(
-            "invalid_metadata", f"metadata is at most {MAX_METADATA_CHARS} characters of JSON",
-            field="metadata",
-        )  # fmt: skip
-
-
-def _check_variables(variables: Mapping[str, str]) -> None:
-    if not isinstance(variables, Mapping) or len(variables) > MAX_VARIABLES:
-        raise OutboundRefused(
-            "invalid_variables", f"at most {MAX_VARIABLES} variables, names to texts",
-            field="variables",
-        )  # fmt: skip
-    for name, value in variables.items():
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise OutboundRefused(
-                "invalid_variables", "variables are names to texts", field=f"variables.{name}"
-            )
-        if len(value) > MAX_VARIABLE_CHARS:
-            raise OutboundRefused(
-                "invalid_variables", f"at most {MAX_VARIABLE_CHARS} characters",
-                field=f"variables.{name}",
-            )  # fmt: skip
+        context = given_context(persona, OUTBOUND, variables, metadata)
+    except ContextProblem as problem:
+        raise invalid(problem.field, problem.reason) from None
+    return persona.outbound, context
 
 
 def check_calling_hours(persona_id: str, outbound: OutboundSettings, now: datetime) -> None:
@@ -149,7 +118,7 @@ def counting_window(persona: Persona) -> float:
 def under_way(record: CallRecord) -> bool:
     """A call we placed that has not ended (as far as its record knows)."""
     return (
-        placed_context(record) is not None
+        record.direction == OUTBOUND
         and record.status not in FINAL_STATUSES
         and record.ended_at is None
     )

@@ -23,6 +23,8 @@ __all__ = ["fill_persona", "persona_texts", "templated"]
 # new persona text joins here (and in ``_with_texts``): it is then checked and filled like these.
 _TOP_TEXTS = ("instructions", "greeting", "goodbye", "busy_message", "apology", "tone")
 _TARGET_TEXTS = ("description", "announcement")
+# ``[outbound]``'s texts: the greeting a callee hears and the message left on a machine.
+_OUTBOUND_TEXTS = ("greeting", "voicemail_message")
 
 
 def persona_texts(persona: Persona) -> Iterator[tuple[str, str]]:
@@ -32,6 +34,9 @@ def persona_texts(persona: Persona) -> Iterator[tuple[str, str]]:
     for name, target in persona.transfer.items():
         for key in _TARGET_TEXTS:
             yield f"transfer.{name}.{key}", getattr(target, key)
+    if persona.outbound is not None:
+        for key in _OUTBOUND_TEXTS:
+            yield f"outbound.{key}", getattr(persona.outbound, key)
 
 
 def fill_persona(persona: Persona, values: Mapping[str, str]) -> Persona:
@@ -44,7 +49,10 @@ def fill_persona(persona: Persona, values: Mapping[str, str]) -> Persona:
 
 def _with_texts(persona: Persona, texts: Mapping[str, str]) -> Persona:
     """``persona`` with the texts named by field replaced (fields as :func:`persona_texts`)."""
-    top = {k: v for k, v in texts.items() if k in _TOP_TEXTS}
+    top: dict[str, object] = {k: v for k, v in texts.items() if k in _TOP_TEXTS}
+    outbound = {k.partition(".")[2]: v for k, v in texts.items() if k.startswith("outbound.")}
+    if outbound and persona.outbound is not None:
+        top["outbound"] = dataclasses.replace(persona.outbound, **outbound)
     targets = dict(persona.transfer)
     for field, text in texts.items():
         if field.startswith("transfer."):

@@ -278,9 +278,16 @@ def parse_persona_text(
         source=path,
     )
     top.finish()
-    if not data.get("numbers") and not persona.default:
+    # A persona answers calls (its numbers, or the default's) or only places them (an
+    # [outbound] section with its own `from`): one that does neither would never speak.
+    if not data.get("numbers") and not persona.default and persona.outbound is None:
         problems.append(
-            Problem(path, "numbers", "list at least one number, or mark the persona default")
+            Problem(
+                path,
+                "numbers",
+                "list at least one number, or mark the persona default, "
+                "or give it an [outbound] section (a persona that only calls out)",
+            )
         )
     persona = _with_templates(persona, problems)
     return (None if problems else persona), problems

@@ -19,7 +19,7 @@ from phoneagent.bridge import (
     unbind_call_context,
 )
 from phoneagent.call import Call, prompts
-from phoneagent.call.context import CallContext
+from phoneagent.call.context import OUTBOUND, CallContext
 from phoneagent.call.prompts import session_config
 from phoneagent.client_limits import SLOT
 from phoneagent.logs import get_logger
@@ -33,7 +33,6 @@ from phoneagent.twilio.wire.stream import Start
 from phoneagent.twilio.wire.twiml import (
     CALLED_PARAMETER,
     CALLER_PARAMETER,
-    DIRECTION_PARAMETER,
     PERSONA_PARAMETER,
     RESUME_PARAMETER,
     TOKEN_PARAMETER,
@@ -124,17 +123,16 @@ async def _open_checked_call(
             caller=start.custom_parameters.get(CALLER_PARAMETER, ""),
             called=start.custom_parameters.get(CALLED_PARAMETER, ""),
             resume=start.custom_parameters.get(RESUME_PARAMETER, ""),
-            greeting=opening_greeting(persona, start.custom_parameters.get(DIRECTION_PARAMETER)),
         )
     except ModelUnavailable:
         # Closing the stream makes Twilio ask `<Connect action>`, which answers the apology.
         raise StreamRefused("the model is unavailable: the caller hears the apology") from None
 
 
-def opening_greeting(persona: Persona, direction: str | None) -> str:
-    """The first words of a call: a call the persona placed opens with its outbound greeting
-    ("" : the persona's own)."""
-    if direction == "outbound" and persona.outbound is not None:
+def opening_greeting(persona: Persona, context: CallContext | None) -> str:
+    """The first words of a call (``persona`` filled with the call's values): a call the
+    persona placed opens with its outbound greeting ("" : the persona's own)."""
+    if context is not None and context.direction == OUTBOUND and persona.outbound is not None:
         return persona.outbound.greeting
     return ""
 
@@ -147,7 +145,6 @@ async def open_model_call(
     caller: str,
     called: str,
     resume: str = "",
-    greeting: str = "",
 ) -> tuple[Call, ModelSession]:
     """The call's model session (the pre-warmed one, else one opened now, within the set-up
     budget) and its ``Call``, its start recorded. Whoever placed the call has checked it: the
@@ -185,7 +182,7 @@ async def open_model_call(
         clock=state.clock,
         model_input_rate=model.dialect.input_rate,
         model_output_rate=model.dialect.output_rate,
-        greeting=greeting,
+        greeting=opening_greeting(persona, context),
     )
     if resume:  # the agent picks the call up again
         target, _, outcome = resume.partition(":")

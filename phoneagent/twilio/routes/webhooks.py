@@ -16,7 +16,6 @@ from phoneagent.call.context import CallContext
 from phoneagent.call.prompts import session_config
 from phoneagent.config import Settings
 from phoneagent.logs import get_logger
-from phoneagent.outbound.context import OutboundContext
 from phoneagent.personas import Persona
 from phoneagent.records import Answered, CallRecord, TwilioReported
 from phoneagent.state import STATE, ServerState
@@ -24,7 +23,6 @@ from phoneagent.twilio.wire.signature import SHARED_KEY_MISSING, signature_probl
 from phoneagent.twilio.wire.twiml import (
     CALLED_PARAMETER,
     CALLER_PARAMETER,
-    DIRECTION_PARAMETER,
     PERSONA_PARAMETER,
     RESUME_PARAMETER,
     TOKEN_PARAMETER,
@@ -228,15 +226,12 @@ def agent_twiml(
     persona: Persona,
     record: CallRecord,
     resume: str = "",
-    *,
-    context: OutboundContext | None = None,
 ) -> str:
     """TwiML connecting the call to a media stream with ``persona`` (with a fresh stream
     token). Whoever answers with it opens the model session then (pre-warm: the stream claims
     it on `start`), once the answer is kept as the request's first (``ReplayGuard.remember``).
-    ``resume`` marks a call coming back to the agent; ``context``, a call the persona placed
-    (the stream is told its direction: the agent opens with the persona's outbound greeting;
-    its variables and metadata are here for the stream to come)."""
+    ``resume`` marks a call coming back to the agent. The call's context (its direction, its
+    values) is not in the TwiML: the stream reads it from the call's record."""
     parameters = {
         PERSONA_PARAMETER: persona.id,
         TOKEN_PARAMETER: state.stream_token.issue(record.call_sid, persona.id),
@@ -246,8 +241,6 @@ def agent_twiml(
     }
     if resume:
         parameters[RESUME_PARAMETER] = resume
-    if context is not None:
-        parameters[DIRECTION_PARAMETER] = context.direction
     public_url = state.settings.public_url
     status_url = f"{public_url}/twilio/stream-status"
     # Any instance may get the action: it carries the persona; Twilio adds CallSid, From, To.

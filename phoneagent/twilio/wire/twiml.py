@@ -15,7 +15,6 @@ TOKEN_PARAMETER = "token"
 CALLER_PARAMETER = "from"
 CALLED_PARAMETER = "to"
 RESUME_PARAMETER = "resume"  # "<target>:<DialCallStatus>": back from an unanswered transfer
-DIRECTION_PARAMETER = "direction"  # "outbound": a call the persona placed (its own greeting)
 
 
 def connect_stream_twiml(
