@@ -113,9 +113,9 @@ async def test_a_refused_reload_shows_personas_checks_lines_and_the_lines_still_
     await sign_in(page)
     luca = personas / "trattoria-luca.toml"
     good = luca.read_text()
-    luca.write_text(
-        good.replace('numbers = ["+14155550142", "+14155550143"]', 'numbers = ["555-0142"]')
-        + '\nvoise = "x"\n'
+    luca.write_text(  # the misspelt key first: the file ends in tables (its [[tools]])
+        'voise = "x"\n'
+        + good.replace('numbers = ["+14155550142", "+14155550143"]', 'numbers = ["555-0142"]')
     )
     registry = console_stack.state.personas
     async with asyncio.timeout(10):  # the stack's server looks every 0.2 s

@@ -148,5 +148,5 @@ async def test_a_new_outbox_is_readable_by_its_owner_only(tmp_path):
 
 async def test_an_outbox_path_that_cannot_be_opened_is_refused_with_what_to_do(tmp_path):
     (tmp_path / OUTBOX_FILENAME).mkdir()  # what even root cannot open as a file
-    with pytest.raises(OutboxError, match="cannot open .* for writing"):
+    with pytest.raises(OutboxError, match=r"cannot open .* for writing"):
         await SQLiteOutbox.in_data_dir(tmp_path)
