@@ -105,3 +105,23 @@ def test_personas_check_prints_outbound_problems(tmp_path, capsys):
     assert main(["personas", "check", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert f"ERROR {path}: outbound.timezone: 'Nowhere/Town' is not an IANA time zone" in out
+
+
+def test_time_zones_do_not_need_the_systems_database():
+    """A slim or distroless image has no /usr/share/zoneinfo: the tzdata package answers."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from phoneagent.personas import load_directory; from pathlib import Path; import sys;"
+        "p = load_directory(Path(sys.argv[1]), environ={}).personas;"
+        "print(sorted({x.outbound.timezone for x in p.values() if x.outbound}))"
+    )
+    env = {**os.environ, "PYTHONTZPATH": "/nonexistent"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(EXAMPLE_PERSONAS)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "America/" in done.stdout
