@@ -145,7 +145,7 @@ async def test_through_the_servers_api_the_variables_reach_the_greeting(stack, p
         (["--to", CALLEE, "--persona", "trattoria-luca"],
          "call refused: invalid_request [persona]: persona 'trattoria-luca' has no [outbound]"),
         (["--to", CALLEE, "--persona", PERSONA, "--from", "+14155550999"],
-         "call refused: invalid_request [from]: Twilio refused the call (error 21210)"),
+         "call refused: invalid_request [from]: 'from' must be one of the persona's own numbers"),
     ],
 )  # fmt: skip
 async def test_refusals_are_clear_with_exit_1(stack, personas, args, message):

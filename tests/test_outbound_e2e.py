@@ -232,10 +232,15 @@ async def test_requests_twilio_cannot_place_are_refused_naming_the_field(stack):
     with pytest.raises(OutboundRefused) as refused:
         await place(stack, from_="+1 415")
     assert refused.value.field == "from"
+    with pytest.raises(OutboundRefused) as refused:
+        await place(stack, from_="+14155550999")  # not a number of the persona
+    assert (refused.value.field, refused.value.status) == ("from", 422)
+    assert "persona's own numbers" in refused.value.message
     assert stack.twilio_api.created == []
     # Twilio's own refusal: its code and message, never a credential.
+    stack.twilio_api.fail_next(status=400, code=21210, message="'From' phone number not verified")
     with pytest.raises(OutboundRefused) as refused:
-        await place(stack, from_="+14155550999")  # not a number of the account
+        await place(stack, from_=DENTAL)  # the persona's, but not verified on the account
     assert (refused.value.code, refused.value.field, refused.value.status) == (
         "invalid_request", "from", 422
     )  # fmt: skip

@@ -68,6 +68,11 @@ def check_request(
         raise invalid("to", "'to' is not an E.164 number (+, country code, number)")
     if from_ is not None and (not isinstance(from_, str) or not E164.fullmatch(from_)):
         raise invalid("from", "'from' is not an E.164 number (+, country code, number)")
+    if from_ is not None and from_ not in caller_ids(persona):
+        # Twilio takes any number of the account (every persona's, every verified caller ID):
+        # a key limited to this persona must not call as another business's line.
+        raise invalid("from", f"'from' must be one of the persona's own numbers: "
+                              f"{', '.join(caller_ids(persona))}")  # fmt: skip
     if to == (from_ or persona.outbound.from_number):
         raise invalid("to", "'to' is the caller ID itself")
     try:
@@ -75,6 +80,12 @@ def check_request(
     except ContextProblem as problem:
         raise invalid(problem.field, problem.reason) from None
     return persona.outbound, context
+
+
+def caller_ids(persona: Persona) -> tuple[str, ...]:
+    """The numbers a persona's calls may show: its ``[outbound] from`` and its own numbers."""
+    assert persona.outbound is not None
+    return tuple(dict.fromkeys((persona.outbound.from_number, *persona.numbers)))
 
 
 def check_calling_hours(persona_id: str, outbound: OutboundSettings, now: datetime) -> None:
