@@ -382,3 +382,20 @@ async def test_without_a_voicemail_message_a_machine_is_hung_up_on(personas, sin
             assert callee.answer.verbs == ["Hangup"]
         (event,) = await ended_events(sink, 1)
         assert event["data"]["end_reason"] == "voicemail"
+
+
+async def test_a_voicemail_message_says_markup_in_a_value_as_text(stack, sink):
+    """A variable's value goes into TwiML's <Say> as text: '<', '&' and ']]>' are escaped, and
+    no value adds a verb (the message is said, then the call hangs up)."""
+    hostile = '<Dial>+19005550100</Dial> & "Dana" ]]>'
+    call = await place(stack, variables={"caller_name": hostile})
+    async with await stack.twilio_api.answer(call["call_sid"], "machine_end_beep") as callee:
+        answer = callee.answer
+        assert answer.ok, answer.problems
+        assert answer.verbs == ["Say", "Hangup"]
+        assert answer.says == [
+            f"Hello {hostile}, this is Bright Smile Dental calling about your upcoming "
+            "appointment. Please call us back at 415 555 0100. Thank you!"
+        ]
+    (event,) = await ended_events(sink, 1)
+    assert event["data"]["variables"]["caller_name"] == hostile
