@@ -399,3 +399,28 @@ async def test_a_voicemail_message_says_markup_in_a_value_as_text(stack, sink):
         ]
     (event,) = await ended_events(sink, 1)
     assert event["data"]["variables"]["caller_name"] == hostile
+
+
+async def test_a_progress_callback_before_twilio_answers_the_create_keeps_the_calls_values(
+    stack, monkeypatch
+):
+    """Twilio's status callbacks are asynchronous: "initiated" may arrive before the answer to
+    Calls create reaches the dialer, which only then records the call's context. The callback
+    must not record the persona's defaults in its place."""
+    rest = dialer(stack)._rest
+    create = rest.create
+
+    async def create_then_initiated(**params):
+        call = await create(**params)
+        async with stack.caller(to=CALLEE, from_=DENTAL, call_sid=call["sid"]) as twilio:
+            status, _, _ = await twilio.post_to(
+                params["status_callback"], twilio.webhook_params("queued")
+            )
+            assert status == 204
+        return call
+
+    monkeypatch.setattr(rest, "create", create_then_initiated)
+    call = await place(stack, variables={"caller_name": "Dana"}, metadata={"crm": "c-1"})
+    record = stack.state.calls.get(call["call_sid"])
+    assert (record.direction, record.variables["caller_name"]) == ("outbound", "Dana")
+    assert record.metadata == {"crm": "c-1"}
