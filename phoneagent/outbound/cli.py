@@ -168,6 +168,18 @@ def _call_through_api(args: argparse.Namespace, variables: dict[str, str]) -> in
         print("phoneagent: PHONEAGENT_API_KEY is not set: the key of the server's API "
               "(phoneagent keys create)", file=sys.stderr)  # fmt: skip
         return EXIT_CONFIG
+    from urllib.parse import urlsplit
+
+    from phoneagent.config import is_local_host
+
+    server = urlsplit(args.server)
+    if server.scheme != "https" and not (
+        server.scheme == "http" and is_local_host(server.hostname)
+    ):
+        # The key goes in the Authorization header: never in clear over a network.
+        print("phoneagent: --server must be an https:// URL (http:// for localhost only): "
+              "the API key would cross the network in clear", file=sys.stderr)  # fmt: skip
+        return EXIT_CONFIG
     body: dict[str, Any] = {"to": args.to, "persona": args.persona, "variables": variables}
     if args.from_:
         body["from"] = args.from_
@@ -185,7 +197,8 @@ def _call_through_api(args: argparse.Namespace, variables: dict[str, str]) -> in
     print(f"phoneagent: call refused: {code}: {message}", file=sys.stderr)
     # A refusal of the call itself is 1, as when this command asks Twilio; the key, the
     # server or the URL being wrong is configuration: 2.
-    return EXIT_CONFIG if status in (401, 403, 404, 405) or status >= 500 else EXIT_INVALID
+    configuration = status in (401, 403, 404, 405) or 300 <= status < 400 or status >= 500
+    return EXIT_CONFIG if configuration else EXIT_INVALID
 
 
 async def _post_call(server: str, key: str, body: dict[str, Any]) -> tuple[int, dict]:
@@ -195,7 +208,10 @@ async def _post_call(server: str, key: str, body: dict[str, Any]) -> tuple[int, 
     timeout = aiohttp.ClientTimeout(total=30)
     async with (
         aiohttp.ClientSession(timeout=timeout) as session,
-        session.post(f"{server}/api/v1/calls", json=body, headers=headers) as response,
+        # Not followed: a redirect would carry the key (and the call) to wherever it points.
+        session.post(
+            f"{server}/api/v1/calls", json=body, headers=headers, allow_redirects=False
+        ) as response,  # fmt: skip
     ):
         try:
             answer = await response.json(content_type=None)
