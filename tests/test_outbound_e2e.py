@@ -3,6 +3,7 @@ create) → the callee answers (Twilio requests the answer URL, signed, with Ans
 media stream with the persona's outbound greeting, or the voicemail message; calls nobody
 answered reported as signed ``call.ended`` events to the persona's webhook."""
 
+import asyncio
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -424,3 +425,25 @@ async def test_a_progress_callback_before_twilio_answers_the_create_keeps_the_ca
     record = stack.state.calls.get(call["call_sid"])
     assert (record.direction, record.variables["caller_name"]) == ("outbound", "Dana")
     assert record.metadata == {"crm": "c-1"}
+
+
+async def test_a_person_the_server_has_no_room_for_is_reported_once(stack, model, sink):
+    """A person answers while the server is at PHONEAGENT_MAX_CALLS: they hear the apology, no
+    stream runs, and the business learns how the call ended: one call.ended ("error"), even
+    though Twilio's completed callback says only that a person answered."""
+    call = await place(stack, variables={"caller_name": "Dana"})
+    stack.state.answering += stack.settings.max_calls  # every place taken
+    try:
+        async with await stack.twilio_api.answer(call["call_sid"], "human") as callee:
+            assert callee.answer.verbs == ["Say", "Hangup"]
+            assert callee.answer.says == [stack.state.persona(PERSONA).apology]
+    finally:
+        stack.state.answering -= stack.settings.max_calls
+    (event,) = await ended_events(sink, 1)
+    assert (event["type"], event["data"]["end_reason"]) == ("call.ended", "error")
+    assert event["data"]["variables"]["caller_name"] == "Dana"
+    assert model.sessions_opened == 0
+    record = stack.state.calls.get(call["call_sid"])
+    assert (record.end_reason, record.status) == ("no_capacity", "completed")
+    await asyncio.sleep(0.3)
+    assert len(sink.received) == 1

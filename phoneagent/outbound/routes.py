@@ -9,6 +9,7 @@ import time
 
 from aiohttp import web
 
+from phoneagent.call.actions import EndReason
 from phoneagent.call.context import OUTBOUND, CallContext
 from phoneagent.logs import get_logger
 from phoneagent.outbound import rules
@@ -81,6 +82,14 @@ async def outbound_answer(request: web.Request) -> web.Response:
     elif state.draining or state.at_capacity():
         log.warning("outbound_answer_no_capacity", call_sid=call_sid, draining=state.draining)
         answer = say_then_hang_up_twiml(persona.apology, persona)
+        # No stream will report this call's end, and its completed callback says only that a
+        # person answered: reported here, once (a replayed answer is answered from the cache).
+        reason = EndReason.SERVER_SHUTDOWN.value if state.draining else rules.NO_CAPACITY
+        kept, first = await state.replay.remember(key, answer)
+        if not first:
+            return replayed_answer(state, key, call_sid, kept)
+        await _report_end(state, request, call_sid, reason)
+        return twiml(answer)
     else:
         state.answering += 1  # no await since the capacity check: the place is held from here
         try:

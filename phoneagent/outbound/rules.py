@@ -158,6 +158,10 @@ def answer_for(answered_by: str) -> Answer:
     return Answer.AGENT
 
 
+#: A person answered a placed call, but the server could take no more calls (PHONEAGENT_MAX_CALLS):
+#: they heard the persona's apology. Recorded so; ``call.ended`` reads "error".
+NO_CAPACITY = "no_capacity"
+
 #: Twilio's CallStatus of a call that never reached anyone, as ``call.ended`` reports it.
 UNANSWERED = {"busy": "busy", "no-answer": "no_answer", "failed": "failed", "canceled": "canceled"}
 
