@@ -144,6 +144,8 @@ async def test_through_the_servers_api_the_variables_reach_the_greeting(stack, p
          "call refused: invalid_request [persona]: no persona"),
         (["--to", CALLEE, "--persona", "trattoria-luca"],
          "call refused: invalid_request [persona]: persona 'trattoria-luca' has no [outbound]"),
+        (["--to", "+14155550142", "--persona", PERSONA],
+         "call refused: invalid_request [to]: 'to' is a number a persona of this server answers"),
         (["--to", CALLEE, "--persona", PERSONA, "--from", "+14155550999"],
          "call refused: invalid_request [from]: 'from' must be one of the persona's own numbers"),
     ],

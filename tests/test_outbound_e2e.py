@@ -447,3 +447,16 @@ async def test_a_person_the_server_has_no_room_for_is_reported_once(stack, model
     assert (record.end_reason, record.status) == ("no_capacity", "completed")
     await asyncio.sleep(0.3)
     assert len(sink.received) == 1
+
+
+async def test_a_number_our_personas_answer_is_never_called(stack):
+    """The agent calling one of this server's own lines would talk to itself, holding two
+    calls until the time limit: refused before Twilio is asked."""
+    for line in ("+14155550142", "+14155550160"):  # Trattoria Luca's, Renxin Clinic's
+        with pytest.raises(OutboundRefused) as refused:
+            await place(stack, to=line)
+        assert (refused.value.code, refused.value.field, refused.value.status) == (
+            "invalid_request", "to", 422
+        )  # fmt: skip
+        assert "calling itself" in refused.value.message
+    assert stack.twilio_api.created == []

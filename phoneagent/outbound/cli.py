@@ -107,7 +107,7 @@ def cmd_call(
         )
         return EXIT_CONFIG
     try:
-        call = asyncio.run(_place(settings, personas.personas.get, args, variables))
+        call = asyncio.run(_place(settings, personas, args, variables))
     except OutboundRefused as exc:
         where = f" [{exc.field}]" if exc.field else ""
         print(f"phoneagent: call refused: {exc.code}{where}: {exc.message}", file=sys.stderr)
@@ -127,7 +127,7 @@ def _setting(settings: Settings, name: str) -> str:
     }[name]
 
 
-async def _place(settings: Settings, persona, args: argparse.Namespace, variables) -> dict:
+async def _place(settings: Settings, personas, args: argparse.Namespace, variables) -> dict:
     from phoneagent.outbound.dialer import Dialer
     from phoneagent.records import CallRecords
     from phoneagent.twilio.rest.calls import TwilioCalls
@@ -144,7 +144,11 @@ async def _place(settings: Settings, persona, args: argparse.Namespace, variable
         settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url
     )
     dialer = Dialer(
-        persona=persona, calls=records, rest=rest, public_url=lambda: settings.public_url
+        persona=personas.personas.get,
+        calls=records,
+        rest=rest,
+        public_url=lambda: settings.public_url,
+        our_lines=lambda: personas.by_number,
     )
     try:
         return await dialer.place(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Collection
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -80,6 +81,14 @@ def check_request(
     except ContextProblem as problem:
         raise invalid(problem.field, problem.reason) from None
     return persona.outbound, context
+
+
+def check_not_our_line(to: str, our_lines: Collection[str]) -> None:
+    """OutboundRefused when ``to`` is a number one of our personas answers: the agent would
+    call itself, two lines held until the time limit (a loop an API client could start)."""
+    if to in our_lines:
+        raise invalid("to", "'to' is a number a persona of this server answers: "
+                            "the agent would be calling itself")  # fmt: skip
 
 
 def caller_ids(persona: Persona) -> tuple[str, ...]:
