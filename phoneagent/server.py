@@ -227,6 +227,7 @@ def create_app(
         rest=rest,
         public_url=lambda: state.settings.public_url,
         count=lambda outcome: state.metrics.outbound_calls.labels(outcome).inc(),
+        our_lines=lambda: state.personas.current.by_number,
     )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -131,6 +131,22 @@ async def test_a_final_status_from_twilio_is_kept_and_a_returning_stream_is_live
     assert (await store.get(SID)).status == "no-answer"
 
 
+async def test_a_late_callback_does_not_turn_a_call_that_is_over_back(stores):
+    """Twilio's status callbacks are not sent in order: "ringing" or "in-progress" arriving
+    after "completed" leaves the call completed (its events are all kept)."""
+    store = await stores()
+    await store.write(SID, TwilioReported({"CallStatus": "in-progress"}), at=1)
+    await store.write(SID, TwilioReported({"CallStatus": "completed"}), at=2)
+    await store.write(SID, TwilioReported({"CallStatus": "ringing"}), at=3)
+    await store.write(SID, TwilioReported({"CallStatus": "in-progress"}), at=4)
+    await store.write(SID, TwilioReported({"StreamEvent": "stream-stopped"}), at=5)
+    record = await store.get(SID)
+    assert record.status == "completed"
+    assert [e.get("CallStatus") for e in record.twilio_events] == [
+        "in-progress", "completed", "ringing", "in-progress", None
+    ]  # fmt: skip
+
+
 async def test_a_turn_finished_again_after_a_barge_in_replaces_the_one_recorded(stores):
     store = await stores()
     await store.write(SID, TurnFinished(TURN_1), at=1)

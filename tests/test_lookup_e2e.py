@@ -285,3 +285,15 @@ async def test_a_lookup_whose_secret_went_away_is_not_sent_unsigned(tmp_path, si
                 metrics = await response.text()
     assert lookups.received == []
     assert 'phoneagent_lookup_failures_total{reason="unsigned"} 1.0' in metrics
+
+
+async def test_a_lookup_that_redirects_is_not_followed(tmp_path, sink):
+    """The signed request (the caller's number) goes to the persona's URL only: a redirect to
+    elsewhere is a failed lookup, not a second request."""
+    async with LookupServer(LOOKUP_SECRET, answer={"variables": DANA}) as elsewhere:
+        location = {"Location": elsewhere.url("/lookup")}
+        async with LookupServer(LOOKUP_SECRET, status=307, headers=location) as lookups:
+            record, _, _, _, metrics = await run_call(tmp_path, lookups, sink)
+    assert len(lookups.received) == 1 and elsewhere.received == []
+    assert greeting_of(record) == DEFAULTS
+    assert 'phoneagent_lookup_failures_total{reason="status"} 1.0' in metrics

@@ -144,8 +144,10 @@ async def test_through_the_servers_api_the_variables_reach_the_greeting(stack, p
          "call refused: invalid_request [persona]: no persona"),
         (["--to", CALLEE, "--persona", "trattoria-luca"],
          "call refused: invalid_request [persona]: persona 'trattoria-luca' has no [outbound]"),
+        (["--to", "+14155550142", "--persona", PERSONA],
+         "call refused: invalid_request [to]: 'to' is a number a persona of this server answers"),
         (["--to", CALLEE, "--persona", PERSONA, "--from", "+14155550999"],
-         "call refused: invalid_request [from]: Twilio refused the call (error 21210)"),
+         "call refused: invalid_request [from]: 'from' must be one of the persona's own numbers"),
     ],
 )  # fmt: skip
 async def test_refusals_are_clear_with_exit_1(stack, personas, args, message):
@@ -166,3 +168,45 @@ async def test_missing_configuration_and_bad_variables_exit_2(stack, personas):
     assert code == 2
     assert "--var 'x' is not NAME=VALUE" in err
     assert stack.twilio_api.created == []
+
+
+async def test_the_api_key_never_leaves_in_clear_nor_follows_a_redirect(stack, personas):
+    """--server over plain http to another host is refused before anything is sent; a server
+    that answers with a redirect is not followed (the key and the call would go there)."""
+    from aiohttp import web
+
+    env = environment(stack, personas, PHONEAGENT_API_KEY="pa_secret_key_text")
+    code, out, err = await phoneagent_call(
+        env, "--server", "http://api.example.com", "--to", CALLEE, "--persona", PERSONA
+    )
+    assert (code, out) == (2, "")
+    assert "--server must be an https:// URL" in err and "pa_secret_key_text" not in err
+
+    elsewhere: list[dict] = []
+
+    async def record(request):
+        elsewhere.append(dict(request.headers))
+        return web.json_response({"call_sid": "CA" + "0" * 32}, status=201)
+
+    async def redirect(request):
+        raise web.HTTPTemporaryRedirect(f"http://localhost:{ports[1]}/api/v1/calls")
+
+    runners, ports = [], []
+    for handler in (redirect, record):
+        app = web.Application()
+        app.router.add_post("/api/v1/calls", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        ports.append(site._server.sockets[0].getsockname()[1])
+    try:
+        code, out, err = await phoneagent_call(
+            env, "--server", f"http://127.0.0.1:{ports[0]}", "--to", CALLEE, "--persona", PERSONA
+        )
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    assert (code, out, elsewhere) == (2, "", [])
+    assert "HTTP 307" in err and "pa_secret_key_text" not in err

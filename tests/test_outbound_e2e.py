@@ -3,6 +3,7 @@ create) → the callee answers (Twilio requests the answer URL, signed, with Ans
 media stream with the persona's outbound greeting, or the voicemail message; calls nobody
 answered reported as signed ``call.ended`` events to the persona's webhook."""
 
+import asyncio
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -232,10 +233,15 @@ async def test_requests_twilio_cannot_place_are_refused_naming_the_field(stack):
     with pytest.raises(OutboundRefused) as refused:
         await place(stack, from_="+1 415")
     assert refused.value.field == "from"
+    with pytest.raises(OutboundRefused) as refused:
+        await place(stack, from_="+14155550999")  # not a number of the persona
+    assert (refused.value.field, refused.value.status) == ("from", 422)
+    assert "persona's own numbers" in refused.value.message
     assert stack.twilio_api.created == []
     # Twilio's own refusal: its code and message, never a credential.
+    stack.twilio_api.fail_next(status=400, code=21210, message="'From' phone number not verified")
     with pytest.raises(OutboundRefused) as refused:
-        await place(stack, from_="+14155550999")  # not a number of the account
+        await place(stack, from_=DENTAL)  # the persona's, but not verified on the account
     assert (refused.value.code, refused.value.field, refused.value.status) == (
         "invalid_request", "from", 422
     )  # fmt: skip
@@ -377,3 +383,80 @@ async def test_without_a_voicemail_message_a_machine_is_hung_up_on(personas, sin
             assert callee.answer.verbs == ["Hangup"]
         (event,) = await ended_events(sink, 1)
         assert event["data"]["end_reason"] == "voicemail"
+
+
+async def test_a_voicemail_message_says_markup_in_a_value_as_text(stack, sink):
+    """A variable's value goes into TwiML's <Say> as text: '<', '&' and ']]>' are escaped, and
+    no value adds a verb (the message is said, then the call hangs up)."""
+    hostile = '<Dial>+19005550100</Dial> & "Dana" ]]>'
+    call = await place(stack, variables={"caller_name": hostile})
+    async with await stack.twilio_api.answer(call["call_sid"], "machine_end_beep") as callee:
+        answer = callee.answer
+        assert answer.ok, answer.problems
+        assert answer.verbs == ["Say", "Hangup"]
+        assert answer.says == [
+            f"Hello {hostile}, this is Bright Smile Dental calling about your upcoming "
+            "appointment. Please call us back at 415 555 0100. Thank you!"
+        ]
+    (event,) = await ended_events(sink, 1)
+    assert event["data"]["variables"]["caller_name"] == hostile
+
+
+async def test_a_progress_callback_before_twilio_answers_the_create_keeps_the_calls_values(
+    stack, monkeypatch
+):
+    """Twilio's status callbacks are asynchronous: "initiated" may arrive before the answer to
+    Calls create reaches the dialer, which only then records the call's context. The callback
+    must not record the persona's defaults in its place."""
+    rest = dialer(stack)._rest
+    create = rest.create
+
+    async def create_then_initiated(**params):
+        call = await create(**params)
+        async with stack.caller(to=CALLEE, from_=DENTAL, call_sid=call["sid"]) as twilio:
+            status, _, _ = await twilio.post_to(
+                params["status_callback"], twilio.webhook_params("queued")
+            )
+            assert status == 204
+        return call
+
+    monkeypatch.setattr(rest, "create", create_then_initiated)
+    call = await place(stack, variables={"caller_name": "Dana"}, metadata={"crm": "c-1"})
+    record = stack.state.calls.get(call["call_sid"])
+    assert (record.direction, record.variables["caller_name"]) == ("outbound", "Dana")
+    assert record.metadata == {"crm": "c-1"}
+
+
+async def test_a_person_the_server_has_no_room_for_is_reported_once(stack, model, sink):
+    """A person answers while the server is at PHONEAGENT_MAX_CALLS: they hear the apology, no
+    stream runs, and the business learns how the call ended: one call.ended ("error"), even
+    though Twilio's completed callback says only that a person answered."""
+    call = await place(stack, variables={"caller_name": "Dana"})
+    stack.state.answering += stack.settings.max_calls  # every place taken
+    try:
+        async with await stack.twilio_api.answer(call["call_sid"], "human") as callee:
+            assert callee.answer.verbs == ["Say", "Hangup"]
+            assert callee.answer.says == [stack.state.persona(PERSONA).apology]
+    finally:
+        stack.state.answering -= stack.settings.max_calls
+    (event,) = await ended_events(sink, 1)
+    assert (event["type"], event["data"]["end_reason"]) == ("call.ended", "error")
+    assert event["data"]["variables"]["caller_name"] == "Dana"
+    assert model.sessions_opened == 0
+    record = stack.state.calls.get(call["call_sid"])
+    assert (record.end_reason, record.status) == ("no_capacity", "completed")
+    await asyncio.sleep(0.3)
+    assert len(sink.received) == 1
+
+
+async def test_a_number_our_personas_answer_is_never_called(stack):
+    """The agent calling one of this server's own lines would talk to itself, holding two
+    calls until the time limit: refused before Twilio is asked."""
+    for line in ("+14155550142", "+14155550160"):  # Trattoria Luca's, Renxin Clinic's
+        with pytest.raises(OutboundRefused) as refused:
+            await place(stack, to=line)
+        assert (refused.value.code, refused.value.field, refused.value.status) == (
+            "invalid_request", "to", 422
+        )  # fmt: skip
+        assert "calling itself" in refused.value.message
+    assert stack.twilio_api.created == []

@@ -171,3 +171,39 @@ def test_variables_and_metadata_are_checked_against_the_persona():
     with pytest.raises(OutboundRefused) as refused:
         check_request("line", persona, "+14155550100", None, {"name": "Dana"}, {})
     assert (refused.value.code, refused.value.field) == ("invalid_request", "to")
+
+
+def test_the_caller_id_is_one_of_the_personas_own_numbers():
+    """Twilio places a call from any number of the account: another persona's line, or any
+    verified caller ID. A request (an API key limited to this persona) cannot show those."""
+    from phoneagent.outbound.rules import check_request
+    from phoneagent.personas import Persona
+
+    persona = Persona(
+        id="line", name="Line", numbers=("+14155550100", "+14155550101"), instructions="x",
+        greeting="Hi", voice="v", language="en-US", goodbye="Bye",
+        outbound=OutboundSettings(greeting="Hi", from_number="+14155550200"),
+    )  # fmt: skip
+    for own in ("+14155550200", "+14155550100", "+14155550101", None):
+        check_request("line", persona, "+14155550177", own, {}, {})
+    with pytest.raises(OutboundRefused) as refused:
+        check_request("line", persona, "+14155550177", "+14155550999", {}, {})
+    assert (refused.value.code, refused.value.field, refused.value.status) == (
+        "invalid_request", "from", 422
+    )  # fmt: skip
+    assert "+14155550200, +14155550100, +14155550101" in refused.value.message
+
+
+@pytest.mark.parametrize("to", ["+1911", "+911", "+112", "+44999", "+110", "+33112", "+262966"])
+def test_emergency_numbers_and_short_codes_are_never_called(to):
+    from phoneagent.outbound.rules import check_request
+    from phoneagent.personas import Persona
+
+    persona = Persona(
+        id="line", name="Line", numbers=("+14155550100",), instructions="x", greeting="Hi",
+        voice="v", language="en-US", goodbye="Bye", outbound=OutboundSettings(greeting="Hi",
+        from_number="+14155550100"),
+    )  # fmt: skip
+    with pytest.raises(OutboundRefused) as refused:
+        check_request("line", persona, to, None, {}, {})
+    assert (refused.value.code, refused.value.field) == ("invalid_request", "to")

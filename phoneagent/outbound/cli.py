@@ -107,7 +107,7 @@ def cmd_call(
         )
         return EXIT_CONFIG
     try:
-        call = asyncio.run(_place(settings, personas.personas.get, args, variables))
+        call = asyncio.run(_place(settings, personas, args, variables))
     except OutboundRefused as exc:
         where = f" [{exc.field}]" if exc.field else ""
         print(f"phoneagent: call refused: {exc.code}{where}: {exc.message}", file=sys.stderr)
@@ -127,7 +127,7 @@ def _setting(settings: Settings, name: str) -> str:
     }[name]
 
 
-async def _place(settings: Settings, persona, args: argparse.Namespace, variables) -> dict:
+async def _place(settings: Settings, personas, args: argparse.Namespace, variables) -> dict:
     from phoneagent.outbound.dialer import Dialer
     from phoneagent.records import CallRecords
     from phoneagent.twilio.rest.calls import TwilioCalls
@@ -144,7 +144,11 @@ async def _place(settings: Settings, persona, args: argparse.Namespace, variable
         settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url
     )
     dialer = Dialer(
-        persona=persona, calls=records, rest=rest, public_url=lambda: settings.public_url
+        persona=personas.personas.get,
+        calls=records,
+        rest=rest,
+        public_url=lambda: settings.public_url,
+        our_lines=lambda: personas.by_number,
     )
     try:
         return await dialer.place(
@@ -168,6 +172,18 @@ def _call_through_api(args: argparse.Namespace, variables: dict[str, str]) -> in
         print("phoneagent: PHONEAGENT_API_KEY is not set: the key of the server's API "
               "(phoneagent keys create)", file=sys.stderr)  # fmt: skip
         return EXIT_CONFIG
+    from urllib.parse import urlsplit
+
+    from phoneagent.config import is_local_host
+
+    server = urlsplit(args.server)
+    if server.scheme != "https" and not (
+        server.scheme == "http" and is_local_host(server.hostname)
+    ):
+        # The key goes in the Authorization header: never in clear over a network.
+        print("phoneagent: --server must be an https:// URL (http:// for localhost only): "
+              "the API key would cross the network in clear", file=sys.stderr)  # fmt: skip
+        return EXIT_CONFIG
     body: dict[str, Any] = {"to": args.to, "persona": args.persona, "variables": variables}
     if args.from_:
         body["from"] = args.from_
@@ -185,7 +201,8 @@ def _call_through_api(args: argparse.Namespace, variables: dict[str, str]) -> in
     print(f"phoneagent: call refused: {code}: {message}", file=sys.stderr)
     # A refusal of the call itself is 1, as when this command asks Twilio; the key, the
     # server or the URL being wrong is configuration: 2.
-    return EXIT_CONFIG if status in (401, 403, 404, 405) or status >= 500 else EXIT_INVALID
+    configuration = status in (401, 403, 404, 405) or 300 <= status < 400 or status >= 500
+    return EXIT_CONFIG if configuration else EXIT_INVALID
 
 
 async def _post_call(server: str, key: str, body: dict[str, Any]) -> tuple[int, dict]:
@@ -195,7 +212,10 @@ async def _post_call(server: str, key: str, body: dict[str, Any]) -> tuple[int, 
     timeout = aiohttp.ClientTimeout(total=30)
     async with (
         aiohttp.ClientSession(timeout=timeout) as session,
-        session.post(f"{server}/api/v1/calls", json=body, headers=headers) as response,
+        # Not followed: a redirect would carry the key (and the call) to wherever it points.
+        session.post(
+            f"{server}/api/v1/calls", json=body, headers=headers, allow_redirects=False
+        ) as response,  # fmt: skip
     ):
         try:
             answer = await response.json(content_type=None)

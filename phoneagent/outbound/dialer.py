@@ -11,7 +11,7 @@ reserved, in the database); within one process the count includes calls being pl
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -48,8 +48,10 @@ class Dialer:
         public_url: Callable[[], str],
         now: Callable[[], datetime] = rules.now_utc,
         count: Callable[[str], None] = lambda outcome: None,
+        our_lines: Callable[[], Collection[str]] = tuple,
     ) -> None:
         self._persona = persona
+        self._our_lines = our_lines  # the numbers our personas answer (not called)
         self._calls = calls
         self._rest = rest
         self._public_url = public_url
@@ -91,6 +93,7 @@ class Dialer:
         metadata = {} if metadata is None else metadata
         outbound, context = rules.check_request(persona, found, to, from_, variables, metadata)
         assert found is not None
+        rules.check_not_our_line(to, self._our_lines())
         rules.check_calling_hours(persona, outbound, self.now())
         caller_id = from_ or outbound.from_number
         self._placing[persona] = self._placing.get(persona, 0) + 1  # before the first await

@@ -9,6 +9,7 @@ import time
 
 from aiohttp import web
 
+from phoneagent.call.actions import EndReason
 from phoneagent.call.context import OUTBOUND, CallContext
 from phoneagent.logs import get_logger
 from phoneagent.outbound import rules
@@ -81,6 +82,14 @@ async def outbound_answer(request: web.Request) -> web.Response:
     elif state.draining or state.at_capacity():
         log.warning("outbound_answer_no_capacity", call_sid=call_sid, draining=state.draining)
         answer = say_then_hang_up_twiml(persona.apology, persona)
+        # No stream will report this call's end, and its completed callback says only that a
+        # person answered: reported here, once (a replayed answer is answered from the cache).
+        reason = EndReason.SERVER_SHUTDOWN.value if state.draining else rules.NO_CAPACITY
+        kept, first = await state.replay.remember(key, answer)
+        if not first:
+            return replayed_answer(state, key, call_sid, kept)
+        await _report_end(state, request, call_sid, reason)
+        return twiml(answer)
     else:
         state.answering += 1  # no await since the capacity check: the place is held from here
         try:
@@ -126,16 +135,11 @@ async def outbound_status(request: web.Request) -> web.Response:
     persona_id = request.query.get("persona", "")
     persona = state.persona(persona_id)
     context = CallContext.of_record(known)
-    if context is None or context.direction != OUTBOUND:
-        # Twilio signed it, so our account placed the call: a process without the shared
-        # database did (`phoneagent call`), or its record is gone. Reported for the persona
-        # of the callback's URL, which Twilio signed too, as outbound with its defaults.
-        log.warning("outbound_status_unknown_call", call_sid=call_sid)
-        context = CallContext.defaults(persona, OUTBOUND) if persona else CallContext(OUTBOUND)
-    # This instance's view gets the context recorded when the call was placed (maybe by
-    # another instance): the events it sends carry the call's own values.
-    state.calls.note(call_sid, context.answered(persona_id, form.get("From", ""),
-                                                form.get("To", "")))  # fmt: skip
+    caller, called = form.get("From", ""), form.get("To", "")
+    if context is not None and context.direction == OUTBOUND:
+        # This instance's view gets the context recorded when the call was placed (maybe by
+        # another instance): the events it sends carry the call's own values.
+        state.calls.note(call_sid, context.answered(persona_id, caller, called))
     record = state.calls.note(call_sid, TwilioReported(event))
     views = [r for r in (known, record) if r is not None]
     talked = next((r for r in views if r.started_at is not None), record)
@@ -143,6 +147,16 @@ async def outbound_status(request: web.Request) -> web.Response:
         event.get("CallStatus", ""), talked, event.get("AnsweredBy") or answered_by(record)
     )
     if reason and all(r.ended_at is None for r in views):
+        if context is None or context.direction != OUTBOUND:
+            # Twilio signed it, so our account placed the call: a process without the shared
+            # database did (`phoneagent call`), or its record is gone. Reported for the persona
+            # of the callback's URL, which Twilio signed too, as outbound with its defaults.
+            # Only now, at its end: Twilio's callbacks are asynchronous, and an early one
+            # ("initiated") may come before the dialer has Twilio's answer and records the
+            # call's context, which a context written here would shadow (the first one stays).
+            log.warning("outbound_status_unknown_call", call_sid=call_sid)
+            fallback = CallContext.defaults(persona, OUTBOUND) if persona else CallContext(OUTBOUND)
+            state.calls.note(call_sid, fallback.answered(persona_id, caller, called))
         await _report_end(state, request, call_sid, reason)
     return web.Response(status=204)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Collection
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -68,6 +69,11 @@ def check_request(
         raise invalid("to", "'to' is not an E.164 number (+, country code, number)")
     if from_ is not None and (not isinstance(from_, str) or not E164.fullmatch(from_)):
         raise invalid("from", "'from' is not an E.164 number (+, country code, number)")
+    if from_ is not None and from_ not in caller_ids(persona):
+        # Twilio takes any number of the account (every persona's, every verified caller ID):
+        # a key limited to this persona must not call as another business's line.
+        raise invalid("from", f"'from' must be one of the persona's own numbers: "
+                              f"{', '.join(caller_ids(persona))}")  # fmt: skip
     if to == (from_ or persona.outbound.from_number):
         raise invalid("to", "'to' is the caller ID itself")
     try:
@@ -75,6 +81,20 @@ def check_request(
     except ContextProblem as problem:
         raise invalid(problem.field, problem.reason) from None
     return persona.outbound, context
+
+
+def check_not_our_line(to: str, our_lines: Collection[str]) -> None:
+    """OutboundRefused when ``to`` is a number one of our personas answers: the agent would
+    call itself, two lines held until the time limit (a loop an API client could start)."""
+    if to in our_lines:
+        raise invalid("to", "'to' is a number a persona of this server answers: "
+                            "the agent would be calling itself")  # fmt: skip
+
+
+def caller_ids(persona: Persona) -> tuple[str, ...]:
+    """The numbers a persona's calls may show: its ``[outbound] from`` and its own numbers."""
+    assert persona.outbound is not None
+    return tuple(dict.fromkeys((persona.outbound.from_number, *persona.numbers)))
 
 
 def check_calling_hours(persona_id: str, outbound: OutboundSettings, now: datetime) -> None:
@@ -146,6 +166,10 @@ def answer_for(answered_by: str) -> Answer:
         return Answer.HANG_UP
     return Answer.AGENT
 
+
+#: A person answered a placed call, but the server could take no more calls (PHONEAGENT_MAX_CALLS):
+#: they heard the persona's apology. Recorded so; ``call.ended`` reads "error".
+NO_CAPACITY = "no_capacity"
 
 #: Twilio's CallStatus of a call that never reached anyone, as ``call.ended`` reports it.
 UNANSWERED = {"busy": "busy", "no-answer": "no_answer", "failed": "failed", "canceled": "canceled"}

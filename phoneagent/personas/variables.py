@@ -15,6 +15,7 @@ texts are checked and filled with these in ``filled``.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -141,8 +142,14 @@ def value_problem(name: str, value: object, declared: Mapping[str, Variable]) ->
 
 
 def is_one_line(text: str) -> bool:
-    """No line breaks or other control characters: a value goes into a sentence."""
-    return not any(ch < " " or ch == "\x7f" for ch in text)
+    """No line breaks or other control characters: a value goes into a sentence. Unicode's
+    line breaks too (U+2028, U+2029, NEL): the model reads them as new lines of its
+    instructions. And no lone surrogate (JSON's "\\ud800"): no TwiML or event encodes it."""
+    return not any(unicodedata.category(ch) in _NOT_IN_A_LINE for ch in text)
+
+
+# Controls (C0, DEL, C1), line and paragraph separators, surrogates.
+_NOT_IN_A_LINE = frozenset({"Cc", "Zl", "Zp", "Cs"})
 
 
 def _json_kind(value: object) -> str:

@@ -90,7 +90,9 @@ _TWILIO_REPORTED = (
     + "twilio_events = CASE WHEN jsonb_array_length(c.twilio_events) >= "
     f"{TWILIO_EVENTS_KEPT} THEN (c.twilio_events - 0) ELSE c.twilio_events END "
     "|| jsonb_build_array($3::jsonb), "
-    "status = COALESCE($4, c.status)"
+    # A late callback (Twilio's are not sent in order) does not turn a final status back.
+    f"status = CASE WHEN c.status IN ({_FINAL}) AND $4::text NOT IN ({_FINAL}) THEN c.status "
+    "ELSE COALESCE($4, c.status) END"
 )
 _TRANSFERRED = (
     _UPSERT.format(columns=", transfer", values=", $3::jsonb")

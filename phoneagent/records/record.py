@@ -140,8 +140,11 @@ def apply(record: CallRecord, change: Change) -> None:
         case TwilioReported():
             record.twilio_events.append(dict(change.event))
             del record.twilio_events[:-TWILIO_EVENTS_KEPT]  # the latest only (see the bound)
-            if "CallStatus" in change.event:
-                record.status = change.event["CallStatus"]
+            status = change.event.get("CallStatus")
+            # Twilio's callbacks may arrive out of order (a late "ringing" after "completed"):
+            # a call that is over stays over, whatever a later callback says.
+            if status and (record.status not in FINAL_STATUSES or status in FINAL_STATUSES):
+                record.status = status
         case Transferred():
             transfer = change.transfer
             record.transfer = well_formed(dict(transfer)) if transfer is not None else None

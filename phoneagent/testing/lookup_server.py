@@ -37,8 +37,9 @@ class LookupRequest:
 
 class LookupServer(LoopbackServer):
     """``answer``: the JSON value answered (or ``body``: raw bytes); ``status``: the HTTP
-    status; ``delay``: seconds before answering (a slow or hung business); ``endless``: a
-    body that never ends, sent in chunks without a length (a hostile or broken business)."""
+    status; ``headers``: more response headers (a ``Location``); ``delay``: seconds before
+    answering (a slow or hung business); ``endless``: a body that never ends, sent in chunks
+    without a length (a hostile or broken business)."""
 
     def __init__(
         self,
@@ -47,10 +48,12 @@ class LookupServer(LoopbackServer):
         answer: Any = None,
         body: bytes | None = None,
         status: int = 200,
+        headers: dict[str, str] | None = None,
         delay: float = 0.0,
         endless: bool = False,
     ) -> None:
         super().__init__()
+        self.headers = dict(headers or {})
         self.endless = endless
         self.secret = secret
         self.answer, self.body, self.status, self.delay = answer, body, status, delay
@@ -87,6 +90,6 @@ class LookupServer(LoopbackServer):
                 await response.write(chunk)
                 await asyncio.sleep(0)
         if self.body is not None:
-            return web.Response(status=self.status, body=self.body,
+            return web.Response(status=self.status, body=self.body, headers=self.headers,
                                 content_type="application/json")  # fmt: skip
-        return web.json_response(self.answer or {}, status=self.status)
+        return web.json_response(self.answer or {}, status=self.status, headers=self.headers)
