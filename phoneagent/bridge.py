@@ -270,8 +270,14 @@ class CallShell:
         """Carry out the Call's actions in order. ``received_at`` is when the event that caused
         them arrived: the barge-in reaction time is measured from it."""
         stream_sid = self.call.stream_sid
+        # Another event's actions can run while these wait on a socket (a send waits when the
+        # socket's buffer is full): agent audio framed before a barge-in's `clear` that came
+        # in meanwhile was written off by the Call, and must not follow the `clear`.
+        clears = self.call.clears
         for action in actions:
             match action:
+                case SendMedia() | SendMark() if self.call.clears != clears:
+                    continue
                 case SendMedia(payload):
                     await self._to_twilio(media_message(stream_sid, payload))
                 case SendMark(name):

@@ -2,6 +2,7 @@
 socket. It moves bytes and performs the Call's actions; the Call decides (reconnects too)."""
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -19,6 +20,7 @@ from phoneagent.realtime.base import (
     ModelUnavailable,
     ResponseDone,
     ResponseStarted,
+    SpeechStarted,
 )
 from phoneagent.twilio.wire.stream import Mark, Media, Stop
 
@@ -173,3 +175,32 @@ async def test_a_send_on_a_closed_socket_ends_or_is_lost_but_never_raises(gone):
         assert not any(isinstance(c, AddTextItem) for c in model.commands)
         line.inbox.put_nowait(Stop("CAmem"))
         await asyncio.wait_for(running, 5)
+
+
+class PausedLine(MemoryLine):
+    """A line whose sends wait after writing, as aiohttp's do while the socket's buffer is
+    above its limit: other events' actions run meanwhile."""
+
+    async def send(self, text: str) -> None:
+        await super().send(text)
+        await asyncio.sleep(0)
+
+
+async def test_agent_audio_framed_before_a_barge_in_never_follows_its_clear():
+    """The model pump is sending a delta's messages when the caller's frame makes the Call
+    interrupt: what remains of that delta was written off by the clear and is not sent."""
+    persona = dataclasses.replace(PERSONA, barge_in_min_speech_ms=20)  # one loud frame
+    line, model = PausedLine(), MemoryModel()
+    shell = CallShell(line, model, Call(persona, stream_sid="MZmem", call_sid="CAmem"))
+    await shell.feed_model(ResponseStarted("r1"))
+    await shell.feed_model(SpeechStarted("item_caller", 0))  # weighed on the caller's frames
+    two_messages = b"\x00\x40" * 4800 * 2  # 400 ms: two 200 ms messages, each with its mark
+    sending = asyncio.create_task(shell.feed_model(AudioDelta("r1", "item_1", two_messages)))
+    await asyncio.sleep(0)  # the first `media` is written; the send waits
+    assert [m["event"] for m in line.sent] == ["media"]
+    loud = bytes([0x00, 0x80]) * 80  # μ-law full scale, both signs
+    await shell.feed_twilio(Media(timestamp_ms=0, payload=loud))
+    await sending
+    events = [m["event"] for m in line.sent]
+    assert events == ["media", "clear"]  # not the mark nor the second `media` of item_1
+    assert shell.call.stats.barge_ins == 1

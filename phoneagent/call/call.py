@@ -227,6 +227,12 @@ class Call:
         return self.end_reason is not None
 
     @property
+    def clears(self) -> int:
+        """How many times agent playback was cleared (barge-ins): agent audio the Call framed
+        before a clear was written off by it and must not reach the caller after it."""
+        return self._playback.clears
+
+    @property
     def turns(self) -> list[Turn]:
         return self._transcript.turns
 

@@ -96,6 +96,7 @@ class Playback(Machine[PlaybackState]):
         self._marks: OrderedDict[str, tuple[AgentItem, int, float]] = OrderedDict()
         self._last_echo_at: float | None = None
         self.current: AgentItem | None = None  # the item whose audio is being framed
+        self.clears = 0  # barge-ins so far: frames made before the last one are written off
         self._to_caller = ModelToCaller(model_rate)
 
     @property
@@ -182,6 +183,7 @@ class Playback(Machine[PlaybackState]):
         self._marks.clear()  # their echoes, sent at once after `clear`, are not played
         self.current = None
         self._to_caller.reset()  # the cut reply's filter state must not leak into the next
+        self.clears += 1
         self._fire("clear")
         return [
             (item, heard_now.get(item.item_id, min(item.played_ms, item.sent_ms)))
