@@ -1,7 +1,7 @@
 """The media-stream shell: one Twilio media stream, one model session, one ``Call`` between them.
 
-It takes both as small protocols (``TwilioLine``, ``ModelChannel``: the aiohttp and websockets
-adapters are in the route and in ``realtime/connection.py``), so it runs in memory in tests.
+It takes both as small protocols (``TwilioLine``, ``ModelChannel``: the aiohttp adapters are in
+the route and in ``realtime/connection.py``), so it runs in memory in tests.
 It reads from both, hands each event to the ``Call`` (and a ``Tick`` every
 TICK_SECONDS), and performs the actions it returns. It decides nothing about the conversation:
 when the model's socket drops, or a new session cannot be opened, it tells the ``Call``, which

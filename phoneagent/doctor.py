@@ -35,7 +35,6 @@ from twilio.base.exceptions import TwilioRestException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
-from websockets.exceptions import ConnectionClosed
 
 from phoneagent.audio import CallerToModel, pcm16_rms, pcm16_to_ulaw
 from phoneagent.audio.framing import FRAME_MS, ULAW_FRAME_BYTES, ULAW_SILENCE_FRAME
@@ -58,6 +57,7 @@ from phoneagent.realtime.base import (
 )
 from phoneagent.realtime.connection import (
     MODEL_NAME_REFUSALS,
+    ModelConnectionLost,
     ModelConnector,
     ModelSession,
     ModelUnavailable,
@@ -178,14 +178,28 @@ async def check_stepfun_access(
 ) -> tuple[list[Result], ModelConnector | None]:
     """The key and the model name, from one upgrade (with the product's alias fallback).
 
-    Returns the connector to reuse (it then goes straight to the name that works), or None when
-    no session can be opened at all."""
+    Returns the connector to reuse (it then goes straight to the name that works; the caller
+    closes it), or None when no session can be opened at all."""
     connector = ModelConnector(
         url=settings.stepfun_realtime_url,
         api_key=settings.stepfun_api_key,
         model=settings.stepfun_model,
         open_timeout=limits.connect,
     )
+    try:
+        results = await _stepfun_access(connector, settings, probe, limits)
+    except BaseException:
+        await connector.close()
+        raise
+    if results[-1].status == FAIL:
+        await connector.close()
+        return results, None
+    return results, connector
+
+
+async def _stepfun_access(
+    connector: ModelConnector, settings: Settings, probe: SessionConfig, limits: Limits
+) -> list[Result]:
     configured = settings.stepfun_model
     alias = MODEL_ALIASES.get(configured)
     tried = f"{configured!r}" + (f" and its alias {alias!r}" if alias else "")
@@ -195,16 +209,14 @@ async def check_stepfun_access(
         await session.close()
     except TimeoutError:
         fix = "check STEPFUN_REALTIME_URL and that this machine reaches it"
-        return [
-            failed("stepfun connect", f"no answer within {3 * limits.connect:.0f} s", fix)
-        ], None
+        return [failed("stepfun connect", f"no answer within {3 * limits.connect:.0f} s", fix)]
     except ModelUnavailable as exc:
         if exc.status is None and _handshake_failed(exc):
             fix = "check STEPFUN_REALTIME_URL, DNS and the firewall (outbound wss on 443)"
-            return [failed("stepfun connect", f"{settings.stepfun_realtime_url}: {exc}", fix)], None
+            return [failed("stepfun connect", f"{settings.stepfun_realtime_url}: {exc}", fix)]
         if exc.status in HANDSHAKE_REFUSALS:
             what, fix = HANDSHAKE_REFUSALS[exc.status]
-            return [failed("stepfun key", f"{what} (HTTP {exc.status})", fix)], None
+            return [failed("stepfun key", f"{what} (HTTP {exc.status})", fix)]
         if exc.status in MODEL_NAME_REFUSALS:
             key = passed("stepfun key", "not refused (the model name was)")
             fix = (
@@ -212,11 +224,11 @@ async def check_stepfun_access(
                 "(StepFun's docs: stepaudio-2.5-realtime)"
             )
             detail = f"model name refused (HTTP {exc.status}): tried {tried}"
-            return [key, failed("stepfun model", detail, fix)], None
+            return [key, failed("stepfun model", detail, fix)]
         if exc.status is not None:
             fix = "StepFun had a problem: try again later; if it persists, ask StepFun support"
             detail = f"the upgrade was refused with HTTP {exc.status}"
-            return [failed("stepfun connect", detail, fix)], None
+            return [failed("stepfun connect", detail, fix)]
         # The upgrade worked; the session was refused: each persona's check will say why.
     results = [passed("stepfun key", "accepted")]
     if connector.model == configured:
@@ -225,7 +237,7 @@ async def check_stepfun_access(
         detail = f"{configured!r} refused; only its alias {connector.model!r} accepted"
         fix = f"set STEPFUN_MODEL={connector.model} (each call otherwise pays a refused upgrade)"
         results.append(warned("stepfun model", detail, fix))
-    return results, connector
+    return results
 
 
 class _EventPump:
@@ -429,7 +441,7 @@ class _Caller:
     async def speak(self) -> None:
         to_model = CallerToModel(self.session.dialect.input_rate)
         start, index = time.monotonic(), 0
-        with contextlib.suppress(ConnectionClosed):  # the event side reports a closed session
+        with contextlib.suppress(ModelConnectionLost):  # the event side reports it
             while True:
                 frame = self.frames[index] if index < len(self.frames) else ULAW_SILENCE_FRAME
                 await self.session.send(AppendAudio(to_model.process(frame)))
@@ -683,13 +695,16 @@ async def run_checks(
         for result in results:
             yield result
         if connector is not None:
-            for persona in personas:
-                try:
-                    results = await check_persona_model(connector, persona, limits, speed)
-                except Exception as exc:
-                    results = [_unexpected(f"stepfun session [{persona.id}]", exc)]
-                for result in results:
-                    yield result
+            try:
+                for persona in personas:
+                    try:
+                        results = await check_persona_model(connector, persona, limits, speed)
+                    except Exception as exc:
+                        results = [_unexpected(f"stepfun session [{persona.id}]", exc)]
+                    for result in results:
+                        yield result
+            finally:
+                await connector.close()
     if settings.public_url:
         yield check_public_url(settings.public_url)
     if not (settings.twilio_account_sid and settings.twilio_auth_token):

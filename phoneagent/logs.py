@@ -18,8 +18,10 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 import structlog
 
 REDACTED = "[redacted]"
-# Credentials in HTTP headers as libraries print them at debug level (websockets writes every
-# handshake header: "> Authorization: Bearer …"), in any of the shapes a renderer produces.
+# Credentials in HTTP headers as libraries print them at debug level (websockets, in the test
+# kit's fake model and the benchmark's relay, writes every handshake header: "> Authorization:
+# Bearer …"; an aiohttp error's request_info holds the request's headers), in any of the shapes
+# a renderer produces.
 _HEADER_CREDENTIAL = re.compile(
     r"(?i)\b(authorization|proxy-authorization|x-twilio-signature|cookie|set-cookie)"
     r"((?:\\?['\"])?\s*[:=,]\s*(?:\\?['\"])?)(?:(?:bearer|basic|digest)\s+)?[^\s'\",\\]+"

@@ -217,16 +217,31 @@ def test_the_core_reaches_no_sockets_state_routes_or_rest():
 
 
 def test_the_media_shell_takes_protocols_not_sockets():
-    """bridge.py moves bytes between a TwilioLine and a ModelChannel: the aiohttp and websockets
-    adapters live in the route and the model connection, so the shell runs in memory."""
+    """bridge.py moves bytes between a TwilioLine and a ModelChannel: the aiohttp adapters live
+    in the route and the model connection, so the shell runs in memory."""
     _, graph = import_graph()
-    reached, queue = set(), deque(["phoneagent.bridge"])
+    reached = reached_from(graph, "phoneagent.bridge")
+    assert not reached & set(FORBIDDEN_LIBRARIES), sorted(reached & set(FORBIDDEN_LIBRARIES))
+
+
+def test_the_server_and_doctor_run_without_websockets():
+    """The model connection is aiohttp's client WebSocket; only the test kit's fake model servers
+    (and so `phoneagent demo`, which runs one) use the websockets library."""
+    _, graph = import_graph()
+    for start in ("phoneagent.server", "phoneagent.doctor", "phoneagent.realtime.connection"):
+        reached = reached_from(graph, start)
+        assert "aiohttp" in reached and "websockets" not in reached, start
+
+
+def reached_from(graph: dict[str, list[Edge]], start: str) -> set[str]:
+    """Every module and library ``start`` imports, directly or not."""
+    reached, queue = set(), deque([start])
     while queue:
         for edge in graph.get(queue.popleft(), []):
             if edge.target not in reached:
                 reached.add(edge.target)
                 queue.append(edge.target)
-    assert not reached & set(FORBIDDEN_LIBRARIES), sorted(reached & set(FORBIDDEN_LIBRARIES))
+    return reached
 
 
 def test_cycles_are_reported_with_their_edges():

@@ -1,5 +1,6 @@
-"""No log level prints a secret: not ours, not a library's (websockets writes every handshake
-header at debug level, the StepFun key among them)."""
+"""No log level prints a secret: not ours, not a library's (the websockets server in the test
+kit's fake model writes every handshake header at debug level, the StepFun key among them; the
+model connection's client, aiohttp, must print none of it)."""
 
 import io
 import logging
@@ -8,6 +9,8 @@ import pytest
 from conftest import EXAMPLE_PERSONAS
 
 from phoneagent.logs import REDACTED, configure_logging, redact, secret_values
+from phoneagent.realtime.base import SessionConfig
+from phoneagent.realtime.connection import ModelConnector, ModelUnavailable
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.stack import LocalStack
 from phoneagent.testing.twilio_signing import Signature
@@ -52,8 +55,36 @@ async def test_a_whole_call_logs_no_secret_at_any_level(log_output, level, log_f
     written = log_output.getvalue()
     assert written  # something was logged at every level tried
     assert STEPFUN_KEY not in written and token not in written
-    if level == "debug":  # websockets printed the handshake: the key was there to redact
+    if level == "debug":  # the fake's websockets printed the handshake: a key to redact
         assert f"Authorization: {REDACTED}" in written
+
+
+async def test_the_model_client_prints_no_key_at_debug_level(log_output):
+    """aiohttp's own loggers at debug, through a refused upgrade (its error carries the request's
+    headers), the model-name fallback, a session, and a model gone: the key appears nowhere,
+    not even to be redacted, and not in the errors the connection raises."""
+    capture_logging(log_output, "console", "debug", secrets=set())  # nothing to redact by value
+    config = SessionConfig("Be brief.", "linjiajiejie", 600, 300, 1000)
+    async with FakeRealtimeServer(api_key=STEPFUN_KEY) as model:
+        model.models = frozenset({"stepaudio-2.5-realtime"})
+        connector = ModelConnector(url=model.url, api_key=STEPFUN_KEY, model="step-2.5-realtime")
+        model.fail_next_handshakes(1, status=401)
+        with pytest.raises(ModelUnavailable) as refused:
+            await connector.open(config)
+        session = await connector.open(config)  # 400 for this name, then its alias
+        await model.close()
+        _ = [event async for event in session.events()]
+        with pytest.raises(ModelUnavailable) as unreachable:
+            await connector.open(config)
+        await connector.close()
+    written = log_output.getvalue()
+    assert "model_name_refused" in written  # the connection's own lines were captured
+    # Only the fake's websockets server prints headers (its own logger): from the client side
+    # no line carries one, redacted or not.
+    client_lines = [line for line in written.splitlines() if "websockets.server" not in line]
+    assert not [line for line in client_lines if REDACTED in line or "Bearer" in line]
+    for text in (written, str(refused.value), repr(refused.value), str(unreachable.value)):
+        assert STEPFUN_KEY not in text
 
 
 @pytest.mark.parametrize(
