@@ -8,10 +8,12 @@ and memory are read from /proc (Linux), with no extra dependency.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -80,7 +82,10 @@ async def start_phoneagent(
     """`phoneagent serve` on a free loopback port, talking to the model at *model_url* and
     taking up to *max_calls* calls at once; returns the process and its base URL."""
     port = free_port()
+    data_dir = tempfile.mkdtemp(prefix="phoneagent-bench-")  # not the checkout's ./data
+    atexit.register(shutil.rmtree, data_dir, ignore_errors=True)
     env = {
+        "PHONEAGENT_DATA_DIR": data_dir,
         "PORT": str(port),
         "PUBLIC_URL": f"http://127.0.0.1:{port}",
         "TWILIO_ACCOUNT_SID": sid,

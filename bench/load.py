@@ -423,6 +423,12 @@ def analyse(server, calls, sessions, session_ids, t0, t1, problems) -> Run:
         in_window = (recv_t >= t0) & (recv_t <= t1)
         if np.any(delta[in_window] >= len(out_n)):
             problems["the caller got audio the model never sent (matching failed)"] += 1
+            print(f"  matching failed for {call_sid}: the caller got {int(recv_n.sum())} μ-law "
+                  f"bytes ({len(recv_n)} messages, first at {recv_t[0] - t0:+.2f} s), session "
+                  f"{session_ids.get(call_sid)} sent {int(out_n.sum())} pcm bytes ({len(out_n)} "
+                  f"deltas, first at {(out_t[0] - t0) if len(out_t) else math.nan:+.2f} s); "
+                  f"the model had {len(sessions)} sessions for {len(calls)} calls",
+                  file=sys.stderr)  # fmt: skip
             continue
         outbound.append(recv_t[in_window] - out_t[delta[in_window]])
         counts["media to caller"] += int(np.count_nonzero(in_window))

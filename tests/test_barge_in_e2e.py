@@ -55,9 +55,13 @@ async def ask_for_the_long_answer(caller, model):
     await caller.dial()
     await caller.connect()
     caller.start_background_silence()
+    await model.wait_for(lambda: model.sessions, 30)
+    session = model.sessions[0]
+    # The whole greeting generated, then heard out: 300 ms of quiet alone is 75 ms of wall
+    # time, which a busy machine's pause in the model's deltas can exceed mid-greeting.
+    await model.wait_for(lambda: session.sent_events("response.done"), 30)
     await caller.wait_until_quiet(300, timeout=30)
     await caller.play(caller_speech("When are you open?"))
-    session = model.sessions[0]
     items = await model.wait_for(
         lambda: len(added := session.sent_events("response.output_item.added")) >= 2 and added,
         30,

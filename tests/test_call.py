@@ -11,6 +11,7 @@ from conftest import EXAMPLE_PERSONAS
 from phoneagent.audio import pcm16_to_ulaw
 from phoneagent.call import (
     FRAMES_PER_MESSAGE,
+    MARK_EVERY_MS,
     Call,
     CallState,
     EndCall,
@@ -110,7 +111,7 @@ def speak(call, response_id, item_id, ms, text=""):
     actions = call.on_model(ResponseStarted(response_id))
     if text:
         actions += call.on_model(AgentTranscriptDelta(response_id, item_id, text))
-    # 20 ms deltas: each makes one frame, so each frame gets its own message and mark here.
+    # 20 ms deltas: each makes one frame, so each frame gets its own message here.
     for _ in range(ms // 20):
         actions += call.on_model(AudioDelta(response_id, item_id, tone_pcm24k(20)))
     actions += call.on_model(ResponseDone(response_id, "completed"))
@@ -153,16 +154,25 @@ def test_inbound_timestamp_gap_is_filled_with_silence(call):
     assert len(action.command.pcm) == 120 * 48
 
 
-def test_agent_audio_becomes_frames_each_followed_by_a_unique_mark(call):
-    actions = speak(call, "resp1", "item1", 300)
+def mark_ms(mark: SendMark) -> int:
+    """How much of its item was sent before the mark (``<item>:<bytes sent>``)."""
+    return int(mark.name.rpartition(":")[2]) // 8
+
+
+def test_agent_audio_becomes_frames_with_a_unique_mark_every_200_ms(call):
+    actions = speak(call, "resp1", "item1", 700)
     media = of_type(actions, SendMedia)
     marks = of_type(actions, SendMark)
     assert all(len(m.payload) == 160 for m in media[:-1])
-    assert sum(len(m.payload) for m in media) == pytest.approx(300 * 8, abs=8 * 5)
-    assert len(marks) == len(media)
+    sent_ms = sum(len(m.payload) for m in media) // 8
+    assert sent_ms == pytest.approx(700, abs=5)
     assert len({m.name for m in marks}) == len(marks)
-    # Strict alternation: each frame is followed by its own mark.
-    assert [type(a) for a in actions] == [SendMedia, SendMark] * len(media)
+    # After the first frame, then after the first frame 200 ms or more past the last mark,
+    # then after the item's last frame (response.done): Twilio echoes the item's end.
+    assert MARK_EVERY_MS == 200
+    assert [mark_ms(m) for m in marks] == [20, 220, 420, 620, sent_ms]
+    for mark in marks[:-1]:
+        assert isinstance(actions[actions.index(mark) - 1], SendMedia)
     assert call.stats.first_audio_ms is not None
 
 
@@ -170,7 +180,7 @@ def test_marks_advance_played_and_transcript_end(call, clock):
     actions = speak(call, "resp1", "item1", 200, text="Hello there.")
     marks = of_type(actions, SendMark)
     clock.advance(100)
-    call.on_twilio(Mark(marks[4].name))  # five frames played
+    call.on_twilio(Mark(marks[0].name))  # the first frame played (its echo came late)
     [turn] = call.transcript
     assert turn == {
         "role": "agent",
@@ -188,13 +198,13 @@ def test_barge_in_clears_cancels_truncates_at_the_heard_position(call):
     for _ in range(30):
         sent += call.on_model(AudioDelta("resp1", "item1", tone_pcm24k(20)))
     marks = of_type(sent, SendMark)
-    call.on_twilio(Mark(marks[9].name))  # 10 frames = 200 ms heard
+    call.on_twilio(Mark(marks[1].name))  # 11 frames = 220 ms heard
 
     actions = call.on_model(SpeechStarted("user1", 1000))
     assert actions[0] == SendClear()
     assert model_commands(actions, CancelResponse) == [CancelResponse()]
     [truncate] = model_commands(actions, TruncateItem)
-    assert truncate == TruncateItem("item1", 200)
+    assert truncate == TruncateItem("item1", 220)
     [finished] = of_type(actions, TurnFinished)
     assert (finished.turn["text"], finished.turn["interrupted"]) == ("one two", True)
 
@@ -202,11 +212,11 @@ def test_barge_in_clears_cancels_truncates_at_the_heard_position(call):
     assert call.on_model(AudioDelta("resp1", "item1", tone_pcm24k(100))) == []
     assert call.on_model(ResponseDone("resp1", "cancelled")) == []
     # Twilio echoes the pending marks after `clear`: they do not count as played.
-    for mark in marks[10:]:
+    for mark in marks[2:]:
         call.on_twilio(Mark(mark.name))
     [turn] = [t for t in call.transcript if t["role"] == "agent"]
     assert turn["interrupted"] is True
-    assert turn["text"] == "one two"  # 200 of ~600 ms heard: a third of the words
+    assert turn["text"] == "one two"  # 220 of ~600 ms heard: about a third of the words
     assert call.stats.barge_ins == 1
 
 
@@ -219,10 +229,10 @@ def test_late_echoes_after_clear_do_not_disturb_the_next_response(call):
     assert not {m.name for m in old_marks} & {m.name for m in new_marks}
     for mark in old_marks:  # late echoes of the cleared marks
         call.on_twilio(Mark(mark.name))
-    call.on_twilio(Mark(new_marks[2].name))
+    call.on_twilio(Mark(new_marks[0].name))
     # A second barge-in truncates item2 at what was heard of item2 alone.
     actions = call.on_model(SpeechStarted("user2", 0))
-    assert model_commands(actions, TruncateItem) == [TruncateItem("item2", 60)]
+    assert model_commands(actions, TruncateItem) == [TruncateItem("item2", 20)]
 
 
 def test_speech_with_no_agent_audio_pending_is_not_a_barge_in(call):
@@ -235,11 +245,11 @@ def test_speech_with_no_agent_audio_pending_is_not_a_barge_in(call):
 def test_barge_in_after_generation_finished_still_clears_the_tail(call):
     actions = speak(call, "resp1", "item1", 500)  # response.done already arrived
     marks = of_type(actions, SendMark)
-    call.on_twilio(Mark(marks[4].name))
+    call.on_twilio(Mark(marks[1].name))
     actions = call.on_model(SpeechStarted("user1", 0))
     assert actions[0] == SendClear()
     assert model_commands(actions, CancelResponse) == []  # nothing to cancel
-    assert model_commands(actions, TruncateItem) == [TruncateItem("item1", 100)]
+    assert model_commands(actions, TruncateItem) == [TruncateItem("item1", 220)]
 
 
 def test_transcript_orders_turns_by_start(call, clock):
@@ -335,32 +345,47 @@ def test_guard_drops_the_candidate_when_the_agent_finishes_first(guarded_call):
     assert call.stats.barge_ins == 0
 
 
-def test_a_long_delta_goes_out_in_a_few_messages_each_with_its_mark(call):
+def test_a_long_delta_goes_out_in_a_few_messages_marked_every_200_ms(call):
     call.on_model(ResponseStarted("resp1"))
     actions = call.on_model(AudioDelta("resp1", "item1", tone_pcm24k(500)))
     media = of_type(actions, SendMedia)
     assert [len(m.payload) for m in media] == [160 * FRAMES_PER_MESSAGE] * 2 + [800]
-    assert [m.name for m in of_type(actions, SendMark)] == [
-        "item1:1600",
-        "item1:3200",
-        "item1:4000",
-    ]
-    assert [type(a) for a in actions] == [SendMedia, SendMark] * 3
+    assert [m.name for m in of_type(actions, SendMark)] == ["item1:1600", "item1:3200"]
+    assert [type(a) for a in actions] == [SendMedia, SendMark] * 2 + [SendMedia]
+    # The last 100 ms are marked when the item ends (with the resampler's last samples).
+    done = call.on_model(ResponseDone("resp1", "completed"))
+    [last] = of_type(done, SendMark)
+    assert last.name == f"item1:{4000 + sum(len(m.payload) for m in of_type(done, SendMedia))}"
 
 
 def test_mark_names_say_whose_audio_they_follow(call):
-    marks = of_type(speak(call, "resp1", "item1", 100), SendMark)
+    actions = speak(call, "resp1", "item1", 100)
+    marks = of_type(actions, SendMark)
     # <item>:<bytes sent so far>: 160 bytes of μ-law per 20 ms frame.
-    assert [m.name for m in marks[:3]] == ["item1:160", "item1:320", "item1:480"]
+    sent = sum(len(m.payload) for m in of_type(actions, SendMedia))
+    assert [m.name for m in marks] == ["item1:160", f"item1:{sent}"]
 
 
 def test_heard_position_runs_on_from_the_last_echo(call, clock):
     actions = speak(call, "resp1", "item1", 1000)
-    clock.advance(100)
-    call.on_twilio(Mark(of_type(actions, SendMark)[4].name))  # 100 ms played, echo now
+    clock.advance(220)
+    call.on_twilio(Mark(of_type(actions, SendMark)[1].name))  # 220 ms played, echo now
     clock.advance(30)  # Twilio plays on: the caller is 30 ms into the next frame
     actions = call.on_model(SpeechStarted("user1", 0))
-    assert model_commands(actions, TruncateItem) == [TruncateItem("item1", 130)]
+    assert model_commands(actions, TruncateItem) == [TruncateItem("item1", 250)]
+
+
+def test_heard_position_runs_on_through_frames_not_yet_marked(call, clock):
+    call.on_model(ResponseStarted("resp1"))
+    sent = []
+    for _ in range(5):  # 100 ms: only the first frame is marked so far
+        sent += call.on_model(AudioDelta("resp1", "item1", tone_pcm24k(20)))
+    [first] = of_type(sent, SendMark)
+    clock.advance(20)
+    call.on_twilio(Mark(first.name))  # no mark is out now, but 80 ms are playing
+    clock.advance(50)
+    actions = call.on_model(SpeechStarted("user1", 0))
+    assert model_commands(actions, TruncateItem) == [TruncateItem("item1", 70)]
 
 
 def test_heard_position_counts_from_when_audio_was_sent_after_an_idle_line(call, clock):
@@ -410,7 +435,7 @@ def test_transfer_waits_until_the_announcement_was_heard(call, persona):
 def test_barge_in_during_the_announcement_cancels_the_transfer(call):
     finish_tool_response(call, "transfer_call")
     sent = speak(call, "announce", "item_a", 400)
-    call.on_twilio(Mark(of_type(sent, SendMark)[3].name))
+    call.on_twilio(Mark(of_type(sent, SendMark)[0].name))
     actions = call.on_model(SpeechStarted("user1", 0))
     assert actions[0] == SendClear()
     [note] = model_commands(actions, AddTextItem)

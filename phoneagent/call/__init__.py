@@ -25,12 +25,13 @@ from phoneagent.call.actions import (
     TurnFinished,
 )
 from phoneagent.call.call import STOP_MEANS, Call, CallState
-from phoneagent.call.playback import FRAMES_PER_MESSAGE
+from phoneagent.call.playback import FRAMES_PER_MESSAGE, MARK_EVERY_MS
 from phoneagent.call.tool_calls import ToolAnswer
 from phoneagent.call.watchers import Tick
 
 __all__ = [
     "FRAMES_PER_MESSAGE",
+    "MARK_EVERY_MS",
     "STOP_MEANS",
     "Action",
     "AskBusinessTool",

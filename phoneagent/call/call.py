@@ -513,12 +513,14 @@ class Call:
 
     def _give_up_response(self) -> list[Action]:
         """Cancel the response in progress without waiting for it; what the framer still holds
-        of it is dropped with it (it must not be sent when the next item starts)."""
+        of it is dropped with it (it must not be sent when the next item starts), and what was
+        sent of it gets its last mark."""
         given_up = self._response.active
         current = self._playback.current
+        actions: list[Action] = []
         if given_up is not None and current is not None and current.response_id == given_up:
-            self._playback.flush(send=False)
-        return self._response.give_up()
+            actions += self._playback.flush(send=False)
+        return actions + self._response.give_up()
 
     def _watch_model(self, now: float) -> list[Action]:
         """Keep the model session alive and answering: nudge it when a caller's turn got no

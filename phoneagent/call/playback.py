@@ -20,8 +20,13 @@ from phoneagent.call.machine import Machine, Unexpected
 from phoneagent.call.transcript import Turn
 
 # Agent audio goes to Twilio in messages of up to this many 20 ms frames (whatever one model
-# delta made, up to 200 ms): a mark per message bounds how far a barge-in must reach back.
+# delta made, up to 200 ms).
 FRAMES_PER_MESSAGE = 10
+# A mark follows an item's first message, then the first message that ends this much audio or
+# more after the last mark, then the item's last message. Between echoes the heard position
+# runs on with the clock (Twilio plays at real time), so marks only re-anchor it; a mark per
+# message would cost as many messages again as the model's deltas, each echoed by Twilio.
+MARK_EVERY_MS = 200
 
 
 @dataclass
@@ -32,6 +37,7 @@ class AgentItem:
     response_id: str
     turn: Turn
     sent_bytes: int = 0  # μ-law: 8 bytes per ms
+    marked_bytes: int = 0  # sent_bytes at its last mark
     played_ms: int = 0
 
     @property
@@ -92,8 +98,10 @@ class Playback(Machine[PlaybackState]):
         super().__init__(PlaybackState.IDLE, unexpected)
         self._clock = clock
         self.items: dict[str, AgentItem] = {}
-        # Marks sent and not yet echoed, oldest first: name → (item, its ms at the mark, when sent).
+        # Marks sent and not yet echoed, oldest first: name → (item, its ms at the mark, when
+        # the first message since the mark before it was sent).
         self._marks: OrderedDict[str, tuple[AgentItem, int, float]] = OrderedDict()
+        self._unmarked_since: float | None = None  # messages sent since the last mark: the first
         self._last_echo_at: float | None = None
         self.current: AgentItem | None = None  # the item whose audio is being framed
         self.clears = 0  # barge-ins so far: frames made before the last one are written off
@@ -123,26 +131,43 @@ class Playback(Machine[PlaybackState]):
         if item is None:
             return []
         frames = self._to_caller.flush()
-        return self._frames_to_twilio(item, frames) if send else []
+        actions = self._frames_to_twilio(item, frames) if send else []
+        if item.sent_bytes > item.marked_bytes:  # the item's last mark: when it was all heard
+            actions.append(self._mark(item))
+            self._fire("sent")
+        return actions
 
     def _frames_to_twilio(self, item: AgentItem, frames: list[bytes]) -> list[Action]:
         """The frames a model delta made, as few `media` messages as the chunk limit allows,
-        each followed by its mark. Messages, not transcoding, are most of the server's work
-        (bench/load.py), and Twilio plays any size; how much was heard stays exact because it
-        runs on in real time from each mark echo (``heard_now``)."""
+        a mark after some (``MARK_EVERY_MS``). Messages, not transcoding, are most of the
+        server's work (bench/load.py), and Twilio plays any size; how much was heard runs on
+        in real time from each mark echo (``heard_now``)."""
         actions: list[Action] = []
+        marked = False
         for start in range(0, len(frames), FRAMES_PER_MESSAGE):
             chunk = b"".join(frames[start : start + FRAMES_PER_MESSAGE])
             item.sent_bytes += len(chunk)
-            # Unique (every chunk adds bytes; a short tail may add no whole ms), and it says
-            # whose audio it follows: Twilio echoes every pending mark after `clear`, and those
-            # echoes must not count as played.
-            name = f"{item.item_id}:{item.sent_bytes}"
-            self._marks[name] = (item, item.sent_ms, self._clock())
-            actions += (SendMedia(chunk), SendMark(name))
-        if actions:
+            actions.append(SendMedia(chunk))
+            if self._unmarked_since is None:
+                self._unmarked_since = self._clock()
+            unmarked_ms = (item.sent_bytes - item.marked_bytes) // ULAW_BYTES_PER_MS
+            if item.marked_bytes == 0 or unmarked_ms >= MARK_EVERY_MS:
+                actions.append(self._mark(item))
+                marked = True
+        if marked:
             self._fire("sent")
         return actions
+
+    def _mark(self, item: AgentItem) -> SendMark:
+        """A mark after everything sent so far. Its name is unique (every message adds bytes;
+        a short tail may add no whole ms), and says whose audio it follows: Twilio echoes every
+        pending mark after `clear`, and those echoes must not count as played."""
+        name = f"{item.item_id}:{item.sent_bytes}"
+        since = self._unmarked_since if self._unmarked_since is not None else self._clock()
+        self._marks[name] = (item, item.sent_ms, since)
+        self._unmarked_since = None
+        item.marked_bytes = item.sent_bytes
+        return SendMark(name)
 
     def echo(self, name: str) -> AgentItem | None:
         """Twilio played up to mark *name*: the item it ends, or None for an echo of a mark
@@ -167,9 +192,12 @@ class Playback(Machine[PlaybackState]):
         Network transit of the echo and of our `clear` is not known, so this errs on the side
         of "heard less". Capped at what was sent.
         """
-        if not self._marks:
+        if self._marks:
+            item, _, first_sent_at = next(iter(self._marks.values()))
+        elif self._unmarked_since is not None and self.current is not None:
+            item, first_sent_at = self.current, self._unmarked_since  # its next mark is to come
+        else:
             return {}
-        item, _, first_sent_at = next(iter(self._marks.values()))
         playing_since = max(self._last_echo_at or first_sent_at, first_sent_at)
         elapsed_ms = max(0, round((self._clock() - playing_since) * 1000))
         return {item.item_id: min(item.sent_ms, item.played_ms + elapsed_ms)}
@@ -181,6 +209,7 @@ class Playback(Machine[PlaybackState]):
         if self.current is not None:
             cut[self.current.item_id] = self.current
         self._marks.clear()  # their echoes, sent at once after `clear`, are not played
+        self._unmarked_since = None
         self.current = None
         self._to_caller.reset()  # the cut reply's filter state must not leak into the next
         self.clears += 1
