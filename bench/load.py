@@ -79,10 +79,10 @@ from phoneagent.testing.stack import demo_credentials
 
 RELAY = Path(__file__).resolve().with_name("relay_server.py")
 PIPECAT = Path(__file__).resolve().with_name("pipecat_server.py")
-SERVERS = ("phoneagent", "pipecat", "relay")
+SERVERS = ("phoneagent", "pipecat", "relay", "relay-pcm16")
 # What the model hears per μ-law byte from the caller: phoneagent appends pcm16 at 24 kHz (6
-# bytes per μ-law byte), the relay the μ-law itself.
-MODEL_BYTES_PER_ULAW_BYTE = {"phoneagent": 6, "pipecat": 6, "relay": 1}
+# bytes per μ-law byte), the relay the μ-law itself, relay-pcm16 pcm16 at 24 kHz (audioop).
+MODEL_BYTES_PER_ULAW_BYTE = {"phoneagent": 6, "pipecat": 6, "relay": 1, "relay-pcm16": 6}
 # pcm16 24 kHz model audio per μ-law byte to the caller (the relay keeps one byte in six).
 PCM_BYTES_PER_ULAW_BYTE = 6
 ULAW_BYTES_PER_MS = 8
@@ -314,6 +314,8 @@ async def run_server(server: str, plan: Plan, greeting: str, personas: Path) -> 
                 sys.executable, RELAY)  # fmt: skip
             argv = [python, str(script), "--port", str(port), "--model-url", model_url,
                     "--greeting", greeting]  # fmt: skip
+            if server == "relay-pcm16":
+                argv.append("--pcm16")
             process, base = await start_process(argv, port), f"http://127.0.0.1:{port}"
         await asyncio.sleep(1.0)
         rss_idle = rss_bytes(process.pid)

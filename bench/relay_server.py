@@ -15,8 +15,13 @@ The result is noise to a listener and costs a bytes slice; the byte counts, the 
 and the timing are those of a μ-law relay, and the model side carries the very deltas
 phoneagent receives.
 
+With `--pcm16` it is the least a relay must do for StepFun, which takes and gives pcm16 at
+24 kHz only (its session reference: "当前仅支持 pcm16"): μ-law ⇄ pcm16 and 8 ⇄ 24 kHz with
+`audioop` (C, linear interpolation, no anti-alias filter: the cheapest conversion, not a good
+one), so the model side carries real pcm16 24 kHz, as phoneagent's does.
+
     python bench/relay_server.py --port 8090 --model-url ws://127.0.0.1:PORT/v1/realtime \
-        --greeting "Thank you for calling."
+        --greeting "Thank you for calling." [--pcm16]
 """
 
 from __future__ import annotations
@@ -26,10 +31,15 @@ import asyncio
 import base64
 import contextlib
 import json
+import warnings
 from xml.sax.saxutils import quoteattr
 
 from aiohttp import WSMsgType, web
 from websockets.asyncio.client import connect
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # leaves the standard library in 3.13
+    import audioop
 
 MODEL = "stepaudio-2.5-realtime"
 PCM_BYTES_PER_ULAW_BYTE = 6  # pcm16 24 kHz: 48 bytes per ms; μ-law 8 kHz: 8
@@ -83,27 +93,46 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
         await model.send(json.dumps(create))
 
         async def twilio_to_model() -> None:
+            state = None  # ratecv's
             async for message in ws:
                 if message.type is not WSMsgType.TEXT:
                     continue
                 data = json.loads(message.data)
                 if data["event"] == "media":
                     append = {"type": "input_audio_buffer.append"}
-                    append["audio"] = data["media"]["payload"]
+                    payload = data["media"]["payload"]
+                    if config.pcm16:
+                        pcm = audioop.ulaw2lin(base64.b64decode(payload), 2)
+                        # ratecv holds back 2 samples at the start: put them in front, so that
+                        # every frame gives exactly 3 samples per input sample (the bench
+                        # matches audio by position).
+                        primed = state is not None
+                        pcm, state = audioop.ratecv(pcm, 2, 1, 8000, 24000, state)
+                        payload = base64.b64encode(pcm if primed else bytes(4) + pcm).decode()
+                    append["audio"] = payload
                     await model.send(json.dumps(append))
                 elif data["event"] == "stop":
                     return
 
         async def model_to_twilio() -> None:
             position = 0  # bytes of model audio so far
+            state = None  # ratecv's
             async for message in model:
                 event = json.loads(message)
                 if event["type"] != "response.audio.delta":
                     continue
                 pcm = base64.b64decode(event["delta"])
-                first = (PCM_BYTES_PER_ULAW_BYTE - 1 - position) % PCM_BYTES_PER_ULAW_BYTE
-                position += len(pcm)
-                payload = base64.b64encode(pcm[first::PCM_BYTES_PER_ULAW_BYTE]).decode()
+                if config.pcm16:
+                    # ratecv gives its first output at once (ceil, not floor, of a third of
+                    # the input): that sample is dropped, so no frame runs ahead of the model.
+                    primed = state is not None
+                    pcm, state = audioop.ratecv(pcm, 2, 1, 24000, 8000, state)
+                    ulaw = audioop.lin2ulaw(pcm if primed else pcm[2:], 2)
+                else:
+                    first = (PCM_BYTES_PER_ULAW_BYTE - 1 - position) % PCM_BYTES_PER_ULAW_BYTE
+                    position += len(pcm)
+                    ulaw = pcm[first::PCM_BYTES_PER_ULAW_BYTE]
+                payload = base64.b64encode(ulaw).decode()
                 media = {"event": "media", "streamSid": stream_sid, "media": {"payload": payload}}
                 await ws.send_str(json.dumps(media))
 
@@ -123,6 +152,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model-url", required=True, help="the realtime model's ws:// URL")
     parser.add_argument("--greeting", required=True, help="what the model is asked to say")
+    parser.add_argument("--pcm16", action="store_true", help="convert to and from pcm16 24 kHz")
     args = parser.parse_args()
     app = web.Application()
     app[CONFIG] = args
