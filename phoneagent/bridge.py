@@ -275,18 +275,7 @@ class CallShell:
         # in meanwhile was written off by the Call, and must not follow the `clear`.
         clears = self.call.clears
         for action in actions:
-            match action:
-                case SendMedia() | SendMark() if self.call.clears != clears:
-                    continue
-                case SendMedia(payload):
-                    await self._to_twilio(media_message(stream_sid, payload))
-                case SendMark(name):
-                    await self._to_twilio(mark_message(stream_sid, name))
-                case SendClear():
-                    await self._to_twilio(clear_message(stream_sid))
-                    if received_at is not None:
-                        reaction_ms = (time.perf_counter() - received_at) * 1000
-                        self.call.on_clear_sent(reaction_ms)
+            match action:  # the most frequent first: each caller frame is one ToModel
                 case ToModel(command):
                     # A session that just dropped, before the pump has told the Call: what it
                     # cannot take is lost with it (the Call replays the call to the next one).
@@ -294,6 +283,17 @@ class CallShell:
                         await self.model.send(command)
                     except ConnectionError:
                         log.debug("model_command_lost", command=type(command).__name__)
+                case SendMedia(payload):
+                    if self.call.clears == clears:
+                        await self._to_twilio(media_message(stream_sid, payload))
+                case SendMark(name):
+                    if self.call.clears == clears:
+                        await self._to_twilio(mark_message(stream_sid, name))
+                case SendClear():
+                    await self._to_twilio(clear_message(stream_sid))
+                    if received_at is not None:
+                        reaction_ms = (time.perf_counter() - received_at) * 1000
+                        self.call.on_clear_sent(reaction_ms)
                 case TurnFinished(turn):
                     for listener in self.turn_listeners:
                         listener(self.call, turn)
