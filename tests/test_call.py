@@ -748,3 +748,27 @@ def test_an_id_less_done_listing_a_noted_tool_call_is_of_that_response(call):
     [tool_output] = model_commands(actions, ToolOutput)
     assert tool_output.output.startswith("ok")  # r2's done (not r1's, cancelled: "interrupted")
     assert call.state is CallState.ANNOUNCING
+
+
+def test_a_late_handoff_sentence_is_heard_to_its_unmarked_end_before_the_handoff(call, clock):
+    """The sentence starts just before its deadline and the model is slow: the first frame's
+    mark is echoed while the frames after it, not marked yet, still play. The handoff waits
+    until they have played by the clock (Twilio plays at real time)."""
+    finish_tool_response(call, "transfer_call")
+    call.on_model(ResponseStarted("announce"))
+    quiet_line(call, 0, 7_900)
+    sent = []
+    for _ in range(5):  # 100 ms: only the first frame is marked so far
+        sent += call.on_model(AudioDelta("announce", "item_a", tone_pcm24k(20)))
+    [first] = of_type(sent, SendMark)
+    clock.advance(20)
+    assert of_type(call.on_twilio(Mark(first.name)), SendMark) == []  # no mark per echo
+    # Past the deadline, 60 ms later by the clock: 20 of the 80 unmarked ms still play.
+    clock.advance(60)
+    assert of_type(quiet_line(call, 7_900, 9_000), TransferCall) == []
+    clock.advance(40)  # they have played by now: the sentence is given up, the call handed on
+    later = quiet_line(call, 9_000, 9_200)
+    [tail] = of_type(later, SendMark)  # what was sent of the sentence is marked as it ends
+    assert tail.name == f"item_a:{sum(len(m.payload) for m in of_type(sent, SendMedia))}"
+    assert of_type(later, TransferCall)
+    assert call.state is CallState.TRANSFERRING

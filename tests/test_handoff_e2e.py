@@ -53,7 +53,13 @@ async def start_call(stack, **options):
     await caller.dial()
     await caller.connect()
     caller.start_background_silence()
-    await caller.wait_until_quiet(300, timeout=30)  # the greeting, heard out
+    # The greeting generated in full, then heard out: 300 ms of quiet alone can fall in a pause
+    # of the model's deltas on a busy machine, mid-greeting.
+    model = stack.model
+    await model.wait_for(
+        lambda: model.sessions and model.sessions[0].sent_events("response.done"), 30
+    )
+    await caller.wait_until_quiet(300, timeout=30)
     return caller
 
 

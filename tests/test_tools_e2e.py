@@ -109,7 +109,10 @@ async def ask_for_a_table(stack, model, *, outputs: int = 1):
     await caller.dial()
     await caller.connect()
     caller.start_background_silence()
-    await caller.wait_until_quiet(300, timeout=30)  # the greeting, heard out
+    await model.wait_for(
+        lambda: model.sessions and model.sessions[0].sent_events("response.done"), 30
+    )
+    await caller.wait_until_quiet(300, timeout=30)  # the greeting, generated and heard out
     await caller.play(speech("Do you have a table for two on Friday at eight?"))
     session = model.sessions[0]
     await model.wait_for(lambda: len(function_outputs(session)) >= outputs, 30)

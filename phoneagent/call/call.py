@@ -498,7 +498,7 @@ class Call:
         (silence prompts and limits then go on), and a handoff whose sentence has not been
         said in time happens without it."""
         actions: list[Action] = []
-        playing = self._playback.playing
+        playing = self._playback.sounding
         if self._response.stalled(ms, playing):
             log.warning("model_response_stalled", silent_ms=ms - self._response.alive_ms)
             actions += self._give_up_response()
@@ -529,7 +529,7 @@ class Call:
             return [ToModel(CreateResponse())]
         quiet = (
             self._response.idle
-            and not self._playback.playing
+            and not self._playback.sounding
             and self._barge_in is None
             and not self._watchers.nudge.waiting
             and not self._tools.pending  # a new session could not take their answers
@@ -721,7 +721,7 @@ class Call:
             self.state is CallState.ACTIVE
             and self._response.idle
             and not self._response.guide.waiting
-            and not self._playback.playing
+            and not self._playback.sounding
             and self._barge_in is None
             and self._transcript.speaking is None  # "one moment" over the caller's words: no
             and not self._watchers.nudge.waiting
@@ -768,7 +768,7 @@ class Call:
     @property
     def _agent_speaking(self) -> bool:
         """Agent audio is being generated, or sent and not yet heard."""
-        return self._playback.playing or self._response.active is not None
+        return self._playback.sounding or self._response.active is not None
 
     def _on_speech_started(self, event: SpeechStarted) -> list[Action]:
         self._caller_turn(event.item_id)

@@ -111,6 +111,18 @@ class Playback(Machine[PlaybackState]):
     def playing(self) -> bool:
         return self.state is PlaybackState.PLAYING
 
+    @property
+    def sounding(self) -> bool:
+        """Twilio may still be playing agent audio: marks are out, or frames sent since the
+        last mark have not played out yet by the clock (they are marked with later frames or
+        at the item's end, which a slow or stuck model may not reach soon)."""
+        if self.playing:
+            return True
+        item = self.current
+        if item is None or self._unmarked_since is None:
+            return False
+        return self.heard_now().get(item.item_id, item.sent_ms) < item.sent_ms
+
     def plays(self, response_id: str | None) -> bool:
         """Twilio still has audio of this response to play."""
         return any(item.response_id == response_id for item, _, _ in self._marks.values())
