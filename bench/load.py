@@ -293,6 +293,30 @@ async def _model_session_ids(server: str, base: str, sid: str, token: str, call_
 
 
 async def run_server(server: str, plan: Plan, greeting: str, personas: Path) -> Run:
+    return (await run_servers([server], plan, greeting, personas))[server]
+
+
+async def _start_server(
+    server: str, plan: Plan, model_url: str, greeting: str, personas: Path, sid: str, token: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    if server == "phoneagent":
+        return await start_phoneagent(model_url, personas, sid, token, plan.calls)
+    port = free_port()
+    python, script = (plan.pipecat_python, PIPECAT) if server == "pipecat" else (
+        sys.executable, RELAY)  # fmt: skip
+    argv = [python, str(script), "--port", str(port), "--model-url", model_url,
+            "--greeting", greeting]  # fmt: skip
+    if server == "relay-pcm16":
+        argv.append("--pcm16")
+    return await start_process(argv, port), f"http://127.0.0.1:{port}"
+
+
+async def run_servers(
+    servers: list[str], plan: Plan, greeting: str, personas: Path
+) -> dict[str, Run]:
+    """*servers* under load at the same time (usually one), each pinned to the server CPU with
+    `plan.calls` calls of its own, one fake model for all: figures taken together share the
+    host's speed of the moment, which moves by tens of percent between runs minutes apart."""
     sid, token = demo_credentials()
     spawn = multiprocessing.get_context("spawn")
     model_conn, child = spawn.Pipe()
@@ -302,80 +326,95 @@ async def run_server(server: str, plan: Plan, greeting: str, personas: Path) -> 
         name="fake model",
     )
     model.start()
-    callers: list[tuple[multiprocessing.Process, Connection]] = []
-    process = None
+    callers: dict[str, list[tuple[multiprocessing.Process, Connection]]] = {}
+    processes: dict[str, asyncio.subprocess.Process] = {}
+    bases: dict[str, str] = {}
     try:
         _, model_url = await _receive(model_conn, model, 60)
-        if server == "phoneagent":
-            process, base = await start_phoneagent(model_url, personas, sid, token, plan.calls)
-        else:
-            port = free_port()
-            python, script = (plan.pipecat_python, PIPECAT) if server == "pipecat" else (
-                sys.executable, RELAY)  # fmt: skip
-            argv = [python, str(script), "--port", str(port), "--model-url", model_url,
-                    "--greeting", greeting]  # fmt: skip
-            if server == "relay-pcm16":
-                argv.append("--pcm16")
-            process, base = await start_process(argv, port), f"http://127.0.0.1:{port}"
+        for server in servers:
+            processes[server], bases[server] = await _start_server(
+                server, plan, model_url, greeting, personas, sid, token
+            )
         await asyncio.sleep(1.0)
-        rss_idle = rss_bytes(process.pid)
+        rss_idle = {server: rss_bytes(process.pid) for server, process in processes.items()}
 
         started = time.monotonic()
-        for k in range(plan.caller_processes):
-            conn, child = spawn.Pipe()
-            mine = range(k, plan.calls, plan.caller_processes)
-            args = (child, plan.load_cpus, base, sid, token, mine, plan.calls, plan.ramp)
-            caller = spawn.Process(target=callers_process, args=args, name=f"callers {k + 1}")
-            caller.start()
-            callers.append((caller, conn))
-        connected, failures = 0, []
-        for caller, conn in callers:
-            _, ok, failed = await _receive(conn, caller, plan.ramp + 120)
-            connected, failures = connected + ok, failures + failed
+        for server in servers:
+            callers[server] = []
+            for k in range(plan.caller_processes):
+                conn, child = spawn.Pipe()
+                mine = range(k, plan.calls, plan.caller_processes)
+                args = (child, plan.load_cpus, bases[server], sid, token, mine, plan.calls,
+                        plan.ramp)  # fmt: skip
+                name = f"callers {k + 1}" + (f" ({server})" if len(servers) > 1 else "")
+                caller = spawn.Process(target=callers_process, args=args, name=name)
+                caller.start()
+                callers[server].append((caller, conn))
+        connected: Counter[str] = Counter()
+        failures: dict[str, list[str]] = defaultdict(list)
+        for server in servers:
+            for caller, conn in callers[server]:
+                _, ok, failed = await _receive(conn, caller, plan.ramp + 120)
+                connected[server] += ok
+                failures[server] += failed
         connect_s = time.monotonic() - started
         await asyncio.sleep(plan.warmup)
 
-        pids = {"server": process.pid, "fake model": model.pid, "this process": os.getpid()}
-        pids |= {caller.name: caller.pid for caller, _ in callers}
+        all_callers = [pair for server in servers for pair in callers[server]]
+        pids = {server: process.pid for server, process in processes.items()}
+        pids |= {"fake model": model.pid, "this process": os.getpid()}
+        pids |= {caller.name: caller.pid for caller, _ in all_callers}
         t0 = time.monotonic()
         cpu0, busy0 = {name: cpu_seconds(pid) for name, pid in pids.items()}, cpu_busy_seconds()
         await asyncio.sleep(plan.seconds)
         cpu1, busy1 = {name: cpu_seconds(pid) for name, pid in pids.items()}, cpu_busy_seconds()
         t1 = time.monotonic()
-        rss_loaded = rss_bytes(process.pid)
+        rss_loaded = {server: rss_bytes(process.pid) for server, process in processes.items()}
 
-        calls, lags = {}, {}
-        for _, conn in callers:
+        calls: dict[str, dict] = {server: {} for server in servers}
+        lags = {}
+        for _, conn in all_callers:
             conn.send(("hang up", t0, t1))
-        for caller, conn in callers:
-            some, lags[caller.name] = await _receive(conn, caller, 60)
-            calls |= some
+        for server in servers:
+            for caller, conn in callers[server]:
+                some, lags[caller.name] = await _receive(conn, caller, 60)
+                calls[server] |= some
         model_conn.send("report")
         sessions, lags["fake model"] = await _receive(model_conn, model, 60)
-        session_ids = await _model_session_ids(server, base, sid, token, calls)
+        session_ids = {
+            server: await _model_session_ids(server, bases[server], sid, token, calls[server])
+            for server in servers
+        }
     finally:
-        if process is not None:
+        for process in processes.values():
             await stop_process(process)
-        for child_process in [model, *(caller for caller, _ in callers)]:
+        for child_process in [model, *(c for pairs in callers.values() for c, _ in pairs)]:
             child_process.join(10)
             if child_process.is_alive():
                 child_process.terminate()
 
     cpu = {name: cpu1[name] - cpu0[name] for name in cpu1}
-    problems: Counter[str] = Counter()
-    if connected < plan.calls:
-        problems[f"failed to connect ({'; '.join(failures[:3])})"] = plan.calls - connected
-    run = analyse(server, calls, sessions, session_ids, t0, t1, problems)
-    run.connect_s = connect_s
-    run.server_cpu_s = cpu.pop("server")
-    run.load_cpu_s = cpu
-    run.load_busy_s = sum(busy1[n] - busy0[n] for n in plan.load_cpus)
-    run.server_cpu_busy_s = busy1[SERVER_CPU] - busy0[SERVER_CPU]
-    run.rss_idle, run.rss_loaded = rss_idle, rss_loaded
-    run.load_lag_p99_ms = {name: _lag_p99(lag, t0, t1) for name, lag in lags.items()}
-    run.load_lag_max_ms = {name: _lag_p99(lag, t0, t1, 100) for name, lag in lags.items()}
-    run.load_cpus = len(plan.load_cpus)
-    return run
+    server_cpu = {server: cpu.pop(server) for server in servers}
+    runs = {}
+    for server in servers:
+        problems: Counter[str] = Counter()
+        if connected[server] < plan.calls:
+            reasons = "; ".join(failures[server][:3])
+            problems[f"failed to connect ({reasons})"] = plan.calls - connected[server]
+        run = analyse(server, calls[server], sessions, session_ids[server], t0, t1, problems)
+        run.connect_s = connect_s
+        run.server_cpu_s = server_cpu[server]
+        run.load_cpu_s = cpu
+        run.load_busy_s = sum(busy1[n] - busy0[n] for n in plan.load_cpus)
+        # The server core's busy time apart from the other servers measured with this one.
+        siblings = sum(seconds for other, seconds in server_cpu.items() if other != server)
+        run.server_cpu_busy_s = busy1[SERVER_CPU] - busy0[SERVER_CPU] - siblings
+        run.rss_idle, run.rss_loaded = rss_idle[server], rss_loaded[server]
+        run.load_lag_p99_ms = {name: _lag_p99(lag, t0, t1) for name, lag in lags.items()}
+        run.load_lag_max_ms = {name: _lag_p99(lag, t0, t1, 100) for name, lag in lags.items()}
+        run.load_cpus = len(plan.load_cpus)
+        runs[server] = run
+    return runs
 
 
 def _lag_p99(lag: tuple[array, array], t0: float, t1: float, percentile: float = 99) -> float:
@@ -888,6 +927,11 @@ async def main() -> None:
     parser.add_argument("--lead-ms", type=float, default=100.0, help="model ahead of playback")
     parser.add_argument("--servers", default=",".join(SERVERS), help="phoneagent,relay")
     parser.add_argument(
+        "--together",
+        action="store_true",
+        help="the fixed-load runs of all --servers at the same time, all on the server CPU",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -942,9 +986,14 @@ async def main() -> None:
             # The host's speed drifts over minutes: alternating the order puts every server
             # as often early as late.
             this: dict[str, Run] = {}
+            if args.together:
+                print(f"{args.servers} together, {plan.calls} calls each (round {number + 1}) …",
+                      file=sys.stderr)  # fmt: skip
+                this = await run_servers(servers, plan, greeting, personas)
             for server in servers if number % 2 == 0 else servers[::-1]:
-                print(f"{server}, {plan.calls} calls (round {number + 1}) …", file=sys.stderr)
-                this[server] = await run_server(server, plan, greeting, personas)
+                if server not in this:
+                    print(f"{server}, {plan.calls} calls (round {number + 1}) …", file=sys.stderr)
+                    this[server] = await run_server(server, plan, greeting, personas)
             rounds.append(this)
         runs = [median_run([r[server] for r in rounds]) for server in servers]
         if args.latency_calls:
