@@ -642,8 +642,10 @@ async def find_capacity(
 
 
 def median_run(runs: list[Run]) -> Run:
-    """The run whose CPU per call-second is the median (the lower one of an even count)."""
-    ordered = sorted(runs, key=lambda run: run.cpu_ms_per_call_second)
+    """The run whose CPU per call-second is the median (the lower one of an even count), of
+    the runs whose figures can be reported if there are any."""
+    reportable = [run for run in runs if generator_problem(run) is None] or runs
+    ordered = sorted(reportable, key=lambda run: run.cpu_ms_per_call_second)
     return ordered[(len(ordered) - 1) // 2]
 
 
