@@ -649,6 +649,29 @@ def median_run(runs: list[Run]) -> Run:
     return ordered[(len(ordered) - 1) // 2]
 
 
+def median_round(rounds: list[dict[str, Run]], servers: list[str]) -> int:
+    """The round whose phoneagent ÷ relay ratio is the median (the lower one of an even
+    count), of the rounds whose figures can all be reported if there are any; without both
+    servers, the round of the first server's median run."""
+    first = servers[0]
+    if "phoneagent" not in servers or "relay" not in servers:
+        return rounds.index(
+            next(r for r in rounds if r[first] is median_run([r[first] for r in rounds]))
+        )
+    reportable = [
+        i for i, r in enumerate(rounds) if all(generator_problem(run) is None for run in r.values())
+    ] or list(range(len(rounds)))
+
+    def ratio(i: int) -> float:
+        return (
+            rounds[i]["phoneagent"].cpu_ms_per_call_second
+            / rounds[i]["relay"].cpu_ms_per_call_second
+        )
+
+    ordered = sorted(reportable, key=ratio)
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def rounds_table(
     rounds: list[dict[str, Run]], servers: list[str], max_lag_ms: float
 ) -> float | None:
@@ -997,7 +1020,10 @@ async def main() -> None:
                     print(f"{server}, {plan.calls} calls (round {number + 1}) …", file=sys.stderr)
                     this[server] = await run_server(server, plan, greeting, personas)
             rounds.append(this)
-        runs = [median_run([r[server] for r in rounds]) for server in servers]
+        if args.together:  # one round for all: its ratios are taken in the same seconds
+            runs = [rounds[median_round(rounds, servers)][server] for server in servers]
+        else:
+            runs = [median_run([r[server] for r in rounds]) for server in servers]
         if args.latency_calls:
             print(f"phoneagent, {args.latency_calls} calls …", file=sys.stderr)
             latency = dataclasses.replace(plan, calls=args.latency_calls)
