@@ -653,11 +653,9 @@ def median_round(rounds: list[dict[str, Run]], servers: list[str]) -> int:
     """The round whose phoneagent ÷ relay ratio is the median (the lower one of an even
     count), of the rounds whose figures can all be reported if there are any; without both
     servers, the round of the first server's median run."""
-    first = servers[0]
     if "phoneagent" not in servers or "relay" not in servers:
-        return rounds.index(
-            next(r for r in rounds if r[first] is median_run([r[first] for r in rounds]))
-        )
+        median = median_run([r[servers[0]] for r in rounds])
+        return next(i for i, r in enumerate(rounds) if r[servers[0]] is median)
     reportable = [
         i for i, r in enumerate(rounds) if all(generator_problem(run) is None for run in r.values())
     ] or list(range(len(rounds)))

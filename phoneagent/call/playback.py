@@ -101,7 +101,8 @@ class Playback(Machine[PlaybackState]):
         # Marks sent and not yet echoed, oldest first: name → (item, its ms at the mark, when
         # the first message since the mark before it was sent).
         self._marks: OrderedDict[str, tuple[AgentItem, int, float]] = OrderedDict()
-        self._unmarked_since: float | None = None  # messages sent since the last mark: the first
+        # When the first message after the last mark was sent (None: no message is unmarked).
+        self._unmarked_since: float | None = None
         self._last_echo_at: float | None = None
         self.current: AgentItem | None = None  # the item whose audio is being framed
         self.clears = 0  # barge-ins so far: frames made before the last one are written off
