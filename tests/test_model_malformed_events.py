@@ -45,6 +45,16 @@ MALFORMED = [
     json.dumps({"type": "input_audio_buffer.speech_stopped", "item_id": "i1", "audio_end_ms": -5}),
     json.dumps({"type": "response.audio.delta", "item_id": "i1", "delta": "%%%not base64"}),
     json.dumps({"type": "response.audio.delta", "item_id": ["i1"], "delta": ""}),
+    json.dumps({"type": "response.audio.delta", "item_id": "i1", "delta": "AAA"}),  # no padding
+    json.dumps({"type": "response.audio.delta", "item_id": "i1", "delta": "AA\nAA"}),
+    json.dumps({"type": "response.audio.delta", "item_id": "i1"}),
+    json.dumps({"type": "response.audio.delta", "item_id": "i1", "delta": None}),
+    json.dumps({"type": "response.audio.delta", "delta": "AAAA"}),
+    json.dumps({"type": "response.audio.delta", "item_id": "i1", "delta": "", "response_id": 7}),
+    r'{"type": "response.audio.delta", "item_id": "\ud800", "delta": ""}',  # a lone surrogate
+    '{"type": "response.audio.delta", "item_id": "\ud800", "delta": ""}',  # the same, unescaped
+    b'{"type": "response.audio.delta", "item_id": "\xff", "delta": ""}',  # not UTF-8
+    b'{"type": "response.created", "response": {"id": "\xff"}}',
     json.dumps({"type": "response.audio_transcript.delta", "item_id": "i1", "delta": 42}),
     json.dumps({"type": "response.function_call_arguments.done", "call_id": 7, "name": "x"}),
     json.dumps({"type": "response.done", "response": [1]}),
@@ -63,6 +73,14 @@ def test_a_null_transcript_is_an_empty_one():
     assert event.text == ""
 
 
+def _fits_a_frame(text: str | bytes) -> bool:
+    """A text frame is UTF-8: a lone surrogate cannot be sent in one."""
+    try:
+        return bool(text.encode() if isinstance(text, str) else text)
+    except UnicodeEncodeError:
+        return False
+
+
 async def test_the_call_goes_on_through_malformed_events():
     model = FakeRealtimeServer(speed=None, script=["Of course, Tuesday works."])
     async with LocalStack(EXAMPLE_PERSONAS, model=model) as stack:
@@ -72,7 +90,8 @@ async def test_the_call_goes_on_through_malformed_events():
             await caller.wait_for_event("media", timeout=10)  # the greeting
             session = model.sessions[0]
             for text in MALFORMED:  # straight onto the wire, as a broken server would send
-                session._outbox.put_nowait(("raw", text, {}))
+                if _fits_a_frame(text):  # bytes go as a binary frame
+                    session._outbox.put_nowait(("raw", text, {}))
             await caller.play_wav(CALLER_BOOKING_WAV)
             await caller.play_silence(1500)
             await model.wait_for(lambda: len(session.sent_events("response.done")) >= 2, 20)

@@ -164,6 +164,18 @@ def test_server_events_decode():
         assert decode(message) == expected, message["type"]
 
 
+def test_an_audio_delta_needs_no_response_id_and_may_be_a_binary_frame():
+    """D-REF's sample of the delta has no response_id; an empty one is none either. A binary
+    frame holds the same JSON (UTF-8 either way)."""
+    audio = base64.b64encode(b"\x01\x02" * 3).decode()
+    delta = {"type": "response.audio.delta", "item_id": "i1", "delta": audio}
+    assert decode(delta) == AudioDelta(None, "i1", b"\x01\x02" * 3)
+    assert decode({**delta, "response_id": ""}) == AudioDelta(None, "i1", b"\x01\x02" * 3)
+    assert decode({**delta, "response_id": None}) == AudioDelta(None, "i1", b"\x01\x02" * 3)
+    binary = json.dumps({**delta, "response_id": "r1", "event_id": "e1"}).encode()
+    assert dialect.decode(binary) == AudioDelta("r1", "i1", b"\x01\x02" * 3)
+
+
 def test_events_the_call_does_not_use_decode_to_none():
     for kind in ("response.content_part.added", "rate_limits.updated", "response.thinking.delta"):
         assert decode({"type": kind}) is None
