@@ -107,7 +107,7 @@ class G711Dialect(StepFunDialect):
     """Asks for a format StepFun does not offer, so the session update is refused."""
 
     def encode(self, command):
-        return super().encode(command).replace('"pcm16"', '"g711_ulaw"', 1)
+        return super().encode(command).replace(b'"pcm16"', b'"g711_ulaw"', 1)
 
 
 async def test_refused_session_update_is_reported_and_the_socket_closed(fake):

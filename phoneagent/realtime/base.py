@@ -231,7 +231,9 @@ class Dialect(Protocol):
 
     def headers(self, api_key: str) -> dict[str, str]: ...
 
-    def encode(self, command: ModelCommand) -> str: ...
+    def encode(self, command: ModelCommand) -> bytes:
+        """The command as the JSON text of one text frame, UTF-8 encoded (as it goes out)."""
+        ...
 
     def decode(self, text: str | bytes) -> ModelEvent | None:
         """The typed event, or None for events the call has no use for."""

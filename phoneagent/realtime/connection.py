@@ -77,7 +77,8 @@ class ModelSession:
         if self._ws.closed:
             raise ModelConnectionLost(f"model session {self.session_id} closed")
         try:
-            await self._ws.send_str(self.dialect.encode(command))
+            # A text frame (StepFun's events are JSON text), from the bytes the dialect wrote
+            await self._ws.send_frame(self.dialect.encode(command), WSMsgType.TEXT)
         except (ConnectionError, aiohttp.ClientError):
             raise ModelConnectionLost(f"model session {self.session_id} closed") from None
 
@@ -251,7 +252,7 @@ class ModelConnector:
                     raise ModelUnavailable(f"malformed set-up message: {exc}") from None
                 if isinstance(event, SessionReady) and not sent_update:
                     session_id = event.session_id
-                    await ws.send_str(self.dialect.encode(UpdateSession(config)))
+                    await ws.send_frame(self.dialect.encode(UpdateSession(config)), WSMsgType.TEXT)
                     sent_update = True
                 elif isinstance(event, (SessionReady, SessionUpdated)) and sent_update:
                     # StepFun's sample of the update's answer is labelled session.created

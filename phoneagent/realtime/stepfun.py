@@ -6,7 +6,6 @@ JSON lives in this module.
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 from urllib.parse import urlencode
@@ -71,6 +70,11 @@ class _AudioDeltaWire(msgspec.Struct):
     response_id: str | None = None
 
 
+class _AppendWire(msgspec.Struct, tag_field="type", tag="input_audio_buffer.append"):
+    audio: bytes  # base64 in the message
+
+
+_ENCODER = msgspec.json.Encoder()
 _KIND = msgspec.json.Decoder(_Kind)
 _AUDIO_DELTA = msgspec.json.Decoder(_AudioDeltaWire)
 _OBJECT = msgspec.json.Decoder(dict[str, Any])
@@ -91,13 +95,12 @@ class StepFunDialect:
     def headers(self, api_key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {api_key}"}
 
-    def encode(self, command: ModelCommand) -> str:
+    def encode(self, command: ModelCommand) -> bytes:
         if isinstance(command, AppendAudio):
-            # The per-frame hot path (50 a second per call): base64 needs no JSON escaping, so
-            # the message is put together directly, a quarter of json.dumps' cost.
-            audio = base64.b64encode(command.pcm).decode("ascii")
-            return '{"type":"input_audio_buffer.append","audio":"' + audio + '"}'
-        return json.dumps(_encode(command), ensure_ascii=False)
+            # The per-frame hot path (50 a second per call): msgspec writes the JSON and the
+            # base64 in one pass, a fifth of json.dumps' cost.
+            return _ENCODER.encode(_AppendWire(command.pcm))
+        return json.dumps(_encode(command), ensure_ascii=False).encode()
 
     def decode(self, text: str | bytes) -> ModelEvent | None:
         """The typed event, None for events the call has no use for; MalformedEvent for
