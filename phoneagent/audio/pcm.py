@@ -31,12 +31,15 @@ def pcm16_view(pcm: bytes) -> np.ndarray:
     return np.frombuffer(pcm, _PCM16)
 
 
-def samples_to_pcm16(samples: np.ndarray) -> bytes:
+def samples_to_pcm16(samples: np.ndarray, *, clip: bool = True) -> bytes:
     """Float samples on the pcm16 scale → pcm16 little-endian bytes, rounded and clipped.
 
     Clipping matters: a filtered full-scale signal can overshoot 32767 by a little, and a plain
-    cast would wrap it around into a loud click.
+    cast would wrap it around into a loud click. ``clip=False`` only where the samples are
+    known to be in range (``overshoot.ClipGuard``): it saves the dearest call.
     """
+    if not clip:
+        return np.rint(samples).astype(_PCM16).tobytes()
     # Clip first (a new array), then round in place: equal to rounding then clipping, and two
     # numpy calls. The method, not np.clip, whose Python wrapper costs more than the work on
     # frame-sized arrays; float64 bounds, which numpy does not convert at every call.

@@ -10,6 +10,7 @@ import numpy as np
 
 from .framing import ULAW_SAMPLE_RATE, UlawFramer
 from .g711 import pcm16_to_ulaw, ulaw_to_pcm16
+from .overshoot import ClipGuard
 from .pcm import pcm16_view, samples_to_pcm16
 from .resample import Resampler
 
@@ -24,6 +25,7 @@ class CallerToModel:
 
     def __init__(self, model_rate: int = 24000) -> None:
         self._resampler = Resampler(ULAW_SAMPLE_RATE, model_rate)
+        self._clip_guard = ClipGuard(self._resampler.design)
 
     @property
     def delay_s(self) -> float:
@@ -33,13 +35,15 @@ class CallerToModel:
         """Convert the next chunk of caller audio."""
         if not ulaw:
             return b""
+        pcm = ulaw_to_pcm16(ulaw)
+        clip = self._clip_guard.may_clip(pcm)
         # int16 straight into the resampler, which converts it as it copies it in.
-        samples = pcm16_view(ulaw_to_pcm16(ulaw))
-        return samples_to_pcm16(self._resampler.process(samples))
+        return samples_to_pcm16(self._resampler.process(pcm16_view(pcm)), clip=clip)
 
     def reset(self) -> None:
         """Forget past audio (for a new stream on the same object)."""
         self._resampler.reset()
+        self._clip_guard.reset()
 
 
 class ModelToCaller:
@@ -53,6 +57,7 @@ class ModelToCaller:
 
     def __init__(self, model_rate: int = 24000) -> None:
         self._resampler = Resampler(model_rate, ULAW_SAMPLE_RATE)
+        self._clip_guard = ClipGuard(self._resampler.design)
         self._framer = UlawFramer()
         self._odd_byte = b""
 
@@ -69,7 +74,8 @@ class ModelToCaller:
             pcm, self._odd_byte = pcm[:-1], pcm[-1:]
         if not pcm:
             return []
-        return self._frame(self._resampler.process(pcm16_view(pcm)))
+        clip = self._clip_guard.may_clip(pcm)
+        return self._frame(self._resampler.process(pcm16_view(pcm)), clip)
 
     def flush(self) -> list[bytes]:
         """End of a response: the remaining audio, as full frames then one short frame.
@@ -78,15 +84,17 @@ class ModelToCaller:
         next reply from a clean state. A dangling odd byte (half a sample) is dropped.
         """
         self._odd_byte = b""
-        frames = self._frame(self._resampler.flush())
+        frames = self._frame(self._resampler.flush(), self._clip_guard.may_clip(b""))
+        self._clip_guard.reset()  # as the resampler's flush resets it
         tail = self._framer.flush()
         return [*frames, tail] if tail else frames
 
     def reset(self) -> None:
         """Barge-in: drop buffered audio and filter history of the interrupted reply."""
         self._resampler.reset()
+        self._clip_guard.reset()
         self._framer.reset()
         self._odd_byte = b""
 
-    def _frame(self, samples: np.ndarray) -> list[bytes]:
-        return self._framer.push(pcm16_to_ulaw(samples_to_pcm16(samples)))
+    def _frame(self, samples: np.ndarray, clip: bool) -> list[bytes]:
+        return self._framer.push(pcm16_to_ulaw(samples_to_pcm16(samples, clip=clip)))

@@ -59,6 +59,13 @@ class FilterDesign:
     matrix: np.ndarray
 
     @property
+    def peak_gain(self) -> float:
+        """The most the filter can amplify a signal's peak (it overshoots: a little over 1).
+        An output is a weighted sum of inputs, so it is at most the largest input times the
+        sum of its weights' magnitudes; this is the largest such sum over the outputs."""
+        return float(np.abs(self.matrix).sum(axis=0).max())
+
+    @property
     def upsampling(self) -> bool:
         return self.to_rate > self.from_rate
 
