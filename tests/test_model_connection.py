@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from phoneagent.realtime.base import SessionConfig
+from phoneagent.realtime.base import AppendAudio, CreateResponse, SessionConfig
 from phoneagent.realtime.connection import ModelConnector, ModelUnavailable, Prewarmer
 from phoneagent.realtime.stepfun import StepFunDialect
 from phoneagent.testing.fake_model import FakeRealtimeServer
@@ -31,6 +31,20 @@ async def test_open_configures_the_session(fake):
     assert fake_session.config["turn_detection"]["type"] == "server_vad"
     await session.close()
     await fake.wait_for(lambda: fake.sessions_open == 0)
+
+
+async def test_every_command_goes_out_as_a_text_frame(fake):
+    """StepFun's documents send each client event as JSON text: the session update and the
+    audio appends (written as bytes, sent as text frames) arrive as text."""
+    session = await connector_for(fake).open(CONFIG)
+    [fake_session] = fake.sessions
+    await session.send(AppendAudio(bytes(960)))
+    await session.send(CreateResponse())
+    await fake.wait_for(lambda: len(fake_session.received) >= 3)
+    kinds = [event.get("type") for event in fake_session.received]
+    assert kinds == ["session.update", "input_audio_buffer.append", "response.create"]
+    assert fake_session.binary_frames == 0
+    await session.close()
 
 
 async def test_refused_model_name_falls_back_once_to_the_other_spelling(fake):

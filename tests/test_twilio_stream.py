@@ -117,6 +117,16 @@ def test_a_malformed_message_s_reason_is_short_whatever_it_holds():
     assert len(str(raised.value)) <= 200
 
 
+def test_a_reason_quotes_no_control_character_of_the_message():
+    """An unknown event's name is quoted in the logged reason: a newline or a terminal escape
+    in it is written as an escape (a console log would print it raw)."""
+    with pytest.raises(MalformedMessage) as raised:
+        parse_message(json.dumps({"event": "a\nforged line\u001b[31m\u2028"}))
+    reason = str(raised.value)
+    assert "forged line" in reason and reason.isprintable()
+    assert "\\n" in reason and "\\x1b" in reason
+
+
 def test_numbers_as_numbers_or_strings_and_unused_fields_ignored():
     """The documents write numbers as strings; a number is taken too, and fields the call has
     no use for (or a future version adds) are skipped whatever they hold."""

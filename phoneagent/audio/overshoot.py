@@ -38,9 +38,10 @@ class ClipGuard:
     def __init__(self, design: FilterDesign) -> None:
         # One LSB of margin for the product's rounding errors (far below a millionth of one).
         self._quiet_peak = (_PCM16_MAX - 1) / design.peak_gain
-        # How long an input sample stays within reach of the outputs still to come: an output
-        # reads one row of the product (`history + step` inputs), and a downsampler's output
-        # comes out when the group of `factor` inputs it closes is complete.
+        # How long an input sample stays within reach of the outputs still to come: at most the
+        # filter's length less one (`history` inputs upsampling, `history + factor - 1`
+        # downsampling, whose outputs wait for the group of `factor` inputs they close). A row
+        # of the product and a group more is a margin that costs nothing.
         self._reach = design.history + design.step + design.factor
         self._left = 0  # input samples until the last loud one is out of reach
 

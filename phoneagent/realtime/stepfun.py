@@ -56,7 +56,10 @@ MODEL_ALIASES = {
 # The model's events are decoded by msgspec (JSON in C). The audio delta, a dozen a second per
 # call and kilobytes of base64 each, is decoded into its fields in one pass, the base64
 # included: json.loads and then base64 in Python cost five times as much. Every other event is
-# read as a plain object by the decoders below.
+# read as a plain object by the decoders below. msgspec is stricter than json.loads in one way
+# that matters: an escaped lone surrogate ("\ud800", half of a UTF-16 pair) anywhere in an
+# event makes it malformed, where json.loads passed it on into a text no UTF-8 can carry (and
+# that would fail later, in a log line or a call event).
 class _Kind(msgspec.Struct):
     """Only the event's type; the rest of the message is skipped."""
 

@@ -387,6 +387,9 @@ class FakeSession:
         self.state = SessionState.OPEN
         self.close_code: int | None = None
         self.received: list[dict[str, Any]] = []
+        # Messages that came in binary frames: StepFun's documents send every client event as
+        # JSON text. Taken like text (nothing documents a refusal); counted, so tests can tell.
+        self.binary_frames = 0
         self.sent: list[dict[str, Any]] = []
         # (type, time.monotonic() once written) of every event but the deltas, always kept.
         self.sent_at: list[tuple[str, float]] = []
@@ -589,6 +592,8 @@ class FakeSession:
     # -- events in ----------------------------------------------------------------------------
 
     def _receive(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            self.binary_frames += 1
         event: Any = None
         with contextlib.suppress(ValueError):  # UnicodeDecodeError is a ValueError
             event = json.loads(message)

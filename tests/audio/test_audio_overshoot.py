@@ -89,7 +89,8 @@ def test_the_peak_is_the_largest_magnitude():
 CHUNKS = st.lists(
     st.tuples(
         st.sampled_from(["silence", "quiet", "speech", "full", "worst"]),
-        st.integers(min_value=1, max_value=900),  # input samples
+        # input samples; now and then longer than the resampler's slice (6000 at 24 kHz)
+        st.integers(min_value=1, max_value=900) | st.integers(min_value=5000, max_value=13000),
         st.floats(min_value=0.9, max_value=1.6),  # a worst case's level over the quiet limit
     ),
     min_size=1,
@@ -116,28 +117,42 @@ def chunk(
 
 
 @settings(max_examples=60, deadline=None)
-@given(CHUNKS, st.integers(0, 2**32 - 1))
-def test_caller_to_model_is_always_clipping_byte_for_byte(chunks, seed):
+@given(CHUNKS, st.integers(0, 2**32 - 1), st.sampled_from([24000, 16000]))
+def test_caller_to_model_is_always_clipping_byte_for_byte(chunks, seed, model_rate):
     rng = np.random.default_rng(seed)
-    pipeline, reference = CallerToModel(), Resampler(8000, 24000)
+    pipeline, reference = CallerToModel(model_rate), Resampler(8000, model_rate)
     for kind, samples, level in chunks:
         # μ-law carries the loud cases too: a full-scale square wave is codes 0x80 and 0x00.
-        ulaw = pcm16_to_ulaw(chunk(kind, samples, level, rng, (8000, 24000)))
+        ulaw = pcm16_to_ulaw(chunk(kind, samples, level, rng, (8000, model_rate)))
         expected = samples_to_pcm16(reference.process(pcm16_view(ulaw_to_pcm16(ulaw))))
         assert pipeline.process(ulaw) == expected
 
 
 @settings(max_examples=60, deadline=None)
-@given(CHUNKS, st.integers(0, 2**32 - 1), st.sampled_from(["flush", "reset", "none"]))
-def test_model_to_caller_is_always_clipping_byte_for_byte(chunks, seed, ending):
+@given(
+    CHUNKS,
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["flush", "reset", "none"]),
+    st.sampled_from([24000, 16000]),
+    st.booleans(),
+)
+def test_model_to_caller_is_always_clipping_byte_for_byte(chunks, seed, ending, rate, odd):
+    """``odd``: the deltas split mid-sample, as a model's may (the pipeline holds the odd byte
+    for the next delta; the reference gets whole samples)."""
     rng = np.random.default_rng(seed)
-    pipeline, reference = ModelToCaller(), Resampler(24000, 8000)
+    pipeline, reference = ModelToCaller(rate), Resampler(rate, 8000)
     got, expected = b"", b""
     for _ in range(2):  # a second reply after the first one's flush or reset
+        held = b""  # the reference's odd byte
         for kind, samples, level in chunks:
-            pcm = chunk(kind, samples, level, rng, (24000, 8000))
+            pcm = chunk(kind, samples, level, rng, (rate, 8000))
+            if odd:
+                pcm = pcm[1:] if len(pcm) > 2 else pcm
             got += b"".join(pipeline.process(pcm))
-            expected += pcm16_to_ulaw(samples_to_pcm16(reference.process(pcm16_view(pcm))))
+            whole, held = held + pcm, b""
+            if len(whole) % 2:
+                whole, held = whole[:-1], whole[-1:]
+            expected += pcm16_to_ulaw(samples_to_pcm16(reference.process(pcm16_view(whole))))
         got += pipeline._framer.flush()  # what the framer holds, to compare whole streams
         if ending == "flush":
             got += b"".join(pipeline.flush())

@@ -124,16 +124,24 @@ _DECODER = msgspec.json.Decoder(
 _REASON_CHARS = 200  # the reason is logged; the message can be 64 KiB of anything
 
 
+def _loggable(reason: str) -> str:
+    """The reason as it may be logged: bounded, and what it quotes of the message (an unknown
+    event's name) with its control characters escaped, so a sender cannot forge log lines
+    or send terminal escapes."""
+    reason = reason[:_REASON_CHARS]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in reason)
+
+
 def parse_message(text: str | bytes) -> TwilioEvent:
     """Parse one WebSocket text message from Twilio."""
     try:
         message = _DECODER.decode(text)
     except msgspec.ValidationError as exc:  # JSON, but not a message of Twilio's
-        raise MalformedMessage(f"bad message: {exc}"[:_REASON_CHARS]) from None
+        raise MalformedMessage(_loggable(f"bad message: {exc}")) from None
     except (msgspec.DecodeError, UnicodeError, RecursionError) as exc:
         # UnicodeError: a lone surrogate in a text (no UTF-8); RecursionError: deeply nested
         # arrays fit well within the message size cap.
-        raise MalformedMessage(f"not JSON: {type(exc).__name__}: {exc}"[:_REASON_CHARS]) from None
+        raise MalformedMessage(_loggable(f"not JSON: {type(exc).__name__}: {exc}")) from None
     match message:
         case _MediaMessage(media):
             return Media(timestamp_ms=media.timestamp, payload=media.payload)
