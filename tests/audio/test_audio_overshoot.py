@@ -86,6 +86,16 @@ def test_the_peak_is_the_largest_magnitude():
     assert pcm16_peak(b"") == 0
 
 
+def first_difference(got: bytes, expected: bytes) -> tuple[int, int, int] | None:
+    """Where two outputs part (offset, lengths), or None: a short message where pytest would
+    diff kilobytes of bytes for minutes."""
+    if got == expected:
+        return None
+    pairs = enumerate(zip(got, expected, strict=False))  # the shorter one's length, at most
+    offset = next((i for i, (a, b) in pairs if a != b), min(len(got), len(expected)))
+    return offset, len(got), len(expected)
+
+
 CHUNKS = st.lists(
     st.tuples(
         st.sampled_from(["silence", "quiet", "speech", "full", "worst"]),
@@ -116,7 +126,7 @@ def chunk(
     return as_pcm16(values)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)  # the same cases in CI
 @given(CHUNKS, st.integers(0, 2**32 - 1), st.sampled_from([24000, 16000]))
 def test_caller_to_model_is_always_clipping_byte_for_byte(chunks, seed, model_rate):
     rng = np.random.default_rng(seed)
@@ -125,10 +135,10 @@ def test_caller_to_model_is_always_clipping_byte_for_byte(chunks, seed, model_ra
         # μ-law carries the loud cases too: a full-scale square wave is codes 0x80 and 0x00.
         ulaw = pcm16_to_ulaw(chunk(kind, samples, level, rng, (8000, model_rate)))
         expected = samples_to_pcm16(reference.process(pcm16_view(ulaw_to_pcm16(ulaw))))
-        assert pipeline.process(ulaw) == expected
+        assert first_difference(pipeline.process(ulaw), expected) is None
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)  # the same cases in CI
 @given(
     CHUNKS,
     st.integers(0, 2**32 - 1),
@@ -142,8 +152,8 @@ def test_model_to_caller_is_always_clipping_byte_for_byte(chunks, seed, ending, 
     rng = np.random.default_rng(seed)
     pipeline, reference = ModelToCaller(rate), Resampler(rate, 8000)
     got, expected = b"", b""
-    for _ in range(2):  # a second reply after the first one's flush or reset
-        held = b""  # the reference's odd byte
+    held = b""  # the reference's odd byte: kept from one delta to the next, as the pipeline's
+    for _ in range(2):  # a second reply, after the first one's flush or reset (or neither)
         for kind, samples, level in chunks:
             pcm = chunk(kind, samples, level, rng, (rate, 8000))
             if odd:
@@ -157,7 +167,9 @@ def test_model_to_caller_is_always_clipping_byte_for_byte(chunks, seed, ending, 
         if ending == "flush":
             got += b"".join(pipeline.flush())
             expected += pcm16_to_ulaw(samples_to_pcm16(reference.flush()))
+            held = b""  # a flush drops the dangling half sample
         elif ending == "reset":
             pipeline.reset()
             reference.reset()
-    assert got == expected
+            held = b""
+    assert first_difference(got, expected) is None
