@@ -96,6 +96,11 @@ async def start_call(stack):
     caller.start_background_silence()
     # The greeting, heard out (the first Mandarin synthesis may take a moment: wait for it).
     await caller.wait_until(lambda: caller.heard_ms() > 0, 30, "the greeting")
+    # The whole greeting generated, then heard out: 400 ms of quiet alone is 100 ms of wall
+    # time, which a busy machine's pause in the model's deltas can exceed mid-greeting (the
+    # question then barges into the greeting: two barge-ins, two truncations).
+    session = stack.model.sessions[0]
+    await stack.model.wait_for(lambda: session.sent_events("response.done"), 30)
     await caller.wait_until_quiet(400, timeout=30)
     return caller
 
