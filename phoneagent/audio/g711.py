@@ -1,4 +1,4 @@
-"""G.711 μ-law ⇄ pcm16 (little-endian), the codec of Twilio Media Streams.
+"""G.711 μ-law ⇄ pcm16 (little-endian), the codec of Twilio Media Streams; and a pcm16 chunk's peak.
 
 Uses `audioop` (standard library up to Python 3.12, the `audioop-lts` port from 3.13): it is
 the reference implementation peers use, in C, and well under a microsecond per 20 ms frame.
@@ -27,6 +27,12 @@ def ulaw_to_pcm16(ulaw: bytes) -> bytes:
     """Decode μ-law bytes to pcm16 little-endian (two bytes per input byte)."""
     pcm = audioop.ulaw2lin(ulaw, 2)
     return audioop.byteswap(pcm, 2) if _NATIVE_IS_BIG_ENDIAN else pcm
+
+
+def pcm16_peak(pcm: bytes) -> int:
+    """The largest absolute sample value of pcm16 little-endian bytes (0 for none), in C:
+    what ``overshoot.ClipGuard`` checks every chunk against."""
+    return audioop.max(audioop.byteswap(pcm, 2) if _NATIVE_IS_BIG_ENDIAN else pcm, 2)
 
 
 def pcm16_to_ulaw(pcm: bytes) -> bytes:

@@ -11,24 +11,10 @@ limit is within reach; audioop finds a chunk's peak in C for a fraction of the c
 
 from __future__ import annotations
 
-import sys
-import warnings
-
+from .g711 import pcm16_peak
 from .resample import FilterDesign
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)  # see g711.py
-    import audioop
-
 _PCM16_MAX = 32767
-_NATIVE_IS_BIG_ENDIAN = sys.byteorder == "big"
-
-
-def pcm16_peak(pcm: bytes) -> int:
-    """The largest absolute sample value of pcm16 little-endian bytes (0 for none)."""
-    if _NATIVE_IS_BIG_ENDIAN:
-        pcm = audioop.byteswap(pcm, 2)
-    return audioop.max(pcm, 2)
 
 
 class ClipGuard:

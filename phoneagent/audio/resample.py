@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import numpy as np
 
@@ -58,7 +58,7 @@ class FilterDesign:
     step: int  # input samples per matrix row
     matrix: np.ndarray
 
-    @property
+    @cached_property  # the design is shared and never changes: computed once
     def peak_gain(self) -> float:
         """The most the filter can amplify a signal's peak (it overshoots: a little over 1).
         An output is a weighted sum of inputs, so it is at most the largest input times the

@@ -387,8 +387,9 @@ class FakeSession:
         self.state = SessionState.OPEN
         self.close_code: int | None = None
         self.received: list[dict[str, Any]] = []
-        # Messages that came in binary frames: StepFun's documents send every client event as
-        # JSON text. Taken like text (nothing documents a refusal); counted, so tests can tell.
+        # Messages that came in binary frames. D-GUIDE's client samples send every event as
+        # JSON text (`ws.send(json.dumps(event))`, a text frame); nothing documents a binary
+        # frame being refused, so one is taken like text, and counted, so tests can tell.
         self.binary_frames = 0
         self.sent: list[dict[str, Any]] = []
         # (type, time.monotonic() once written) of every event but the deltas, always kept.

@@ -18,7 +18,8 @@ from phoneagent.audio import (
     samples_to_pcm16,
     ulaw_to_pcm16,
 )
-from phoneagent.audio.overshoot import ClipGuard, pcm16_peak
+from phoneagent.audio.g711 import pcm16_peak
+from phoneagent.audio.overshoot import ClipGuard
 
 
 def worst_case(from_rate: int, to_rate: int, amplitude: float) -> np.ndarray:
