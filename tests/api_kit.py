@@ -3,10 +3,13 @@ its store, and a client. Test modules import what they use from here."""
 
 from __future__ import annotations
 
+import json
 import time
+from importlib.resources import files
 from typing import Any
 
 import aiohttp
+import jsonschema
 import pytest
 from conftest import EXAMPLE_PERSONAS
 
@@ -16,6 +19,14 @@ from phoneagent.testing.stack import LocalStack
 
 CALL_SID = "CA" + "1" * 32  # a call of bright-smile-dental
 OTHER_CALL_SID = "CA" + "2" * 32  # a call of trattoria-luca
+DOCUMENT = json.loads(files("phoneagent.api").joinpath("openapi.json").read_text())
+
+
+def schema_check(name: str, instance: object) -> None:
+    """``instance`` against the OpenAPI document's schema ``name`` (its $refs resolved in the
+    document): JSON Schema 2020-12, the dialect of OpenAPI 3.1."""
+    root = DOCUMENT | {"$ref": f"#/components/schemas/{name}"}
+    jsonschema.Draft202012Validator(root).validate(instance)
 
 
 @pytest.fixture

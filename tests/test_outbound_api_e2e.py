@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
-from api_kit import bearer, error_of
+from api_kit import bearer, error_of, schema_check
 from outbound_kit import DENTAL, HOOK_SECRET, PERSONA, personas_sending_events, send_events_to
 
 from phoneagent.api.keys import new_key
@@ -121,6 +121,9 @@ async def test_a_call_placed_through_the_api_greets_the_callee_by_name(stack, cl
     key = await make_key(stack, PERSONA)
     status, call = await post_call(client, key, DANA)
     assert status == 201, call
+    schema_check("CallRequest", DANA)
+    schema_check("PlacedCall", call)  # the OpenAPI document's answer, field for field
+    assert (call["to"], call["from"], call["persona"]) == (CALLEE, DENTAL, PERSONA)
     (created,) = await stack.twilio_api.wait_for_created(1)
     base = stack.settings.public_url
     assert created.params["To"] == CALLEE and created.params["From"] == DENTAL
