@@ -19,7 +19,8 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from phoneagent import __version__, strict_json
+from phoneagent import strict_json
+from phoneagent.business_http import business_session, read_at_most, without_url_secrets
 from phoneagent.call.tool_calls import (
     BAD_ANSWER,
     HTTP_ERROR,
@@ -30,7 +31,6 @@ from phoneagent.call.tool_calls import (
     ToolAnswer,
     error_output,
 )
-from phoneagent.delivery.sender import without_url_secrets
 from phoneagent.delivery.signing import SigningError, signature_headers
 from phoneagent.logs import get_logger
 from phoneagent.personas import BusinessTool
@@ -102,7 +102,7 @@ class BusinessToolClient:
                 log.warning("business_tool_http_error", tool=tool.name, status=status)
                 reason = f"the business's system answered with an error (HTTP {status})"
                 return _answer(started, error_output(reason), HTTP_ERROR, status)
-            raw = await _read_at_most(response, MAX_ANSWER_BYTES)
+            raw = await read_at_most(response, MAX_ANSWER_BYTES)
         if raw is None:
             log.warning("business_tool_answer_too_large", tool=tool.name, limit=MAX_ANSWER_BYTES)
             return _answer(started, error_output("the answer was too large"), BAD_ANSWER, status)
@@ -121,29 +121,8 @@ class BusinessToolClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                headers={"User-Agent": f"phoneagent/{__version__} (tools)"},
-                # Honour HTTPS_PROXY / NO_PROXY, as the call events do (an egress proxy).
-                trust_env=True,
-                # No cookies: one session serves every call, and a cookie the business set in
-                # an answer about one caller must not come back with another caller's request.
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
+            self._session = business_session("tools")
         return self._session
-
-
-async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
-    """The body, or None if it is longer than ``limit`` (then not read further)."""
-    if (response.content_length or 0) > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await response.content.read(limit + 1 - size):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            return None
-    return b"".join(chunks)
 
 
 def _answer(started: float, output: str, outcome: str, status: int | None = None) -> ToolAnswer:

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from phoneagent import __version__
+from phoneagent.business_http import business_session, read_at_most
 from phoneagent.call.context import INBOUND, CallContext, metadata_problem
 from phoneagent.delivery.signing import SigningError, signature_headers
 from phoneagent.logs import get_logger
@@ -154,34 +154,23 @@ class CallerLookups:
             ) as response:
                 if not 200 <= response.status < 300:
                     raise LookupFailed("status", f"HTTP {response.status}")
-                return await _read_limited(response)
+                answer = await read_at_most(response, MAX_ANSWER_BYTES)
+            if answer is None:
+                raise LookupFailed("too_large", f"the answer is over {MAX_ANSWER_BYTES} bytes")
+            return answer
         except (aiohttp.ClientError, OSError) as exc:
             # The exception's text may hold the URL, query string and all: not logged.
             raise LookupFailed("unreachable", type(exc).__name__) from None
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                headers={"User-Agent": f"phoneagent/{__version__} (lookup)"},
-                trust_env=True,  # HTTPS_PROXY / NO_PROXY, as the webhooks honour them
-            )
+            self._session = business_session("lookup")
         return self._session
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
-    if (response.content_length or 0) > MAX_ANSWER_BYTES:
-        raise LookupFailed("too_large", f"the answer is over {MAX_ANSWER_BYTES} bytes")
-    body = bytearray()
-    async for chunk in response.content.iter_chunked(16 * 1024):
-        body += chunk
-        if len(body) > MAX_ANSWER_BYTES:
-            raise LookupFailed("too_large", f"the answer is over {MAX_ANSWER_BYTES} bytes")
-    return bytes(body)
 
 
 def _ms_since(started: float) -> int:

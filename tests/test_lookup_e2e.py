@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 import aiohttp
@@ -15,7 +16,9 @@ import pytest
 import structlog
 
 from phoneagent.delivery.signing import generate_secret
-from phoneagent.lookup import MAX_ANSWER_BYTES
+from phoneagent.lookup import MAX_ANSWER_BYTES, CallerLookups
+from phoneagent.personas.validation import parse_persona_text
+from phoneagent.testing.cookie_setter import CookieSetter
 from phoneagent.testing.fake_model import FakeRealtimeServer
 from phoneagent.testing.lookup_server import LookupServer
 from phoneagent.testing.stack import LocalStack
@@ -297,3 +300,20 @@ async def test_a_lookup_that_redirects_is_not_followed(tmp_path, sink):
     assert len(lookups.received) == 1 and elsewhere.received == []
     assert greeting_of(record) == DEFAULTS
     assert 'phoneagent_lookup_failures_total{reason="status"} 1.0' in metrics
+
+
+async def test_a_cookie_set_answering_one_callers_lookup_never_goes_with_the_next(tmp_path):
+    """One HTTP session asks every caller's lookup: a session cookie the business set in its
+    answer about one caller must not come back with the next caller's request."""
+    async with CookieSetter() as business:
+        text = persona_text(business.named_url("/lookup"), "https://hooks.example/x")
+        path = tmp_path / "reminders.toml"
+        persona, problems = parse_persona_text(text, path, os.environ)  # the secrets fixture's
+        assert persona is not None, problems
+        lookups = CallerLookups()
+        try:
+            for sid in ("CA_first_caller", "CA_second_caller"):
+                await lookups.context_for(persona, call_sid=sid, caller=CALLER, called=LINE)
+        finally:
+            await lookups.close()
+    assert business.cookies == [None, None]

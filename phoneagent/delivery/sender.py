@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import NamedTuple
-from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
-from phoneagent import __version__
+from phoneagent.business_http import business_session, without_url_secrets
 from phoneagent.delivery.outbox import OutboxItem
 from phoneagent.delivery.signing import SigningError, signature_headers
 
@@ -84,29 +83,8 @@ class WebhookSender:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.concurrency),
-                headers={"User-Agent": f"phoneagent/{__version__} (webhooks)"},
-                # Honour HTTPS_PROXY / NO_PROXY: the spec suggests an egress proxy against SSRF.
-                trust_env=True,
-                # No cookies: one session sends every call's events, and a cookie a receiver
-                # set answering one call's event must not come back with another call's.
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
+            self._session = business_session("webhooks", connections=self.concurrency)
         return self._session
-
-
-def without_url_secrets(text: str, url: str) -> str:
-    """``text`` without ``url``'s query string and password (which can carry tokens), as
-    written or decoded."""
-    try:
-        parts = urlsplit(url)
-        secrets = [parts.query, parts.password or ""]
-    except ValueError:
-        return text.replace(url, "***")
-    for secret in sorted({s for p in secrets for s in (p, unquote(p)) if s}, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
 
 
 def _snippet(raw: bytes) -> str | None:

@@ -430,8 +430,9 @@ def test_payload_round_trips_through_json():
 async def test_an_error_naming_the_url_keeps_its_token_out_of_the_outbox():
     # NonHttpUrlClientError and InvalidUrlClientError print the URL whole; the error is stored,
     # listed by `events list` and shown in the console.
+    from phoneagent.business_http import without_url_secrets
     from phoneagent.delivery.outbox import OutboxItem
-    from phoneagent.delivery.sender import WebhookSender, without_url_secrets
+    from phoneagent.delivery.sender import WebhookSender
     from phoneagent.delivery.status import DeliveryStatus
 
     url = "ftp://user:pa55-word-secret@hooks.example.com/in?token=TOPSECRET12345"
