@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -85,22 +84,7 @@ class ToolEndpoint(LoopbackServer):
             except VerificationError as exc:
                 self.verification_errors.append(str(exc))
                 status = 401
-        try:
-            parsed = json.loads(body) if body else None
-        except ValueError:
-            parsed = None
-        self.received.append(
-            ReceivedWebhook(
-                method=request.method,
-                path=request.path,
-                query=request.query_string,
-                headers=dict(request.headers),
-                body=body,
-                json=parsed,
-                at=time.monotonic(),
-                status=status,
-            )
-        )
+        self.received.append(ReceivedWebhook.of(request, body, status))
         async with self._changed:
             self._changed.notify_all()
         if reply.delay:

@@ -124,6 +124,24 @@ class ReceivedWebhook:
     def text(self) -> str:
         return self.body.decode("utf-8", errors="replace")
 
+    @classmethod
+    def of(cls, request: web.Request, body: bytes, status: int) -> ReceivedWebhook:
+        """``request`` (its ``body`` read) as received now, answered with ``status``."""
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        return cls(
+            method=request.method,
+            path=request.path,
+            query=request.query_string,
+            headers=dict(request.headers),
+            body=body,
+            json=parsed,
+            at=time.monotonic(),
+            status=status,
+        )
+
 
 Reply = int | tuple[int, int | str | None]
 
@@ -169,22 +187,7 @@ class WebhookSink(LoopbackServer):
         if self.delay:
             await asyncio.sleep(self.delay)
         status, retry_after = self._take_reply()
-        try:
-            parsed = json.loads(body) if body else None
-        except ValueError:
-            parsed = None
-        self.received.append(
-            ReceivedWebhook(
-                method=request.method,
-                path=request.path,
-                query=request.query_string,
-                headers=dict(request.headers),
-                body=body,
-                json=parsed,
-                at=time.monotonic(),
-                status=status,
-            )
-        )
+        self.received.append(ReceivedWebhook.of(request, body, status))
         async with self._changed:
             self._changed.notify_all()
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
