@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from phoneagent.client_address import Network, parse_trusted_proxies
+
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -84,6 +86,8 @@ class Settings:
     body_seconds: float = 10.0
     # Twilio requests still being read or checked (a stream until its `start` and token).
     max_unauthenticated: int = 64
+    # Reverse proxies whose X-Forwarded-For names the client (see client_address.py).
+    trusted_proxies: tuple[Network, ...] = ()
     # The web console's operator password, or its scrypt hash ("" = no console, see console/).
     console_password: str = field(default="", repr=False)
 
@@ -192,6 +196,11 @@ def load_settings(
     max_unauthenticated = _parse_int(
         "PHONEAGENT_MAX_UNAUTHENTICATED", get, Settings.max_unauthenticated, 1, problems
     )
+    try:
+        trusted_proxies = parse_trusted_proxies(get("PHONEAGENT_TRUSTED_PROXIES"))
+    except ValueError as exc:
+        problems.append(f"PHONEAGENT_TRUSTED_PROXIES is malformed: {exc}")
+        trusted_proxies = ()
     console_password = get("PHONEAGENT_CONSOLE_PASSWORD")
     if console_password.startswith("scrypt$"):
         if not _SCRYPT_HASH.fullmatch(console_password):
@@ -232,6 +241,7 @@ def load_settings(
         header_seconds=header_seconds,
         body_seconds=body_seconds,
         max_unauthenticated=max_unauthenticated,
+        trusted_proxies=trusted_proxies,
         console_password=console_password,
     )
 

@@ -22,6 +22,7 @@ from aiohttp.abc import AbstractAccessLogger
 from phoneagent.api.key_store import api_key_store
 from phoneagent.api.routes import OUTBOUND, mount_api
 from phoneagent.business_tools import BusinessToolClient
+from phoneagent.client_address import real_client
 from phoneagent.client_limits import handler_options, unauthenticated_limits
 from phoneagent.config import Settings
 from phoneagent.console.pages import mount_console
@@ -207,7 +208,9 @@ def create_app(
         refused=lambda reason: state.metrics.http_refused.labels(reason).inc(),
     )
     # Twilio's webhooks are a few kilobytes of form fields; anything much larger is not Twilio.
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[limits])
+    # The client's address first: every bound and log after it sees the client behind a proxy.
+    middlewares = [real_client(settings.trusted_proxies)] if settings.trusted_proxies else []
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[*middlewares, limits])
     rest = TwilioCalls(
         settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url
     )

@@ -23,6 +23,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from phoneagent.client_address import bound_key
+
 SESSION_SECONDS = 12 * 3600  # a working day; then sign in again
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # OWASP's minimum for scrypt; ~50 ms here
 _SESSION_VERSION = "v1"
@@ -123,7 +125,7 @@ class AttemptLimiter:
         now = self.clock()
         self._forget(now)
         waits = [0.0]
-        mine = self._failures.get(client)
+        mine = self._failures.get(bound_key(client))
         if mine is not None and len(mine) >= self.per_client:
             waits.append(mine[0] + self.window - now)
         if len(self._all) >= self.overall:
@@ -132,11 +134,11 @@ class AttemptLimiter:
 
     def failed(self, client: str) -> None:
         now = self.clock()
-        self._failures.setdefault(client, deque()).append(now)
+        self._failures.setdefault(bound_key(client), deque()).append(now)
         self._all.append(now)
 
     def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)
+        self._failures.pop(bound_key(client), None)
 
     def _forget(self, now: float) -> None:
         while self._all and self._all[0] <= now - self.window:
