@@ -11,8 +11,9 @@ is not itself a trusted proxy. Each proxy appends the address it was reached fro
 a client wrote itself are further left and only what the trusted proxies wrote is believed. A
 request that reaches the server directly keeps its connection's address, whatever it claims.
 
-IPv6 clients are counted by their /64 (:func:`bound_key`): a subscriber is usually given a
-whole /64, so counting single addresses would give one attacker 2^64 fresh tries.
+No I/O: ``config`` reads the setting, and ``client_limits.real_client`` (the middleware) applies
+it to every request. IPv6 clients are counted by their /64 (:func:`bound_key`): a subscriber is
+usually given a whole /64, so counting single addresses would give one attacker 2^64 fresh tries.
 """
 
 from __future__ import annotations
@@ -20,10 +21,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-from aiohttp import web
-from aiohttp.typedefs import Handler
-
-__all__ = ["Network", "bound_key", "forwarded_client", "parse_trusted_proxies", "real_client"]
+__all__ = ["Network", "bound_key", "forwarded_client", "parse_trusted_proxies"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -63,21 +61,6 @@ def forwarded_client(
         if not _within(address, trusted):
             return str(address)
     return str(address)  # every hop is a trusted proxy: the left-most is the client
-
-
-def real_client(trusted: Sequence[Network]) -> web.middleware:
-    """A middleware that gives every handler the request with ``remote`` = its client."""
-
-    @web.middleware
-    async def with_client_address(request: web.Request, handler: Handler) -> web.StreamResponse:
-        client = forwarded_client(
-            request.remote, request.headers.getall("X-Forwarded-For", ()), trusted
-        )
-        if client != request.remote:
-            request = request.clone(remote=client)
-        return await handler(request)
-
-    return with_client_address
 
 
 def bound_key(client: str) -> str:

@@ -20,18 +20,22 @@ Twilio sends each webhook request at once (a few kilobytes) and gives up on our 
   counted. A bound rather than a queue: a queue would hold the sockets it is meant to shed.
 
 Health, readiness and call records are outside the bound: probes must answer under load.
+
+Behind a reverse proxy the client is the address the proxy saw (``real_client``, from
+``PHONEAGENT_TRUSTED_PROXIES``: see ``client_address.py``), for every bound and log after it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
+from phoneagent.client_address import Network, forwarded_client
 from phoneagent.logs import get_logger
 
 log = get_logger(__name__)
@@ -47,6 +51,21 @@ LINGER_SECONDS = 1.0
 # head is a slow client, and only then does it count against the bound.
 FAST_BODY_SECONDS = 0.5
 LOG_EVERY_SECONDS = 10.0  # a flood of refusals makes one warning per period, with a count
+
+
+def real_client(trusted: Sequence[Network]) -> Middleware:
+    """The middleware that hands every handler its request with ``remote`` = its client."""
+
+    @web.middleware
+    async def with_client_address(request: web.Request, handler: Handler) -> web.StreamResponse:
+        client = forwarded_client(
+            request.remote, request.headers.getall("X-Forwarded-For", ()), trusted
+        )
+        if client != request.remote:
+            request = request.clone(remote=client)
+        return await handler(request)
+
+    return with_client_address
 
 
 def handler_options(header_seconds: float) -> dict[str, Any]:

@@ -22,8 +22,7 @@ from aiohttp.abc import AbstractAccessLogger
 from phoneagent.api.key_store import api_key_store
 from phoneagent.api.routes import OUTBOUND, mount_api
 from phoneagent.business_tools import BusinessToolClient
-from phoneagent.client_address import real_client
-from phoneagent.client_limits import handler_options, unauthenticated_limits
+from phoneagent.client_limits import handler_options, real_client, unauthenticated_limits
 from phoneagent.config import Settings
 from phoneagent.console.pages import mount_console
 from phoneagent.delivery.outbox import Outbox

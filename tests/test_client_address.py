@@ -17,12 +17,8 @@ from conftest import EXAMPLE_PERSONAS
 from console_kit import PASSWORD, console_settings
 
 from phoneagent.api.routes import FAILURES_PER_CLIENT, PREFIX
-from phoneagent.client_address import (
-    bound_key,
-    forwarded_client,
-    parse_trusted_proxies,
-    real_client,
-)
+from phoneagent.client_address import bound_key, forwarded_client, parse_trusted_proxies
+from phoneagent.client_limits import real_client
 from phoneagent.config import ConfigError, load_settings
 from phoneagent.console.auth import AttemptLimiter
 from phoneagent.testing.stack import LocalStack
