@@ -185,16 +185,14 @@ async def _no_stream_will_report(state: ServerState, call_sid: str) -> bool:
     every instance sharing the database). Claimed here first, no stream can open with it; a
     stream that claimed it first reports the call itself. Only while the token is valid: an
     expired token's claim is forgotten, so a stream may have used it."""
-    kept = await state.replay.answer_for(answer_key(call_sid))
-    token = stream_parameter(kept, TOKEN_PARAMETER) if kept is not None else None
-    if not token or state.stream_token.check(token, call_sid, _persona_of(kept)):
+    kept = await state.replay.answer_for(answer_key(call_sid)) or ""
+    token = stream_parameter(kept, TOKEN_PARAMETER) or ""
+    persona_id = stream_parameter(kept, PERSONA_PARAMETER) or ""
+    # Not the agent's TwiML (none kept, or the apology), or a token past its life.
+    if not token or state.stream_token.check(token, call_sid, persona_id):
         log.info("outbound_end_left_to_the_stream", call_sid=call_sid, token=bool(token))
         return False
     return await state.replay.claim_stream(token, state.stream_token.expiry(token))
-
-
-def _persona_of(twiml: str) -> str:
-    return stream_parameter(twiml, PERSONA_PARAMETER) or ""
 
 
 async def _report_end(state: ServerState, request: web.Request, call_sid: str, reason: str) -> None:
