@@ -384,9 +384,15 @@ class PostgresOutbox:
 
     async def add_turn(self, call_sid: str, turn: Mapping[str, Any]) -> None:
         async with self._connection() as conn:
+            # A turn finished again (cut by a barge-in) replaces the latest of the same role and
+            # start, as in the call's record and the SQLite outbox.
             await conn.execute(
-                "UPDATE phoneagent_open_calls "
-                "SET transcript = transcript || jsonb_build_array($1::jsonb) WHERE call_sid = $2",
+                "UPDATE phoneagent_open_calls AS c SET transcript = COALESCE(("
+                "SELECT jsonb_set(c.transcript, ARRAY[(max(t.n) - 1)::text], $1::jsonb) "
+                "FROM jsonb_array_elements(c.transcript) WITH ORDINALITY AS t(e, n) "
+                "WHERE t.e->'role' = $1::jsonb->'role' AND t.e->'start_ms' = $1::jsonb->'start_ms' "
+                "HAVING count(*) > 0), c.transcript || jsonb_build_array($1::jsonb)) "
+                "WHERE c.call_sid = $2",
                 json.dumps(dict(turn)),
                 call_sid,
             )
