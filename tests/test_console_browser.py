@@ -22,7 +22,7 @@ async def test_the_lines_page_lists_the_example_personas(page):
     await expect(dental).to_be_visible()
     await expect(lines).to_contain_text("+14155550100")
     await expect(lines).to_contain_text("trattoria-luca")
-    await page.get_by_role("button", name="Sign out").click()
+    await page.get_by_role("button", name="Sign out", exact=True).click()
     await expect(page).to_have_url("/console/login")
     await page.goto("/console/lines")
     await expect(page).to_have_url("/console/login?next=/console/lines")
