@@ -12,16 +12,12 @@ is revoked.
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sqlite3
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 from phoneagent.console.revocations import RevocationList, RevocationStore, learned
-from phoneagent.delivery.outbox import DEFAULT_BUSY_TIMEOUT, Outbox, OutboxError
+from phoneagent.delivery.outbox import Outbox
+from phoneagent.delivery.private_sqlite import PrivateSQLite
 
 if TYPE_CHECKING:
     from phoneagent.delivery.pg_outbox import PostgresOutbox
@@ -47,22 +43,15 @@ CREATE TABLE IF NOT EXISTS signed_out (
 );
 """
 
-T = TypeVar("T")
 
-
-class SQLiteRevocations:
+class SQLiteRevocations(PrivateSQLite):
     """Revocations in ``console_sessions.sqlite3`` of a data directory, created at the first
-    sign-out. SQLite runs on a private thread: the event loop carries live call audio."""
+    sign-out."""
 
-    def __init__(self, path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
-        self.path = path
-        self._busy_timeout = busy_timeout
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="console-sessions-sqlite")
-        self._db: sqlite3.Connection | None = None  # touched only on the executor's thread
-
-    @classmethod
-    def in_data_dir(cls, data_dir: Path | str, **options: Any) -> SQLiteRevocations:
-        return cls(Path(data_dir) / REVOCATIONS_FILENAME, **options)
+    FILENAME = REVOCATIONS_FILENAME
+    WHAT = "the console session store"
+    SCHEMA = _SQLITE_SCHEMA
+    SCHEMA_VERSION = SQLITE_SCHEMA_VERSION
 
     async def read(self, now: float) -> RevocationList:
         if not self.path.exists():  # nothing was ever revoked: no file to make for a read
@@ -71,20 +60,6 @@ class SQLiteRevocations:
 
     async def write(self, revocations: RevocationList, now: float) -> None:
         await self._run(self._write, revocations, now)
-
-    async def close(self) -> None:
-        if self._db is not None:
-            await self._run(self._db.close)
-        self._executor.shutdown(wait=False)
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except RuntimeError as exc:  # the executor was shut down: close() ran
-            raise OutboxError(f"the console session store {self.path} is closed") from exc
-        except sqlite3.Error as exc:
-            raise OutboxError(f"the console session store {self.path}: {exc}") from None
 
     def _read(self, now: float) -> RevocationList:
         db = self._connection()
@@ -96,7 +71,8 @@ class SQLiteRevocations:
 
     def _write(self, revocations: RevocationList, now: float) -> None:
         db = self._connection()
-        with db:  # one transaction
+        db.execute("BEGIN IMMEDIATE")  # one transaction (the connection commits each statement)
+        try:
             db.executemany(
                 "INSERT INTO revoked_sessions (session_id, expires_at) VALUES (?, ?) "
                 "ON CONFLICT (session_id) DO NOTHING",
@@ -109,29 +85,10 @@ class SQLiteRevocations:
                     (revocations.signed_out_before,),
                 )
             db.execute("DELETE FROM revoked_sessions WHERE expires_at <= ?", (now,))
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._db is None:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))  # owner only
-                db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                if version > SQLITE_SCHEMA_VERSION:
-                    db.close()
-                    raise OutboxError(
-                        f"{self.path} was written by a newer phoneagent (console session "
-                        f"schema {version}, this version reads {SQLITE_SCHEMA_VERSION}): upgrade it"
-                    )
-                db.executescript(_SQLITE_SCHEMA)
-                db.execute(f"PRAGMA user_version={SQLITE_SCHEMA_VERSION}")
-            except (OSError, sqlite3.Error) as exc:
-                raise OutboxError(
-                    f"cannot open the console session store {self.path} ({exc}): set "
-                    "PHONEAGENT_DATA_DIR to a directory this process can write"
-                ) from None
-            self._db = db
-        return self._db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
 
 class PostgresRevocations:
