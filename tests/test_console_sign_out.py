@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from conftest import EXAMPLE_PERSONAS
 from console_kit import PASSWORD, console_settings
+from test_console_calls import DENTAL, SSE, EventReader, eventually
 from test_console_talk import greeted, page_call, quiet, recorded_end
 from test_console_talk import sign_in as sign_in_for_talk
 from test_log_secrets import capture_logging
@@ -70,6 +71,27 @@ async def test_a_revocation_is_kept_in_memory_while_its_file_cannot_be_written(t
     await again.fresh()
     assert again.revoked(session)
     await again.close()
+
+
+async def test_another_readers_revocations_are_read_at_most_once_a_second(tmp_path):
+    keys = ConsoleKeys(PASSWORD, SECRET)
+    now = [100.0]
+    here, there = (
+        SessionRevocations(SQLiteRevocations.in_data_dir(tmp_path), monotonic=lambda: now[0])
+        for _ in range(2)
+    )
+    session = keys.session(keys.new_session(time.time()), time.time())
+    assert session is not None
+    await there.fresh()  # read: nothing revoked
+    assert await here.revoke(session) is True
+    await there.fresh()
+    assert not there.revoked(session)  # what it read is less than FRESH_SECONDS old: no read
+    now[0] += FRESH_SECONDS
+    there.refresh_soon()  # in the background, for a check that cannot wait
+    assert not there.revoked(session)
+    await eventually(lambda: there.revoked(session), timeout=2)
+    await here.close()
+    await there.close()
 
 
 # --- through HTTP -----------------------------------------------------------------------------
@@ -245,6 +267,50 @@ async def test_a_console_call_ends_when_its_session_is_signed_out(stack):
         assert record.end_reason == "twilio_disconnected"  # as when the page hangs up
         await stack.model.wait_for(lambda: stack.model.sessions_open == 0)
         assert caller.call_sid not in stack.state.active_calls
+
+
+async def test_a_console_call_ends_when_its_session_expires(stack, monkeypatch):
+    monkeypatch.setattr("phoneagent.console.auth.SESSION_SECONDS", 4)  # a working day, shortened
+    async with aiohttp.ClientSession(
+        base_url=stack.base_url, cookie_jar=aiohttp.CookieJar(unsafe=True)
+    ) as http:
+        csrf = await sign_in_for_talk(http)
+        signed_in_at = time.monotonic()
+        async with page_call(http, csrf, stack.base_url) as caller:
+            await greeted(caller)
+            await caller.play(quiet(200))
+            await caller.wait_closed(timeout=8)
+        assert 4 <= time.monotonic() - signed_in_at < 4 + FRESH_SECONDS + 1
+        assert [m["reason"] for m in caller.messages("console.ended")] == ["signed_out"]
+        await stack.model.wait_for(lambda: stack.model.sessions_open == 0)
+
+
+async def test_a_live_calls_event_stream_ends_when_its_session_is_signed_out(stack):
+    http, cookie, csrf = await sign_in(stack.base_url)
+    try:
+        async with stack.caller(to=DENTAL) as caller:
+            await caller.dial()
+            await caller.connect()
+            caller.start_background_silence()
+            await eventually(lambda: caller.call_sid in stack.state.active_calls)
+            path = f"/console/calls/{caller.call_sid}/events"
+            async with http.get(path, headers=SSE) as stream:
+                assert stream.status == 200
+                events = EventReader(stream)
+                await events.next("turn")  # the greeting: the stream follows the call
+                async with aiohttp.ClientSession(
+                    base_url=stack.base_url, cookie_jar=aiohttp.CookieJar(unsafe=True)
+                ) as elsewhere:  # another tab of the same session signs out
+                    elsewhere.cookie_jar.update_cookies(
+                        {COOKIE: cookie}, response_url=elsewhere._base_url
+                    )
+                    await sign_out(elsewhere, csrf)
+                left = await events.rest(timeout=3)  # closed, though the call goes on
+                assert "ended" not in [event["event"] for event in left]
+            assert caller.call_sid in stack.state.active_calls
+            await caller.hangup()
+    finally:
+        await http.close()
 
 
 # --- several instances on one database ---------------------------------------------------------

@@ -229,6 +229,9 @@ async def talk_stream(request: web.Request) -> web.StreamResponse:
         # with the operator's cookie (cross-site WebSocket hijacking).
         log.warning("console_talk_cross_origin", origin=origin[:200], remote=request.remote)
         return web.Response(status=403, text="refused: open the console from its own page")
+    session = await signed_in(request)
+    if session is None:  # revoked since page() let the request in
+        return web.json_response({"error": "sign in to the console"}, status=401)
     ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES)
     await ws.prepare(request)
     line = ConsoleLine(ws)
@@ -254,8 +257,6 @@ async def talk_stream(request: web.Request) -> web.StreamResponse:
             await ws.close()
             return ws
         line.call = call
-        session = await signed_in(request)
-        assert session is not None  # the call opened: `start` carried this session's CSRF token
         watch = asyncio.create_task(_end_when_signed_out(request.app[REVOCATIONS], session, line))
         try:
             await run_call(
