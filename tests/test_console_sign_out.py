@@ -17,6 +17,7 @@ import pytest
 from conftest import EXAMPLE_PERSONAS
 from console_kit import PASSWORD, console_settings
 from test_console_calls import DENTAL, SSE, EventReader, eventually
+from test_console_routes import console_routes, refused_without_session
 from test_console_talk import greeted, page_call, quiet, recorded_end
 from test_console_talk import sign_in as sign_in_for_talk
 from test_log_secrets import capture_logging
@@ -25,6 +26,7 @@ from phoneagent.console.auth import ConsoleKeys
 from phoneagent.console.revocation_store import REVOCATIONS_FILENAME, SQLiteRevocations
 from phoneagent.console.revocations import FRESH_SECONDS, RevocationList, SessionRevocations
 from phoneagent.console.web import COOKIE
+from phoneagent.delivery.pg_round_trip import ROUND_TRIP_SECONDS
 from phoneagent.testing.stack import LocalStack
 
 SECRET = "twilio-auth-token-value"
@@ -174,6 +176,23 @@ async def test_a_signed_out_session_is_refused_even_to_a_copy_of_its_cookie(stac
     finally:
         await mine.close()
         await other.close()
+
+
+async def test_no_console_route_answers_a_signed_out_session(stack):
+    http, cookie, csrf = await sign_in(stack.base_url)
+    await sign_out(http, csrf)
+    await http.close()
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(base_url=stack.base_url, cookie_jar=jar) as thief:
+        thief.cookie_jar.update_cookies({COOKIE: cookie}, response_url=thief._base_url)
+        for method, path in console_routes(stack):
+            assert await refused_without_session(thief, method, path) == "401", (method, path)
+            if method == "POST":  # with the session's own CSRF token
+                async with thief.post(
+                    path, data={"csrf": csrf}, headers={"X-CSRF-Token": csrf},
+                    allow_redirects=False,
+                ) as response:  # fmt: skip
+                    assert response.status == 401, (method, path)
 
 
 async def test_sign_out_everywhere_revokes_every_session_until_then(stack):
@@ -410,3 +429,29 @@ async def test_a_database_away_locks_nobody_out_and_lets_no_revoked_session_back
     written = output.getvalue()
     assert written.count("console_revocations_unreadable") == 1  # said once per outage
     assert "console_revocation_kept_in_memory" in written
+
+
+async def test_a_silent_database_holds_a_console_request_no_longer_than_its_budget(
+    stoppable_postgres, tmp_path
+):
+    cluster = stoppable_postgres
+    settings = console_settings(EXAMPLE_PERSONAS, tmp_path / "a", database_url=cluster.url)
+    browsers = []
+    async with LocalStack(EXAMPLE_PERSONAS, settings=settings) as stack:
+        try:
+            browsers = [await sign_in(stack.base_url) for _ in range(2)]
+            (gone, gone_cookie, gone_csrf), (_, kept_cookie, _) = browsers
+            await sign_out(gone, gone_csrf)
+            cluster.pause()  # answers nothing: a database host that vanished
+            try:
+                await asyncio.sleep(FRESH_SECONDS)
+                started = time.monotonic()
+                assert await access(stack.base_url, kept_cookie) == SIGNED_IN
+                assert await access(stack.base_url, gone_cookie) == SIGNED_OUT
+                # One round trip's budget at most, once: then the database counts as away.
+                assert time.monotonic() - started < ROUND_TRIP_SECONDS + 1
+            finally:
+                cluster.resume()
+        finally:
+            for http, _, _ in browsers:
+                await http.close()
