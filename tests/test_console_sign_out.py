@@ -210,6 +210,24 @@ async def test_sign_out_everywhere_revokes_every_session_until_then(stack):
             await http.close()
 
 
+async def test_sign_out_clicked_twice_at_once_is_no_error(stack):
+    http, cookie, csrf = await sign_in(stack.base_url)
+    try:
+
+        async def click() -> int:
+            async with http.post(
+                "/console/logout", data={"csrf": csrf}, allow_redirects=False,
+                cookies={COOKIE: cookie},
+            ) as response:  # fmt: skip
+                return response.status
+
+        statuses = await asyncio.gather(*(click() for _ in range(5)))
+        assert set(statuses) <= {303, 401} and 303 in statuses
+        assert await access(stack.base_url, cookie) == SIGNED_OUT
+    finally:
+        await http.close()
+
+
 async def test_sign_out_everywhere_needs_the_csrf_token(stack):
     http, cookie, _ = await sign_in(stack.base_url)
     try:

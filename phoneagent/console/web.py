@@ -260,24 +260,27 @@ async def _login(request: web.Request) -> web.StreamResponse:
 
 async def _logout(request: web.Request) -> web.StreamResponse:
     """Revoke this session (on every instance), then forget its cookie."""
-    session = _session(request)
-    assert session is not None  # action() let the request in
-    stored = await request.app[REVOCATIONS].revoke(session)
-    log.info("console_signed_out", remote=request.remote, everywhere=False, stored=stored)
-    return _signed_out()
+    # Signature and expiry only: a second click of Sign out finds it revoked already, and
+    # revoking it again changes nothing.
+    session = request.app[KEYS].session(request.cookies.get(COOKIE), time.time())
+    if session is not None:
+        stored = await request.app[REVOCATIONS].revoke(session)
+        log.info("console_signed_out", remote=request.remote, everywhere=False, stored=stored)
+    raise _signed_out()
 
 
 async def _logout_everywhere(request: web.Request) -> web.StreamResponse:
     """Revoke every session issued until now, this one too, on every instance."""
     stored = await request.app[REVOCATIONS].revoke_all_before(time.time())
     log.info("console_signed_out", remote=request.remote, everywhere=True, stored=stored)
-    return _signed_out()
+    raise _signed_out()
 
 
-def _signed_out() -> web.StreamResponse:
+def _signed_out() -> web.HTTPSeeOther:
+    """To the sign-in page, the browser's cookie deleted."""
     response = web.HTTPSeeOther(f"{PREFIX}/login")
     response.del_cookie(COOKIE, path=PREFIX)
-    raise response
+    return response
 
 
 def _is_loopback(host: str) -> bool:
