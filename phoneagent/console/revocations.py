@@ -33,7 +33,7 @@ from phoneagent.console.auth import Session
 from phoneagent.delivery.outbox import OutboxError
 from phoneagent.logs import get_logger
 
-__all__ = ["FRESH_SECONDS", "RevocationList", "RevocationStore", "SessionRevocations"]
+__all__ = ["FRESH_SECONDS", "RevocationList", "RevocationStore", "SessionRevocations", "learned"]
 
 log = get_logger(__name__)
 
