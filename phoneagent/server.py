@@ -26,6 +26,7 @@ from phoneagent.client_address import real_client
 from phoneagent.client_limits import handler_options, unauthenticated_limits
 from phoneagent.config import Settings
 from phoneagent.console.pages import mount_console
+from phoneagent.console.revocation_store import revocation_store
 from phoneagent.delivery.outbox import Outbox
 from phoneagent.delivery.publisher import CallEventPublisher
 from phoneagent.delivery.stores import (
@@ -242,7 +243,8 @@ def create_app(
     app.router.add_post("/twilio/stream-ended", stream_ended)
     app.router.add_get("/calls/{call_sid}", call_details)
     add_outbound_routes(app)  # the answer and status callbacks of calls the personas place
-    mount_console(app, state)  # /console, when PHONEAGENT_CONSOLE_PASSWORD is set
+    # /console, when PHONEAGENT_CONSOLE_PASSWORD is set; signed-out sessions where API keys are
+    mount_console(app, state, revocation_store(outbox, settings.data_dir))
     mount_api(app, api_key_store(outbox, settings.data_dir))  # /api/v1
     app[OUTBOUND].dialer = ApiDialer(dialer)  # POST /api/v1/calls places calls with it
 

@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 #: The schema this version reads and writes; ``MIGRATIONS[v]`` goes from v - 1 to v.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 #: ``pg_advisory_xact_lock`` key of the schema migration: any fixed 64-bit number of our own.
 MIGRATION_LOCK = 0x70686F6E65_01  # "phone", 1
 #: ``pg_advisory_xact_lock`` key that serialises the claims that count receivers' room.
@@ -210,6 +210,20 @@ CREATE TABLE phoneagent_api_keys (
     key_hash TEXT NOT NULL,
     created_at DOUBLE PRECISION NOT NULL,
     revoked_at DOUBLE PRECISION
+);
+""",
+    # Console sessions signed out (console/revocation_store.py), read by every instance: a
+    # session's id (the SHA-256 of its token's random part, never the token) until it would
+    # have expired, and the one time before which every session is signed out.
+    9: """
+CREATE TABLE phoneagent_console_revoked (
+    session_id TEXT PRIMARY KEY,
+    expires_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX phoneagent_console_revoked_expiry ON phoneagent_console_revoked (expires_at);
+CREATE TABLE phoneagent_console_signed_out (
+    id BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (id),
+    before DOUBLE PRECISION NOT NULL
 );
 """,
 }
