@@ -25,6 +25,7 @@ from phoneagent.business_tools import BusinessToolClient
 from phoneagent.client_limits import handler_options, real_client, unauthenticated_limits
 from phoneagent.config import Settings
 from phoneagent.console.pages import mount_console
+from phoneagent.console.revocation_store import revocation_store
 from phoneagent.delivery.outbox import Outbox
 from phoneagent.delivery.publisher import CallEventPublisher
 from phoneagent.delivery.stores import (
@@ -241,7 +242,8 @@ def create_app(
     app.router.add_post("/twilio/stream-ended", stream_ended)
     app.router.add_get("/calls/{call_sid}", call_details)
     add_outbound_routes(app)  # the answer and status callbacks of calls the personas place
-    mount_console(app, state)  # /console, when PHONEAGENT_CONSOLE_PASSWORD is set
+    # /console, when PHONEAGENT_CONSOLE_PASSWORD is set; signed-out sessions where API keys are
+    mount_console(app, state, revocation_store(outbox, settings.data_dir))
     mount_api(app, api_key_store(outbox, settings.data_dir))  # /api/v1
     app[OUTBOUND].dialer = ApiDialer(dialer)  # POST /api/v1/calls places calls with it
 

@@ -17,13 +17,14 @@ from phoneagent.records import (
     CallRecords,
     StreamEnded,
     StreamStarted,
+    TransferNotAnswered,
     Transferred,
     TurnFinished,
     TwilioReported,
 )
 from phoneagent.records.memory import MemoryCallRecords
 from phoneagent.records.postgres import PostgresCallRecords
-from phoneagent.records.record import apply
+from phoneagent.records.record import apply, transfer_taken
 
 SID = "CA" + "1" * 32
 TURN_1 = {"role": "agent", "text": "您好，这里是明珠牙科。", "start_ms": 0, "end_ms": 2100,
@@ -160,6 +161,39 @@ async def test_a_failed_transfer_is_cleared(stores):
     store = await stores()
     await store.write(SID, Transferred({"target": "t", "number": "+1"}), at=1)
     await store.write(SID, Transferred(None), at=2)
+    assert (await store.get(SID)).transfer is None
+
+
+async def test_a_transfer_nobody_answered_is_kept_with_its_dial_status(stores):
+    """The Dial action and the returning stream both say so (maybe on two instances): once or
+    twice, the transfer stays, marked; the call's next part is not a transfer; a transfer
+    that part makes is its own."""
+    store, other = await stores(), await stores()
+    transfer = {"target": "front_desk", "number": "+14155550111", "reason": "billing"}
+    steps = (
+        Transferred(transfer),
+        StreamEnded(at=10.0, end_reason="transferred", transcript=[TURN_1], stats={}),
+        TransferNotAnswered("no-answer"),
+        TransferNotAnswered("no-answer"),
+        StreamStarted(at=40.0, persona="bright-smile-dental", model_session="sess_2"),
+        StreamEnded(at=50.0, end_reason="caller_hung_up", transcript=[TURN_1], stats={}),
+    )
+    for at, change in enumerate(steps):
+        await (store if at % 2 else other).write(SID, change, at=at)
+    record = await store.get(SID)
+    assert record == expected(*steps)
+    assert record.transfer == transfer | {"error": "no-answer"}
+    assert transfer_taken(record) is None
+    again = {"target": "billing", "number": "+14155550122", "reason": None}
+    await store.write(SID, Transferred(again), at=10)
+    assert transfer_taken(await other.get(SID)) == again
+
+
+async def test_a_transfer_nobody_answered_changes_nothing_without_a_transfer(stores):
+    store = await stores()
+    await store.write(SID, TransferNotAnswered("busy"), at=1)  # the first write of the call
+    await store.write(SID, Transferred(None), at=2)
+    await store.write(SID, TransferNotAnswered("busy\x00"), at=3)
     assert (await store.get(SID)).transfer is None
 
 

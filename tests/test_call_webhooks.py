@@ -3,12 +3,18 @@
 import json
 import shutil
 
+import aiohttp
 import pytest
 from conftest import EXAMPLE_PERSONAS
 
 from phoneagent.config import Settings
 from phoneagent.delivery.signing import verify
-from phoneagent.testing.fake_model import CallTool, FakeRealtimeServer, queued_transcripts
+from phoneagent.testing.fake_model import (
+    CallTool,
+    FakeRealtimeServer,
+    ScriptedResponder,
+    queued_transcripts,
+)
 from phoneagent.testing.stack import LocalStack, demo_credentials
 from phoneagent.testing.wav import CALLER_BOOKING_WAV
 from phoneagent.testing.webhook_sink import WebhookSink
@@ -133,4 +139,71 @@ async def test_a_transfer_is_reported_and_ends_the_call_as_transferred(personas,
         "target": "front_desk",
         "number": "+14155550111",
         "reason": "a billing question",
+    }
+
+
+async def test_a_call_back_from_an_unanswered_transfer_ends_without_naming_that_transfer(
+    personas, sink
+):
+    """README: the part after a transfer nobody answered is its own call.started/call.ended;
+    how it ended is its own, so its `transfer` is null (it did not transfer). The record keeps
+    the transfer with the Dial status as its error, as call.transferred reported it."""
+    dental = personas / "bright-smile-dental.toml"
+    dental.write_text(dental.read_text().replace('"call.started", "call.ended"',
+                      '"call.started", "call.transferred", "call.ended"'))  # fmt: skip
+    transfer = CallTool("transfer_call", {"target": "front_desk", "reason": "a billing question"})
+    # One script for both model sessions: the agent back with the caller does not transfer.
+    replies = ScriptedResponder([transfer, "Sorry, nobody is free. How can I help?"])
+    model = FakeRealtimeServer(speed=8.0, responder=replies)
+    async with LocalStack(personas, model=model) as stack:
+        async with stack.caller(to=DENTAL, from_=CALLER, speed=4.0) as caller:
+            await caller.dial()
+            await caller.connect()
+            caller.start_background_silence()
+            await caller.wait_until_quiet(300, timeout=30)
+            await caller.play_wav(CALLER_BOOKING_WAV)
+            [update] = await stack.twilio_api.wait_for_updates(1, timeout=30)
+            await caller.wait_closed(timeout=30)  # Twilio stopped the stream: transferred
+        await sink.wait_for(3, timeout=10)  # the first part is reported before anyone rings
+        back = stack.caller(to=DENTAL, from_=CALLER, call_sid=caller.call_sid, speed=4.0)
+        async with back:
+            await back.request_dial_action(update.params["Twiml"], "no-answer")
+            await back.connect()
+            back.start_background_silence()
+            await back.wait_until_heard_ms(500, timeout=30)  # the agent speaks again
+            await back.hangup()
+        await sink.wait_for(6, timeout=10)
+        account = {"Authorization": aiohttp.encode_basic_auth(
+            stack.settings.twilio_account_sid, stack.settings.twilio_auth_token)}  # fmt: skip
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{stack.base_url}/calls/{caller.call_sid}", headers=account) as response,
+        ):
+            record = await response.json()
+
+    events = [r.json for r in sorted(sink.received, key=lambda r: r.json["timestamp"])]
+    ended = [e["data"] for e in events if e["type"] == "call.ended"]
+    transferred = [e["data"] for e in events if e["type"] == "call.transferred"]
+    assert len([e for e in events if e["type"] == "call.started"]) == 2
+    assert [(t["outcome"], t["error"]) for t in transferred] == [
+        ("accepted", None),
+        ("failed", "no-answer"),
+    ]
+    assert transferred[1]["reason"] == "a billing question"
+    first, second = sorted(ended, key=lambda data: data["started_at"])
+    assert first["end_reason"] == "transferred"
+    assert first["transfer"] == {
+        "target": "front_desk",
+        "number": "+14155550111",
+        "reason": "a billing question",
+    }
+    assert second["end_reason"] == "caller_hung_up"
+    assert second["transfer"] is None  # this part did not transfer
+    # The record is the whole call's: the transfer tried, and that nobody answered it.
+    assert record["end_reason"] == "caller_hung_up"
+    assert record["transfer"] == {
+        "target": "front_desk",
+        "number": "+14155550111",
+        "reason": "a billing question",
+        "error": "no-answer",
     }

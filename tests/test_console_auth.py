@@ -22,10 +22,17 @@ def test_a_session_is_valid_until_it_expires_and_only_with_its_keys():
     assert not ConsoleKeys("another password!", SERVER_SECRET).session_valid(token, now=1001.0)
     assert not ConsoleKeys(PASSWORD, "another auth token").session_valid(token, now=1001.0)
     body, _, mac = token.rpartition(".")
-    version, expiry, nonce = body.split(".")
-    longer = f"{version}.{int(expiry) + 3600}.{nonce}.{mac}"  # a forged expiry
+    version, issued_ms, nonce = body.split(".")
+    longer = f"{version}.{int(issued_ms) + 3600_000}.{nonce}.{mac}"  # a forged issue time
     assert not keys.session_valid(longer, now=1001.0)
-    for junk in ("", "v1.x.y.z", "a.b.c", "v1.99999999999.n.\udcff", "..."):
+    for junk in (
+        "",
+        "v2.x.y.z",
+        "a.b.c",
+        "v2.99999999999.n.\udcff",
+        "...",
+        "v2." + "9" * 99 + ".n.m",
+    ):
         assert not keys.session_valid(junk, now=1001.0)
 
 

@@ -148,7 +148,7 @@ async def test_a_calls_page_shows_its_transcript_as_text_and_what_became_of_it(h
     state.calls.note(sid(7), TwilioReported({"CallStatus": "completed", "CallDuration": "42",
                                              "Timestamp": "Thu, 01 Jan 2026 00:00:42 +0000",
                                              "path": "/twilio/call-status"}))  # fmt: skip
-    from phoneagent.records import Transferred
+    from phoneagent.records import TransferNotAnswered, Transferred
 
     state.calls.note(sid(7), Transferred({"target": "front_desk", "number": "+14155550999"}))
     await sign_in(http)
@@ -168,6 +168,11 @@ async def test_a_calls_page_shows_its_transcript_as_text_and_what_became_of_it(h
     assert "completed" in page and "CallDuration 42" in page
     assert "This line has no webhook." in page  # the example personas have none
     assert 'data-live="false"' in page and "call.js" not in page  # over: nothing to follow
+
+    # Nobody answered the transfer: the caller came back, and the page says so.
+    state.calls.note(sid(7), TransferNotAnswered("no-answer"))
+    page = await text_of(http, f"/console/calls/{sid(7)}")
+    assert "front_desk (+14155550999), not answered (no-answer)" in page
     assert "+14155550123" in page  # the dental line does not mask its callers
 
 

@@ -79,6 +79,7 @@ async def test_the_route_list_is_found_on_the_app(console_stack):
         ("GET", "/console/deliveries"),
         ("POST", "/console/deliveries/redeliver"),
         ("POST", "/console/logout"),
+        ("POST", "/console/logout-everywhere"),
     ]:
         assert expected in routes
 

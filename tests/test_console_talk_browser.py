@@ -251,3 +251,27 @@ async def test_a_draft_persona_is_checked_as_typed_and_its_errors_shown(page, co
     await expect(page.get_by_role("log")).to_contain_text("this is Robin, a draft", timeout=15_000)
     await page.get_by_role("button", name="Hang up").click()
     await expect(page.locator("#call-status")).to_have_attribute("data-state", "ended")
+
+
+async def test_signing_out_in_another_tab_ends_the_call_and_the_page_says_why(
+    console_stack, tmp_path
+):
+    wav = fake_microphone_file(tmp_path / "caller.wav", lead_s=2.5)
+    async with chromium_with_microphone(wav) as browser:
+        context = await browser.new_context(base_url=console_stack.base_url)
+        page = await context.new_page()
+        await sign_in(page)
+        await page.goto("/console/talk")
+        await page.get_by_role("button", name="Start the call").click()
+        status = page.locator("#call-status")
+        await expect(status).to_have_attribute("data-state", "live", timeout=15_000)
+        other_tab = await context.new_page()  # the same browser: the same session
+        await other_tab.goto("/console/lines")
+        await other_tab.get_by_role("button", name="Sign out", exact=True).click()
+        await expect(other_tab).to_have_url("/console/login")
+        await expect(status).to_have_attribute("data-state", "ended", timeout=5_000)
+        await expect(status).to_contain_text("Your console session ended")
+        await context.close()
+    await console_stack.model.wait_for(lambda: console_stack.model.sessions_open == 0)
+    [record] = console_stack.state.calls.ended()
+    assert record.end_reason == "twilio_disconnected"

@@ -182,6 +182,8 @@ async def test_an_unanswered_transfer_comes_back_to_the_agent(stack, model, pers
     assert "not answered (no-answer)" in updates[1]
     record = stack.state.calls.get(caller.call_sid)
     assert (record.end_reason, record.caller) == ("caller_hung_up", caller_id)
+    assert record.transfer == {"target": "front_desk", "number": FRONT_DESK, "reason": None,
+                               "error": "no-answer"}  # fmt: skip
 
 
 async def test_answered_transfer_ends_with_the_person(stack):

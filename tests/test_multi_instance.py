@@ -117,7 +117,10 @@ def speech(text: str) -> bytes:
     return pcm16_to_ulaw(synthesize(text, sample_rate=8000))
 
 
-async def test_a_call_moves_between_instances_and_both_know_it(pair):
+# The stream coming back reaches either instance: A, which answered the <Dial action>, or B,
+# whose own view of the call still holds the transfer as it asked Twilio for it.
+@pytest.mark.parametrize("back_on", ["a", "b"])
+async def test_a_call_moves_between_instances_and_both_know_it(pair, back_on):
     pair.model.script = (CallTool("transfer_call", {"target": "front_desk"}),)
     caller = pair.caller(pair.a)
     async with caller:
@@ -131,17 +134,18 @@ async def test_a_call_moves_between_instances_and_both_know_it(pair):
         [update] = await pair.twilio_api.wait_for_updates(1, timeout=GUARD)
         await caller.wait_closed(timeout=GUARD)
 
-    # Nobody answers: Twilio requests the <Dial action>, and the call comes back to instance A.
+    # Nobody answers: Twilio requests the <Dial action> (instance A), and the call comes back.
     back = pair.caller(pair.a, call_sid=caller.call_sid)
     async with back:
         answer = await back.request_dial_action(update.params["Twiml"], "no-answer")
         assert answer.ok and answer.stream_url
+        back.base_url = getattr(pair, back_on).base
         await back.connect()
         back.start_background_silence()
         await back.wait_until_heard_ms(500, timeout=GUARD)  # the agent speaks again
         await back.hangup()
 
-    # The agent on A resumed with what was said on B: the greeting and the caller's request.
+    # The agent resumed with what was said on B: the greeting and the caller's request.
     [second] = [
         session
         for session in pair.model.sessions
@@ -167,6 +171,13 @@ async def test_a_call_moves_between_instances_and_both_know_it(pair):
     assert len({e.headers["webhook-id"] for e in events}) == 6
     outcomes = [e.json["data"]["outcome"] for e in events if e.json["type"] == "call.transferred"]
     assert sorted(outcomes) == ["accepted", "failed"]
+    # Each part's call.ended says how that part ended: B's by the transfer, the return not.
+    first, second = sorted(
+        (e.json["data"] for e in events if e.json["type"] == "call.ended"),
+        key=lambda data: data["started_at"],
+    )
+    assert (first["end_reason"], first["transfer"]["target"]) == ("transferred", "front_desk")
+    assert (second["end_reason"], second["transfer"]) == ("caller_hung_up", None)
 
     # Both instances answer the same record: both streams' turns, A's webhook, B's transfer.
     async def ended_on_both() -> tuple[dict, dict]:
@@ -184,7 +195,12 @@ async def test_a_call_moves_between_instances_and_both_know_it(pair):
     assert on_a == on_b
     assert on_a["end_reason"] == "caller_hung_up"
     assert on_a["caller"] == caller.from_ and on_a["called"] == DENTAL
-    assert on_a["transfer"] == {"target": "front_desk", "number": dialled(update), "reason": None}
+    assert on_a["transfer"] == {
+        "target": "front_desk",
+        "number": dialled(update),
+        "reason": None,
+        "error": "no-answer",  # nobody answered it: the caller came back
+    }
     texts = [turn["text"] for turn in on_a["transcript"]]
     assert greeting in texts[0]
     # The transcript of the whole call: B's turns (greeting, request, announcement), then A's.

@@ -449,6 +449,63 @@ async def test_a_person_the_server_has_no_room_for_is_reported_once(stack, model
     assert len(sink.received) == 1
 
 
+async def test_a_person_who_hangs_up_before_the_stream_starts_is_reported_once(stack, sink):
+    """A person picks up and hangs up between the agent's TwiML and the media stream's start:
+    no stream reports the call, so Twilio's completed callback does: one call.ended, with no
+    call.started and no turns. The stream token is spent: a stream opening late is refused."""
+    call = await place(stack, variables={"caller_name": "Dana"})
+    callee = await stack.twilio_api.answer(call["call_sid"], "human", speed=0)
+    async with callee:
+        assert callee.answer.ok and callee.answer.stream_url  # the agent's TwiML
+        assert await stack.twilio_api.finish(call["call_sid"], "completed") == 204
+        (event,) = await ended_events(sink, 1)
+        await callee.connect()  # too late: its token has been used
+        await callee.wait_closed(timeout=5)
+        assert callee.closed_by_server and callee.messages("media") == []
+    data = event["data"]
+    assert (event["type"], data["end_reason"]) == ("call.ended", "caller_hung_up")
+    assert data["transcript"] == []
+    assert data["started_at"] == data["ended_at"]
+    assert (data["from"], data["to"], data["variables"]["caller_name"]) == (DENTAL, CALLEE, "Dana")
+    record = stack.state.calls.get(call["call_sid"])
+    assert (record.end_reason, record.status) == ("caller_hung_up", "completed")
+    assert record.started_at is None
+    # The same callback again (Twilio's signature has no timestamp) reports nothing more.
+    fake_call = stack.twilio_api.calls[call["call_sid"]]
+    fake_call.sequence = 1
+    assert await stack.twilio_api._progress(fake_call, "completed", "completed", None) == 204
+    await asyncio.sleep(0.3)
+    assert len(sink.received) == 1
+
+
+@pytest.mark.parametrize("attempt", range(4))
+async def test_a_stream_starting_as_the_call_completes_leaves_one_report(
+    stack, model, sink, attempt
+):
+    """The stream's start and Twilio's completed callback race: whichever claims the stream
+    token first reports the call, the other nothing (here the stream may start, then the
+    callee hangs up). One call.ended either way."""
+    call = await place(stack)
+    callee = await stack.twilio_api.answer(call["call_sid"], "human", speed=0)
+    async with callee:
+        completed = asyncio.create_task(stack.twilio_api.finish(call["call_sid"], "completed"))
+        await asyncio.sleep(attempt * 0.002)  # the two orders, and in between
+        await callee.connect()
+        assert await completed == 204
+        # The stream runs (it claimed the token first) or is closed at once.
+        async with asyncio.timeout(5):
+            while not (callee.closed_by_server or callee.messages("media")):
+                await asyncio.sleep(0.01)
+        if not callee.closed_by_server:
+            await callee.hangup()
+        await callee.wait_closed(timeout=5)
+    await ended_events(sink, 1)
+    await asyncio.sleep(0.5)  # a second call.ended would be a double report
+    ended = [r.json for r in sink.received if r.json["type"] == "call.ended"]
+    assert len(ended) == 1
+    assert ended[0]["data"]["end_reason"] == "caller_hung_up"
+
+
 async def test_a_number_our_personas_answer_is_never_called(stack):
     """The agent calling one of this server's own lines would talk to itself, holding two
     calls until the time limit: refused before Twilio is asked."""

@@ -16,6 +16,7 @@ from phoneagent.outbound.rules import (
     check_calling_hours,
     check_concurrency,
     end_reason_without_agent,
+    hung_up_before_the_agent,
     machine_detection,
     under_way,
 )
@@ -108,6 +109,18 @@ def test_how_a_call_ends_without_the_agent():
     talked = placed()
     apply(talked, StreamStarted(1.0, "line", "s1"))
     assert end_reason_without_agent("completed", talked, "human") == ""  # the stream reports
+
+
+def test_a_person_gone_before_the_stream_is_told_apart():
+    assert hung_up_before_the_agent("completed", placed(), "human")
+    assert hung_up_before_the_agent("completed", placed(), "")  # no detection: a person
+    assert hung_up_before_the_agent("completed", None, "unknown")
+    assert not hung_up_before_the_agent("in-progress", placed(), "human")
+    assert not hung_up_before_the_agent("completed", placed(), "machine_end_beep")
+    assert not hung_up_before_the_agent("completed", placed(), "fax")
+    talked = placed()
+    apply(talked, StreamStarted(1.0, "line", "s1"))
+    assert not hung_up_before_the_agent("completed", talked, "human")  # the stream reports
 
 
 def test_calls_under_way():

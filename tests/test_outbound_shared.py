@@ -137,3 +137,34 @@ async def test_a_call_placed_on_one_instance_is_reported_with_its_context_by_ano
     assert (data["end_reason"], data["direction"]) == ("no_answer", "outbound")
     assert data["variables"] == {"caller_name": "Dana", "appointment": "none on file"}
     assert data["metadata"] == {"crm": 7}
+
+
+async def test_a_person_gone_before_the_stream_is_reported_once_whichever_instance_is_asked(
+    pair, sink
+):
+    """A answers the pick-up with the agent's TwiML; the person hangs up before the stream
+    starts, and Twilio's completed callback reaches B. B claims the stream token in the shared
+    database and reports the call; the stream arriving late at A finds the token spent, so A
+    reports nothing."""
+    a, b = pair
+    call = await a._runner.app[DIALER].place(
+        to="+14155550231", persona=PERSONA, from_=None, variables={}, metadata={}
+    )
+    callee = await a.twilio_api.answer(call["call_sid"], "human", speed=0)
+    async with callee:
+        assert callee.answer.ok and callee.answer.stream_url
+        fake_call = a.twilio_api.calls[call["call_sid"]]
+        fake_call.status_callback = fake_call.status_callback.replace(
+            a.settings.public_url, b.settings.public_url
+        )
+        assert await a.twilio_api.finish(call["call_sid"], "completed") == 204
+        (request,) = await sink.wait_for(1, timeout=15)
+        await callee.connect()  # to A, too late
+        await callee.wait_closed(timeout=5)
+        assert callee.closed_by_server and callee.messages("media") == []
+    assert (request.json["type"], request.json["data"]["end_reason"]) == (
+        "call.ended",
+        "caller_hung_up",
+    )
+    await asyncio.sleep(0.5)
+    assert len(sink.received) == 1

@@ -6,7 +6,12 @@ from twilio.request_validator import HMAC_SHA256, RequestValidator
 
 from phoneagent.twilio.wire.signature import signature_problem
 from phoneagent.twilio.wire.token import STREAM_TOKEN_SECONDS, StreamToken
-from phoneagent.twilio.wire.twiml import apology_twiml, connect_stream_twiml
+from phoneagent.twilio.wire.twiml import (
+    apology_twiml,
+    connect_stream_twiml,
+    hangup_twiml,
+    stream_parameter,
+)
 
 NOW = 1_800_000_000.0
 
@@ -49,6 +54,20 @@ def test_connect_stream_twiml_is_what_twilio_expects():
     assert root.find("Connect").get("action") == (
         "https://voice.example.com/twilio/stream-ended?persona=dental"
     )
+
+
+def test_a_stream_parameter_is_read_back_from_our_twiml_only():
+    text = connect_stream_twiml(
+        "wss://voice.example.com/twilio/stream",
+        "https://voice.example.com/twilio/stream-status",
+        {"persona": "sales & support", "token": "123.abc"},
+        "https://voice.example.com/twilio/stream-ended",
+    )
+    assert stream_parameter(text, "token") == "123.abc"
+    assert stream_parameter(text, "persona") == "sales & support"
+    assert stream_parameter(text, "resume") is None
+    assert stream_parameter(hangup_twiml(), "token") is None  # not a stream
+    assert stream_parameter("<Response><Connect>", "token") is None  # not XML
 
 
 def test_apology_twiml_says_and_hangs_up():

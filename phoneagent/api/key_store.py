@@ -13,17 +13,15 @@ SQLite runs on a private thread, as the outbox does: the event loop carries live
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 from phoneagent.api.keys import ApiKey
-from phoneagent.delivery.outbox import DEFAULT_BUSY_TIMEOUT, Outbox, OutboxError
+from phoneagent.delivery.outbox import Outbox, OutboxError
+from phoneagent.delivery.private_sqlite import PrivateSQLite
 
 if TYPE_CHECKING:
     from phoneagent.delivery.pg_outbox import PostgresOutbox
@@ -51,8 +49,6 @@ CREATE TABLE IF NOT EXISTS api_keys (
 """
 _COLUMNS = "id, name, personas, key_hash, created_at, revoked_at"
 
-T = TypeVar("T")
-
 
 class ApiKeyStore(Protocol):
     """Errors reaching the store come out as ``OutboxError``, naming the file or database."""
@@ -72,19 +68,14 @@ class ApiKeyStore(Protocol):
     async def close(self) -> None: ...
 
 
-class SQLiteApiKeys:
+class SQLiteApiKeys(PrivateSQLite):
     """Keys in ``api_keys.sqlite3`` of a data directory: the file is created at the first use,
     so a server that never sees an API request never writes it."""
 
-    def __init__(self, path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
-        self.path = path
-        self._busy_timeout = busy_timeout
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="api-keys-sqlite")
-        self._db: sqlite3.Connection | None = None  # touched only on the executor's thread
-
-    @classmethod
-    def in_data_dir(cls, data_dir: Path | str, **options: Any) -> SQLiteApiKeys:
-        return cls(Path(data_dir) / KEYS_FILENAME, **options)
+    FILENAME = KEYS_FILENAME
+    WHAT = "the API key store"
+    SCHEMA = _SQLITE_SCHEMA
+    SCHEMA_VERSION = SQLITE_SCHEMA_VERSION
 
     async def add(self, key: ApiKey) -> None:
         await self._run(
@@ -110,44 +101,6 @@ class SQLiteApiKeys:
             (at, key_id),
         )
         return await self.get(key_id)
-
-    async def close(self) -> None:
-        if self._db is not None:
-            await self._run(self._db.close)
-        self._executor.shutdown(wait=False)
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except RuntimeError as exc:  # the executor was shut down: close() ran
-            raise OutboxError(f"the API key store {self.path} is closed") from exc
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._db is None:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                # Owner only: the hashes are no secrets, but who may call which line is nobody
-                # else's to read or write. SQLite gives its -wal and -shm files the same mode.
-                os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-                db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
-                db.execute("PRAGMA journal_mode=WAL")  # the CLI writes while servers read
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                if version > SQLITE_SCHEMA_VERSION:
-                    db.close()
-                    raise OutboxError(
-                        f"{self.path} was written by a newer phoneagent (API key schema "
-                        f"{version}, this version reads {SQLITE_SCHEMA_VERSION}): upgrade it"
-                    )
-                db.execute(_SQLITE_SCHEMA)
-                db.execute(f"PRAGMA user_version={SQLITE_SCHEMA_VERSION}")
-            except (OSError, sqlite3.Error) as exc:
-                raise OutboxError(
-                    f"cannot open the API key store {self.path} ({exc}): set "
-                    "PHONEAGENT_DATA_DIR to a directory this process can write"
-                ) from None
-            self._db = db
-        return self._db
 
     def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         try:

@@ -1,11 +1,12 @@
 """Who may use the console: the operator password, session tokens, CSRF tokens, and the bound
 on sign-in attempts. No I/O: the web shell (``console/web.py``) moves the cookies.
 
-A session is a signed token, not a server-side record, so any instance sharing the settings
-accepts it (several instances behind one load balancer, no shared session store). The signing
-key is derived from the Twilio auth token (a secret every instance holds and a browser never
-sees) and the console password, so changing either signs every session out, and a stolen
-cookie gives no way to test password guesses offline.
+A session is a signed token, so any instance sharing the settings accepts it (several instances
+behind one load balancer). The signing key is derived from the Twilio auth token (a secret every
+instance holds and a browser never sees) and the console password, so changing either signs every
+session out, and a stolen cookie gives no way to test password guesses offline. A token carries
+when it was issued and a random id: signing out revokes that id, "sign out everywhere" every
+session issued before then (``revocations.py``); a signature alone cannot be taken back.
 
 ``PHONEAGENT_CONSOLE_PASSWORD`` is the password itself, or its scrypt hash
 (``scrypt$N$r$p$salt$hash``, from ``phoneagent console hash-password``) for operators who
@@ -27,7 +28,9 @@ from phoneagent.client_address import bound_key
 
 SESSION_SECONDS = 12 * 3600  # a working day; then sign in again
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # OWASP's minimum for scrypt; ~50 ms here
-_SESSION_VERSION = "v1"
+# v2: the issue time (ms) in place of v1's expiry, so "every session issued before now" can be
+# told apart within a second. A v1 cookie (before sign-out revoked sessions) is signed out.
+_SESSION_VERSION = "v2"
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
@@ -49,6 +52,19 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True)
+class Session:
+    """A signed-in session, from its cookie."""
+
+    id: str  # the SHA-256 (hex) of the token's random part: what a revocation names
+    issued_at: float  # wall-clock seconds
+    token: str = field(repr=False)  # the cookie's value: a secret, never logged
+
+    @property
+    def expires_at(self) -> float:
+        return self.issued_at + SESSION_SECONDS
 
 
 class ConsoleKeys:
@@ -76,21 +92,33 @@ class ConsoleKeys:
 
     def new_session(self, now: float) -> str:
         """A session token valid for SESSION_SECONDS from ``now``."""
-        body = f"{_SESSION_VERSION}.{int(now) + SESSION_SECONDS}.{secrets.token_hex(12)}"
+        body = f"{_SESSION_VERSION}.{int(now * 1000)}.{secrets.token_hex(16)}"
         return f"{body}.{self._sign('session', body)}"
 
-    def session_valid(self, token: str | None, now: float) -> bool:
+    def session(self, token: str | None, now: float) -> Session | None:
+        """The session of ``token`` if this server signed it and it has not expired (whether it
+        was revoked is ``revocations.py``'s to say)."""
         # A cookie may hold anything: bytes that are not UTF-8 arrive as lone surrogates, which
         # signing the body would not encode (a 500 on every request with such a cookie).
         if not token or token.count(".") != 3 or not token.isascii():
-            return False
+            return None
         body, _, mac = token.rpartition(".")
-        version, expiry, _ = body.split(".")
-        if version != _SESSION_VERSION or not expiry.isdigit():
-            return False
+        version, issued_ms, nonce = body.split(".")
+        if version != _SESSION_VERSION or not issued_ms.isdigit() or len(issued_ms) > 15:
+            return None
         expected = self._sign("session", body).encode()
-        given = mac.encode("utf-8", "surrogateescape")  # a cookie may hold anything
-        return hmac.compare_digest(given, expected) and now < int(expiry)
+        if not hmac.compare_digest(mac.encode(), expected):
+            return None
+        session = Session(
+            # Only a hash is ever stored: the table of revoked sessions holds no token's part.
+            id=hashlib.sha256(nonce.encode()).hexdigest(),
+            issued_at=int(issued_ms) / 1000,
+            token=token,
+        )
+        return session if now < session.expires_at else None
+
+    def session_valid(self, token: str | None, now: float) -> bool:
+        return self.session(token, now) is not None
 
     def csrf_token(self, session: str) -> str:
         """The token a state-changing request of ``session`` must carry (a form field or the

@@ -115,7 +115,8 @@ async def call_events(request: web.Request, call_sid: str) -> web.StreamResponse
     state = request.app[STATE]
     streams = request.app[OPEN_STREAMS]
     session = session_of(request)
-    assert session is not None  # page() let the request in
+    if session is None:  # revoked since page() let the request in
+        return web.json_response({"error": "sign in to the console"}, status=401)
     here = call_sid in state.active_calls
     record = state.calls.get(call_sid) if here else await state.calls.fetch(call_sid)
     if record is None:

@@ -103,7 +103,10 @@ def end_text(reason: str | None) -> str:
 def transfer_text(transfer: dict | None) -> str:
     if not transfer:
         return ""
-    return f"{transfer.get('target', '?')} ({transfer.get('number', '?')})"
+    text = f"{transfer.get('target', '?')} ({transfer.get('number', '?')})"
+    if "error" in transfer:  # nobody answered: the caller came back to the agent
+        text += f", not answered ({transfer['error']})"
+    return text
 
 
 def summary(

@@ -6,13 +6,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from phoneagent.console import calls, deliveries, lines, talk
+from phoneagent.console.revocations import RevocationStore
 from phoneagent.console.web import setup_console
 from phoneagent.state import ServerState
 
 
-def mount_console(app: web.Application, state: ServerState) -> None:
-    """``/console`` on ``app``, when ``PHONEAGENT_CONSOLE_PASSWORD`` is set."""
-    if setup_console(app, state):
+def mount_console(app: web.Application, state: ServerState, revoked: RevocationStore) -> None:
+    """``/console`` on ``app``, when ``PHONEAGENT_CONSOLE_PASSWORD`` is set; signed-out sessions
+    kept in ``revoked``."""
+    if setup_console(app, state, revoked):
         lines.add_routes(app)
         calls.add_routes(app)
         deliveries.add_routes(app)

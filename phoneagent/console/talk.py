@@ -14,6 +14,10 @@ What differs, and why:
 - **Transfers and hang-ups are shown on the page, never dialled** (``ConsoleHandoffs``: no
   Twilio REST request). After a transfer the page ends the stream with `stop`, as Twilio does
   once a call is redirected.
+- **It lasts as long as the session**: once the operator's session is signed out (here or on
+  another instance, see ``revocations.py``) or expires, the server ends the call as if the page
+  had hung up (its record says ``twilio_disconnected``), after telling the page why
+  (``console.ended`` with the reason ``signed_out``).
 - **Its events go to no webhook** (``state.console_calls``): an operator trying a persona is not
   a customer calling. Otherwise it is a call like any other: recorded, shown live, and counted
   against ``PHONEAGENT_MAX_CALLS`` (a console call takes a model session like a phone call).
@@ -34,6 +38,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,7 +48,19 @@ from aiohttp import web
 
 from phoneagent.bridge import StreamRefused, bind_call_context, read_start, unbind_call_context
 from phoneagent.call import Call
-from phoneagent.console.web import KEYS, PREFIX, action, add_section, page, render, session_of
+from phoneagent.console.auth import Session
+from phoneagent.console.revocations import FRESH_SECONDS, SessionRevocations
+from phoneagent.console.web import (
+    KEYS,
+    PREFIX,
+    REVOCATIONS,
+    action,
+    add_section,
+    page,
+    render,
+    session_of,
+    signed_in,
+)
 from phoneagent.delivery.outbox import display_url
 from phoneagent.logs import get_logger
 from phoneagent.personas import Persona, TransferTarget, check_draft
@@ -66,6 +83,8 @@ CSRF_PARAMETER = "csrf"
 DRAFT_PARAMETER = "draft"  # the draft's TOML; absent: the deployed persona
 TOO_LARGE = f"the draft is larger than {MAX_DRAFT_BYTES // 1024} KiB"
 CONSOLE_CALLER = "console"  # the record's caller: who placed the call
+# `console.ended`'s reason when the operator's session ended the call (not one of the Call's).
+SIGNED_OUT = "signed_out"
 # `start` names a Twilio account; a console call has none (and the page never sees ours).
 CONSOLE_ACCOUNT_SID = "AC" + "0" * 32
 
@@ -210,6 +229,9 @@ async def talk_stream(request: web.Request) -> web.StreamResponse:
         # with the operator's cookie (cross-site WebSocket hijacking).
         log.warning("console_talk_cross_origin", origin=origin[:200], remote=request.remote)
         return web.Response(status=403, text="refused: open the console from its own page")
+    session = await signed_in(request)
+    if session is None:  # revoked since page() let the request in
+        return web.json_response({"error": "sign in to the console"}, status=401)
     ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES)
     await ws.prepare(request)
     line = ConsoleLine(ws)
@@ -235,19 +257,40 @@ async def talk_stream(request: web.Request) -> web.StreamResponse:
             await ws.close()
             return ws
         line.call = call
-        await run_call(
-            state,
-            line,
-            call,
-            model,
-            handoffs=ConsoleHandoffs(line, state.calls),
-            turn_listeners=[lambda _call, turn: line.post("turn", turn=turn)],
-        )
+        watch = asyncio.create_task(_end_when_signed_out(request.app[REVOCATIONS], session, line))
+        try:
+            await run_call(
+                state,
+                line,
+                call,
+                model,
+                handoffs=ConsoleHandoffs(line, state.calls),
+                turn_listeners=[lambda _call, turn: line.post("turn", turn=turn)],
+            )
+        finally:
+            watch.cancel()
     finally:
         state.console_calls.discard(call_sid)
         unbind_call_context()
         structlog.contextvars.unbind_contextvars("console")
     return ws
+
+
+async def _end_when_signed_out(
+    revocations: SessionRevocations, session: Session, line: ConsoleLine
+) -> None:
+    """End the call once its session is revoked or expires: checked every FRESH_SECONDS (the
+    store read at most that often), whether or not the page sends anything. Closing the socket
+    ends the call as the page hanging up does: the agent's audio stops, the model session
+    closes, the call is recorded."""
+    while True:
+        await asyncio.sleep(FRESH_SECONDS)
+        await revocations.fresh()
+        if revocations.revoked(session) or time.time() >= session.expires_at:
+            break
+    log.info("console_call_signed_out")
+    await line.tell("ended", reason=SIGNED_OUT)
+    await line.ws.close()
 
 
 async def _open_console_call(

@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 import jinja2
 from aiohttp import web
 
-from phoneagent.console.auth import SESSION_SECONDS, AttemptLimiter, ConsoleKeys
+from phoneagent.console.auth import SESSION_SECONDS, AttemptLimiter, ConsoleKeys, Session
+from phoneagent.console.revocations import RevocationStore, SessionRevocations
 from phoneagent.logs import get_logger
 from phoneagent.state import ServerState
 
@@ -31,6 +32,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 KEYS = web.AppKey("console_keys", ConsoleKeys)
 LIMITER = web.AppKey("console_attempts", AttemptLimiter)
+REVOCATIONS = web.AppKey("console_revocations", SessionRevocations)
 TEMPLATES = web.AppKey("console_templates", jinja2.Environment)
 
 # Pages load only their own scripts and styles; nothing frames them.
@@ -49,12 +51,14 @@ SECURITY_HEADERS = {
 SECTIONS = web.AppKey("console_sections", list[tuple[str, str]])
 
 
-def setup_console(app: web.Application, state: ServerState) -> bool:
-    """Add the console to ``app`` if a password is configured; whether it was."""
+def setup_console(app: web.Application, state: ServerState, revoked: RevocationStore) -> bool:
+    """Add the console to ``app`` if a password is configured; whether it was. ``revoked``:
+    where signed-out sessions are kept (closed with the app)."""
     settings = state.settings
     if not settings.console_password:
         return False
     app[KEYS] = ConsoleKeys(settings.console_password, settings.twilio_auth_token)
+    app[REVOCATIONS] = revocations = SessionRevocations(revoked)
     app[LIMITER] = AttemptLimiter()
     app[SECTIONS] = []
     app[TEMPLATES] = jinja2.Environment(
@@ -67,8 +71,14 @@ def setup_console(app: web.Application, state: ServerState) -> bool:
     app.router.add_get(f"{PREFIX}/login", _login_page)
     app.router.add_post(f"{PREFIX}/login", _login)
     app.router.add_post(f"{PREFIX}/logout", action(_logout))
+    app.router.add_post(f"{PREFIX}/logout-everywhere", action(_logout_everywhere))
     app.router.add_static(f"{PREFIX}/static", _static_dir())
     app.middlewares.append(_security_headers)
+
+    async def close_revocations(app: web.Application) -> None:
+        await revocations.close()
+
+    app.on_cleanup.append(close_revocations)
     log.info("console_enabled", path=PREFIX)
     return True
 
@@ -96,9 +106,28 @@ async def _security_headers(request: web.Request, handler: Handler) -> web.Strea
 
 
 def session_of(request: web.Request) -> str | None:
-    """The request's session token, if it is valid now."""
-    token = request.cookies.get(COOKIE)
-    return token if request.app[KEYS].session_valid(token, time.time()) else None
+    """The request's session token, if it is valid now and not known to be revoked (from
+    memory: a guarded route has just made sure that is fresh, see ``signed_in``)."""
+    session = _session(request)
+    return session.token if session is not None else None
+
+
+def _session(request: web.Request) -> Session | None:
+    session = request.app[KEYS].session(request.cookies.get(COOKIE), time.time())
+    if session is None:
+        return None
+    revocations = request.app[REVOCATIONS]
+    revocations.refresh_soon()  # a long-lived check (an event stream's) sees other instances'
+    return None if revocations.revoked(session) else session
+
+
+async def signed_in(request: web.Request) -> Session | None:
+    """The request's session if it is valid and not revoked, on any instance (what the store
+    said at most FRESH_SECONDS ago: see ``revocations.py``)."""
+    if request.app[KEYS].session(request.cookies.get(COOKIE), time.time()) is None:
+        return None  # no store read for a request without a session
+    await request.app[REVOCATIONS].fresh()
+    return _session(request)
 
 
 def page(handler: Handler) -> Handler:
@@ -107,7 +136,7 @@ def page(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def guarded(request: web.Request) -> web.StreamResponse:
-        if session_of(request) is None:
+        if await signed_in(request) is None:
             return _not_signed_in(request)
         return await handler(request)
 
@@ -121,9 +150,10 @@ def action(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def guarded(request: web.Request) -> web.StreamResponse:
-        session = session_of(request)
-        if session is None:
+        signed = await signed_in(request)
+        if signed is None:
             return _not_signed_in(request)
+        session = signed.token
         token = request.headers.get("X-CSRF-Token")
         if token is None and request.content_type in (
             "application/x-www-form-urlencoded",
@@ -189,7 +219,7 @@ def _next_page(request: web.Request, raw: str | None) -> str:
 
 
 async def _login_page(request: web.Request) -> web.StreamResponse:
-    if session_of(request) is not None:
+    if await signed_in(request) is not None:
         raise web.HTTPSeeOther(_next_page(request, request.query.get("next")))
     return render(request, "login.html", next=_next_page(request, request.query.get("next")),
                   error=None)  # fmt: skip
@@ -229,9 +259,28 @@ async def _login(request: web.Request) -> web.StreamResponse:
 
 
 async def _logout(request: web.Request) -> web.StreamResponse:
+    """Revoke this session (on every instance), then forget its cookie."""
+    # Signature and expiry only: a second click of Sign out finds it revoked already, and
+    # revoking it again changes nothing.
+    session = request.app[KEYS].session(request.cookies.get(COOKIE), time.time())
+    if session is not None:
+        stored = await request.app[REVOCATIONS].revoke(session)
+        log.info("console_signed_out", remote=request.remote, everywhere=False, stored=stored)
+    raise _signed_out()
+
+
+async def _logout_everywhere(request: web.Request) -> web.StreamResponse:
+    """Revoke every session issued until now, this one too, on every instance."""
+    stored = await request.app[REVOCATIONS].revoke_all_before(time.time())
+    log.info("console_signed_out", remote=request.remote, everywhere=True, stored=stored)
+    raise _signed_out()
+
+
+def _signed_out() -> web.HTTPSeeOther:
+    """To the sign-in page, the browser's cookie deleted."""
     response = web.HTTPSeeOther(f"{PREFIX}/login")
     response.del_cookie(COOKIE, path=PREFIX)
-    raise response
+    return response
 
 
 def _is_loopback(host: str) -> bool:

@@ -399,11 +399,19 @@ class SQLiteOutbox:
         )
 
     async def add_turn(self, call_sid: str, turn: Mapping[str, Any]) -> None:
+        # A turn finished again (an agent's turn a barge-in cut, to what was heard) replaces the
+        # latest of the same role and start, as in the call's record (records.record.apply).
         await self._run(
             self._write,
-            "UPDATE open_calls SET transcript = json_insert(transcript, '$[#]', json(?)) "
-            "WHERE call_sid = ?",
-            (json.dumps(dict(turn)), call_sid),
+            "UPDATE open_calls SET transcript = ("
+            "SELECT CASE WHEN max(t.key) IS NULL "
+            "THEN json_insert(open_calls.transcript, '$[#]', json(:turn)) "
+            "ELSE json_set(open_calls.transcript, '$[' || max(t.key) || ']', json(:turn)) END "
+            "FROM json_each(open_calls.transcript) AS t "
+            "WHERE json_extract(t.value, '$.role') = json_extract(:turn, '$.role') "
+            "AND json_extract(t.value, '$.start_ms') = json_extract(:turn, '$.start_ms')"
+            ") WHERE call_sid = :call_sid",
+            {"turn": json.dumps(dict(turn)), "call_sid": call_sid},
         )
 
     async def close_call(self, call_sid: str) -> None:

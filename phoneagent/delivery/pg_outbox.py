@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 #: The schema this version reads and writes; ``MIGRATIONS[v]`` goes from v - 1 to v.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 #: ``pg_advisory_xact_lock`` key of the schema migration: any fixed 64-bit number of our own.
 MIGRATION_LOCK = 0x70686F6E65_01  # "phone", 1
 #: ``pg_advisory_xact_lock`` key that serialises the claims that count receivers' room.
@@ -210,6 +210,20 @@ CREATE TABLE phoneagent_api_keys (
     key_hash TEXT NOT NULL,
     created_at DOUBLE PRECISION NOT NULL,
     revoked_at DOUBLE PRECISION
+);
+""",
+    # Console sessions signed out (console/revocation_store.py), read by every instance: a
+    # session's id (the SHA-256 of its token's random part, never the token) until it would
+    # have expired, and the one time before which every session is signed out.
+    9: """
+CREATE TABLE phoneagent_console_revoked (
+    session_id TEXT PRIMARY KEY,
+    expires_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX phoneagent_console_revoked_expiry ON phoneagent_console_revoked (expires_at);
+CREATE TABLE phoneagent_console_signed_out (
+    id BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (id),
+    before DOUBLE PRECISION NOT NULL
 );
 """,
 }
@@ -384,9 +398,15 @@ class PostgresOutbox:
 
     async def add_turn(self, call_sid: str, turn: Mapping[str, Any]) -> None:
         async with self._connection() as conn:
+            # A turn finished again (cut by a barge-in) replaces the latest of the same role and
+            # start, as in the call's record and the SQLite outbox.
             await conn.execute(
-                "UPDATE phoneagent_open_calls "
-                "SET transcript = transcript || jsonb_build_array($1::jsonb) WHERE call_sid = $2",
+                "UPDATE phoneagent_open_calls AS c SET transcript = COALESCE(("
+                "SELECT jsonb_set(c.transcript, ARRAY[(max(t.n) - 1)::text], $1::jsonb) "
+                "FROM jsonb_array_elements(c.transcript) WITH ORDINALITY AS t(e, n) "
+                "WHERE t.e->'role' = $1::jsonb->'role' AND t.e->'start_ms' = $1::jsonb->'start_ms' "
+                "HAVING count(*) > 0), c.transcript || jsonb_build_array($1::jsonb)) "
+                "WHERE c.call_sid = $2",
                 json.dumps(dict(turn)),
                 call_sid,
             )

@@ -28,7 +28,7 @@ from phoneagent.delivery.worker import DeliveryWorker
 from phoneagent.logs import get_logger
 from phoneagent.outbound.context import is_outbound
 from phoneagent.personas import Persona
-from phoneagent.records import CallRecord
+from phoneagent.records import CallRecord, transfer_taken
 
 log = get_logger(__name__)
 
@@ -231,15 +231,17 @@ class CallEventPublisher:
                 await self._journal("close_call", record.call_sid)
             return
         ended_at = record.ended_at or 0.0
+        # A transfer nobody answered is not how the caller's return to the agent ended.
+        transfer = transfer_taken(record)
         event = call_ended_event(
             **self._call_fields(persona, record),
             started_at=record.started_at or ended_at,
             ended_at=ended_at,
             end_reason=event_end_reason(record.end_reason),
             transcript=record.transcript,
-            transfer_target=record.transfer["target"] if record.transfer else None,
-            transfer_number=record.transfer["number"] if record.transfer else None,
-            transfer_reason=record.transfer.get("reason") if record.transfer else None,
+            transfer_target=transfer["target"] if transfer else None,
+            transfer_number=transfer["number"] if transfer else None,
+            transfer_reason=transfer.get("reason") if transfer else None,
         )
         await self._publish(persona, event)
 

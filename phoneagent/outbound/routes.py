@@ -26,7 +26,13 @@ from phoneagent.twilio.routes.webhooks import (
     start_agent_stream,
     twiml,
 )
-from phoneagent.twilio.wire.twiml import hangup_twiml, say_then_hang_up_twiml
+from phoneagent.twilio.wire.twiml import (
+    PERSONA_PARAMETER,
+    TOKEN_PARAMETER,
+    hangup_twiml,
+    say_then_hang_up_twiml,
+    stream_parameter,
+)
 
 log = get_logger(__name__)
 
@@ -50,7 +56,7 @@ async def outbound_answer(request: web.Request) -> web.Response:
     if form is None:
         return invalid_signature()
     call_sid = form.get("CallSid", "")
-    key = f"outbound-answer:{call_sid}"
+    key = answer_key(call_sid)
     if (replayed := await replay_answer(state, key, call_sid)) is not None:
         return replayed
     persona_id = request.query.get("persona", "")
@@ -107,6 +113,11 @@ async def outbound_answer(request: web.Request) -> web.Response:
     return twiml(answer)
 
 
+def answer_key(call_sid: str) -> str:
+    """The answer to the callee's pick-up, as kept by the replay guard (every instance's)."""
+    return f"outbound-answer:{call_sid}"
+
+
 def placed_context(record: CallRecord | None, persona: Persona, call_sid: str) -> CallContext:
     """The context the dialer recorded with the call; for a call placed by a process without
     the shared database (``phoneagent call`` without PHONEAGENT_DATABASE_URL), an outbound
@@ -143,10 +154,17 @@ async def outbound_status(request: web.Request) -> web.Response:
     record = state.calls.note(call_sid, TwilioReported(event))
     views = [r for r in (known, record) if r is not None]
     talked = next((r for r in views if r.started_at is not None), record)
-    reason = rules.end_reason_without_agent(
-        event.get("CallStatus", ""), talked, event.get("AnsweredBy") or answered_by(record)
-    )
-    if reason and all(r.ended_at is None for r in views):
+    call_status, who = event.get("CallStatus", ""), event.get("AnsweredBy") or answered_by(record)
+    reason = rules.end_reason_without_agent(call_status, talked, who)
+    not_ended = all(r.ended_at is None for r in views)
+    if (
+        not reason
+        and not_ended
+        and rules.hung_up_before_the_agent(call_status, talked, who)
+        and await _no_stream_will_report(state, call_sid)
+    ):
+        reason = EndReason.CALLER_HUNG_UP.value
+    if reason and not_ended:
         if context is None or context.direction != OUTBOUND:
             # Twilio signed it, so our account placed the call: a process without the shared
             # database did (`phoneagent call`), or its record is gone. Reported for the persona
@@ -159,6 +177,22 @@ async def outbound_status(request: web.Request) -> web.Response:
             state.calls.note(call_sid, fallback.answered(persona_id, caller, called))
         await _report_end(state, request, call_sid, reason)
     return web.Response(status=204)
+
+
+async def _no_stream_will_report(state: ServerState, call_sid: str) -> bool:
+    """Whether no media stream of the call reports its end, now or later: this claims the
+    stream token the agent's TwiML gave Twilio, as a stream's ``start`` does (atomically, on
+    every instance sharing the database). Claimed here first, no stream can open with it; a
+    stream that claimed it first reports the call itself. Only while the token is valid: an
+    expired token's claim is forgotten, so a stream may have used it."""
+    kept = await state.replay.answer_for(answer_key(call_sid)) or ""
+    token = stream_parameter(kept, TOKEN_PARAMETER) or ""
+    persona_id = stream_parameter(kept, PERSONA_PARAMETER) or ""
+    # Not the agent's TwiML (none kept, or the apology), or a token past its life.
+    if not token or state.stream_token.check(token, call_sid, persona_id):
+        log.info("outbound_end_left_to_the_stream", call_sid=call_sid, token=bool(token))
+        return False
+    return await state.replay.claim_stream(token, state.stream_token.expiry(token))
 
 
 async def _report_end(state: ServerState, request: web.Request, call_sid: str, reason: str) -> None:

@@ -187,7 +187,17 @@ def end_reason_without_agent(call_status: str, record: CallRecord | None, answer
         return "voicemail"
     if kind is Answer.HANG_UP:
         return "fax"
-    return ""  # a person answered but the stream never started: the stream's path reported it
+    return ""  # a person answered: the stream reports the end (see hung_up_before_the_agent)
+
+
+def hung_up_before_the_agent(call_status: str, record: CallRecord | None, answered: str) -> bool:
+    """A person answered (or nobody could tell) and the call is over with no stream in the
+    record: they hung up between the agent's TwiML and the stream's start, unless a stream did
+    start whose record is not in yet (another instance's). The routes tell the two apart by the
+    stream token: whoever claims it first, the stream or the end's report, is the only one to
+    report the call."""
+    started = record is not None and record.started_at is not None
+    return call_status == "completed" and not started and answer_for(answered) is Answer.AGENT
 
 
 def now_utc() -> datetime:

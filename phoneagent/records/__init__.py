@@ -8,9 +8,11 @@ from phoneagent.records.record import (
     Change,
     StreamEnded,
     StreamStarted,
+    TransferNotAnswered,
     Transferred,
     TurnFinished,
     TwilioReported,
+    transfer_taken,
 )
 
 __all__ = [
@@ -20,7 +22,9 @@ __all__ = [
     "Change",
     "StreamEnded",
     "StreamStarted",
+    "TransferNotAnswered",
     "Transferred",
     "TurnFinished",
     "TwilioReported",
+    "transfer_taken",
 ]

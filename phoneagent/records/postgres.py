@@ -28,6 +28,7 @@ from phoneagent.records.record import (
     Change,
     StreamEnded,
     StreamStarted,
+    TransferNotAnswered,
     Transferred,
     TurnFinished,
     TwilioReported,
@@ -98,6 +99,12 @@ _TRANSFERRED = (
     _UPSERT.format(columns=", transfer", values=", $3::jsonb")
     + _ON_CONFLICT
     + "transfer = EXCLUDED.transfer"
+)
+_TRANSFER_NOT_ANSWERED = (
+    _UPSERT.format(columns="", values="")
+    + _ON_CONFLICT
+    + "transfer = CASE WHEN jsonb_typeof(c.transfer) = 'object' "
+    "THEN c.transfer || jsonb_build_object('error', $3::text) ELSE c.transfer END"
 )
 _STREAM_ENDED = (
     _UPSERT.format(
@@ -208,6 +215,8 @@ def _statement(change: Change) -> tuple[str, tuple[Any, ...]]:
         case Transferred():
             transfer = _json(change.transfer) if change.transfer is not None else None
             return _TRANSFERRED, (transfer,)
+        case TransferNotAnswered():
+            return _TRANSFER_NOT_ANSWERED, (change.status,)
         case StreamEnded():
             return _STREAM_ENDED, (
                 change.at,

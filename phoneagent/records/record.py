@@ -28,7 +28,9 @@ class CallRecord:
     started_at: float | None = None  # Unix time the (latest) media stream started
     ended_at: float | None = None
     end_reason: str | None = None
-    transfer: dict | None = None  # {"target", "number"} once Twilio took a transfer
+    # {"target", "number", "reason"} once Twilio took a transfer; "error" (the Dial status)
+    # added when nobody answered it and the caller came back to the agent.
+    transfer: dict | None = None
     transcript: list[dict] = field(default_factory=list)  # finished turns, whole call once ended
     twilio_events: list[dict] = field(default_factory=list)  # status callbacks, as received
     stats: dict = field(default_factory=dict)  # barge-ins, reaction times, first audio (at end)
@@ -97,6 +99,17 @@ class Transferred:
 
 
 @dataclass(frozen=True)
+class TransferNotAnswered:
+    """Twilio dialled the transfer's target and nobody took the call: ``status`` is the Dial
+    status (``no-answer``, ``busy``…). The record keeps the transfer, with the status as its
+    ``error`` (as ``call.transferred`` reports it), so the caller's return to the agent does
+    not read as a transfer. The same change again changes nothing: the Dial action and the
+    returning stream both make it, maybe on different instances."""
+
+    status: str
+
+
+@dataclass(frozen=True)
 class StreamEnded:
     """The stream is over. ``transcript`` is the whole call's so far (an earlier stream's turns
     first), replacing the turns added as they finished."""
@@ -107,7 +120,15 @@ class StreamEnded:
     stats: dict
 
 
-Change = Answered | StreamStarted | TurnFinished | TwilioReported | Transferred | StreamEnded
+Change = (
+    Answered
+    | StreamStarted
+    | TurnFinished
+    | TwilioReported
+    | Transferred
+    | TransferNotAnswered
+    | StreamEnded
+)
 
 
 def apply(record: CallRecord, change: Change) -> None:
@@ -148,12 +169,22 @@ def apply(record: CallRecord, change: Change) -> None:
         case Transferred():
             transfer = change.transfer
             record.transfer = well_formed(dict(transfer)) if transfer is not None else None
+        case TransferNotAnswered():
+            if record.transfer is not None:
+                record.transfer = {**record.transfer, "error": well_formed(change.status)}
         case StreamEnded():
             record.ended_at, record.end_reason = change.at, change.end_reason
             record.transcript = [well_formed(dict(turn)) for turn in change.transcript]
             record.stats = dict(change.stats)
             if record.status == "in-progress":  # Twilio's call-status callback may say more
                 record.status = "completed"
+
+
+def transfer_taken(record: CallRecord) -> dict | None:
+    """The transfer that took the call from the agent, if the call's latest part ended so: not
+    one nobody answered (the caller came back, and what followed ended otherwise)."""
+    transfer = record.transfer
+    return transfer if transfer is not None and "error" not in transfer else None
 
 
 def well_formed(value: Any) -> Any:

@@ -232,6 +232,32 @@ async def test_open_calls_are_journalled_and_closed_with_their_event(outbox):
     assert await outbox.open_calls() == []
 
 
+async def test_a_turn_finished_again_replaces_its_earlier_self_in_the_open_call(outbox):
+    """A barge-in cuts an agent's turn that was final: the call's record replaces it with what
+    the caller heard (same role and start), and so does the journal a lost call is ended from."""
+    greeting = {"role": "agent", "text": "Hello, how can I help?", "start_ms": 0, "end_ms": 1500,
+                "interrupted": False}  # fmt: skip
+    question = {"role": "caller", "text": "When are you open?", "start_ms": 1800,
+                "end_ms": 2600, "interrupted": False}  # fmt: skip
+    answer = {"role": "agent", "text": "We are open Monday to Friday.", "start_ms": 2900,
+              "end_ms": 5200, "interrupted": False}  # fmt: skip
+    cut = answer | {"text": "We are open", "end_ms": 3700, "interrupted": True}
+    over = {"role": "caller", "text": "Sorry, Saturday?", "start_ms": 3500, "end_ms": 4400,
+            "interrupted": False}  # fmt: skip
+    await outbox.open_call("CA1", {"persona_id": "p", "started_at": T0})
+    for turn in (greeting, question, answer, over, cut):
+        await outbox.add_turn("CA1", turn)
+    [(_, _, turns)] = await outbox.open_calls()
+    assert turns == [greeting, question, cut, over]  # where the answer was, once
+    # Another turn at the same start by the other side is its own turn.
+    also = {"role": "caller", "text": "Hm.", "start_ms": 2900, "end_ms": 3100,
+            "interrupted": False}  # fmt: skip
+    await outbox.add_turn("CA1", also)
+    await outbox.add_turn("CA1", cut)  # the same cut again: still once
+    [(_, _, turns)] = await outbox.open_calls()
+    assert turns == [greeting, question, cut, over, also]
+
+
 def test_destination_is_the_origin():
     assert destination_of("https://Hooks.Example/a?b=c") == "https://hooks.example:443"
     assert destination_of("http://127.0.0.1:8080/x") == "http://127.0.0.1:8080"

@@ -157,6 +157,7 @@ const END_REASONS = {
   model_disconnected: "The model went away.",
   drain_goodbye: "The server is shutting down.",
   server_shutdown: "The server is shutting down.",
+  signed_out: "Your console session ended (signed out, or it expired): sign in again.",
 };
 
 class BrowserCall {

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 
@@ -25,7 +26,7 @@ from phoneagent.client_limits import SLOT
 from phoneagent.logs import get_logger
 from phoneagent.personas import Persona
 from phoneagent.realtime.connection import ModelSession, ModelUnavailable
-from phoneagent.records import StreamEnded, StreamStarted
+from phoneagent.records import StreamEnded, StreamStarted, TransferNotAnswered
 from phoneagent.state import STATE, ServerState
 from phoneagent.twilio.routes.twilio_line import AiohttpTwilioLine
 from phoneagent.twilio.routes.webhooks import invalid_signature, persona_for_call, twilio_signed
@@ -174,6 +175,8 @@ async def open_model_call(
         caller=caller,
         called=called,
     )
+    if resume:  # a transfer nobody answered: this part of the call is not that transfer
+        state.calls.note(start.call_sid, TransferNotAnswered(resume.partition(":")[2]))
     state.calls.note(start.call_sid, started)
     call = Call(
         persona,
@@ -245,4 +248,6 @@ async def run_call(
             barge_ins=call.stats.barge_ins,
         )
         if state.publisher is not None and publishes:
-            state.spawn(state.publisher.call_ended(call.persona, record))
+            # As the stream left it: the Dial action or the call's next stream may change the
+            # record before the event is built.
+            state.spawn(state.publisher.call_ended(call.persona, copy.deepcopy(record)))

@@ -17,7 +17,7 @@ from phoneagent.call.prompts import session_config
 from phoneagent.config import Settings
 from phoneagent.logs import get_logger
 from phoneagent.personas import Persona
-from phoneagent.records import Answered, CallRecord, TwilioReported
+from phoneagent.records import Answered, CallRecord, TransferNotAnswered, TwilioReported
 from phoneagent.state import STATE, ServerState
 from phoneagent.twilio.wire.signature import SHARED_KEY_MISSING, signature_problem
 from phoneagent.twilio.wire.twiml import (
@@ -377,13 +377,15 @@ async def dial_status(request: web.Request) -> web.Response:
     answer, first = await state.replay.remember(key, resumed)
     if not first:  # the same request, answered meanwhile here or on another instance
         return replayed_answer(state, key, call_sid, answer)
+    # Kept with the transfer: the caller's return is not a transfer (its call.ended says so).
+    state.calls.note(call_sid, TransferNotAnswered(outcome))
+    # The call comes back with its own values (recorded by the webhook, on any instance).
+    known = await state.calls.fetch(call_sid)
     target = persona.transfer.get(target_name)
     if target is not None:
         # Why the agent transferred, as recorded when it asked Twilio (on any instance).
-        reason = (record.transfer or {}).get("reason") or ""
+        reason = ((known or record).transfer or {}).get("reason") or ""
         state.publish_transfer(persona, record, target, "failed", outcome, reason)
-    # The call comes back with its own values (recorded by the webhook, on any instance).
-    known = await state.calls.fetch(call_sid)
     state.prewarmer.start(call_sid, session_config(persona_for_call(persona, known)))
     return twiml(answer)
 

@@ -4,6 +4,7 @@ come back in the stream's `start`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from xml.etree import ElementTree
 
 from twilio.twiml.voice_response import VoiceResponse
 
@@ -30,6 +31,19 @@ def connect_stream_twiml(
     for name, value in parameters.items():
         stream.parameter(name=name, value=value)
     return str(response)
+
+
+def stream_parameter(twiml: str, name: str) -> str | None:
+    """The value of the ``<Parameter name>`` in a stream TwiML of ours
+    (:func:`connect_stream_twiml`), or None: not a stream's TwiML, or no such parameter."""
+    try:
+        root = ElementTree.fromstring(twiml)
+    except ElementTree.ParseError:
+        return None
+    for parameter in root.iterfind("./Connect/Stream/Parameter"):
+        if parameter.get("name") == name:
+            return parameter.get("value")
+    return None
 
 
 def say_then_hand_on_twiml(message: str, persona: Persona, called: str) -> str:
