@@ -44,6 +44,7 @@ __all__ = [
     "Outbox",
     "OutboxError",
     "OutboxItem",
+    "OutboxRefused",
     "SQLiteOutbox",
     "destination_of",
     "display_url",
@@ -60,6 +61,18 @@ T = TypeVar("T")
 
 class OutboxError(Exception):
     """The outbox cannot be used; the message names the file and what to do about it."""
+
+
+class OutboxRefused(OutboxError):
+    """The database answered, and refused the request for a reason that trying again cannot
+    fix (a value it cannot store, a constraint the request breaks): the same request would be
+    refused the same way, so a writer gives it up rather than retrying it for ever. ``reason``
+    names the kind of refusal (the error's class and SQLSTATE) without the request's values,
+    which the database's own message may quote: it is what may be logged."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)

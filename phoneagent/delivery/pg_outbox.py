@@ -44,7 +44,7 @@ import asyncpg
 
 from phoneagent.config import redact_database_url
 from phoneagent.delivery.events import Event
-from phoneagent.delivery.outbox import OutboxError, OutboxItem, destination_of
+from phoneagent.delivery.outbox import OutboxError, OutboxItem, OutboxRefused, destination_of
 from phoneagent.delivery.status import DeliveryStatus
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "PostgresOutbox",
     "database_schema",
     "migrate",
+    "refusal",
     "schema_version",
 ]
 
@@ -326,7 +327,10 @@ class PostgresOutbox:
         except OutboxError:
             raise
         except _DATABASE_ERRORS as exc:
-            raise OutboxError(f"the database {self.url}: {_reason(exc)}") from exc
+            message, kind = f"the database {self.url}: {_reason(exc)}", refusal(exc)
+            if kind is not None:
+                raise OutboxRefused(message, reason=kind) from exc
+            raise OutboxError(message) from exc
         finally:
             del self._in_flight[request]
 
@@ -772,6 +776,31 @@ async def database_schema(url: str, *, apply: bool) -> tuple[int, int]:
 def _count(status: str) -> int:
     """Rows touched, from a command status such as ``UPDATE 1`` or ``INSERT 0 1``."""
     return int(status.rsplit(" ", 1)[-1])
+
+
+# SQLSTATE classes (PostgreSQL's "Appendix A. Error Codes") of refusals that trying again
+# cannot fix: the database answered, and would answer the same request the same way. Every other
+# error is worth another try: 08 the connection (lost, refused), 53 insufficient resources (disk
+# or memory full, too many connections), 57 operator intervention (the server shutting down, a
+# statement cancelled), 40 a serialization failure or deadlock, and any class not named here.
+_REFUSED_CLASSES = {
+    "22": "data exception",  # a value the column's type refuses, or the database's encoding
+    "23": "integrity constraint violation",
+    "42": "syntax error or access rule violation",  # a statement, or a table, that is wrong
+    "54": "program limit exceeded",  # a value past PostgreSQL's limits (a jsonb too large)
+}
+
+
+def refusal(exc: BaseException) -> str | None:
+    """What kind of refusal ``exc`` is, if trying again cannot fix it (see ``_REFUSED_CLASSES``;
+    a value asyncpg itself cannot send as its parameter's type is its ``DataError``, SQLSTATE
+    22000); None for errors worth retrying. Names the error's class and SQLSTATE only: the
+    message may quote the values refused."""
+    if not isinstance(exc, asyncpg.PostgresError):
+        return None
+    sqlstate = str(getattr(exc, "sqlstate", "") or "")
+    kind = _REFUSED_CLASSES.get(sqlstate[:2])
+    return f"{type(exc).__name__} (SQLSTATE {sqlstate}: {kind})" if kind else None
 
 
 def _reason(exc: BaseException) -> str:
