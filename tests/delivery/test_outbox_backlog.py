@@ -9,6 +9,7 @@ fairness of claims across receivers is checked on both backends."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 from delivery_helpers import SECRET_ENV, T0, ended_event
@@ -195,3 +196,86 @@ async def test_an_old_outbox_file_gains_the_index_when_opened(tmp_path):
     db.close()
     assert "outbox_due_by_destination" in indexes
     assert "outbox_due" not in indexes
+
+
+# --- PostgreSQL: the same queries' plans on a real server -------------------------------------
+
+
+async def pg_backlog(url: str, queued: int) -> None:
+    """``queued`` events of receiver A due first, then 50 of B, as analysed statistics see them."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("TRUNCATE phoneagent_outbox")
+        for prefix, destination, count, first_due in (("a", A, queued, 0), ("b", B, 50, 10**6)):
+            await conn.execute(
+                "INSERT INTO phoneagent_outbox (id, type, url, destination, secret_env, body, "
+                "status, created_at, next_attempt_at) SELECT $1 || g, 'call.ended', $2, $2, "
+                "'S', $3, 'pending', $4 + g, $4 + g FROM generate_series(1, $5) AS g",
+                f"evt_{prefix}",
+                destination,
+                b"x" * 4000,
+                float(first_due),
+                count,
+            )
+        await conn.execute("ANALYZE phoneagent_outbox")
+    finally:
+        await conn.close()
+
+
+A, B = destination_of(URL_A), destination_of(URL_B)
+PG_NOW = 2e6
+
+
+async def pg_plans(url: str) -> dict[str, tuple[str, int]]:
+    """Each claim query's plan (EXPLAIN ANALYZE) and the buffers it touched, with A full."""
+    import asyncpg
+
+    from phoneagent.delivery.pg_outbox import _CLAIM_DUE, _NEXT_DUE
+
+    queries = {
+        "claim": (_CLAIM_DUE, (PG_NOW, [], [], 8, 32)),
+        "claim, A full": (_CLAIM_DUE, (PG_NOW, [A], [0], 8, 32)),
+        "next due": (_NEXT_DUE, ([],)),
+        "next due, A skipped": (_NEXT_DUE, ([A],)),
+    }
+    conn = await asyncpg.connect(url)
+    try:
+        plans = {}
+        for name, (sql, args) in queries.items():
+            async with conn.transaction():  # FOR UPDATE: locks released at once
+                rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, *args)
+            root = json.loads(rows[0][0])[0]["Plan"]
+            plans[name] = (json.dumps(root), root.get("Shared Hit Blocks", 0))
+        return plans
+    finally:
+        await conn.close()
+
+
+def scans(node: dict) -> list[tuple[str, str | None]]:
+    found = [(node["Node Type"], node.get("Index Name"))] if "Relation Name" in node else []
+    for child in node.get("Plans", []):
+        found += scans(child)
+    return found
+
+
+async def test_on_postgresql_claims_read_each_receivers_first_rows_from_the_index(pg_database):
+    from phoneagent.delivery.pg_outbox import PostgresOutbox
+
+    box = await PostgresOutbox.open(pg_database)  # migrated: the index is step 9
+    await box.close()
+    await pg_backlog(pg_database, 100)
+    small = await pg_plans(pg_database)
+    await pg_backlog(pg_database, 5000)
+    large = await pg_plans(pg_database)
+    for name, (plan, blocks) in large.items():
+        steps = scans(json.loads(plan))
+        assert steps, (name, plan)
+        assert all(
+            kind in ("Index Scan", "Index Only Scan")
+            and index == "phoneagent_outbox_due_by_destination"
+            for kind, index in steps
+        ), (name, steps)
+        # The blocks read do not grow with A's backlog (a walk past it read hundreds more).
+        assert blocks <= small[name][1] + 10, (name, small[name][1], blocks)
