@@ -2,6 +2,7 @@
 with 500 events queued as with 20,000 (a receiver back from a long outage)?
 
     python bench/outbox_backlog.py [--sizes 500,4000,20000] [--claims 500] [--data-dir DIR]
+                                   [--postgres | --database-url URL]
 
 For each size, a fresh outbox (``SQLiteOutbox``, WAL, ``synchronous=FULL``) in a temporary
 data directory is filled through ``enqueue`` with that many realistic ``call.ended`` events
@@ -14,8 +15,13 @@ all in flight, so ``room`` gives it none and ``next_due_at`` skips it) and ``--c
 for another receiver, due after the whole backlog: the busy receiver's backlog must not make
 the other's claims dearer.
 
-CPU is this process's (user + system, every thread, so the outbox's SQLite thread included),
-per claimed event; the ratio compares each size with the smallest in the same run.
+With ``--postgres`` (a throwaway durable cluster, as bench/outbox.py starts) or
+``--database-url`` the same rows run on ``PostgresOutbox`` too, each size in a schema of its own.
+
+CPU is this process's (user + system, every thread, so the outbox's SQLite thread included)
+and the PostgreSQL server's (all its processes, when it runs on this machine), per claimed
+event; the ratio compares each size's total with the smallest size's, same store and scenario,
+in the same run.
 """
 
 from __future__ import annotations
@@ -27,28 +33,34 @@ import sqlite3
 import sys
 import tempfile
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
-from outbox import event
+from outbox import Postgres, SQLite, Store, event
 
-from phoneagent.delivery.outbox import SQLiteOutbox, destination_of
+from phoneagent.delivery.outbox import Outbox, destination_of
+from phoneagent.delivery.stores import open_outbox
 
 BUSY_URL = "https://busy.example.com/hooks/calls"
 OTHER_URL = "https://other.example.com/hooks/calls"
 PER_DESTINATION = 8  # the worker's default per-receiver limit
 
 
-async def fill(outbox: SQLiteOutbox, count: int, url: str, first: int, now: float) -> None:
+async def fill(outbox: Outbox, count: int, url: str, first: int, now: float) -> None:
     for n in range(first, first + count):
         await outbox.enqueue(event(n), url=url, secret_env="BENCH_SECRET", now=now)
 
 
-async def drain(outbox: SQLiteOutbox, claims: int, busy: str | None) -> tuple[float, float]:
-    """Deliver ``claims`` events one at a time; (CPU seconds in claim_due + next_due_at, CPU
-    seconds of the whole cycle including the durable mark)."""
+async def drain(
+    outbox: Outbox, store: Store, claims: int, busy: str | None
+) -> tuple[float, float, float | None]:
+    """Deliver ``claims`` events one at a time; CPU seconds: this process's in claim_due and
+    next_due_at, this process's over the whole cycles (the durable marks included), the
+    database server's over the whole cycles (None: no server)."""
     room = {busy: 0} if busy else {}
     skip = [busy] if busy else []
     query_cpu = 0.0
+    server = store.server_cpu()
     start = time.process_time()
     for _ in range(claims):
         now = time.time()
@@ -63,60 +75,103 @@ async def drain(outbox: SQLiteOutbox, claims: int, busy: str | None) -> tuple[fl
         before = time.process_time()
         await outbox.next_due_at(skip=skip)
         query_cpu += time.process_time() - before
-    return query_cpu, time.process_time() - start
+    cycles = time.process_time() - start
+    after = store.server_cpu()
+    return query_cpu, cycles, None if server is None or after is None else after - server
 
 
-async def row(base: Path, size: int, claims: int, scenario: str) -> tuple[float, float]:
-    with tempfile.TemporaryDirectory(dir=base, prefix="outbox-backlog-") as scratch:
-        outbox = await SQLiteOutbox.in_data_dir(scratch)
+@asynccontextmanager
+async def fresh_outbox(store: Store, label: str):
+    async with store.fresh(label) as (data_dir, database_url):
+        outbox = await open_outbox(data_dir, database_url)
         try:
-            now = time.time() - 3600  # the outage: everything fell due an hour ago
-            if scenario == "one receiver":
-                await fill(outbox, size, BUSY_URL, 0, now)
-                return await drain(outbox, claims, None)
-            await fill(outbox, size, BUSY_URL, 0, now)
-            await fill(outbox, claims, OTHER_URL, size, now + 1)  # due after the whole backlog
-            return await drain(outbox, claims, destination_of(BUSY_URL))
+            yield outbox
         finally:
             await outbox.close()
 
 
-async def run(args: argparse.Namespace) -> None:
-    base = Path(args.data_dir or tempfile.gettempdir())
+async def row(store: Store, size: int, claims: int, scenario: str):
+    label = f"{size}_{'busy' if scenario != 'one receiver' else 'one'}"
+    async with fresh_outbox(store, label) as outbox:
+        now = time.time() - 3600  # the outage: everything fell due an hour ago
+        await fill(outbox, size, BUSY_URL, 0, now)
+        if scenario == "one receiver":
+            return await drain(outbox, store, claims, None)
+        await fill(outbox, claims, OTHER_URL, size, now + 1)  # due after the whole backlog
+        return await drain(outbox, store, claims, destination_of(BUSY_URL))
+
+
+async def run(args: argparse.Namespace, base: Path, database_url: str | None) -> None:
+    stores: list[Store] = [SQLite(base)]
+    described = ""
+    if database_url is not None:
+        postgres = Postgres(database_url, base / "unused")
+        described = "; " + await postgres.describe()
+        stores.append(postgres)
     print(
         f"# {platform.node()}, Python {platform.python_version()}, SQLite "
-        f"{sqlite3.sqlite_version}; {args.claims} claims per row; CPU ms per claimed event"
+        f"{sqlite3.sqlite_version}{described}; {args.claims} claims per row; CPU ms per "
+        "claimed event"
     )
     header = (
+        "store",
         "scenario",
         "queued",
         "claim + next due (ms)",
-        "whole cycle, durable mark included (ms)",
+        "whole cycle, durable mark included: this process / database (ms)",
         f"ratio to {args.sizes[0]} queued",
     )
     print("| " + " | ".join(header) + " |")
-    print("| --- " * 2 + "| ---: " * 3 + "|")
-    for scenario in ("one receiver", "busy receiver at its limit"):
-        reference = None
-        for size in args.sizes:
-            query, cycle = await row(base, size, args.claims, scenario)
-            query, cycle = query / args.claims * 1000, cycle / args.claims * 1000
-            reference = reference or cycle
-            queued = f"{size}" if scenario == "one receiver" else f"{size} + {args.claims}"
-            cells = (scenario, queued, f"{query:.3f}", f"{cycle:.3f}", f"{cycle / reference:.2f}×")
-            print("| " + " | ".join(cells) + " |", flush=True)
+    print("| --- " * 3 + "| ---: " * 3 + "|")
+    for store in stores:
+        for scenario in ("one receiver", "busy receiver at its limit"):
+            reference = None
+            for size in args.sizes:
+                query, cycle, server = await row(store, size, args.claims, scenario)
+                total = cycle + (server or 0.0)
+                reference = reference or total
+                per = [x if x is None else x / args.claims * 1000 for x in (query, cycle, server)]
+                queued = f"{size}" if scenario == "one receiver" else f"{size} + {args.claims}"
+                cells = (
+                    store.name,
+                    scenario,
+                    queued,
+                    f"{per[0]:.3f}",
+                    f"{per[1]:.3f} / " + ("-" if per[2] is None else f"{per[2]:.3f}"),
+                    f"{total / reference:.2f}×",
+                )
+                print("| " + " | ".join(cells) + " |", flush=True)
+    if database_url is not None:
+        print(
+            "\nPostgreSQL: claim + next due is this process's CPU only (asyncpg); the server's "
+            "is in the next column, over whole cycles."
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="500,4000,20000", help="backlogs, comma-separated")
     parser.add_argument("--claims", type=int, default=500, help="events claimed per row")
-    parser.add_argument("--data-dir", help="where the outbox files go (default: the temp dir)")
+    parser.add_argument("--data-dir", help="where the SQLite files go (default: the temp dir)")
+    parser.add_argument(
+        "--postgres", action="store_true", help="PostgreSQL rows too, on a throwaway cluster"
+    )
+    parser.add_argument("--database-url", help="PostgreSQL rows too, in this database")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
     if min(args.sizes) < args.claims:
         sys.exit("every size must be at least --claims")
-    asyncio.run(run(args))
+    with tempfile.TemporaryDirectory(dir=args.data_dir, prefix="outbox-backlog-") as base:
+        if args.database_url or not args.postgres:
+            asyncio.run(run(args, Path(base), args.database_url))
+            return
+        from phoneagent.testing.postgres_cluster import PostgresUnavailable, postgres_cluster
+
+        try:
+            with postgres_cluster(durable=True) as url:
+                asyncio.run(run(args, Path(base), url))
+        except PostgresUnavailable as exc:
+            sys.exit(f"no PostgreSQL for --postgres ({exc}); use --database-url")
 
 
 if __name__ == "__main__":
