@@ -168,8 +168,9 @@ class Metrics:
         )
         self.call_records_unshared = Counter(
             "phoneagent_call_records_unshared",
-            "Call-record changes never written to the shared database (too many pending, or "
-            "still pending when the server stopped): other instances do not see them.",
+            "Call-record changes never written to the shared database (too many pending, "
+            "refused by the database for good, or still pending when the server stopped): "
+            "other instances do not see them.",
             registry=r,
         )
         self.lost_calls_closed = Counter(

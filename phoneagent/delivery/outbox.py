@@ -44,6 +44,7 @@ __all__ = [
     "Outbox",
     "OutboxError",
     "OutboxItem",
+    "OutboxRefused",
     "SQLiteOutbox",
     "destination_of",
     "display_url",
@@ -60,6 +61,18 @@ T = TypeVar("T")
 
 class OutboxError(Exception):
     """The outbox cannot be used; the message names the file and what to do about it."""
+
+
+class OutboxRefused(OutboxError):
+    """The database answered, and refused the request for a reason that trying again cannot
+    fix (a value it cannot store, a constraint the request breaks): the same request would be
+    refused the same way, so a writer gives it up rather than retrying it for ever. ``reason``
+    names the kind of refusal (the error's class and SQLSTATE) without the request's values,
+    which the database's own message may quote: it is what may be logged."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -244,7 +257,15 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT,
     delivered_at REAL
 );
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at) WHERE status = {_PENDING};
+-- Pending rows per receiver in the order they fall due: a claim reads only the first few of
+-- each receiver with room, and the next due time is one lookup per receiver, however long the
+-- backlog (claim_due). It replaced outbox_due (next_attempt_at), which the planner passed over
+-- for outbox_by_status: every pending row read, past its body, and sorted at each claim.
+-- Files of schema 1 gain it when opened, and the versions before it still read them (they
+-- recreate outbox_due, harmlessly).
+CREATE INDEX IF NOT EXISTS outbox_due_by_destination ON outbox (destination, next_attempt_at)
+    WHERE status = {_PENDING};
+DROP INDEX IF EXISTS outbox_due;
 CREATE INDEX IF NOT EXISTS outbox_by_status ON outbox (status, created_at);
 -- A call's events, for its page in the console: by the call_sid of the event's data, guarded
 -- so that a body that is not JSON (there is none) could never make an enqueue fail.
@@ -255,6 +276,35 @@ CREATE TABLE IF NOT EXISTS open_calls (
     transcript TEXT NOT NULL DEFAULT '[]'
 );
 """
+
+
+# Every receiver with pending rows and when its first one falls due, one index lookup each
+# (outbox_due_by_destination): a walk from one receiver to the next rather than a read of every
+# pending row, so it costs the same with 20 events queued as with 20,000. INDEXED BY, because
+# SQLite's planner prefers outbox_by_status's equality on status to a range on destination (and
+# a statement whose index cannot serve it fails to prepare rather than silently reading all).
+_RECEIVERS_SQL = f"""
+WITH RECURSIVE receivers(destination) AS (
+    SELECT MIN(destination) FROM outbox INDEXED BY outbox_due_by_destination
+    WHERE status = {_PENDING}
+    UNION ALL
+    SELECT (
+        SELECT MIN(destination) FROM outbox INDEXED BY outbox_due_by_destination
+        WHERE status = {_PENDING} AND destination > receivers.destination
+    ) FROM receivers WHERE receivers.destination IS NOT NULL
+)
+SELECT destination, (
+    SELECT MIN(next_attempt_at) FROM outbox INDEXED BY outbox_due_by_destination
+    WHERE status = {_PENDING} AND destination = receivers.destination
+) FROM receivers WHERE destination IS NOT NULL
+"""
+
+# A receiver's due rows, first due first, straight from outbox_due_by_destination.
+_DUE_OF_RECEIVER_SQL = (
+    f"SELECT {_COLUMNS} FROM outbox INDEXED BY outbox_due_by_destination "
+    f"WHERE status = {_PENDING} AND destination = ? "
+    "AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?"
+)
 
 
 class SQLiteOutbox:
@@ -439,35 +489,30 @@ class SQLiteOutbox:
     def _claim_due(
         self, now: float, limit: int, lease: float, room: dict[str, int], default_room: int | None
     ) -> list[OutboxItem]:
-        full = [d for d, n in room.items() if n <= 0]
-        # Read a few more candidates than slots: some may belong to a destination with no room.
-        fetch = limit * 4 if (room or default_room is not None) else limit
-        sql = f"SELECT {_COLUMNS} FROM outbox WHERE status = {_PENDING} AND next_attempt_at <= ?"
-        params: list[Any] = [now]
-        if full:
-            sql += f" AND destination NOT IN ({', '.join('?' * len(full))})"
-            params += full
-        sql += " ORDER BY next_attempt_at LIMIT ?"
-        params.append(fetch)
         db = self._connection()
         claimed: list[OutboxItem] = []
         try:
             db.execute("BEGIN IMMEDIATE")  # no other process claims between SELECT and UPDATE
-            taken: dict[str, int] = {}
-            for row in db.execute(sql, params).fetchall():
-                item = _item(row)
-                cap = room.get(item.destination, default_room)
-                if cap is not None and taken.get(item.destination, 0) >= cap:
+            # Each receiver with room offers its first due rows, as many as it may take; merged
+            # in due order, the first ``limit`` are the rows a walk through every due row would
+            # take, skipping receivers as they fill, but read without walking the backlog: a
+            # receiver at its limit costs nothing, however many of its events wait.
+            candidates: list[tuple] = []
+            for destination, first_due in db.execute(_RECEIVERS_SQL).fetchall():
+                cap = room.get(destination, default_room)
+                take = limit if cap is None else min(cap, limit)
+                if first_due > now or take <= 0:
                     continue
+                candidates += db.execute(_DUE_OF_RECEIVER_SQL, (destination, now, take)).fetchall()
+            candidates.sort(key=lambda row: (row[9], row[8]))  # next_attempt_at, created_at
+            for row in candidates[:limit]:
+                item = _item(row)
                 token = secrets.token_hex(8)
                 db.execute(
                     "UPDATE outbox SET claim = ?, next_attempt_at = ? WHERE id = ?",
                     (token, now + lease, item.id),
                 )
-                taken[item.destination] = taken.get(item.destination, 0) + 1
                 claimed.append(replace(item, claim=token, next_attempt_at=now + lease))
-                if len(claimed) >= limit:
-                    break
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -475,13 +520,11 @@ class SQLiteOutbox:
         return claimed
 
     async def next_due_at(self, *, skip: Collection[str] = ()) -> float | None:
-        return await self._run(self._next_due_at, list(skip))
+        return await self._run(self._next_due_at, set(skip))
 
-    def _next_due_at(self, skip: list[str]) -> float | None:
-        sql = f"SELECT MIN(next_attempt_at) FROM outbox WHERE status = {_PENDING}"
-        if skip:
-            sql += f" AND destination NOT IN ({', '.join('?' * len(skip))})"
-        return self._read(sql, skip)[0][0]
+    def _next_due_at(self, skip: set[str]) -> float | None:
+        dues = [due for destination, due in self._read(_RECEIVERS_SQL) if destination not in skip]
+        return min(dues, default=None)
 
     async def mark_delivered(self, item_id: str, claim: str, *, now: float, status: int) -> bool:
         return await self._run(

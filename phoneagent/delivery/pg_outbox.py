@@ -44,7 +44,7 @@ import asyncpg
 
 from phoneagent.config import redact_database_url
 from phoneagent.delivery.events import Event
-from phoneagent.delivery.outbox import OutboxError, OutboxItem, destination_of
+from phoneagent.delivery.outbox import OutboxError, OutboxItem, OutboxRefused, destination_of
 from phoneagent.delivery.status import DeliveryStatus
 
 __all__ = [
@@ -53,11 +53,12 @@ __all__ = [
     "PostgresOutbox",
     "database_schema",
     "migrate",
+    "refusal",
     "schema_version",
 ]
 
 #: The schema this version reads and writes; ``MIGRATIONS[v]`` goes from v - 1 to v.
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 #: ``pg_advisory_xact_lock`` key of the schema migration: any fixed 64-bit number of our own.
 MIGRATION_LOCK = 0x70686F6E65_01  # "phone", 1
 #: ``pg_advisory_xact_lock`` key that serialises the claims that count receivers' room.
@@ -226,7 +227,63 @@ CREATE TABLE phoneagent_console_signed_out (
     before DOUBLE PRECISION NOT NULL
 );
 """,
+    # Claims read each receiver's first due rows, in order, and the next due time is one
+    # lookup per receiver (claim_due, next_due_at): a receiver at its limit no longer makes
+    # every claim read past its backlog. phoneagent_outbox_due goes: left, the planner took it
+    # for a receiver's rows (filtering every other receiver's out) once a backlog grew.
+    10: f"""
+CREATE INDEX phoneagent_outbox_due_by_destination
+    ON phoneagent_outbox (destination, next_attempt_at, created_at, id)
+    WHERE status = '{_PENDING}';
+DROP INDEX IF EXISTS phoneagent_outbox_due;
+""",
 }
+
+# Every receiver with pending rows, one index lookup each (a walk from one receiver to the
+# next along phoneagent_outbox_due_by_destination, rather than a read of every pending row).
+_RECEIVERS = f"""
+WITH RECURSIVE receivers(destination) AS (
+    (SELECT destination FROM phoneagent_outbox WHERE status = '{_PENDING}'
+     ORDER BY destination LIMIT 1)
+    UNION ALL
+    SELECT (
+        SELECT o.destination FROM phoneagent_outbox AS o
+        WHERE o.status = '{_PENDING}' AND o.destination > r.destination
+        ORDER BY o.destination LIMIT 1
+    ) FROM receivers AS r WHERE r.destination IS NOT NULL
+)"""
+
+# $1 now; $2, $3: receivers and how many each may take now; $4 how many the others may;
+# $5 the limit. Each receiver's first due rows (SKIP LOCKED: those another instance is marking
+# are left to it), as many as it may take, then the earliest due of them all.
+_CLAIM_DUE = (
+    _RECEIVERS
+    + f"""
+SELECT c.* FROM receivers AS r CROSS JOIN LATERAL (
+    SELECT {_COLUMNS} FROM phoneagent_outbox AS o
+    WHERE o.status = '{_PENDING}' AND o.destination = r.destination AND o.next_attempt_at <= $1
+    ORDER BY o.next_attempt_at, o.created_at, o.id
+    LIMIT COALESCE(
+        (SELECT x.take FROM unnest($2::text[], $3::int[]) AS x(destination, take)
+         WHERE x.destination = r.destination), $4)
+    FOR UPDATE SKIP LOCKED
+) AS c
+WHERE r.destination IS NOT NULL
+ORDER BY c.next_attempt_at, c.created_at, c.id LIMIT $5
+"""
+)
+
+# $1: receivers to leave out. Each receiver's first row, in the index's own order.
+_NEXT_DUE = (
+    _RECEIVERS
+    + f"""
+SELECT MIN((
+    SELECT o.next_attempt_at FROM phoneagent_outbox AS o
+    WHERE o.status = '{_PENDING}' AND o.destination = r.destination
+    ORDER BY o.next_attempt_at, o.created_at, o.id LIMIT 1
+)) FROM receivers AS r WHERE r.destination IS NOT NULL AND NOT (r.destination = ANY($1::text[]))
+"""
+)
 
 _BOOKKEEPING = """
 CREATE TABLE IF NOT EXISTS phoneagent_schema (
@@ -341,7 +398,10 @@ class PostgresOutbox:
         except OutboxError:
             raise
         except _DATABASE_ERRORS as exc:
-            raise OutboxError(f"the database {self.url}: {_reason(exc)}") from exc
+            message, kind = f"the database {self.url}: {_reason(exc)}", refusal(exc)
+            if kind is not None:
+                raise OutboxRefused(message, reason=kind) from exc
+            raise OutboxError(message) from exc
         finally:
             del self._in_flight[request]
 
@@ -529,8 +589,6 @@ class PostgresOutbox:
         if limit <= 0:
             return []
         caps = dict(room or {})
-        capped = bool(caps) or default_room is not None
-        claimed: list[OutboxItem] = []
         # READ COMMITTED whatever the database's default: the count must see the claims
         # committed while this one waited for the lock, not a snapshot from before it.
         async with self._connection() as conn, conn.transaction(isolation="read_committed"):
@@ -550,38 +608,17 @@ class PostgresOutbox:
                 )
                 for destination, n in in_flight:
                     caps[destination] = min(caps.get(destination, default_room), default_room - n)
-            full = {d for d, n in caps.items() if n <= 0}
-            taken: dict[str, int] = {}
-            seen: list[str] = []  # read (so locked) by this transaction: SKIP LOCKED keeps them
-            while len(claimed) < limit:
-                # A few more candidates than slots: some may belong to a receiver with no room;
-                # a receiver that fills up is left out of the next round.
-                wanted = limit - len(claimed)
-                fetch = wanted * 4 if capped else wanted
-                # SKIP LOCKED: rows another instance is marking right now are left to it.
-                rows = await conn.fetch(
-                    f"SELECT {_COLUMNS} FROM phoneagent_outbox WHERE status = '{_PENDING}' "
-                    "AND next_attempt_at <= $1 AND NOT (destination = ANY($2::text[])) "
-                    "AND NOT (id = ANY($3::text[])) "
-                    "ORDER BY next_attempt_at, created_at, id LIMIT $4 FOR UPDATE SKIP LOCKED",
-                    now,
-                    list(full),
-                    seen,
-                    fetch,
-                )
-                for row in rows:
-                    item = _item(row)
-                    seen.append(item.id)
-                    cap = caps.get(item.destination, default_room)
-                    if cap is not None and taken.get(item.destination, 0) >= cap:
-                        full.add(item.destination)
-                        continue
-                    taken[item.destination] = taken.get(item.destination, 0) + 1
-                    claimed.append(item)
-                    if len(claimed) >= limit:
-                        break
-                if len(rows) < fetch:
-                    break  # nothing else is due
+            # Each receiver may take its room (at most the limit); the rows come in due order.
+            takes = {d: max(0, min(n, limit)) for d, n in caps.items()}
+            rows = await conn.fetch(
+                _CLAIM_DUE,
+                now,
+                list(takes),
+                list(takes.values()),
+                limit if default_room is None else max(0, min(default_room, limit)),
+                limit,
+            )
+            claimed: list[OutboxItem] = [_item(row) for row in rows]
             if not claimed:
                 return []
             tokens = [secrets.token_hex(8) for _ in claimed]
@@ -599,11 +636,7 @@ class PostgresOutbox:
 
     async def next_due_at(self, *, skip: Collection[str] = ()) -> float | None:
         async with self._connection() as conn:
-            return await conn.fetchval(
-                f"SELECT MIN(next_attempt_at) FROM phoneagent_outbox WHERE status = '{_PENDING}' "
-                "AND NOT (destination = ANY($1::text[]))",
-                list(skip),
-            )
+            return await conn.fetchval(_NEXT_DUE, list(skip))
 
     async def mark_delivered(self, item_id: str, claim: str, *, now: float, status: int) -> bool:
         return await self._mark(
@@ -802,6 +835,31 @@ async def database_schema(url: str, *, apply: bool) -> tuple[int, int]:
 def _count(status: str) -> int:
     """Rows touched, from a command status such as ``UPDATE 1`` or ``INSERT 0 1``."""
     return int(status.rsplit(" ", 1)[-1])
+
+
+# SQLSTATE classes (PostgreSQL's "Appendix A. Error Codes") of refusals that trying again
+# cannot fix: the database answered, and would answer the same request the same way. Every other
+# error is worth another try: 08 the connection (lost, refused), 53 insufficient resources (disk
+# or memory full, too many connections), 57 operator intervention (the server shutting down, a
+# statement cancelled), 40 a serialization failure or deadlock, and any class not named here.
+_REFUSED_CLASSES = {
+    "22": "data exception",  # a value the column's type refuses, or the database's encoding
+    "23": "integrity constraint violation",
+    "42": "syntax error or access rule violation",  # a statement, or a table, that is wrong
+    "54": "program limit exceeded",  # a value past PostgreSQL's limits (a jsonb too large)
+}
+
+
+def refusal(exc: BaseException) -> str | None:
+    """What kind of refusal ``exc`` is, if trying again cannot fix it (see ``_REFUSED_CLASSES``;
+    a value asyncpg itself cannot send as its parameter's type is its ``DataError``, SQLSTATE
+    22000); None for errors worth retrying. Names the error's class and SQLSTATE only: the
+    message may quote the values refused."""
+    if not isinstance(exc, asyncpg.PostgresError):
+        return None
+    sqlstate = str(getattr(exc, "sqlstate", "") or "")
+    kind = _REFUSED_CLASSES.get(sqlstate[:2])
+    return f"{type(exc).__name__} (SQLSTATE {sqlstate}: {kind})" if kind else None
 
 
 def _reason(exc: BaseException) -> str:

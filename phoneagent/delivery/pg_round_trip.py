@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from phoneagent.delivery.outbox import OutboxError
+from phoneagent.delivery.outbox import OutboxError, OutboxRefused
 from phoneagent.delivery.pg_outbox import PostgresOutbox
 
 __all__ = ["AWAY_SECONDS", "ROUND_TRIP_SECONDS", "RoundTrips"]
@@ -62,6 +62,8 @@ class RoundTrips:
                 f"the database {self.outbox.url} did not answer in {ROUND_TRIP_SECONDS} s"
             )
             raise OutboxError(self._away) from None
+        except OutboxRefused:
+            raise  # the database answered: it is not away, this request was wrong
         except OutboxError as exc:
             self._went_away(str(exc))
             raise

@@ -8,10 +8,12 @@ webhook.
 Every change is made at once to this instance's view (memory, read without awaiting by the
 call path) and, with a shared store (PostgreSQL), written there too: in the background, in the
 order the call made its changes, retried while the database is away (the instance reports
-itself unready meanwhile) so nothing is lost when it returns. Reads that must see what other
-instances wrote (:meth:`CallRecords.fetch`, :meth:`CallRecords.live`, :meth:`CallRecords.search`)
-go to the shared store (``fetch`` once this instance's own writes of the call are in), and fall
-back to this instance's view if the database is away.
+itself unready meanwhile) so nothing is lost when it returns; a change the database refuses
+for good (a value it cannot store: :class:`~phoneagent.delivery.outbox.OutboxRefused`) is
+given up, logged and counted, and the call's later changes go on. Reads that must see what
+other instances wrote (:meth:`CallRecords.fetch`, :meth:`CallRecords.live`,
+:meth:`CallRecords.search`) go to the shared store (``fetch`` once this instance's own writes
+of the call are in), and fall back to this instance's view if the database is away.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from phoneagent.delivery.outbox import OutboxError
+from phoneagent.delivery.outbox import OutboxError, OutboxRefused
 from phoneagent.delivery.policy import RETENTION
 from phoneagent.logs import get_logger
 from phoneagent.records.memory import RECORDS_KEPT, MemoryCallRecords
@@ -199,6 +201,15 @@ class CallRecords:
                     try:
                         await self.shared.write(call_sid, change, at=at)
                         break
+                    except OutboxRefused as exc:
+                        # Refused for good (a value the database cannot store): retrying would
+                        # hold the call's later changes behind it for ever. The reason names the
+                        # kind of error, never the change's values.
+                        log.error("call_record_not_shared", call_sid=call_sid, reason=exc.reason,
+                                  change=type(change).__name__)  # fmt: skip
+                        if self._on_unshared is not None:
+                            self._on_unshared()
+                        break  # the database answered: not a reason to be unready
                     except OutboxError as exc:
                         if self._failing is None:
                             log.error("call_record_write_failed", call_sid=call_sid, error=str(exc))
