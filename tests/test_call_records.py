@@ -8,6 +8,7 @@ import asyncio
 import time
 
 import pytest
+import structlog
 
 from phoneagent.delivery.outbox import OutboxError
 from phoneagent.delivery.pg_outbox import PostgresOutbox
@@ -399,6 +400,29 @@ async def test_writes_the_database_refuses_are_retried_in_order_and_readiness_sa
     assert calls.problem is None
     assert [t["role"] for t in (await shared.get(SID)).transcript] == ["agent", "caller"]
     assert shared.attempts == 5
+
+
+class BrokenStore(MemoryCallRecords):
+    """A shared store that cannot take one kind of change (a bug of ours, not the database)."""
+
+    async def write(self, call_sid, change, *, at):
+        if isinstance(change, TurnFinished) and change.turn["role"] == "agent":
+            raise TypeError("Object of type bytes is not JSON serializable")
+        await super().write(call_sid, change, at=at)
+
+
+async def test_a_change_the_store_cannot_take_is_logged_counted_and_the_next_ones_written():
+    unshared = []
+    shared = BrokenStore()
+    calls = CallRecords(shared, on_unshared=lambda: unshared.append(1))
+    with structlog.testing.capture_logs() as logs:
+        calls.note(SID, TurnFinished(TURN_1))  # the agent's: refused
+        calls.note(SID, TurnFinished(TURN_2))
+        assert await calls.written(SID)
+    assert [t["role"] for t in (await shared.get(SID)).transcript] == ["caller"]
+    assert unshared == [1] and calls.problem is None
+    [logged] = [e for e in logs if e["event"] == "call_record_not_shared"]
+    assert logged["reason"] == "TypeError" and logged["change"] == "TurnFinished"
 
 
 async def test_a_read_falls_back_to_this_instances_view_while_the_database_is_away():

@@ -205,10 +205,7 @@ class CallRecords:
                         # Refused for good (a value the database cannot store): retrying would
                         # hold the call's later changes behind it for ever. The reason names the
                         # kind of error, never the change's values.
-                        log.error("call_record_not_shared", call_sid=call_sid, reason=exc.reason,
-                                  change=type(change).__name__)  # fmt: skip
-                        if self._on_unshared is not None:
-                            self._on_unshared()
+                        self._given_up(call_sid, change, exc.reason)
                         break  # the database answered: not a reason to be unready
                     except OutboxError as exc:
                         if self._failing is None:
@@ -216,6 +213,11 @@ class CallRecords:
                         self._failing = f"call records cannot be written: {exc}"
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, RETRY_MAX)
+                    except Exception as exc:
+                        # A bug of ours (a change the store cannot even build a statement for):
+                        # given up the same way, not left in a task nobody awaits.
+                        self._given_up(call_sid, change, type(exc).__name__, exc_info=True)
+                        break
                 if self._failing is not None:
                     log.info("call_record_writes_resumed")
                     self._failing = None
@@ -225,6 +227,12 @@ class CallRecords:
                 queue.drained.set()
                 del self._queues[call_sid]
         await self._purge_now_and_then()
+
+    def _given_up(self, call_sid: str, change: Change, reason: str, exc_info: bool = False) -> None:
+        log.error("call_record_not_shared", call_sid=call_sid, reason=reason,
+                  change=type(change).__name__, exc_info=exc_info)  # fmt: skip
+        if self._on_unshared is not None:
+            self._on_unshared()
 
     async def _purge_now_and_then(self) -> None:
         assert self.shared is not None
