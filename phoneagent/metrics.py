@@ -156,7 +156,8 @@ class Metrics:
         self.events_lost = Counter(
             "phoneagent_webhook_events_lost",
             "Webhook events that could not be kept, by reason: spool_full (the in-memory bound "
-            "was reached), shutdown (still held when the server stopped).",
+            "was reached), shutdown (still held when the server stopped), refused (a value the "
+            "shared database cannot store, for good).",
             ["reason"],
             registry=r,
         )

@@ -140,11 +140,13 @@ REFUSED = {
     "longer than its column (22001)": ("INSERT INTO t VALUES (5, 'abcd')", ()),
     "unique violation (23505)": ("INSERT INTO t VALUES (1), (1)", ()),
     "not null violation (23502)": ("INSERT INTO t VALUES (NULL)", ()),
-    "syntax error (42601)": ("SELEC 1", ()),
-    "undefined table (42P01)": ("SELECT * FROM no_such_table", ()),
     "program limit exceeded (54000)": (raise_with("54000"), ()),
 }
 RETRIED = {
+    # An operator's to fix (a GRANT, a migration): given up, every write until then would be lost.
+    "syntax error (42601)": "SELEC 1",
+    "undefined table (42P01)": "SELECT * FROM no_such_table",
+    "permission denied (42501)": raise_with("42501"),
     "serialization failure (40001)": raise_with("40001"),
     "deadlock (40P01)": raise_with("40P01"),
     "disk full (53100)": raise_with("53100"),

@@ -845,9 +845,11 @@ def _count(status: str) -> int:
 _REFUSED_CLASSES = {
     "22": "data exception",  # a value the column's type refuses, or the database's encoding
     "23": "integrity constraint violation",
-    "42": "syntax error or access rule violation",  # a statement, or a table, that is wrong
     "54": "program limit exceeded",  # a value past PostgreSQL's limits (a jsonb too large)
 }
+# Not class 42 (a permission, a table or a statement that is wrong): an operator fixes those (a
+# GRANT, `phoneagent db migrate`, an upgrade), so they are retried like an outage, the instance
+# unready meanwhile, rather than costing every write made until then.
 
 
 def refusal(exc: BaseException) -> str | None:

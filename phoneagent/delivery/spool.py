@@ -8,6 +8,10 @@ they happened. Nothing here is durable: the spool bridges an outage the instance
 and the instance reports it (``problem`` makes it unready; the metrics count it) so an operator
 frees space before the bound is reached or the instance is stopped.
 
+An event the outbox refuses for good (``OutboxRefused``: the database answered, and a value of
+the event is one it cannot store) is not held: holding it would hold every later event behind
+it for ever. It is logged as lost (reason ``refused``) and counted, and the next event goes on.
+
 The bound is in bytes of event bodies (a ``call.ended`` carries the transcript: 1 to 100 KB).
 When it is reached the new event is not kept: it is logged as lost (id, type, call, never the
 transcript) and counted; what is already held keeps its place.
@@ -22,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from phoneagent.delivery.events import Event
-from phoneagent.delivery.outbox import OutboxError
+from phoneagent.delivery.outbox import OutboxError, OutboxRefused
 from phoneagent.logs import get_logger
 
 __all__ = ["DEFAULT_LIMIT_BYTES", "EventSpool"]
@@ -90,13 +94,17 @@ class EventSpool:
         """Commit ``event``, or hold it if the outbox cannot take it now. Never raises
         OutboxError: an event that cannot even be held is logged and counted as lost."""
         async with self._lock:
+            item = _Held(event, url, secret_env, len(event.body()))
             if not self._held:
                 try:
                     await self._commit(event, url, secret_env)
                     return
+                except OutboxRefused as exc:
+                    self._refused(item, exc)
+                    return
                 except OutboxError as exc:
                     self._failed(exc)
-            self._hold(_Held(event, url, secret_env, len(event.body())))
+            self._hold(item)
         if self._held and (self._retrier is None or self._retrier.done()):
             self._retrier = asyncio.create_task(self._retry(), name="event spool retry")
 
@@ -135,14 +143,17 @@ class EventSpool:
             spooled=len(self._held),
         )
 
-    def _lose(self, item: _Held, reason: str) -> None:
+    def _refused(self, item: _Held, exc: OutboxRefused) -> None:
+        self._lose(item, "refused", error=exc.reason)  # the kind of refusal, never the values
+
+    def _lose(self, item: _Held, reason: str, *, error: str | None = None) -> None:
         log.error(
             "webhook_event_lost",
             reason=reason,
             event_id=item.event.id,
             event_type=item.event.type,
             call_sid=item.event.data.get("call_sid"),
-            error=self._error,
+            error=error or self._error,
         )
         if self._on_lost is not None:
             self._on_lost(reason)
@@ -153,6 +164,8 @@ class EventSpool:
             item = self._held[0]
             try:
                 await self._commit(item.event, item.url, item.secret_env)
+            except OutboxRefused as exc:
+                self._refused(item, exc)
             except OutboxError as exc:
                 self._failed(exc)
                 return False
