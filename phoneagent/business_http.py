@@ -5,7 +5,8 @@ decided here:
 
 - ``User-Agent: phoneagent/<version> (<purpose>)``, so the business can tell them apart;
 - ``HTTPS_PROXY`` / ``NO_PROXY`` are honoured (Standard Webhooks suggests an egress proxy
-  against SSRF);
+  against SSRF), read by :func:`proxy_for` for each request: aiohttp's ``trust_env`` would
+  read them too, but also ``~/.netrc``, whose passwords would go to every business host;
 - no cookies: one session serves every call, and a cookie the business set answering about one
   caller must never go back with another caller's request.
 
@@ -15,13 +16,14 @@ configured URL only.
 
 from __future__ import annotations
 
+import urllib.request
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
 from phoneagent import __version__
 
-__all__ = ["business_session", "read_at_most", "without_url_secrets"]
+__all__ = ["business_session", "proxy_for", "read_at_most", "without_url_secrets"]
 
 
 def business_session(purpose: str, *, connections: int = 100) -> aiohttp.ClientSession:
@@ -30,9 +32,25 @@ def business_session(purpose: str, *, connections: int = 100) -> aiohttp.ClientS
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=connections),
         headers={"User-Agent": f"phoneagent/{__version__} ({purpose})"},
-        trust_env=True,
+        trust_env=False,  # proxies by proxy_for; never ~/.netrc
         cookie_jar=aiohttp.DummyCookieJar(),
     )
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``HTTP_PROXY``, upper or
+    lower case), None if there is none or ``NO_PROXY`` exempts its host: pass it as a request's
+    ``proxy``."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        return None  # the request itself fails, with its own error
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or not proxy.startswith("http://"):
+        return None  # none, or one aiohttp cannot use (SOCKS, TLS to the proxy): skipped, as
+        # its own trust_env skips them
+    return None if urllib.request.proxy_bypass(host) else proxy
 
 
 async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes | None:

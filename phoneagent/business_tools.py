@@ -20,7 +20,12 @@ from collections.abc import Mapping
 import aiohttp
 
 from phoneagent import strict_json
-from phoneagent.business_http import business_session, read_at_most, without_url_secrets
+from phoneagent.business_http import (
+    business_session,
+    proxy_for,
+    read_at_most,
+    without_url_secrets,
+)
 from phoneagent.call.tool_calls import (
     BAD_ANSWER,
     HTTP_ERROR,
@@ -94,7 +99,7 @@ class BusinessToolClient:
         self, tool: BusinessTool, body: bytes, headers: dict[str, str], started: float
     ) -> ToolAnswer:
         async with self._http().post(
-            tool.url, data=body, headers=headers, allow_redirects=False
+            tool.url, data=body, headers=headers, allow_redirects=False, proxy=proxy_for(tool.url)
         ) as response:
             status = response.status
             if not 200 <= status < 300:

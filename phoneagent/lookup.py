@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from phoneagent.business_http import business_session, read_at_most
+from phoneagent.business_http import business_session, proxy_for, read_at_most
 from phoneagent.call.context import INBOUND, CallContext, metadata_problem
 from phoneagent.delivery.signing import SigningError, signature_headers
 from phoneagent.logs import get_logger
@@ -149,8 +149,9 @@ class CallerLookups:
             ) from None
         headers["Content-Type"] = "application/json"
         try:
+            url = persona.lookup.url
             async with self._http().post(
-                persona.lookup.url, data=body, headers=headers, allow_redirects=False
+                url, data=body, headers=headers, allow_redirects=False, proxy=proxy_for(url)
             ) as response:
                 if not 200 <= response.status < 300:
                     raise LookupFailed("status", f"HTTP {response.status}")

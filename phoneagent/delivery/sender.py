@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import aiohttp
 
-from phoneagent.business_http import business_session, without_url_secrets
+from phoneagent.business_http import business_session, proxy_for, without_url_secrets
 from phoneagent.delivery.outbox import OutboxItem
 from phoneagent.delivery.signing import SigningError, signature_headers
 
@@ -59,6 +59,7 @@ class WebhookSender:
         try:
             async with self._http().post(
                 item.url,
+                proxy=proxy_for(item.url),
                 data=item.body,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
