@@ -53,6 +53,11 @@ FAST_BODY_SECONDS = 0.5
 LOG_EVERY_SECONDS = 10.0  # a flood of refusals makes one warning per period, with a count
 
 
+#: Set on a request whose client is not its connection's address (for the access log, which
+#: aiohttp writes from the request it received, not the one the handlers were given).
+CLIENT = "phoneagent.client"
+
+
 def real_client(trusted: Sequence[Network]) -> Middleware:
     """The middleware that hands every handler its request with ``remote`` = its client."""
 
@@ -62,6 +67,7 @@ def real_client(trusted: Sequence[Network]) -> Middleware:
             request.remote, request.headers.getall("X-Forwarded-For", ()), trusted
         )
         if client != request.remote:
+            request[CLIENT] = client
             request = request.clone(remote=client)
         return await handler(request)
 

@@ -22,7 +22,7 @@ from aiohttp.abc import AbstractAccessLogger
 from phoneagent.api.key_store import api_key_store
 from phoneagent.api.routes import OUTBOUND, mount_api
 from phoneagent.business_tools import BusinessToolClient
-from phoneagent.client_limits import handler_options, real_client, unauthenticated_limits
+from phoneagent.client_limits import CLIENT, handler_options, real_client, unauthenticated_limits
 from phoneagent.config import Settings
 from phoneagent.console.pages import mount_console
 from phoneagent.console.revocation_store import revocation_store
@@ -80,7 +80,7 @@ class AccessLogger(AbstractAccessLogger):
             path=request.path,
             status=response.status,
             duration_ms=round(time * 1000, 2),
-            remote=request.remote,
+            remote=request.get(CLIENT) or request.remote,  # behind a proxy: the client
         )
 
 

@@ -114,6 +114,8 @@ async def test_behind_a_trusted_proxy_one_clients_failed_keys_do_not_refuse_the_
             assert await api_status(http, good, "198.51.100.2") == 200  # the others do not
     refused = [e for e in logs if e["event"] == "api_key_refused"]
     assert {e["remote"] for e in refused} == {"198.51.100.1"}  # the log names the client
+    accessed = [e for e in logs if e["event"] == "http_request"]
+    assert accessed and {e["remote"] for e in accessed} == {"198.51.100.1"}  # the access log too
 
 
 async def test_without_trusting_the_proxy_a_forwarded_address_changes_nothing(tmp_path):
