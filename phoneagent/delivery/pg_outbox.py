@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import secrets
 import socket
 import time
@@ -52,9 +53,11 @@ __all__ = [
     "LostCall",
     "PostgresOutbox",
     "database_schema",
+    "jsonb_text",
     "migrate",
     "refusal",
     "schema_version",
+    "storable",
 ]
 
 #: The schema this version reads and writes; ``MIGRATIONS[v]`` goes from v - 1 to v.
@@ -453,7 +456,7 @@ class PostgresOutbox:
                 call_sid,
                 self.owner,
                 self.run_id,
-                json.dumps(dict(call)),
+                jsonb_text(dict(call)),
             )
 
     async def add_turn(self, call_sid: str, turn: Mapping[str, Any]) -> None:
@@ -467,7 +470,7 @@ class PostgresOutbox:
                 "WHERE t.e->'role' = $1::jsonb->'role' AND t.e->'start_ms' = $1::jsonb->'start_ms' "
                 "HAVING count(*) > 0), c.transcript || jsonb_build_array($1::jsonb)) "
                 "WHERE c.call_sid = $2",
-                json.dumps(dict(turn)),
+                jsonb_text(dict(turn)),
                 call_sid,
             )
 
@@ -850,6 +853,32 @@ _REFUSED_CLASSES = {
 # Not class 42 (a permission, a table or a statement that is wrong): an operator fixes those (a
 # GRANT, `phoneagent db migrate`, an upgrade), so they are retried like an outage, the instance
 # unready meanwhile, rather than costing every write made until then.
+
+
+def jsonb_text(value: Any) -> str:
+    """``value`` as JSON text every ``jsonb`` column takes."""
+    # PostgreSQL's jsonb refuses the NUL character, which a model's or a caller's text may hold:
+    # it would make the write fail for ever. It is replaced, as an undecodable byte would be.
+    # So are lone surrogates (half an emoji split across two model deltas: not encodable as
+    # UTF-8, asyncpg's DataError) and NaN or infinities (not JSON): each such write failed for
+    # ever too, the call's later changes queued behind it, the instance unready meanwhile (a
+    # call record's), or the turn was missing from a lost call's report (the open-calls journal).
+    return json.dumps(storable(value), ensure_ascii=False, allow_nan=False)
+
+
+def storable(value: Any) -> Any:
+    """``value`` with what PostgreSQL cannot store replaced (see ``jsonb_text``)."""
+    if isinstance(value, str):
+        # A surrogate pair split across strings and joined is made whole; a lone one is U+FFFD.
+        text = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        return text.replace("\x00", "\ufffd")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable(v) for v in value]
+    return value
 
 
 def refusal(exc: BaseException) -> str | None:

@@ -12,13 +12,12 @@ database never holds a webhook or a call.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import asyncpg
 
 from phoneagent.delivery.outbox import OutboxError
-from phoneagent.delivery.pg_outbox import PostgresOutbox, _count
+from phoneagent.delivery.pg_outbox import PostgresOutbox, _count, jsonb_text, storable
 from phoneagent.delivery.pg_round_trip import RoundTrips
 from phoneagent.records.record import (
     FINAL_STATUSES,
@@ -152,9 +151,9 @@ class PostgresCallRecords:
         statement, values = _statement(change)
         # Text columns refuse NUL and lone surrogates as jsonb does (a model's session id holding
         # one failed the call's writes for ever): made storable as the JSON values are.
-        values = tuple(_jsonable(v) if isinstance(v, str) else v for v in values)
+        values = tuple(storable(v) if isinstance(v, str) else v for v in values)
         async with self._db.connection() as conn:
-            await conn.execute(statement, _jsonable(call_sid), at, *values)
+            await conn.execute(statement, storable(call_sid), at, *values)
 
     async def get(self, call_sid: str) -> CallRecord | None:
         async with self._db.connection() as conn:
@@ -196,8 +195,8 @@ def _statement(change: Change) -> tuple[str, tuple[Any, ...]]:
                 change.caller,
                 change.called,
                 change.direction,
-                _json(change.variables),
-                _json(change.metadata),
+                jsonb_text(change.variables),
+                jsonb_text(change.metadata),
             )
         case StreamStarted():
             return _STREAM_STARTED, (
@@ -208,12 +207,12 @@ def _statement(change: Change) -> tuple[str, tuple[Any, ...]]:
                 change.called,
             )
         case TurnFinished():
-            return _TURN_FINISHED, (_json(change.turn),)
+            return _TURN_FINISHED, (jsonb_text(change.turn),)
         case TwilioReported():
             status = change.event.get("CallStatus")
-            return _TWILIO_REPORTED, (_json(change.event), status)
+            return _TWILIO_REPORTED, (jsonb_text(change.event), status)
         case Transferred():
-            transfer = _json(change.transfer) if change.transfer is not None else None
+            transfer = jsonb_text(change.transfer) if change.transfer is not None else None
             return _TRANSFERRED, (transfer,)
         case TransferNotAnswered():
             return _TRANSFER_NOT_ANSWERED, (change.status,)
@@ -221,33 +220,10 @@ def _statement(change: Change) -> tuple[str, tuple[Any, ...]]:
             return _STREAM_ENDED, (
                 change.at,
                 change.end_reason,
-                _json(change.transcript),
-                _json(change.stats),
+                jsonb_text(change.transcript),
+                jsonb_text(change.stats),
             )
     raise OutboxError(f"not a call-record change: {change!r}")
-
-
-def _json(value: Any) -> str:
-    # PostgreSQL's jsonb refuses the NUL character, which a model's or a caller's text may hold:
-    # it would make the write fail for ever. It is replaced, as an undecodable byte would be.
-    # So are lone surrogates (half an emoji split across two model deltas: not encodable as
-    # UTF-8, asyncpg's DataError) and NaN or infinities (not JSON): each such write failed for
-    # ever too, the call's later changes queued behind it, the instance unready meanwhile.
-    return json.dumps(_jsonable(value), ensure_ascii=False, allow_nan=False)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, str):
-        # A surrogate pair split across strings and joined is made whole; a lone one is U+FFFD.
-        text = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-        return text.replace("\x00", "\ufffd")
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {_jsonable(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _record(row: asyncpg.Record) -> CallRecord:

@@ -258,6 +258,17 @@ async def test_a_turn_finished_again_replaces_its_earlier_self_in_the_open_call(
     assert turns == [greeting, question, cut, over, also]
 
 
+async def test_the_journal_keeps_turns_with_text_a_database_refuses_as_near_as_it_can(outbox):
+    """A caller's words may hold a NUL, a model's a lost half of an emoji: PostgreSQL's jsonb
+    refuses both, and the turn would be missing from a lost call's report."""
+    odd = {"role": "caller", "text": "a\x00b \ud83d", "start_ms": 0, "end_ms": 900}
+    await outbox.open_call("CA1", {"persona_id": "p", "persona_name": "Nul\x00", "started_at": T0})
+    await outbox.add_turn("CA1", odd)
+    [(_, call, [turn])] = await outbox.open_calls()
+    assert turn["text"] in ("a\x00b \ud83d", "a\ufffdb \ufffd")  # SQLite keeps it as it is
+    assert turn["end_ms"] == 900 and call["persona_name"].startswith("Nul")
+
+
 def test_destination_is_the_origin():
     assert destination_of("https://Hooks.Example/a?b=c") == "https://hooks.example:443"
     assert destination_of("http://127.0.0.1:8080/x") == "http://127.0.0.1:8080"
