@@ -4,6 +4,7 @@ and that nothing but the sign-in page answers without a session."""
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 
 import pytest
 from console_kit import PASSWORD
@@ -67,6 +68,57 @@ def test_sign_in_attempts_are_bounded_per_client_and_overall():
     assert limiter.wait_seconds("d") == 60.0
     now[0] = 61.0
     assert limiter.wait_seconds("a") == 0 and limiter.wait_seconds("d") == 0
+
+
+class _Watched(OrderedDict):
+    """The limiter's clients, counting how many of them a call walks through."""
+
+    touched = 0
+
+    def items(self):
+        for item in super().items():
+            self.touched += 1
+            yield item
+
+    def values(self):
+        for _, times in self.items():
+            yield times
+
+
+def test_a_check_walks_no_more_clients_however_many_failed():
+    now = [0.0]
+    clients = _Watched()
+    limiter = AttemptLimiter(per_client=3, overall=2**62, window=10_000.0, clock=lambda: now[0],
+                             _failures=clients)  # fmt: skip
+    for n in range(10_000):  # a spray: 10 000 clients (a /64 each) in the window
+        now[0] = float(n)
+        limiter.failed(f"2001:db8:{n // 256:x}:{n % 256:x}::1")
+    clients.touched = 0
+    for _ in range(1_000):
+        assert limiter.wait_seconds("198.51.100.7") == 0
+    assert clients.touched == 1_000  # one look at the oldest client per check, not 10 000
+    now[0] = 19_000.5  # the first 9 001 left the window: dropped once, from the front
+    clients.touched = 0
+    assert limiter.wait_seconds("198.51.100.7") == 0
+    assert len(clients) == 999 and clients.touched == 9_002
+    assert limiter.wait_seconds("2001:db8:27:f::1") == 0  # the latest, one failure: it may
+
+
+def test_past_max_clients_the_one_whose_last_failure_is_oldest_is_forgotten():
+    now = [0.0]
+    limiter = AttemptLimiter(per_client=2, overall=2**62, window=60.0, clock=lambda: now[0],
+                             max_clients=3)  # fmt: skip
+    for client in ("a", "a", "b", "b", "c", "c", "a"):  # a failed last: b's failure is oldest
+        limiter.failed(client)
+        now[0] += 1.0
+    assert all(limiter.wait_seconds(c) > 0 for c in "abc")
+    limiter.failed("d")
+    assert limiter.wait_seconds("b") == 0  # forgotten
+    assert limiter.wait_seconds("a") > 0 and limiter.wait_seconds("c") > 0
+    spray = AttemptLimiter(overall=2**62)  # the default cap
+    for n in range(10_500):
+        spray.failed(f"10.1.{n // 256}.{n % 256}")
+    assert len(spray._failures) == 10_000
 
 
 @pytest.mark.parametrize(

@@ -24,9 +24,14 @@ from test_log_secrets import capture_logging
 
 from phoneagent.console.auth import ConsoleKeys
 from phoneagent.console.revocation_store import REVOCATIONS_FILENAME, SQLiteRevocations
-from phoneagent.console.revocations import FRESH_SECONDS, RevocationList, SessionRevocations
+from phoneagent.console.revocations import (
+    FRESH_SECONDS,
+    RETRY_MAX_SECONDS,
+    RevocationList,
+    SessionRevocations,
+)
 from phoneagent.console.web import COOKIE
-from phoneagent.delivery.pg_round_trip import ROUND_TRIP_SECONDS
+from phoneagent.delivery.pg_round_trip import AWAY_SECONDS, ROUND_TRIP_SECONDS
 from phoneagent.testing.stack import LocalStack
 
 SECRET = "twilio-auth-token-value"
@@ -447,6 +452,70 @@ async def test_a_database_away_locks_nobody_out_and_lets_no_revoked_session_back
     written = output.getvalue()
     assert written.count("console_revocations_unreadable") == 1  # said once per outage
     assert "console_revocation_kept_in_memory" in written
+
+
+async def test_sign_out_everywhere_while_the_database_is_away_reaches_the_other_instance_unasked(
+    stoppable_postgres, tmp_path
+):
+    """After "sign out everywhere" the operator's browser has no cookie: no request need come to
+    the instance that made it. Written in the background once the database is back, it holds
+    on the other instance, where a stolen copy of the cookie is used, within seconds."""
+    cluster = stoppable_postgres
+    shared = console_settings(EXAMPLE_PERSONAS, tmp_path, database_url=cluster.url)
+    output = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    capture_logging(output, "json", "info", secrets=set())
+    stacks = [
+        LocalStack(EXAMPLE_PERSONAS, settings=dataclasses.replace(shared, data_dir=tmp_path / n))
+        for n in ("a", "b")
+    ]
+    browser = None
+    try:
+        for stack in stacks:
+            await stack.start()
+        a, b = (stack.base_url for stack in stacks)
+        browser, cookie, csrf = await sign_in(a)
+        assert await access(b, cookie) == SIGNED_IN
+        cluster.stop()
+        await sign_out(browser, csrf, "/console/logout-everywhere")  # on a, kept in its memory
+        assert await access(b, cookie) == SIGNED_IN  # b cannot know it yet (and locks no one out)
+        cluster.start()
+        # Nothing reaches a from now on; b reads the database as requests come to it. Each
+        # instance asks the database again AWAY_SECONDS after its last failed round trip at
+        # most; then a's next try, then b's next read (measured: 8 s).
+        bound = AWAY_SECONDS + RETRY_MAX_SECONDS + FRESH_SECONDS + 2 * ROUND_TRIP_SECONDS + 1
+        async with asyncio.timeout(bound):
+            while await access(b, cookie) != SIGNED_OUT:
+                await asyncio.sleep(0.2)
+    finally:
+        if browser is not None:
+            await browser.close()
+        for stack in stacks:
+            await stack.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    written = output.getvalue()
+    assert "console_revocation_kept_in_memory" in written
+    assert written.count("console_revocations_stored") == 1  # said once, when it got there
+    assert "console_revocations_not_stored" not in written
+
+
+async def test_a_revocation_kept_in_memory_is_written_at_shutdown(tmp_path):
+    keys = ConsoleKeys(PASSWORD, SECRET)
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    revocations = SessionRevocations(SQLiteRevocations.in_data_dir(blocked))
+    session = keys.session(keys.new_session(time.time()), time.time())
+    assert session is not None
+    assert await revocations.revoke(session) is False
+    blocked.unlink()
+    blocked.mkdir()
+    await revocations.close()  # at once: before a retry in the background, and no read
+    again = SessionRevocations(SQLiteRevocations.in_data_dir(blocked))
+    await again.fresh()
+    assert again.revoked(session)
+    await again.close()
 
 
 async def test_a_silent_database_holds_a_console_request_no_longer_than_its_budget(

@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -139,13 +139,25 @@ class ConsoleKeys:
 class AttemptLimiter:
     """Sign-in failures allowed per client (``per_client`` in ``window`` seconds) and in all
     (``overall``: guesses spread over many addresses). A client past its bound waits until its
-    oldest failure leaves the window; a success clears the client's failures."""
+    oldest failure leaves the window; a success clears the client's failures.
+
+    Each call costs the same however many clients failed (a spray from an IPv6 /48 is 65 536
+    clients; walking them all at every request would starve the event loop that carries call
+    audio): clients are kept in the order of their last failure, so those out of the window are
+    at the front, and a client's own old failures are dropped when it is asked about. At most
+    ``max_clients`` are remembered: past it the one whose last failure is oldest is forgotten.
+    That is safe: every failure still counts towards ``overall`` (the console's bound against
+    guesses spread over many addresses, far below ``max_clients``), the one forgotten is the
+    least likely to be at its bound still, and a spray wide enough to push clients out already
+    has ``per_client`` guesses from each of more than ``max_clients`` addresses (the API's keys
+    are random: no such number of guesses finds one)."""
 
     per_client: int = 5
     overall: int = 50
     window: float = 60.0
     clock: Callable[[], float] = time.monotonic
-    _failures: dict[str, deque[float]] = field(default_factory=dict)
+    max_clients: int = 10_000
+    _failures: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)
     _all: deque[float] = field(default_factory=deque)
 
     def wait_seconds(self, client: str) -> float:
@@ -154,25 +166,33 @@ class AttemptLimiter:
         self._forget(now)
         waits = [0.0]
         mine = self._failures.get(bound_key(client))
-        if mine is not None and len(mine) >= self.per_client:
-            waits.append(mine[0] + self.window - now)
+        if mine is not None:
+            while mine[0] <= now - self.window:  # not empty: its last failure is in the window
+                mine.popleft()
+            if len(mine) >= self.per_client:
+                waits.append(mine[0] + self.window - now)
         if len(self._all) >= self.overall:
             waits.append(self._all[0] + self.window - now)
         return max(waits)
 
     def failed(self, client: str) -> None:
         now = self.clock()
-        self._failures.setdefault(bound_key(client), deque()).append(now)
+        key = bound_key(client)
+        self._failures.setdefault(key, deque()).append(now)
+        self._failures.move_to_end(key)
+        while len(self._failures) > self.max_clients:
+            self._failures.popitem(last=False)
         self._all.append(now)
 
     def succeeded(self, client: str) -> None:
         self._failures.pop(bound_key(client), None)
 
     def _forget(self, now: float) -> None:
+        """Drop what left the window: only from the front of each queue (amortised O(1))."""
         while self._all and self._all[0] <= now - self.window:
             self._all.popleft()
-        for client in [c for c, times in self._failures.items() if times[-1] <= now - self.window]:
+        while self._failures:
+            client, times = next(iter(self._failures.items()))
+            if times[-1] > now - self.window:
+                break
             del self._failures[client]
-        for times in self._failures.values():
-            while times and times[0] <= now - self.window:
-                times.popleft()

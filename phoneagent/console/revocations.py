@@ -17,13 +17,19 @@ How fresh, and what happens when the store is away:
   be revoked stay signed in (the operator is not locked out), known revocations stay in force,
   and the failure is logged (once per outage): a revocation made meanwhile on another instance
   reaches this one when the store answers again.
-- A revocation that cannot be written is kept in memory (in force here at once) and written at
-  the next read; until then only this instance knows it, and its log says so.
+- A revocation that cannot be written is kept in memory (in force here at once) and written
+  again in the background every few seconds (``RETRY_SECONDS``, then up to
+  ``RETRY_MAX_SECONDS`` apart), at the next read, and one last time at shutdown: a revocation
+  must reach the other instances even when no request comes here after it (after "sign out
+  everywhere" the operator's browser has no cookie to send, and a stolen one is used
+  elsewhere). Until then only this instance knows it, and its log says so; it says once when
+  the revocations kept reach the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,13 +39,25 @@ from phoneagent.console.auth import Session
 from phoneagent.delivery.outbox import OutboxError
 from phoneagent.logs import get_logger
 
-__all__ = ["FRESH_SECONDS", "RevocationList", "RevocationStore", "SessionRevocations", "learned"]
+__all__ = [
+    "FRESH_SECONDS",
+    "RETRY_MAX_SECONDS",
+    "RETRY_SECONDS",
+    "RevocationList",
+    "RevocationStore",
+    "SessionRevocations",
+    "learned",
+]
 
 log = get_logger(__name__)
 
 #: How long what was read from the store is taken as current: the longest a revocation made on
 #: another instance goes unseen here (plus one read), and at most one read per this many seconds.
 FRESH_SECONDS = 1.0
+#: How soon a revocation that could not be written is tried again, doubling up to the maximum:
+#: the longest the store is back before the other instances can learn it (plus one read there).
+RETRY_SECONDS = 0.5
+RETRY_MAX_SECONDS = 4.0
 
 
 @dataclass
@@ -105,6 +123,9 @@ class SessionRevocations:
         self._read_at: float | None = None  # monotonic; None: never read
         self._reading: asyncio.Task[None] | None = None
         self._store_away = False
+        self._retrying: asyncio.Task[None] | None = None  # writes _unwritten until it is empty
+        self._closed = False
+        self._kept = False  # a write failed: say so when the revocations kept reach the store
 
     def revoked(self, session: Session) -> bool:
         """Whether ``session`` is revoked, from memory (no I/O): see ``fresh``."""
@@ -142,8 +163,15 @@ class SessionRevocations:
         return await self._write()
 
     async def close(self) -> None:
+        self._closed = True
+        if self._retrying is not None:
+            self._retrying.cancel()
+            await asyncio.gather(self._retrying, return_exceptions=True)
         if self._reading is not None:
             await asyncio.gather(self._reading, return_exceptions=True)
+        if self._unwritten:  # one last try: the other instances would never learn them
+            with contextlib.suppress(OutboxError):
+                await self._write_unwritten(self._clock())
         if self._unwritten:
             log.warning("console_revocations_not_stored", sessions=len(self._unwritten.sessions),
                         everywhere=self._unwritten.signed_out_before > 0)  # fmt: skip
@@ -159,6 +187,7 @@ class SessionRevocations:
                 await self._write_unwritten(now)
             self._known.learn(await self.store.read(now))
         except OutboxError as exc:
+            self._retry_unwritten()
             if not self._store_away:
                 log.warning("console_revocations_unreadable", error=str(exc))
             self._store_away = True
@@ -175,8 +204,31 @@ class SessionRevocations:
             await self._write_unwritten(self._clock())
         except OutboxError as exc:
             log.warning("console_revocation_kept_in_memory", error=str(exc))
+            self._retry_unwritten()
             return False
         return True
+
+    def _retry_unwritten(self) -> None:
+        if self._unwritten and self._retrying is None and not self._closed:
+            self._retrying = asyncio.create_task(self._retry())
+
+    async def _retry(self) -> None:
+        """Write what is kept in memory until the store takes it, whether or not a request
+        comes; a read or a sign-out may write it first."""
+        delay = RETRY_SECONDS
+        try:
+            while self._unwritten:
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RETRY_MAX_SECONDS)
+                if self._unwritten:
+                    # A failure was said when it was kept, and is again at shutdown if never
+                    # written: not at every try.
+                    with contextlib.suppress(OutboxError):
+                        await self._write_unwritten(self._clock())
+        except Exception:  # not the store's answer but a bug: said, and not tried every second
+            log.exception("console_revocations_retry_failed")
+        finally:
+            self._retrying = None
 
     async def _write_unwritten(self, now: float) -> None:
         pending, self._unwritten = self._unwritten, RevocationList()
@@ -185,7 +237,12 @@ class SessionRevocations:
         except BaseException:
             pending.learn(self._unwritten)  # written meanwhile: kept with the rest
             self._unwritten = pending
+            self._kept = True
             raise
+        if self._kept and not self._unwritten:
+            log.info("console_revocations_stored", sessions=len(pending.sessions),
+                     everywhere=pending.signed_out_before > 0)  # fmt: skip
+            self._kept = False
 
 
 def learned(sessions: Mapping[str, float], signed_out_before: float | None) -> RevocationList:
