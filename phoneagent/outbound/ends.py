@@ -37,9 +37,8 @@ async def agent_stream(state: ServerState, call_sid: str) -> tuple[str, str]:
     instance): ("", "") when the answer was not the agent's (none kept, the apology, a
     voicemail message), or the call is not one we placed."""
     kept = await state.replay.answer_for(answer_key(call_sid)) or ""
-    return stream_parameter(kept, TOKEN_PARAMETER) or "", stream_parameter(
-        kept, PERSONA_PARAMETER
-    ) or ""
+    token = stream_parameter(kept, TOKEN_PARAMETER) or ""
+    return token, stream_parameter(kept, PERSONA_PARAMETER) or ""
 
 
 async def report_refused_stream(state: ServerState, call_sid: str, token: str) -> None:
