@@ -506,6 +506,63 @@ async def test_a_stream_starting_as_the_call_completes_leaves_one_report(
     assert ended[0]["data"]["end_reason"] == "caller_hung_up"
 
 
+async def test_a_person_the_agent_cannot_take_is_reported_once(stack, model, sink):
+    """A person answers, the stream starts (claiming the call's stream token) and is refused:
+    the model is away. They hear the apology; Twilio's completed callback, finding the token
+    spent, leaves the report to the stream, so the stream's refusal reports the call: one
+    call.ended ("error"), with no call.started and no turns."""
+    call = await place(stack, variables={"caller_name": "Dana"})
+    model.fail_next_handshakes(50, status=503)  # the pre-warm and the stream's own open fail
+    callee = await stack.twilio_api.answer(call["call_sid"], "human", speed=0)
+    async with callee:
+        assert callee.answer.ok and callee.answer.stream_url  # the agent's TwiML
+        await callee.connect()
+        after = await callee.wait_call_over(timeout=10)
+        assert after is not None and after.says == [stack.state.persona(PERSONA).apology]
+        assert callee.messages("media") == []
+        (event,) = await ended_events(sink, 1)
+        assert await stack.twilio_api.finish(call["call_sid"], "completed") == 204
+    data = event["data"]
+    assert (event["type"], data["end_reason"], data["direction"]) == (
+        "call.ended", "error", "outbound"
+    )  # fmt: skip
+    assert (data["from"], data["to"], data["variables"]["caller_name"]) == (DENTAL, CALLEE, "Dana")
+    assert data["transcript"] == []
+    record = stack.state.calls.get(call["call_sid"])
+    assert (record.end_reason, record.status) == ("agent_unavailable", "completed")
+    assert record.started_at is None
+    await asyncio.sleep(0.5)  # the completed callback must not report it again
+    assert len(sink.received) == 1
+
+
+async def test_a_call_completing_while_its_refused_stream_opens_is_reported_once(personas, sink):
+    """The other order: the stream has claimed the token and waits for the model when Twilio's
+    completed callback comes (the person hung up during the set-up). The callback leaves the
+    report to the stream, whose refusal then reports it: one call.ended."""
+    model = FakeRealtimeServer(handshake_delay=5.0)  # the upgrade is never answered in time
+    async with LocalStack(personas, model=model) as stack:
+        stack.state.prewarmer.connector.open_timeout = 1.5
+        stack.twilio_api.add_number(DENTAL)
+        dialer(stack).now = lambda: MONDAY_10AM
+        call = await place(stack)
+        sid = call["call_sid"]
+        async with await stack.twilio_api.answer(sid, "human", speed=0) as callee:
+            await callee.connect()
+            async with asyncio.timeout(5):  # the stream's start is read, its token claimed
+                while sid not in stack.state.opening_calls:
+                    await asyncio.sleep(0.01)
+            assert await stack.twilio_api.finish(sid, "completed") == 204
+            assert stack.state.calls.get(sid).ended_at is None  # left to the stream
+            assert not callee.closed_by_server
+            await callee.wait_closed(timeout=10)
+            assert callee.closed_by_server and callee.messages("media") == []
+        (event,) = await ended_events(sink, 1)
+        assert (event["type"], event["data"]["end_reason"]) == ("call.ended", "error")
+        assert stack.state.calls.get(sid).end_reason == "agent_unavailable"
+        await asyncio.sleep(0.5)
+        assert len(sink.received) == 1
+
+
 async def test_a_number_our_personas_answer_is_never_called(stack):
     """The agent calling one of this server's own lines would talk to itself, holding two
     calls until the time limit: refused before Twilio is asked."""

@@ -168,3 +168,38 @@ async def test_a_person_gone_before_the_stream_is_reported_once_whichever_instan
     )
     await asyncio.sleep(0.5)
     assert len(sink.received) == 1
+
+
+async def test_a_stream_refused_on_one_instance_is_reported_once_when_another_hears_the_end(
+    pair, sink
+):
+    """A places the call; the callee's answer and the agent's stream reach B, whose model is
+    away: B refuses the stream after claiming its token and reports the call with the values A
+    recorded. Twilio's completed callback then reaches A, which finds the token spent in the
+    shared database and reports nothing more: one call.ended."""
+    a, b = pair
+    call = await a._runner.app[DIALER].place(
+        to="+14155550231", persona=PERSONA, from_=None,
+        variables={"caller_name": "Dana"}, metadata={"crm": 7},
+    )  # fmt: skip
+    await a.state.calls.close(5)  # A's record (its context) is in the database
+    fake_call = a.twilio_api.calls[call["call_sid"]]
+    fake_call.url = fake_call.url.replace(a.settings.public_url, b.settings.public_url)
+    b.model.fail_next_handshakes(50, status=503)
+    async with await a.twilio_api.answer(call["call_sid"], "human", speed=0) as callee:
+        assert callee.answer.ok and b.settings.stream_url in callee.answer.stream_url
+        await callee.connect()  # to B
+        after = await callee.wait_call_over(timeout=10)
+        assert after is not None and after.says == [b.state.persona(PERSONA).apology]
+        (request,) = await sink.wait_for(1, timeout=15)
+        assert await a.twilio_api.finish(call["call_sid"], "completed") == 204  # to A
+    data = request.json["data"]
+    assert (request.json["type"], data["end_reason"], data["direction"]) == (
+        "call.ended", "error", "outbound"
+    )  # fmt: skip
+    assert (data["variables"]["caller_name"], data["metadata"]) == ("Dana", {"crm": 7})
+    await asyncio.sleep(0.5)
+    assert len(sink.received) == 1
+    await b.state.calls.close(5)
+    record = await a.state.calls.fetch(call["call_sid"])
+    assert (record.end_reason, record.status) == ("agent_unavailable", "completed")

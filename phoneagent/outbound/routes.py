@@ -5,8 +5,6 @@ Twilio and checked exactly as the inbound webhooks are."""
 
 from __future__ import annotations
 
-import time
-
 from aiohttp import web
 
 from phoneagent.call.actions import EndReason
@@ -15,8 +13,9 @@ from phoneagent.logs import get_logger
 from phoneagent.outbound import rules
 from phoneagent.outbound.context import ANSWER_PATH, STATUS_PATH, answered_by, placed_for
 from phoneagent.outbound.dialer import Dialer
+from phoneagent.outbound.ends import agent_stream, answer_key, report_end
 from phoneagent.personas import Persona
-from phoneagent.records import CallRecord, StreamEnded, TwilioReported
+from phoneagent.records import CallRecord, TwilioReported
 from phoneagent.state import STATE, ServerState
 from phoneagent.twilio.routes.webhooks import (
     invalid_signature,
@@ -27,11 +26,8 @@ from phoneagent.twilio.routes.webhooks import (
     twiml,
 )
 from phoneagent.twilio.wire.twiml import (
-    PERSONA_PARAMETER,
-    TOKEN_PARAMETER,
     hangup_twiml,
     say_then_hang_up_twiml,
-    stream_parameter,
 )
 
 log = get_logger(__name__)
@@ -94,7 +90,7 @@ async def outbound_answer(request: web.Request) -> web.Response:
         kept, first = await state.replay.remember(key, answer)
         if not first:
             return replayed_answer(state, key, call_sid, kept)
-        await _report_end(state, request, call_sid, reason)
+        await report_end(state, call_sid, reason, request.query.get("persona", ""))
         return twiml(answer)
     else:
         state.answering += 1  # no await since the capacity check: the place is held from here
@@ -111,11 +107,6 @@ async def outbound_answer(request: web.Request) -> web.Response:
     if not first:
         return replayed_answer(state, key, call_sid, kept)
     return twiml(answer)
-
-
-def answer_key(call_sid: str) -> str:
-    """The answer to the callee's pick-up, as kept by the replay guard (every instance's)."""
-    return f"outbound-answer:{call_sid}"
 
 
 def placed_context(record: CallRecord | None, persona: Persona, call_sid: str) -> CallContext:
@@ -175,7 +166,7 @@ async def outbound_status(request: web.Request) -> web.Response:
             log.warning("outbound_status_unknown_call", call_sid=call_sid)
             fallback = CallContext.defaults(persona, OUTBOUND) if persona else CallContext(OUTBOUND)
             state.calls.note(call_sid, fallback.answered(persona_id, caller, called))
-        await _report_end(state, request, call_sid, reason)
+        await report_end(state, call_sid, reason, request.query.get("persona", ""))
     return web.Response(status=204)
 
 
@@ -185,25 +176,9 @@ async def _no_stream_will_report(state: ServerState, call_sid: str) -> bool:
     every instance sharing the database). Claimed here first, no stream can open with it; a
     stream that claimed it first reports the call itself. Only while the token is valid: an
     expired token's claim is forgotten, so a stream may have used it."""
-    kept = await state.replay.answer_for(answer_key(call_sid)) or ""
-    token = stream_parameter(kept, TOKEN_PARAMETER) or ""
-    persona_id = stream_parameter(kept, PERSONA_PARAMETER) or ""
+    token, persona_id = await agent_stream(state, call_sid)
     # Not the agent's TwiML (none kept, or the apology), or a token past its life.
     if not token or state.stream_token.check(token, call_sid, persona_id):
         log.info("outbound_end_left_to_the_stream", call_sid=call_sid, token=bool(token))
         return False
     return await state.replay.claim_stream(token, state.stream_token.expiry(token))
-
-
-async def _report_end(state: ServerState, request: web.Request, call_sid: str, reason: str) -> None:
-    key = f"outbound-end:{call_sid}"
-    _, first = await state.replay.remember(key, reason)
-    if not first:  # a replayed callback, or another instance reported it
-        return
-    # No stream ran: the end is recorded as a stream's would be, with no turns.
-    record = state.calls.note(call_sid, StreamEnded(time.time(), reason, [], {}))
-    persona = state.persona(request.query.get("persona", "") or record.persona)
-    log.info("outbound_call_ended", call_sid=call_sid, end_reason=reason)
-    state.metrics.outbound_calls.labels(reason).inc()
-    if persona is not None and state.publisher is not None and state.publishes(call_sid):
-        state.spawn(state.publisher.call_ended(persona, record))

@@ -24,6 +24,7 @@ from phoneagent.call.context import OUTBOUND, CallContext
 from phoneagent.call.prompts import session_config
 from phoneagent.client_limits import SLOT
 from phoneagent.logs import get_logger
+from phoneagent.outbound.ends import report_refused_stream
 from phoneagent.personas import Persona
 from phoneagent.realtime.connection import ModelSession, ModelUnavailable
 from phoneagent.records import StreamEnded, StreamStarted, TransferNotAnswered
@@ -103,7 +104,13 @@ async def open_call(
     try:
         if not await state.replay.claim_stream(token, state.stream_token.expiry(token)):
             raise StreamRefused("this stream token was already used")
-        return await _open_checked_call(state, start, persona_id, authenticated)
+        try:
+            return await _open_checked_call(state, start, persona_id, authenticated)
+        except Exception:
+            # The token is this stream's now: Twilio's completed callback of a call we placed
+            # leaves its report to the stream, which never runs.
+            await report_refused_stream(state, start.call_sid, token)
+            raise
     except BaseException:
         state.opening_calls.discard(start.call_sid)
         raise
