@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 # The console's fixtures (a server with the console on, a headless Chromium), and the API's.
 pytest_plugins = ["console_kit", "api_kit"]
@@ -24,6 +25,14 @@ VALID_ENV = {
     "TWILIO_AUTH_TOKEN": "twilio-auth-token-value",
     "STEPFUN_API_KEY": "stepfun-api-key-value",
 }
+
+
+# Every property test's budget, loaded here rather than in the module that first needed it, so
+# that a file run on its own draws CI's derandomised examples too (test_text_units.py drew
+# random ones when run without test_fuzz_call.py). HYPOTHESIS_PROFILE=fuzz: a longer, random hunt.
+settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("fuzz", max_examples=3000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

@@ -50,6 +50,12 @@ async def test_caller_hears_greeting_then_an_answer_and_transcript_has_both_side
         assert answer.parameters["persona"] == "bright-smile-dental"
         await caller.connect()
         caller.start_background_silence()
+        # The greeting generated first: the caller's quiet counts from the call's start, so
+        # before the greeting's first delta (later than 100 ms of wall time on a cold or busy
+        # machine) it already holds, with nothing heard (seen: 0 ms heard, one run in four).
+        await model.wait_for(
+            lambda: model.sessions and model.sessions[0].sent_events("response.done"), 20
+        )
         await caller.wait_until_quiet(400, timeout=20)
         greeting_ms = caller.heard_ms()
         assert greeting_ms > 1000  # the greeting was spoken and heard
@@ -164,6 +170,10 @@ async def test_garbage_frames_are_skipped_and_the_call_goes_on(stack, model):
         caller.start_background_silence()
         for garbage in ["not json", "[]", '{"event": "dance"}', '{"event": "media"}', b"\x00\x01"]:
             await caller.send_raw(garbage)
+        # The greeting generated first (quiet alone holds before its first delta).
+        await model.wait_for(
+            lambda: model.sessions and model.sessions[0].sent_events("response.done"), 20
+        )
         await caller.wait_until_quiet(400, timeout=20)
         assert caller.heard_ms() > 1000  # the greeting still plays
         assert not caller.closed

@@ -53,6 +53,12 @@ async def test_call_started_and_ended_are_delivered_signed_with_the_transcript(p
             await caller.dial()
             await caller.connect()
             caller.start_background_silence()
+            # The greeting generated first: the caller's quiet counts from the call's start, so
+            # it holds before the greeting's first delta (later than 100 ms of wall time when
+            # busy), and the caller's turn would then barge into the greeting.
+            await model.wait_for(
+                lambda: model.sessions and model.sessions[0].sent_events("response.done"), 20
+            )
             await caller.wait_until_quiet(400, timeout=20)
             await caller.play_wav(CALLER_BOOKING_WAV)
             await model.wait_for(lambda: len(model.sessions[0].sent_events("response.done")) >= 2)
@@ -124,6 +130,10 @@ async def test_a_transfer_is_reported_and_ends_the_call_as_transferred(personas,
             await caller.dial()
             await caller.connect()
             caller.start_background_silence()
+            # The greeting generated first (quiet alone holds before its first delta).
+            await model.wait_for(
+                lambda: model.sessions and model.sessions[0].sent_events("response.done"), 30
+            )
             await caller.wait_until_quiet(300, timeout=30)
             await caller.play_wav(CALLER_BOOKING_WAV)
             await caller.wait_closed(timeout=30)  # Twilio stopped the stream: transferred

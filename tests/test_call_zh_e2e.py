@@ -38,6 +38,10 @@ MODEL_SPEED = 6.0  # the model generates 1.5× faster than the caller's line pla
 FRAME_MS = 20
 # One frame, plus a busy machine's scheduling delay (15 ms of wall time) on the fast call clock.
 TRUNCATE_TOLERANCE_MS = FRAME_MS + 15 * CALLER_SPEED
+# Short of what was heard, by more: the server cannot know the transit of the last mark's echo
+# nor of its `clear`, so it errs towards "heard less" (Playback.heard_now). On a loaded 2-core
+# machine the two took 24 ms of wall time (96 ms of call time, once in 3 runs): 20 ms each.
+TRUNCATE_SHORT_TOLERANCE_MS = FRAME_MS + 2 * 20 * CALLER_SPEED
 # "Within a few characters": the cut is proportional to the audio heard, and espeak-ng (like a
 # person) does not give every character the same time (pauses at commas, longer syllables).
 CUT_TOLERANCE_CHARS = 3
@@ -194,7 +198,8 @@ async def test_a_barge_in_keeps_the_characters_the_caller_heard(personas, point_
         max(0.0, min(c.end_ms, clear.at_ms) - c.start_ms) for c in caller.heard
     ) - answer_started  # fmt: skip
     [truncate] = session.truncations
-    assert abs(truncate["audio_end_ms"] - heard_of_answer) <= TRUNCATE_TOLERANCE_MS
+    short_by = heard_of_answer - truncate["audio_end_ms"]
+    assert -TRUNCATE_TOLERANCE_MS <= short_by <= TRUNCATE_SHORT_TOLERANCE_MS
     [cut] = [t for t in record.transcript if t["interrupted"]]
     assert LONG_ANSWER.startswith(cut["text"]) and cut["text"]
     # What the caller really heard: the longest start of the answer that takes no longer to

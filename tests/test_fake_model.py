@@ -723,9 +723,12 @@ async def test_delta_sizes_are_irregular_and_not_frame_aligned(fake):
 async def test_audio_is_paced_faster_than_real_time_but_paced():
     async with FakeRealtimeServer(speed=10.0, script=[LONG_REPLY]) as fake, session(fake) as c:
         loop = asyncio.get_running_loop()
+        # Timed from before the request, so from before the fake's pacing starts: timed from
+        # the first delta's arrival, a 26 ms stall of this (shared) loop in between made the
+        # fake's catch-up burst look like running ahead of 10x.
+        started = loop.time()
         await c.send("response.create")
         await c.until("response.audio.delta")
-        started = loop.time()
         await asyncio.sleep(0.3)
         received = audio_of(await drain(c))
         elapsed = loop.time() - started

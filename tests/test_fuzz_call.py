@@ -7,8 +7,9 @@ is a real 20 ms (or shorter) μ-law frame, a uniquely named mark follows at leas
 of audio (plus one message) and names exactly the bytes sent, nothing of a cut reply is sent
 after ``clear``, and the transcript and stats stay well-formed.
 
-Budget: the ``ci`` profile (the default) is bounded and derandomised, so CI is repeatable and
-fast; ``HYPOTHESIS_PROFILE=fuzz`` runs many more random examples for a longer local hunt.
+Budget: the ``ci`` profile (the default, in tests/conftest.py) is bounded and derandomised, so
+CI is repeatable and fast; ``HYPOTHESIS_PROFILE=fuzz`` runs many more random examples for a
+longer local hunt.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,12 +71,6 @@ from phoneagent.twilio.wire.stream import (
     TwilioEvent,
     parse_message,
 )
-
-# --- budget ---------------------------------------------------------------------------------
-
-settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True, print_blob=True)
-settings.register_profile("fuzz", max_examples=3000, deadline=None, print_blob=True)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # 20 ms of 8 kHz μ-law is 160 bytes; the Call sends up to FRAMES_PER_MESSAGE frames at once.
 MAX_MESSAGE_BYTES = 160 * FRAMES_PER_MESSAGE

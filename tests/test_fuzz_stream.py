@@ -28,8 +28,7 @@ from conftest import EXAMPLE_PERSONAS
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-# The message strategies live with the parser fuzzing; importing them also registers and loads
-# the same Hypothesis profiles.
+# The message strategies live with the parser fuzzing (the Hypothesis profiles: conftest.py).
 from test_fuzz_call import PAYLOAD, json_values, mutated_messages
 
 from phoneagent.testing.fake_model import FakeRealtimeServer

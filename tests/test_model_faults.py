@@ -37,6 +37,11 @@ async def test_a_dropped_model_session_is_reopened_and_the_call_goes_on(stack, m
         await caller.dial()
         await caller.connect()
         caller.start_background_silence()
+        # The greeting generated first: the caller's quiet counts from the call's start, so it
+        # holds before the greeting's first delta (later than 75 ms of wall time when busy).
+        await model.wait_for(
+            lambda: model.sessions and model.sessions[0].sent_events("response.done"), 20
+        )
         await caller.wait_until_quiet(300, timeout=20)
         await model.drop_all()  # the model's socket dies mid-call
         await model.wait_for(lambda: model.sessions_opened == 2, 10)
@@ -80,6 +85,11 @@ async def test_the_session_is_renewed_before_its_limit_without_the_caller_notici
         await caller.dial()
         await caller.connect()
         caller.start_background_silence()
+        # The greeting generated first (quiet alone holds before its first delta): the question
+        # would otherwise barge into it, and a clear is what this test says never happens.
+        await model.wait_for(
+            lambda: model.sessions and model.sessions[0].sent_events("response.done"), 20
+        )
         await caller.wait_until_quiet(300, timeout=20)
         await model.wait_for(lambda: model.sessions_opened == 2 and model.sessions_open == 1, 10)
         heard = caller.heard_ms()

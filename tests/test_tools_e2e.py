@@ -229,6 +229,11 @@ async def test_a_caller_who_talks_while_the_tool_works_still_gets_the_answer(tmp
                 await caller.dial()
                 await caller.connect()
                 caller.start_background_silence()
+                # The greeting generated first, as in ask_for_a_table: quiet alone holds before
+                # the greeting's first delta, and the question would barge into it.
+                await model.wait_for(
+                    lambda: model.sessions and model.sessions[0].sent_events("response.done"), 30
+                )
                 await caller.wait_until_quiet(300, timeout=30)
                 await caller.play(speech("Do you have a table for two on Friday at eight?"))
                 await biz.wait_for(1, timeout=30)  # the business is thinking

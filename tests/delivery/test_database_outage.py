@@ -76,7 +76,13 @@ async def test_a_database_outage_makes_the_instance_unready_and_loses_no_event(
             await before.hangup()
             await before.__aexit__(None, None, None)
             during = await call(server)
-            held = await server.metrics()
+            # Its call.ended is held by a task the server starts as the stream closes, not
+            # before the caller's hang-up returns: wait for the third event to be held.
+            async with asyncio.timeout(GUARD):
+                held = await server.metrics()
+                while metric(held, "phoneagent_webhook_events_spooled") < 3:
+                    await asyncio.sleep(0.05)
+                    held = await server.metrics()
             status, body = await server.get_json("/readyz")
             assert status == 503 and PASSWORD not in str(body)
 

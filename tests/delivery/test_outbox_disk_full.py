@@ -90,8 +90,13 @@ async def test_disk_full_holds_events_then_delivers_every_one_in_order(tmp_path)
             sids = [await short_call(server) for _ in range(CALLS)]  # calls go on
             body = await wait_ready(server, False)
             assert any("held in memory" in p and "full" in p for p in body["problems"]), body
-            metrics = await server.metrics()
-            assert f"phoneagent_webhook_events_spooled {2.0 * CALLS}" in metrics
+            # The last call's call.ended is published by a task the server starts as its stream
+            # closes, not before the caller's hang-up returns: wait for it to be held.
+            async with asyncio.timeout(GUARD):
+                while f"phoneagent_webhook_events_spooled {2.0 * CALLS}" not in (
+                    metrics := await server.metrics()
+                ):
+                    await asyncio.sleep(0.05)
             assert "phoneagent_outbox_ok 0.0" in metrics
             assert "phoneagent_outbox_write_failures_total 0.0" not in metrics
             assert sink.received == []
