@@ -121,8 +121,12 @@ async def test_a_database_down_falls_back_to_this_instance(pg_database):
     guard = PostgresReplayGuard(outbox)
     await outbox.close()  # as unreachable as a database can be
     expiry = time.time() + 120
+    # Not shared, so a claim that may fail closed is not taken (and takes nothing here) …
+    assert not await guard.claim_stream("t", expiry, shared_only=True)
+    # … while a stream is served from this instance's memory, once.
     assert await guard.claim_stream("t", expiry)
     assert not await guard.claim_stream("t", expiry)  # still refused on this instance
+    assert not await guard.claim_stream("t", expiry, shared_only=True)
     assert await guard.remember("k", "<a/>") == ("<a/>", True)
     assert await guard.answer_for("k") == "<a/>"
 

@@ -175,10 +175,13 @@ async def _no_stream_will_report(state: ServerState, call_sid: str) -> bool:
     stream token the agent's TwiML gave Twilio, as a stream's ``start`` does (atomically, on
     every instance sharing the database). Claimed here first, no stream can open with it; a
     stream that claimed it first reports the call itself. Only while the token is valid: an
-    expired token's claim is forgotten, so a stream may have used it."""
+    expired token's claim is forgotten, so a stream may have used it. And only when the claim
+    is shared: with the database away another instance may hold the token, and two reports are
+    worse than none for a call nobody talked in."""
     token, persona_id = await agent_stream(state, call_sid)
     # Not the agent's TwiML (none kept, or the apology), or a token past its life.
     if not token or state.stream_token.check(token, call_sid, persona_id):
         log.info("outbound_end_left_to_the_stream", call_sid=call_sid, token=bool(token))
         return False
-    return await state.replay.claim_stream(token, state.stream_token.expiry(token))
+    expiry = state.stream_token.expiry(token)
+    return await state.replay.claim_stream(token, expiry, shared_only=True)

@@ -53,7 +53,9 @@ class PostgresReplayGuard:
         self._local = MemoryReplayGuard(clock)
         self._next_purge = 0.0
 
-    async def claim_stream(self, token: str, expires_at: float) -> bool:
+    async def claim_stream(
+        self, token: str, expires_at: float, *, shared_only: bool = False
+    ) -> bool:
         # No await before this: a token already used on this instance is refused at once.
         if not self._local.claims.claim(token, expires_at):
             return False
@@ -68,6 +70,9 @@ class PostgresReplayGuard:
                 )
         except OutboxError as exc:
             log.warning("replay_guard_unshared", operation="claim_stream", error=str(exc))
+            if shared_only:
+                self._local.claims.release(token)  # a stream arriving here may still use it
+                return False
             return True  # claimed in this instance's memory
         return _count(result) == 1
 

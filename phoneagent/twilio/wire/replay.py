@@ -23,9 +23,14 @@ REMEMBERED = 1000  # answers kept; calls older than that are long over
 class ReplayGuard(Protocol):
     """The records of requests that must act once, behind one small async interface."""
 
-    async def claim_stream(self, token: str, expires_at: float) -> bool:
+    async def claim_stream(
+        self, token: str, expires_at: float, *, shared_only: bool = False
+    ) -> bool:
         """True the first time ``token`` is claimed (on any instance sharing the guard); False
-        ever after, until it expires (when the token itself is refused)."""
+        ever after, until it expires (when the token itself is refused). A shared guard whose
+        store is away claims in this instance's memory (a stream is served); with
+        ``shared_only`` it claims nothing then and says False (for a claim that may fail
+        closed: another instance may hold the token)."""
         ...
 
     async def answer_for(self, key: str) -> str | None:
@@ -56,6 +61,10 @@ class StreamClaims:
         self._used[token] = expires_at
         return True
 
+    def release(self, token: str) -> None:
+        """Forget a claim that did not hold (see ``shared_only``)."""
+        self._used.pop(token, None)
+
 
 class AnsweredWebhooks:
     """The TwiML each side-effecting webhook got, by a key naming the request (the CallSid, and
@@ -83,8 +92,10 @@ class MemoryReplayGuard:
         self.claims = StreamClaims(clock)
         self.answered = AnsweredWebhooks(limit)
 
-    async def claim_stream(self, token: str, expires_at: float) -> bool:
-        return self.claims.claim(token, expires_at)
+    async def claim_stream(
+        self, token: str, expires_at: float, *, shared_only: bool = False
+    ) -> bool:
+        return self.claims.claim(token, expires_at)  # this memory is the only store
 
     async def answer_for(self, key: str) -> str | None:
         return self.answered.get(key)
