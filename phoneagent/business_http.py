@@ -16,14 +16,18 @@ configured URL only.
 
 from __future__ import annotations
 
+import functools
 import urllib.request
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
 from phoneagent import __version__
+from phoneagent.logs import get_logger
 
 __all__ = ["business_session", "proxy_for", "read_at_most", "without_url_secrets"]
+
+log = get_logger(__name__)
 
 
 def business_session(purpose: str, *, connections: int = 100) -> aiohttp.ClientSession:
@@ -39,18 +43,30 @@ def business_session(purpose: str, *, connections: int = 100) -> aiohttp.ClientS
 
 def proxy_for(url: str) -> str | None:
     """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``HTTP_PROXY``, upper or
-    lower case), None if there is none or ``NO_PROXY`` exempts its host: pass it as a request's
-    ``proxy``."""
+    lower case; ``proxy.corp:3128`` taken as ``http://``, as curl takes it), None if there is
+    none or ``NO_PROXY`` exempts its host: pass it as a request's ``proxy``. A proxy aiohttp
+    cannot use (SOCKS, TLS to the proxy) is skipped, as aiohttp's own ``trust_env`` skips it,
+    with a warning the first time."""
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
     except ValueError:
         return None  # the request itself fails, with its own error
     proxy = urllib.request.getproxies().get(parts.scheme)
-    if not proxy or not proxy.startswith("http://"):
-        return None  # none, or one aiohttp cannot use (SOCKS, TLS to the proxy): skipped, as
-        # its own trust_env skips them
-    return None if urllib.request.proxy_bypass(host) else proxy
+    if not proxy or urllib.request.proxy_bypass(host):
+        return None
+    if "://" not in proxy:
+        proxy = f"http://{proxy}"
+    scheme, _, rest = proxy.partition("://")
+    if scheme.lower() != "http":
+        _warn_unusable(scheme)
+        return None
+    return f"http://{rest}"
+
+
+@functools.cache
+def _warn_unusable(scheme: str) -> None:
+    log.warning("proxy_unusable", scheme=scheme[:20], hint="use an http:// proxy")
 
 
 async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes | None:

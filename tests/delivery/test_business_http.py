@@ -3,6 +3,7 @@ names unless NO_PROXY exempts the host, and never with credentials from ``~/.net
 
 from __future__ import annotations
 
+import pytest
 from aiohttp import web
 from delivery_helpers import ENV, SECRET_ENV, T0, ended_event
 
@@ -75,3 +76,18 @@ async def test_a_netrc_password_never_goes_to_a_business(monkeypatch, tmp_path):
     async with WebhookSink() as business:
         assert await post_once(business.url("/hooks")) == 200
     assert "Authorization" not in business.received[0].headers
+
+
+@pytest.mark.parametrize(
+    ("configured", "used"),
+    [
+        ("proxy.corp:3128", "http://proxy.corp:3128"),  # no scheme: http, as curl takes it
+        ("HTTP://proxy.corp:3128", "http://proxy.corp:3128"),
+        ("http://user:pw@proxy.corp:3128", "http://user:pw@proxy.corp:3128"),
+        ("socks5://proxy.corp:1080", None),  # aiohttp cannot use it: skipped, with a warning
+    ],
+)
+def test_the_proxy_is_read_as_curl_reads_it(monkeypatch, configured, used):
+    no_proxy_env(monkeypatch)
+    monkeypatch.setenv("HTTPS_PROXY", configured)
+    assert proxy_for("https://business.example/hooks") == used
