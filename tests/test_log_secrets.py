@@ -2,6 +2,7 @@
 kit's fake model writes every handshake header at debug level, the StepFun key among them; the
 model connection's client, aiohttp, must print none of it)."""
 
+import asyncio
 import io
 import logging
 
@@ -72,8 +73,9 @@ async def test_the_model_client_prints_no_key_at_debug_level(log_output):
         with pytest.raises(ModelUnavailable) as refused:
             await connector.open(config)
         session = await connector.open(config)  # 400 for this name, then its alias
-        await model.close()
+        closing = asyncio.create_task(model.close())  # answered as the session reads
         _ = [event async for event in session.events()]
+        await closing
         with pytest.raises(ModelUnavailable) as unreachable:
             await connector.open(config)
         await connector.close()

@@ -89,9 +89,12 @@ async def test_a_session_the_model_drops_ends_events_quietly_and_refuses_sends(f
 async def test_a_session_the_model_closes_ends_events_quietly(fake):
     connector = connector_for(fake)
     session = await connector.open(CONFIG)
-    await fake.close()  # every session closed with 1001, going away
+    # Every session closed with 1001, going away. The fake waits for our answer to its close,
+    # which the session gives as it reads (as a call's pump does, all along).
+    closing = asyncio.create_task(fake.close())
     async with asyncio.timeout(5):
         assert [e async for e in session.events()] == []
+        await closing
     assert session.closed
     with pytest.raises(ModelConnectionLost):
         await session.send(AppendAudio(b"\x00" * 960))
@@ -120,6 +123,7 @@ async def test_a_model_that_ignores_our_close_is_cut_after_close_seconds(fake, m
     assert asyncio.get_running_loop().time() - started < 1
     assert session.closed
     await connector.close()
+    fake_session._ws.transport.resume_reading()  # the fake hears the cut: it closes at once
 
 
 async def test_a_set_up_cancelled_cuts_the_connection_at_once(aiohttp_server):
