@@ -58,6 +58,23 @@ def test_a_session_is_revoked_by_its_id_or_by_signing_out_everywhere_after_it_wa
     assert first.id not in revoked.sessions
 
 
+@pytest.fixture
+def json_log():
+    """``json_log(level)``: the server's log from then on, as JSON lines in a string buffer;
+    the root logger is put back as it was after the test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+
+    def capture(at: str) -> io.StringIO:
+        output = io.StringIO()
+        capture_logging(output, "json", at, secrets=set())
+        return output
+
+    yield capture
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 async def test_a_revocation_is_kept_in_memory_while_its_file_cannot_be_written(tmp_path):
     keys = ConsoleKeys(PASSWORD, SECRET)
     blocked = tmp_path / "not-a-directory"
@@ -265,22 +282,15 @@ async def test_a_revocation_outlives_a_restart(tmp_path):
         assert await access(stack.base_url, kept_cookie) == SIGNED_IN
 
 
-async def test_no_password_cookie_or_token_reaches_the_log(stack, tmp_path):
-    output = io.StringIO()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    capture_logging(output, "json", "debug", secrets=set())  # nothing to redact by value
-    try:
-        http, cookie, csrf = await sign_in(stack.base_url)
-        await sign_out(http, csrf)
-        await access(stack.base_url, cookie)
-        await http.close()
-        again, cookie2, csrf2 = await sign_in(stack.base_url)
-        await sign_out(again, csrf2, "/console/logout-everywhere")
-        await again.close()
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
+async def test_no_password_cookie_or_token_reaches_the_log(stack, tmp_path, json_log):
+    output = json_log("debug")  # nothing to redact by value
+    http, cookie, csrf = await sign_in(stack.base_url)
+    await sign_out(http, csrf)
+    await access(stack.base_url, cookie)
+    await http.close()
+    again, cookie2, csrf2 = await sign_in(stack.base_url)
+    await sign_out(again, csrf2, "/console/logout-everywhere")
+    await again.close()
     written = output.getvalue()
     assert "console_signed_out" in written
     for secret in (PASSWORD, cookie, cookie2, csrf, csrf2, cookie.split(".")[2]):
@@ -402,14 +412,11 @@ async def test_a_sign_out_on_one_instance_holds_on_the_other_within_seconds(pg_d
 
 
 async def test_a_database_away_locks_nobody_out_and_lets_no_revoked_session_back(
-    stoppable_postgres, tmp_path
+    stoppable_postgres, tmp_path, json_log
 ):
     cluster = stoppable_postgres
     shared = console_settings(EXAMPLE_PERSONAS, tmp_path, database_url=cluster.url)
-    output = io.StringIO()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    capture_logging(output, "json", "info", secrets=set())
+    output = json_log("info")
     stack = LocalStack(
         EXAMPLE_PERSONAS, settings=dataclasses.replace(shared, data_dir=tmp_path / "a")
     )
@@ -447,25 +454,20 @@ async def test_a_database_away_locks_nobody_out_and_lets_no_revoked_session_back
         for http, _, _ in browsers:
             await http.close()
         await stack.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
     written = output.getvalue()
     assert written.count("console_revocations_unreadable") == 1  # said once per outage
     assert "console_revocation_kept_in_memory" in written
 
 
 async def test_sign_out_everywhere_while_the_database_is_away_reaches_the_other_instance_unasked(
-    stoppable_postgres, tmp_path
+    stoppable_postgres, tmp_path, json_log
 ):
     """After "sign out everywhere" the operator's browser has no cookie: no request need come to
     the instance that made it. Written in the background once the database is back, it holds
     on the other instance, where a stolen copy of the cookie is used, within seconds."""
     cluster = stoppable_postgres
     shared = console_settings(EXAMPLE_PERSONAS, tmp_path, database_url=cluster.url)
-    output = io.StringIO()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    capture_logging(output, "json", "info", secrets=set())
+    output = json_log("info")
     stacks = [
         LocalStack(EXAMPLE_PERSONAS, settings=dataclasses.replace(shared, data_dir=tmp_path / n))
         for n in ("a", "b")
@@ -493,8 +495,6 @@ async def test_sign_out_everywhere_while_the_database_is_away_reaches_the_other_
             await browser.close()
         for stack in stacks:
             await stack.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
     written = output.getvalue()
     assert "console_revocation_kept_in_memory" in written
     assert written.count("console_revocations_stored") == 1  # said once, when it got there
